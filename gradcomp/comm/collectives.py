@@ -1,0 +1,209 @@
+"""Quantized collectives: a two-phase (reduce-scatter + all-gather) all-reduce whose bytes shrink with the bits.
+
+The exchange, for a flat tensor of N elements on P ranks (``ShardLayout`` gives the sizes):
+
+1. Pad to ``P * shard`` elements, ``shard`` a whole number of blocks; quantize every block
+   (``x + worker_residual`` with error feedback).
+2. All-to-all: rank r sends shard k (packed codes, then its fp32 scales) to rank k.
+3. Rank k dequantizes the P copies of its shard and sums them in rank order 0..P-1, then divides by P.
+4. Rank k requantizes its reduced shard (``+ server_residual`` with error feedback).
+5. All-gather: every rank receives every reduced shard and dequantizes the lot.
+
+Bytes sent per rank: ``2 (P - 1) * shard * (bits / 8 + 4 / block_size)`` ~= ``2 (P-1)/P * N * (bits/8 + 4/B)``,
+i.e. 0.254x of an fp32 ring all-reduce for int8 and 0.129x for int4 with ``B = 256``, at any P.
+Every rank dequantizes the same gathered bytes with the same code, so all ranks end bit-identical.
+
+A non-finite value anywhere makes the owning block's reduced scale non-finite; that scale reaches every
+rank in step 5, so every rank sees a non-finite result and ``finite`` is False on all of them.
+
+These functions block until the exchange is done; the DDP hook runs them on its own thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from gradcomp import codec
+
+__all__ = ["ShardLayout", "ExchangeResult", "quantized_allreduce", "all_gather_into"]
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Sizes of the two-phase exchange of ``numel`` elements over ``world_size`` ranks.
+
+    Example: ``ShardLayout(numel=1000, world_size=3, bits=4, block_size=256)`` has 4 blocks,
+    2 blocks per shard (``shard_numel = 512``), ``padded_numel = 1536``, 256 code bytes and
+    8 scale bytes per shard, so each rank sends ``2 * 2 * 264 = 1056`` bytes.
+    """
+
+    numel: int
+    world_size: int
+    bits: int
+    block_size: int
+
+    @property
+    def blocks_per_shard(self) -> int:
+        """Blocks in each rank's shard."""
+        blocks = -(-self.numel // self.block_size)
+        return max(1, -(-blocks // self.world_size))
+
+    @property
+    def shard_numel(self) -> int:
+        """Elements in each rank's shard (padding included)."""
+        return self.blocks_per_shard * self.block_size
+
+    @property
+    def padded_numel(self) -> int:
+        """Elements of the padded tensor, ``world_size * shard_numel``."""
+        return self.world_size * self.shard_numel
+
+    @property
+    def code_bytes(self) -> int:
+        """Packed code bytes of one shard."""
+        return self.shard_numel * self.bits // 8
+
+    @property
+    def message_bytes(self) -> int:
+        """Bytes of one shard message: packed codes followed by fp32 scales."""
+        return self.code_bytes + 4 * self.blocks_per_shard
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes each rank sends: (P-1) messages in the all-to-all and (P-1) in the all-gather."""
+        return 2 * (self.world_size - 1) * self.message_bytes
+
+
+@dataclass
+class ExchangeResult:
+    """Outcome of :func:`quantized_allreduce` on this rank.
+
+    Attributes:
+        out: fp32 mean over ranks, shape ``(numel,)``, identical on every rank.
+        worker_residual: new worker residual ``(padded_numel,)`` (fp32), or None without error feedback.
+        server_residual: new residual of the owned shard ``(shard_numel,)``, or None.
+        finite: whether every rank's input was finite (same answer on every rank).
+        bytes_sent: bytes this rank sent.
+        rel_error: ``||x + r - Q(x + r)|| / ||x + r||`` of this rank's first quantization when asked for.
+    """
+
+    out: torch.Tensor
+    worker_residual: Optional[torch.Tensor]
+    server_residual: Optional[torch.Tensor]
+    finite: bool
+    bytes_sent: int
+    rel_error: Optional[float] = None
+
+
+def all_gather_into(output: torch.Tensor, inp: torch.Tensor, group) -> None:
+    """All-gather ``inp`` from every rank into ``output`` (``world_size * inp.numel()`` elements)."""
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(output, inp, group=group)
+
+
+def _pack_message(packed: torch.Tensor, scale: torch.Tensor, shards: int, layout: ShardLayout) -> torch.Tensor:
+    """Lay out ``shards`` messages side by side: each is its shard's codes, then its scales as bytes."""
+    msg = torch.empty(shards, layout.message_bytes, dtype=torch.uint8, device=packed.device)
+    msg[:, : layout.code_bytes] = packed.view(shards, layout.code_bytes)
+    msg[:, layout.code_bytes :] = scale.reshape(shards, layout.blocks_per_shard).view(torch.uint8)
+    return msg
+
+
+def _unpack_message(msg: torch.Tensor, layout: ShardLayout):
+    """Split messages ``(shards, message_bytes)`` into contiguous codes and fp32 scales."""
+    codes = msg[:, : layout.code_bytes].contiguous()
+    scale = msg[:, layout.code_bytes :].contiguous().view(torch.float32)
+    return codes, scale
+
+
+def _quantize(x2d, residual, layout, noise, compiled):
+    """Quantize blocks with optional error feedback; return packed codes, scales, and the error left."""
+    if residual is None:
+        residual = torch.zeros((), dtype=torch.float32, device=x2d.device)
+    else:
+        residual = residual.view_as(x2d)
+    return codec.error_feedback_step(x2d, residual.expand_as(x2d), layout.bits, layout.block_size, noise=noise, compiled=compiled)
+
+
+def quantized_allreduce(
+    x: torch.Tensor,
+    layout: ShardLayout,
+    group,
+    *,
+    worker_residual: Optional[torch.Tensor] = None,
+    server_residual: Optional[torch.Tensor] = None,
+    error_feedback: bool = True,
+    noise: Optional[Callable[[int, tuple], torch.Tensor]] = None,
+    measure_error: bool = False,
+    compiled: bool = False,
+) -> ExchangeResult:
+    """Average ``x`` over the ranks of ``group`` with the two-phase quantized exchange.
+
+    Args:
+        x: flat floating tensor of ``layout.numel`` elements (fp32, fp16 or bf16), or an fp32
+            tensor of ``layout.padded_numel`` elements already padded with zeros (used as is).
+        layout: the sizes of the exchange; ``layout.world_size`` must be the group's size.
+        group: the process group to run the all-to-all and the all-gather on.
+        worker_residual: fp32 ``(padded_numel,)`` residual from earlier steps (zeros if None).
+        server_residual: fp32 ``(shard_numel,)`` residual of this rank's shard (zeros if None).
+        error_feedback: return the new residuals (else they are None).
+        noise: ``noise(phase, shape)`` gives ``U[0, 1)`` noise for stochastic rounding (phase 0 or 1).
+        measure_error: compute ``rel_error`` (costs two extra reductions).
+        compiled: use the fused codec kernels.
+
+    Returns:
+        An :class:`ExchangeResult`; residuals are returned, not updated in place, so the caller can
+        keep the old ones when ``finite`` is False.
+    """
+    P, B = layout.world_size, layout.block_size
+    if x.numel() not in (layout.numel, layout.padded_numel):
+        raise ValueError(
+            f"x must have layout.numel={layout.numel} (or padded_numel={layout.padded_numel}) elements, got {x.numel()}"
+        )
+    device = x.device
+    # 1. pad and quantize (x + worker residual)
+    if x.numel() == layout.padded_numel and x.dtype == torch.float32 and x.is_contiguous():
+        padded = x  # the caller laid it out already
+    else:
+        padded = torch.zeros(layout.padded_numel, dtype=torch.float32, device=device)
+        padded[: layout.numel] = x.reshape(-1)
+    blocks = padded.view(-1, B)
+    n1 = noise(0, tuple(blocks.shape)) if noise is not None else None
+    wres_in = worker_residual if error_feedback else None
+    packed, scale, err = _quantize(blocks, wres_in, layout, n1, compiled)
+    rel_error = None
+    if measure_error:
+        corrected = blocks if wres_in is None else blocks + wres_in.view_as(blocks)
+        denom = float(corrected.norm())
+        rel_error = float(err.norm()) / denom if denom > 0 else 0.0
+    # 2. all-to-all: shard k of every rank goes to rank k
+    send = _pack_message(packed, scale, P, layout)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    # 3. dequantize the P copies of my shard and sum them in rank order
+    codes, scales = _unpack_message(recv, layout)
+    reduced = codec.dequantize_sum(codes, scales, layout.bits, compiled=compiled)
+    reduced.div_(P)
+    # 4. requantize the reduced shard (+ server residual)
+    n2 = noise(1, tuple(reduced.shape)) if noise is not None else None
+    sres_in = server_residual if error_feedback else None
+    packed2, scale2, err2 = _quantize(reduced, sres_in, layout, n2, compiled)
+    # 5. all-gather the reduced shards and dequantize them all
+    mine = _pack_message(packed2, scale2, 1, layout).view(-1)
+    gathered = torch.empty(P * layout.message_bytes, dtype=torch.uint8, device=device)
+    all_gather_into(gathered, mine, group)
+    codes_all, scales_all = _unpack_message(gathered.view(P, layout.message_bytes), layout)
+    out = codec.dequantize_packed(codes_all.view(-1), scales_all.view(-1), layout.bits, compiled=compiled)
+    finite = bool(torch.isfinite(scales_all).all())
+    return ExchangeResult(
+        out=out.view(-1)[: layout.numel],
+        worker_residual=err.reshape(-1) if error_feedback else None,
+        server_residual=err2.reshape(-1) if error_feedback else None,
+        finite=finite,
+        bytes_sent=layout.bytes_sent,
+        rel_error=rel_error,
+    )

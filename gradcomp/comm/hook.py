@@ -1,0 +1,582 @@
+"""The DDP communication hook: quantized all-reduce of gradient buckets with error feedback.
+
+Register it in any torchrun job::
+
+    import gradcomp
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    state = gradcomp.register(ddp, bits=8)          # or bits=4
+    # ... train as usual; state.stats() tells the bytes saved
+
+or, equivalently::
+
+    state = gradcomp.QuantizedAllReduceState(bits=4)
+    ddp.register_comm_hook(state, gradcomp.quantized_allreduce_hook)
+
+How a bucket travels (see :mod:`gradcomp.comm.collectives`): quantize (bucket + worker residual),
+all-to-all the shards, dequantize and sum the owned shard, requantize it (+ server residual),
+all-gather, dequantize. Buckets are handed to one communication thread per state, in the order DDP
+produces them, on a process group of the hook's own; the backward pass goes on meanwhile, and every
+rank issues the same collectives in the same order.
+
+This module does not use ``from __future__ import annotations``: DDP compares the hook's annotations
+with ``dist.GradBucket`` and ``torch.futures.Future[torch.Tensor]`` as objects, not strings.
+"""
+
+import logging
+import math
+import queue
+import threading
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from gradcomp.comm.collectives import ShardLayout, all_gather_into, quantized_allreduce
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["HookConfig", "QuantizedAllReduceState", "quantized_allreduce_hook", "register"]
+
+HOOK_BITS = (2, 4, 8)
+
+
+@dataclass(frozen=True)
+class HookConfig:
+    """User knobs of the quantized all-reduce hook, validated on construction.
+
+    Attributes:
+        bits: code width of the gradients on the wire, one of (2, 4, 8).
+        block_size: elements sharing one fp32 scale; a positive multiple of 8. Smaller blocks track
+            outliers better and cost ``32 / block_size`` extra bits per element.
+        error_feedback: keep what quantization left behind and add it to the next step (both at the
+            worker and at the shard owner). Strongly recommended below 8 bits.
+        warmup_steps: steps of plain all-reduce first. DDP rebuilds its buckets after the first
+            iteration (the second with ``static_graph=True``), so at least 1 with error feedback.
+        min_compress_numel: buckets with fewer elements go through plain all-reduce.
+        stochastic_rounding: unbiased stochastic rounding instead of round-to-nearest.
+        seed: seed of the stochastic rounding noise (combined with rank, step and bucket).
+        compile: fuse the codec kernels with ``torch.compile`` (eager fallback where unavailable).
+        log_every: log the statistics every this many steps from the group's first rank (0: never).
+    """
+
+    bits: int = 8
+    block_size: int = 256
+    error_feedback: bool = True
+    warmup_steps: int = 10
+    min_compress_numel: int = 16384
+    stochastic_rounding: bool = False
+    seed: int = 0
+    compile: bool = False
+    log_every: int = 100
+
+    def __post_init__(self):
+        _check_int("bits", self.bits)
+        if self.bits not in HOOK_BITS:
+            raise ValueError(f"bits must be one of {HOOK_BITS}, got {self.bits}")
+        _check_int("block_size", self.block_size)
+        if self.block_size < 8 or self.block_size % 8:
+            raise ValueError(f"block_size must be a positive multiple of 8 (e.g. 64, 128, 256), got {self.block_size}")
+        for name in ("warmup_steps", "min_compress_numel", "seed", "log_every"):
+            _check_int(name, getattr(self, name))
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("error_feedback", "stochastic_rounding", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} {getattr(self, name)!r}")
+        if self.error_feedback and self.warmup_steps < 1:
+            raise ValueError(
+                "warmup_steps must be >= 1 when error_feedback is on (DDP rebuilds its buckets after the "
+                f"first iteration, which would misplace the residuals), got {self.warmup_steps}"
+            )
+
+
+def _check_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+
+
+@dataclass(frozen=True)
+class _BucketPlan:
+    """Where each parameter of a bucket goes: every parameter starts on a block boundary.
+
+    Attributes:
+        keys: parameter keys in bucket order (index in the model, or ``-1 - id(param)``).
+        numels: their sizes.
+        offsets: their starts in the aligned layout.
+        runs: ``(src, dst, length)`` copies from the bucket to the aligned layout (adjacent ones merged).
+        layout: the exchange's sizes for the aligned length.
+    """
+
+    keys: Tuple[int, ...]
+    numels: Tuple[int, ...]
+    offsets: Tuple[int, ...]
+    runs: Tuple[Tuple[int, int, int], ...]
+    layout: ShardLayout
+
+    @staticmethod
+    def build(keys, numels, world_size: int, bits: int, block_size: int) -> "_BucketPlan":
+        """Lay ``numels`` out block-aligned and cut the result into ``world_size`` shards."""
+        offsets: List[int] = []
+        runs: List[List[int]] = []
+        src = dst = 0
+        for n in numels:
+            offsets.append(dst)
+            if runs and runs[-1][0] + runs[-1][2] == src and runs[-1][1] + runs[-1][2] == dst:
+                runs[-1][2] += n
+            else:
+                runs.append([src, dst, n])
+            src += n
+            dst += -(-n // block_size) * block_size
+        layout = ShardLayout(max(dst, block_size), world_size, bits, block_size)
+        return _BucketPlan(tuple(keys), tuple(numels), tuple(offsets), tuple(tuple(r) for r in runs), layout)
+
+
+class _CommThread:
+    """One thread that runs submitted exchanges in submission order and completes their futures."""
+
+    def __init__(self):
+        self._queue: "queue.Queue" = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="gradcomp-comm", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn, fut: torch.futures.Future) -> None:
+        self._queue.put((fn, fut))
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fn, fut = item
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # the training loop re-raises it from DDP's wait
+                fut.set_exception(exc)
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+
+class QuantizedAllReduceState:
+    """All per-run data of the quantized all-reduce hook, for one DDP model on one rank.
+
+    Fields, by role:
+        user knobs: ``config`` (a :class:`HookConfig`) and ``process_group``;
+        internal buffers: worker and server residuals keyed by bucket index, the communication
+        group and thread;
+        statistics: ``stats()``.
+
+    Construct it on every rank (it creates a process group of its own, which is a collective call).
+
+    Args:
+        process_group: the group to average over (default: the default group).
+        bits, block_size, error_feedback, warmup_steps, min_compress_numel, stochastic_rounding,
+        seed, compile, log_every: see :class:`HookConfig`.
+
+    Example:
+        >>> state = QuantizedAllReduceState(bits=4, warmup_steps=5)  # doctest: +SKIP
+        >>> ddp.register_comm_hook(state, quantized_allreduce_hook)   # doctest: +SKIP
+    """
+
+    def __init__(self, process_group: Optional[dist.ProcessGroup] = None, bits: int = 8, **options: Any):
+        unknown = set(options) - set(HookConfig.__dataclass_fields__)
+        if unknown:
+            raise TypeError(
+                f"unknown option(s) {sorted(unknown)}; expected some of {sorted(HookConfig.__dataclass_fields__)}"
+            )
+        self.config = HookConfig(bits=bits, **options)
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(
+                f"process_group must be a torch.distributed.ProcessGroup or None, got {type(process_group).__name__}"
+            )
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("torch.distributed must be initialized (dist.init_process_group) before building the hook state")
+        self.process_group = process_group
+        self.world_size = dist.get_world_size(process_group)
+        self.rank = dist.get_rank(process_group)
+        self.step = 0
+        self._worker_residuals: Dict[int, torch.Tensor] = {}
+        self._server_residuals: Dict[int, torch.Tensor] = {}
+        self._bucket_keys: Dict[int, Tuple[int, ...]] = {}  # parameter keys of each bucket, in order
+        self._bucket_numels: Dict[int, Tuple[int, ...]] = {}
+        self._plans: Dict[int, _BucketPlan] = {}
+        self._pool: Optional[Dict[int, Tuple[torch.Tensor, torch.Tensor]]] = None  # residuals by parameter key
+        self._param_keys: Optional[Dict[int, int]] = None  # id(parameter) -> index in the model
+        self._lock = threading.Lock()
+        self._reset_stats()
+        self._comm_group = None
+        self._thread: Optional[_CommThread] = None
+        if self.world_size > 1:
+            self._comm_group = self._new_comm_group()
+        logger.info("gradcomp hook: %s on %d ranks", self.config, self.world_size)
+
+    # ---- construction helpers
+
+    def _new_comm_group(self):
+        ranks = dist.get_process_group_ranks(self.process_group or dist.group.WORLD)
+        return dist.new_group(ranks=ranks, backend=dist.get_backend(self.process_group))
+
+    def _reset_stats(self) -> None:
+        self._stats = {
+            "bytes_sent_step": 0,
+            "fp32_bytes_step": 0,
+            "bytes_sent_total": 0,
+            "fp32_bytes_total": 0,
+            "compressed_buckets_step": 0,
+            "buckets_step": 0,
+            "nonfinite_steps": 0,
+            "rel_error": float("nan"),
+        }
+        self._acc = {"sent": 0, "fp32": 0, "compressed": 0, "buckets": 0, "nonfinite": False}
+
+    # ---- checkpointing
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """Drop the process groups, the thread and the lock so the state can be pickled."""
+        drop = ("process_group", "_comm_group", "_thread", "_lock", "_param_keys", "_plans")
+        return {k: v for k, v in self.__dict__.items() if k not in drop}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        """Restore a pickled state; it runs on the default group (set ``process_group`` before use to change it)."""
+        self.__dict__.update(state)
+        self.process_group = None
+        self._comm_group = None
+        self._thread = None
+        self._lock = threading.Lock()
+        self._param_keys = None
+        self._plans = {}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Return this rank's residuals, step and config (tensors on CPU) for a checkpoint."""
+        self.synchronize()
+        return {
+            "config": asdict(self.config),
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "step": self.step,
+            "param_keys": "index" if self._param_keys is not None else "identity",
+            "bucket_keys": {k: list(v) for k, v in self._bucket_keys.items()},
+            "bucket_numels": {k: list(v) for k, v in self._bucket_numels.items()},
+            "worker_residuals": {k: v.detach().cpu().clone() for k, v in self._worker_residuals.items()},
+            "server_residuals": {k: v.detach().cpu().clone() for k, v in self._server_residuals.items()},
+        }
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load what :meth:`state_dict` returned on the same rank of a job of the same size and config.
+
+        Raises:
+            ValueError: if the world size, the rank, or a wire-relevant option differs (nothing is changed).
+        """
+        if not isinstance(state_dict, dict) or "config" not in state_dict:
+            raise TypeError(f"state_dict must be a dict made by QuantizedAllReduceState.state_dict(), got {type(state_dict).__name__}")
+        if state_dict["world_size"] != self.world_size or state_dict["rank"] != self.rank:
+            raise ValueError(
+                f"checkpoint is for rank {state_dict['rank']} of {state_dict['world_size']}, "
+                f"this state is rank {self.rank} of {self.world_size}"
+            )
+        saved = state_dict["config"]
+        for name in ("bits", "block_size", "error_feedback"):
+            if saved.get(name) != getattr(self.config, name):
+                raise ValueError(f"checkpoint has {name}={saved.get(name)!r}, this state has {name}={getattr(self.config, name)!r}")
+        self.synchronize()
+        self.step = int(state_dict["step"])
+        self._plans = {}
+        self._pool = None
+        if state_dict.get("param_keys") == "index" and self._param_keys is not None:
+            self._bucket_keys = {int(k): tuple(v) for k, v in state_dict["bucket_keys"].items()}
+            self._bucket_numels = {int(k): tuple(v) for k, v in state_dict["bucket_numels"].items()}
+            self._worker_residuals = {int(k): v.clone() for k, v in state_dict["worker_residuals"].items()}
+            self._server_residuals = {int(k): v.clone() for k, v in state_dict["server_residuals"].items()}
+        else:
+            if state_dict["worker_residuals"]:
+                logger.warning(
+                    "the checkpoint's residuals are keyed by parameter identity in another process (or this state "
+                    "tracks no model); they are dropped. Use gradcomp.register() or state.track_parameters(model)."
+                )
+            self._bucket_keys, self._bucket_numels = {}, {}
+            self._worker_residuals, self._server_residuals = {}, {}
+
+    def track_parameters(self, module: torch.nn.Module) -> None:
+        """Key residuals by each parameter's index in ``module`` (``register`` does this for you).
+
+        With it, residuals follow their parameters when DDP rebuilds its buckets, and a checkpoint
+        resumes bit-identically in a new process; without it, they follow parameter identity within
+        this process only.
+        """
+        self._param_keys = {id(p): i for i, p in enumerate(module.parameters())}
+
+    def synchronize(self) -> None:
+        """Wait until every submitted bucket is done (DDP already waits at the end of backward)."""
+        if self._thread is not None:
+            done = torch.futures.Future()
+            self._thread.submit(lambda: None, done)
+            done.wait()
+
+    def close(self) -> None:
+        """Stop the communication thread (it is a daemon; this is only for tidy shutdowns)."""
+        if self._thread is not None:
+            self._thread.stop()
+            self._thread = None
+
+    # ---- statistics
+
+    def stats(self) -> Dict[str, Any]:
+        """Return the communication statistics.
+
+        Keys: ``step`` (completed steps), ``bytes_sent_step`` and ``fp32_bytes_step`` (this rank, the
+        last completed step; the latter is what an fp32 ring all-reduce of the same buckets sends),
+        ``bytes_sent_total``, ``fp32_bytes_total``, ``compression_ratio`` (fp32 bytes / bytes sent, last
+        step), ``rel_error`` (relative quantization error of this rank's gradients, last measured on a
+        logging step), ``compressed_buckets_step``, ``buckets_step``, ``nonfinite_steps``.
+        """
+        with self._lock:
+            s = dict(self._stats)
+        s["step"] = self.step
+        s["compression_ratio"] = s["fp32_bytes_step"] / s["bytes_sent_step"] if s["bytes_sent_step"] else float("nan")
+        return s
+
+    # ---- the per-bucket work
+
+    def _noise_fn(self, step: int, plan: "_BucketPlan", device):
+        """Stochastic-rounding noise drawn per parameter, so it does not depend on DDP's bucketing.
+
+        Phase 0 (each rank's own gradient) is seeded with the rank; phase 1 (the reduced shard) is
+        not, since whichever rank owns a block must draw the same noise for it.
+        """
+        if not self.config.stochastic_rounding:
+            return None
+        cfg, layout = self.config, plan.layout
+
+        def noise(phase: int, shape: tuple) -> torch.Tensor:
+            full = torch.zeros(layout.padded_numel, dtype=torch.float32, device=device)
+            g = torch.Generator(device=device)
+            who = self.rank if phase == 0 else -1
+            for key, off, n in zip(plan.keys, plan.offsets, plan.numels):
+                g.manual_seed(hash((cfg.seed, who, step, key, phase)) & 0x7FFF_FFFF_FFFF_FFFF)
+                full[off : off + n] = torch.rand(n, generator=g, device=device)
+            if phase == 1:
+                shard = layout.shard_numel
+                full = full[self.rank * shard : (self.rank + 1) * shard]
+            return full.view(shape)
+
+        return noise
+
+    def _residuals(self, plan: "_BucketPlan", index: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Return (worker, server) residuals laid out for ``plan``, relocating them if buckets changed.
+
+        Runs on the communication thread, where every rank meets the same buckets in the same order,
+        so the collective relocation happens at the same point on every rank.
+        """
+        layout = plan.layout
+        if self._bucket_keys.get(index) == plan.keys and index in self._worker_residuals:
+            return self._worker_residuals[index].to(device), self._server_residuals[index].to(device)
+        stored = {key for keys in self._bucket_keys.values() for key in keys}
+        if index in self._bucket_keys or not stored.isdisjoint(plan.keys):
+            self._relocate(device)  # the buckets changed: residuals follow their parameters
+        wres = torch.zeros(layout.padded_numel, dtype=torch.float32, device=device)
+        full = torch.zeros(layout.padded_numel, dtype=torch.float32, device=device)
+        if self._pool:
+            for key, off, n in zip(plan.keys, plan.offsets, plan.numels):
+                seg = self._pool.get(key)
+                if seg is not None and seg[0].numel() == n:
+                    wres[off : off + n] = seg[0]
+                    full[off : off + n] = seg[1]
+        shard = layout.shard_numel
+        return wres, full[self.rank * shard : (self.rank + 1) * shard].clone()
+
+    def _relocate(self, device) -> None:
+        """Move every bucket's residuals into a pool keyed by parameter (a collective on the hook's group).
+
+        The server residual of a block lives on the rank that owns the block; when DDP rebuilds its
+        buckets the owner changes, so the shards are all-gathered once and cut by parameter.
+        """
+        pool: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = dict(self._pool or {})
+        for index in sorted(self._worker_residuals):
+            keys, numels = self._bucket_keys[index], self._bucket_numels[index]
+            plan = _BucketPlan.build(keys, numels, self.world_size, self.config.bits, self.config.block_size)
+            sres = self._server_residuals[index].to(device)
+            full = torch.empty(plan.layout.padded_numel, dtype=torch.float32, device=device)
+            all_gather_into(full, sres.contiguous(), self._comm_group)
+            wres = self._worker_residuals[index].to(device)
+            for key, off, n in zip(keys, plan.offsets, numels):
+                pool[key] = (wres[off : off + n].clone(), full[off : off + n].clone())
+        logger.info("DDP buckets changed: residuals of %d parameters relocated", len(pool))
+        self._pool = pool
+        self._worker_residuals, self._server_residuals = {}, {}
+        self._bucket_keys, self._bucket_numels = {}, {}
+
+    def _exchange(self, buf: torch.Tensor, index: int, step: int, last: bool, plan: Optional["_BucketPlan"], ready_event) -> torch.Tensor:
+        """Run on the communication thread: reduce ``buf`` in place and account the bytes."""
+        cfg = self.config
+        P = self.world_size
+        n = buf.numel()
+        fp32_bytes = 2 * (P - 1) * n * 4 // P
+        stream_ctx = _stream_context(buf, ready_event)
+        with stream_ctx:
+            if plan is None:
+                buf.div_(P)
+                dist.all_reduce(buf, group=self._comm_group)
+                sent, finite, rel = 2 * (P - 1) * n * buf.element_size() // P, True, None
+            else:
+                layout = plan.layout
+                ef = cfg.error_feedback
+                wres, sres = self._residuals(plan, index, buf.device) if ef else (None, None)
+                measure = cfg.log_every > 0 and step % cfg.log_every == 0
+                # each parameter starts on a block boundary, so a block's arithmetic never depends on
+                # how DDP grouped the parameters (which keeps resumed runs bit-identical)
+                padded = torch.zeros(layout.padded_numel, dtype=torch.float32, device=buf.device)
+                for src, dst, length in plan.runs:
+                    padded[dst : dst + length] = buf[src : src + length]
+                result = quantized_allreduce(
+                    padded, layout, self._comm_group,
+                    worker_residual=wres, server_residual=sres, error_feedback=ef,
+                    noise=self._noise_fn(step, plan, buf.device), measure_error=measure, compiled=cfg.compile,
+                )
+                for src, dst, length in plan.runs:
+                    buf[src : src + length] = result.out[dst : dst + length]
+                finite, sent, rel = result.finite, result.bytes_sent, result.rel_error
+                if ef and finite:
+                    # keep the old residuals on a non-finite step, so a skipped AMP step leaves no trace
+                    self._worker_residuals[index] = result.worker_residual
+                    self._server_residuals[index] = result.server_residual
+                    self._bucket_keys[index] = plan.keys
+                    self._bucket_numels[index] = plan.numels
+                    if self._pool:
+                        for key in plan.keys:
+                            self._pool.pop(key, None)
+            if buf.is_cuda:
+                torch.cuda.current_stream(buf.device).synchronize()
+        self._account(sent, fp32_bytes, plan is not None, finite, rel, step, last)
+        return buf
+
+    def _account(self, sent: int, fp32: int, compressed: bool, finite: bool, rel: Optional[float], step: int, last: bool) -> None:
+        with self._lock:
+            acc = self._acc
+            acc["sent"] += sent
+            acc["fp32"] += fp32
+            acc["compressed"] += int(compressed)
+            acc["buckets"] += 1
+            acc["nonfinite"] |= not finite
+            s = self._stats
+            s["bytes_sent_total"] += sent
+            s["fp32_bytes_total"] += fp32
+            if rel is not None and math.isfinite(rel):
+                s["rel_error"] = rel
+            if not last:
+                return
+            s["bytes_sent_step"] = acc["sent"]
+            s["fp32_bytes_step"] = acc["fp32"]
+            s["compressed_buckets_step"] = acc["compressed"]
+            s["buckets_step"] = acc["buckets"]
+            s["nonfinite_steps"] += int(acc["nonfinite"])
+            self._acc = {"sent": 0, "fp32": 0, "compressed": 0, "buckets": 0, "nonfinite": False}
+            snapshot = dict(s)
+        cfg = self.config
+        if cfg.log_every and self.rank == 0 and (step + 1) % cfg.log_every == 0:
+            ratio = snapshot["fp32_bytes_step"] / max(1, snapshot["bytes_sent_step"])
+            logger.info(
+                "gradcomp step %d: sent %d bytes (fp32 all-reduce: %d, %.2fx less), rel. quantization error %.3g",
+                step + 1, snapshot["bytes_sent_step"], snapshot["fp32_bytes_step"], ratio, snapshot["rel_error"],
+            )
+
+    def _reduce(self, bucket: dist.GradBucket) -> torch.futures.Future:
+        buf = bucket.buffer()
+        index = bucket.index()
+        last = bucket.is_last()
+        step = self.step
+        if last:
+            self.step += 1
+        if self.world_size == 1:
+            fut = torch.futures.Future()
+            fut.set_result(buf)
+            return fut
+        cfg = self.config
+        compress = (
+            step >= cfg.warmup_steps
+            and buf.numel() >= cfg.min_compress_numel
+            and buf.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        )
+        plan = None
+        if compress:
+            params = bucket.parameters()
+            if self._param_keys is not None:
+                keys = tuple(self._param_keys.get(id(p), -1 - id(p)) for p in params)
+            else:
+                keys = tuple(-1 - id(p) for p in params)
+            plan = self._plans.get(index)
+            if plan is None or plan.keys != keys:
+                plan = self._plans[index] = _BucketPlan.build(
+                    keys, tuple(p.numel() for p in params), self.world_size, cfg.bits, cfg.block_size
+                )
+        if self._comm_group is None:  # unpickled state: make the group now (every rank is here too)
+            self._comm_group = self._new_comm_group()
+        if self._thread is None:
+            self._thread = _CommThread()
+        ready = None
+        if buf.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(buf.device))
+            fut = torch.futures.Future(devices=[buf.device])
+        else:
+            fut = torch.futures.Future()
+        self._thread.submit(lambda: self._exchange(buf, index, step, last, plan, ready), fut)
+        return fut
+
+
+class _NullContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_SIDE_STREAMS: Dict[Any, Any] = {}
+
+
+def _stream_context(buf: torch.Tensor, ready_event):
+    """On CUDA: a side stream of the communication thread that first waits for the bucket to be ready."""
+    if not buf.is_cuda:
+        return _NullContext()
+    torch.cuda.set_device(buf.device)
+    stream = _SIDE_STREAMS.get(buf.device)
+    if stream is None:
+        stream = _SIDE_STREAMS[buf.device] = torch.cuda.Stream(buf.device)
+    if ready_event is not None:
+        stream.wait_event(ready_event)
+    return torch.cuda.stream(stream)
+
+
+def quantized_allreduce_hook(state: QuantizedAllReduceState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Average a gradient bucket over the ranks with int8/int4/int2 codes and error feedback.
+
+    The DDP communication hook; register it with
+    ``ddp.register_comm_hook(QuantizedAllReduceState(...), quantized_allreduce_hook)`` or use
+    :func:`register`. Returns a future holding the averaged bucket, bit-identical on every rank.
+    """
+    return state._reduce(bucket)
+
+
+def register(ddp_model: torch.nn.parallel.DistributedDataParallel, bits: int = 8, **options: Any) -> QuantizedAllReduceState:
+    """Build a :class:`QuantizedAllReduceState`, register the hook on ``ddp_model`` and return the state.
+
+    Call it on every rank, right after wrapping the model in DDP and before the first step.
+
+    Args:
+        ddp_model: a ``DistributedDataParallel`` model.
+        bits: 8, 4 or 2.
+        **options: ``process_group`` and the fields of :class:`HookConfig`.
+
+    Example:
+        >>> state = gradcomp.register(ddp, bits=4, warmup_steps=10)  # doctest: +SKIP
+        >>> state.stats()["compression_ratio"]                        # doctest: +SKIP
+        7.76
+    """
+    if not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
+        raise TypeError(f"ddp_model must be a torch.nn.parallel.DistributedDataParallel, got {type(ddp_model).__name__}")
+    process_group = options.pop("process_group", getattr(ddp_model, "process_group", None))
+    state = QuantizedAllReduceState(process_group, bits=bits, **options)
+    state.track_parameters(ddp_model.module)
+    ddp_model.register_comm_hook(state, quantized_allreduce_hook)
+    return state

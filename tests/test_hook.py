@@ -1,0 +1,385 @@
+"""The DDP hook across processes on gloo: parity with DDP, identical ranks, bytes, non-finite steps, resume."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import gradcomp
+from gradcomp.comm.collectives import ShardLayout
+
+from _dist import init_gloo, spawn
+
+# per-step relative error of the averaged gradient against exact DDP, without error feedback
+STEP_TOL = {8: 0.03, 4: 0.4}
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    # 3 x 129 inputs: bucket lengths divisible by neither the world size nor the block size
+    return nn.Sequential(nn.Linear(129, 257), nn.Tanh(), nn.Linear(257, 131), nn.Tanh(), nn.Linear(131, 7))
+
+
+def _batch(rank: int, step: int):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(16, 129, generator=g), torch.randint(0, 7, (16,), generator=g)
+
+
+def _grads(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def _all_identical(t: torch.Tensor) -> bool:
+    gathered = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, t)
+    return all(torch.equal(gathered[0].view(torch.int32), g.view(torch.int32)) for g in gathered)
+
+
+def _backward(model, rank, step):
+    x, y = _batch(rank, step)
+    model.zero_grad(set_to_none=False)
+    nn.functional.cross_entropy(model(x), y).backward()
+
+
+def _hooked(bits, error_feedback, **ddp_kwargs):
+    model = DDP(_model(), bucket_cap_mb=0.05, **ddp_kwargs)
+    state = gradcomp.register(model, bits=bits, error_feedback=error_feedback, warmup_steps=2, min_compress_numel=0, log_every=1)
+    return model, state
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _parity_worker(rank, world_size):
+    steps = 6
+    for bits in (8, 4):
+        # without error feedback: each step's average is close to the exact one
+        ref = DDP(_model(), bucket_cap_mb=0.05)
+        model, state = _hooked(bits, error_feedback=False)
+        for step in range(steps):
+            _backward(ref, rank, step)
+            _backward(model, rank, step)
+            exact, got = _grads(ref), _grads(model)
+            assert _all_identical(got), f"ranks differ at step {step} (bits={bits})"
+            rel = float((got - exact).norm() / exact.norm())
+            if step < 2:
+                assert rel < 1e-6, f"warm-up step {step} should be plain all-reduce, rel error {rel}"
+            else:
+                assert rel < STEP_TOL[bits], f"bits={bits} step {step}: rel error {rel} > {STEP_TOL[bits]}"
+        # bytes: exactly the formula, per bucket, and the ratio promised
+        s = state.stats()
+        plans = list(state._plans.values())
+        assert len(plans) >= 2
+        # parameters start on block boundaries: the aligned length is the sum of whole blocks
+        for plan in plans:
+            assert plan.layout.numel == sum(-(-n // 256) * 256 for n in plan.numels)
+            assert plan.layout == ShardLayout(plan.layout.numel, world_size, bits, 256)
+        assert s["bytes_sent_step"] == sum(p.layout.bytes_sent for p in plans)
+        assert s["fp32_bytes_step"] == sum(2 * (world_size - 1) * sum(p.numels) * 4 // world_size for p in plans)
+        assert s["compressed_buckets_step"] == s["buckets_step"] == len(plans)
+
+        # with error feedback and frozen weights: the sum of transmitted gradients tracks the true sum
+        ref = DDP(_model(), bucket_cap_mb=0.05)
+        model, state = _hooked(bits, error_feedback=True)
+        true_sum, sent_sum = 0, 0
+        for step in range(30):
+            _backward(ref, rank, step % 3)
+            _backward(model, rank, step % 3)
+            if step >= 2:
+                true_sum = true_sum + _grads(ref)
+                sent_sum = sent_sum + _grads(model)
+        drift = float((sent_sum - true_sum).norm() / true_sum.norm())
+        assert drift < STEP_TOL[bits] / 4, f"bits={bits}: error feedback drift {drift}"
+        assert 0 < state.stats()["rel_error"] < 1
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_parity_identical_ranks_bytes(tmp_path, world_size):
+    spawn(_parity_worker, world_size, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _nonfinite_worker(rank, world_size):
+    model, state = _hooked(4, error_feedback=True)
+    for step in range(4):
+        _backward(model, rank, step)
+    before = state.state_dict()
+    x, y = _batch(rank, 9)
+    model.zero_grad()
+    loss = nn.functional.cross_entropy(model(x), y)
+    if rank == 1:
+        loss = loss * float("inf")  # only one rank overflows
+    loss.backward()
+    g = _grads(model)
+    assert not torch.isfinite(g).all(), "every rank must see a non-finite gradient"
+    assert _all_identical(g)
+    after = state.state_dict()
+    for key in ("worker_residuals", "server_residuals"):
+        for idx, r in before[key].items():
+            assert torch.equal(r, after[key][idx]), f"{key}[{idx}] changed on a non-finite step"
+    assert state.stats()["nonfinite_steps"] == 1
+    _backward(model, rank, 10)  # and training goes on
+    assert torch.isfinite(_grads(model)).all()
+
+
+def test_nonfinite_on_one_rank_reaches_all_and_keeps_residuals(tmp_path):
+    spawn(_nonfinite_worker, 3, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _train(model, opt, rank, steps):
+    for step in steps:
+        _backward(model, rank, step)
+        opt.step()
+
+
+def _resume_worker(rank, world_size, bits, stochastic):
+    opts = dict(bits=bits, warmup_steps=2, min_compress_numel=0, stochastic_rounding=stochastic, seed=3)
+    model = DDP(_model(), bucket_cap_mb=0.05)
+    state = gradcomp.register(model, **opts)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _train(model, opt, rank, range(0, 5))
+    ckpt = copy.deepcopy({"model": model.module.state_dict(), "opt": opt.state_dict(), "hook": state.state_dict()})
+    _train(model, opt, rank, range(5, 10))
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    # a fresh job from the checkpoint continues bit-identically
+    fresh = _model(seed=123)
+    fresh.load_state_dict(ckpt["model"])
+    model2 = DDP(fresh, bucket_cap_mb=0.05)
+    state2 = gradcomp.register(model2, **opts)
+    state2.load_state_dict(ckpt["hook"])
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
+    opt2.load_state_dict(ckpt["opt"])
+    _train(model2, opt2, rank, range(5, 10))
+    for a, b in zip(expected, model2.parameters()):
+        assert torch.equal(a, b.detach()), "resumed run diverged from the uninterrupted one"
+    assert state2.step == 10
+
+
+@pytest.mark.parametrize("bits,stochastic", [(8, False), (4, True)])
+def test_checkpoint_resume_is_bit_identical(tmp_path, bits, stochastic):
+    spawn(_resume_worker, 2, tmp_path, bits, stochastic)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _ddp_modes_worker(rank, world_size):
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = _model()
+            self.unused = nn.Linear(7, 300)
+
+        def forward(self, x):
+            return self.body(x)
+
+    class Plain(nn.Module):  # every parameter is used
+        def __init__(self):
+            super().__init__()
+            self.body = _model()
+
+        def forward(self, x):
+            return self.body(x)
+
+    cases = [
+        (TwoHeads, dict(static_graph=True)),
+        (TwoHeads, dict(find_unused_parameters=True)),
+        (Plain, dict(gradient_as_bucket_view=True)),
+    ]
+    for factory, kwargs in cases:
+        torch.manual_seed(0)
+        ref = DDP(factory(), bucket_cap_mb=0.05, **kwargs)
+        torch.manual_seed(0)
+        model = DDP(factory(), bucket_cap_mb=0.05, **kwargs)
+        gradcomp.register(model, bits=8, warmup_steps=2, min_compress_numel=0, error_feedback=False)
+        for step in range(5):
+            for m in (ref, model):
+                x, y = _batch(rank, step)
+                m.zero_grad(set_to_none=False)
+                nn.functional.cross_entropy(m(x), y).backward()
+            got = torch.cat([p.grad.reshape(-1) for p in model.module.body.parameters()])
+            exact = torch.cat([p.grad.reshape(-1) for p in ref.module.body.parameters()])
+            assert _all_identical(got), f"{kwargs} step {step}: ranks differ"
+            rel = float((got - exact).norm() / exact.norm())
+            assert rel < STEP_TOL[8], f"{kwargs} step {step}: {rel}"
+
+    # no_sync: two micro-batches accumulated locally, one exchange
+    ref = DDP(_model(), bucket_cap_mb=0.05)
+    model = DDP(_model(), bucket_cap_mb=0.05)
+    state = gradcomp.register(model, bits=8, warmup_steps=1, min_compress_numel=0, error_feedback=False)
+    for step in range(4):
+        for m in (ref, model):
+            m.zero_grad()
+            with m.no_sync():
+                x, y = _batch(rank, 2 * step)
+                nn.functional.cross_entropy(m(x), y).backward()
+            x, y = _batch(rank, 2 * step + 1)
+            nn.functional.cross_entropy(m(x), y).backward()
+        got, exact = _grads(model), _grads(ref)
+        assert _all_identical(got)
+        assert float((got - exact).norm() / exact.norm()) < STEP_TOL[8]
+    assert state.step == 4
+
+
+def test_static_graph_unused_parameters_bucket_view_and_no_sync(tmp_path):
+    spawn(_ddp_modes_worker, 2, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _grad_scaler_worker(rank, world_size):
+    model = DDP(_model(), bucket_cap_mb=0.05)
+    state = gradcomp.register(model, bits=8, warmup_steps=1, min_compress_numel=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    losses = []
+    for step in range(12):
+        x, y = _batch(rank, step % 4)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        if step == 5 and rank == 0:
+            loss = loss + float("inf") * model.module[0].weight.sum()
+        before = [p.detach().clone() for p in model.parameters()]
+        scale = scaler.get_scale()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        if step == 5:
+            assert scaler.get_scale() < scale, "GradScaler should have seen the inf and backed off"
+            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), "the inf step must be skipped"
+        else:
+            losses.append(float(loss))
+    assert state.stats()["nonfinite_steps"] == 1
+    assert losses[-1] < losses[0]
+    assert _all_identical(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+
+
+def test_grad_scaler_skips_inf_step_and_trains_on(tmp_path):
+    spawn(_grad_scaler_worker, 2, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _dtype_worker(rank, world_size):
+    for dtype in (torch.float16, torch.bfloat16):
+        torch.manual_seed(0)
+        model = DDP(_model().to(dtype), bucket_cap_mb=0.05)
+        gradcomp.register(model, bits=8, warmup_steps=1, min_compress_numel=0)
+        for step in range(3):
+            x, y = _batch(rank, step)
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x.to(dtype)).float(), y).backward()
+            g = _grads(model)
+            assert g.dtype == dtype and torch.isfinite(g).all()
+            assert _all_identical(g.float())
+
+
+def test_half_precision_gradients(tmp_path):
+    spawn(_dtype_worker, 3, tmp_path)
+
+
+def _world_one_worker(rank, world_size):
+    model = DDP(_model())
+    ref = DDP(_model())
+    gradcomp.register(model, bits=4, warmup_steps=0, error_feedback=False, min_compress_numel=0)
+    _backward(model, 0, 0)
+    _backward(ref, 0, 0)
+    assert torch.equal(_grads(model), _grads(ref))
+
+
+def test_world_size_one_is_a_no_op(tmp_path):
+    spawn(_world_one_worker, 1, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration errors, in this process
+
+
+@pytest.fixture
+def world1(tmp_path):
+    init_gloo(0, 1, str(tmp_path / "init"))
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(bits=3), ValueError, r"bits must be one of \(2, 4, 8\), got 3"),
+        (dict(bits="8"), TypeError, "bits must be an int"),
+        (dict(block_size=0), ValueError, "block_size must be a positive multiple of 8"),
+        (dict(block_size=100), ValueError, "got 100"),
+        (dict(warmup_steps=0), ValueError, "warmup_steps must be >= 1 when error_feedback is on"),
+        (dict(warmup_steps=-1, error_feedback=False), ValueError, "warmup_steps must be >= 0"),
+        (dict(error_feedback=1), TypeError, "error_feedback must be a bool"),
+        (dict(process_group="world"), TypeError, "process_group must be a torch.distributed.ProcessGroup"),
+        (dict(blocksize=64), TypeError, r"unknown option\(s\) \['blocksize'\]"),
+    ],
+)
+def test_bad_configuration_is_refused_before_training(world1, kwargs, exc, match):
+    model = DDP(_model())
+    with pytest.raises(exc, match=match):
+        gradcomp.register(model, **kwargs)
+    # the model still trains with DDP's default all-reduce: nothing was registered
+    _backward(model, 0, 0)
+
+
+def test_warmup_zero_allowed_without_error_feedback(world1):
+    state = gradcomp.QuantizedAllReduceState(bits=4, warmup_steps=0, error_feedback=False)
+    assert state.config.bits == 4 and state.world_size == 1
+
+
+def test_register_needs_a_ddp_model(world1):
+    with pytest.raises(TypeError, match="DistributedDataParallel"):
+        gradcomp.register(_model())
+
+
+def test_state_pickles_without_process_group(world1):
+    import pickle
+
+    state = gradcomp.QuantizedAllReduceState(bits=8)
+    clone = pickle.loads(pickle.dumps(state))
+    assert clone.process_group is None and clone.config == state.config
+
+
+def test_state_dict_refuses_other_config(world1):
+    a = gradcomp.QuantizedAllReduceState(bits=8)
+    b = gradcomp.QuantizedAllReduceState(bits=4)
+    with pytest.raises(ValueError, match="checkpoint has bits=8, this state has bits=4"):
+        b.load_state_dict(a.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _nccl_worker(rank, world_size):  # pragma: no cover - needs GPUs
+    torch.cuda.set_device(rank)
+    model = DDP(_model().cuda(), device_ids=[rank], bucket_cap_mb=0.05)
+    ref = DDP(_model().cuda(), device_ids=[rank], bucket_cap_mb=0.05)
+    gradcomp.register(model, bits=8, warmup_steps=1, min_compress_numel=0, error_feedback=False)
+    for step in range(4):
+        for m in (ref, model):
+            x, y = _batch(rank, step)
+            m.zero_grad()
+            nn.functional.cross_entropy(m(x.cuda()), y.cuda()).backward()
+        got, exact = _grads(model), _grads(ref)
+        assert float((got - exact).norm() / exact.norm()) < STEP_TOL[8]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2 or not dist.is_nccl_available(), reason="needs 2 CUDA GPUs and NCCL")
+def test_nccl_parity(tmp_path):  # pragma: no cover - needs GPUs
+    spawn(_nccl_worker, 2, tmp_path, backend="nccl")
