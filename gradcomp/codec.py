@@ -62,6 +62,7 @@ __all__ = [
     "sqnr_db",
     "cosine_similarity",
     "compile_available",
+    "quantize_codes_with_qparams",
 ]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -625,7 +626,7 @@ def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, bits: int, *, c
 def mse(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Mean squared error between two tensors of the same shape, computed in fp64."""
     _same_shape(reference, approx)
-    return float(torch.mean((reference.double() - approx.double()) ** 2))
+    return float(torch.mean((reference.detach().double() - approx.detach().double()) ** 2))
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
@@ -634,9 +635,9 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     Returns ``inf`` for an exact reconstruction and ``-inf`` for an all-zero reference with error.
     """
     _same_shape(reference, approx)
-    r = reference.double()
+    r = reference.detach().double()
     signal = float(torch.sum(r * r))
-    noise = float(torch.sum((r - approx.double()) ** 2))
+    noise = float(torch.sum((r - approx.detach().double()) ** 2))
     if noise == 0.0:
         return math.inf
     if signal == 0.0:
@@ -647,8 +648,8 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
 def cosine_similarity(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Cosine similarity of the flattened tensors (1.0 when both are zero)."""
     _same_shape(reference, approx)
-    a = reference.double().reshape(-1)
-    b = approx.double().reshape(-1)
+    a = reference.detach().double().reshape(-1)
+    b = approx.detach().double().reshape(-1)
     na, nb = float(a.norm()), float(b.norm())
     if na == 0.0 and nb == 0.0:
         return 1.0

@@ -22,12 +22,27 @@ from gradcomp.cli._common import EXIT_BAD_INPUT, EXIT_ENV, CliError
 
 __all__ = ["main", "build_parser"]
 
+_EPILOG = """\
+start here:
+  gradcomp doctor                                             what this machine can run
+  gradcomp cost --params 7e9 --workers 8 --bandwidth 10gbit   will compression pay on my network?
+  gradcomp grads                                              how much error does int8/int4 add to real gradients?
+  gradcomp COMMAND --help                                     the options and examples of a command
+
+every command takes --json for one machine-readable document on stdout; progress and errors go to stderr.
+
+exit codes: 0 success, 1 the work failed, 2 bad arguments or input (the message names the argument),
+3 the environment cannot do it (no root, no GPU, a missing optional extra).
+"""
+
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
         prog="gradcomp",
         description="Quantized gradient communication for PyTorch DDP and the quantization toolkit around it.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -37,9 +52,26 @@ def build_parser() -> argparse.ArgumentParser:
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
             continue
-        module = importlib.import_module(f"gradcomp.cli.{info.name}")
-        module.register(sub)
+        try:
+            module = importlib.import_module(f"gradcomp.cli.{info.name}")
+            module.register(sub)
+        except Exception as exc:  # one broken command must not take the others down
+            _register_broken(sub, info.name, exc)
     return parser
+
+
+def _register_broken(sub, name: str, exc: Exception) -> None:
+    """Register ``name`` as a command that explains why it cannot load and exits with code 3."""
+    reason = f"{type(exc).__name__}: {exc}"
+    try:
+        p = sub.add_parser(name, help=f"(unavailable: {reason[:60]})", add_help=True)
+    except argparse.ArgumentError:  # the module registered its parser before failing
+        return
+
+    def handler(args) -> int:
+        raise CliError(f"this command could not be loaded ({reason})", EXIT_ENV)
+
+    p.set_defaults(func=handler)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

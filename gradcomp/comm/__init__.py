@@ -1,12 +1,25 @@
-"""How compressed gradients cross the network: quantized collectives and the DDP hook."""
+"""How compressed gradients cross the network: quantized collectives, the hierarchical exchange, the policy and the DDP hook."""
 
 from gradcomp.comm.collectives import ShardLayout, quantized_allreduce
+from gradcomp.comm.hierarchical import HierarchicalGroups, HierarchicalLayout, hierarchical_allreduce
 from gradcomp.comm.hook import HookConfig, QuantizedAllReduceState, quantized_allreduce_hook, register
+from gradcomp.comm.policy import PLAIN, CommPolicy, LinkFit, NetworkFit, PolicyConfig, probe_network
+from gradcomp.comm.topology import Topology
 
 __all__ = [
+    "CommPolicy",
+    "HierarchicalGroups",
+    "HierarchicalLayout",
     "HookConfig",
+    "LinkFit",
+    "NetworkFit",
+    "PLAIN",
+    "PolicyConfig",
     "QuantizedAllReduceState",
     "ShardLayout",
+    "Topology",
+    "hierarchical_allreduce",
+    "probe_network",
     "quantized_allreduce",
     "quantized_allreduce_hook",
     "register",

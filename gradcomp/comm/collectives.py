@@ -89,14 +89,17 @@ class ExchangeResult:
         finite: whether every rank's input was finite (same answer on every rank).
         bytes_sent: bytes this rank sent.
         rel_error: ``||x + r - Q(x + r)|| / ||x + r||`` of this rank's first quantization when asked for.
+        messages: with ``dequantize_out=False``, the gathered reduced shards as uint8
+            ``(P, message_bytes)`` (codes then fp32 scales), and ``out`` is None.
     """
 
-    out: torch.Tensor
+    out: Optional[torch.Tensor]
     worker_residual: Optional[torch.Tensor]
     server_residual: Optional[torch.Tensor]
     finite: bool
     bytes_sent: int
     rel_error: Optional[float] = None
+    messages: Optional[torch.Tensor] = None
 
 
 def all_gather_into(output: torch.Tensor, inp: torch.Tensor, group) -> None:
@@ -140,6 +143,7 @@ def quantized_allreduce(
     noise: Optional[Callable[[int, tuple], torch.Tensor]] = None,
     measure_error: bool = False,
     compiled: bool = False,
+    dequantize_out: bool = True,
 ) -> ExchangeResult:
     """Average ``x`` over the ranks of ``group`` with the two-phase quantized exchange.
 
@@ -154,6 +158,8 @@ def quantized_allreduce(
         noise: ``noise(phase, shape)`` gives ``U[0, 1)`` noise for stochastic rounding (phase 0 or 1).
         measure_error: compute ``rel_error`` (costs two extra reductions).
         compiled: use the fused codec kernels.
+        dequantize_out: dequantize the gathered shards into ``out``; False returns them as
+            ``messages`` instead (the hierarchical exchange forwards them inside the node first).
 
     Returns:
         An :class:`ExchangeResult`; residuals are returned, not updated in place, so the caller can
@@ -197,13 +203,16 @@ def quantized_allreduce(
     gathered = torch.empty(P * layout.message_bytes, dtype=torch.uint8, device=device)
     all_gather_into(gathered, mine, group)
     codes_all, scales_all = _unpack_message(gathered.view(P, layout.message_bytes), layout)
-    out = codec.dequantize_packed(codes_all.view(-1), scales_all.view(-1), layout.bits, compiled=compiled)
     finite = bool(torch.isfinite(scales_all).all())
+    out = None
+    if dequantize_out:
+        out = codec.dequantize_packed(codes_all.view(-1), scales_all.view(-1), layout.bits, compiled=compiled).view(-1)[: layout.numel]
     return ExchangeResult(
-        out=out.view(-1)[: layout.numel],
+        out=out,
         worker_residual=err.reshape(-1) if error_feedback else None,
         server_residual=err2.reshape(-1) if error_feedback else None,
         finite=finite,
         bytes_sent=layout.bytes_sent,
         rel_error=rel_error,
+        messages=None if dequantize_out else gathered.view(P, layout.message_bytes),
     )

@@ -14,7 +14,10 @@ or, equivalently::
 
 How a bucket travels (see :mod:`gradcomp.comm.collectives`): quantize (bucket + worker residual),
 all-to-all the shards, dequantize and sum the owned shard, requantize it (+ server residual),
-all-gather, dequantize. Buckets are handed to one communication thread per state, in the order DDP
+all-gather, dequantize. With ``topology=Topology(local_world_size=L)`` the hierarchical exchange
+runs instead (fp32 inside nodes, quantized only between nodes; :mod:`gradcomp.comm.hierarchical`),
+and with ``policy=PolicyConfig()`` each bucket gets plain all-reduce, int8 or int4 by the measured
+network (:mod:`gradcomp.comm.policy`). Buckets are handed to one communication thread per state, in the order DDP
 produces them, on a process group of the hook's own; the backward pass goes on meanwhile, and every
 rank issues the same collectives in the same order.
 
@@ -33,6 +36,9 @@ import torch
 import torch.distributed as dist
 
 from gradcomp.comm.collectives import ShardLayout, all_gather_into, quantized_allreduce
+from gradcomp.comm.hierarchical import HierarchicalGroups, hierarchical_allreduce
+from gradcomp.comm.policy import PLAIN, CommPolicy, NetworkFit, PolicyConfig, probe_network
+from gradcomp.comm.topology import Topology
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +64,12 @@ class HookConfig:
         seed: seed of the stochastic rounding noise (combined with rank, step and bucket).
         compile: fuse the codec kernels with ``torch.compile`` (eager fallback where unavailable).
         log_every: log the statistics every this many steps from the group's first rank (0: never).
+        topology: ranks per node (:class:`~gradcomp.comm.topology.Topology`) for the hierarchical
+            exchange: fp32 inside each node, the quantized two-phase exchange only between nodes
+            (:mod:`gradcomp.comm.hierarchical`). None: the flat exchange over all ranks.
+        policy: a :class:`~gradcomp.comm.policy.PolicyConfig` to choose per bucket between plain
+            all-reduce and the quantized widths from the measured network (:mod:`gradcomp.comm.policy`);
+            ``bits`` is then not used. None: every compressed bucket uses ``bits`` (a pinned choice).
     """
 
     bits: int = 8
@@ -69,6 +81,8 @@ class HookConfig:
     seed: int = 0
     compile: bool = False
     log_every: int = 100
+    topology: Optional[Topology] = None
+    policy: Optional[PolicyConfig] = None
 
     def __post_init__(self):
         _check_int("bits", self.bits)
@@ -84,6 +98,10 @@ class HookConfig:
         for name in ("error_feedback", "stochastic_rounding", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} {getattr(self, name)!r}")
+        if self.topology is not None and not isinstance(self.topology, Topology):
+            raise TypeError(f"topology must be a gradcomp Topology or None, got {type(self.topology).__name__} {self.topology!r}")
+        if self.policy is not None and not isinstance(self.policy, PolicyConfig):
+            raise TypeError(f"policy must be a gradcomp PolicyConfig or None, got {type(self.policy).__name__} {self.policy!r}")
         if self.error_feedback and self.warmup_steps < 1:
             raise ValueError(
                 "warmup_steps must be >= 1 when error_feedback is on (DDP rebuilds its buckets after the "
@@ -172,7 +190,9 @@ class QuantizedAllReduceState:
     Args:
         process_group: the group to average over (default: the default group).
         bits, block_size, error_feedback, warmup_steps, min_compress_numel, stochastic_rounding,
-        seed, compile, log_every: see :class:`HookConfig`.
+        seed, compile, log_every, topology, policy: see :class:`HookConfig`. With a topology the
+        intra- and inter-node groups are created here; with a policy and no injected figures the
+        network and the codec are probed here (collective calls: every rank constructs the state).
 
     Example:
         >>> state = QuantizedAllReduceState(bits=4, warmup_steps=5)  # doctest: +SKIP
@@ -206,9 +226,18 @@ class QuantizedAllReduceState:
         self._lock = threading.Lock()
         self._reset_stats()
         self._comm_group = None
+        self._hier: Optional[HierarchicalGroups] = None
+        self._policy: Optional[CommPolicy] = None
+        self._logged_choices: set = set()
         self._thread: Optional[_CommThread] = None
+        if self.config.topology is not None:
+            self.config.topology.num_nodes(self.world_size)  # refuse a topology that does not fit, before any group exists
         if self.world_size > 1:
             self._comm_group = self._new_comm_group()
+            if self.config.topology is not None:
+                self._hier = self._new_hier_groups()
+            if self.config.policy is not None:
+                self._policy = self._make_policy(self.config.policy.fit)
         logger.info("gradcomp hook: %s on %d ranks", self.config, self.world_size)
 
     # ---- construction helpers
@@ -216,6 +245,60 @@ class QuantizedAllReduceState:
     def _new_comm_group(self):
         ranks = dist.get_process_group_ranks(self.process_group or dist.group.WORLD)
         return dist.new_group(ranks=ranks, backend=dist.get_backend(self.process_group))
+
+    def _new_hier_groups(self) -> HierarchicalGroups:
+        pg = self.process_group or dist.group.WORLD
+        return HierarchicalGroups(self.config.topology, dist.get_process_group_ranks(pg), self.rank, dist.get_backend(self.process_group))
+
+    def _device(self):
+        if dist.get_backend(self.process_group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _make_policy(self, fit: Optional[NetworkFit]) -> CommPolicy:
+        """Build the policy from ``fit``, or probe the network first when None (collective)."""
+        cfg = self.config
+        nodes = self._hier.nodes if self._hier is not None else None
+        if fit is None:
+            intra = self._hier.intra if self._hier is not None else None
+            fit = probe_network(
+                cfg.policy, self._comm_group, intra, block_size=cfg.block_size, compiled=cfg.compile,
+                device=self._device(), exchange=self._probe_exchange, nodes=nodes,
+            )
+        policy = CommPolicy(cfg.policy, fit, self.world_size, nodes, cfg.block_size)
+        if self.rank == 0:
+            logger.info("gradcomp policy (%s): %s", "hierarchical" if policy.hierarchical else "flat", policy.describe())
+        return policy
+
+    def _probe_exchange(self, bits: int, x: torch.Tensor) -> None:
+        """Do what a bucket ``x`` costs the hook with ``bits``: pad, exchange (error feedback on), copy back."""
+        cfg = self.config
+        layout = ShardLayout(x.numel(), self.world_size, bits, cfg.block_size)
+        padded = torch.zeros(layout.padded_numel, dtype=torch.float32, device=x.device)
+        padded[: x.numel()] = x
+        if self._hier is not None:
+            res = hierarchical_allreduce(padded, self._hier.layout(x.numel(), bits, cfg.block_size), self._hier, compiled=cfg.compile)
+        else:
+            res = quantized_allreduce(padded, layout, self._comm_group, compiled=cfg.compile)
+        torch.empty_like(x).copy_(res.out[: x.numel()])
+
+    def recalibrate(self) -> Dict[str, Any]:
+        """Probe the network and the codec again and decide anew from the new figures (collective).
+
+        Call it on every rank at the same point, between steps (for instance when the job moved
+        to other machines). Residuals are kept: their layout does not depend on the width.
+
+        Returns:
+            The new figures (:meth:`NetworkFit.to_dict`).
+        """
+        if self.config.policy is None:
+            raise ValueError("recalibrate needs a policy: build the state with policy=PolicyConfig(...)")
+        self.synchronize()
+        if self.world_size > 1:
+            self._policy = self._make_policy(None)
+            self._plans = {}
+            self._logged_choices = set()
+        return self._policy.fit.to_dict() if self._policy is not None else {}
 
     def _reset_stats(self) -> None:
         self._stats = {
@@ -225,16 +308,18 @@ class QuantizedAllReduceState:
             "fp32_bytes_total": 0,
             "compressed_buckets_step": 0,
             "buckets_step": 0,
+            "intra_node_bytes_step": 0,
+            "intra_node_bytes_total": 0,
             "nonfinite_steps": 0,
             "rel_error": float("nan"),
         }
-        self._acc = {"sent": 0, "fp32": 0, "compressed": 0, "buckets": 0, "nonfinite": False}
+        self._acc = {"sent": 0, "fp32": 0, "compressed": 0, "buckets": 0, "nonfinite": False, "intra": 0}
 
     # ---- checkpointing
 
     def __getstate__(self) -> Dict[str, Any]:
         """Drop the process groups, the thread and the lock so the state can be pickled."""
-        drop = ("process_group", "_comm_group", "_thread", "_lock", "_param_keys", "_plans")
+        drop = ("process_group", "_comm_group", "_hier", "_thread", "_lock", "_param_keys", "_plans")
         return {k: v for k, v in self.__dict__.items() if k not in drop}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -242,6 +327,7 @@ class QuantizedAllReduceState:
         self.__dict__.update(state)
         self.process_group = None
         self._comm_group = None
+        self._hier = None
         self._thread = None
         self._lock = threading.Lock()
         self._param_keys = None
@@ -260,6 +346,7 @@ class QuantizedAllReduceState:
             "bucket_numels": {k: list(v) for k, v in self._bucket_numels.items()},
             "worker_residuals": {k: v.detach().cpu().clone() for k, v in self._worker_residuals.items()},
             "server_residuals": {k: v.detach().cpu().clone() for k, v in self._server_residuals.items()},
+            "network_fit": self._policy.fit.to_dict() if self._policy is not None else None,
         }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -279,7 +366,20 @@ class QuantizedAllReduceState:
         for name in ("bits", "block_size", "error_feedback"):
             if saved.get(name) != getattr(self.config, name):
                 raise ValueError(f"checkpoint has {name}={saved.get(name)!r}, this state has {name}={getattr(self.config, name)!r}")
+        topo = asdict(self.config.topology) if self.config.topology is not None else None
+        if saved.get("topology") != topo:
+            raise ValueError(
+                f"checkpoint has topology={saved.get('topology')!r}, this state has topology={topo!r} "
+                "(the residuals are laid out for the node layout)"
+            )
+        policy = self._policy
+        if self._policy is not None and state_dict.get("network_fit") is not None:
+            # decide from the checkpoint's figures, so the resumed run picks what the original did
+            fit = NetworkFit.from_dict(state_dict["network_fit"])
+            policy = CommPolicy(self.config.policy, fit, self.world_size, self._policy.cluster.num_nodes if self._policy.hierarchical else None, self.config.block_size)
         self.synchronize()
+        self._policy = policy
+        self._logged_choices = set()
         self.step = int(state_dict["step"])
         self._plans = {}
         self._pool = None
@@ -328,7 +428,9 @@ class QuantizedAllReduceState:
         last completed step; the latter is what an fp32 ring all-reduce of the same buckets sends),
         ``bytes_sent_total``, ``fp32_bytes_total``, ``compression_ratio`` (fp32 bytes / bytes sent, last
         step), ``rel_error`` (relative quantization error of this rank's gradients, last measured on a
-        logging step), ``compressed_buckets_step``, ``buckets_step``, ``nonfinite_steps``.
+        logging step), ``compressed_buckets_step``, ``buckets_step``, ``nonfinite_steps``,
+        ``intra_node_bytes_step`` and ``intra_node_bytes_total`` (hierarchical mode: the fp32 bytes
+        this rank sent inside its node, included in ``bytes_sent_*``; the rest crossed to other nodes).
         """
         with self._lock:
             s = dict(self._stats)
@@ -338,27 +440,43 @@ class QuantizedAllReduceState:
 
     # ---- the per-bucket work
 
+    def _slices(self, layout: ShardLayout) -> Tuple[int, int, int, int, int]:
+        """Where this rank's residuals sit in a bucket's padded layout, and who quantizes at phase 0.
+
+        Returns ``(worker start, worker length, server start, server length, phase-0 owner)``:
+        flat, the worker residual covers the whole padded bucket of this rank and the server
+        residual shard ``rank``; hierarchical, the worker residual covers chunk ``local_rank`` of
+        the node's sum (quantized on behalf of the node) and the server residual the inter-node
+        shard ``(local_rank * nodes + node)``.
+        """
+        shard = layout.shard_numel
+        h = self._hier
+        if h is None:
+            return 0, layout.padded_numel, self.rank * shard, shard, self.rank
+        chunk = h.nodes * shard
+        return h.local_rank * chunk, chunk, (h.local_rank * h.nodes + h.node) * shard, shard, h.node
+
     def _noise_fn(self, step: int, plan: "_BucketPlan", device):
         """Stochastic-rounding noise drawn per parameter, so it does not depend on DDP's bucketing.
 
-        Phase 0 (each rank's own gradient) is seeded with the rank; phase 1 (the reduced shard) is
-        not, since whichever rank owns a block must draw the same noise for it.
+        Phase 0 (each rank's own gradient; in hierarchical mode its node's chunk) is seeded with
+        the rank (the node); phase 1 (the reduced shard) is not, since whichever rank owns a block
+        must draw the same noise for it.
         """
         if not self.config.stochastic_rounding:
             return None
         cfg, layout = self.config, plan.layout
+        w0, wn, s0, sn, owner = self._slices(layout)
 
         def noise(phase: int, shape: tuple) -> torch.Tensor:
             full = torch.zeros(layout.padded_numel, dtype=torch.float32, device=device)
             g = torch.Generator(device=device)
-            who = self.rank if phase == 0 else -1
+            who = owner if phase == 0 else -1
             for key, off, n in zip(plan.keys, plan.offsets, plan.numels):
                 g.manual_seed(hash((cfg.seed, who, step, key, phase)) & 0x7FFF_FFFF_FFFF_FFFF)
                 full[off : off + n] = torch.rand(n, generator=g, device=device)
-            if phase == 1:
-                shard = layout.shard_numel
-                full = full[self.rank * shard : (self.rank + 1) * shard]
-            return full.view(shape)
+            start, length = (w0, wn) if phase == 0 else (s0, sn)
+            return full[start : start + length].view(shape)
 
         return noise
 
@@ -382,16 +500,20 @@ class QuantizedAllReduceState:
                 if seg is not None and seg[0].numel() == n:
                     wres[off : off + n] = seg[0]
                     full[off : off + n] = seg[1]
-        shard = layout.shard_numel
-        return wres, full[self.rank * shard : (self.rank + 1) * shard].clone()
+        w0, wn, s0, sn, _ = self._slices(layout)
+        return wres[w0 : w0 + wn].clone(), full[s0 : s0 + sn].clone()
 
     def _relocate(self, device) -> None:
         """Move every bucket's residuals into a pool keyed by parameter (a collective on the hook's group).
 
         The server residual of a block lives on the rank that owns the block; when DDP rebuilds its
-        buckets the owner changes, so the shards are all-gathered once and cut by parameter.
+        buckets the owner changes, so the shards are all-gathered once and cut by parameter. In
+        hierarchical mode a node's worker residual is spread over its ranks (one chunk each) and is
+        all-gathered inside the node first; the server shards arrive in rank order ``node * L + l``
+        and are put back at their places ``l * nodes + node``.
         """
         pool: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = dict(self._pool or {})
+        h = self._hier
         for index in sorted(self._worker_residuals):
             keys, numels = self._bucket_keys[index], self._bucket_numels[index]
             plan = _BucketPlan.build(keys, numels, self.world_size, self.config.bits, self.config.block_size)
@@ -399,6 +521,12 @@ class QuantizedAllReduceState:
             full = torch.empty(plan.layout.padded_numel, dtype=torch.float32, device=device)
             all_gather_into(full, sres.contiguous(), self._comm_group)
             wres = self._worker_residuals[index].to(device)
+            if h is not None:
+                full = full.view(h.nodes, h.local_size, -1).transpose(0, 1).reshape(-1)
+                if h.intra is not None:
+                    node_wres = torch.empty(plan.layout.padded_numel, dtype=torch.float32, device=device)
+                    all_gather_into(node_wres, wres.contiguous(), h.intra)
+                    wres = node_wres
             for key, off, n in zip(keys, plan.offsets, numels):
                 pool[key] = (wres[off : off + n].clone(), full[off : off + n].clone())
         logger.info("DDP buckets changed: residuals of %d parameters relocated", len(pool))
@@ -412,6 +540,7 @@ class QuantizedAllReduceState:
         P = self.world_size
         n = buf.numel()
         fp32_bytes = 2 * (P - 1) * n * 4 // P
+        intra = 0
         stream_ctx = _stream_context(buf, ready_event)
         with stream_ctx:
             if plan is None:
@@ -428,11 +557,20 @@ class QuantizedAllReduceState:
                 padded = torch.zeros(layout.padded_numel, dtype=torch.float32, device=buf.device)
                 for src, dst, length in plan.runs:
                     padded[dst : dst + length] = buf[src : src + length]
-                result = quantized_allreduce(
-                    padded, layout, self._comm_group,
-                    worker_residual=wres, server_residual=sres, error_feedback=ef,
-                    noise=self._noise_fn(step, plan, buf.device), measure_error=measure, compiled=cfg.compile,
-                )
+                if self._hier is not None:
+                    hlayout = self._hier.layout(layout.numel, layout.bits, layout.block_size)
+                    result = hierarchical_allreduce(
+                        padded, hlayout, self._hier,
+                        worker_residual=wres, server_residual=sres, error_feedback=ef,
+                        noise=self._noise_fn(step, plan, buf.device), measure_error=measure, compiled=cfg.compile,
+                    )
+                    intra = hlayout.intra_bytes_sent
+                else:
+                    result = quantized_allreduce(
+                        padded, layout, self._comm_group,
+                        worker_residual=wres, server_residual=sres, error_feedback=ef,
+                        noise=self._noise_fn(step, plan, buf.device), measure_error=measure, compiled=cfg.compile,
+                    )
                 for src, dst, length in plan.runs:
                     buf[src : src + length] = result.out[dst : dst + length]
                 finite, sent, rel = result.finite, result.bytes_sent, result.rel_error
@@ -447,13 +585,14 @@ class QuantizedAllReduceState:
                             self._pool.pop(key, None)
             if buf.is_cuda:
                 torch.cuda.current_stream(buf.device).synchronize()
-        self._account(sent, fp32_bytes, plan is not None, finite, rel, step, last)
+        self._account(sent, fp32_bytes, plan is not None, finite, rel, step, last, intra)
         return buf
 
-    def _account(self, sent: int, fp32: int, compressed: bool, finite: bool, rel: Optional[float], step: int, last: bool) -> None:
+    def _account(self, sent: int, fp32: int, compressed: bool, finite: bool, rel: Optional[float], step: int, last: bool, intra: int = 0) -> None:
         with self._lock:
             acc = self._acc
             acc["sent"] += sent
+            acc["intra"] += intra
             acc["fp32"] += fp32
             acc["compressed"] += int(compressed)
             acc["buckets"] += 1
@@ -461,6 +600,7 @@ class QuantizedAllReduceState:
             s = self._stats
             s["bytes_sent_total"] += sent
             s["fp32_bytes_total"] += fp32
+            s["intra_node_bytes_total"] += intra
             if rel is not None and math.isfinite(rel):
                 s["rel_error"] = rel
             if not last:
@@ -469,8 +609,9 @@ class QuantizedAllReduceState:
             s["fp32_bytes_step"] = acc["fp32"]
             s["compressed_buckets_step"] = acc["compressed"]
             s["buckets_step"] = acc["buckets"]
+            s["intra_node_bytes_step"] = acc["intra"]
             s["nonfinite_steps"] += int(acc["nonfinite"])
-            self._acc = {"sent": 0, "fp32": 0, "compressed": 0, "buckets": 0, "nonfinite": False}
+            self._acc = {"sent": 0, "fp32": 0, "compressed": 0, "buckets": 0, "nonfinite": False, "intra": 0}
             snapshot = dict(s)
         cfg = self.config
         if cfg.log_every and self.rank == 0 and (step + 1) % cfg.log_every == 0:
@@ -497,6 +638,14 @@ class QuantizedAllReduceState:
             and buf.numel() >= cfg.min_compress_numel
             and buf.dtype in (torch.float32, torch.float16, torch.bfloat16)
         )
+        bits = cfg.bits
+        if compress and self._policy is not None:
+            # a function of the bucket's size and of figures every rank agreed on: the same everywhere
+            bits = self._policy.choose(buf.numel())
+            if self.rank == 0 and buf.numel() not in self._logged_choices:
+                self._logged_choices.add(buf.numel())
+                logger.info("gradcomp policy: bucket %d: %s", index, self._policy.describe_choice(buf.numel()))
+            compress = bits != PLAIN
         plan = None
         if compress:
             params = bucket.parameters()
@@ -505,12 +654,14 @@ class QuantizedAllReduceState:
             else:
                 keys = tuple(-1 - id(p) for p in params)
             plan = self._plans.get(index)
-            if plan is None or plan.keys != keys:
+            if plan is None or plan.keys != keys or plan.layout.bits != bits:
                 plan = self._plans[index] = _BucketPlan.build(
-                    keys, tuple(p.numel() for p in params), self.world_size, cfg.bits, cfg.block_size
+                    keys, tuple(p.numel() for p in params), self.world_size, bits, cfg.block_size
                 )
-        if self._comm_group is None:  # unpickled state: make the group now (every rank is here too)
+        if self._comm_group is None:  # unpickled state: make the groups now (every rank is here too)
             self._comm_group = self._new_comm_group()
+            if cfg.topology is not None:
+                self._hier = self._new_hier_groups()
         if self._thread is None:
             self._thread = _CommThread()
         ready = None

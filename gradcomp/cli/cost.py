@@ -1,0 +1,210 @@
+"""``gradcomp cost``: predict the communication time and bytes of each all-reduce scheme."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import textwrap
+
+from gradcomp.cli._common import EXIT_OK, CliError, add_json_flag, arg_type, format_table, positive_int, print_json
+
+_EPILOG = """\
+examples:
+  gradcomp cost --params 7e9 --workers 8 --bandwidth 10gbit
+  gradcomp cost --params 7e9 --workers 32 --nodes 4 --bandwidth 100gbit --intra-bandwidth 300GB/s
+  gradcomp cost --params 350M --workers 16 --bandwidth 25GB/s --codec-throughput 200GB/s --json
+  gradcomp cost --params 7e9 --workers 8 --bandwidth 10gbit --plot cost.png --sweep workers
+
+units: bandwidth in bits (10gbit, 100mbit, 10Gb/s, 10gbps) or bytes (25GB/s, 1GiB/s);
+latency in ns, us, ms or s (5us); counts as 7e9, 7B, 350M.
+
+The codec's own cost is measured on this machine by default (eager CPU kernels, a few seconds);
+on GPUs pass the GPU's figure with --codec-throughput, or --measure-codec compiled to time the
+fused kernels here.
+"""
+
+
+def register(subparsers) -> None:
+    """Add the ``cost`` subcommand."""
+    from gradcomp.costmodel import parse_bandwidth, parse_count, parse_duration
+
+    p = subparsers.add_parser(
+        "cost",
+        help="predict time and bytes per step of fp32/bf16 ring, tree and quantized all-reduce",
+        description=textwrap.fill(
+            "Predict the communication time and bytes of one gradient all-reduce per step for "
+            "ring/tree all-reduce in fp32, bf16 and fp16, gradcomp's two-phase quantized exchange at "
+            "8/4/2 bits, all-gather based int8, and the hierarchical mode, with a latency-bandwidth "
+            "model; print the bandwidth below which each compressed scheme beats fp32 ring all-reduce.",
+            90,
+        ),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--params", required=True, metavar="N", type=arg_type(lambda s: parse_count(s, "--params"), "count"),
+                   help="gradient elements all-reduced per step, e.g. 7e9, 7B, 350M")
+    p.add_argument("--workers", required=True, type=positive_int, metavar="P", help="ranks in the all-reduce")
+    p.add_argument("--bandwidth", required=True, metavar="RATE", type=arg_type(lambda s: parse_bandwidth(s, "--bandwidth"), "rate"),
+                   help="main link per direction: each node's NIC (or the link between workers of one node)")
+    p.add_argument("--nodes", type=positive_int, default=None, metavar="M",
+                   help="machines the workers are spread over (default: one worker per node)")
+    p.add_argument("--latency", default="5us", metavar="TIME", type=arg_type(lambda s: parse_duration(s, "--latency"), "duration"),
+                   help="per-message latency of the main link (default 5us)")
+    p.add_argument("--intra-bandwidth", default="100GB/s", metavar="RATE",
+                   type=arg_type(lambda s: parse_bandwidth(s, "--intra-bandwidth"), "rate"),
+                   help="link between workers inside a node, when 1 < nodes < workers (default 100GB/s)")
+    p.add_argument("--intra-latency", default="1us", metavar="TIME",
+                   type=arg_type(lambda s: parse_duration(s, "--intra-latency"), "duration"),
+                   help="per-message latency inside a node (default 1us)")
+    p.add_argument("--block-size", type=positive_int, default=256, metavar="B", help="elements per fp32 scale (default 256)")
+    p.add_argument("--schemes", default=None, metavar="LIST",
+                   help="comma-separated schemes, e.g. ring-fp32,twophase-int8,hier-int4 (default: all that apply)")
+    codec = p.add_mutually_exclusive_group()
+    codec.add_argument("--codec-throughput", default=None, metavar="RATE",
+                       type=arg_type(lambda s: parse_bandwidth(s, "--codec-throughput"), "rate"),
+                       help="codec speed in fp32 input bytes per second, e.g. 200GB/s for a GPU")
+    codec.add_argument("--measure-codec", choices=("eager", "compiled"), default="eager",
+                       help="measure the codec here with eager or torch.compile kernels (default eager)")
+    codec.add_argument("--no-codec", action="store_true", help="leave the codec's compute time out")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write a plot of time against --sweep to this PNG")
+    p.add_argument("--sweep", choices=("bandwidth", "workers"), default="bandwidth",
+                   help="x axis of --plot (default bandwidth)")
+    add_json_flag(p)
+    p.set_defaults(func=run)
+
+
+def _parse_schemes(text):
+    from gradcomp.costmodel import parse_scheme
+
+    if text is None:
+        return None
+    names = [s for s in (t.strip() for t in text.split(",")) if s]
+    if not names:
+        raise CliError(f"--schemes must name at least one scheme, got {text!r}")
+    try:
+        return [parse_scheme(n) for n in names]
+    except ValueError as exc:
+        raise CliError(f"--schemes: {exc}") from None
+
+
+def run(args) -> int:
+    """Handle ``gradcomp cost``."""
+    from gradcomp import costmodel as cm
+
+    try:
+        cluster = cm.Cluster(
+            workers=args.workers,
+            bandwidth=args.bandwidth,
+            latency=args.latency,
+            nodes=args.nodes,
+            intra_bandwidth=args.intra_bandwidth,
+            intra_latency=args.intra_latency,
+        )
+    except ValueError as exc:
+        raise CliError(f"--workers/--nodes: {exc}") from None
+    schemes = _parse_schemes(args.schemes)
+    if args.plot is not None and not args.plot.lower().endswith(".png"):
+        raise CliError(f"--plot must name a .png file, got {args.plot!r}")
+    if args.plot is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+        raise CliError(f"--plot: the folder of {args.plot!r} does not exist")
+
+    if args.no_codec:
+        tp = None
+    elif args.codec_throughput is not None:
+        tp = cm.CodecThroughput.from_bytes_per_s(args.codec_throughput, source="given (--codec-throughput)")
+    else:
+        compiled = args.measure_codec == "compiled"
+        if compiled:
+            print("measuring the compiled codec (the first call compiles, 20-30 s)...", file=sys.stderr)
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        tp = cm.measure_codec_throughput(bits=8, block_size=args.block_size, compiled=compiled, device=device)
+
+    estimates = cm.compare(args.params, cluster, schemes, tp, args.block_size)
+    base = cm.estimate("ring-fp32", args.params, cluster, tp, args.block_size)
+    rows = []
+    for e in estimates:
+        be = cm.break_even_bandwidth(e.scheme, args.params, cluster, tp, args.block_size)
+        rows.append((e, be))
+
+    if args.plot is not None:
+        from gradcomp.plots.costmodel import plot_cost_sweep
+
+        if args.sweep == "bandwidth":
+            # cover two decades either side of the given bandwidth, and every finite break-even point
+            finite = [be for _, be in rows if 0 < be < math.inf]
+            lo = math.log10(min([cluster.bandwidth / 100] + [be / 3 for be in finite]))
+            hi = math.log10(max([cluster.bandwidth * 100] + [be * 3 for be in finite]))
+            values = [10 ** (lo + (hi - lo) * i / 40) for i in range(41)]
+        else:
+            # keep the workers per node; start at two nodes (one node is a different network)
+            step = cluster.per_node if cluster.nodes not in (None, 1) else 1
+            values = sorted({2 * step * (2**k) for k in range(0, 9)} | {args.workers})
+        curves = cm.sweep(args.params, cluster, args.sweep, values, [e.scheme for e in estimates], tp, args.block_size)
+        plot_cost_sweep(
+            curves,
+            args.sweep,
+            args.plot,
+            title=(f"{cm.format_bytes(args.params).replace('B', '').strip()} params, {args.workers} workers"
+                   f"{'' if args.nodes is None else f' on {args.nodes} nodes'}, {cm.format_bandwidth(cluster.bandwidth)}, "
+                   f"{cm.format_duration(cluster.latency)} latency"),
+            break_even={e.scheme: be for e, be in rows if e.scheme != "ring-fp32"} if args.sweep == "bandwidth" else None,
+        )
+
+    if args.json:
+        print_json({
+            "params": args.params,
+            "cluster": {
+                "workers": cluster.workers, "nodes": cluster.num_nodes, "bandwidth_bytes_per_s": cluster.bandwidth,
+                "latency_s": cluster.latency, "intra_bandwidth_bytes_per_s": cluster.intra_bandwidth,
+                "intra_latency_s": cluster.intra_latency,
+            },
+            "block_size": args.block_size,
+            "codec": None if tp is None else {
+                "quantize_elements_per_s": tp.quantize_eps, "dequantize_elements_per_s": tp.dequantize_eps, "source": tp.source,
+            },
+            "schemes": [
+                dict(e.to_dict(), speedup_vs_ring_fp32=(base.total_s / e.total_s if e.total_s > 0 else None),
+                     break_even_bandwidth_bytes_per_s=None if e.scheme == "ring-fp32" else be)
+                for e, be in rows
+            ],
+            "plot": args.plot,
+        })
+        return EXIT_OK
+
+    table = []
+    for e, be in rows:
+        table.append({
+            "scheme": e.scheme,
+            "bytes/rank": cm.format_bytes(e.bytes_per_rank),
+            "NIC bytes": cm.format_bytes(e.wire_bytes),
+            "latency": cm.format_duration(e.latency_s),
+            "wire": cm.format_duration(e.wire_s),
+            "intra": cm.format_duration(e.intra_s),
+            "codec": cm.format_duration(e.compute_s),
+            "total": cm.format_duration(e.total_s),
+            "vs ring-fp32": f"{base.total_s / e.total_s:.2f}x" if e.total_s > 0 else "-",
+            "pays below": "-" if e.scheme == "ring-fp32" else cm.format_bandwidth(be),
+        })
+    nodes = "" if args.nodes is None else f" on {cluster.num_nodes} nodes ({cluster.per_node} per node)"
+    print(f"{args.params:.4g} parameters, {cluster.workers} workers{nodes}, "
+          f"{cm.format_bandwidth(cluster.bandwidth)}, {cm.format_duration(cluster.latency)} latency")
+    print(f"codec: {'not counted' if tp is None else tp.source}"
+          + ("" if tp is None else f" ({tp.quantize_eps * 4 / 1e9:.3g} GB/s quantize, {tp.dequantize_eps * 4 / 1e9:.3g} GB/s dequantize)"))
+    if tp is not None and tp.source.startswith("measured") and "on cpu" in tp.source:
+        print("note: the codec was timed on this machine's CPU; for GPU training pass the GPU's figure "
+              "with --codec-throughput", file=sys.stderr)
+    print()
+    print(format_table(table))
+    print()
+    best = min(estimates, key=lambda e: e.total_s)
+    print(f"fastest here: {best.scheme} ({cm.format_duration(best.total_s)} per step, "
+          f"{base.total_s / best.total_s if best.total_s > 0 else float('inf'):.2f}x ring-fp32)")
+    print("'pays below': the main-link bandwidth under which the scheme beats ring-fp32 "
+          "('any' = at every bandwidth, 'never' = at none).")
+    if args.plot is not None:
+        print(f"plot: {args.plot}")
+    return EXIT_OK

@@ -1,0 +1,249 @@
+"""``gradcomp weights``: analyse, quantize and size the weights of a checkpoint or state_dict file.
+
+Subcommands::
+
+    gradcomp weights analyze FILE [--config int8] [--config int4-g128-asym] [--plot report.png] [--json]
+    gradcomp weights quantize IN OUT.safetensors --bits 4 --granularity per_group --group-size 128 [--asymmetric]
+    gradcomp weights size --params 7e9 [--json]
+    gradcomp weights size FILE [--config ...] [--json]
+
+FILE is a ``.safetensors`` file (a gradcomp quantized file is read back dequantized) or a torch
+``state_dict`` / checkpoint (``.pt``, ``.pth``, ``.bin``; loaded with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Dict, List
+
+from gradcomp.cli._common import CliError, add_json_flag, format_table, print_json
+
+DEFAULT_ANALYZE = ("int8-channel", "int4-g128-asym")
+DEFAULT_SIZE = ("fp32", "fp16", "int8-channel", "int4-g128", "int4-g128-asym", "int2-g64-asym")
+
+
+def register(subparsers) -> None:
+    """Add ``weights`` and its subcommands."""
+    p = subparsers.add_parser("weights", help="analyse, quantize and size model weights",
+                              description="Analyse, quantize and size the weights of a checkpoint or state_dict file.")
+    sub = p.add_subparsers(dest="weights_command", metavar="ACTION")
+    sub.required = True
+
+    a = sub.add_parser("analyze", help="per-layer statistics and quantization error of a weights file")
+    a.add_argument("file", help=".safetensors or torch state_dict (.pt/.pth/.bin) file")
+    a.add_argument("--config", action="append", metavar="SPEC",
+                   help="config to measure, e.g. int8, int4-g128-asym, int2-g64-asym-sfp32, fp16 (repeatable; "
+                        f"default: {' and '.join(DEFAULT_ANALYZE)})")
+    a.add_argument("--outlier-sigma", type=float, default=3.0, help="outlier threshold in standard deviations (default 3)")
+    a.add_argument("--plot", metavar="PNG", help="also write a picture of the report (needs matplotlib)")
+    a.add_argument("--histograms", action="store_true", help="include per-layer histograms in --json output")
+    a.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_json_flag(a)
+    a.set_defaults(func=_analyze)
+
+    q = sub.add_parser("quantize", help="quantize the weight matrices of a file into a gradcomp .safetensors file")
+    q.add_argument("input", help=".safetensors or torch state_dict (.pt/.pth/.bin) file")
+    q.add_argument("output", help="output .safetensors file")
+    q.add_argument("--bits", type=int, default=8, choices=(2, 3, 4, 8), help="code width (default 8)")
+    q.add_argument("--granularity", default="per_channel", choices=("per_tensor", "per_channel", "per_group"),
+                   help="where scales are shared (default per_channel)")
+    q.add_argument("--group-size", type=int, default=128, help="values per group for per_group (default 128)")
+    q.add_argument("--asymmetric", action="store_true", help="affine scales with zero points (default symmetric)")
+    q.add_argument("--scale-dtype", default="fp16", choices=("fp16", "bf16", "fp32"), help="how scales are stored (default fp16)")
+    q.add_argument("--cast", choices=("fp16", "bf16"), help="cast weights to a 16-bit float instead of integer codes")
+    q.add_argument("--rule", action="append", default=[], metavar="PATTERN=SPEC",
+                   help="per-layer rule before the default config, e.g. 're:.*attn.*=int8' or 'lm_head=fp32' "
+                        "(fp32 keeps the layer; exact name, glob or re:<regex>; first match wins; repeatable)")
+    q.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="keep matching layers in full precision (repeatable)")
+    q.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_json_flag(q)
+    q.set_defaults(func=_quantize)
+
+    s = sub.add_parser("size", help="bytes per precision for N parameters, or for the weights of a file (measured on disk)")
+    s.add_argument("file", nargs="?", help="weights file to measure (quantized copies are written to a temporary directory)")
+    s.add_argument("--params", type=float, help="number of weights, e.g. 7e9 (instead of FILE)")
+    s.add_argument("--row-length", type=int, default=4096, help="inputs per weight row for --params (default 4096)")
+    s.add_argument("--config", action="append", metavar="SPEC", help=f"configs to list (default: {', '.join(DEFAULT_SIZE)})")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_json_flag(s)
+    s.set_defaults(func=_size)
+
+
+def _progress(args, desc: str):
+    if getattr(args, "no_progress", False):
+        return None
+    from tqdm import tqdm
+
+    def wrap(items):
+        # disable=None: a bar only when stderr is a terminal, so logs and pipes stay clean.
+        return tqdm(items, desc=desc, unit="tensor", file=sys.stderr, disable=None, leave=False)
+
+    return wrap
+
+
+def _parse_specs(specs, default) -> List[Any]:
+    from gradcomp.weights import parse_config
+
+    return [parse_config(s) for s in (specs or default)]
+
+
+def _analyze(args) -> int:
+    from gradcomp.weights import analyze_weights, load_tensor_file
+
+    configs = _parse_specs(args.config, DEFAULT_ANALYZE)
+    sd = load_tensor_file(args.file)
+    report = analyze_weights(sd, configs, outlier_sigma=args.outlier_sigma, progress=_progress(args, "analyze"))
+    if args.plot:
+        from gradcomp.plots.weights import plot_weight_report
+
+        plot_weight_report(report, args.plot, title=f"weights of {args.file}")
+    if args.json:
+        out = report.to_json(histogram=args.histograms)
+        out["file"] = args.file
+        if args.plot:
+            out["plot"] = args.plot
+        print_json(out)
+        return 0
+    print(f"{args.file}: {len(report.stats)} weight tensors, "
+          f"{sum(s.numel for s in report.stats):,} weights")
+    print()
+    print(format_table(report.rows(), floatfmt=".3g"))
+    print()
+    print(format_table(report.summary(), floatfmt=".4g"))
+    if args.plot:
+        print(f"\nwrote {args.plot}")
+    return 0
+
+
+def _rules(args) -> List[Any]:
+    from gradcomp.weights import CastConfig, WeightQuantConfig, parse_config
+
+    rules: List[Any] = [(p, None) for p in args.skip]
+    for r in args.rule:
+        pattern, sep, spec = r.rpartition("=")
+        if not sep or not pattern:
+            raise CliError(f"--rule must look like PATTERN=SPEC (e.g. 'lm_head=fp32'), got {r!r}")
+        rules.append((pattern, parse_config(spec)))
+    if args.cast:
+        default = CastConfig(args.cast)
+    else:
+        default = WeightQuantConfig(bits=args.bits, granularity=args.granularity, group_size=args.group_size,
+                                    symmetric=not args.asymmetric, scale_dtype=args.scale_dtype)
+    rules.append(("*", default))
+    return rules
+
+
+def _tensor_bytes(tensors) -> int:
+    """Bytes of distinct tensors (entries sharing one tensor, like tied weights, count once, as on disk)."""
+    seen = {}
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else id(t)
+        seen[key] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+def _quantize(args) -> int:
+    import os
+    from pathlib import Path
+
+    from gradcomp.codec import sqnr_db
+    from gradcomp.weights import config_name, load_tensor_file, quantize_state_dict, save_quantized_state_dict
+
+    out = Path(args.output)
+    if out.suffix != ".safetensors":
+        raise CliError(f"OUT must be a .safetensors file, got {args.output!r}")
+    if out.exists() and not args.force:
+        raise CliError(f"{args.output} exists; pass --force to overwrite it")
+    if Path(args.input).resolve() == out.resolve():
+        raise CliError("IN and OUT must be different files")
+    rules = _rules(args)
+    sd = load_tensor_file(args.input)
+    packed, plain = quantize_state_dict(sd, rules, progress=_progress(args, "quantize"))
+    if not packed:
+        raise CliError(f"{args.input}: no weight matrix ('*.weight' with 2+ dims) was selected for quantization")
+    save_quantized_state_dict(packed, plain, out)
+    layers = []
+    for name, p in packed.items():
+        w = sd[f"{name}.weight" if name else "weight"]
+        layers.append({"layer": name, "shape": "x".join(map(str, p.shape)), "config": config_name(p.config),
+                       "bytes": p.nbytes, "bits_per_weight": 8.0 * p.nbytes / w.numel(), "sqnr_db": sqnr_db(w, p.dequantize())})
+    in_bytes = _tensor_bytes(sd.values())
+    held = sum(p.nbytes for p in packed.values()) + _tensor_bytes(plain.values())
+    sq = sorted(r["sqnr_db"] for r in layers)
+    summary = {
+        "input": args.input, "output": str(out), "quantized_layers": len(packed), "kept_tensors": len(plain),
+        "input_tensor_bytes": in_bytes, "output_tensor_bytes": held, "output_file_bytes": os.path.getsize(out),
+        "ratio": in_bytes / held if held else float("nan"),
+        "median_sqnr_db": (sq[(len(sq) - 1) // 2] + sq[len(sq) // 2]) / 2, "min_sqnr_db": sq[0],
+    }
+    if args.json:
+        print_json({"summary": summary, "layers": layers})
+        return 0
+    print(format_table(layers, floatfmt=".4g"))
+    print()
+    print(format_table([summary], floatfmt=".4g"))
+    return 0
+
+
+def _size(args) -> int:
+    from gradcomp.weights import size_table
+
+    specs = args.config or DEFAULT_SIZE
+    configs = _parse_specs(specs, DEFAULT_SIZE)
+    if (args.file is None) == (args.params is None):
+        raise CliError("give either FILE or --params N")
+    if args.params is not None:
+        rows = size_table(args.params, configs, row_length=args.row_length)
+        if args.json:
+            print_json({"params": int(args.params), "row_length": args.row_length, "rows": rows})
+            return 0
+        print(f"{int(args.params):,} weights in rows of {args.row_length} (scales and zero points included)\n")
+        print(format_table(rows, floatfmt=".4g"))
+        return 0
+    rows = _measure_file_sizes(args, configs)
+    if args.json:
+        print_json({"file": args.file, "rows": rows})
+        return 0
+    print(format_table(rows, floatfmt=".4g"))
+    return 0
+
+
+def _measure_file_sizes(args, configs) -> List[Dict[str, Any]]:
+    """Quantize the file's weights with each config, save each, and compare arithmetic, held and on-disk bytes."""
+    import json
+    import os
+    import struct
+    import tempfile
+
+    from gradcomp.weights import config_name, load_tensor_file, quantize_state_dict, save_quantized_state_dict, weight_nbytes
+
+    sd = load_tensor_file(args.file)
+    weights = {k: v for k, v in sd.items() if v.is_floating_point() and v.dim() >= 2 and (k == "weight" or k.endswith(".weight"))}
+    n_weights = sum(v.numel() for v in weights.values())
+    rows = []
+    wrap = _progress(args, "size")
+    with tempfile.TemporaryDirectory() as tmp:
+        for cfg in (wrap(configs) if wrap else configs):
+            name = config_name(cfg)
+            other = _tensor_bytes(t for k, t in sd.items() if k not in weights)
+            predicted = other + sum(weight_nbytes(cfg, v.shape, v.dtype) for v in weights.values())
+            if cfg is None:
+                packed, plain = {}, dict(sd)
+            else:
+                packed, plain = quantize_state_dict(sd, cfg)
+            held = sum(p.nbytes for p in packed.values()) + _tensor_bytes(plain.values())
+            path = os.path.join(tmp, f"{name}.safetensors")
+            save_quantized_state_dict(packed, plain, path)
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                header_len = struct.unpack("<Q", f.read(8))[0]
+                json.loads(f.read(header_len))
+            on_disk = size - 8 - header_len
+            wbytes = held - other
+            rows.append({
+                "config": name, "bits_per_weight": 8.0 * wbytes / n_weights, "predicted_bytes": predicted,
+                "held_bytes": held, "file_bytes": size, "header_bytes": header_len + 8, "tensor_bytes_on_disk": on_disk,
+                "match": predicted == held == on_disk, "MB": size / 1e6,
+            })
+    return rows

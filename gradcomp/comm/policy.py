@@ -1,0 +1,467 @@
+"""A measured policy: per bucket, plain all-reduce, int8 or int4, whichever the network makes fastest.
+
+On a fast network the codec can cost more than the bytes it saves; on a slow one compression wins.
+The policy measures which case this job is in and decides per bucket size:
+
+1. Probe the hook's process group with fp32 all-reduces of growing size (``probe_numels``, each
+   timed ``probe_repeats`` times after a warm-up, the median kept); with a topology, probe each
+   node's group the same way. Every rank takes the maximum over ranks of each time, so every rank
+   fits the same numbers.
+2. Fit the latency-bandwidth model of :mod:`gradcomp.costmodel` to them: a ring all-reduce of
+   ``n`` fp32 elements on ``P`` ranks takes ``2 (P-1) alpha + (2 (P-1)/P * 4 n) / beta``; a weighted
+   least-squares fit (relative error) gives ``alpha`` and ``beta`` (:func:`fit_latency_bandwidth`).
+3. Time the hook's own codec kernels (error-feedback quantization and dequantization) on this
+   machine for each candidate width; the slowest rank's times count.
+4. For a bucket of ``n`` elements, predict with :func:`gradcomp.costmodel.estimate` the time of
+   ``ring-fp32`` and of ``twophase-intK`` (flat) or ``hier-intK`` (with a topology), codec time
+   included, and pick the fastest candidate allowed by the accuracy floor ``min_bits``.
+
+The decision depends only on numbers every rank agreed on and on the bucket's size, so it is the
+same on every rank. Tests and users who know their network inject the figures with
+``PolicyConfig(fit=NetworkFit(...))``; nothing is timed then.
+
+Example (injected figures, 4 ranks on 2 nodes, 1 Gbit/s between nodes)::
+
+    fit = NetworkFit(link=LinkFit(latency=50e-6, bandwidth=125e6), intra=LinkFit(20e-6, 5e9),
+                     codec=((8, CodecThroughput(1e9, 1e9)), (4, CodecThroughput(8e8, 8e8))))
+    policy = CommPolicy(PolicyConfig(fit=fit), fit, workers=4, nodes=2, block_size=256)
+    policy.describe_choice(4_000_000)
+    # '4000000 elements -> hier-int4 (ring-fp32 192.300 ms, hier-int8 42.846 ms, hier-int4 28.593 ms)'
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from gradcomp import codec
+from gradcomp.costmodel import Cluster, CodecThroughput, estimate
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "PLAIN",
+    "LinkFit",
+    "NetworkFit",
+    "PolicyConfig",
+    "CommPolicy",
+    "fit_latency_bandwidth",
+    "probe_allreduce",
+    "measure_hook_codec",
+    "probe_network",
+]
+
+PLAIN = 32  # the "bits" of plain fp32 all-reduce among the candidates
+_CANDIDATES = (PLAIN, 8, 4, 2)
+
+
+def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} finite number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LinkFit:
+    """Latency and bandwidth of a group's links, fitted or given.
+
+    Attributes:
+        latency: seconds per message (alpha).
+        bandwidth: bytes per second each way (beta).
+        rel_rmse: root mean square relative error of the fit over the probes (0 when given).
+        samples: probes the fit used (0 when given).
+    """
+
+    latency: float
+    bandwidth: float
+    rel_rmse: float = 0.0
+    samples: int = 0
+
+    def __post_init__(self) -> None:
+        _positive("latency", self.latency, allow_zero=True)
+        _positive("bandwidth", self.bandwidth)
+        _positive("rel_rmse", self.rel_rmse, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class NetworkFit:
+    """Everything the policy decides from: the links and the codec speed per width.
+
+    Attributes:
+        link: the process group's links (between nodes when there are several).
+        intra: the links inside a node (hierarchical mode), or None.
+        codec: ``((bits, CodecThroughput), ...)`` for every quantized candidate.
+        source: ``given`` or a description of the measurement.
+    """
+
+    link: LinkFit
+    intra: Optional[LinkFit] = None
+    codec: Tuple[Tuple[int, CodecThroughput], ...] = ()
+    source: str = "given"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.link, LinkFit):
+            raise TypeError(f"link must be a LinkFit, got {type(self.link).__name__}")
+        if self.intra is not None and not isinstance(self.intra, LinkFit):
+            raise TypeError(f"intra must be a LinkFit or None, got {type(self.intra).__name__}")
+        for item in self.codec:
+            if not (isinstance(item, tuple) and len(item) == 2 and item[0] in _CANDIDATES[1:] and isinstance(item[1], CodecThroughput)):
+                raise TypeError(f"codec must hold (bits, CodecThroughput) pairs with bits in (8, 4, 2), got {item!r}")
+
+    def codec_for(self, bits: int) -> CodecThroughput:
+        """Return the codec throughput of ``bits``."""
+        for b, tp in self.codec:
+            if b == bits:
+                return tp
+        raise ValueError(f"the network fit has no codec throughput for int{bits}; it has {[b for b, _ in self.codec]}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Return a plain dict (for checkpoints and logs); :meth:`from_dict` reads it back."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "NetworkFit":
+        """Rebuild a fit from :meth:`to_dict`'s output."""
+        intra = d.get("intra")
+        return cls(
+            link=LinkFit(**d["link"]),
+            intra=LinkFit(**intra) if intra is not None else None,
+            codec=tuple((int(b), CodecThroughput(**tp)) for b, tp in d.get("codec", ())),
+            source=str(d.get("source", "given")),
+        )
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Knobs of the measured policy.
+
+    Attributes:
+        candidates: what a bucket may use: 32 (plain fp32 all-reduce), 8, 4 or 2 (quantized).
+        min_bits: accuracy floor: quantized candidates below it are never chosen (8: never int4).
+        probe_numels: fp32 elements of the probing all-reduces, growing.
+        probe_repeats: timed repeats per size (median kept), after one warm-up.
+        codec_numel: elements of the codec timing.
+        fit: injected figures; when given, nothing is probed or timed.
+    """
+
+    candidates: Tuple[int, ...] = (PLAIN, 8, 4)
+    min_bits: int = 4
+    probe_numels: Tuple[int, ...] = (256, 4096, 65536, 262144, 1048576)
+    probe_repeats: int = 3
+    codec_numel: int = 1 << 20
+    fit: Optional[NetworkFit] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.candidates, tuple) or not self.candidates:
+            raise TypeError(f"candidates must be a non-empty tuple such as (32, 8, 4), got {self.candidates!r}")
+        bad = [c for c in self.candidates if c not in _CANDIDATES]
+        if bad:
+            raise ValueError(f"candidates must be among {_CANDIDATES} (32: plain fp32 all-reduce), got {bad}")
+        if self.min_bits not in (2, 4, 8, PLAIN):
+            raise ValueError(f"min_bits must be one of (2, 4, 8, 32), got {self.min_bits!r}")
+        if not [c for c in self.candidates if c >= self.min_bits]:
+            raise ValueError(f"min_bits={self.min_bits} rules out every candidate of {self.candidates}")
+        if (
+            not isinstance(self.probe_numels, tuple)
+            or len(self.probe_numels) < 2
+            or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.probe_numels)
+            or len(set(self.probe_numels)) < 2
+        ):
+            raise ValueError(f"probe_numels must be a tuple of at least 2 distinct positive ints, got {self.probe_numels!r}")
+        for name in ("probe_repeats", "codec_numel"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.fit is not None and not isinstance(self.fit, NetworkFit):
+            raise TypeError(f"fit must be a NetworkFit or None, got {type(self.fit).__name__}")
+
+    @property
+    def allowed(self) -> Tuple[int, ...]:
+        """The candidates the accuracy floor lets through, widest first."""
+        return tuple(sorted((c for c in self.candidates if c >= self.min_bits), reverse=True))
+
+
+# --------------------------------------------------------------------------------------------
+# fitting
+
+
+def _ring_terms(numel: int, workers: int) -> Tuple[float, float]:
+    """(latency coefficient, wire bytes) of an fp32 ring all-reduce in the cost model."""
+    e = estimate("ring-fp32", numel, Cluster(workers, bandwidth=1.0, latency=1.0))
+    return e.latency_s, e.wire_bytes
+
+
+def fit_latency_bandwidth(numels: Sequence[int], times: Sequence[float], workers: int) -> LinkFit:
+    """Fit ``alpha`` and ``beta`` of the cost model's fp32 ring all-reduce to measured times.
+
+    The model is ``t(n) = k alpha + w(n) / beta`` with ``k = 2 (P-1)`` and ``w(n) = 2 (P-1)/P * 4 n``
+    (:func:`gradcomp.costmodel.estimate` of ``ring-fp32``). Each probe is weighted by ``1 / t`` so
+    small and large probes count alike (relative least squares); ``alpha`` is clamped at 0 and
+    ``beta`` kept positive.
+
+    Example: on 2 ranks (``k = 2``, ``w = 4 n``) times 1.1 ms for 1e4 elements and 4.1 ms for 1e5
+    give ``1 / beta = 3 ms / 360000 B``, i.e. ``beta = 120 MB/s``, and ``alpha = (1.1 - 0.333) / 2 ms``.
+
+    Args:
+        numels: fp32 elements of each probe.
+        times: seconds of each probe.
+        workers: ranks of the probed group (P >= 2).
+
+    Returns:
+        A :class:`LinkFit`.
+    """
+    if len(numels) != len(times) or len(numels) < 2:
+        raise ValueError(f"numels and times must have the same length >= 2, got {len(numels)} and {len(times)}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 2:
+        raise ValueError(f"workers must be an int >= 2 (a link needs two ends), got {workers!r}")
+    if any(not (t > 0 and math.isfinite(t)) for t in times):
+        raise ValueError(f"times must be positive finite seconds, got {list(times)}")
+    # plain float arithmetic (2x2 normal equations): bit-identical on every rank, which a LAPACK
+    # solver does not promise (its results may depend on memory alignment)
+    terms = [_ring_terms(int(n), workers) for n in numels]
+    t = [float(x) for x in times]
+    a1 = [k / ti for (k, _), ti in zip(terms, t)]  # rows weighted by 1 / t
+    a2 = [w / ti for (_, w), ti in zip(terms, t)]
+    s11, s12, s22 = sum(x * x for x in a1), sum(x * y for x, y in zip(a1, a2)), sum(y * y for y in a2)
+    r1, r2 = sum(a1), sum(a2)
+    det = s11 * s22 - s12 * s12
+    alpha, inv_beta = ((r1 * s22 - r2 * s12) / det, (s11 * r2 - s12 * r1) / det) if det > 0 else (-1.0, 0.0)
+    if alpha < 0:  # refit the bandwidth alone through the origin
+        alpha = 0.0
+        inv_beta = r2 / s22
+    if inv_beta <= 0:  # times did not grow with size: latency-bound; take the largest probe's slope as a floor
+        inv_beta = max(t) / max(w for _, w in terms)
+        alpha = 0.0
+    pred = [k * alpha + w * inv_beta for k, w in terms]
+    rel_rmse = math.sqrt(sum(((p - ti) / ti) ** 2 for p, ti in zip(pred, t)) / len(t))
+    return LinkFit(latency=alpha, bandwidth=1.0 / inv_beta, rel_rmse=rel_rmse, samples=len(numels))
+
+
+# --------------------------------------------------------------------------------------------
+# measuring (collective: every rank of the groups calls these in the same order)
+
+
+def _agree_max(values: List[float], group) -> List[float]:
+    """Return the elementwise maximum of ``values`` over the ranks of ``group``."""
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return [float(v) for v in t]
+
+
+def probe_allreduce(group, numels: Sequence[int], repeats: int = 3, device="cpu") -> List[float]:
+    """Time fp32 all-reduces of each size on ``group`` (median of ``repeats`` after a warm-up); collective.
+
+    Returns this rank's times in seconds; agree on them with a max over ranks before fitting.
+    """
+    times = []
+    for n in numels:
+        buf = torch.ones(int(n), dtype=torch.float32, device=device)
+        dist.all_reduce(buf, group=group)  # warm-up: connections, buffers
+        samples = []
+        for _ in range(repeats):
+            dist.barrier(group=group)
+            t0 = time.perf_counter()
+            dist.all_reduce(buf, group=group)
+            if buf.is_cuda:
+                torch.cuda.synchronize(buf.device)
+            samples.append(time.perf_counter() - t0)
+        times.append(statistics.median(samples))
+    return times
+
+
+def measure_hook_codec(bits: int, block_size: int, numel: int = 1 << 20, repeats: int = 3, compiled: bool = False, device="cpu") -> Tuple[float, float]:
+    """Time the hook's codec kernels: (seconds to quantize with error feedback, seconds to dequantize) ``numel`` elements.
+
+    Quantization is :func:`gradcomp.codec.error_feedback_step` (what the hook runs at both
+    quantization points), dequantization :func:`gradcomp.codec.dequantize_packed`. Median of
+    ``repeats`` calls after one warm-up call (which compiles the kernels when ``compiled``).
+    """
+    blocks = max(1, numel // block_size)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(blocks, block_size, generator=g).to(device)
+    res = torch.zeros_like(x)
+    sync = (lambda: torch.cuda.synchronize(x.device)) if x.is_cuda else (lambda: None)
+
+    def timed(fn) -> float:
+        fn()
+        sync()
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            samples.append(time.perf_counter() - t0)
+        return statistics.median(samples)
+
+    packed, scale, _ = codec.error_feedback_step(x, res, bits, block_size, compiled=compiled)
+    t_q = timed(lambda: codec.error_feedback_step(x, res, bits, block_size, compiled=compiled))
+    t_d = timed(lambda: codec.dequantize_packed(packed, scale, bits, compiled=compiled))
+    return t_q * numel / (blocks * block_size), t_d * numel / (blocks * block_size)
+
+
+def probe_network(
+    config: PolicyConfig,
+    group,
+    intra_group=None,
+    *,
+    block_size: int = 256,
+    compiled: bool = False,
+    device="cpu",
+    exchange: Optional[Callable[[int, torch.Tensor], None]] = None,
+    nodes: Optional[int] = None,
+) -> NetworkFit:
+    """Measure the links and the codec, agree on the numbers over ``group``, and fit (collective).
+
+    Steps: probe ``group`` (and ``intra_group``, every node's at once, when given); time the codec
+    of every quantized candidate; take every number's maximum over the ranks of ``group``; fit
+    each link with :func:`fit_latency_bandwidth`.
+
+    With ``exchange`` (``exchange(bits, x)`` runs the hook's whole quantized exchange of ``x`` on
+    the real groups), the codec figure is measured end to end instead: the exchange of
+    ``codec_numel`` elements is timed (maximum over ranks), the cost model's latency and wire time
+    for it are subtracted, and what remains (kernels, memory copies, traffic inside the node,
+    contention for the cores) becomes the codec throughput with which the cost model's ``compute``
+    term reproduces it. Where nothing remains, the kernel timing is kept.
+
+    Args:
+        config: the :class:`PolicyConfig` (sizes, repeats, candidates).
+        group: the group the hook averages over.
+        intra_group: this rank's node group (hierarchical mode), or None.
+        block_size: the hook's block size (the codec timing uses it).
+        compiled: time the fused codec kernels (as the hook will run them).
+        device: where the buffers live.
+
+    Returns:
+        The :class:`NetworkFit`, identical on every rank of ``group``.
+    """
+    numels = list(config.probe_numels)
+    P = dist.get_world_size(group)
+    times = probe_allreduce(group, numels, config.probe_repeats, device)
+    L = dist.get_world_size(intra_group) if intra_group is not None else 1
+    intra_times = probe_allreduce(intra_group, numels, config.probe_repeats, device) if L > 1 else []
+    widths = [b for b in config.candidates if b != PLAIN]
+    codec_times: List[float] = []
+    for b in widths:
+        codec_times.extend(measure_hook_codec(b, block_size, config.codec_numel, config.probe_repeats, compiled, device))
+    agreed = _agree_max(times + intra_times + codec_times, group)
+    times, intra_times, codec_times = agreed[: len(numels)], agreed[len(numels) : len(numels) + len(intra_times)], agreed[len(numels) + len(intra_times) :]
+    link = fit_latency_bandwidth(numels, times, P)
+    intra = fit_latency_bandwidth(numels, intra_times, L) if L > 1 else None
+    n = config.codec_numel
+    tps = [
+        (b, CodecThroughput(n / codec_times[2 * i], n / codec_times[2 * i + 1], f"measured: hook kernels, {n} elements, {'compiled' if compiled else 'eager'}"))
+        for i, b in enumerate(widths)
+    ]
+    if exchange is not None and widths:
+        x = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(device)
+        ex_times = []
+        for b in widths:
+            exchange(b, x)  # warm-up (compiles the kernels when compiled)
+            samples = []
+            for _ in range(config.probe_repeats):
+                dist.barrier(group=group)
+                t0 = time.perf_counter()
+                exchange(b, x)
+                samples.append(time.perf_counter() - t0)
+            ex_times.append(statistics.median(samples))
+        ex_times = _agree_max(ex_times, group)
+        probe_policy = CommPolicy(config, NetworkFit(link=link, intra=intra, codec=tuple(tps)), P, nodes, block_size)
+        c = probe_policy.cluster
+        for i, b in enumerate(widths):
+            wire = estimate(probe_policy.scheme(b), n, c, None, block_size).total_s
+            work = estimate(probe_policy.scheme(b), n, c, CodecThroughput(1.0, 1.0), block_size).compute_s
+            rest = ex_times[i] - wire
+            if rest > 0 and work > 0:
+                eps = work / rest
+                src = f"measured end to end: int{b} exchange of {n} elements {ex_times[i] * 1e3:.2f} ms, model wire {wire * 1e3:.2f} ms"
+                tps[i] = (b, CodecThroughput(eps, eps, src))
+    return NetworkFit(link=link, intra=intra, codec=tuple(tps), source=f"measured on {P} ranks, max over ranks, sizes {numels}")
+
+
+# --------------------------------------------------------------------------------------------
+# deciding
+
+
+class CommPolicy:
+    """Per-bucket choice among plain all-reduce and the quantized widths, from a :class:`NetworkFit`.
+
+    Args:
+        config: the :class:`PolicyConfig` (candidates, accuracy floor).
+        fit: the figures to decide from (measured by :func:`probe_network` or given).
+        workers: ranks the hook averages over (P).
+        nodes: nodes in hierarchical mode (M), or None for the flat exchange.
+        block_size: the hook's block size.
+
+    Example:
+        >>> from gradcomp.costmodel import CodecThroughput
+        >>> fast = NetworkFit(LinkFit(10e-6, 10e9), codec=((8, CodecThroughput(5e8, 5e8)),))
+        >>> CommPolicy(PolicyConfig(candidates=(32, 8)), fast, workers=4).choose(1_000_000)
+        32
+    """
+
+    def __init__(self, config: PolicyConfig, fit: NetworkFit, workers: int, nodes: Optional[int] = None, block_size: int = 256):
+        if not isinstance(config, PolicyConfig):
+            raise TypeError(f"config must be a PolicyConfig, got {type(config).__name__}")
+        if not isinstance(fit, NetworkFit):
+            raise TypeError(f"fit must be a NetworkFit, got {type(fit).__name__}")
+        for b in config.allowed:
+            if b != PLAIN:
+                fit.codec_for(b)
+        self.config = config
+        self.fit = fit
+        self.block_size = block_size
+        self.hierarchical = nodes is not None and 1 < nodes < workers
+        if self.hierarchical:
+            intra = fit.intra or LinkFit(latency=0.0, bandwidth=1e12)
+            self.cluster = Cluster(workers, fit.link.bandwidth, fit.link.latency, nodes, intra.bandwidth, intra.latency)
+        else:
+            self.cluster = Cluster(workers, fit.link.bandwidth, fit.link.latency)
+        self._cache: Dict[int, Tuple[int, Dict[str, float]]] = {}
+
+    def scheme(self, bits: int) -> str:
+        """Return the cost model's name of a candidate: ``ring-fp32``, ``twophase-int8``, ``hier-int4``..."""
+        if bits == PLAIN:
+            return "ring-fp32"
+        return f"{'hier' if self.hierarchical else 'twophase'}-int{bits}"
+
+    def predict(self, numel: int) -> Dict[int, float]:
+        """Return the predicted seconds of every allowed candidate for a bucket of ``numel`` elements."""
+        out = {}
+        for b in self.config.allowed:
+            tp = None if b == PLAIN else self.fit.codec_for(b)
+            out[b] = estimate(self.scheme(b), max(1, int(numel)), self.cluster, tp, self.block_size).total_s
+        return out
+
+    def choose(self, numel: int) -> int:
+        """Return the fastest allowed candidate for ``numel`` elements (32: plain all-reduce); ties go to the wider."""
+        hit = self._cache.get(numel)
+        if hit is None:
+            pred = self.predict(numel)
+            best = min(pred, key=lambda b: (pred[b], -b))
+            hit = self._cache[numel] = (best, pred)
+        return hit[0]
+
+    def describe(self) -> str:
+        """One line with the fitted figures, for the log."""
+        f = self.fit
+        parts = [f"link alpha {f.link.latency * 1e6:.1f} us, beta {f.link.bandwidth / 1e6:.1f} MB/s (fit rel. rmse {f.link.rel_rmse:.2f})"]
+        if f.intra is not None:
+            parts.append(f"intra alpha {f.intra.latency * 1e6:.1f} us, beta {f.intra.bandwidth / 1e6:.1f} MB/s (rmse {f.intra.rel_rmse:.2f})")
+        for b, tp in f.codec:
+            parts.append(f"int{b} codec {tp.quantize_eps / 1e6:.0f}/{tp.dequantize_eps / 1e6:.0f} Melem/s (quantize/dequantize)")
+        return "; ".join(parts) + f" [{f.source}]"
+
+    def describe_choice(self, numel: int) -> str:
+        """One line with the decision for ``numel`` elements and the predicted times."""
+        best = self.choose(numel)
+        pred = self._cache[numel][1]
+        times = ", ".join(f"{self.scheme(b)} {pred[b] * 1e3:.3f} ms" for b in sorted(pred, reverse=True))
+        return f"{numel} elements -> {self.scheme(best)} ({times})"

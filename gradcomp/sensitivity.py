@@ -1,0 +1,897 @@
+"""Per-layer quantization sensitivity: quantize one layer at a time and measure the damage.
+
+Different layers tolerate quantization very differently: an embedding or the last projection often
+loses far more accuracy at 4 bits than a wide MLP layer in the middle of the network. This module
+measures that, one trial per (layer, candidate format):
+
+1. Run the calibration batches through the unmodified model once and keep the reference outputs
+   (and losses, when the batches carry labels).
+2. For every candidate layer and every candidate format (``WeightQuantConfig`` at some bits and
+   granularity, or a ``CastConfig`` to fp16/bf16):
+
+   a. save the layer's weight, overwrite it in place with ``fake_quantize_weight(weight, config)``
+      (optionally also fake-quantize the layer's input activations),
+   b. run the calibration batches and score the damage against the reference,
+   c. copy the saved weight back bit for bit (in a ``finally``, so an exception cannot leave a
+      quantized layer behind).
+
+Scores (each averaged over the calibration batches):
+
+* ``mse``: mean squared error of the model output against the reference output.
+* ``kl``: ``KL(p_ref || p_q)`` of the softmax over the output's last dimension, in nats per position.
+* ``loss``: increase of the loss (only when a loss is available: labels in the batches or a ``loss_fn``).
+* ``fisher``: the Fisher / Taylor score of the layer's own output,
+  ``sum((dL/dy * (y_q - y))**2)`` where ``y`` is the layer output, ``y_q`` its output with the
+  quantized weight, and ``dL/dy`` the loss gradient at the unmodified model (the score NVIDIA
+  ModelOpt's ``auto_quantize`` uses). Needs a loss.
+* ``hawq`` (optional, ``hessian=True``): HAWQ-v2's ``Tr(H) / n * ||Q(W) - W||**2`` with the trace of
+  the loss Hessian with respect to the layer weight estimated by Hutchinson's method,
+  ``Tr(H) ~ mean_v v^T H v`` over Rademacher vectors ``v``.
+* ``weight_mse``: mean squared error of the weight itself (free; a data-independent reference).
+
+Worked example of the Fisher score: a layer output ``y = [1.0, -2.0]`` with gradient
+``g = [0.5, 0.1]`` becomes ``y_q = [1.1, -2.0]`` at 4 bits; the score is ``(0.5 * 0.1)**2 + 0 = 0.0025``.
+
+Layers whose weight is shared (GPT's tied token embedding and output head) are one layer with
+aliases: quantizing it changes both uses, and its weight is counted once.
+
+Example::
+
+    >>> from gradcomp.sensitivity import measure_sensitivity, SensitivityConfig
+    >>> report = measure_sensitivity(model, batches, SensitivityConfig(bits=(4, 8)))
+    >>> report.to_json("scores.json")                     # reusable: planning needs no model run
+    >>> report.rows("kl")[:3]                             # the three most sensitive trials
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gradcomp.weights import (
+    CastConfig,
+    WeightQuantConfig,
+    config_name,
+    fake_quantize_weight,
+    quantizable_layers,
+    weight_bits_per_param,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "METRICS",
+    "SensitivityConfig",
+    "LayerInfo",
+    "SensitivityEntry",
+    "SensitivityReport",
+    "Candidate",
+    "candidate_key",
+    "candidate_to_dict",
+    "candidate_from_dict",
+    "candidate_bits_per_param",
+    "find_layers",
+    "quantized_layer",
+    "measure_sensitivity",
+    "hutchinson_trace",
+    "default_forward",
+    "default_loss",
+]
+
+METRICS = ("mse", "kl", "loss", "fisher", "hawq", "weight_mse")
+_FORMAT_VERSION = 1
+
+Candidate = Union[WeightQuantConfig, CastConfig]
+Batch = Any
+
+
+# --------------------------------------------------------------------------------------------
+# candidates
+
+
+def candidate_key(config: Optional[Candidate]) -> str:
+    """Return the short stable name of a candidate format, used as a key in score files.
+
+    It is ``gradcomp.weights.config_name``: ``None`` (keep full precision) is ``"fp32"``, casts are
+    ``"fp16"``/``"bf16"``, weight quantization is ``int<bits>-<tensor|channel|g<group>>`` plus
+    ``-asym`` and ``-s<scale dtype>`` when not the defaults; ``weights.parse_config`` reads it back.
+
+    Example:
+        >>> candidate_key(WeightQuantConfig(bits=4, granularity="per_group", group_size=128))
+        'int4-g128'
+    """
+    if config is not None and not isinstance(config, (WeightQuantConfig, CastConfig)):
+        raise TypeError(f"candidate must be a WeightQuantConfig, a CastConfig or None, got {type(config).__name__}")
+    return config_name(config)
+
+
+def candidate_to_dict(config: Optional[Candidate]) -> Optional[Dict[str, Any]]:
+    """Serialise a candidate to a JSON-able dict (``{"type": "weight"|"cast", ...}``; None stays None)."""
+    if config is None:
+        return None
+    if isinstance(config, CastConfig):
+        return {"type": "cast", "dtype": config.dtype}
+    if isinstance(config, WeightQuantConfig):
+        return {
+            "type": "weight",
+            "bits": config.bits,
+            "granularity": config.granularity,
+            "group_size": config.group_size,
+            "symmetric": config.symmetric,
+            "scale_dtype": config.scale_dtype,
+        }
+    raise TypeError(f"candidate must be a WeightQuantConfig, a CastConfig or None, got {type(config).__name__}")
+
+
+def candidate_from_dict(data: Optional[Mapping[str, Any]]) -> Optional[Candidate]:
+    """Rebuild a candidate from :func:`candidate_to_dict` output (validated by the config classes)."""
+    if data is None:
+        return None
+    if not isinstance(data, Mapping) or data.get("type") not in ("weight", "cast"):
+        raise ValueError(f"a candidate must be a dict with type 'weight' or 'cast', got {data!r}")
+    if data["type"] == "cast":
+        return CastConfig(dtype=data["dtype"])
+    return WeightQuantConfig(
+        bits=int(data["bits"]),
+        granularity=str(data["granularity"]),
+        group_size=int(data["group_size"]),
+        symmetric=bool(data["symmetric"]),
+        scale_dtype=str(data.get("scale_dtype", "fp16")),
+    )
+
+
+def candidate_bits_per_param(config: Optional[Candidate], shape: Sequence[int], full_bits: int = 32) -> float:
+    """Return the real storage bits per weight of a candidate for a weight of ``shape``.
+
+    Scale overhead is included (``weight_bits_per_param``); a cast costs its dtype's 16 bits and
+    ``None`` (kept as is) costs ``full_bits``.
+
+    Example: 4-bit groups of 128 with one fp16 scale per group cost ``4 + 16/128 = 4.125`` bits.
+    """
+    if config is None:
+        return float(full_bits)
+    if isinstance(config, CastConfig):
+        return 16.0
+    return float(weight_bits_per_param(config, tuple(shape)))
+
+
+# --------------------------------------------------------------------------------------------
+# configuration and results
+
+
+def _default_candidates() -> Tuple[Candidate, ...]:
+    return tuple(WeightQuantConfig(bits=b, granularity="per_group", group_size=128) for b in (2, 3, 4, 8))
+
+
+@dataclass(frozen=True)
+class SensitivityConfig:
+    """What to measure.
+
+    Args:
+        candidates: formats to try on every layer (``WeightQuantConfig`` or ``CastConfig``);
+            default int2/int3/int4/int8 with groups of 128.
+        metrics: scores to compute, a subset of ``("mse", "kl", "loss", "fisher", "weight_mse")``;
+            ``loss`` and ``fisher`` are skipped (with a log line) when no loss is available.
+        hessian: also estimate the HAWQ score (Hutchinson trace; needs a loss and double backward).
+        hutchinson_samples: Rademacher vectors per calibration batch for the trace.
+        activations: when set, also fake-quantize the floating input of the layer under trial with
+            this ``gradcomp.activations.ActQuantConfig``; it must be dynamic (scales from each
+            input), since a single-layer trial has no calibration pass of its own.
+        seed: seed of the Hutchinson vectors.
+    """
+
+    candidates: Tuple[Candidate, ...] = field(default_factory=_default_candidates)
+    metrics: Tuple[str, ...] = ("mse", "kl", "loss", "fisher", "weight_mse")
+    hessian: bool = False
+    hutchinson_samples: int = 4
+    activations: Optional[Any] = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        cands = tuple(self.candidates)
+        if not cands:
+            raise ValueError("candidates must hold at least one WeightQuantConfig or CastConfig, got none")
+        for c in cands:
+            if not isinstance(c, (WeightQuantConfig, CastConfig)):
+                raise TypeError(f"every candidate must be a WeightQuantConfig or a CastConfig, got {type(c).__name__}")
+        keys = [candidate_key(c) for c in cands]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"candidates must be distinct, got {keys}")
+        object.__setattr__(self, "candidates", cands)
+        metrics = tuple(self.metrics)
+        bad = [m for m in metrics if m not in METRICS or m == "hawq"]
+        if bad or not metrics:
+            raise ValueError(f"metrics must be a non-empty subset of ('mse', 'kl', 'loss', 'fisher', 'weight_mse'), got {metrics}")
+        object.__setattr__(self, "metrics", metrics)
+        if isinstance(self.hutchinson_samples, bool) or not isinstance(self.hutchinson_samples, int) or self.hutchinson_samples < 1:
+            raise ValueError(f"hutchinson_samples must be a positive int, got {self.hutchinson_samples!r}")
+        if self.activations is not None:
+            from gradcomp.activations import ActQuantConfig
+
+            if not isinstance(self.activations, ActQuantConfig):
+                raise TypeError(f"activations must be None or an ActQuantConfig, got {type(self.activations).__name__}")
+            if not self.activations.dynamic:
+                raise ValueError(
+                    "activations must be a dynamic ActQuantConfig (dynamic=True): a single-layer trial has no calibration pass, "
+                    f"got {self.activations.label}"
+                )
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One quantizable weight of the model.
+
+    Attributes:
+        name: fully qualified name of the first module that owns the weight.
+        aliases: other modules sharing the very same weight (tied weights), quantized together.
+        kind: module class name.
+        shape: weight shape.
+        numel: number of weights.
+        full_bits: bits per weight as stored now (32 for fp32).
+    """
+
+    name: str
+    aliases: Tuple[str, ...]
+    kind: str
+    shape: Tuple[int, ...]
+    numel: int
+    full_bits: int
+
+
+@dataclass(frozen=True)
+class SensitivityEntry:
+    """The scores of one trial: one layer quantized with one candidate format.
+
+    Attributes:
+        layer: layer name (``LayerInfo.name``).
+        candidate: candidate key (``candidate_key``).
+        config: the candidate as a dict (``candidate_to_dict``).
+        bits_per_param: storage bits per weight of this layer in this format, scales included.
+        metrics: metric name -> score (higher is more damage).
+    """
+
+    layer: str
+    candidate: str
+    config: Optional[Dict[str, Any]]
+    bits_per_param: float
+    metrics: Dict[str, float]
+
+
+@dataclass
+class SensitivityReport:
+    """All trials of a sensitivity run, reusable for any number of plans without the model.
+
+    Attributes:
+        layers: the candidate layers in model order.
+        entries: one :class:`SensitivityEntry` per (layer, candidate).
+        baseline: reference figures of the unmodified model (``loss``, ``num_batches``).
+        other_bytes: bytes of everything in the model that is not a candidate weight (biases,
+            norms, buffers), which a whole-model byte budget must leave room for.
+        metadata: free-form description of the run (model, candidates, metrics).
+    """
+
+    layers: List[LayerInfo]
+    entries: List[SensitivityEntry]
+    baseline: Dict[str, Any] = field(default_factory=dict)
+    other_bytes: int = 0
+    metadata: Dict[str, Any] = field(default_factory=dict)
+
+    # -- lookups ------------------------------------------------------------------------------
+
+    @property
+    def metrics(self) -> List[str]:
+        """Metrics present in every entry, in ``METRICS`` order."""
+        if not self.entries:
+            return []
+        common = set(self.entries[0].metrics)
+        for e in self.entries[1:]:
+            common &= set(e.metrics)
+        return [m for m in METRICS if m in common]
+
+    @property
+    def candidates(self) -> List[str]:
+        """Candidate keys in first-seen order."""
+        seen: Dict[str, None] = {}
+        for e in self.entries:
+            seen.setdefault(e.candidate, None)
+        return list(seen)
+
+    def layer(self, name: str) -> LayerInfo:
+        """Return the :class:`LayerInfo` called ``name`` (or one of whose aliases is ``name``)."""
+        for info in self.layers:
+            if info.name == name or name in info.aliases:
+                return info
+        raise KeyError(f"no layer named {name!r}; layers are {[l.name for l in self.layers]}")
+
+    def score(self, layer: str, candidate: str, metric: str) -> float:
+        """Return one score; raises KeyError when that trial or metric was not measured."""
+        for e in self.entries:
+            if e.layer == layer and e.candidate == candidate:
+                if metric not in e.metrics:
+                    raise KeyError(f"metric {metric!r} was not measured; available: {sorted(e.metrics)}")
+                return e.metrics[metric]
+        raise KeyError(f"no trial for layer {layer!r} with candidate {candidate!r}")
+
+    def rows(self, metric: Optional[str] = None, descending: bool = True) -> List[Dict[str, Any]]:
+        """Return flat table rows sorted by ``metric`` (most damaging first by default).
+
+        Args:
+            metric: sort key; defaults to the first available of kl, mse, fisher, loss.
+            descending: most damaging first.
+
+        Returns:
+            One dict per trial: layer, candidate, bits_per_param, numel, and every metric.
+        """
+        metric = metric or self.default_metric()
+        if metric not in self.metrics:
+            raise ValueError(f"metric must be one of {self.metrics}, got {metric!r}")
+        numel = {l.name: l.numel for l in self.layers}
+        out = []
+        for e in self.entries:
+            row: Dict[str, Any] = {
+                "layer": e.layer,
+                "candidate": e.candidate,
+                "bits_per_param": e.bits_per_param,
+                "numel": numel[e.layer],
+            }
+            row.update({m: e.metrics[m] for m in self.metrics})
+            out.append(row)
+        out.sort(key=lambda r: r[metric], reverse=descending)
+        return out
+
+    def default_metric(self) -> str:
+        """Return the metric plans use by default: ``kl``, else ``mse``, ``fisher``, ``loss``."""
+        for m in ("kl", "mse", "fisher", "loss", "hawq", "weight_mse"):
+            if m in self.metrics:
+                return m
+        raise ValueError("the report holds no metric")
+
+    # -- persistence --------------------------------------------------------------------------
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Return a JSON-able dict (non-finite scores become strings ``"inf"``/``"nan"``)."""
+        return {
+            "format": "gradcomp-sensitivity",
+            "version": _FORMAT_VERSION,
+            "layers": [
+                {**asdict(l), "aliases": list(l.aliases), "shape": list(l.shape)} for l in self.layers
+            ],
+            "entries": [
+                {
+                    "layer": e.layer,
+                    "candidate": e.candidate,
+                    "config": e.config,
+                    "bits_per_param": e.bits_per_param,
+                    "metrics": {k: _json_float(v) for k, v in e.metrics.items()},
+                }
+                for e in self.entries
+            ],
+            "baseline": {k: _json_float(v) for k, v in self.baseline.items()},
+            "other_bytes": int(self.other_bytes),
+            "metadata": self.metadata,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SensitivityReport":
+        """Rebuild a report from :meth:`to_dict` output, checking its structure."""
+        if not isinstance(data, Mapping) or data.get("format") != "gradcomp-sensitivity":
+            raise ValueError("not a gradcomp sensitivity file: expected a JSON object with format 'gradcomp-sensitivity'")
+        if data.get("version") != _FORMAT_VERSION:
+            raise ValueError(f"sensitivity file version must be {_FORMAT_VERSION}, got {data.get('version')!r}")
+        try:
+            layers = [
+                LayerInfo(
+                    name=str(l["name"]),
+                    aliases=tuple(l.get("aliases", ())),
+                    kind=str(l.get("kind", "")),
+                    shape=tuple(int(s) for s in l["shape"]),
+                    numel=int(l["numel"]),
+                    full_bits=int(l.get("full_bits", 32)),
+                )
+                for l in data["layers"]
+            ]
+            entries = [
+                SensitivityEntry(
+                    layer=str(e["layer"]),
+                    candidate=str(e["candidate"]),
+                    config=e.get("config"),
+                    bits_per_param=float(e["bits_per_param"]),
+                    metrics={k: float(v) for k, v in e["metrics"].items()},
+                )
+                for e in data["entries"]
+            ]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed sensitivity file: {type(exc).__name__}: {exc}") from exc
+        names = {l.name for l in layers}
+        unknown = sorted({e.layer for e in entries} - names)
+        if unknown:
+            raise ValueError(f"sensitivity entries name layers that are not listed: {unknown}")
+        return cls(layers, entries, dict(data.get("baseline", {})), int(data.get("other_bytes", 0)), dict(data.get("metadata", {})))
+
+    def to_json(self, path: Union[str, os.PathLike]) -> None:
+        """Write the report as JSON (atomically: a crash never leaves half a file)."""
+        _atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def from_json(cls, path: Union[str, os.PathLike]) -> "SensitivityReport":
+        """Read a report written by :meth:`to_json`."""
+        text = Path(path).read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+    def to_csv(self, path: Optional[Union[str, os.PathLike]] = None, metric: Optional[str] = None) -> str:
+        """Return (and write to ``path`` if given) the sorted table as CSV."""
+        rows = self.rows(metric)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()) if rows else ["layer"])
+        writer.writeheader()
+        writer.writerows(rows)
+        text = buf.getvalue()
+        if path is not None:
+            _atomic_write_text(Path(path), text)
+        return text
+
+
+def _json_float(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# layers and trials
+
+
+def find_layers(
+    model: nn.Module, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None
+) -> List[LayerInfo]:
+    """List the model's quantizable weights, one entry per distinct weight tensor.
+
+    A layer is what ``weights.quantize_`` can quantize (``nn.Linear``, ``nn.Embedding``,
+    ``nn.Conv2d``) with a floating weight.
+    Modules that share one weight tensor (tied embeddings) become one layer whose ``aliases`` are
+    the later modules.
+
+    Args:
+        model: the model.
+        filter_fn: optional ``filter_fn(module, fqn) -> bool`` keeping only some modules.
+
+    Returns:
+        Layers in ``named_modules`` order.
+    """
+    by_weight: Dict[int, Tuple[str, List[str], nn.Module]] = {}
+    order: List[int] = []
+    for fqn, mod in quantizable_layers(model):
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+            continue
+        if filter_fn is not None and not filter_fn(mod, fqn):
+            continue
+        key = id(w)
+        if key in by_weight:
+            if fqn not in by_weight[key][1] and fqn != by_weight[key][0]:
+                by_weight[key][1].append(fqn)
+            continue
+        by_weight[key] = (fqn, [], mod)
+        order.append(key)
+    layers = []
+    for key in order:
+        fqn, aliases, mod = by_weight[key]
+        w = mod.weight
+        layers.append(
+            LayerInfo(fqn, tuple(aliases), type(mod).__name__, tuple(w.shape), w.numel(), torch.finfo(w.dtype).bits)
+        )
+    return layers
+
+
+class quantized_layer:
+    """Context manager: a layer's weight quantized in place, restored bit for bit on exit.
+
+    The weight tensor keeps its identity (the same ``Parameter`` object and storage);
+    only its values change, and a saved copy is written back in ``__exit__`` whatever happened inside.
+
+    Example::
+
+        >>> with quantized_layer(model.fc, WeightQuantConfig(bits=4)):
+        ...     out = model(x)                 # fc runs with int4 weights
+        >>> # model.fc.weight is exactly what it was
+    """
+
+    def __init__(self, module: nn.Module, config: Candidate):
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"module must have a weight tensor, got {type(module).__name__}")
+        if not isinstance(config, (WeightQuantConfig, CastConfig)):
+            raise TypeError(f"config must be a WeightQuantConfig or a CastConfig, got {type(config).__name__}")
+        self.weight = weight
+        self.config = config
+        self._saved: Optional[torch.Tensor] = None
+
+    def __enter__(self) -> torch.Tensor:
+        with torch.no_grad():
+            saved = self.weight.detach().clone()
+            q = fake_quantize_weight(saved, self.config)
+            self._saved = saved
+            self.weight.copy_(q)
+        return self._saved
+
+    def __exit__(self, *exc) -> None:
+        with torch.no_grad():
+            self.weight.copy_(self._saved)
+        self._saved = None
+
+
+# --------------------------------------------------------------------------------------------
+# forward / loss conventions
+
+
+def _split_batch(batch: Batch) -> Tuple[Any, Optional[torch.Tensor]]:
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 0:
+            raise ValueError("a calibration batch must not be empty")
+        if len(batch) == 1:
+            return batch[0], None
+        return batch[0], batch[-1]
+    return batch, None
+
+
+def default_forward(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Run ``model`` on a batch and return its output tensor.
+
+    A batch is a tensor of inputs or a tuple ``(inputs, labels)``; only the inputs are passed. A model
+    returning a tuple (like ``TinyGPT``'s ``(logits, loss)``) contributes its first element.
+    """
+    inputs, _ = _split_batch(batch)
+    out = model(inputs)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the model output must be a tensor or a tuple starting with one, got {type(out).__name__}")
+    return out
+
+
+def default_loss(output: torch.Tensor, batch: Batch) -> Optional[torch.Tensor]:
+    """Return the loss of ``output`` against the batch's labels, or None when it has none.
+
+    Integer labels give cross-entropy over the last dimension; floating labels give MSE.
+    """
+    _, labels = _split_batch(batch)
+    if labels is None:
+        return None
+    if not labels.is_floating_point():
+        return F.cross_entropy(output.reshape(-1, output.shape[-1]).float(), labels.reshape(-1))
+    return F.mse_loss(output.float(), labels.float())
+
+
+def _kl(ref_logp: torch.Tensor, out: torch.Tensor) -> float:
+    logq = F.log_softmax(out.float().reshape(-1, out.shape[-1]), dim=-1)
+    p = ref_logp.exp()
+    return float((p * (ref_logp - logq)).sum(dim=-1).mean())
+
+
+# --------------------------------------------------------------------------------------------
+# Hessian trace
+
+
+def hutchinson_trace(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    weights: Sequence[torch.Tensor],
+    *,
+    samples: int = 4,
+    seed: int = 0,
+    forward_fn: Callable[[nn.Module, Batch], torch.Tensor] = default_forward,
+    loss_fn: Callable[[torch.Tensor, Batch], Optional[torch.Tensor]] = default_loss,
+) -> List[float]:
+    """Estimate ``Tr(d2L/dW2)`` for several weight tensors at once with Hutchinson's method.
+
+    Steps (HAWQ-v2): for each batch, ``g = dL/dW`` with a graph; for each of ``samples`` Rademacher
+    vectors ``v`` (entries +-1), ``Hv = d(g . v)/dW`` by a second backward; ``v . Hv`` is an unbiased
+    estimate of the trace. The estimates are averaged over samples and batches.
+
+    Example: for ``L = 0.5 * 3 * w**2`` summed over 4 weights, ``H = 3 I`` and every ``v^T H v = 12``
+    exactly, so the estimate is 12 with any number of samples.
+
+    Args:
+        model: the model (not modified; parameter ``.grad`` fields are not touched).
+        batches: calibration batches with labels.
+        weights: the weight tensors (parameters of ``model``).
+        samples: Rademacher vectors per batch.
+        seed: seed of the vectors.
+        forward_fn, loss_fn: as in :func:`measure_sensitivity`.
+
+    Returns:
+        One trace estimate per weight tensor.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    weights = list(weights)
+    totals = torch.zeros(len(weights), dtype=torch.float64)
+    flags = [w.requires_grad for w in weights]
+    count = 0
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        # The math attention kernel supports double backward; fused kernels may not.
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+            for batch in batches:
+                loss = loss_fn(forward_fn(model, batch), batch)
+                if loss is None:
+                    raise ValueError("the Hessian trace needs a loss: give batches with labels or a loss_fn")
+                grads = torch.autograd.grad(loss, weights, create_graph=True)
+                for _ in range(samples):
+                    vs = [torch.randint(0, 2, w.shape, generator=gen).to(w.dtype).mul_(2).sub_(1) for w in weights]
+                    hv = torch.autograd.grad(grads, weights, grad_outputs=vs, retain_graph=True)
+                    totals += torch.stack([(h.double() * v.double()).sum() for h, v in zip(hv, vs)])
+                    count += 1
+    finally:
+        for w, f in zip(weights, flags):
+            w.requires_grad_(f)
+    return (totals / max(count, 1)).tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# the measurement
+
+
+def _modules_by_name(model: nn.Module) -> Dict[str, nn.Module]:
+    return dict(model.named_modules(remove_duplicate=False))
+
+
+def _input_quant_hook(config: Any):
+    from gradcomp.activations import ActivationQuantizer
+
+    quantizer = ActivationQuantizer(config)
+
+    def hook(module, args):
+        if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
+            return None  # embedding indices and the like stay as they are
+        return (quantizer(args[0]),) + tuple(args[1:])
+
+    return hook
+
+
+def _other_bytes(model: nn.Module, layers: Sequence[LayerInfo], modules: Mapping[str, nn.Module]) -> int:
+    skip = {id(modules[l.name].weight) for l in layers}
+    seen = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in skip or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def measure_sensitivity(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    config: Optional[SensitivityConfig] = None,
+    *,
+    layers: Optional[Union[Sequence[str], Callable[[nn.Module, str], bool]]] = None,
+    forward_fn: Callable[[nn.Module, Batch], torch.Tensor] = default_forward,
+    loss_fn: Callable[[torch.Tensor, Batch], Optional[torch.Tensor]] = default_loss,
+    progress: bool = False,
+    trial_callback: Optional[Callable[[str, str], None]] = None,
+) -> SensitivityReport:
+    """Quantize each candidate layer alone with each candidate format and score the damage.
+
+    Steps:
+        1. Reference pass: outputs (and their log-softmax for KL) and losses of the unmodified model.
+        2. Optional Hutchinson trace of every layer's weight Hessian (``config.hessian``).
+        3. For each layer: if Fisher is asked for, one forward/backward per batch keeps the layer's
+           own outputs ``y`` and loss gradients ``dL/dy``; then for each candidate, the weight is
+           quantized in place (:class:`quantized_layer`), the batches run again, the scores are
+           computed, and the weight is copied back bit for bit.
+
+    The model runs in eval mode and under ``no_grad`` except for the gradient passes; its
+    train/eval mode, weights, ``requires_grad`` flags and ``.grad`` fields are as before afterwards.
+
+    Args:
+        model: the model to analyse (fp32/fp16/bf16 weights).
+        batches: calibration batches: tensors of inputs, or ``(inputs, labels)`` tuples.
+        config: candidates and metrics (default :class:`SensitivityConfig`).
+        layers: layer names to analyse (module FQNs, aliases allowed) or a ``filter_fn(module, fqn)``;
+            default every Linear/Embedding/Conv2d weight.
+        forward_fn: ``forward_fn(model, batch) -> output tensor``; default :func:`default_forward`.
+        loss_fn: ``loss_fn(output, batch) -> scalar or None``; default :func:`default_loss`.
+        progress: show a tqdm progress bar over layers (on stderr).
+        trial_callback: called as ``trial_callback(layer, candidate_key)`` after every trial,
+            once the weight is restored (used by tests to check the restoration).
+
+    Returns:
+        A :class:`SensitivityReport`.
+    """
+    config = config or SensitivityConfig()
+    if not isinstance(config, SensitivityConfig):
+        raise TypeError(f"config must be a SensitivityConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches must hold at least one calibration batch, got none")
+
+    modules = _modules_by_name(model)
+    if layers is None or callable(layers):
+        infos = find_layers(model, layers)
+    else:
+        all_infos = find_layers(model)
+        wanted = list(layers)
+        known = {n for l in all_infos for n in (l.name, *l.aliases)}
+        missing = [n for n in wanted if n not in known]
+        if missing:
+            raise ValueError(f"layers {missing} are not quantizable layers of the model; choose from {sorted(known)}")
+        infos = [l for l in all_infos if l.name in wanted or set(l.aliases) & set(wanted)]
+    if not infos:
+        raise ValueError("the model has no quantizable layer (Linear, Embedding, Conv2d) to analyse")
+
+    was_training = model.training
+    model.eval()
+    try:
+        return _measure(model, batches, config, infos, modules, forward_fn, loss_fn, progress, trial_callback)
+    finally:
+        model.train(was_training)
+
+
+def _measure(model, batches, config, infos, modules, forward_fn, loss_fn, progress, trial_callback) -> SensitivityReport:
+    metrics = set(config.metrics)
+    # 1. reference pass
+    ref_out: List[torch.Tensor] = []
+    ref_logp: List[Optional[torch.Tensor]] = []
+    ref_loss: List[Optional[float]] = []
+    with torch.no_grad():
+        for b in batches:
+            out = forward_fn(model, b).detach()
+            ref_out.append(out)
+            ref_logp.append(F.log_softmax(out.float().reshape(-1, out.shape[-1]), dim=-1) if "kl" in metrics else None)
+            lo = loss_fn(out, b)
+            ref_loss.append(None if lo is None else float(lo))
+    has_loss = all(l is not None for l in ref_loss)
+    if not has_loss:
+        for m in ("loss", "fisher"):
+            if m in metrics:
+                logger.info("no loss available (no labels and no loss_fn): skipping the %s score", m)
+                metrics.discard(m)
+    if "kl" in metrics and ref_out[0].dim() < 1:
+        metrics.discard("kl")
+    want_hawq = config.hessian
+    if want_hawq and not has_loss:
+        logger.info("no loss available: skipping the Hessian (HAWQ) score")
+        want_hawq = False
+    base_loss = sum(ref_loss) / len(ref_loss) if has_loss else None
+
+    # 2. Hessian traces, all layers at once
+    traces: Dict[str, float] = {}
+    if want_hawq:
+        ws = [modules[l.name].weight for l in infos]
+        tr = hutchinson_trace(
+            model, batches, ws, samples=config.hutchinson_samples, seed=config.seed, forward_fn=forward_fn, loss_fn=loss_fn
+        )
+        traces = {l.name: t for l, t in zip(infos, tr)}
+
+    act_hook = _input_quant_hook(config.activations) if config.activations is not None else None
+    entries: List[SensitivityEntry] = []
+    iterator: Iterable[LayerInfo] = infos
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(infos, desc="sensitivity", unit="layer")
+        iterator = bar
+    for info in iterator:
+        if bar is not None:
+            bar.set_postfix_str(info.name)
+        mods = [modules[info.name]] + [modules[a] for a in info.aliases]
+        # 3a. per-layer outputs and gradients for the Fisher score
+        fisher_ref: List[Tuple[List[torch.Tensor], List[torch.Tensor]]] = []
+        if "fisher" in metrics:
+            fisher_ref = _layer_grads(model, batches, mods, forward_fn, loss_fn)
+        for cand in config.candidates:
+            key = candidate_key(cand)
+            scores: Dict[str, float] = {}
+            sums = {m: 0.0 for m in metrics if m != "weight_mse"}
+            handles = []
+            captured: List[torch.Tensor] = []
+            if act_hook is not None:
+                handles += [m.register_forward_pre_hook(act_hook) for m in mods]
+            if "fisher" in metrics:
+                handles += [m.register_forward_hook(lambda _m, _a, o: captured.append(o.detach())) for m in mods]
+            try:
+                with quantized_layer(mods[0], cand) as original, torch.no_grad():
+                    if "weight_mse" in metrics:
+                        scores["weight_mse"] = float(torch.mean((mods[0].weight.double() - original.double()) ** 2))
+                    if want_hawq:
+                        dw2 = float(((mods[0].weight.double() - original.double()) ** 2).sum())
+                        scores["hawq"] = traces[info.name] / info.numel * dw2
+                    for i, b in enumerate(batches):
+                        captured.clear()
+                        out = forward_fn(model, b)
+                        if "mse" in sums:
+                            sums["mse"] += float(torch.mean((out.double() - ref_out[i].double()) ** 2))
+                        if "kl" in sums:
+                            sums["kl"] += _kl(ref_logp[i], out)
+                        if "loss" in sums:
+                            sums["loss"] += float(loss_fn(out, b)) - ref_loss[i]
+                        if "fisher" in sums:
+                            ys, gs = fisher_ref[i]
+                            if len(captured) != len(ys):
+                                raise RuntimeError(
+                                    f"layer {info.name} ran {len(captured)} times in a trial but {len(ys)} times in the reference pass"
+                                )
+                            sums["fisher"] += sum(
+                                float(((g.double() * (yq.double() - y.double())) ** 2).sum()) for yq, y, g in zip(captured, ys, gs)
+                            )
+            finally:
+                for h in handles:
+                    h.remove()
+            for m, s in sums.items():
+                scores[m] = s / len(batches)
+            entries.append(
+                SensitivityEntry(
+                    info.name, key, candidate_to_dict(cand), candidate_bits_per_param(cand, info.shape, info.full_bits), scores
+                )
+            )
+            if trial_callback is not None:
+                trial_callback(info.name, key)
+        logger.debug("sensitivity of %s done", info.name)
+    if bar is not None:
+        bar.close()
+
+    baseline: Dict[str, Any] = {"num_batches": len(batches)}
+    if base_loss is not None:
+        baseline["loss"] = base_loss
+    metadata = {
+        "model": type(model).__name__,
+        "candidates": [candidate_key(c) for c in config.candidates],
+        "metrics": sorted(set(metrics) | ({"hawq"} if want_hawq else set())),
+        "activations": None if config.activations is None else config.activations.label,
+        "hutchinson_samples": config.hutchinson_samples if want_hawq else None,
+    }
+    return SensitivityReport(infos, entries, baseline, _other_bytes(model, infos, modules), metadata)
+
+
+def _layer_grads(model, batches, mods, forward_fn, loss_fn):
+    """Return, per batch, the layer's outputs and the loss gradients at them (one entry per call)."""
+    result = []
+    for b in batches:
+        outs: List[torch.Tensor] = []
+
+        def hook(_m, _a, o):
+            # A fresh leaf: the gradient stops here, so nothing upstream (no parameter .grad) is touched.
+            leaf = o.detach().requires_grad_(True)
+            outs.append(leaf)
+            return leaf
+
+        handles = [m.register_forward_hook(hook) for m in mods]
+        try:
+            with torch.enable_grad():
+                out = forward_fn(model, b)
+                loss = loss_fn(out, b)
+                grads = torch.autograd.grad(loss, outs, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        grads = [torch.zeros_like(o) if g is None else g.detach() for o, g in zip(outs, grads)]
+        result.append(([o.detach() for o in outs], grads))
+    return result

@@ -1,0 +1,289 @@
+"""The ``gradcomp`` command line: top-level behaviour, and the cost, grads and doctor subcommands."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gradcomp.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # two cores shared by many processes: one intra-op thread avoids oversubscription stalls
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --------------------------------------------------------------------------------------------
+# top level
+
+
+def test_help_lists_the_subcommands(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for cmd in ("cost", "grads", "doctor"):
+        assert cmd in out
+    assert "exit codes" in out
+
+
+def test_missing_and_unknown_command_exit_2(capsys):
+    code, _, err = run(capsys)
+    assert code == 2 and "COMMAND" in err
+    code, _, err = run(capsys, "frobnicate")
+    assert code == 2 and "invalid choice: 'frobnicate'" in err
+
+
+def test_module_entry_point_runs_in_a_fresh_process():
+    r = subprocess.run([sys.executable, "-m", "gradcomp.cli", "cost", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "--bandwidth" in r.stdout and "pays below" not in r.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# cost
+
+
+COST = ("cost", "--params", "7e9", "--workers", "8", "--bandwidth", "10gbit", "--codec-throughput", "200GB/s")
+
+
+def test_cost_table(capsys):
+    code, out, _ = run(capsys, *COST)
+    assert code == 0
+    assert "| ring-fp32 | 49 GB |" in out
+    assert "twophase-int8" in out and "allgather-int8" in out and "hier-int8" not in out
+    assert "pays below" in out and "fastest here" in out
+
+
+def test_cost_json_and_plot(capsys, tmp_path):
+    png = tmp_path / "cost.png"
+    code, out, _ = run(capsys, *COST, "--nodes", "2", "--json", "--plot", str(png))
+    assert code == 0
+    data = json.loads(out)
+    by = {s["scheme"]: s for s in data["schemes"]}
+    assert by["ring-fp32"]["bytes_per_rank"] == pytest.approx(49e9)
+    assert "hier-int4" in by and data["cluster"]["nodes"] == 2
+    assert data["codec"]["quantize_elements_per_s"] == pytest.approx(50e9)
+    assert by["ring-bf16"]["break_even_bandwidth_bytes_per_s"] == "inf"
+    assert by["ring-fp32"]["break_even_bandwidth_bytes_per_s"] is None  # the baseline itself
+    assert png.stat().st_size > 10_000
+
+
+def test_cost_measures_the_codec_by_default(capsys):
+    code, out, _ = run(capsys, "cost", "--params", "1e6", "--workers", "4", "--bandwidth", "1gbit",
+                       "--schemes", "ring-fp32,twophase-int4")
+    assert code == 0
+    assert "measured: int8" in out and "twophase-int4" in out and "tree-fp32" not in out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--bandwidth", "10gigs"), "argument --bandwidth"),
+    (("--bandwidth", "10"), "argument --bandwidth"),
+    (("--latency", "5"), "argument --latency"),
+    (("--params", "seven"), "argument --params"),
+    (("--workers", "0"), "argument --workers"),
+    (("--nodes", "3"), "workers must be a multiple of nodes"),
+    (("--schemes", "ring-fp32,warp-int8"), "--schemes"),
+    (("--plot", "x.jpg"), "--plot must name a .png"),
+    (("--plot", "/nonexistent/dir/x.png"), "--plot: the folder"),
+    (("--codec-throughput", "fast"), "argument --codec-throughput"),
+])
+def test_cost_bad_input_names_the_argument(capsys, args, needle):
+    base = {"--params": "7e9", "--workers": "8", "--bandwidth": "10gbit"}
+    extra = []
+    for k, v in zip(args[::2], args[1::2]):
+        if k in base:
+            base[k] = v
+        else:
+            extra += [k, v]
+    argv = ["cost", "--no-codec"] if "--codec-throughput" not in args else ["cost"]
+    for k, v in base.items():
+        argv += [k, v]
+    code, _, err = run(capsys, *argv, *extra)
+    assert code == 2
+    assert needle in err
+
+
+def test_cost_requires_its_arguments(capsys):
+    code, _, err = run(capsys, "cost", "--params", "7e9")
+    assert code == 2 and "--workers" in err and "--bandwidth" in err
+
+
+# --------------------------------------------------------------------------------------------
+# doctor
+
+
+def test_doctor_json(capsys):
+    code, out, _ = run(capsys, "doctor", "--json", "--no-netns")
+    assert code == 0
+    rep = json.loads(out)
+    assert rep["torch"] == torch.__version__
+    assert rep["distributed"]["gloo"] is True
+    assert rep["cuda"]["available"] == torch.cuda.is_available()
+    assert set(rep["emulated_cluster"]) >= {"root", "ip", "tc", "netns", "can_run"}
+    assert rep["required_missing"] == []
+
+
+def test_doctor_table_and_require(capsys):
+    code, out, _ = run(capsys, "doctor", "--no-netns", "--require", "gloo")
+    assert code == 0 and "| gloo | yes |" in out and "emulated cluster" in out
+    # --no-netns skips the namespace check, so the emulated cluster counts as unavailable
+    code, _, err = run(capsys, "doctor", "--no-netns", "--require", "netns")
+    assert code == 3 and "netns" in err
+    code, _, err = run(capsys, "doctor", "--require", "teleport")
+    assert code == 2 and "argument --require" in err
+
+
+# --------------------------------------------------------------------------------------------
+# grads
+
+
+def test_grads_streaming_on_tinygpt(capsys, tmp_path):
+    out_json = tmp_path / "r.json"
+    code, out, err = run(capsys, "grads", "--init", "random", "--steps", "2", "--workers", "2", "--batch-size", "2",
+                         "--bits", "8", "--rounding", "nearest", "--error-feedback", "on,off", "--top", "3",
+                         "--out", str(out_json), "--no-progress")
+    assert code == 0, err
+    assert "int8 b256 nearest ef" in out and "int8 b256 nearest no-ef" in out
+    assert "relative error per layer (the 3 worst of" in out and "relative error per DDP bucket" in out
+    data = json.loads(out_json.read_text())
+    assert data["meta"]["workers"] == 2 and data["meta"]["steps"] == 2
+    assert len(data["summary"]) == 2 and data["summary"][0]["rel_error"] < 0.1
+
+
+def test_grads_trace_roundtrip_json_and_plots(capsys, tmp_path):
+    from gradcomp import gradexp as gx
+
+    g = torch.Generator().manual_seed(0)
+    trace = gx.GradientTrace(["a.weight", "a.bias"], [(64, 16), (16,)], torch.randn(3, 2, 64 * 16 + 16, generator=g))
+    trace.save(tmp_path / "t.safetensors")
+    code, out, err = run(capsys, "grads", "--load-trace", str(tmp_path / "t.safetensors"), "--replay-steps", "5",
+                         "--bits", "4,2", "--block-sizes", "32", "--json", "--plot-dir", str(tmp_path / "p"), "--no-progress")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["meta"]["steps"] == 5 and data["meta"]["captured_steps"] == 3
+    assert {r["bits"] for r in data["summary"]} == {4, 2} and len(data["summary"]) == 8
+    assert len(data["plots"]) == 3
+    for p in data["plots"]:
+        assert (tmp_path / "p" / p.split("/")[-1]).stat().st_size > 5_000
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--bits", "3"), "--bits must be a comma-separated list of (8, 4, 2)"),
+    (("--bits", "eight"), "--bits"),
+    (("--rounding", "up"), "--rounding"),
+    (("--error-feedback", "maybe"), "--error-feedback"),
+    (("--block-sizes", "6", "--bits", "2"), "--block-sizes"),
+    (("--load-trace", "/nonexistent/t.safetensors"), "--load-trace: no such file"),
+    (("--model", "no_such_module_xyz:build", "--data", "x:y"), "--model: cannot import module"),
+    (("--model", "torch.nn:Linear"), "--model needs --data"),
+    (("--model", "torch.nn"), "--model must look like MODULE:NAME"),
+    (("--data", "x:y"), "--data and --loss go with --model"),
+    (("--lr", "-1"), "--lr must be a non-negative"),
+    (("--steps", "0"), "argument --steps"),
+    (("--out", "/nonexistent/dir/r.json"), "--out: the folder"),
+])
+def test_grads_bad_input_names_the_argument(capsys, args, needle):
+    code, _, err = run(capsys, "grads", "--init", "random", "--no-progress", *args)
+    assert code == 2
+    assert needle in err
+
+
+def test_grads_bad_trace_file(capsys, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"junk")
+    code, _, err = run(capsys, "grads", "--load-trace", str(bad))
+    assert code == 2 and "not a gradient trace" in err
+
+
+def test_grads_with_your_own_model_and_data(capsys, tmp_path, monkeypatch):
+    (tmp_path / "mymodels_gc.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))\n"
+        "def batch(step, worker):\n"
+        "    g = torch.Generator().manual_seed(step * 10 + worker)\n"
+        "    return torch.randn(4, 8, generator=g), torch.randn(4, 1, generator=g)\n"
+        "def loss(model, batch):\n"
+        "    x, y = batch\n"
+        "    return ((model(x) - y) ** 2).mean()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, err = run(capsys, "grads", "--model", "mymodels_gc:build", "--data", "mymodels_gc:batch",
+                         "--loss", "mymodels_gc:loss", "--steps", "3", "--workers", "3", "--bits", "8",
+                         "--rounding", "nearest", "--error-feedback", "on", "--json", "--no-progress")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["meta"]["params"] == 8 * 16 + 16 + 16 + 1 and data["meta"]["workers"] == 3
+    assert [r["layer"] for r in data["per_layer"]] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    # without --loss the model's output is not a loss: the error says what to do
+    code, _, err = run(capsys, "grads", "--model", "mymodels_gc:build", "--data", "mymodels_gc:batch", "--steps", "1")
+    assert code == 2 and "calling the model as model(*batch) failed" in err and "pass loss_fn" in err
+
+
+def test_every_subcommand_has_help_and_json():
+    import argparse
+
+    from gradcomp.cli import build_parser
+
+    def leaves(p, prefix):
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            yield prefix, p
+            return
+        for name, child in subs[0].choices.items():
+            yield from leaves(child, f"{prefix} {name}")
+
+    found = dict(leaves(build_parser(), "gradcomp"))
+    assert {"gradcomp cost", "gradcomp grads", "gradcomp doctor"} <= set(found)
+    for name, p in found.items():
+        flags = {s for a in p._actions for s in a.option_strings}
+        assert "--json" in flags, f"{name} has no --json"
+        assert p.description or p.format_help(), f"{name} has no help"
+
+
+def test_grads_save_trace_then_replay_it(capsys, tmp_path):
+    trace = tmp_path / "g.safetensors"
+    code, out, err = run(capsys, "grads", "--init", "random", "--steps", "2", "--workers", "2", "--batch-size", "2",
+                         "--bits", "4", "--rounding", "nearest", "--error-feedback", "on", "--save-trace", str(trace),
+                         "--replay-steps", "4", "--json", "--no-progress")
+    assert code == 0, err
+    first = json.loads(out)
+    assert first["meta"]["steps"] == 4 and first["meta"]["captured_steps"] == 2 and trace.exists()
+    code, out, err = run(capsys, "grads", "--load-trace", str(trace), "--replay-steps", "4", "--bits", "4",
+                         "--rounding", "nearest", "--error-feedback", "on", "--json", "--no-progress")
+    assert code == 0, err
+    again = json.loads(out)
+    assert again["summary"][0]["rel_error"] == first["summary"][0]["rel_error"]  # same gradients, same numbers
+    assert again["meta"]["trace"]["model"] == "TinyGPT small (random)"
+
+
+def test_a_command_that_cannot_load_does_not_break_the_others(capsys, monkeypatch):
+    import pkgutil
+
+    import gradcomp.cli as cli
+
+    real = pkgutil.iter_modules
+
+    def with_broken(path):
+        yield from real(path)
+        yield pkgutil.ModuleInfo(None, "zz_missing_cmd", False)
+
+    monkeypatch.setattr(cli.pkgutil, "iter_modules", with_broken)
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and "zz_missing_cmd" in out and "cost" in out
+    code, _, err = run(capsys, "zz_missing_cmd")
+    assert code == 3 and "could not be loaded" in err

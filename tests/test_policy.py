@@ -1,0 +1,211 @@
+"""The measured policy: the alpha-beta fit, decisions from injected figures, and the hook following them on gloo."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import gradcomp
+from gradcomp.comm.hierarchical import HierarchicalLayout
+from gradcomp.comm.policy import PLAIN, CommPolicy, LinkFit, NetworkFit, PolicyConfig, fit_latency_bandwidth
+from gradcomp.comm.topology import Topology
+from gradcomp.costmodel import CodecThroughput
+
+from _dist import spawn
+
+CODEC = ((8, CodecThroughput(4e8, 8e8)), (4, CodecThroughput(3e8, 6e8)))
+
+
+def _fit(latency, bandwidth, intra=None):
+    return NetworkFit(link=LinkFit(latency, bandwidth), intra=intra, codec=CODEC)
+
+
+# ---------------------------------------------------------------------------------------------
+# fitting
+
+
+@pytest.mark.parametrize("workers", [2, 4, 6])
+def test_fit_recovers_latency_and_bandwidth(workers):
+    alpha, beta = 40e-6, 120e6
+    numels = [256, 4096, 65536, 262144, 1048576]
+    k = 2 * (workers - 1)
+    times = [k * alpha + (2 * (workers - 1) / workers * 4 * n) / beta for n in numels]
+    # 3% multiplicative noise, alternating, must not move the fit far
+    noisy = [t * (1.03 if i % 2 else 0.97) for i, t in enumerate(times)]
+    exact = fit_latency_bandwidth(numels, times, workers)
+    assert exact.latency == pytest.approx(alpha, rel=1e-6) and exact.bandwidth == pytest.approx(beta, rel=1e-6)
+    assert exact.rel_rmse < 1e-9 and exact.samples == 5
+    fit = fit_latency_bandwidth(numels, noisy, workers)
+    assert fit.latency == pytest.approx(alpha, rel=0.2) and fit.bandwidth == pytest.approx(beta, rel=0.1)
+    assert 0.01 < fit.rel_rmse < 0.05
+
+
+def test_fit_clamps_negative_latency_and_rejects_bad_input():
+    # times proportional to size: no latency at all, and a noisy intercept below zero
+    numels = [1000, 10000, 100000]
+    times = [n * 8e-9 * 0.9 if i == 0 else n * 8e-9 for i, n in enumerate(numels)]
+    fit = fit_latency_bandwidth(numels, times, 2)
+    assert fit.latency == 0.0 and fit.bandwidth == pytest.approx(4 / 8e-9, rel=0.05)
+    with pytest.raises(ValueError, match="same length >= 2"):
+        fit_latency_bandwidth([1], [1.0], 2)
+    with pytest.raises(ValueError, match="positive finite seconds"):
+        fit_latency_bandwidth([1, 2], [1.0, 0.0], 2)
+    with pytest.raises(ValueError, match="workers must be an int >= 2"):
+        fit_latency_bandwidth([1, 2], [1.0, 2.0], 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# deciding from injected figures (deterministic)
+
+
+def test_fast_network_picks_plain_allreduce_everywhere():
+    policy = CommPolicy(PolicyConfig(), _fit(5e-6, 12.5e9), workers=4)
+    for numel in (1_000, 100_000, 10_000_000):
+        assert policy.choose(numel) == PLAIN, policy.describe_choice(numel)
+
+
+def test_slow_network_picks_compression_for_big_buckets_only():
+    policy = CommPolicy(PolicyConfig(), _fit(2e-3, 125e6), workers=4)
+    assert policy.choose(10_000_000) == 4
+    pred = policy.predict(10_000_000)
+    assert pred[4] < pred[8] < pred[PLAIN]
+    # a tiny bucket: the same number of messages whatever the width, the codec only adds time
+    assert policy.choose(64) == PLAIN
+    assert "twophase-int4" in policy.describe_choice(10_000_000)
+    assert "beta 125.0 MB/s" in policy.describe()
+
+
+def test_accuracy_floor_and_pinned_candidates():
+    slow = _fit(50e-6, 125e6)
+    assert CommPolicy(PolicyConfig(min_bits=8), slow, workers=4).choose(10_000_000) == 8
+    assert CommPolicy(PolicyConfig(candidates=(8,)), slow, workers=4).choose(100) == 8  # pinned int8
+    assert CommPolicy(PolicyConfig(candidates=(PLAIN,)), slow, workers=4).choose(10_000_000) == PLAIN
+    assert PolicyConfig(min_bits=8).allowed == (PLAIN, 8)
+
+
+def test_decision_matches_the_cost_model_and_its_break_even():
+    """The choice flips from compression to plain where gradcomp.costmodel says int8 stops paying."""
+    from gradcomp.costmodel import Cluster, break_even_bandwidth
+
+    numel = 4_000_000
+    cfg = PolicyConfig(candidates=(PLAIN, 8))
+    be = break_even_bandwidth("twophase-int8", numel, Cluster(4, 1e9, 20e-6), CODEC[0][1])
+    assert 0 < be < math.inf
+    assert CommPolicy(cfg, _fit(20e-6, be * 0.9), workers=4).choose(numel) == 8
+    assert CommPolicy(cfg, _fit(20e-6, be * 1.1), workers=4).choose(numel) == PLAIN
+
+
+def test_hierarchical_policy_uses_the_hierarchical_scheme():
+    fit = _fit(50e-6, 125e6, intra=LinkFit(10e-6, 2e9))
+    policy = CommPolicy(PolicyConfig(), fit, workers=4, nodes=2)
+    assert policy.hierarchical and policy.scheme(8) == "hier-int8"
+    assert policy.cluster.num_nodes == 2 and policy.cluster.intra_bandwidth == 2e9
+    flat = CommPolicy(PolicyConfig(), fit, workers=4)
+    # the hierarchical exchange moves half the bytes across nodes: it is predicted faster
+    assert policy.predict(10_000_000)[8] < flat.predict(10_000_000)[8]
+
+
+def test_config_validation_and_round_trip():
+    with pytest.raises(ValueError, match=r"candidates must be among \(32, 8, 4, 2\)"):
+        PolicyConfig(candidates=(16,))
+    with pytest.raises(ValueError, match="min_bits=32 rules out every candidate"):
+        PolicyConfig(candidates=(8, 4), min_bits=32)
+    with pytest.raises(ValueError, match="min_bits must be one of"):
+        PolicyConfig(min_bits=6)
+    with pytest.raises(ValueError, match="probe_numels must be a tuple of at least 2"):
+        PolicyConfig(probe_numels=(1024,))
+    with pytest.raises(TypeError, match="fit must be a NetworkFit"):
+        PolicyConfig(fit={"link": 1})
+    with pytest.raises(ValueError, match="bandwidth must be a positive"):
+        LinkFit(1e-6, 0.0)
+    with pytest.raises(ValueError, match="no codec throughput for int4"):
+        CommPolicy(PolicyConfig(), NetworkFit(LinkFit(1e-6, 1e9), codec=CODEC[:1]), workers=2)
+    with pytest.raises(TypeError, match="policy must be a gradcomp PolicyConfig"):
+        gradcomp.HookConfig(policy="auto")
+    fit = _fit(1e-5, 1e9, intra=LinkFit(1e-6, 1e10, 0.02, 5))
+    assert NetworkFit.from_dict(fit.to_dict()) == fit
+
+
+# ---------------------------------------------------------------------------------------------
+# the hook follows the policy, on every rank alike
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    # a large bucket (the first Linear, alone) and small ones
+    return nn.Sequential(nn.Linear(256, 400), nn.Tanh(), nn.Linear(400, 7))
+
+
+def _step(model, rank, step):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    x, y = torch.randn(8, 256, generator=g), torch.randint(0, 7, (8,), generator=g)
+    model.zero_grad(set_to_none=False)
+    nn.functional.cross_entropy(model(x), y).backward()
+
+
+def _grads(model):
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def _hook_worker(rank, world_size):
+    topo = Topology(2)
+    # figures chosen so the 102800-element bucket compresses to int4 and the 2807-element one stays
+    # plain: slow links between nodes, and a latency inside the node that only pays off on big buckets
+    fit = _fit(1e-5, 20e6, intra=LinkFit(2e-3, 5e9))
+    cfg = PolicyConfig(fit=fit)
+    policy = CommPolicy(cfg, fit, world_size, nodes=2)
+    assert policy.choose(102800) == 4 and policy.choose(2807) == PLAIN
+
+    ref = DDP(_model(), bucket_cap_mb=0.01)
+    model = DDP(_model(), bucket_cap_mb=0.01)
+    state = gradcomp.register(model, bits=8, warmup_steps=1, min_compress_numel=0, topology=topo, policy=cfg)
+    for step in range(3):
+        _step(ref, rank, step)
+        _step(model, rank, step)
+    got, exact = _grads(model), _grads(ref)
+    assert float((got - exact).norm() / exact.norm()) < 0.4
+    gathered = [torch.empty_like(got) for _ in range(world_size)]
+    dist.all_gather(gathered, got)
+    assert all(torch.equal(gathered[0], g) for g in gathered)
+    # exactly one bucket compressed, with int4, and its bytes as the hierarchical layout says
+    plans = list(state._plans.values())
+    assert [p.layout.bits for p in plans] == [4]
+    s = state.stats()
+    assert (s["compressed_buckets_step"], s["buckets_step"]) == (1, 2)
+    lay = HierarchicalLayout(plans[0].layout.numel, 2, 2, 4, 256)
+    plain = 2 * (world_size - 1) * 2807 * 4 // world_size
+    assert s["bytes_sent_step"] == lay.inter_bytes_sent + lay.intra_bytes_sent + plain
+
+    # the checkpoint carries the figures: a resumed state decides from them, not from a new probe
+    sd = copy.deepcopy(state.state_dict())
+    assert sd["network_fit"] == fit.to_dict()
+    other = gradcomp.QuantizedAllReduceState(bits=8, warmup_steps=1, topology=topo, policy=PolicyConfig(fit=_fit(5e-6, 12.5e9)))
+    assert other._policy.choose(102800) == PLAIN
+    other.load_state_dict(sd)
+    assert other._policy.choose(102800) == 4
+
+    # measured: a real probe on this group; whatever it finds, every rank finds the same
+    probed = gradcomp.QuantizedAllReduceState(
+        bits=8, policy=PolicyConfig(probe_numels=(64, 4096, 16384), probe_repeats=2, codec_numel=1 << 14), topology=topo
+    )
+    f = probed._policy.fit
+    assert f.link.samples == 3 and f.intra is not None and f.link.bandwidth > 0
+    mine = torch.tensor([f.link.latency, f.link.bandwidth, f.intra.bandwidth, f.codec_for(4).quantize_eps], dtype=torch.float64)
+    every = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(every, mine)
+    assert all(torch.equal(every[0], e) for e in every), f"ranks fitted different figures: {every}"
+    picks = torch.tensor([probed._policy.choose(n) for n in (1000, 100_000, 10_000_000)])
+    every = [torch.empty_like(picks) for _ in range(world_size)]
+    dist.all_gather(every, picks)
+    assert all(torch.equal(every[0], e) for e in every), "ranks decided differently"
+    assert set(probed.recalibrate()) == {"link", "intra", "codec", "source"}
+
+
+def test_hook_follows_policy_identically_on_every_rank(tmp_path):
+    spawn(_hook_worker, 4, tmp_path, timeout=180.0)
