@@ -18,3 +18,12 @@ def require_matplotlib():
             f"plots need matplotlib, which is not installed ({exc}); install it with: pip install 'gradcomp[plots]'"
         ) from exc
     return plt
+
+
+def save_figure(fig, path, dpi: int = 120) -> str:
+    """Lay out ``fig``, write it as a PNG to ``path``, close it, and return the path as a string."""
+    plt = require_matplotlib()
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return str(path)

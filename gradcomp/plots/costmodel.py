@@ -6,7 +6,7 @@ import math
 import os
 from typing import Dict, List, Optional, Sequence
 
-from gradcomp.plots import require_matplotlib
+from gradcomp.plots import require_matplotlib, save_figure
 
 __all__ = ["plot_cost_sweep", "plot_validation"]
 
@@ -59,10 +59,7 @@ def plot_cost_sweep(
     ax.legend(fontsize=8, ncol=2)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_validation(rows: Sequence[dict], path: "str | os.PathLike", title: str = "") -> str:
@@ -96,7 +93,4 @@ def plot_validation(rows: Sequence[dict], path: "str | os.PathLike", title: str 
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path, dpi=120)

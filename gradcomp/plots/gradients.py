@@ -6,7 +6,7 @@ import math
 import os
 from typing import Dict, List, Optional, Sequence
 
-from gradcomp.plots import require_matplotlib
+from gradcomp.plots import require_matplotlib, save_figure
 
 __all__ = ["plot_drift", "plot_layer_errors", "plot_error_summary"]
 
@@ -99,10 +99,7 @@ def plot_layer_errors(
     ax.legend(fontsize=7)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_error_summary(summary: Sequence[dict], path: "str | os.PathLike", title: str = "") -> str:
@@ -140,7 +137,4 @@ def plot_error_summary(summary: Sequence[dict], path: "str | os.PathLike", title
     a1.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path, dpi=120)
