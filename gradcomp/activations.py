@@ -603,6 +603,13 @@ class ActivationObserver(nn.Module):
         return f"bits={self.bits}, symmetric={self.symmetric}"
 
 
+def _widen_range(observer: nn.Module, flat: torch.Tensor) -> None:
+    """Widen ``observer.min_val``/``max_val`` to cover the finite values ``flat``."""
+    lo, hi = torch.aminmax(flat)
+    observer.min_val = torch.minimum(observer.min_val, lo)
+    observer.max_val = torch.maximum(observer.max_val, hi)
+
+
 class MinMaxObserver(ActivationObserver):
     """Track the running min and max over every batch.
 
@@ -619,9 +626,7 @@ class MinMaxObserver(ActivationObserver):
         flat = _finite_flat(x)
         if flat.numel() == 0:
             return
-        lo, hi = torch.aminmax(flat)
-        self.min_val = torch.minimum(self.min_val, lo)
-        self.max_val = torch.maximum(self.max_val, hi)
+        _widen_range(self, flat)
 
     def clip_range(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return the observed ``(min, max)``."""
@@ -774,9 +779,7 @@ class _HistogramBase(ActivationObserver):
         flat = _finite_flat(x)
         if flat.numel() == 0:
             return
-        lo, hi = torch.aminmax(flat)
-        self.min_val = torch.minimum(self.min_val, lo)
-        self.max_val = torch.maximum(self.max_val, hi)
+        _widen_range(self, flat)
         self.histogram.update(flat)
 
 

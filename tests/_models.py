@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 # per-step relative error of the averaged gradient against exact DDP, without error feedback
 STEP_TOL = {8: 0.03, 4: 0.4}
@@ -35,3 +38,36 @@ def _backward(model, rank, step):
     x, y = _batch(rank, step)
     model.zero_grad(set_to_none=False)
     nn.functional.cross_entropy(model(x), y).backward()
+
+
+def _train(model, opt, rank, steps):
+    for step in steps:
+        _backward(model, rank, step)
+        opt.step()
+
+
+def check_resume_bit_identical(rank: int, opts: dict, split: int, end: int):
+    """Train to ``end`` in one go, and again from a checkpoint taken at ``split`` in a fresh model,
+    optimizer and hook state; assert both end with bit-identical parameters. Return the resumed state."""
+    import gradcomp
+
+    model = DDP(_model(), bucket_cap_mb=0.05)
+    state = gradcomp.register(model, **opts)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _train(model, opt, rank, range(0, split))
+    ckpt = copy.deepcopy({"model": model.module.state_dict(), "opt": opt.state_dict(), "hook": state.state_dict()})
+    _train(model, opt, rank, range(split, end))
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    fresh = _model(seed=123)
+    fresh.load_state_dict(ckpt["model"])
+    model2 = DDP(fresh, bucket_cap_mb=0.05)
+    state2 = gradcomp.register(model2, **opts)
+    state2.load_state_dict(ckpt["hook"])
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
+    opt2.load_state_dict(ckpt["opt"])
+    _train(model2, opt2, rank, range(split, end))
+    for a, b in zip(expected, model2.parameters()):
+        assert torch.equal(a, b.detach()), f"{opts}: resumed run diverged from the uninterrupted one"
+    assert _all_identical(torch.cat([p.detach().reshape(-1) for p in model2.parameters()]))
+    return state2

@@ -3,7 +3,6 @@ non-finite steps, resume; and the layout and topology arithmetic in one process.
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from gradcomp.comm.topology import Topology
 
 from _dist import spawn
 
-from _models import STEP_TOL, _all_identical, _backward, _batch, _grads, _model
+from _models import STEP_TOL, _all_identical, _backward, _batch, _grads, _model, check_resume_bit_identical
 
 
 def _hooked(bits, error_feedback, local, **opts):
@@ -140,12 +139,6 @@ def _parity_worker(rank, world_size, local):
         assert _all_identical(_grads(model))
 
 
-def _train(model, opt, rank, steps):
-    for step in steps:
-        _backward(model, rank, step)
-        opt.step()
-
-
 def _nonfinite_and_resume_worker(rank, world_size, local):
     # a non-finite gradient on one rank reaches every rank, and leaves the residuals untouched
     model, state = _hooked(4, True, local)
@@ -174,25 +167,7 @@ def _nonfinite_and_resume_worker(rank, world_size, local):
     # round-to-nearest at 2 x 2, stochastic rounding (noise drawn per node and per shard owner) at 2 x 3
     for bits, stochastic in ((8, False),) if local == 2 else ((4, True),):
         opts = dict(bits=bits, warmup_steps=2, min_compress_numel=0, stochastic_rounding=stochastic, seed=3, topology=Topology(local))
-        model = DDP(_model(), bucket_cap_mb=0.05)
-        state = gradcomp.register(model, **opts)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        _train(model, opt, rank, range(0, 4))
-        ckpt = copy.deepcopy({"model": model.module.state_dict(), "opt": opt.state_dict(), "hook": state.state_dict()})
-        _train(model, opt, rank, range(4, 7))
-        expected = [p.detach().clone() for p in model.parameters()]
-
-        fresh = _model(seed=123)
-        fresh.load_state_dict(ckpt["model"])
-        model2 = DDP(fresh, bucket_cap_mb=0.05)
-        state2 = gradcomp.register(model2, **opts)
-        state2.load_state_dict(ckpt["hook"])
-        opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
-        opt2.load_state_dict(ckpt["opt"])
-        _train(model2, opt2, rank, range(4, 7))
-        for a, b in zip(expected, model2.parameters()):
-            assert torch.equal(a, b.detach()), f"bits={bits}: resumed run diverged from the uninterrupted one"
-        assert _all_identical(torch.cat([p.detach().reshape(-1) for p in model2.parameters()]))
+        check_resume_bit_identical(rank, opts, split=4, end=7)
 
     # a checkpoint of another node layout is refused before anything changes
     flat_state = gradcomp.QuantizedAllReduceState(bits=state.config.bits, warmup_steps=2)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from gradcomp.comm.collectives import ShardLayout
 
 from _dist import init_gloo, spawn
 
-from _models import STEP_TOL, _all_identical, _backward, _batch, _grads, _model
+from _models import STEP_TOL, _all_identical, _backward, _batch, _grads, _model, check_resume_bit_identical
 
 
 def _hooked(bits, error_feedback, **ddp_kwargs):
@@ -108,33 +107,9 @@ def test_nonfinite_on_one_rank_reaches_all_and_keeps_residuals(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def _train(model, opt, rank, steps):
-    for step in steps:
-        _backward(model, rank, step)
-        opt.step()
-
-
 def _resume_worker(rank, world_size, bits, stochastic):
     opts = dict(bits=bits, warmup_steps=2, min_compress_numel=0, stochastic_rounding=stochastic, seed=3)
-    model = DDP(_model(), bucket_cap_mb=0.05)
-    state = gradcomp.register(model, **opts)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    _train(model, opt, rank, range(0, 5))
-    ckpt = copy.deepcopy({"model": model.module.state_dict(), "opt": opt.state_dict(), "hook": state.state_dict()})
-    _train(model, opt, rank, range(5, 10))
-    expected = [p.detach().clone() for p in model.parameters()]
-
-    # a fresh job from the checkpoint continues bit-identically
-    fresh = _model(seed=123)
-    fresh.load_state_dict(ckpt["model"])
-    model2 = DDP(fresh, bucket_cap_mb=0.05)
-    state2 = gradcomp.register(model2, **opts)
-    state2.load_state_dict(ckpt["hook"])
-    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
-    opt2.load_state_dict(ckpt["opt"])
-    _train(model2, opt2, rank, range(5, 10))
-    for a, b in zip(expected, model2.parameters()):
-        assert torch.equal(a, b.detach()), "resumed run diverged from the uninterrupted one"
+    state2 = check_resume_bit_identical(rank, opts, split=5, end=10)
     assert state2.step == 10
 
 
