@@ -174,6 +174,7 @@ def fit(run: dict, rate_bytes: float):
 
 def main(argv=None) -> int:
     from gradcomp import costmodel as cm
+    from gradcomp.cli._units import parse_bandwidth, parse_duration
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="mode")
@@ -223,13 +224,13 @@ def main(argv=None) -> int:
         print("no setting could run", file=sys.stderr)
         return 1
     first = runs[0]
-    rate0 = cm.parse_bandwidth(first["setting"]["rate"], "rate")
+    rate0 = parse_bandwidth(first["setting"]["rate"], "rate")
     alpha, eta = fit(first, rate0)
     rows = []
     for r in runs:
         s = r["setting"]
-        rate = cm.parse_bandwidth(s["rate"], "rate")
-        delay = cm.parse_duration(s["delay"], "delay")
+        rate = parse_bandwidth(s["rate"], "rate")
+        delay = parse_duration(s["delay"], "delay")
         codec = r["measured"]["codec"]
         tp = cm.CodecThroughput(codec["quantize_eps"], codec["dequantize_eps"], "measured by the workers")
         for t in r["measured"]["timings"]:

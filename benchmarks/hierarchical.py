@@ -142,7 +142,7 @@ def worker(args: argparse.Namespace) -> int:
                 result["policy_probe_s"] = probe_s
                 result["policy_fit"] = state._policy.fit.to_dict()
                 seen = sorted(state._logged_choices)  # the bucket sizes rank 0 decided for
-                result["policy_choice"] = {str(n): state._policy.scheme(state._policy.choose(n)) for n in seen}
+                result["policy_choice"] = {str(n): state._policy.scheme(state._policy.choose(n)).name for n in seen}
         Path(args.out).write_text(json.dumps(result, indent=1))
     dist.destroy_process_group()
     return 0

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from gradcomp.cli import _units as units
 from gradcomp.cli import main
 
 
@@ -287,3 +289,45 @@ def test_a_command_that_cannot_load_does_not_break_the_others(capsys, monkeypatc
     assert code == 0 and "zz_missing_cmd" in out and "cost" in out
     code, _, err = run(capsys, "zz_missing_cmd")
     assert code == 3 and "could not be loaded" in err
+
+
+# --------------------------------------------------------------------------------------------
+# units (gradcomp.cli._units)
+
+
+@pytest.mark.parametrize("text,want", [
+    ("10gbit", 1.25e9), ("10Gbit/s", 1.25e9), ("100mbit", 12.5e6), ("10gbps", 1.25e9), ("10Gb/s", 1.25e9),
+    ("25GB/s", 25e9), ("1GiB/s", 2**30), ("3.5MB/s", 3.5e6), ("1e9B/s", 1e9), ("800 kbit", 1e5),
+])
+def test_parse_bandwidth(text, want):
+    assert units.parse_bandwidth(text) == pytest.approx(want)
+
+
+@pytest.mark.parametrize("text", ["10", "10gigs", "-5gbit", "0gbit", "gbit", "10 GB", "1e999gbit", ""])
+def test_parse_bandwidth_rejects_and_names_the_argument(text):
+    with pytest.raises(ValueError, match="--bandwidth"):
+        units.parse_bandwidth(text, "--bandwidth")
+
+
+def test_parsers_for_durations_counts_and_sizes():
+    assert units.parse_duration("5us") == pytest.approx(5e-6)
+    assert units.parse_duration("0.5ms") == pytest.approx(5e-4)
+    assert units.parse_duration("2s") == 2.0 and units.parse_duration("0") == 0.0
+    assert units.parse_duration("100ns") == pytest.approx(1e-7)
+    assert units.parse_count("7e9") == 7_000_000_000 and units.parse_count("7B") == 7_000_000_000
+    assert units.parse_count("350M") == 350_000_000 and units.parse_count("1_000") == 1000
+    assert units.parse_bytes("25MB") == 25_000_000 and units.parse_bytes("1MiB") == 1 << 20
+    for bad, fn, name in [("5", units.parse_duration, "--latency"), ("5 parsecs", units.parse_duration, "--latency"),
+                          ("abc", units.parse_count, "--params"), ("0", units.parse_count, "--params"),
+                          ("-3", units.parse_count, "--params"), ("25", units.parse_bytes, "--size")]:
+        with pytest.raises(ValueError, match=name):
+            fn(bad, name)
+    with pytest.raises(TypeError):
+        units.parse_bandwidth(10)
+
+
+def test_formatters():
+    assert units.format_bandwidth(1.25e9) == "10 Gbit/s"
+    assert units.format_bandwidth(math.inf) == "any" and units.format_bandwidth(0.0) == "never"
+    assert units.format_bytes(4.9e10) == "49 GB"
+    assert units.format_duration(0.0123) == "12.3 ms" and units.format_duration(5e-6) == "5 us"

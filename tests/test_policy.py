@@ -104,7 +104,7 @@ def test_decision_matches_the_cost_model_and_its_break_even():
 def test_hierarchical_policy_uses_the_hierarchical_scheme():
     fit = _fit(50e-6, 125e6, intra=LinkFit(10e-6, 2e9))
     policy = CommPolicy(PolicyConfig(), fit, workers=4, nodes=2)
-    assert policy.hierarchical and policy.scheme(8) == "hier-int8"
+    assert policy.hierarchical and policy.scheme(8).name == "hier-int8"
     assert policy.cluster.num_nodes == 2 and policy.cluster.intra_bandwidth == 2e9
     flat = CommPolicy(PolicyConfig(), fit, workers=4)
     # the hierarchical exchange moves half the bytes across nodes: it is predicted faster

@@ -28,7 +28,7 @@ fused kernels here.
 
 def register(subparsers) -> None:
     """Add the ``cost`` subcommand."""
-    from gradcomp.costmodel import parse_bandwidth, parse_count, parse_duration
+    from gradcomp.cli._units import parse_bandwidth, parse_count, parse_duration
 
     p = subparsers.add_parser(
         "cost",
@@ -92,6 +92,7 @@ def _parse_schemes(text):
 def run(args) -> int:
     """Handle ``gradcomp cost``."""
     from gradcomp import costmodel as cm
+    from gradcomp.cli._units import format_bandwidth, format_bytes, format_duration
 
     try:
         cluster = cm.Cluster(
@@ -121,7 +122,9 @@ def run(args) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        tp = cm.measure_codec_throughput(bits=8, block_size=args.block_size, compiled=compiled, device=device)
+        from gradcomp.comm.measure import measure_hook_codec
+
+        tp = measure_hook_codec(8, args.block_size, 1 << 22, args.workers, repeats=5, compiled=compiled, device=device)
 
     estimates = cm.compare(args.params, cluster, schemes, tp, args.block_size)
     base = cm.estimate("ring-fp32", args.params, cluster, tp, args.block_size)
@@ -148,9 +151,9 @@ def run(args) -> int:
             curves,
             args.sweep,
             args.plot,
-            title=(f"{cm.format_bytes(args.params).replace('B', '').strip()} params, {args.workers} workers"
-                   f"{'' if args.nodes is None else f' on {args.nodes} nodes'}, {cm.format_bandwidth(cluster.bandwidth)}, "
-                   f"{cm.format_duration(cluster.latency)} latency"),
+            title=(f"{format_bytes(args.params).replace('B', '').strip()} params, {args.workers} workers"
+                   f"{'' if args.nodes is None else f' on {args.nodes} nodes'}, {format_bandwidth(cluster.bandwidth)}, "
+                   f"{format_duration(cluster.latency)} latency"),
             break_even={e.scheme: be for e, be in rows if e.scheme != "ring-fp32"} if args.sweep == "bandwidth" else None,
         )
 
@@ -179,19 +182,19 @@ def run(args) -> int:
     for e, be in rows:
         table.append({
             "scheme": e.scheme,
-            "bytes/rank": cm.format_bytes(e.bytes_per_rank),
-            "NIC bytes": cm.format_bytes(e.wire_bytes),
-            "latency": cm.format_duration(e.latency_s),
-            "wire": cm.format_duration(e.wire_s),
-            "intra": cm.format_duration(e.intra_s),
-            "codec": cm.format_duration(e.compute_s),
-            "total": cm.format_duration(e.total_s),
+            "bytes/rank": format_bytes(e.bytes_per_rank),
+            "NIC bytes": format_bytes(e.wire_bytes),
+            "latency": format_duration(e.latency_s),
+            "wire": format_duration(e.wire_s),
+            "intra": format_duration(e.intra_s),
+            "codec": format_duration(e.compute_s),
+            "total": format_duration(e.total_s),
             "vs ring-fp32": f"{base.total_s / e.total_s:.2f}x" if e.total_s > 0 else "-",
-            "pays below": "-" if e.scheme == "ring-fp32" else cm.format_bandwidth(be),
+            "pays below": "-" if e.scheme == "ring-fp32" else format_bandwidth(be),
         })
     nodes = "" if args.nodes is None else f" on {cluster.num_nodes} nodes ({cluster.per_node} per node)"
     print(f"{args.params:.4g} parameters, {cluster.workers} workers{nodes}, "
-          f"{cm.format_bandwidth(cluster.bandwidth)}, {cm.format_duration(cluster.latency)} latency")
+          f"{format_bandwidth(cluster.bandwidth)}, {format_duration(cluster.latency)} latency")
     print(f"codec: {'not counted' if tp is None else tp.source}"
           + ("" if tp is None else f" ({tp.quantize_eps * 4 / 1e9:.3g} GB/s quantize, {tp.dequantize_eps * 4 / 1e9:.3g} GB/s dequantize)"))
     if tp is not None and tp.source.startswith("measured") and "on cpu" in tp.source:
@@ -201,7 +204,7 @@ def run(args) -> int:
     print(format_table(table))
     print()
     best = min(estimates, key=lambda e: e.total_s)
-    print(f"fastest here: {best.scheme} ({cm.format_duration(best.total_s)} per step, "
+    print(f"fastest here: {best.scheme} ({format_duration(best.total_s)} per step, "
           f"{base.total_s / best.total_s if best.total_s > 0 else float('inf'):.2f}x ring-fp32)")
     print("'pays below': the main-link bandwidth under which the scheme beats ring-fp32 "
           "('any' = at every bandwidth, 'never' = at none).")

@@ -33,16 +33,14 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-from gradcomp import codec
-from gradcomp.costmodel import Cluster, CodecThroughput, estimate
+from gradcomp.comm.measure import measure_hook_codec, probe_allreduce, timed
+from gradcomp.costmodel import Cluster, CodecThroughput, Scheme, estimate
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +51,12 @@ __all__ = [
     "PolicyConfig",
     "CommPolicy",
     "fit_latency_bandwidth",
-    "probe_allreduce",
-    "measure_hook_codec",
     "probe_network",
 ]
 
 PLAIN = 32  # the "bits" of plain fp32 all-reduce among the candidates
 _CANDIDATES = (PLAIN, 8, 4, 2)
+_RING_FP32 = Scheme.plain()
 
 
 def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
@@ -195,7 +192,7 @@ class PolicyConfig:
 
 def _ring_terms(numel: int, workers: int) -> Tuple[float, float]:
     """(latency coefficient, wire bytes) of an fp32 ring all-reduce in the cost model."""
-    e = estimate("ring-fp32", numel, Cluster(workers, bandwidth=1.0, latency=1.0))
+    e = estimate(_RING_FP32, numel, Cluster(workers, bandwidth=1.0, latency=1.0))
     return e.latency_s, e.wire_bytes
 
 
@@ -256,57 +253,6 @@ def _agree_max(values: List[float], group) -> List[float]:
     return [float(v) for v in t]
 
 
-def probe_allreduce(group, numels: Sequence[int], repeats: int = 3, device="cpu") -> List[float]:
-    """Time fp32 all-reduces of each size on ``group`` (median of ``repeats`` after a warm-up); collective.
-
-    Returns this rank's times in seconds; agree on them with a max over ranks before fitting.
-    """
-    times = []
-    for n in numels:
-        buf = torch.ones(int(n), dtype=torch.float32, device=device)
-        dist.all_reduce(buf, group=group)  # warm-up: connections, buffers
-        samples = []
-        for _ in range(repeats):
-            dist.barrier(group=group)
-            t0 = time.perf_counter()
-            dist.all_reduce(buf, group=group)
-            if buf.is_cuda:
-                torch.cuda.synchronize(buf.device)
-            samples.append(time.perf_counter() - t0)
-        times.append(statistics.median(samples))
-    return times
-
-
-def measure_hook_codec(bits: int, block_size: int, numel: int = 1 << 20, repeats: int = 3, compiled: bool = False, device="cpu") -> Tuple[float, float]:
-    """Time the hook's codec kernels: (seconds to quantize with error feedback, seconds to dequantize) ``numel`` elements.
-
-    Quantization is :func:`gradcomp.codec.error_feedback_step` (what the hook runs at both
-    quantization points), dequantization :func:`gradcomp.codec.dequantize_packed`. Median of
-    ``repeats`` calls after one warm-up call (which compiles the kernels when ``compiled``).
-    """
-    blocks = max(1, numel // block_size)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(blocks, block_size, generator=g).to(device)
-    res = torch.zeros_like(x)
-    sync = (lambda: torch.cuda.synchronize(x.device)) if x.is_cuda else (lambda: None)
-
-    def timed(fn) -> float:
-        fn()
-        sync()
-        samples = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            samples.append(time.perf_counter() - t0)
-        return statistics.median(samples)
-
-    packed, scale, _ = codec.error_feedback_step(x, res, bits, block_size, compiled=compiled)
-    t_q = timed(lambda: codec.error_feedback_step(x, res, bits, block_size, compiled=compiled))
-    t_d = timed(lambda: codec.dequantize_packed(packed, scale, bits, compiled=compiled))
-    return t_q * numel / (blocks * block_size), t_d * numel / (blocks * block_size)
-
-
 def probe_network(
     config: PolicyConfig,
     group,
@@ -348,30 +294,24 @@ def probe_network(
     L = dist.get_world_size(intra_group) if intra_group is not None else 1
     intra_times = probe_allreduce(intra_group, numels, config.probe_repeats, device) if L > 1 else []
     widths = [b for b in config.candidates if b != PLAIN]
-    codec_times: List[float] = []
-    for b in widths:
-        codec_times.extend(measure_hook_codec(b, block_size, config.codec_numel, config.probe_repeats, compiled, device))
+    n = config.codec_numel
+    measured = [measure_hook_codec(b, block_size, n, P, config.probe_repeats, compiled, device) for b in widths]
+    # seconds, so that the max over ranks is the slowest rank's pace
+    codec_times = [t for tp in measured for t in (n / tp.quantize_eps, n / tp.dequantize_eps)]
     agreed = _agree_max(times + intra_times + codec_times, group)
     times, intra_times, codec_times = agreed[: len(numels)], agreed[len(numels) : len(numels) + len(intra_times)], agreed[len(numels) + len(intra_times) :]
     link = fit_latency_bandwidth(numels, times, P)
     intra = fit_latency_bandwidth(numels, intra_times, L) if L > 1 else None
-    n = config.codec_numel
     tps = [
-        (b, CodecThroughput(n / codec_times[2 * i], n / codec_times[2 * i + 1], f"measured: hook kernels, {n} elements, {'compiled' if compiled else 'eager'}"))
+        (b, CodecThroughput(n / codec_times[2 * i], n / codec_times[2 * i + 1], measured[i].source + ", slowest rank"))
         for i, b in enumerate(widths)
     ]
     if exchange is not None and widths:
         x = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(device)
         ex_times = []
         for b in widths:
-            exchange(b, x)  # warm-up (compiles the kernels when compiled)
-            samples = []
-            for _ in range(config.probe_repeats):
-                dist.barrier(group=group)
-                t0 = time.perf_counter()
-                exchange(b, x)
-                samples.append(time.perf_counter() - t0)
-            ex_times.append(statistics.median(samples))
+            # the warm-up call compiles the kernels when compiled
+            ex_times.append(timed(lambda: exchange(b, x), config.probe_repeats, device=device, before=lambda: dist.barrier(group=group)))
         ex_times = _agree_max(ex_times, group)
         probe_policy = CommPolicy(config, NetworkFit(link=link, intra=intra, codec=tuple(tps)), P, nodes, block_size)
         c = probe_policy.cluster
@@ -426,11 +366,11 @@ class CommPolicy:
             self.cluster = Cluster(workers, fit.link.bandwidth, fit.link.latency)
         self._cache: Dict[int, Tuple[int, Dict[str, float]]] = {}
 
-    def scheme(self, bits: int) -> str:
-        """Return the cost model's name of a candidate: ``ring-fp32``, ``twophase-int8``, ``hier-int4``..."""
+    def scheme(self, bits: int) -> Scheme:
+        """Return the cost model's :class:`~gradcomp.costmodel.Scheme` of a candidate (``.name``: ``twophase-int8``...)."""
         if bits == PLAIN:
-            return "ring-fp32"
-        return f"{'hier' if self.hierarchical else 'twophase'}-int{bits}"
+            return _RING_FP32
+        return Scheme.exchange(bits, self.hierarchical)
 
     def predict(self, numel: int) -> Dict[int, float]:
         """Return the predicted seconds of every allowed candidate for a bucket of ``numel`` elements."""
@@ -463,5 +403,5 @@ class CommPolicy:
         """One line with the decision for ``numel`` elements and the predicted times."""
         best = self.choose(numel)
         pred = self._cache[numel][1]
-        times = ", ".join(f"{self.scheme(b)} {pred[b] * 1e3:.3f} ms" for b in sorted(pred, reverse=True))
-        return f"{numel} elements -> {self.scheme(best)} ({times})"
+        times = ", ".join(f"{self.scheme(b).name} {pred[b] * 1e3:.3f} ms" for b in sorted(pred, reverse=True))
+        return f"{numel} elements -> {self.scheme(best).name} ({times})"
