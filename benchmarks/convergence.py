@@ -4,8 +4,8 @@ Trains the small TinyGPT on the stdlib corpus with 2 processes (``launch/run.sh`
 all-reduce, gradcomp int8 with error feedback, int4 with and without error feedback, and PyTorch's
 PowerSGD at rank 4, then writes the loss curves as a PNG and the table as markdown::
 
-    python launch/convergence.py                        # 600 steps each, results in runs/convergence
-    python launch/convergence.py --steps 2000 --nproc 4 --out-dir runs/convergence-long
+    python benchmarks/convergence.py                        # 600 steps each, results in runs/convergence
+    python benchmarks/convergence.py --steps 2000 --nproc 4 --out-dir runs/convergence-long
 
 The final loss is the validation loss on fixed windows of held-out bytes (identical for every run);
 the relative gap to fp32 all-reduce is what the targets are about (int8+EF within 1%, int4+EF within 3%).
@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCH = ROOT / "launch"
 
 RUNS = {
     "fp32 all-reduce": ["--hook", "allreduce"],
@@ -63,7 +63,7 @@ def _slug(label: str) -> str:
 def run_one(args: argparse.Namespace, label: str, out: Path) -> Dict[str, Any]:
     """Train one configuration through launch/run.sh and return its summary and curves."""
     cmd = [
-        "bash", str(HERE / "run.sh"),
+        "bash", str(LAUNCH / "run.sh"),
         "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(args.seed),
         "--threads", str(args.threads), "--eval-every", str(args.eval_every), "--warmup-steps", str(args.warmup_steps),
         "--powersgd-start-iter", str(max(2, args.warmup_steps)), "--log-every", "100", "--netdev", "none",

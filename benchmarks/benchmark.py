@@ -17,8 +17,8 @@ and PyTorch's PowerSGD at rank 4. It prints one table:
 Needs root (network namespaces). Timings are only fair on an otherwise idle machine; wrap the run in
 the shared lock so benchmarks do not overlap::
 
-    flock /tmp/gradcomp-bench.lock python launch/benchmark.py --hosts 2 --rate 1gbit
-    flock /tmp/gradcomp-bench.lock python launch/benchmark.py --hosts 4 --rate 1gbit --out-dir runs/bench4
+    flock /tmp/gradcomp-bench.lock python benchmarks/benchmark.py --hosts 2 --rate 1gbit
+    flock /tmp/gradcomp-bench.lock python benchmarks/benchmark.py --hosts 4 --rate 1gbit --out-dir runs/bench4
 
 Results go to ``--out-dir`` (default ``runs/bench``): ``results.json``, ``results.md`` and each hook's run
 directory with its ``metrics.jsonl``, ``summary.json`` and ``netsim.json``.
@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCH = ROOT / "launch"
 
 HOOK_ARGS = {
     "allreduce": ["--hook", "allreduce"],
@@ -93,9 +93,9 @@ def run_hook(args: argparse.Namespace, hook: str, out: Path) -> Dict[str, Any]:
     if not args.no_trace:
         train_args.append("--trace-overlap")
     cmd = [
-        "bash", str(HERE / "netsim.sh"), "--hosts", str(args.hosts), "--rate", args.rate,
+        "bash", str(LAUNCH / "netsim.sh"), "--hosts", str(args.hosts), "--rate", args.rate,
         "--report", str(out / "netsim.json"), "--timeout", str(args.timeout), "--grace", "20", "--",
-        "bash", str(HERE / "multinode.sh"),
+        "bash", str(LAUNCH / "multinode.sh"),
     ] + train_args
     env = dict(os.environ, PYTHON=args.python, NPROC="1", RDZV_ID=f"bench-{hook}")
     print(f"== {hook}: {' '.join(cmd)}", flush=True)

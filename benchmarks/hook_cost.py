@@ -5,7 +5,7 @@ fp32 gradients: with ``dist.all_reduce``, with gradcomp's ``quantized_allreduce`
 ``torch.compile``'d codec), and time the codec kernels alone and a plain ``clone()`` for scale. On an
 unlimited loopback the network is nearly free, so the difference is what the hook costs in CPU::
 
-    flock /tmp/gradcomp-bench.lock python launch/hook_cost.py --numel 17567488 --bits 8 4
+    flock /tmp/gradcomp-bench.lock python benchmarks/hook_cost.py --numel 17567488 --bits 8 4
 """
 
 from __future__ import annotations
