@@ -39,7 +39,9 @@ Hooks:
     ``fp16``       PyTorch's ``fp16_compress_hook``;
     ``powersgd``   PyTorch's PowerSGD (``--powersgd-rank``, ``--powersgd-start-iter``);
     ``int8``/``int4`` gradcomp's quantized all-reduce (``--quant-block``, ``--no-error-feedback``,
-                   ``--warmup-steps``, ``--stochastic-rounding``, ``--compile``).
+                   ``--warmup-steps``, ``--stochastic-rounding``, ``--compile``);
+    ``local``      no communication at all: every rank keeps its own gradient (the ranks drift
+                   apart). Not training: the benchmark's floor, the step time without the network.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ from gradcomp.tasks import GPT_PRESETS, TinyGPT, evaluate, get_batch, make_optim
 
 logger = logging.getLogger("gradcomp.launch.train")
 
-HOOKS = ("allreduce", "fp16", "powersgd", "int8", "int4")
+HOOKS = ("allreduce", "fp16", "powersgd", "int8", "int4", "local")
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,6 +399,18 @@ def setup_hook(args: argparse.Namespace, ddp: DDP, world_size: int, tracer: Opti
 
         ddp.register_comm_hook(state, wrap(counted))
         return HookSetup("powersgd", state, counter.stats)
+
+    if args.hook == "local":
+
+        def local(st, bucket):
+            # the step without communication: the bucket goes back as it is
+            counter.add(0, 4 * bucket.buffer().numel(), bucket.is_last())
+            fut: torch.futures.Future = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+
+        ddp.register_comm_hook(None, wrap(local))
+        return HookSetup("local", None, counter.stats)
 
     base = default_hooks.fp16_compress_hook if args.hook == "fp16" else default_hooks.allreduce_hook
     elem = 2 if args.hook == "fp16" else 4

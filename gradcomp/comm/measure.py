@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from gradcomp import codec
+from gradcomp.comm.collectives import ShardLayout
 from gradcomp.costmodel import CodecThroughput
 
-__all__ = ["timed", "probe_allreduce", "measure_hook_codec"]
+__all__ = ["timed", "probe_allreduce", "hook_local_work", "measure_hook_codec"]
 
 
 def timed(fn: Callable[[], object], repeats: int = 3, warmup: int = 1, device=None, before: Optional[Callable[[], object]] = None) -> float:
@@ -64,6 +65,51 @@ def probe_allreduce(group, numels: Sequence[int], repeats: int = 3, device="cpu"
     return times
 
 
+def hook_local_work(
+    bits: int,
+    block_size: int = 256,
+    numel: int = 1 << 20,
+    world_size: int = 2,
+    repeats: int = 3,
+    compiled: Optional[bool] = False,
+    device="cpu",
+) -> Dict[str, float]:
+    """Time the hook's work on one bucket outside the wire, step by step, in this process.
+
+    The three steps of the exchange on a bucket of ``numel`` values with error feedback:
+    ``encode`` (bucket + worker residual -> codes and scales), ``reduce_shard`` (the P copies of
+    this rank's shard -> summed in rank order, divided by P, requantized with the server residual)
+    and ``decode`` (the P gathered shards -> the bucket). The messages a rank would receive are
+    stood in for by its own (same sizes, same work).
+
+    Returns:
+        ``{"encode_s", "reduce_shard_s", "decode_s", "total_s"}``: median seconds of each step
+        (``repeats`` calls after a warm-up, which compiles when ``compiled``).
+    """
+    layout = ShardLayout(numel, world_size, bits, block_size)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(layout.padded_numel, generator=g).to(device) * 1e-3
+    blocks = x.view(-1, block_size)
+    wres = torch.zeros_like(blocks)
+    sres = torch.zeros(layout.shard_numel // block_size, block_size, device=device)
+    c = bool(compiled)
+    packed, scale, _ = codec.error_feedback_step(blocks, wres, bits, block_size, compiled=c)
+    shard_codes = packed.view(world_size, -1)
+    shard_scales = scale.view(world_size, -1)
+
+    def reduce_shard() -> None:
+        reduced = codec.dequantize_sum(shard_codes, shard_scales, bits, compiled=c).div_(world_size)
+        codec.error_feedback_step(reduced, sres, bits, block_size, compiled=c)
+
+    t = {
+        "encode_s": timed(lambda: codec.error_feedback_step(blocks, wres, bits, block_size, compiled=c), repeats, device=device),
+        "reduce_shard_s": timed(reduce_shard, repeats, device=device),
+        "decode_s": timed(lambda: codec.dequantize_packed(packed, scale, bits, compiled=c), repeats, device=device),
+    }
+    t["total_s"] = t["encode_s"] + t["reduce_shard_s"] + t["decode_s"]
+    return t
+
+
 def measure_hook_codec(
     bits: int,
     block_size: int = 256,
@@ -73,16 +119,18 @@ def measure_hook_codec(
     compiled: Optional[bool] = False,
     device="cpu",
 ) -> CodecThroughput:
-    """Time the hook's local work on a bucket of ``numel`` elements and return it as a codec throughput.
+    """Time the hook's local work on a bucket (:func:`hook_local_work`) and return it as a codec throughput.
 
-    Quantization is :func:`gradcomp.codec.error_feedback_step` (what the hook runs at both
-    quantization points), dequantization :func:`gradcomp.codec.dequantize_packed`.
+    The cost model charges a two-phase exchange of ``N`` values on ``P`` ranks
+    ``(N + N/P) / quantize_eps + 2 N / dequantize_eps`` seconds of codec work. ``quantize_eps`` is
+    set from the encode step (``N / t_encode``) and ``dequantize_eps`` so that the charge equals
+    the three measured steps together: ``2 N / (t_total - (N + N/P) / quantize_eps)``.
 
     Args:
         bits: code width (8, 4 or 2).
         block_size: elements per scale.
         numel: elements of the timed bucket.
-        world_size: ranks the exchange would run on (sizes of the shard messages).
+        world_size: ranks the exchange runs on (P: the size of the owned shard).
         repeats: timed calls of each step (median kept), after one warm-up (which compiles).
         compiled: the hook's ``compile`` option.
         device: where the buffers live.
@@ -90,13 +138,13 @@ def measure_hook_codec(
     Returns:
         A :class:`~gradcomp.costmodel.CodecThroughput` whose ``source`` describes the measurement.
     """
-    blocks = max(1, numel // block_size)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(blocks, block_size, generator=g).to(device)
-    res = torch.zeros_like(x)
-    packed, scale, _ = codec.error_feedback_step(x, res, bits, block_size, compiled=bool(compiled))
-    t_q = timed(lambda: codec.error_feedback_step(x, res, bits, block_size, compiled=bool(compiled)), repeats, device=device)
-    t_d = timed(lambda: codec.dequantize_packed(packed, scale, bits, compiled=bool(compiled)), repeats, device=device)
-    n = blocks * block_size
+    t = hook_local_work(bits, block_size, numel, world_size, repeats, compiled, device)
+    n = float(ShardLayout(numel, world_size, bits, block_size).padded_numel)
+    q = n / t["encode_s"]
+    rest = max(t["total_s"] - (n + n / world_size) / q, 1e-3 * t["total_s"])
     mode = "compiled" if compiled else "eager"
-    return CodecThroughput(n / t_q, n / t_d, f"measured: int{bits} hook kernels, {n} elements on {torch.device(device).type}, {mode}")
+    src = (
+        f"measured: int{bits} hook steps on {int(n)} elements, {world_size} ranks, {torch.device(device).type}, {mode} "
+        f"(encode {t['encode_s'] * 1e3:.2f} ms, reduce shard {t['reduce_shard_s'] * 1e3:.2f} ms, decode {t['decode_s'] * 1e3:.2f} ms)"
+    )
+    return CodecThroughput(q, 2 * n / rest, src)
