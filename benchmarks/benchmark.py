@@ -13,10 +13,12 @@ thread per rank, every hook with its default options:
   ``fp16_compress_hook``, PyTorch's PowerSGD at rank 4, gradcomp int8 and int4 (defaults), gradcomp
   with the measured policy (``--policy``), and ``local``: the same job with no communication at all
   (each rank keeps its own gradient), which gives the **floor**.
-* ``tta``: time to accuracy at 2 hosts: every hook trains the same longer run (same seed, data and
-  learning-rate schedule), evaluating the validation loss every ``--tta-eval-every`` steps; the
-  time to accuracy is the training time (the sum of rank 0's step times, evaluation excluded) until
-  the first evaluation at or below the fp32 run's final validation loss.
+* ``tta``: time to accuracy at 2 hosts. fp32 all-reduce trains ``--tta-steps`` steps; its final
+  validation loss is the target. Every other hook trains the same run (same seed, data and
+  learning-rate schedule of ``--tta-steps`` steps, then the schedule's final rate) until its
+  validation loss, evaluated every ``--tta-eval-every`` steps, is at or below the target, for at
+  most ``--tta-extra`` times as many steps. The time to accuracy is the training time until then:
+  the sum of rank 0's step times, evaluation excluded.
 
 Columns of the step-time table:
 
@@ -49,12 +51,12 @@ import argparse
 import json
 import math
 import os
-import statistics
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"
@@ -101,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta-hooks", default=TTA_HOOKS, help="time-to-accuracy part: comma-separated hooks (allreduce first)")
     p.add_argument("--tta-hosts", type=int, default=2, help="hosts of the time-to-accuracy part")
     p.add_argument("--tta-steps", type=int, default=150, help="steps of every time-to-accuracy run")
-    p.add_argument("--tta-eval-every", type=int, default=15, help="validation loss every N steps")
+    p.add_argument("--tta-eval-every", type=int, default=10, help="validation loss every N steps")
+    p.add_argument("--tta-extra", type=float, default=1.5,
+                   help="other hooks may train up to this many times --tta-steps (at the schedule's final rate) to reach the target")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket size")
     p.add_argument("--trace", action="store_true", help="time hook calls against the backward pass (overlap)")
@@ -121,7 +125,9 @@ def _split(text: str) -> List[str]:
 # running
 
 
-def run_hook(args: argparse.Namespace, hook: str, hosts: int, out: Path, steps: int, time_after: int, eval_every: int = 0) -> Dict[str, Any]:
+def run_hook(
+    args: argparse.Namespace, hook: str, hosts: int, out: Path, steps: int, time_after: int, eval_every: int = 0, extra: Sequence[str] = ()
+) -> Dict[str, Any]:
     """Train with one hook on the emulated cluster; return its summary, netsim's report and its records."""
     out.mkdir(parents=True, exist_ok=True)
     train_args = [
@@ -130,7 +136,7 @@ def run_hook(args: argparse.Namespace, hook: str, hosts: int, out: Path, steps: 
         "--warmup-steps", str(args.warmup_steps), "--powersgd-start-iter", str(max(2, args.warmup_steps)),
         "--bucket-cap-mb", str(args.bucket_cap_mb), "--log-every", "10", "--eval-batches", "4",
         "--eval-every", str(eval_every), "--out-dir", str(out), "--netdev", "auto",
-    ] + HOOK_ARGS[hook] + args.train_args.split()
+    ] + HOOK_ARGS[hook] + list(extra) + args.train_args.split()
     if args.trace:
         train_args.append("--trace-overlap")
     cmd = [
@@ -152,6 +158,10 @@ def run_hook(args: argparse.Namespace, hook: str, hosts: int, out: Path, steps: 
     summary["records"] = [{k: r[k] for k in ("step", "loss", "step_time_s", "val_loss") if k in r} for r in records]
     summary["run_wall_s"] = time.perf_counter() - t0
     summary.pop("args", None)
+    # the policy logs its choice per bucket size: "gradcomp policy: bucket 0: 17563648 elements -> twophase-int8 (...)"
+    choices = re.findall(r"gradcomp policy: bucket \d+: (\d+) elements -> (\S+)", (out / "log.txt").read_text())
+    if choices:
+        summary["policy_choices"] = {int(n): scheme for n, scheme in choices}
     print(
         f"   median step {1e3 * summary['median_step_time_s']:.1f} ms, val loss {summary['final_val_loss']:.4f}, "
         f"{summary['run_wall_s']:.0f} s wall",
@@ -233,8 +243,11 @@ def steps_table(results: Dict[str, Dict[str, Any]], P: int, memory: Optional[Dic
             stages = memory["hook"].get(f"int{bits}/{P}") if bits else None
             if stages:
                 measured = f"{8 * stages['total_s'] / memory['clone_s']:.1f}"
+        label = LABELS.get(hook, hook)
+        if s.get("policy_choices"):
+            label += " [" + ", ".join(f"{n / 1e6:.2g}M: {sch}" for n, sch in sorted(s["policy_choices"].items(), reverse=True)[:3]) + "]"
         lines.append(
-            f"| {LABELS.get(hook, hook)} | {wire_mb} | {1e3 * step:.1f} | {ratio} | {floor} | {floor_ratio} | {step_floor} | "
+            f"| {label} | {wire_mb} | {1e3 * step:.1f} | {ratio} | {floor} | {floor_ratio} | {step_floor} | "
             f"{measured} | {'-' if mb is None else f'{mb:.1f}'} | {s['final_val_loss']:.4f} |"
         )
     return "\n".join(lines)
@@ -263,7 +276,7 @@ def tta_table(results: Dict[str, Dict[str, Any]]) -> str:
     lines = [
         f"Target: the fp32 all-reduce run's final validation loss, {target:.4f}.",
         "",
-        "| hook | final val loss | vs fp32 | reached at step | training time to target (s) | vs fp32 | median step (ms) | total training time (s) |",
+        "| hook | last val loss | vs target | reached at step | training time to target (s) | vs fp32 | median step (ms) | total training time (s) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for hook, s in results.items():
@@ -321,7 +334,8 @@ def forecast(args: argparse.Namespace, parts: List[str]) -> float:
     for part in parts:
         if part == "tta":
             hooks = _split(args.tta_hooks)
-            total += len(hooks) * (_FORECAST_START + args.tta_steps * _FORECAST_STEP.get(args.tta_hosts, 1.5) * 0.8)
+            # most hooks reach the target near --tta-steps; PowerSGD runs to the end
+            total += len(hooks) * _FORECAST_START + (len(hooks) + args.tta_extra) * args.tta_steps * _FORECAST_STEP.get(args.tta_hosts, 1.5) * 0.8
         else:
             P = 2 if part == "steps2" else 4
             total += len(_split(args.hooks)) * (_FORECAST_START + args.steps * _FORECAST_STEP[P])
@@ -358,10 +372,18 @@ def main(argv: List[str] | None = None) -> int:
             hosts, hooks = (2 if part == "steps2" else 4), _split(args.hooks)
         results: Dict[str, Dict[str, Any]] = {}
         failed: Dict[str, str] = {}
+        if part == "tta" and hooks[0] != "allreduce":
+            hooks = ["allreduce"] + [h for h in hooks if h != "allreduce"]  # its final loss is the target
         for hook in hooks:
             try:
-                if part == "tta":
+                if part == "tta" and hook == "allreduce":
                     results[hook] = run_hook(args, hook, hosts, out / part / hook, args.tta_steps, args.warmup_steps + 3, args.tta_eval_every)
+                elif part == "tta":
+                    if "allreduce" not in results:
+                        raise RuntimeError("no fp32 all-reduce run, hence no target loss")
+                    extra = ["--schedule-steps", str(args.tta_steps), "--target-val-loss", repr(results["allreduce"]["final_val_loss"])]
+                    longest = math.ceil(args.tta_extra * args.tta_steps)
+                    results[hook] = run_hook(args, hook, hosts, out / part / hook, longest, args.warmup_steps + 3, args.tta_eval_every, extra)
                 else:
                     results[hook] = run_hook(args, hook, hosts, out / part / hook, args.steps, args.time_after)
                 params = results[hook]["parameters"]

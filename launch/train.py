@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=16, help="sequences per rank per step")
     g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, warm-up then cosine to 10%%)")
     g.add_argument("--lr-warmup", type=int, default=20, help="linear learning-rate warm-up steps")
+    g.add_argument("--schedule-steps", type=int, default=None,
+                   help="length of the learning-rate schedule (default --steps); later steps keep its final rate")
+    g.add_argument("--target-val-loss", type=float, default=None,
+                   help="stop after the first evaluation at or below this validation loss (every rank stops there)")
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
     g.add_argument("--seed", type=int, default=0, help="model init and data seed (the data stream differs per rank)")
@@ -136,6 +140,10 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("ckpt_every", "eval_every", "log_every", "warmup_steps", "lr_warmup"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.schedule_steps is not None and args.schedule_steps < 1:
+        raise ValueError(f"--schedule-steps must be >= 1, got {args.schedule_steps}")
+    if args.target_val_loss is not None and not (math.isfinite(args.target_val_loss) and args.target_val_loss > 0):
+        raise ValueError(f"--target-val-loss must be a positive finite loss, got {args.target_val_loss}")
     if args.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     if args.hook == "powersgd" and args.powersgd_start_iter < 2:
@@ -487,7 +495,7 @@ class Job:
                 )
         self.ddp = DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None, bucket_cap_mb=bucket_cap_mb)
         self.opt = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
-        steps, warm = args.steps, max(1, args.lr_warmup)
+        steps, warm = args.schedule_steps or args.steps, max(1, args.lr_warmup)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(s, steps) / steps)))
         )
@@ -623,6 +631,7 @@ class Job:
         wire_start = wire_end = None
         recent: List[float] = []
         val_loss = float("nan")
+        stopped_at: Optional[int] = None
         t_run = time.perf_counter()
         metrics = open(self.metrics_path, "a") if self.rank == 0 else None
         try:
@@ -663,10 +672,17 @@ class Job:
                 }
                 if self.netdev is not None:
                     rec["wire_tx_bytes"] = read_netdev(self.netdev)["tx_bytes"]
-                if (args.eval_every and done % args.eval_every == 0) or done == args.steps:
+                evaluated = (args.eval_every and done % args.eval_every == 0) or done == args.steps
+                if evaluated:
                     if self.rank == 0:
                         val_loss = evaluate(self.ddp.module, self.val_data, batch_size=2 * args.batch_size, max_batches=args.eval_batches)
                         rec["val_loss"] = val_loss
+                    if args.target_val_loss is not None and done < args.steps:
+                        # rank 0 evaluates; every rank must stop at the same step
+                        flag = torch.tensor([float(self.rank == 0 and val_loss <= args.target_val_loss)])
+                        dist.broadcast(flag, 0)
+                        if flag.item():
+                            stopped_at = done
                 if metrics is not None:
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
@@ -676,12 +692,17 @@ class Job:
                     if metrics is not None:
                         os.fsync(metrics.fileno())
                     self.save_checkpoint(done)
+                if stopped_at is not None:
+                    if self.rank == 0:
+                        logger.info("validation loss %.4f reached the target %.4f at step %d: stopping", val_loss, args.target_val_loss, done)
+                    break
         finally:
             if metrics is not None:
                 metrics.close()
         if args.ckpt_every:
-            self.save_checkpoint(args.steps)
-        return self._summarise(step_times, sent_hook, wire_start, wire_end, recent, val_loss, time.perf_counter() - t_run, first_timed)
+            self.save_checkpoint(stopped_at or args.steps)
+        summary = self._summarise(step_times, sent_hook, wire_start, wire_end, recent, val_loss, time.perf_counter() - t_run, first_timed, stopped_at)
+        return summary
 
     def _log_progress(self, rec: Dict[str, Any], stats: Dict[str, Any]) -> None:
         sent, fp32 = rec["bytes_sent_step"], rec["fp32_bytes_step"]
@@ -695,7 +716,7 @@ class Job:
             rec["step"], self.args.steps, rec["loss"], val, 1e3 * rec["step_time_s"], sent / 1e6, ratio,
         )
 
-    def _summarise(self, step_times, sent_hook, wire_start, wire_end, recent, val_loss, wall, first_timed) -> Dict[str, Any]:
+    def _summarise(self, step_times, sent_hook, wire_start, wire_end, recent, val_loss, wall, first_timed, stopped_at=None) -> Dict[str, Any]:
         args = self.args
         wire = None
         if wire_start is not None and wire_end is not None and step_times:
@@ -715,6 +736,7 @@ class Job:
             "resumed_from": self.resumed_from,
             "restart_count": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
             "final_val_loss": val_loss,
+            "stopped_at_step": stopped_at,
             "final_train_loss_avg20": sum(recent) / len(recent) if recent else float("nan"),
             "timed_steps": len(step_times),
             "timed_from_step": first_timed + 1,
