@@ -11,10 +11,10 @@ Steps:
        keeps them in a :class:`GradientTrace` that can be saved and reloaded.
     2. Bucket: group the parameters like DDP (reverse parameter order, a small first bucket,
        then ``bucket_cap_mb`` buckets), see :func:`ddp_buckets`.
-    3. Replay: for each :class:`ReplayConfig`, run every bucket through the same arithmetic as the
-       hook's two-phase exchange (``gradcomp.comm.collectives``): pad to whole shards, quantize each
-       rank's bucket (plus its worker residual), dequantize and sum the ranks in order, divide by P,
-       requantize (plus the server residual), dequantize, with the codec's own functions.
+    3. Replay: for each :class:`ReplayConfig`, run every bucket through the hook's own exchange steps
+       (:func:`gradcomp.comm.exchange.exchange_local`: encode each rank's bucket plus its worker
+       residual, reduce each owned shard in rank order and requantize it plus the server residual,
+       decode), with the hook's per-parameter block alignment and stochastic-rounding noise.
     4. Measure against the exact mean gradient: relative error ``||e|| / ||g||``, SQNR, the
        projection bias ``<e, g> / ||g||^2`` (negative: the transmitted gradient is shrunk along the
        true one), and the drift ``||sum_t out_t - sum_t g_t|| / ||sum_t g_t||`` of the accumulated
@@ -44,8 +44,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import torch
 import torch.nn as nn
 
-from gradcomp import codec
-from gradcomp.comm.collectives import ShardLayout
+from gradcomp.comm.exchange import ExchangeBuffers, ExchangePlan, exchange_local, param_noise
 
 logger = logging.getLogger(__name__)
 
@@ -396,38 +395,51 @@ def capture_gradients(
 
 
 class _Simulator:
-    """The hook's two-phase exchange for one config over all buckets, with its residuals."""
+    """The hook's exchange for one config over all buckets, with every rank's residuals, in one process.
 
-    def __init__(self, cfg: ReplayConfig, bucket_numels: List[int], workers: int):
+    It runs :func:`gradcomp.comm.exchange.exchange_local`: the hook's own encode / reduce_shard /
+    decode steps on the same per-bucket plans (every parameter block-aligned, keyed by its index),
+    with stochastic-rounding noise drawn per parameter exactly as the hook draws it
+    (:func:`gradcomp.comm.exchange.param_noise`, step ``first_step + t`` at replay step ``t``).
+
+    Args:
+        cfg: the :class:`ReplayConfig`.
+        buckets: ``(keys, numels)`` of each bucket's parameters, in the order they are laid out in it.
+        workers: emulated ranks P.
+        first_step: the hook step of the first replayed step (for the stochastic-rounding noise).
+    """
+
+    def __init__(self, cfg: ReplayConfig, buckets: Sequence[Tuple[Sequence[int], Sequence[int]]], workers: int, first_step: int = 0):
         self.cfg = cfg
-        self.layouts = [ShardLayout(n, workers, cfg.bits, cfg.block_size) for n in bucket_numels]
-        self.worker_res = [torch.zeros(workers, lay.padded_numel) for lay in self.layouts] if cfg.error_feedback else None
-        self.server_res = [torch.zeros(lay.padded_numel) for lay in self.layouts] if cfg.error_feedback else None
-        self.gen = torch.Generator().manual_seed(cfg.seed) if cfg.stochastic else None
-        self.bytes_sent = sum(lay.bytes_sent for lay in self.layouts)
-
-    def _noise(self, shape) -> Optional[torch.Tensor]:
-        if self.gen is None:
-            return None
-        return torch.rand(shape, generator=self.gen)
+        self.workers = workers
+        self.plans = [ExchangePlan.build(numels, workers, cfg.bits, cfg.block_size, keys=keys) for keys, numels in buckets]
+        self.bufs = [[ExchangeBuffers.allocate(p) for _ in range(workers)] for p in self.plans]
+        ef = cfg.error_feedback
+        self.worker_res = [torch.zeros(workers, p.padded_numel) for p in self.plans] if ef else None
+        self.server_res = [torch.zeros(workers, p.server_numel) for p in self.plans] if ef else None
+        self.step = first_step
+        self.bytes_sent = sum(p.bytes_sent for p in self.plans)
 
     def exchange(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Average ``x`` (workers, n) the way the hook does; return (n,)."""
-        lay = self.layouts[i]
-        W, B = x.shape[0], lay.block_size
-        padded = torch.zeros(W, lay.padded_numel)
-        padded[:, : lay.numel] = x
-        blocks = padded.view(-1, B)
-        res = self.worker_res[i].view(-1, B) if self.worker_res is not None else torch.zeros(()).expand_as(blocks)
-        packed, scale, err = codec.error_feedback_step(blocks, res.expand_as(blocks), lay.bits, B, noise=self._noise(blocks.shape))
-        # dequantize every rank's copy of every shard and sum them in rank order, then divide by P
-        reduced = codec.dequantize_sum(packed.view(W, -1), scale.view(W, -1), lay.bits).div_(W)
-        sres = self.server_res[i].view(-1, B) if self.server_res is not None else torch.zeros(()).expand_as(reduced)
-        packed2, scale2, err2 = codec.error_feedback_step(reduced, sres.expand_as(reduced), lay.bits, B, noise=self._noise(reduced.shape))
-        if self.worker_res is not None:
-            self.worker_res[i] = err.view(W, -1)
-            self.server_res[i] = err2.reshape(-1)
-        return codec.dequantize_packed(packed2, scale2, lay.bits).reshape(-1)[: lay.numel]
+        """Average bucket ``i`` of every rank (``x``: ``(workers, n)``) the way the hook does; return ``(n,)``."""
+        plan, W, cfg = self.plans[i], self.workers, self.cfg
+        buckets = [x[r].contiguous() for r in range(W)]
+        noises = server_noises = None
+        if cfg.stochastic:
+            noises = [param_noise(plan, cfg.seed, r, self.step, 0) for r in range(W)]
+            full = param_noise(plan, cfg.seed, -1, self.step, 1)
+            server_noises = [plan.server_of(full, r) for r in range(W)]
+        out, _ = exchange_local(
+            plan, buckets,
+            residuals=None if self.worker_res is None else list(self.worker_res[i]),
+            server_residuals=None if self.server_res is None else list(self.server_res[i]),
+            noises=noises, server_noises=server_noises, bufs=self.bufs[i],
+        )
+        return out
+
+    def next_step(self) -> None:
+        """Advance the step the stochastic-rounding noise is drawn for."""
+        self.step += 1
 
 
 class _Accumulator:
@@ -572,7 +584,8 @@ def replay_stream(
         grads = grads.float()
         if workers is None:
             workers = grads.shape[0]
-            sims = [_Simulator(c, bucket_sizes, workers) for c in configs]
+            layout = [(b.params, [numels[k] for k in b.params]) for b in buckets]
+            sims = [_Simulator(c, layout, workers) for c in configs]
             acc_layer = [_Accumulator(layer_ids, len(numels)) for _ in configs]
             acc_bucket = [_Accumulator(bucket_ids, len(buckets)) for _ in configs]
             sum_out = [torch.zeros(n_total, dtype=torch.float64) for _ in configs]
@@ -592,6 +605,7 @@ def replay_stream(
         for cfg, sim, al, ab, s_out in zip(configs, sims, acc_layer, acc_bucket, sum_out):
             out = torch.empty(n_total)
             out[perm] = torch.cat([sim.exchange(i, p) for i, p in enumerate(parts)])
+            sim.next_step()
             out64 = out.double()
             err = out64 - true64
             stacked = torch.stack([err * err, err * true64])

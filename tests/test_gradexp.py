@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from _dist import spawn
 from gradcomp import gradexp as gx
-from gradcomp.comm.collectives import ShardLayout
+from gradcomp.comm.exchange import ExchangePlan
 
 
 @pytest.fixture(autouse=True)
@@ -80,7 +80,7 @@ def test_replay_matches_the_real_collective_bit_for_bit(tmp_path):
     spawn(_parity_worker, 2, tmp_path, str(tmp_path / "g.pt"), str(tmp_path / "o.pt"), cases)
     real = torch.load(tmp_path / "o.pt")
     for (bits, ef), want in zip(cases, real):
-        sim = gx._Simulator(gx.ReplayConfig(bits, 64, False, ef), [1000], 2)
+        sim = gx._Simulator(gx.ReplayConfig(bits, 64, False, ef), [((0,), (1000,))], 2)
         for t in range(3):
             assert torch.equal(sim.exchange(0, grads[t]), want[t]), f"int{bits} ef={ef}: step {t} differs"
 
@@ -92,14 +92,14 @@ def test_replay_matches_the_real_collective_bit_for_bit(tmp_path):
 def test_error_feedback_invariant_accumulated_error_equals_minus_residuals():
     grads = _grads(6, 3, 777)
     cfg = gx.ReplayConfig(2, 32, False, True)
-    sim = gx._Simulator(cfg, [777], 3)
+    sim = gx._Simulator(cfg, [((0,), (777,))], 3)
     total_out = torch.zeros(777, dtype=torch.float64)
     total_true = torch.zeros(777, dtype=torch.float64)
     for t in range(6):
         total_out += sim.exchange(0, grads[t]).double()
         total_true += grads[t].double().mean(0)
     # sum out = sum mean(g) - mean_w(worker residual) - server residual
-    left = sim.worker_res[0].double().mean(0)[:777] + sim.server_res[0].double()[:777]
+    left = sim.worker_res[0].double().mean(0)[:777] + sim.plans[0].server_to_aligned(sim.server_res[0]).double()[:777]
     # up to fp32 rounding of the sums (the quantization error itself is about 0.3 here)
     torch.testing.assert_close(total_out - total_true, -left, atol=5e-6, rtol=0)
 
@@ -138,7 +138,8 @@ def test_more_bits_less_error_and_metrics_add_up():
     assert err[8] < err[4] < err[2]
     for r in res.summary:
         assert r["sqnr_db"] == pytest.approx(-20 * math.log10(r["rel_error_rms"]), rel=1e-9)
-        assert r["bytes_per_rank"] == ShardLayout(1281, 2, r["bits"], 64).bytes_sent  # one bucket
+        # one bucket, parameters in reverse order, each block-aligned, 16-byte headers included
+        assert r["bytes_per_rank"] == ExchangePlan.build([231, 50, 1000], 2, r["bits"], 64).bytes_sent
         assert r["compression"] == pytest.approx(2 * 641 * 4 / r["bytes_per_rank"])
     assert len(res.per_layer) == 3 * 3 and len(res.per_bucket) == 3 * len(res.meta["buckets"])
     # per-layer squared errors add up to the whole: sum_k rel_k^2 * |g_k|^2 = rel^2 * |g|^2
@@ -258,3 +259,67 @@ def test_iter_gradients_rejects_bad_arguments():
     frozen = _Tiny().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         next(gx.iter_gradients(frozen, _batch, 1))
+
+
+# --------------------------------------------------------------------------------------------
+# the replay and the real hook: the same bits
+
+
+def _hook_worker(rank, world_size, out_path, steps):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import gradcomp
+
+    torch.manual_seed(0)
+    # ragged sizes: parameters that end mid-block, one shorter than a block
+    model = nn.Sequential(nn.Linear(33, 17), nn.Tanh(), nn.Linear(17, 5), nn.Linear(5, 3, bias=False))
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    ddp = DDP(model, bucket_cap_mb=25)
+    state = gradcomp.QuantizedAllReduceState(
+        bits=4, block_size=64, stochastic_rounding=True, seed=7, warmup_steps=1, min_compress_numel=1, log_every=0
+    )
+    state.track_parameters(model)
+    calls = []
+
+    def recording(st, bucket):
+        # the real hook, with its input and output recorded
+        rec = {"step": st.step, "keys": [index[id(p)] for p in bucket.parameters()],
+               "numels": [p.numel() for p in bucket.parameters()], "in": bucket.buffer().clone()}
+        calls.append(rec)
+
+        def done(f):
+            rec["out"] = f.value().clone()
+            return f.value()
+
+        return gradcomp.quantized_allreduce_hook(st, bucket).then(done)
+
+    ddp.register_comm_hook(state, recording)
+    g = torch.Generator().manual_seed(100 + rank)
+    for _ in range(steps):
+        x = torch.randn(8, 33, generator=g)
+        ddp(x).pow(2).sum().backward()
+        model.zero_grad(set_to_none=True)
+    state.synchronize()
+    mine = [dict(c) for c in calls if c["step"] >= 1]  # after the warm-up step
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, [c["in"] for c in mine])
+    if rank == 0:
+        for c, *ins in zip(mine, *gathered):
+            c["in"] = torch.stack(ins)
+        torch.save(mine, out_path)
+
+
+@pytest.mark.slow
+def test_replay_and_real_hook_give_the_same_bits_with_stochastic_rounding(tmp_path):
+    spawn(_hook_worker, 2, tmp_path, str(tmp_path / "calls.pt"), 4)
+    calls = torch.load(tmp_path / "calls.pt")
+    assert len(calls) == 3 and all(len(c["keys"]) == 5 for c in calls)  # one bucket, every parameter
+    keys, numels = calls[0]["keys"], calls[0]["numels"]
+    assert all(c["keys"] == keys for c in calls)
+    cfg = gx.ReplayConfig(4, 64, stochastic=True, error_feedback=True, seed=7)
+    sim = gx._Simulator(cfg, [(keys, numels)], 2, first_step=calls[0]["step"])
+    for c in calls:
+        out = sim.exchange(0, c["in"])
+        sim.next_step()
+        assert torch.equal(out, c["out"]), f"step {c['step']}: replay and hook differ in {int((out != c['out']).sum())} values"
