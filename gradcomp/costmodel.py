@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Dict, Iterable, List, Optional, Sequence
 
 
@@ -272,7 +272,9 @@ class Estimate:
         wire_s: ``wire_bytes / bandwidth``.
         intra_s: bandwidth time of traffic over the intra-node links.
         compute_s: codec time (0 for float schemes).
-        total_s: the sum of the four.
+        total_s: the sum of the four, less ``overlap_s``.
+        overlap_s: codec time hidden behind transfers (or transfers behind codec time) when the
+            exchange is cut into chunks and pipelined (``chunk_numel``); 0 otherwise.
     """
 
     scheme: str
@@ -283,10 +285,11 @@ class Estimate:
     intra_s: float
     compute_s: float
     total_s: float
+    overlap_s: float = 0.0
 
     @property
     def fixed_s(self) -> float:
-        """The part of the time that does not depend on the main link's bandwidth."""
+        """The part of the time that does not depend on the main link's bandwidth (without pipelining)."""
         return self.latency_s + self.intra_s + self.compute_s
 
     def to_dict(self) -> Dict[str, float]:
@@ -311,6 +314,7 @@ def estimate(
     cluster: Cluster,
     codec_throughput: Optional[CodecThroughput] = None,
     block_size: int = 256,
+    chunk_numel: Optional[int] = None,
 ) -> Estimate:
     """Predict the time and bytes of one gradient all-reduce with ``scheme``.
 
@@ -346,6 +350,12 @@ def estimate(
        them: ``2 L (M-1) s_h`` with ``s_h ~ N/(L M) c``; latency ``2 (M-1) alpha``), then an fp32
        all-gather inside the node. Codec on ``N/L`` elements.
 
+    Pipelining (``chunk_numel``, quantized schemes with a codec figure): the hook cuts a bucket into
+    ``k = ceil(n / chunk_numel)`` chunks (``n`` the values one exchange handles: ``N``, or ``N/L``
+    for ``hier``) and codes chunk ``c+1`` while chunk ``c`` is on the wire, so the transfers ``T``
+    (wire and intra-node) and the codec ``C`` overlap: ``max(T, C) + min(T, C) / k`` instead of
+    ``T + C`` (the pipeline's fill and drain cost one chunk of the shorter stage).
+
     Not modelled: the fp32 additions of ring and tree (memory bound, far below the wire time on
     any network slower than memory), the overlap of communication with the backward pass, and
     congestion beyond the NIC (a full-bisection network is assumed).
@@ -359,6 +369,7 @@ def estimate(
         cluster: the :class:`Cluster`.
         codec_throughput: codec speed for quantized schemes; None leaves their compute out (0 s).
         block_size: elements per fp32 scale of the quantized schemes.
+        chunk_numel: values per pipelined chunk of the quantized exchange, or None (no overlap).
 
     Returns:
         An :class:`Estimate`.
@@ -366,6 +377,8 @@ def estimate(
     sch = parse_scheme(scheme)
     _positive_int("params", params)
     _positive_int("block_size", block_size)
+    if chunk_numel is not None:
+        _positive_int("chunk_numel", chunk_numel)
     if not isinstance(cluster, Cluster):
         raise TypeError(f"cluster must be a Cluster, got {type(cluster).__name__}")
     if codec_throughput is not None and not isinstance(codec_throughput, CodecThroughput):
@@ -425,8 +438,14 @@ def estimate(
             compute = q.seconds(n + n / M, 2 * n)
 
     wire_s = wire / cluster.bandwidth
-    total = latency + wire_s + intra + compute
-    return Estimate(sch.name, per_rank, wire, latency, wire_s, intra, compute, total)
+    overlap = 0.0
+    if chunk_numel is not None and sch.quantized and compute > 0:
+        n = N if sch.algorithm != "hier" else N / L
+        k = max(1, math.ceil(n / chunk_numel))
+        transfer = wire_s + intra
+        overlap = min(transfer, compute) * (1.0 - 1.0 / k)
+    total = latency + wire_s + intra + compute - overlap
+    return Estimate(sch.name, per_rank, wire, latency, wire_s, intra, compute, total, overlap)
 
 
 def _schemes_for(cluster: Cluster, schemes: Optional[Iterable]) -> List[Scheme]:
@@ -446,17 +465,18 @@ def compare(
     schemes: Optional[Iterable] = None,
     codec_throughput: Optional[CodecThroughput] = None,
     block_size: int = 256,
+    chunk_numel: Optional[int] = None,
 ) -> List[Estimate]:
     """Estimate every scheme (``DEFAULT_SCHEMES``; hierarchical ones only with several workers per node).
 
     Args:
-        params, cluster, codec_throughput, block_size: as for :func:`estimate`.
+        params, cluster, codec_throughput, block_size, chunk_numel: as for :func:`estimate`.
         schemes: scheme names or :class:`Scheme` objects; None for the defaults.
 
     Returns:
         One :class:`Estimate` per scheme, in the given order.
     """
-    return [estimate(s, params, cluster, codec_throughput, block_size) for s in _schemes_for(cluster, schemes)]
+    return [estimate(s, params, cluster, codec_throughput, block_size, chunk_numel) for s in _schemes_for(cluster, schemes)]
 
 
 def break_even_bandwidth(
@@ -466,11 +486,15 @@ def break_even_bandwidth(
     codec_throughput: Optional[CodecThroughput] = None,
     block_size: int = 256,
     baseline="ring-fp32",
+    chunk_numel: Optional[int] = None,
 ) -> float:
     """Return the main-link bandwidth below which ``scheme`` is faster than ``baseline``.
 
     Both times are ``fixed + wire_bytes / bandwidth`` (only the main link's bandwidth varies), so
-    they cross at ``(wire_base - wire) / (fixed - fixed_base)``.
+    they cross at ``(wire_base - wire) / (fixed - fixed_base)``. With pipelining (``chunk_numel``)
+    the compressed time is no longer affine in ``1 / bandwidth`` but still falls more slowly than
+    the baseline's as the bandwidth drops (it sends fewer bytes), so the one crossing is found by
+    bisection.
 
     Example: with ``fixed`` 0.1 s and 10 GB on the wire for int8 against 0 s and 40 GB for fp32,
     int8 pays below ``30e9 / 0.1 = 300 GB/s``.
@@ -486,6 +510,22 @@ def break_even_bandwidth(
     """
     e = estimate(scheme, params, cluster, codec_throughput, block_size)
     r = estimate(baseline, params, cluster, codec_throughput, block_size)
+    if chunk_numel is not None and e.wire_bytes < r.wire_bytes:
+
+        def gap(bw: float) -> float:
+            c = replace(cluster, bandwidth=bw)
+            return (estimate(scheme, params, c, codec_throughput, block_size, chunk_numel).total_s
+                    - estimate(baseline, params, c, codec_throughput, block_size, chunk_numel).total_s)
+
+        lo, hi = 1e-3, 1e18
+        if gap(hi) < 0:
+            return math.inf
+        if gap(lo) >= 0:
+            return 0.0
+        for _ in range(200):  # bisection in log space: relative precision far below 1e-9
+            mid = math.sqrt(lo * hi)
+            lo, hi = (mid, hi) if gap(mid) < 0 else (lo, mid)
+        return math.sqrt(lo * hi)
     saved = r.wire_bytes - e.wire_bytes
     extra = e.fixed_s - r.fixed_s
     if saved <= 0:

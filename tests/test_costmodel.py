@@ -254,3 +254,24 @@ def test_plots_write_pngs(tmp_path):
         plot_cost_sweep(curves, "latency", tmp_path / "x.png")
     with pytest.raises(ValueError, match="at least one measurement"):
         plot_validation([], tmp_path / "x.png")
+
+
+def test_pipelined_exchange_overlaps_codec_and_wire():
+    c = cm.Cluster(2, 125e6, 0.0)
+    tp = cm.CodecThroughput(1e8, 1e8)
+    n = 4_000_000
+    plain = cm.estimate(cm.Scheme.exchange(8), n, c, tp)
+    piped = cm.estimate(cm.Scheme.exchange(8), n, c, tp, chunk_numel=1_000_000)
+    # 4 chunks: the shorter of transfer and codec is hidden but for one chunk of it
+    hidden = min(plain.wire_s, plain.compute_s) * 3 / 4
+    assert piped.overlap_s == pytest.approx(hidden)
+    assert piped.total_s == pytest.approx(plain.total_s - hidden)
+    one = cm.estimate(cm.Scheme.exchange(8), n, c, tp, chunk_numel=n)  # one chunk: nothing overlaps
+    assert one.total_s == pytest.approx(plain.total_s) and one.overlap_s == 0
+    # the break-even bandwidth rises with overlap, and at it the two times are equal
+    be = cm.break_even_bandwidth(cm.Scheme.exchange(8), n, c, tp)
+    be_p = cm.break_even_bandwidth(cm.Scheme.exchange(8), n, c, tp, chunk_numel=1_000_000)
+    assert be_p > be
+    at = cm.Cluster(2, be_p, 0.0)
+    assert cm.estimate(cm.Scheme.exchange(8), n, at, tp, chunk_numel=1_000_000).total_s == pytest.approx(
+        cm.estimate(cm.Scheme.plain(), n, at).total_s, rel=1e-6)

@@ -93,12 +93,19 @@ def test_decision_matches_the_cost_model_and_its_break_even():
     """The choice flips from compression to plain where gradcomp.costmodel says int8 stops paying."""
     from gradcomp.costmodel import Cluster, break_even_bandwidth
 
+    from gradcomp.costmodel import Scheme
+
     numel = 4_000_000
     cfg = PolicyConfig(candidates=(PLAIN, 8))
-    be = break_even_bandwidth("twophase-int8", numel, Cluster(4, 1e9, 20e-6), CODEC[0][1])
+    # the hook pipelines chunks of 1M values: the policy's model overlaps codec and wire like it
+    be = break_even_bandwidth(Scheme.exchange(8), numel, Cluster(4, 1e9, 20e-6), CODEC[0][1], chunk_numel=1 << 20)
     assert 0 < be < math.inf
     assert CommPolicy(cfg, _fit(20e-6, be * 0.9), workers=4).choose(numel) == 8
     assert CommPolicy(cfg, _fit(20e-6, be * 1.1), workers=4).choose(numel) == PLAIN
+    # without pipelining compression stops paying at a lower bandwidth
+    be_serial = break_even_bandwidth(Scheme.exchange(8), numel, Cluster(4, 1e9, 20e-6), CODEC[0][1])
+    assert be_serial < be
+    assert CommPolicy(cfg, _fit(20e-6, (be + be_serial) / 2), workers=4, chunk_numel=None).choose(numel) == PLAIN
 
 
 def test_hierarchical_policy_uses_the_hierarchical_scheme():
@@ -209,3 +216,19 @@ def _hook_worker(rank, world_size):
 
 def test_hook_follows_policy_identically_on_every_rank(tmp_path):
     spawn(_hook_worker, 4, tmp_path, timeout=180.0)
+
+
+def test_end_to_end_time_scales_the_codec_figure_until_the_model_reproduces_it():
+    from gradcomp.comm.policy import _codec_matching
+
+    policy = CommPolicy(PolicyConfig(candidates=(PLAIN, 8)), _fit(20e-6, 125e6), workers=2)
+    local = CODEC[0][1]
+    n = 1 << 22
+    predicted = policy.predict(n)[8]
+    for measured in (1.7 * predicted, 0.8 * predicted):
+        tp = _codec_matching(policy, 8, n, local, measured)
+        refit = CommPolicy(policy.config, NetworkFit(policy.fit.link, codec=((8, tp),)), workers=2)
+        assert refit.predict(n)[8] == pytest.approx(measured, rel=1e-6)
+        assert "measured end to end" in tp.source
+    # faster than the wire alone: the model cannot reproduce it, the local figure stays
+    assert _codec_matching(policy, 8, n, local, 1e-6) is None

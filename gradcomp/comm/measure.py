@@ -15,8 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from gradcomp import codec
-from gradcomp.comm.collectives import ShardLayout
+from gradcomp.comm.exchange import DEFAULT_CHUNK_NUMEL
 from gradcomp.costmodel import CodecThroughput
 
 __all__ = ["timed", "probe_allreduce", "hook_local_work", "measure_hook_codec"]
@@ -73,38 +72,54 @@ def hook_local_work(
     repeats: int = 3,
     compiled: Optional[bool] = False,
     device="cpu",
+    error_feedback: bool = True,
+    chunk_numel: Optional[int] = DEFAULT_CHUNK_NUMEL,
 ) -> Dict[str, float]:
     """Time the hook's work on one bucket outside the wire, step by step, in this process.
 
-    The three steps of the exchange on a bucket of ``numel`` values with error feedback:
-    ``encode`` (bucket + worker residual -> codes and scales), ``reduce_shard`` (the P copies of
-    this rank's shard -> summed in rank order, divided by P, requantized with the server residual)
-    and ``decode`` (the P gathered shards -> the bucket). The messages a rank would receive are
-    stood in for by its own (same sizes, same work).
+    The hook's own exchange steps (:mod:`gradcomp.comm.exchange`) on a bucket of ``numel`` values,
+    chunk after chunk, with its persistent buffers and in-place residuals: ``encode`` (bucket +
+    worker residual straight into the send buffer), ``reduce_shard`` (the P received copies of the
+    owned shard summed in rank order, divided by P, requantized with the server residual into the
+    all-gather message) and ``decode`` (the gathered messages straight into the bucket). The
+    messages a rank would receive are stood in for by the ones it sends (same sizes, same work).
 
     Returns:
-        ``{"encode_s", "reduce_shard_s", "decode_s", "total_s"}``: median seconds of each step
-        (``repeats`` calls after a warm-up, which compiles when ``compiled``).
+        ``{"encode_s", "reduce_shard_s", "decode_s", "total_s"}``: median seconds of each step over
+        the whole bucket (``repeats`` runs after a warm-up, which compiles the kernels when ``compiled``).
     """
-    layout = ShardLayout(numel, world_size, bits, block_size)
+    from gradcomp.comm import exchange as ex
+
+    plan = ex.ExchangePlan.build([int(numel)], world_size, bits, block_size, chunk_numel)
+    bufs = ex.ExchangeBuffers.allocate(plan, device)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(layout.padded_numel, generator=g).to(device) * 1e-3
-    blocks = x.view(-1, block_size)
-    wres = torch.zeros_like(blocks)
-    sres = torch.zeros(layout.shard_numel // block_size, block_size, device=device)
+    bucket = (torch.randn(plan.numel, generator=g) * 1e-3).to(device)
+    out = torch.empty_like(bucket)
+    wres = torch.zeros(plan.padded_numel, device=device) if error_feedback else None
+    sres = torch.zeros(plan.server_numel, device=device) if error_feedback else None
     c = bool(compiled)
-    packed, scale, _ = codec.error_feedback_step(blocks, wres, bits, block_size, compiled=c)
-    shard_codes = packed.view(world_size, -1)
-    shard_scales = scale.view(world_size, -1)
+    chunks = range(len(plan.chunks))
+
+    def encode() -> None:
+        for k in chunks:
+            ex.encode(plan, bufs, k, bucket, residual=wres, residual_out=wres, compiled=c)
 
     def reduce_shard() -> None:
-        reduced = codec.dequantize_sum(shard_codes, shard_scales, bits, compiled=c).div_(world_size)
-        codec.error_feedback_step(reduced, sres, bits, block_size, compiled=c)
+        for k in chunks:
+            ex.reduce_shard(plan, bufs, k, residual=sres, residual_out=sres, compiled=c)
 
+    def decode() -> None:
+        for k in chunks:
+            ex.decode(plan, bufs, k, out, compiled=c)
+
+    encode()
+    for k in chunks:  # what the all-to-all and the all-gather would deliver: messages of the same sizes
+        bufs.recv[k].copy_(bufs.send[k])
+        bufs.gathered[k].copy_(bufs.send[k])
     t = {
-        "encode_s": timed(lambda: codec.error_feedback_step(blocks, wres, bits, block_size, compiled=c), repeats, device=device),
+        "encode_s": timed(encode, repeats, device=device),
         "reduce_shard_s": timed(reduce_shard, repeats, device=device),
-        "decode_s": timed(lambda: codec.dequantize_packed(packed, scale, bits, compiled=c), repeats, device=device),
+        "decode_s": timed(decode, repeats, device=device),
     }
     t["total_s"] = t["encode_s"] + t["reduce_shard_s"] + t["decode_s"]
     return t
@@ -120,6 +135,9 @@ def measure_hook_codec(
     device="cpu",
 ) -> CodecThroughput:
     """Time the hook's local work on a bucket (:func:`hook_local_work`) and return it as a codec throughput.
+
+    What is timed is what the hook runs: error feedback, the copies into and out of the messages,
+    the chunked route, the hook's kernels (fused when ``compiled``), not a bare ``quantize``.
 
     The cost model charges a two-phase exchange of ``N`` values on ``P`` ranks
     ``(N + N/P) / quantize_eps + 2 N / dequantize_eps`` seconds of codec work. ``quantize_eps`` is
@@ -139,7 +157,7 @@ def measure_hook_codec(
         A :class:`~gradcomp.costmodel.CodecThroughput` whose ``source`` describes the measurement.
     """
     t = hook_local_work(bits, block_size, numel, world_size, repeats, compiled, device)
-    n = float(ShardLayout(numel, world_size, bits, block_size).padded_numel)
+    n = float(numel)
     q = n / t["encode_s"]
     rest = max(t["total_s"] - (n + n / world_size) / q, 1e-3 * t["total_s"])
     mode = "compiled" if compiled else "eager"

@@ -39,6 +39,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from gradcomp.comm.exchange import DEFAULT_CHUNK_NUMEL
 from gradcomp.comm.measure import measure_hook_codec, probe_allreduce, timed
 from gradcomp.costmodel import Cluster, CodecThroughput, Scheme, estimate
 
@@ -263,19 +264,20 @@ def probe_network(
     device="cpu",
     exchange: Optional[Callable[[int, torch.Tensor], None]] = None,
     nodes: Optional[int] = None,
+    chunk_numel: Optional[int] = DEFAULT_CHUNK_NUMEL,
 ) -> NetworkFit:
     """Measure the links and the codec, agree on the numbers over ``group``, and fit (collective).
 
-    Steps: probe ``group`` (and ``intra_group``, every node's at once, when given); time the codec
-    of every quantized candidate; take every number's maximum over the ranks of ``group``; fit
-    each link with :func:`fit_latency_bandwidth`.
+    Steps: probe ``group`` (and ``intra_group``, every node's at once, when given); time the hook's
+    own local work per candidate width (:func:`gradcomp.comm.measure.measure_hook_codec`: the
+    exchange steps with error feedback, buffers and copies, as the hook runs them); take every
+    number's maximum over the ranks of ``group``; fit each link with :func:`fit_latency_bandwidth`.
 
     With ``exchange`` (``exchange(bits, x)`` runs the hook's whole quantized exchange of ``x`` on
-    the real groups), the codec figure is measured end to end instead: the exchange of
-    ``codec_numel`` elements is timed (maximum over ranks), the cost model's latency and wire time
-    for it are subtracted, and what remains (kernels, memory copies, traffic inside the node,
-    contention for the cores) becomes the codec throughput with which the cost model's ``compute``
-    term reproduces it. Where nothing remains, the kernel timing is kept.
+    the real groups), the exchange of ``codec_numel`` elements is also timed end to end (maximum
+    over ranks); where the model (links + local timing, pipelined by ``chunk_numel``) predicts
+    another time, the codec figure is scaled until it reproduces the measured one: what the local
+    timing cannot see (contention for the cores, traffic inside the node) is then included.
 
     Args:
         config: the :class:`PolicyConfig` (sizes, repeats, candidates).
@@ -284,6 +286,9 @@ def probe_network(
         block_size: the hook's block size (the codec timing uses it).
         compiled: time the fused codec kernels (as the hook will run them).
         device: where the buffers live.
+        exchange: the hook's whole exchange, for the end-to-end timing (optional).
+        nodes: nodes in hierarchical mode (M), or None.
+        chunk_numel: the hook's pipelined chunk size (None: no pipelining).
 
     Returns:
         The :class:`NetworkFit`, identical on every rank of ``group``.
@@ -295,7 +300,9 @@ def probe_network(
     intra_times = probe_allreduce(intra_group, numels, config.probe_repeats, device) if L > 1 else []
     widths = [b for b in config.candidates if b != PLAIN]
     n = config.codec_numel
-    measured = [measure_hook_codec(b, block_size, n, P, config.probe_repeats, compiled, device) for b in widths]
+    # the quantized exchange runs over the nodes in hierarchical mode, over every rank otherwise
+    ranks = nodes if nodes is not None and 1 < nodes < P else P
+    measured = [measure_hook_codec(b, block_size, n, ranks, config.probe_repeats, compiled, device) for b in widths]
     # seconds, so that the max over ranks is the slowest rank's pace
     codec_times = [t for tp in measured for t in (n / tp.quantize_eps, n / tp.dequantize_eps)]
     agreed = _agree_max(times + intra_times + codec_times, group)
@@ -307,23 +314,43 @@ def probe_network(
         for i, b in enumerate(widths)
     ]
     if exchange is not None and widths:
+        # the whole exchange on the real groups: where it takes longer (or shorter) than the model
+        # predicts from the links and the local timing (contention, the collectives' own copies),
+        # the codec figure is scaled until the model reproduces it
         x = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(device)
         ex_times = []
         for b in widths:
             # the warm-up call compiles the kernels when compiled
             ex_times.append(timed(lambda: exchange(b, x), config.probe_repeats, device=device, before=lambda: dist.barrier(group=group)))
         ex_times = _agree_max(ex_times, group)
-        probe_policy = CommPolicy(config, NetworkFit(link=link, intra=intra, codec=tuple(tps)), P, nodes, block_size)
-        c = probe_policy.cluster
+        probe_policy = CommPolicy(config, NetworkFit(link=link, intra=intra, codec=tuple(tps)), P, nodes, block_size, chunk_numel)
         for i, b in enumerate(widths):
-            wire = estimate(probe_policy.scheme(b), n, c, None, block_size).total_s
-            work = estimate(probe_policy.scheme(b), n, c, CodecThroughput(1.0, 1.0), block_size).compute_s
-            rest = ex_times[i] - wire
-            if rest > 0 and work > 0:
-                eps = work / rest
-                src = f"measured end to end: int{b} exchange of {n} elements {ex_times[i] * 1e3:.2f} ms, model wire {wire * 1e3:.2f} ms"
-                tps[i] = (b, CodecThroughput(eps, eps, src))
+            scaled = _codec_matching(probe_policy, b, n, tps[i][1], ex_times[i])
+            if scaled is not None:
+                tps[i] = (b, scaled)
     return NetworkFit(link=link, intra=intra, codec=tuple(tps), source=f"measured on {P} ranks, max over ranks, sizes {numels}")
+
+
+def _codec_matching(policy: "CommPolicy", bits: int, numel: int, local: CodecThroughput, measured_s: float) -> Optional[CodecThroughput]:
+    """Scale ``local`` so the policy's model of a ``numel`` exchange at ``bits`` takes ``measured_s``; None if it cannot.
+
+    The predicted time grows with the codec time, so the scale is found by bisection (factor
+    ``1e-2`` to ``1e4``); None when even no codec time at all predicts more than was measured.
+    """
+
+    def predicted(m: float) -> float:
+        tp = CodecThroughput(local.quantize_eps / m, local.dequantize_eps / m)
+        return estimate(policy.scheme(bits), numel, policy.cluster, tp, policy.block_size, policy.chunk_numel).total_s
+
+    lo, hi = 1e-2, 1e4
+    if not (predicted(lo) < measured_s < predicted(hi)):
+        return None
+    for _ in range(60):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if predicted(mid) < measured_s else (lo, mid)
+    m = math.sqrt(lo * hi)
+    src = f"{local.source}; scaled {m:.2f}x to the int{bits} exchange of {numel} elements measured end to end, {measured_s * 1e3:.2f} ms"
+    return CodecThroughput(local.quantize_eps / m, local.dequantize_eps / m, src)
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,7 +374,10 @@ class CommPolicy:
         32
     """
 
-    def __init__(self, config: PolicyConfig, fit: NetworkFit, workers: int, nodes: Optional[int] = None, block_size: int = 256):
+    def __init__(
+        self, config: PolicyConfig, fit: NetworkFit, workers: int, nodes: Optional[int] = None, block_size: int = 256,
+        chunk_numel: Optional[int] = DEFAULT_CHUNK_NUMEL,
+    ):
         if not isinstance(config, PolicyConfig):
             raise TypeError(f"config must be a PolicyConfig, got {type(config).__name__}")
         if not isinstance(fit, NetworkFit):
@@ -358,6 +388,7 @@ class CommPolicy:
         self.config = config
         self.fit = fit
         self.block_size = block_size
+        self.chunk_numel = chunk_numel
         self.hierarchical = nodes is not None and 1 < nodes < workers
         if self.hierarchical:
             intra = fit.intra or LinkFit(latency=0.0, bandwidth=1e12)
@@ -377,7 +408,7 @@ class CommPolicy:
         out = {}
         for b in self.config.allowed:
             tp = None if b == PLAIN else self.fit.codec_for(b)
-            out[b] = estimate(self.scheme(b), max(1, int(numel)), self.cluster, tp, self.block_size).total_s
+            out[b] = estimate(self.scheme(b), max(1, int(numel)), self.cluster, tp, self.block_size, self.chunk_numel).total_s
         return out
 
     def choose(self, numel: int) -> int:
