@@ -1,30 +1,36 @@
-"""Check the communication cost model against real collectives on the emulated cluster.
+"""Check the communication cost model and the policy's predictions against the real hook on the emulated cluster.
 
 For each setting (hosts, link rate, one-way delay) this runs ``launch/netsim.sh`` with this
 script's ``worker`` mode in every host namespace; the whole series runs holding
-``/tmp/gradcomp-bench.lock`` (as ``flock`` does) so no other timing run shares the cores with it. Each
-worker times, for a few tensor sizes, on gloo over the rate-limited links:
+``/tmp/gradcomp-bench.lock`` (as ``flock`` does) so no other timing run shares the cores with it.
+Each worker times, for a few sizes N, on gloo over the rate-limited links:
 
 * ``allreduce-fp32``: ``dist.all_reduce`` of N fp32 elements;
 * ``twophase-int8-wire``: ``all_to_all_single`` + all-gather of the exact byte counts of the int8
-  two-phase exchange (``ShardLayout``), i.e. the network part alone;
-* ``twophase-int8-hook``: ``gradcomp.comm.collectives.quantized_allreduce`` itself (codec included).
+  two-phase exchange, i.e. the network part alone;
+* ``hook-plain``, ``hook-int8``, ``hook-int4``: the **step communication** of a DDP job whose one
+  bucket holds N values: the median step (forward, backward, DDP waiting for the hook) with DDP's
+  own all-reduce (plain) or gradcomp's hook at 8 / 4 bits with its default options, minus the
+  median step of the same job with a hook that communicates nothing. This is what the hook costs
+  a step: its real path (error feedback, buffers, copies, chunks in flight, its thread).
 
-The cost model (``gradcomp.costmodel.estimate``) predicts each time from the link rate, the delay,
-and two constants of gloo on this machine fitted on the first setting only: a per-message
-software latency ``alpha`` and the fraction ``eta`` of the link rate that payload gets (TCP/IP and
-Ethernet headers, scheduling). The codec throughput used for the ``hook`` rows is measured by the
-workers themselves, all ranks at once, right before the timings. Every other setting is a
-prediction, compared with the measurement; the per-host bytes counted by netsim are compared with
-the model's bytes too.
+Two predictions are compared with each measurement:
+
+* ``model``: :func:`gradcomp.costmodel.estimate` with two constants of gloo on this machine fitted
+  on the first setting's ``allreduce-fp32`` rows only (a per-message software latency ``alpha``
+  and the share ``eta`` of the link rate that payload gets) and the hook's local work timed by
+  :func:`gradcomp.comm.measure.measure_hook_codec` in every worker, all ranks at once; the
+  quantized exchange is pipelined over the hook's chunks.
+* ``policy``: what the hook's own policy predicts (``PolicyConfig()``: it probes the links, times
+  its exchange, fits, and predicts each candidate with the same model): no constant from here.
 
 Usage (as root, from the repository root)::
 
-    python benchmarks/costmodel_validate.py                   # default settings, ~5 minutes
-    python benchmarks/costmodel_validate.py --quick           # two settings, one size
+    python benchmarks/costmodel_validate.py                   # 2 and 4 hosts at 1 Gbit/s and 100 Mbit/s, ~10 minutes
+    python benchmarks/costmodel_validate.py --quick           # 2x1gbit and 4x1gbit, one size
     python benchmarks/costmodel_validate.py --settings 2x1gbit,4x100mbit,4x100mbit+2ms
 
-Results go to ``runs/costmodel_validate/`` (``results.json``, ``validation.png``); the table is
+Results go to ``runs/costmodel_validate/`` (``results.json``, ``validation.png``); the tables are
 printed as markdown.
 """
 
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import statistics
@@ -42,7 +49,8 @@ from datetime import timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-KINDS = ("allreduce-fp32", "twophase-int8-wire", "twophase-int8-hook")
+KINDS = ("allreduce-fp32", "twophase-int8-wire", "hook-plain", "hook-int8", "hook-int4")
+HOOK_KINDS = {"hook-plain": 32, "hook-int8": 8, "hook-int4": 4}
 LOCK = "/tmp/gradcomp-bench.lock"
 
 
@@ -50,12 +58,67 @@ LOCK = "/tmp/gradcomp-bench.lock"
 # worker: runs inside each emulated host
 
 
+def _median_max(times, dist, torch) -> float:
+    """Median over repeats of the slowest rank's time (a collective ends when its slowest rank does)."""
+    t = torch.tensor(times, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.median())
+
+
+def _step_times(numel: int, route: str, warm: int, repeats: int, torch, dist) -> list:
+    """Step times of a DDP job whose one bucket holds ``numel`` values, with ``route`` communicating it.
+
+    ``route``: ``local`` (a hook that sends nothing), ``plain`` (DDP's own all-reduce), or
+    ``int8`` / ``int4`` (gradcomp's hook with its default options). The forward and backward are a
+    dot product, so the step is the hook's cost plus a small constant that ``local`` measures.
+    """
+    import gradcomp
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    class Dot(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(numel))
+
+        def forward(self, w):
+            return (self.p * w).sum()
+
+    ddp = DDP(Dot(), bucket_cap_mb=numel * 4 / 2**20 + 1)
+    state = None
+    if route == "local":
+
+        def local(_, bucket):
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+
+        ddp.register_comm_hook(None, local)
+    elif route != "plain":
+        state = gradcomp.register(ddp, bits=int(route[3:]), warmup_steps=2, log_every=0)
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    times = []
+    for i in range(warm + repeats):
+        w = torch.randn(numel, generator=gen)
+        dist.barrier()
+        t0 = time.perf_counter()
+        ddp(w).backward()  # DDP's backward returns once the hook's future is done
+        if i >= warm:
+            times.append(time.perf_counter() - t0)
+    if state is not None:
+        assert state.stats()["compressed_buckets_step"] == 1, "the timed steps must be compressed"
+    del ddp, state
+    return times
+
+
 def worker(args) -> int:
     import torch
     import torch.distributed as dist
 
-    from gradcomp import costmodel
-    from gradcomp.comm.collectives import ShardLayout, all_gather_into, quantized_allreduce
+    from gradcomp.comm import PolicyConfig, QuantizedAllReduceState
+    from gradcomp.comm.collectives import ShardLayout, all_gather_into
+    from gradcomp.comm.exchange import DEFAULT_CHUNK_NUMEL
+    from gradcomp.comm.hook import HookConfig
+    from gradcomp.comm.measure import measure_hook_codec
 
     torch.set_num_threads(1)
     P, rank = int(os.environ["NNODES"]), int(os.environ["NODE_RANK"])
@@ -63,47 +126,55 @@ def worker(args) -> int:
         "gloo", init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
         rank=rank, world_size=P, timeout=timedelta(seconds=600),
     )
-    # codec speed under the same contention as in the exchange: every rank measures at once
-    dist.barrier()
-    tp = costmodel.measure_codec_throughput(bits=8, block_size=256, numel=1 << 20, repeats=3)
-    speeds = torch.tensor([tp.quantize_eps, tp.dequantize_eps], dtype=torch.float64)
-    dist.all_reduce(speeds, op=dist.ReduceOp.MIN)  # the slowest rank sets the pace
-    results = {"world_size": P, "codec": {"quantize_eps": float(speeds[0]), "dequantize_eps": float(speeds[1])},
-               "repeats": args.repeats, "timings": []}
+    defaults = HookConfig()
+    compiled = defaults.compile
+    chunk = getattr(defaults, "chunk_numel", DEFAULT_CHUNK_NUMEL)
+    # the hook's local work under the same contention as in the exchange: every rank measures at once
+    codec = {}
+    for bits in (8, 4):
+        dist.barrier()
+        tp = measure_hook_codec(bits, 256, 1 << 22, P, repeats=3, compiled=compiled)
+        speeds = torch.tensor([tp.quantize_eps, tp.dequantize_eps], dtype=torch.float64)
+        dist.all_reduce(speeds, op=dist.ReduceOp.MIN)  # the slowest rank sets the pace
+        codec[bits] = {"quantize_eps": float(speeds[0]), "dequantize_eps": float(speeds[1]), "source": tp.source}
+    # the policy as the hook builds it: probe, time its exchange, fit
+    state = QuantizedAllReduceState(bits=8, policy=PolicyConfig(), log_every=0)
+    policy = state._policy
+    results = {"world_size": P, "codec": codec, "chunk_numel": chunk, "compiled": compiled, "repeats": args.repeats,
+               "policy_fit": policy.fit.to_dict(), "policy": {}, "timings": []}
     ops_run = {k: 0 for k in KINDS}
     gen = torch.Generator().manual_seed(rank)
     for n in args.sizes:
+        pred = policy.predict(n)
+        results["policy"][str(n)] = {"choice": policy.choose(n), "predicted_s": {str(b): t for b, t in pred.items()}}
         x = torch.randn(n, generator=gen)
         lay = ShardLayout(n, P, 8, 256)
         send = torch.randint(0, 255, (P, lay.message_bytes), dtype=torch.uint8, generator=gen)
         recv = torch.empty_like(send)
         mine = send[0].clone()
         gathered = torch.empty(P * lay.message_bytes, dtype=torch.uint8)
-        wres = torch.zeros(lay.padded_numel)
-        sres = torch.zeros(lay.shard_numel)
 
         def wire():
             dist.all_to_all_single(recv, send)
             all_gather_into(gathered, mine, None)
 
-        ops = {
-            "allreduce-fp32": lambda: dist.all_reduce(x.clone()),
-            "twophase-int8-wire": wire,
-            "twophase-int8-hook": lambda: quantized_allreduce(x, lay, None, worker_residual=wres, server_residual=sres),
-        }
-        for kind, fn in ops.items():
+        for kind, fn in {"allreduce-fp32": lambda: dist.all_reduce(x.clone()), "twophase-int8-wire": wire}.items():
             fn()  # warm-up: connections, allocations
-            ops_run[kind] += 1
             times = []
             for _ in range(args.repeats):
                 dist.barrier()
                 t0 = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - t0)
-                ops_run[kind] += 1
-            t = torch.tensor(times, dtype=torch.float64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a collective ends when its slowest rank does
-            results["timings"].append({"kind": kind, "numel": n, "times_s": t.tolist(), "median_s": float(t.median())})
+            ops_run[kind] += args.repeats + 1
+            results["timings"].append({"kind": kind, "numel": n, "median_s": _median_max(times, dist, torch)})
+        # step communication of the real hook: step with the route minus step without communication
+        warm = 5  # gradcomp: 2 plain warm-up steps, then compressed ones (kernels ready) before timing
+        base = _median_max(_step_times(n, "local", warm, args.repeats, torch, dist), dist, torch)
+        for kind, route in (("hook-plain", "plain"), ("hook-int8", "int8"), ("hook-int4", "int4")):
+            step = _median_max(_step_times(n, route, warm, args.repeats, torch, dist), dist, torch)
+            ops_run[kind] += warm + args.repeats
+            results["timings"].append({"kind": kind, "numel": n, "median_s": step - base, "step_s": step, "local_step_s": base})
     results["ops_run"] = ops_run
     dist.barrier()
     if rank == 0:
@@ -141,13 +212,17 @@ def run_setting(s, sizes, repeats, outdir: Path, python: str) -> dict:
     return {"setting": s, "measured": json.loads(meas.read_text()), "netsim": json.loads(report.read_text())}
 
 
-def predict(kind: str, numel: int, hosts: int, rate_bytes: float, delay_s: float, alpha: float, eta: float, codec_tp):
+def predict(kind: str, numel: int, hosts: int, rate_bytes: float, delay_s: float, alpha: float, eta: float, codec, chunk):
+    """The cost model's estimate of one timed kind (``codec``: {bits: CodecThroughput})."""
     from gradcomp import costmodel as cm
 
     cluster = cm.Cluster(workers=hosts, bandwidth=eta * rate_bytes, latency=alpha + delay_s)
-    scheme = "ring-fp32" if kind == "allreduce-fp32" else "twophase-int8"
-    tp = codec_tp if kind == "twophase-int8-hook" else None
-    return cm.estimate(scheme, numel, cluster, tp)
+    if kind in ("allreduce-fp32", "hook-plain"):
+        return cm.estimate(cm.Scheme.plain(), numel, cluster)
+    if kind == "twophase-int8-wire":
+        return cm.estimate(cm.Scheme.exchange(8), numel, cluster)
+    bits = HOOK_KINDS[kind]
+    return cm.estimate(cm.Scheme.exchange(bits), numel, cluster, codec[bits], 256, chunk)
 
 
 def fit(run: dict, rate_bytes: float):
@@ -182,19 +257,19 @@ def main(argv=None) -> int:
     w.add_argument("--sizes", required=True, type=lambda s: [int(float(v)) for v in s.split(",")])
     w.add_argument("--repeats", type=int, default=3)
     w.add_argument("--out", required=True)
-    p.add_argument("--settings", default="2x1gbit,2x100mbit,4x100mbit,4x1gbit,3x200mbit,4x100mbit+2ms",
+    p.add_argument("--settings", default="2x1gbit,4x1gbit,2x100mbit,4x100mbit",
                    help="comma-separated HOSTSxRATE[+DELAY]; the first is the one gloo's constants are fitted on")
     p.add_argument("--sizes", default="1000000,4000000", help="fp32 elements per collective")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--quick", action="store_true", help="settings 2x1gbit,2x100mbit and one size")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="settings 2x1gbit,4x1gbit and one size")
     p.add_argument("--out", default=str(ROOT / "runs" / "costmodel_validate"))
     p.add_argument("--reuse", action="store_true", help="analyse the results already in --out without running")
     args = p.parse_args(argv)
     if args.mode == "worker":
         return worker(args)
 
-    settings = [parse_setting(s) for s in ("2x1gbit,2x100mbit" if args.quick else args.settings).split(",")]
-    sizes = [int(float(v)) for v in ("2000000" if args.quick else args.sizes).split(",")]
+    settings = [parse_setting(s) for s in ("2x1gbit,4x1gbit" if args.quick else args.settings).split(",")]
+    sizes = [int(float(v)) for v in ("4000000" if args.quick else args.sizes).split(",")]
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
     runs = []
@@ -229,59 +304,65 @@ def main(argv=None) -> int:
     rows = []
     for r in runs:
         s = r["setting"]
+        m = r["measured"]
         rate = parse_bandwidth(s["rate"], "rate")
         delay = parse_duration(s["delay"], "delay")
-        codec = r["measured"]["codec"]
-        tp = cm.CodecThroughput(codec["quantize_eps"], codec["dequantize_eps"], "measured by the workers")
-        for t in r["measured"]["timings"]:
-            e = predict(t["kind"], t["numel"], s["hosts"], rate, delay, alpha, eta, tp)
-            rows.append({
+        codec = {int(b): cm.CodecThroughput(c["quantize_eps"], c["dequantize_eps"], c["source"]) for b, c in m["codec"].items()}
+        for t in m["timings"]:
+            e = predict(t["kind"], t["numel"], s["hosts"], rate, delay, alpha, eta, codec, m["chunk_numel"])
+            row = {
                 "setting": s["name"], "fitted": r is first and t["kind"] == "allreduce-fp32", "kind": t["kind"],
                 "numel": t["numel"], "predicted_s": e.total_s, "measured_s": t["median_s"],
-                "error": e.total_s / t["median_s"] - 1.0, "bytes_per_rank": e.bytes_per_rank,
-            })
-        # bytes: the model's payload for every operation run vs what each host's interface sent
-        ops = r["measured"]["ops_run"]
-        per_op = {(t["kind"], t["numel"]): predict(t["kind"], t["numel"], s["hosts"], rate, delay, alpha, eta, None).bytes_per_rank
-                  for t in r["measured"]["timings"]}
-        n_sizes = len({t["numel"] for t in r["measured"]["timings"]})
-        payload = sum(b * ops[k] / n_sizes for (k, _), b in per_op.items())
-        tx = [h["tx_bytes"] for h in r["netsim"]["per_host"]]
-        r["bytes_check"] = {"predicted_payload_per_host": payload, "measured_tx_per_host": tx,
-                            "ratio_mean": statistics.mean(tx) / payload}
+                "error": e.total_s / t["median_s"] - 1.0 if t["median_s"] > 0 else math.inf,
+            }
+            if t["kind"] in HOOK_KINDS:
+                pol = m["policy"][str(t["numel"])]["predicted_s"].get(str(HOOK_KINDS[t["kind"]]))
+                row["policy_predicted_s"] = pol
+                row["policy_error"] = pol / t["median_s"] - 1.0 if pol is not None and t["median_s"] > 0 else None
+            rows.append(row)
 
     print(f"gloo constants fitted on {first['setting']['name']} (fp32 all-reduce only): alpha = {alpha * 1e3:.3f} ms, "
           f"eta = {eta:.3f} of the link rate")
     print()
-    print("| setting | collective | elements | predicted | measured | error |")
-    print("|---|---|---|---|---|---|")
+    print("| setting | measured | elements | measured | model | error | policy's prediction | error | policy chose |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         mark = " (fitted)" if row["fitted"] else ""
-        print(f"| {row['setting']} | {row['kind']}{mark} | {row['numel']:.2g} | {row['predicted_s'] * 1e3:.1f} ms | "
-              f"{row['measured_s'] * 1e3:.1f} ms | {row['error'] * 100:+.1f}% |")
+        pol = row.get("policy_predicted_s")
+        pe = row.get("policy_error")
+        run = next(r for r in runs if r["setting"]["name"] == row["setting"])
+        chose = run["measured"]["policy"][str(row["numel"])]["choice"] if row["kind"] in HOOK_KINDS else None
+        print(f"| {row['setting']} | {row['kind']}{mark} | {row['numel']:.2g} | {row['measured_s'] * 1e3:.1f} ms | "
+              f"{row['predicted_s'] * 1e3:.1f} ms | {row['error'] * 100:+.1f}% | "
+              f"{'-' if pol is None else f'{pol * 1e3:.1f} ms'} | {'-' if pe is None else f'{pe * 100:+.1f}%'} | "
+              f"{'-' if chose is None else ('plain' if chose == 32 else f'int{chose}')} |")
     held = [r for r in rows if not r["fitted"]]
-    within = [r for r in held if abs(r["error"]) <= 0.25]
     print()
-    print(f"validated rows (not fitted): {len(within)} of {len(held)} within 25%; "
-          f"median |error| {statistics.median(abs(r['error']) for r in held) * 100:.1f}%")
-    for kind in KINDS:
-        ks = [r for r in held if r["kind"] == kind]
-        if ks:
-            print(f"  {kind}: {sum(abs(r['error']) <= 0.25 for r in ks)} of {len(ks)} within 25%, "
-                  f"median |error| {statistics.median(abs(r['error']) for r in ks) * 100:.1f}%")
+    for label, key, subset in (("model", "error", held), ("policy", "policy_error", [r for r in rows if r.get("policy_error") is not None])):
+        if not subset:
+            continue
+        within = [r for r in subset if abs(r[key]) <= 0.25]
+        print(f"{label}: {len(within)} of {len(subset)} rows within 25%, median |error| "
+              f"{statistics.median(abs(r[key]) for r in subset) * 100:.1f}%")
+        for kind in KINDS:
+            ks = [r for r in subset if r["kind"] == kind]
+            if ks:
+                print(f"  {kind}: {sum(abs(r[key]) <= 0.25 for r in ks)} of {len(ks)} within 25%, "
+                      f"median |error| {statistics.median(abs(r[key]) for r in ks) * 100:.1f}%")
     print()
-    print("| setting | predicted payload per host | measured tx bytes per host (netsim) | ratio |")
-    print("|---|---|---|---|")
+    print("| setting | policy's link fit | policy's int8 / int4 codec (M values/s, quantize / dequantize) |")
+    print("|---|---|---|")
     for r in runs:
-        b = r["bytes_check"]
-        print(f"| {r['setting']['name']} | {b['predicted_payload_per_host'] / 1e6:.1f} MB | "
-              f"{', '.join(f'{t / 1e6:.1f}' for t in b['measured_tx_per_host'])} MB | {b['ratio_mean']:.3f} |")
+        f = r["measured"]["policy_fit"]
+        cod = {int(b): tp for b, tp in f["codec"]}
+        print(f"| {r['setting']['name']} | alpha {f['link']['latency'] * 1e6:.0f} us, beta {f['link']['bandwidth'] / 1e6:.1f} MB/s | "
+              + " / ".join(f"{cod[b]['quantize_eps'] / 1e6:.0f}, {cod[b]['dequantize_eps'] / 1e6:.0f}" for b in (8, 4) if b in cod) + " |")
     (outdir / "results.json").write_text(json.dumps({"alpha_s": alpha, "eta": eta, "fitted_on": first["setting"]["name"],
                                                      "rows": rows, "runs": runs}, indent=1))
     try:
         from gradcomp.plots.costmodel import plot_validation
 
-        plot_validation(rows, outdir / "validation.png", title=f"cost model vs emulated cluster (fitted on {first['setting']['name']})")
+        plot_validation([r for r in rows if r["measured_s"] > 0], outdir / "validation.png", title=f"cost model vs emulated cluster (fitted on {first['setting']['name']})")
         print(f"\nwrote {outdir / 'results.json'} and {outdir / 'validation.png'}")
     except ImportError:
         print(f"\nwrote {outdir / 'results.json'} (no plot: matplotlib missing)")
