@@ -543,6 +543,7 @@ def sweep(
     schemes: Optional[Iterable] = None,
     codec_throughput: Optional[CodecThroughput] = None,
     block_size: int = 256,
+    chunk_numel: Optional[int] = None,
 ) -> Dict[str, List[float]]:
     """Compute total step communication time of each scheme over a range of worker counts or bandwidths.
 
@@ -550,7 +551,7 @@ def sweep(
     and values that are not a multiple of it are rejected.
 
     Args:
-        params, cluster, schemes, codec_throughput, block_size: as for :func:`compare`.
+        params, cluster, schemes, codec_throughput, block_size, chunk_numel: as for :func:`compare`.
         over: ``"workers"`` or ``"bandwidth"`` (bytes per second).
         values: the x values.
 
@@ -582,5 +583,5 @@ def sweep(
         else:
             c = Cluster(cluster.workers, float(v), cluster.latency, cluster.nodes, cluster.intra_bandwidth, cluster.intra_latency)
         for s in chosen:
-            out[s.name].append(estimate(s, params, c, codec_throughput, block_size).total_s)
+            out[s.name].append(estimate(s, params, c, codec_throughput, block_size, chunk_numel).total_s)
     return out

@@ -59,6 +59,9 @@ def register(subparsers) -> None:
                    type=arg_type(lambda s: parse_duration(s, "--intra-latency"), "duration"),
                    help="per-message latency inside a node (default 1us)")
     p.add_argument("--block-size", type=positive_int, default=256, metavar="B", help="elements per fp32 scale (default 256)")
+    p.add_argument("--chunk-numel", type=int, default=1 << 20, metavar="N",
+                   help="values per pipelined chunk of the quantized exchange, as the hook cuts buckets "
+                        "(default 1048576); 0: no overlap of codec and wire")
     p.add_argument("--schemes", default=None, metavar="LIST",
                    help="comma-separated schemes, e.g. ring-fp32,twophase-int8,hier-int4 (default: all that apply)")
     codec = p.add_mutually_exclusive_group()
@@ -126,11 +129,14 @@ def run(args) -> int:
 
         tp = measure_hook_codec(8, args.block_size, 1 << 22, args.workers, repeats=5, compiled=compiled, device=device)
 
-    estimates = cm.compare(args.params, cluster, schemes, tp, args.block_size)
-    base = cm.estimate("ring-fp32", args.params, cluster, tp, args.block_size)
+    if args.chunk_numel < 0:
+        raise CliError(f"--chunk-numel must be >= 0 (0: no pipelining), got {args.chunk_numel}")
+    chunk = args.chunk_numel or None
+    estimates = cm.compare(args.params, cluster, schemes, tp, args.block_size, chunk)
+    base = cm.estimate(cm.Scheme.plain(), args.params, cluster, tp, args.block_size)
     rows = []
     for e in estimates:
-        be = cm.break_even_bandwidth(e.scheme, args.params, cluster, tp, args.block_size)
+        be = cm.break_even_bandwidth(e.scheme, args.params, cluster, tp, args.block_size, chunk_numel=chunk)
         rows.append((e, be))
 
     if args.plot is not None:
@@ -146,7 +152,7 @@ def run(args) -> int:
             # keep the workers per node; start at two nodes (one node is a different network)
             step = cluster.per_node if cluster.nodes not in (None, 1) else 1
             values = sorted({2 * step * (2**k) for k in range(0, 9)} | {args.workers})
-        curves = cm.sweep(args.params, cluster, args.sweep, values, [e.scheme for e in estimates], tp, args.block_size)
+        curves = cm.sweep(args.params, cluster, args.sweep, values, [e.scheme for e in estimates], tp, args.block_size, chunk)
         plot_cost_sweep(
             curves,
             args.sweep,
