@@ -134,7 +134,7 @@ def run_hook(
         "--model", args.model, "--steps", str(steps), "--batch-size", str(args.batch_size),
         "--threads", str(args.threads), "--time-after", str(time_after),
         "--warmup-steps", str(args.warmup_steps), "--powersgd-start-iter", str(max(2, args.warmup_steps)),
-        "--bucket-cap-mb", str(args.bucket_cap_mb), "--log-every", "10", "--eval-batches", "4",
+        "--bucket-cap-mb", str(args.bucket_cap_mb), "--log-every", "10", "--eval-batches", str(16 if eval_every else 4),
         "--eval-every", str(eval_every), "--out-dir", str(out), "--netdev", "auto",
     ] + HOOK_ARGS[hook] + list(extra) + args.train_args.split()
     if args.trace:
