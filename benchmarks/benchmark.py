@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket size")
     p.add_argument("--trace", action="store_true", help="time hook calls against the backward pass (overlap)")
-    p.add_argument("--train-args", default="", help="extra arguments for launch/train.py, e.g. '--compile'")
+    p.add_argument("--train-args", default="", help="extra arguments for launch/train.py, e.g. '--no-compile'")
     p.add_argument("--out-dir", default="runs/bench")
     p.add_argument("--timeout", type=int, default=600, help="seconds per run before it is stopped")
     p.add_argument("--python", default=sys.executable, help="interpreter for the training job")

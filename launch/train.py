@@ -19,7 +19,7 @@ Run it (always through torchrun, or through the scripts next to this file)::
     # elastic: restart the group up to 3 times after a failure, resuming from the latest checkpoint
     MAX_RESTARTS=3 bash launch/run.sh --hook int8 --steps 1000 --ckpt-every 50 --resume
     # the communication-bound 17.6M-parameter preset, as used by the benchmark
-    bash launch/run.sh --model comm17m --batch-size 4 --hook int4 --compile --steps 100
+    bash launch/run.sh --model comm17m --batch-size 4 --hook int4 --steps 100
 
 What it writes under ``--out-dir`` (default ``runs/<hook>``):
     ``metrics.jsonl``   one JSON object per step from rank 0: loss, step time, bytes, lr, val_loss;
@@ -39,7 +39,7 @@ Hooks:
     ``fp16``       PyTorch's ``fp16_compress_hook``;
     ``powersgd``   PyTorch's PowerSGD (``--powersgd-rank``, ``--powersgd-start-iter``);
     ``int8``/``int4`` gradcomp's quantized all-reduce (``--quant-block``, ``--no-error-feedback``,
-                   ``--warmup-steps``, ``--stochastic-rounding``, ``--compile``);
+                   ``--warmup-steps``, ``--stochastic-rounding``, ``--no-compile``);
     ``local``      no communication at all: every rank keeps its own gradient (the ranks drift
                    apart). Not training: the benchmark's floor, the step time without the network.
 """
@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int, default=10, help="int8/int4: plain all-reduce steps first")
     g.add_argument("--min-compress-numel", type=int, default=16384, help="int8/int4: smaller buckets go uncompressed")
     g.add_argument("--stochastic-rounding", action="store_true", help="int8/int4: stochastic instead of nearest rounding")
-    g.add_argument("--compile", action="store_true", help="int8/int4: fuse the codec with torch.compile (slow first step)")
+    g.add_argument("--compile", action="store_true", help="int8/int4: fused codec kernels (the hook's default; kept for old command lines)")
+    g.add_argument("--no-compile", action="store_true", help="int8/int4: eager codec kernels only (default: fused kernels, compiled in the background during the warm-up)")
     g.add_argument(
         "--hierarchical", action="store_true",
         help="int8/int4: fp32 inside a node, quantized between nodes (node layout from torchrun's LOCAL_WORLD_SIZE)",
@@ -144,6 +145,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--schedule-steps must be >= 1, got {args.schedule_steps}")
     if args.target_val_loss is not None and not (math.isfinite(args.target_val_loss) and args.target_val_loss > 0):
         raise ValueError(f"--target-val-loss must be a positive finite loss, got {args.target_val_loss}")
+    if args.compile and args.no_compile:
+        raise ValueError("--compile and --no-compile contradict each other; give at most one")
     if args.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     if args.hook == "powersgd" and args.powersgd_start_iter < 2:
@@ -375,7 +378,7 @@ def setup_hook(args: argparse.Namespace, ddp: DDP, world_size: int, tracer: Opti
             min_compress_numel=args.min_compress_numel,
             stochastic_rounding=args.stochastic_rounding,
             seed=args.seed,
-            compile=args.compile,
+            **({"compile": False} if args.no_compile else {}),  # else the hook's default: the fast path
             log_every=0,
             topology=topology,
             policy=policy,
