@@ -225,7 +225,11 @@ def steps_table(results: Dict[str, Dict[str, Any]], P: int, memory: Optional[Dic
         wire_mb = f"{wire['tx_bytes'] / 1e6:.2f}" if wire else "n/a"
         step = s["median_step_time_s"]
         ratio = f"{step / base:.3f}" if base else "n/a"
-        mb = min_bytes_per_value(hook, P)
+        route = hook
+        if s.get("policy_choices"):  # the policy's choice for its largest bucket
+            chosen = max(s["policy_choices"].items())[1]
+            route = "allreduce" if chosen.startswith("ring") else chosen.split("-")[-1]
+        mb = min_bytes_per_value(route, P)
         measured = "-"
         floor = floor_ratio = step_floor = "-"
         if memory is not None and local is not None:
@@ -239,7 +243,7 @@ def steps_table(results: Dict[str, Dict[str, Any]], P: int, memory: Optional[Dic
             if fl is not None:
                 floor, step_floor = f"{1e3 * fl:.1f}", f"{step / fl:.2f}"
                 floor_ratio = f"{fl / base:.3f}" if base else "n/a"
-            bits = {"int8": 8, "int4": 4, "policy": 8}.get(hook)
+            bits = {"int8": 8, "int4": 4}.get(route)
             stages = memory["hook"].get(f"int{bits}/{P}") if bits else None
             if stages:
                 measured = f"{8 * stages['total_s'] / memory['clone_s']:.1f}"
