@@ -226,8 +226,9 @@ def steps_table(results: Dict[str, Dict[str, Any]], P: int, memory: Optional[Dic
         step = s["median_step_time_s"]
         ratio = f"{step / base:.3f}" if base else "n/a"
         route = hook
-        if s.get("policy_choices"):  # the policy's choice for its largest bucket
-            chosen = max(s["policy_choices"].items())[1]
+        choices = {int(n): sch for n, sch in (s.get("policy_choices") or {}).items()}  # JSON keys are strings
+        if choices:  # the policy's choice for its largest bucket
+            chosen = max(choices.items())[1]
             route = "allreduce" if chosen.startswith("ring") else chosen.split("-")[-1]
         mb = min_bytes_per_value(route, P)
         measured = "-"
@@ -248,8 +249,8 @@ def steps_table(results: Dict[str, Dict[str, Any]], P: int, memory: Optional[Dic
             if stages:
                 measured = f"{8 * stages['total_s'] / memory['clone_s']:.1f}"
         label = LABELS.get(hook, hook)
-        if s.get("policy_choices"):
-            label += " [" + ", ".join(f"{n / 1e6:.2g}M: {sch}" for n, sch in sorted(s["policy_choices"].items(), reverse=True)[:3]) + "]"
+        if choices:
+            label += " [" + ", ".join(f"{n / 1e6:.2g}M: {sch}" for n, sch in sorted(choices.items(), reverse=True)[:3]) + "]"
         lines.append(
             f"| {label} | {wire_mb} | {1e3 * step:.1f} | {ratio} | {floor} | {floor_ratio} | {step_floor} | "
             f"{measured} | {'-' if mb is None else f'{mb:.1f}'} | {s['final_val_loss']:.4f} |"
