@@ -249,6 +249,8 @@ def steps_table(results: Dict[str, Dict[str, Any]], P: int, memory: Optional[Dic
             if stages:
                 measured = f"{8 * stages['total_s'] / memory['clone_s']:.1f}"
         label = LABELS.get(hook, hook)
+        if s.get("fused_kernels_ready") is False:
+            label += " (eager kernels: the fused ones were not ready)"
         if choices:
             label += " [" + ", ".join(f"{n / 1e6:.2g}M: {sch}" for n, sch in sorted(choices.items(), reverse=True)[:3]) + "]"
         lines.append(

@@ -747,6 +747,8 @@ class Job:
             "mean_step_time_s": statistics.fmean(step_times) if step_times else float("nan"),
             "hook_bytes_per_step": statistics.fmean(sent_hook) if sent_hook else float("nan"),
             "hook_stats": {k: v for k, v in self.hook.stats().items() if isinstance(v, (int, float))},
+            # gradcomp compiles its fused kernels in the background; were they in use by the end?
+            "fused_kernels_ready": bool(getattr(self.hook.state, "_compiled_now", lambda: False)()) if args.hook in ("int8", "int4") else None,
             "wire_per_step": gathered,
             "wall_s": wall,
             "overlap": self.tracer.summary() if self.tracer is not None else None,
