@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=int, default=600, help="seconds per run before it is stopped")
     p.add_argument("--python", default=sys.executable, help="interpreter for the training job")
     p.add_argument("--report-only", action="store_true", help="redraw the tables from --out-dir/results.json, run nothing")
+    p.add_argument("--measure-memory", action="store_true", help="with --report-only: measure the memory figures again")
     return p
 
 
@@ -371,7 +372,13 @@ def main(argv: List[str] | None = None) -> int:
         return 2
     if args.report_only:
         saved = json.loads((out / "results.json").read_text())
-        print(render(saved))
+        if args.measure_memory:
+            params = next(r["parameters"] for p in saved["parts"].values() for r in p["results"].values())
+            saved["memory"] = measure_memory(params, sorted({p["hosts"] for k, p in saved["parts"].items() if k != "tta"}))
+            (out / "results.json").write_text(json.dumps(saved, indent=1, default=str))
+        md = render(saved)
+        (out / "results.md").write_text(md + "\n")
+        print(md)
         return 0
     if os.geteuid() != 0:
         print("benchmark.py: error: the emulated cluster needs root (network namespaces); run it as root", file=sys.stderr)
