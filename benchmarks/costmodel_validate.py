@@ -65,12 +65,13 @@ def _median_max(times, dist, torch) -> float:
     return float(t.median())
 
 
-def _step_times(numel: int, route: str, warm: int, repeats: int, torch, dist) -> list:
-    """Step times of a DDP job whose one bucket holds ``numel`` values, with ``route`` communicating it.
+def _step_job(numel: int, route: str, torch, dist):
+    """Build a DDP job whose one bucket holds ``numel`` values, with ``route`` communicating it; return its step.
 
     ``route``: ``local`` (a hook that sends nothing), ``plain`` (DDP's own all-reduce), or
     ``int8`` / ``int4`` (gradcomp's hook with its default options). The forward and backward are a
-    dot product, so the step is the hook's cost plus a small constant that ``local`` measures.
+    dot product, so a step is the hook's cost plus a small constant that ``local`` measures.
+    Returns ``(step, state)``: ``step()`` runs one step after a barrier and returns its seconds.
     """
     import gradcomp
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -104,22 +105,32 @@ def _step_times(numel: int, route: str, warm: int, repeats: int, torch, dist) ->
         ddp(w).backward()  # DDP's backward returns once the hook's future is done
         return time.perf_counter() - t0
 
-    for _ in range(warm):
-        step()
-    if state is not None and state.config.compile:
-        # the fused kernels compile in the background: time the path the hook settles on
-        deadline = time.monotonic() + 300
-        while True:
-            ready = torch.tensor([float(state._compiled_now())])
-            dist.all_reduce(ready, op=dist.ReduceOp.MIN)
-            if ready.item() or time.monotonic() > deadline:
-                break
+    return step, state
+
+
+def _step_times(numel: int, routes, warm: int, repeats: int, torch, dist) -> dict:
+    """Median step seconds (slowest rank) of each route, timed in interleaved rounds so load changes hit all alike."""
+    jobs = {r: _step_job(numel, r, torch, dist) for r in routes}
+    for step, state in jobs.values():
+        for _ in range(warm):
             step()
-    times = [step() for _ in range(repeats)]
-    if state is not None:
-        assert state.stats()["compressed_buckets_step"] == 1, "the timed steps must be compressed"
-    del ddp, state
-    return times
+        if state is not None and state.config.compile:
+            # the fused kernels compile in the background: time the path the hook settles on
+            deadline = time.monotonic() + 300
+            while True:
+                ready = torch.tensor([float(state._compiled_now())])
+                dist.all_reduce(ready, op=dist.ReduceOp.MIN)
+                if ready.item() or time.monotonic() > deadline:
+                    break
+                step()
+    times = {r: [] for r in routes}
+    for _ in range(repeats):
+        for r, (step, _) in jobs.items():
+            times[r].append(step())
+    for r, (_, state) in jobs.items():
+        if state is not None:
+            assert state.stats()["compressed_buckets_step"] == 1, "the timed steps must be compressed"
+    return {r: _median_max(t, dist, torch) for r, t in times.items()}
 
 
 def worker(args) -> int:
@@ -181,12 +192,12 @@ def worker(args) -> int:
             ops_run[kind] += args.repeats + 1
             results["timings"].append({"kind": kind, "numel": n, "median_s": _median_max(times, dist, torch)})
         # step communication of the real hook: step with the route minus step without communication
-        warm = 5  # gradcomp: 2 plain warm-up steps, then compressed ones (kernels ready) before timing
-        base = _median_max(_step_times(n, "local", warm, args.repeats, torch, dist), dist, torch)
+        warm = 5  # gradcomp: 2 plain warm-up steps, then compressed ones before timing
+        steps = _step_times(n, ("local", "plain", "int8", "int4"), warm, args.repeats, torch, dist)
+        base = steps["local"]
         for kind, route in (("hook-plain", "plain"), ("hook-int8", "int8"), ("hook-int4", "int4")):
-            step = _median_max(_step_times(n, route, warm, args.repeats, torch, dist), dist, torch)
             ops_run[kind] += warm + args.repeats
-            results["timings"].append({"kind": kind, "numel": n, "median_s": step - base, "step_s": step, "local_step_s": base})
+            results["timings"].append({"kind": kind, "numel": n, "median_s": steps[route] - base, "step_s": steps[route], "local_step_s": base})
     results["ops_run"] = ops_run
     dist.barrier()
     if rank == 0:
