@@ -141,6 +141,9 @@ def run_hook(
     ] + HOOK_ARGS[hook] + list(extra) + args.train_args.split()
     if args.trace:
         train_args.append("--trace-overlap")
+    if not eval_every and hook in ("int8", "int4", "policy", "int4-noef"):
+        # step time: the steady state, after the background compilation (the time-to-accuracy runs do not wait)
+        train_args.append("--wait-fused-kernels")
     cmd = [
         "bash", str(LAUNCH / "netsim.sh"), "--hosts", str(hosts), "--rate", args.rate,
         "--report", str(out / "netsim.json"), "--timeout", str(args.timeout), "--grace", "20", "--",

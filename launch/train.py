@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--netdev", default="auto", help="network interface whose counters give wire bytes ('auto', a name, or 'none')")
     g.add_argument("--time-after", type=int, default=None, help="steps excluded from the timing summary (default: hook warm-up + 3)")
     g.add_argument("--trace-overlap", action="store_true", help="time the hook calls against the backward pass")
+    g.add_argument("--wait-fused-kernels", action="store_true",
+                   help="int8/int4: before the first timed step, wait (untimed) until gradcomp's background compilation is done")
     return p
 
 
@@ -640,6 +642,8 @@ class Job:
         try:
             for step in range(self.start_step, args.steps):
                 if step == first_timed:
+                    if args.wait_fused_kernels:
+                        self._wait_fused_kernels()
                     wire_start = read_netdev(self.netdev)
                 t0 = time.perf_counter()
                 x, y = get_batch(self.train_data, args.batch_size, self.cfg.block_size, self.gen)
@@ -706,6 +710,25 @@ class Job:
             self.save_checkpoint(stopped_at or args.steps)
         summary = self._summarise(step_times, sent_hook, wire_start, wire_end, recent, val_loss, time.perf_counter() - t_run, first_timed, stopped_at)
         return summary
+
+    def _wait_fused_kernels(self, limit_s: float = 600.0) -> None:
+        """Wait (untimed) until every rank's gradcomp hook runs its fused kernels, at most ``limit_s`` seconds.
+
+        gradcomp compiles them in the background and uses the eager ones meanwhile; a benchmark that
+        wants the steady state waits here before its timed steps. The ranks agree with a MIN.
+        """
+        ready_now = getattr(self.hook.state, "_compiled_now", None)
+        if ready_now is None or not self.hook.state.config.compile:
+            return
+        t0 = time.perf_counter()
+        while True:
+            flag = torch.tensor([float(ready_now())])
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            if flag.item() or time.perf_counter() - t0 > limit_s:
+                break
+            time.sleep(1.0)
+        if self.rank == 0:
+            logger.info("fused kernels %s after waiting %.1f s", "ready" if flag.item() else "NOT ready", time.perf_counter() - t0)
 
     def _log_progress(self, rec: Dict[str, Any], stats: Dict[str, Any]) -> None:
         sent, fp32 = rec["bytes_sent_step"], rec["fp32_bytes_step"]
