@@ -248,6 +248,7 @@ class QuantizedAllReduceState:
         self._step_plain: List[Tuple[Any, torch.Tensor]] = []  # plain buckets of this step (training thread)
         self._thread_buckets = 0  # buckets of the current step handed to the thread
         self._pipe: Optional[ChunkPipeline] = None
+        self._inflight: List[torch.futures.Future] = []  # futures of buckets still in the pipeline
         self._compiler: Optional[codec.BackgroundCompiler] = None
         if self.config.topology is not None:
             self.config.topology.num_nodes(self.world_size)  # refuse a topology that does not fit, before any group exists
@@ -346,7 +347,7 @@ class QuantizedAllReduceState:
         """Drop the process groups, the thread and the lock so the state can be pickled."""
         drop = (
             "process_group", "_comm_group", "_hier", "_thread", "_lock", "_param_keys", "_plans", "_buffers",
-            "_spares", "_pending", "_step_plain", "_pipe", "_compiler",
+            "_spares", "_pending", "_step_plain", "_pipe", "_compiler", "_inflight",
         )
         return {k: v for k, v in self.__dict__.items() if k not in drop}
 
@@ -363,6 +364,7 @@ class QuantizedAllReduceState:
         self._buffers, self._spares, self._pending, self._step_plain = {}, {}, {}, []
         self._step_finite, self._thread_buckets = True, 0
         self._pipe = None
+        self._inflight = []
         self._compiler = None
 
     def state_dict(self) -> Dict[str, Any]:
@@ -591,6 +593,7 @@ class QuantizedAllReduceState:
         """Run on the communication thread: start ``buf``'s exchange in the pipeline; the pipeline completes ``fut``."""
         cfg = self.config
         device = buf.device
+        self._inflight = [f for f in self._inflight if not f.done()] + [fut]
         stream_ctx = _stream_context(buf, ready_event)
         with stream_ctx:
             ef = cfg.error_feedback
@@ -716,7 +719,11 @@ class QuantizedAllReduceState:
         self._account(0, 0, False, finite, None, step, True, count=False)
 
     def _on_thread_error(self, exc: BaseException) -> None:
-        """Drop the chunks in flight and the step's uncommitted residuals after an error on the thread."""
+        """Fail every bucket in flight, drop their chunks and the step's uncommitted residuals after an error."""
+        for f in self._inflight:
+            if not f.done():
+                f.set_exception(exc)
+        self._inflight = []
         if self._pipe is not None:
             self._pipe.abort()
         self._pending = {}
