@@ -174,7 +174,7 @@ def test_rule_precedence_first_vs_most_specific():
     assert tie.bits_by_layer()["blocks.0.attn.c_attn"] == "int2-g16"
     with pytest.raises(ValueError, match="precedence"):
         plan_from_rules(layers, rules, precedence="last")
-    with pytest.raises(ValueError, match="invalid regex"):
+    with pytest.raises(ValueError, match="invalid regular expression"):
         plan_from_rules(layers, [("re:(", None)])
     assert match_pattern("head", "head") and not match_pattern("hea", "head")
 

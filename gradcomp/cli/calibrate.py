@@ -20,7 +20,7 @@ examples:
   gradcomp calibrate                                   # the built-in tiny GPT on stdlib bytes
   gradcomp calibrate --observer kl --bits 8 --out act_report
   gradcomp calibrate --model mypkg.models:build --data mypkg.data:calib_batches --batches 32 --json
-  gradcomp calibrate --names 'mlp' --dynamic           # per-token scales computed on the fly
+  gradcomp calibrate --names '*mlp*' --dynamic         # per-token scales computed on the fly
 
 --model names a constructor called without arguments that returns an nn.Module; --data names a
 function called without arguments that returns an iterable of input batches (a tensor is passed as
@@ -57,8 +57,8 @@ def register(subparsers) -> None:
     p.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=8, help="activation bits (default 8)")
     p.add_argument("--symmetric", action="store_true", help="symmetric scales without zero point (default affine)")
     p.add_argument("--batches", type=positive_int, default=16, help="calibration batches (default 16)")
-    p.add_argument("--names", default=None, metavar="REGEX", help="only layers whose name matches this regex")
-    p.add_argument("--exclude", default=None, metavar="REGEX", help="skip layers whose name matches this regex")
+    p.add_argument("--names", default=None, metavar="PATTERN", help="only layers whose name matches (exact name, glob, or re:REGEX)")
+    p.add_argument("--exclude", default=None, metavar="PATTERN", help="skip layers whose name matches (exact name, glob, or re:REGEX)")
     p.add_argument("--percentile", type=float, default=99.99, help="percentile of --observer percentile (default 99.99)")
     p.add_argument("--bins", type=positive_int, default=2048, help="histogram bins (default 2048)")
     p.add_argument("--outputs", action="store_true", help="also record the layer outputs")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -30,6 +29,7 @@ from gradcomp.quant.fake_quant import fake_quantize_ste
 from gradcomp.quant.histogram import RunningHistogram
 from gradcomp.quant.modules import QuantizedConv2d, QuantizedLinear
 from gradcomp.quant.observers import ActivationObserver
+from gradcomp.quant.rules import check_patterns, match_pattern
 
 logger = logging.getLogger(__name__)
 
@@ -176,37 +176,27 @@ def _select_modules(
     names: Union[None, str, Sequence[str]],
     exclude: Union[None, str, Sequence[str]] = None,
 ) -> List[Tuple[str, nn.Module]]:
-    """Return ``(name, module)`` of the modules matching ``types`` and a ``names`` regex (search)."""
+    """Return ``(name, module)`` of the modules of ``types`` that match ``names`` and not ``exclude``.
+
+    Names are matched by :mod:`gradcomp.quant.rules` (exact name, glob or ``re:<regex>``).
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     types = default_layer_types() if types is None else tuple(types)
     if not types or not all(isinstance(t, type) for t in types):
         raise TypeError(f"types must be a non-empty sequence of classes, got {types!r}")
 
-    def compile_all(patterns, what):
-        if patterns is None:
-            return []
-        if isinstance(patterns, str):
-            patterns = [patterns]
-        out = []
-        for p in patterns:
-            try:
-                out.append(re.compile(p))
-            except re.error as exc:
-                raise ValueError(f"{what} pattern {p!r} is not a valid regular expression: {exc}") from exc
-        return out
-
-    include = compile_all(names, "names")
-    skip = compile_all(exclude, "exclude")
+    include = check_patterns(names, "names")
+    skip = check_patterns(exclude, "exclude")
     chosen = []
     for name, module in model.named_modules():
         if not name or isinstance(module, (ActivationObserver, ActivationQuantizer, RunningHistogram)):
             continue
         if not isinstance(module, types):
             continue
-        if include and not any(p.search(name) for p in include):
+        if include and not any(match_pattern(p, name) for p in include):
             continue
-        if any(p.search(name) for p in skip):
+        if any(match_pattern(p, name) for p in skip):
             continue
         chosen.append((name, module))
     if not chosen:
@@ -242,8 +232,9 @@ def prepare_activation_quant_(
         model: the model.
         config: an :class:`ActQuantConfig`.
         types: module classes to choose; None: :func:`default_layer_types` (``(nn.Module,)`` for any).
-        names: regular expression(s) a module name must contain (``re.search``).
-        exclude: regular expression(s) of names to leave alone.
+        names: pattern(s) a module name must match (exact name, glob or ``re:<regex>``, as in
+            :mod:`gradcomp.quant.rules`); None: every module of ``types``.
+        exclude: pattern(s) of names to leave alone.
 
     Returns:
         Names of the modules that got a quantizer.

@@ -329,9 +329,9 @@ class ActivationReport:
 class ActivationCapture:
     """Context manager that records running statistics of chosen modules' outputs (and inputs).
 
-    Modules are chosen by class (``types``) and by regular expression on their names (``names``,
-    ``re.search``); both must match when both are given. Hooks are registered on entry and always
-    removed on exit, also when the block raises. Nothing but running statistics is kept.
+    Modules are chosen by class (``types``) and by name (``names``: exact name, glob or
+    ``re:<regex>``, as in :mod:`gradcomp.quant.rules`); both must match when both are given.
+    Hooks are registered on entry and always removed on exit, also when the block raises. Nothing but running statistics is kept.
 
     Example::
 
@@ -342,8 +342,8 @@ class ActivationCapture:
     Args:
         model: the model.
         types: module classes; None: :func:`default_layer_types` (``(nn.Module,)`` for any class).
-        names: regular expression(s) the module name must contain.
-        exclude: regular expression(s) of names to skip.
+        names: pattern(s) the module name must match (exact name, glob or ``re:<regex>``).
+        exclude: pattern(s) of names to skip.
         outputs: record module outputs (key: the module name).
         inputs: record the first input too (key: ``"<name>:input"``).
         bins: histogram bins per stream.

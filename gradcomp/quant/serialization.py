@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from gradcomp.quant.configs import Config, Rules, _config_from_dict, _config_to_dict
 from gradcomp.quant.modules import PackedWeight, _QuantizedLayer, _kind, _set_submodule, _swap
-from gradcomp.quant.rules import _normalize_rules, resolve_config
+from gradcomp.quant.rules import _config_rules, resolve_config
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ def quantize_state_dict(
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
-    rules = _normalize_rules(config_or_rules)
+    rules = _config_rules(config_or_rules)
     packed: Dict[str, PackedWeight] = {}
     plain: Dict[str, torch.Tensor] = {}
     items = list(state_dict.items())
