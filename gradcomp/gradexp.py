@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 
 from gradcomp import codec
+from gradcomp.checks import check_int
 from gradcomp.comm.collectives import ShardLayout
 
 logger = logging.getLogger(__name__)
@@ -255,10 +256,8 @@ def iter_gradients(
         ``(grads, loss)``: fp32 ``(workers, N)`` gradients flattened in parameter order (a missing
         gradient counts as zeros) and the mean loss over the workers.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    check_int("steps", steps)
+    check_int("workers", workers)
     params = [p for _, p in _named_trainable(model)]
     if not params:
         raise ValueError("model has no trainable parameters")

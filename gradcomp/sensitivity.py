@@ -59,6 +59,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gradcomp.checks import check_int
 from gradcomp.quant import (
     CastConfig,
     WeightQuantConfig,
@@ -214,8 +215,7 @@ class SensitivityConfig:
         if bad or not metrics:
             raise ValueError(f"metrics must be a non-empty subset of ('mse', 'kl', 'loss', 'fisher', 'weight_mse'), got {metrics}")
         object.__setattr__(self, "metrics", metrics)
-        if isinstance(self.hutchinson_samples, bool) or not isinstance(self.hutchinson_samples, int) or self.hutchinson_samples < 1:
-            raise ValueError(f"hutchinson_samples must be a positive int, got {self.hutchinson_samples!r}")
+        check_int("hutchinson_samples", self.hutchinson_samples)
         if self.activations is not None:
             from gradcomp.quant import ActQuantConfig
 

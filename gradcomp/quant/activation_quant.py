@@ -22,8 +22,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 import torch.nn as nn
 
+from gradcomp.checks import check_int
 from gradcomp.codec import choose_qparams
-from gradcomp.quant._util import check_positive_int
 from gradcomp.quant.configs import ActQuantConfig
 from gradcomp.quant.fake_quant import fake_quantize_ste
 from gradcomp.quant.histogram import RunningHistogram
@@ -295,7 +295,7 @@ def run_batches(
         desc: progress bar label.
     """
     if num_batches is not None:
-        check_positive_int("num_batches", num_batches, 1)
+        check_int("num_batches", num_batches, 1)
     call = forward or _default_forward
     total = num_batches
     if total is None:

@@ -19,7 +19,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 import torch.nn as nn
 
-from gradcomp.quant._util import channel_minmax, check_positive_int, finite_flat, norm_axis
+from gradcomp.checks import check_int, check_number
+from gradcomp.quant._util import channel_minmax, finite_flat, norm_axis
 from gradcomp.quant.activation_quant import _channel_axis_for, _select_modules, run_batches
 from gradcomp.quant.histogram import RunningHistogram
 
@@ -365,9 +366,8 @@ class ActivationCapture:
     ):
         if not (outputs or inputs):
             raise ValueError("at least one of outputs and inputs must be recorded")
-        check_positive_int("bins", bins, 2)
-        if not float(outlier_sigma) > 0:
-            raise ValueError(f"outlier_sigma must be positive, got {outlier_sigma}")
+        check_int("bins", bins, 2)
+        check_number("outlier_sigma", outlier_sigma, low=0.0, low_open=True)
         self.model = model
         self.modules = _select_modules(model, types, names, exclude)
         self.outputs = outputs

@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import torch
 import torch.nn as nn
 
+from gradcomp.checks import check_number
 from gradcomp.codec import cosine_similarity, mse, sqnr_db
 from gradcomp.quant.configs import Config, _check_config, config_name
 from gradcomp.quant.fake_quant import fake_quantize_weight
@@ -120,8 +121,7 @@ def weight_stats(weight: torch.Tensor, name: str = "", *, outlier_sigma: float =
     """
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.numel() == 0:
         raise TypeError(f"weight must be a non-empty floating tensor, got {type(weight).__name__}")
-    if not (outlier_sigma > 0):
-        raise ValueError(f"outlier_sigma must be positive, got {outlier_sigma}")
+    check_number("outlier_sigma", outlier_sigma, low=0.0, low_open=True)
     x = weight.detach().reshape(-1).double()
     n = x.numel()
     mean = float(x.mean())
