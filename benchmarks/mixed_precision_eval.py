@@ -397,7 +397,7 @@ def run_minilm(args, out: Path) -> None:
     cands = ("int2-g32", "int3-g32", "int4-g32", "int8-g128")
     t0 = time.perf_counter()
     report = measure_sensitivity(model, calib, SensitivityConfig(candidates=tuple(parse_config(c) for c in cands),
-                                 metrics=("mse", "weight_mse")), layers=linear_only, forward_fn=pooled, progress=True)
+                                 metrics=("mse", "weight_mse")), layers=linear_only, forward=pooled, progress=True)
     report.to_json(out / "minilm_scores.json")
     print(f"\n## all-MiniLM-L6-v2: {len(report.layers)} Linear layers x {len(cands)} candidates, "
           f"{len(calib)} calibration batches, {time.perf_counter() - t0:.0f} s; code search over {len(test_pairs)} "

@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 
 from gradcomp import codec
+from gradcomp.batches import default_loss
 from gradcomp.checks import check_int
 from gradcomp.comm.collectives import ShardLayout
 
@@ -197,37 +198,6 @@ def ddp_buckets(
 
 # --------------------------------------------------------------------------------------------
 # capture
-
-
-def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """Compute the loss of one batch by the common conventions.
-
-    ``batch`` is a tuple (or list) passed as ``model(*batch)``, a dict passed as ``model(**batch)``,
-    or a single tensor. The output is taken as the loss if it is a scalar tensor, its second item if
-    it is a ``(logits, loss)`` tuple (nanoGPT, ``TinyGPT``), or its ``loss`` attribute/key
-    (Hugging Face models).
-    """
-    try:
-        if isinstance(batch, dict):
-            out = model(**batch)
-        elif isinstance(batch, (tuple, list)):
-            out = model(*batch)
-        else:
-            out = model(batch)
-    except TypeError as exc:
-        how = "model(**batch)" if isinstance(batch, dict) else "model(*batch)" if isinstance(batch, (tuple, list)) else "model(batch)"
-        raise TypeError(f"calling the model as {how} failed ({exc}); pass loss_fn(model, batch) that computes the loss") from exc
-    if isinstance(out, torch.Tensor) and out.dim() == 0:
-        return out
-    if isinstance(out, (tuple, list)) and len(out) >= 2 and isinstance(out[1], torch.Tensor) and out[1].dim() == 0:
-        return out[1]
-    loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
-    if isinstance(loss, torch.Tensor) and loss.dim() == 0:
-        return loss
-    raise TypeError(
-        "cannot find a scalar loss in the model's output (expected a scalar tensor, a (logits, loss) tuple "
-        f"or a .loss attribute), got {type(out).__name__}; pass loss_fn(model, batch)"
-    )
 
 
 def _named_trainable(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 import torch.nn as nn
 
-from gradcomp.checks import check_int
+from gradcomp.batches import run_batches
 from gradcomp.codec import choose_qparams
 from gradcomp.quant.configs import ActQuantConfig
 from gradcomp.quant.fake_quant import fake_quantize_ste
@@ -261,68 +261,6 @@ def _quantizers(model: nn.Module) -> List[Tuple[str, ActivationQuantizer]]:
         for name, m in model.named_modules()
         if isinstance(getattr(m, _QUANTIZER_ATTR, None), ActivationQuantizer)
     ]
-
-
-def _default_forward(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
-def run_batches(
-    model: nn.Module,
-    batches: Iterable[Any],
-    *,
-    forward: Optional[Callable[[nn.Module, Any], Any]] = None,
-    num_batches: Optional[int] = None,
-    progress: bool = False,
-    desc: str = "batches",
-) -> int:
-    """Run forward passes in eval mode without gradients; return how many batches ran.
-
-    A batch is passed as ``model(**batch)`` for a dict, ``model(*batch)`` for a tuple or list and
-    ``model(batch)`` otherwise, unless ``forward(model, batch)`` is given. The training mode is
-    restored afterwards, also after an exception.
-
-    Args:
-        model: the model.
-        batches: any iterable of batches.
-        forward: custom call.
-        num_batches: stop after this many (None: the whole iterable).
-        progress: show a tqdm progress bar on stderr.
-        desc: progress bar label.
-    """
-    if num_batches is not None:
-        check_int("num_batches", num_batches, 1)
-    call = forward or _default_forward
-    total = num_batches
-    if total is None:
-        try:
-            total = len(batches)  # type: ignore[arg-type]
-        except TypeError:
-            total = None
-    it: Iterable[Any] = batches
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(batches, total=total, desc=desc, leave=False)
-    was_training = model.training
-    model.eval()
-    n = 0
-    try:
-        with torch.no_grad():
-            for batch in it:
-                if num_batches is not None and n >= num_batches:
-                    break
-                call(model, batch)
-                n += 1
-    finally:
-        model.train(was_training)
-        if progress:
-            it.close()  # type: ignore[union-attr]
-    return n
 
 
 def calibrate_(

@@ -17,11 +17,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
+from gradcomp.batches import progress_bar
 from gradcomp.quant.configs import Config, Rules, _config_from_dict, _config_to_dict
 from gradcomp.quant.modules import PackedWeight, _QuantizedLayer, _kind, _set_submodule, _swap
 from gradcomp.quant.rules import _config_rules, resolve_config
@@ -298,7 +299,7 @@ def quantize_state_dict(
     config_or_rules: Rules,
     *,
     filter_fn: Optional[Callable[[str, torch.Tensor], bool]] = None,
-    progress: Optional[Callable[[Iterable], Iterable]] = None,
+    progress: bool = False,
 ) -> Tuple[Dict[str, PackedWeight], Dict[str, torch.Tensor]]:
     """Quantize the weight matrices of a state_dict, without a model.
 
@@ -309,7 +310,7 @@ def quantize_state_dict(
         state_dict: name -> tensor.
         config_or_rules: as for :func:`quantize_`.
         filter_fn: optional ``(layer_name, weight) -> bool``.
-        progress: optional wrapper of an iterable (e.g. ``tqdm``) to show progress over the layers.
+        progress: show a tqdm progress bar over the tensors on stderr.
 
     Returns:
         ``(packed, plain)``: layer name -> :class:`PackedWeight`, and the remaining tensors.
@@ -320,7 +321,7 @@ def quantize_state_dict(
     packed: Dict[str, PackedWeight] = {}
     plain: Dict[str, torch.Tensor] = {}
     items = list(state_dict.items())
-    for key, t in (progress(items) if progress else items):
+    for key, t in progress_bar(items, progress, "quantize", unit="tensor"):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"state_dict entry {key!r} must be a tensor, got {type(t).__name__}")
         cfg = None

@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
+from gradcomp.batches import progress_bar
 from gradcomp.checks import check_number
 from gradcomp.codec import cosine_similarity, mse, sqnr_db
 from gradcomp.quant.configs import Config, _check_config, config_name
@@ -226,7 +227,7 @@ def analyze_weights(
     configs: Sequence[Optional[Config]],
     *,
     outlier_sigma: float = 3.0,
-    progress: Optional[Callable[[Iterable], Iterable]] = None,
+    progress: bool = False,
 ) -> WeightReport:
     """Compute statistics and the quality of each config for every layer weight of a model or state_dict.
 
@@ -234,7 +235,7 @@ def analyze_weights(
         source: a model or a state_dict (see :func:`weight_tensors`).
         configs: configs to measure (e.g. int8 per channel, int4 g128 asym).
         outlier_sigma: threshold of the outlier share.
-        progress: optional iterable wrapper (``tqdm``) over the layers.
+        progress: show a tqdm progress bar over the layers on stderr.
 
     Returns:
         A :class:`WeightReport`.
@@ -252,7 +253,7 @@ def analyze_weights(
         raise ValueError("found no layer weights to analyse (Linear/Embedding/Conv2d, or '*.weight' tensors with 2+ dims)")
     stats, quality = [], {}
     items = list(weights.items())
-    for name, w in (progress(items) if progress else items):
+    for name, w in progress_bar(items, progress, "analyze", unit="layer"):
         stats.append(weight_stats(w, name, outlier_sigma=outlier_sigma))
         quality[name] = {n: layer_quality(w, c, name) for n, c in zip(names, configs)}
     return WeightReport(names, stats, quality)
