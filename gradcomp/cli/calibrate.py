@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Dict, List
 
-from gradcomp.cli._common import EXIT_OK, CliError, add_json_flag, format_table, positive_int, print_json
+from gradcomp.cli._common import EXIT_OK, CliError, add_json_flag, load_callable, format_table, positive_int, print_json
 
 _OBSERVERS = ("minmax", "moving_average", "per_channel", "percentile", "mse", "kl")
 
@@ -71,21 +70,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _resolve(spec: str, what: str) -> Callable[[], Any]:
-    """Import ``module.path:attribute`` and return the attribute, or raise a CliError."""
-    if ":" not in spec:
-        raise CliError(f"{what} must look like module.path:function, got {spec!r}")
-    mod_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise CliError(f"cannot import module {mod_name!r} of {what} {spec!r}: {exc}") from exc
-    obj = getattr(module, attr, None)
-    if obj is None or not callable(obj):
-        raise CliError(f"{what} {spec!r}: module {mod_name!r} has no callable {attr!r}")
-    return obj
-
-
 def _builtin(args) -> Dict[str, Any]:
     import torch
 
@@ -101,13 +85,13 @@ def _builtin(args) -> Dict[str, Any]:
 def _user(args) -> Dict[str, Any]:
     import torch.nn as nn
 
-    ctor = _resolve(args.model, "--model")
+    ctor = load_callable(args.model, "--model")
     model = ctor()
     if not isinstance(model, nn.Module):
         raise CliError(f"--model {args.model!r} returned {type(model).__name__}, expected an nn.Module")
     if args.data is None:
         raise CliError("--data is required with --model (a function returning an iterable of input batches)")
-    data = _resolve(args.data, "--data")()
+    data = load_callable(args.data, "--data")()
     try:
         batches = list(itertools.islice(iter(data), args.batches))
     except TypeError as exc:

@@ -12,11 +12,10 @@ Examples::
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any, Dict, List
 
-from gradcomp.cli._common import CliError, add_json_flag, format_table, print_json
+from gradcomp.cli._common import CliError, add_json_flag, load_callable, format_table, print_json
 
 DEFAULT_CANDIDATES = "int2-g128,int3-g128,int4-g128,int4-g32,int8-g128,fp16"
 
@@ -88,20 +87,6 @@ def register(subparsers) -> None:
 # sensitivity
 
 
-def _load_callable(spec: str):
-    if ":" not in spec:
-        raise CliError(f"--model must look like MODULE:CALLABLE, got {spec!r}")
-    mod_name, attr = spec.split(":", 1)
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise CliError(f"cannot import {mod_name!r} for --model: {exc}") from exc
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise CliError(f"{mod_name!r} has no callable {attr!r}")
-    return fn
-
-
 def _builtin_task(args):
     import torch
 
@@ -139,7 +124,7 @@ def _sensitivity(args) -> int:
     config = SensitivityConfig(candidates=cands, metrics=metrics, hessian=args.hessian,
                                hutchinson_samples=args.hutchinson_samples, activations=activations, seed=args.seed)
     if args.model:
-        built = _load_callable(args.model)()
+        built = load_callable(args.model, "--model")()
         if not (isinstance(built, (tuple, list)) and len(built) == 2 and isinstance(built[0], nn.Module)):
             raise CliError(f"{args.model} must return (model, calibration_batches), got {type(built).__name__}")
         model, batches = built
