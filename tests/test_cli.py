@@ -12,13 +12,7 @@ import torch
 from gradcomp.cli import main
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # two cores shared by many processes: one intra-op thread avoids oversubscription stalls
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(capsys, *argv):

@@ -26,13 +26,7 @@ from gradcomp_examples.tasks import TinyGPT
 from gradcomp.weights import CastConfig, WeightQuantConfig, fake_quantize_weight
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on shared cores: intra-op threads only add synchronisation stalls.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Classifier(nn.Sequential):

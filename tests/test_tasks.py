@@ -110,15 +110,6 @@ def test_tinygpt_causal_and_loss():
     assert model.lm_head.weight is model.wte.weight
 
 
-@pytest.fixture
-def one_thread():
-    # small models train faster on one thread than on two contended ones
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_training_lowers_validation_loss(one_thread):
     torch.manual_seed(0)
     train, val = split_corpus(text_corpus(max_bytes=1 << 18))
