@@ -15,7 +15,7 @@ def test_core_never_imports_the_demo_task_the_cli_or_the_plots():
     code = (
         "import sys, gradcomp, gradcomp.quant, gradcomp.sensitivity, gradcomp.mixed_precision, gradcomp.gradexp, "
         "gradcomp.costmodel, gradcomp.weights, gradcomp.activations, gradcomp.batches\n"
-        "bad = sorted(m for m in sys.modules if m.startswith(('gradcomp_examples', 'gradcomp.cli', 'gradcomp.plots', 'matplotlib')))\n"
+        "bad = sorted(m for m in sys.modules if m.startswith(('gradcomp.examples', 'gradcomp.cli', 'gradcomp.plots', 'matplotlib')))\n"
         "print(bad)\n"
         "sys.exit(1 if bad else 0)\n"
     )

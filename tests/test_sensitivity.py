@@ -22,7 +22,7 @@ from gradcomp.sensitivity import (
     quantized_layer,
 )
 from gradcomp.activations import ActQuantConfig
-from gradcomp_examples.tasks import TinyGPT
+from gradcomp.examples.tasks import TinyGPT
 from gradcomp.weights import CastConfig, WeightQuantConfig, fake_quantize_weight
 
 

@@ -24,7 +24,7 @@ examples:
 --model names a constructor called without arguments that returns an nn.Module; --data names a
 function called without arguments that returns an iterable of input batches (a tensor is passed as
 model(x), a tuple as model(*batch), a dict as model(**batch)). Without --model the built-in tiny GPT
-(gradcomp_examples.tasks.pretrained_tiny_gpt, trained once and cached under --cache-dir) is used with windows
+(gradcomp.examples.tasks.pretrained_tiny_gpt, trained once and cached under --cache-dir) is used with windows
 of its training bytes, and the validation loss of fp32 and of the quantized model is reported.
 
 The statistics are those of the inputs of the chosen layers (what gets quantized); --outputs adds
@@ -73,13 +73,13 @@ def register(subparsers) -> None:
 def _builtin(args) -> Dict[str, Any]:
     import torch
 
-    from gradcomp_examples.tasks import evaluate, get_batch, pretrained_tiny_gpt
+    from gradcomp.examples.tasks import evaluate, get_batch, pretrained_tiny_gpt
 
     model, train, val = pretrained_tiny_gpt(args.cache_dir)
     block = model.config.block_size
     gen = torch.Generator().manual_seed(0)
     batches = [get_batch(train, 16, block, gen)[0] for _ in range(args.batches)]
-    return {"model": model, "batches": batches, "label": "tiny GPT (gradcomp_examples.tasks)", "eval": lambda m: evaluate(m, val)}
+    return {"model": model, "batches": batches, "label": "tiny GPT (gradcomp.examples.tasks)", "eval": lambda m: evaluate(m, val)}
 
 
 def _user(args) -> Dict[str, Any]:

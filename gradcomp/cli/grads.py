@@ -135,7 +135,7 @@ def _source(args):
         return model, batch_fn, loss_fn, opt, {"model": args.model, "data": args.data}
     if args.data is not None or args.loss is not None:
         raise CliError("--data and --loss go with --model; without --model the TinyGPT task is used")
-    from gradcomp_examples import tasks
+    from gradcomp.examples import tasks
 
     cfg = tasks.GPT_PRESETS[args.preset]
     if args.init == "pretrained":

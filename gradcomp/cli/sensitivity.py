@@ -90,7 +90,7 @@ def register(subparsers) -> None:
 def _builtin_task(args):
     import torch
 
-    from gradcomp_examples.tasks import get_batch, pretrained_tiny_gpt
+    from gradcomp.examples.tasks import get_batch, pretrained_tiny_gpt
 
     model, train, _ = pretrained_tiny_gpt(args.cache_dir)
     gen = torch.Generator().manual_seed(args.seed)
@@ -212,7 +212,7 @@ def _plan(args) -> int:
     if args.evaluate:
         if report.metadata.get("task") != "tiny_gpt":
             raise CliError("--evaluate works only with scores measured on the built-in task (gradcomp sensitivity without --model)")
-        from gradcomp_examples.tasks import evaluate, pretrained_tiny_gpt
+        from gradcomp.examples.tasks import evaluate, pretrained_tiny_gpt
         from gradcomp.weights import model_size_bytes
 
         model, _, val = pretrained_tiny_gpt(args.cache_dir)
