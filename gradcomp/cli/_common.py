@@ -45,6 +45,17 @@ def load_callable(spec: str, what: str) -> Callable[..., Any]:
     return obj
 
 
+def name_pattern(text: str) -> str:
+    """Accept a layer-name pattern (exact name, glob or ``re:<regex>``, see :mod:`gradcomp.quant.rules`)."""
+    from gradcomp.quant.rules import check_patterns
+
+    try:
+        check_patterns(text, "pattern")
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def add_json_flag(parser) -> None:
     """Add the ``--json`` flag that switches a subcommand's output to one JSON document."""
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
-from gradcomp.cli._common import EXIT_OK, CliError, add_json_flag, load_callable, format_table, positive_int, print_json
+from gradcomp.cli._common import EXIT_OK, CliError, add_json_flag, load_callable, name_pattern, format_table, positive_int, print_json
 
 _OBSERVERS = ("minmax", "moving_average", "per_channel", "percentile", "mse", "kl")
 
@@ -56,8 +56,8 @@ def register(subparsers) -> None:
     p.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=8, help="activation bits (default 8)")
     p.add_argument("--symmetric", action="store_true", help="symmetric scales without zero point (default affine)")
     p.add_argument("--batches", type=positive_int, default=16, help="calibration batches (default 16)")
-    p.add_argument("--names", default=None, metavar="PATTERN", help="only layers whose name matches (exact name, glob, or re:REGEX)")
-    p.add_argument("--exclude", default=None, metavar="PATTERN", help="skip layers whose name matches (exact name, glob, or re:REGEX)")
+    p.add_argument("--names", default=None, metavar="PATTERN", type=name_pattern, help="only layers whose name matches (exact name, glob, or re:REGEX)")
+    p.add_argument("--exclude", default=None, metavar="PATTERN", type=name_pattern, help="skip layers whose name matches (exact name, glob, or re:REGEX)")
     p.add_argument("--percentile", type=float, default=99.99, help="percentile of --observer percentile (default 99.99)")
     p.add_argument("--bins", type=positive_int, default=2048, help="histogram bins (default 2048)")
     p.add_argument("--outputs", action="store_true", help="also record the layer outputs")
