@@ -41,6 +41,7 @@ from gradcomp.checks import check_int
 
 __all__ = [
     "Batch",
+    "Forward",
     "call_model",
     "output_tensor",
     "output_loss",
@@ -50,6 +51,7 @@ __all__ = [
 ]
 
 Batch = Any
+Forward = Callable[[nn.Module, Batch], Any]  # forward(model, batch) -> the model's output
 T = TypeVar("T")
 
 
@@ -141,15 +143,8 @@ def progress_bar(iterable: Iterable[T], progress: bool, desc: str, *, total: Opt
         bar.close()
 
 
-def run_batches(
-    model: nn.Module,
-    batches: Iterable[Batch],
-    *,
-    forward: Optional[Callable[[nn.Module, Batch], Any]] = None,
-    num_batches: Optional[int] = None,
-    progress: bool = False,
-    desc: str = "batches",
-) -> int:
+def run_batches(model: nn.Module, batches: Iterable[Batch], *, forward: Optional[Forward] = None,
+                num_batches: Optional[int] = None, progress: bool = False, desc: str = "batches") -> int:
     """Run forward passes in eval mode without gradients; return how many batches ran.
 
     Batches are called by :func:`call_model` unless ``forward(model, batch)`` is given. The training

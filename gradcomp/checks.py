@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence
 
-__all__ = ["SUPPORTED_BITS", "GRADIENT_BITS", "check_bits", "check_int", "check_number", "check_bool"]
+__all__ = ["SUPPORTED_BITS", "GRADIENT_BITS", "check_bits", "check_int", "check_number", "check_bool", "check_choice"]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 GRADIENT_BITS = (2, 4, 8)
@@ -98,6 +98,13 @@ def check_number(
         hi = "inf" if high is None else f"{high:g}"
         raise ValueError(f"{name} must be in {left}{lo}, {hi}{right}, got {value}")
     return v
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    """Return ``value`` if it is one of ``choices``, else raise ``ValueError`` listing them."""
+    if value not in tuple(choices):
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
 
 
 def check_bool(name: str, value: Any) -> bool:

@@ -123,23 +123,21 @@ def test_state_dict_file_round_trip_with_alias(tmp_path):
     assert torch.equal(back["c.weight"], sd["b.weight"]) and back["c.weight"].data_ptr() == back["b.weight"].data_ptr()
 
 
-def test_state_dict_loader_refuses_traversal_names(tmp_path):
-    path, _ = _state_file(tmp_path)
-    tensors, meta, qmap = _parts(path)
+def _rename_bias(tensors, qmap):
     tensors["../../evil.weight"] = tensors.pop("a.bias")
     qmap["tensors"]["../../evil.weight"] = qmap["tensors"].pop("a.bias")
-    bad = _rewrite(path, tensors, meta, qmap)
-    with pytest.raises(ValueError, match=r"tensor name '\.\./\.\./evil\.weight' is not a dotted module name"):
-        load_quantized_state_dict(bad)
 
 
-def test_state_dict_loader_refuses_tensors_the_map_does_not_list(tmp_path):
+@pytest.mark.parametrize("craft,needle", [
+    (_rename_bias, r"tensor name '\.\./\.\./evil\.weight' is not a dotted module name"),
+    (lambda tensors, qmap: tensors.update({"extra.weight": torch.zeros(3)}), r"holds tensors its map does not list: \['extra.weight'\]"),
+])
+def test_state_dict_loader_refuses_traversal_names_and_unlisted_tensors(tmp_path, craft, needle):
     path, _ = _state_file(tmp_path)
     tensors, meta, qmap = _parts(path)
-    tensors["extra.weight"] = torch.zeros(3)
-    bad = _rewrite(path, tensors, meta, qmap)
-    with pytest.raises(ValueError, match=r"holds tensors its map does not list: \['extra.weight'\]"):
-        load_quantized_state_dict(bad)
+    craft(tensors, qmap)
+    with pytest.raises(ValueError, match=needle):
+        load_quantized_state_dict(_rewrite(path, tensors, meta, qmap))
 
 
 def test_state_dict_loader_refuses_an_alias_to_a_tensor_of_another_shape(tmp_path):

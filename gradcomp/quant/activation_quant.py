@@ -263,14 +263,8 @@ def _quantizers(model: nn.Module) -> List[Tuple[str, ActivationQuantizer]]:
     ]
 
 
-def calibrate_(
-    model: nn.Module,
-    batches: Iterable[Any],
-    *,
-    forward: Optional[Callable[[nn.Module, Any], Any]] = None,
-    num_batches: Optional[int] = None,
-    progress: bool = False,
-) -> int:
+def calibrate_(model: nn.Module, batches: Iterable[Any], *, forward: Optional[Callable[[nn.Module, Any], Any]] = None,
+               num_batches: Optional[int] = None, progress: bool = False) -> int:
     """Feed calibration batches to the observers of a prepared model; return the batch count.
 
     Raises:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple,
 
 import torch
 
-from gradcomp.checks import check_bits, check_bool, check_int, check_number
+from gradcomp.checks import check_bits, check_bool, check_choice, check_int, check_number
 
 if TYPE_CHECKING:  # the observers import the fake quantizer, which imports these configs
     from gradcomp.quant.observers import ActivationObserver
@@ -66,12 +66,10 @@ class WeightQuantConfig:
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        check_choice("granularity", self.granularity, GRANULARITIES)
         check_int("group_size", self.group_size)
         check_bool("symmetric", self.symmetric)
-        if self.scale_dtype not in SCALE_DTYPES:
-            raise ValueError(f"scale_dtype must be one of {tuple(SCALE_DTYPES)}, got {self.scale_dtype!r}")
+        check_choice("scale_dtype", self.scale_dtype, tuple(SCALE_DTYPES))
 
     @property
     def name(self) -> str:
@@ -90,8 +88,7 @@ class CastConfig:
     dtype: str
 
     def __post_init__(self) -> None:
-        if self.dtype not in CAST_DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(CAST_DTYPES)}, got {self.dtype!r}")
+        check_choice("dtype", self.dtype, tuple(CAST_DTYPES))
 
     @property
     def name(self) -> str:
@@ -242,12 +239,10 @@ class ActQuantConfig:
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
-        if self.observer not in _STATIC_OBSERVERS:
-            raise ValueError(f"observer must be one of {_STATIC_OBSERVERS}, got {self.observer!r}")
+        check_choice("observer", self.observer, _STATIC_OBSERVERS)
         check_bool("symmetric", self.symmetric)
         check_bool("dynamic", self.dynamic)
-        if self.granularity not in _DYNAMIC_GRANULARITIES:
-            raise ValueError(f"granularity must be one of {_DYNAMIC_GRANULARITIES}, got {self.granularity!r}")
+        check_choice("granularity", self.granularity, _DYNAMIC_GRANULARITIES)
         check_number("percentile", self.percentile, low=50.0, high=100.0, low_open=True)
         check_int("bins", self.bins, 2)
         check_number("averaging_constant", self.averaging_constant, low=0.0, high=1.0, low_open=True)

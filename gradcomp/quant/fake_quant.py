@@ -129,13 +129,8 @@ class _FakeQuantSTE(torch.autograd.Function):
         return grad * mask, None, None, None, None
 
 
-def fake_quantize_ste(
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: Optional[torch.Tensor],
-    bits: int,
-    axis: Optional[int] = None,
-) -> torch.Tensor:
+def fake_quantize_ste(x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor], bits: int,
+                      axis: Optional[int] = None) -> torch.Tensor:
     """:func:`fake_quantize_with_qparams` with a clipped straight-through gradient.
 
     Forward: the codec's quantize-dequantize. Backward: ``dL/dx = dL/dy`` where ``x`` lies inside the

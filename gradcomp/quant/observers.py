@@ -132,11 +132,13 @@ class MinMaxObserver(ActivationObserver):
         self.register_buffer("min_val", torch.tensor(math.inf))
         self.register_buffer("max_val", torch.tensor(-math.inf))
 
-    def _observe(self, x: torch.Tensor) -> None:
+    def _observe(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        # returns the finite values it saw, for subclasses that record more than the range
         flat = finite_flat(x)
         if flat.numel() == 0:
-            return
+            return None
         _widen_range(self, flat)
+        return flat
 
     def clip_range(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return the observed ``(min, max)``."""
@@ -258,21 +260,17 @@ class PerTokenMinMaxObserver(ActivationObserver):
         return self.min_val, self.max_val
 
 
-class _HistogramBase(ActivationObserver):
+class _HistogramBase(MinMaxObserver):
     """An observer over a :class:`RunningHistogram` (plus the exact running min and max)."""
 
     def __init__(self, bits: int = 8, symmetric: bool = False, bins: int = 2048):
         super().__init__(bits, symmetric)
         self.histogram = RunningHistogram(bins)
-        self.register_buffer("min_val", torch.tensor(math.inf))
-        self.register_buffer("max_val", torch.tensor(-math.inf))
 
     def _observe(self, x: torch.Tensor) -> None:
-        flat = finite_flat(x)
-        if flat.numel() == 0:
-            return
-        _widen_range(self, flat)
-        self.histogram.update(flat)
+        flat = super()._observe(x)
+        if flat is not None:
+            self.histogram.update(flat)
 
 
 class PercentileObserver(_HistogramBase):
