@@ -33,7 +33,7 @@ def register(subparsers) -> None:
         "(output MSE, KL, loss increase, Fisher, optional Hessian trace). Default model: the built-in tiny GPT task.",
     )
     s.add_argument("--model", metavar="MODULE:CALLABLE",
-                   help="a callable returning (model, calibration_batches); batches are input tensors or (input, label) tuples")
+                   help="a callable returning (model, calibration_batches); each batch is called as model(batch), model(*batch) for a tuple or model(**batch) for a dict")
     s.add_argument("--cache-dir", default=_default_cache(), help="cache of the built-in tiny GPT (default ~/.cache/gradcomp)")
     s.add_argument("--candidates", default=DEFAULT_CANDIDATES,
                    help=f"comma-separated formats such as int4-g128, int8-channel, fp16 (default {DEFAULT_CANDIDATES})")
