@@ -101,7 +101,8 @@ class GradcompTrainerCallback(transformers.TrainerCallback):
             path = os.path.join(folder, HOOK_FILE)
             if os.path.isfile(path):
                 load_gathered_state_dict(self.state, torch.load(path, map_location="cpu", weights_only=True))
-                logger.info("gradcomp: hook state restored from %s (step %d)", path, self.state.step)
+                if self.state.rank == 0:
+                    logger.info("gradcomp: hook state restored from %s (step %d)", path, self.state.step)
             else:
                 logger.warning(
                     "gradcomp: resuming at step %d but %s does not exist; the hook starts afresh (training is "
