@@ -719,14 +719,31 @@ class PerChannelMinMaxObserver(ActivationObserver):
         self.min_val = torch.minimum(self.min_val, lo)
         self.max_val = torch.maximum(self.max_val, hi)
 
+    @property
+    def unseen_channels(self) -> torch.Tensor:
+        """Indices of the channels that never held a finite value during calibration."""
+        return torch.nonzero(~torch.isfinite(self.min_val)).reshape(-1)
+
     def clip_range(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Return per-channel ``(min, max)``; channels never seen finite get ``[0, 0]``."""
-        lo = torch.where(torch.isfinite(self.min_val), self.min_val, torch.zeros_like(self.min_val))
-        hi = torch.where(torch.isfinite(self.max_val), self.max_val, torch.zeros_like(self.max_val))
+        """Return per-channel ``(min, max)``.
+
+        A channel never seen finite (e.g. the feature of an element absent from the calibration set)
+        gets the widest range seen on any channel, not ``[0, 0]``: a zero range would clip every later
+        value there to 0. With no finite channel at all the range is ``[0, 0]``.
+        """
+        seen = torch.isfinite(self.min_val)
+        if bool(seen.any()):
+            wide_lo, wide_hi = self.min_val[seen].min(), self.max_val[seen].max()
+        else:
+            wide_lo = wide_hi = torch.zeros((), dtype=self.min_val.dtype, device=self.min_val.device)
+        lo = torch.where(seen, self.min_val, wide_lo)
+        hi = torch.where(seen, self.max_val, wide_hi)
         return lo, hi
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, axis={self._axis}"
+        unseen = int((~torch.isfinite(self.min_val)).sum()) if self.min_val.numel() else 0
+        note = f", unseen_channels={unseen} (given the widest seen range)" if unseen else ""
+        return f"{super().extra_repr()}, axis={self._axis}{note}"
 
 
 class PerTokenMinMaxObserver(ActivationObserver):
@@ -957,24 +974,40 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, bits, axis):
         out = fake_quantize_with_qparams(x, scale, zero_point, bits, axis)
-        # the gradient passes where x lies inside the representable range [(qmin - zp) s, (qmax - zp) s]
-        qmin, qmax, _ = qrange(bits, zero_point is None)
-        s = scale.float()
-        z = torch.zeros_like(s) if zero_point is None else zero_point.float()
-        if axis is not None:
-            shape = [1] * x.dim()
-            shape[_norm_axis(axis, x.dim())] = -1
-            s, z = s.reshape(shape), z.reshape(shape)
-        elif s.numel() == 1:
-            s, z = s.reshape(()), z.reshape(())
-        lo, hi = (qmin - z) * s, (qmax - z) * s
-        ctx.save_for_backward((x >= lo) & (x <= hi))
+        ctx.save_for_backward(_ste_mask(x, scale, zero_point, bits, axis))
         return out
 
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
         return grad * mask, None, None, None, None
+
+
+def _ste_mask(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor], bits: int, axis: Optional[int]
+) -> torch.Tensor:
+    """Return where the code ``round(x / s) + zp`` lies inside ``[qmin, qmax]`` (the values the clamp keeps).
+
+    The test is made on the codes, as the forward makes them, not on the float range
+    ``[(qmin - zp) s, (qmax - zp) s]``: a row's own min or max can round onto ``qmin``/``qmax`` while
+    lying a hair outside that float range (the zero point is rounded), and must keep its gradient.
+    """
+    qmin, qmax, _ = qrange(bits, zero_point is None)
+    s = scale.float()
+    z = None if zero_point is None else zero_point.float()
+    if axis is not None:
+        shape = [1] * x.dim()
+        shape[_norm_axis(axis, x.dim())] = -1
+        s = s.reshape(shape)
+        z = None if z is None else z.reshape(shape)
+    elif s.numel() == 1:
+        s = s.reshape(())
+        z = None if z is None else z.reshape(())
+    # the codec divides by 1 where a scale is 0 (see quantize_codes_with_qparams)
+    code = torch.round(x.detach().float() / torch.where(s == 0, torch.ones_like(s), s))
+    if z is not None:
+        code = code + z
+    return (code >= qmin) & (code <= qmax)
 
 
 def fake_quantize_ste(
@@ -986,11 +1019,12 @@ def fake_quantize_ste(
 ) -> torch.Tensor:
     """:func:`fake_quantize_with_qparams` with a clipped straight-through gradient.
 
-    Forward: the codec's quantize-dequantize. Backward: ``dL/dx = dL/dy`` where ``x`` lies inside the
-    representable range ``[(qmin - zp) * scale, (qmax - zp) * scale]`` and 0 outside (the values the
-    clamp cut off), as ``torch.fake_quantize_per_tensor_affine`` does. Scales get no gradient.
+    Forward: the codec's quantize-dequantize. Backward: ``dL/dx = dL/dy`` where the code
+    ``round(x / scale) + zp`` lies inside ``[qmin, qmax]`` and 0 where the clamp cut it off, the rule of
+    ``torch.fake_quantize_per_tensor_affine``. Scales get no gradient.
 
-    Example: 8 bits symmetric with ``scale = 0.01`` passes the gradient for ``|x| <= 1.27`` only.
+    Example: 8 bits symmetric with ``scale = 0.01`` passes the gradient for ``|x| < 1.275`` (codes up to
+    127) only; per-token scales from each row's own range pass it everywhere, row extremes included.
     """
     if not (torch.is_grad_enabled() and x.requires_grad):
         # inference and calibration: no gradient mask to build
@@ -1379,6 +1413,10 @@ def convert_activation_quant_(model: nn.Module) -> Dict[str, Tuple[torch.Tensor,
         raise ValueError(f"these quantizers saw no calibration data: {empty[:5]}; run calibrate_ with batches that reach them")
     qparams = {n: q.observer.calculate_qparams() for n, q in todo}
     for n, q in todo:
+        unseen = getattr(q.observer, "unseen_channels", None)
+        if unseen is not None and unseen.numel():
+            logger.warning("%s: %d input channels never held a finite value during calibration (first: %s); "
+                           "they get the widest range seen on the other channels", n, unseen.numel(), unseen[:5].tolist())
         q.freeze(qparams[n])
     return qparams
 
