@@ -17,8 +17,13 @@ measures that, one trial per (layer, candidate format):
 
 Scores (each averaged over the calibration batches):
 
-* ``mse``: mean squared error of the model output against the reference output.
-* ``kl``: ``KL(p_ref || p_q)`` of the softmax over the output's last dimension, in nats per position.
+* ``mse``: mean squared error of the model output against the reference output (with several
+  outputs, the mean of their MSEs).
+* ``rel_mse``: the MSE of each output divided by the mean square of its reference, averaged over
+  the outputs: every head counts alike whatever its units, so none is starved (the default for
+  regression outputs).
+* ``kl``: ``KL(p_ref || p_q)`` of the softmax over the output's last dimension, in nats per position
+  (the default for classification outputs; meaningless for regression outputs).
 * ``loss``: increase of the loss (only when a loss is available: labels in the batches or a ``loss_fn``).
 * ``fisher``: the Fisher / Taylor score of the layer's own output,
   ``sum((dL/dy * (y_q - y))**2)`` where ``y`` is the layer output, ``y_q`` its output with the
@@ -31,6 +36,20 @@ Scores (each averaged over the calibration batches):
 
 Worked example of the Fisher score: a layer output ``y = [1.0, -2.0]`` with gradient
 ``g = [0.5, 0.1]`` becomes ``y_q = [1.1, -2.0]`` at 4 bits; the score is ``(0.5 * 0.1)**2 + 0 = 0.0025``.
+
+Outputs of any structure are scored: a tensor, a dict, a dataclass or a list/tuple of outputs (see
+:func:`output_tensors`; a plain tuple from :func:`default_forward` contributes its first element, the
+``(logits, loss)`` convention). The kind of output decides the default metric (``kl`` for
+classification, ``rel_mse`` for regression); it is detected from the batches and outputs (integer
+labels: classification; floating labels, several outputs or non-tensor outputs: regression; a single
+unlabelled output of at least 2 dims: classification), or set with ``SensitivityConfig.output_kind``,
+and the choice and its reason are stated in the report's metadata and logged.
+
+Adapter protocol (no wrapper module needed): ``forward_fn(model, batch)`` runs the model on a batch of
+any structure (graphs, dicts, dataclasses) and returns its outputs in any structure above; it may turn
+autograd on inside (``with torch.enable_grad():``) for outputs that are gradients, such as forces.
+``loss_fn(output, batch)`` returns a scalar or None and is only called when ``loss``, ``fisher`` or
+the Hessian score is asked for.
 
 Layers whose weight is shared (GPT's tied token embedding and output head) are one layer with
 aliases: quantizing it changes both uses, and its weight is counted once.
@@ -46,6 +65,7 @@ Example::
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -87,9 +107,13 @@ __all__ = [
     "hutchinson_trace",
     "default_forward",
     "default_loss",
+    "output_tensors",
+    "OUTPUT_KINDS",
 ]
 
-METRICS = ("mse", "kl", "loss", "fisher", "hawq", "weight_mse")
+METRICS = ("mse", "rel_mse", "kl", "loss", "fisher", "hawq", "weight_mse")
+OUTPUT_KINDS = ("auto", "classification", "regression")
+_DEFAULT_METRICS = ("mse", "rel_mse", "kl", "loss", "fisher", "weight_mse")
 _FORMAT_VERSION = 1
 
 Candidate = Union[WeightQuantConfig, CastConfig]
@@ -181,8 +205,11 @@ class SensitivityConfig:
     Args:
         candidates: formats to try on every layer (``WeightQuantConfig`` or ``CastConfig``);
             default int2/int3/int4/int8 with groups of 128.
-        metrics: scores to compute, a subset of ``("mse", "kl", "loss", "fisher", "weight_mse")``;
-            ``loss`` and ``fisher`` are skipped (with a log line) when no loss is available.
+        metrics: scores to compute, a subset of ``("mse", "rel_mse", "kl", "loss", "fisher",
+            "weight_mse")``, or None (default): all of them, but ``kl`` only for classification
+            outputs. ``loss`` and ``fisher`` are skipped (with a log line) when no loss is available.
+        output_kind: ``"auto"`` (detect, see the module docstring), ``"classification"`` or
+            ``"regression"``; decides the default metric of plans.
         hessian: also estimate the HAWQ score (Hutchinson trace; needs a loss and double backward).
         hutchinson_samples: Rademacher vectors per calibration batch for the trace.
         activations: when set, also fake-quantize the floating input of the layer under trial with
@@ -192,7 +219,8 @@ class SensitivityConfig:
     """
 
     candidates: Tuple[Candidate, ...] = field(default_factory=_default_candidates)
-    metrics: Tuple[str, ...] = ("mse", "kl", "loss", "fisher", "weight_mse")
+    metrics: Optional[Tuple[str, ...]] = None
+    output_kind: str = "auto"
     hessian: bool = False
     hutchinson_samples: int = 4
     activations: Optional[Any] = None
@@ -209,11 +237,16 @@ class SensitivityConfig:
         if len(set(keys)) != len(keys):
             raise ValueError(f"candidates must be distinct, got {keys}")
         object.__setattr__(self, "candidates", cands)
-        metrics = tuple(self.metrics)
-        bad = [m for m in metrics if m not in METRICS or m == "hawq"]
-        if bad or not metrics:
-            raise ValueError(f"metrics must be a non-empty subset of ('mse', 'kl', 'loss', 'fisher', 'weight_mse'), got {metrics}")
-        object.__setattr__(self, "metrics", metrics)
+        if self.metrics is not None:
+            if isinstance(self.metrics, str):
+                raise TypeError(f"metrics must be a tuple of metric names or None, got the string {self.metrics!r}")
+            metrics = tuple(self.metrics)
+            bad = [m for m in metrics if m not in METRICS or m == "hawq"]
+            if bad or not metrics:
+                raise ValueError(f"metrics must be a non-empty subset of {_DEFAULT_METRICS} (or None for the default), got {metrics}")
+            object.__setattr__(self, "metrics", metrics)
+        if self.output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
         if isinstance(self.hutchinson_samples, bool) or not isinstance(self.hutchinson_samples, int) or self.hutchinson_samples < 1:
             raise ValueError(f"hutchinson_samples must be a positive int, got {self.hutchinson_samples!r}")
         if self.activations is not None:
@@ -351,8 +384,16 @@ class SensitivityReport:
         return out
 
     def default_metric(self) -> str:
-        """Return the metric plans use by default: ``kl``, else ``mse``, ``fisher``, ``loss``."""
-        for m in ("kl", "mse", "fisher", "loss", "hawq", "weight_mse"):
+        """Return the metric plans use by default.
+
+        For regression outputs (``metadata["output_kind"]``) ``rel_mse``, else ``mse``; for
+        classification ``kl``; then ``fisher``, ``loss``, ``hawq``, ``weight_mse``.
+        """
+        if self.metadata.get("output_kind") == "regression":
+            order: Tuple[str, ...] = ("rel_mse", "mse", "kl", "fisher", "loss", "hawq", "weight_mse")
+        else:
+            order = ("kl", "mse", "rel_mse", "fisher", "loss", "hawq", "weight_mse")
+        for m in order:
             if m in self.metrics:
                 return m
         raise ValueError("the report holds no metric")
@@ -546,37 +587,84 @@ class quantized_layer:
 
 
 def _split_batch(batch: Batch) -> Tuple[Any, Optional[torch.Tensor]]:
+    """Split a batch into ``(inputs, labels or None)``.
+
+    A tuple/list of at least two items whose last item is a tensor is ``(inputs, ..., labels)``; one of
+    one item is its inputs; any other batch (a tensor, a graph, a dict, a list of graphs) is the
+    input as a whole, without labels.
+    """
     if isinstance(batch, (tuple, list)):
         if len(batch) == 0:
             raise ValueError("a calibration batch must not be empty")
         if len(batch) == 1:
             return batch[0], None
-        return batch[0], batch[-1]
+        if isinstance(batch[-1], torch.Tensor):
+            return batch[0], batch[-1]
     return batch, None
 
 
-def default_forward(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Run ``model`` on a batch and return its output tensor.
+def default_forward(model: nn.Module, batch: Batch) -> Any:
+    """Run ``model`` on a batch and return its output.
 
-    A batch is a tensor of inputs or a tuple ``(inputs, labels)``; only the inputs are passed. A model
-    returning a tuple (like ``TinyGPT``'s ``(logits, loss)``) contributes its first element.
+    A batch is the model's input (a tensor or any object), or a tuple ``(inputs, labels)`` whose
+    last item is a tensor; only the inputs are passed. A model returning a tuple (like ``TinyGPT``'s
+    ``(logits, loss)``) contributes its first element; dicts, dataclasses and other structures are
+    returned whole and every floating tensor in them is scored (:func:`output_tensors`).
     """
     inputs, _ = _split_batch(batch)
     out = model(inputs)
-    if isinstance(out, (tuple, list)):
+    if isinstance(out, tuple) and not hasattr(out, "_fields"):
         out = out[0]
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"the model output must be a tensor or a tuple starting with one, got {type(out).__name__}")
     return out
 
 
-def default_loss(output: torch.Tensor, batch: Batch) -> Optional[torch.Tensor]:
+def output_tensors(output: Any) -> Dict[str, torch.Tensor]:
+    """Return the floating tensors of a model output by name, detached.
+
+    A tensor is ``{"output": t}``; dicts, dataclasses, named tuples, lists and tuples are walked
+    (names joined by dots: ``{"energy": e, "forces": f}``, ``{"0": a, "1.x": b}``); None, integer
+    tensors and other objects are left out.
+
+    Raises:
+        TypeError: when the output holds no floating tensor.
+    """
+    found: Dict[str, torch.Tensor] = {}
+
+    def walk(obj: Any, name: str) -> None:
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point() or obj.is_complex():
+                found[name or "output"] = obj.detach()
+        elif isinstance(obj, Mapping):
+            for k, v in obj.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            for f in dataclasses.fields(obj):
+                walk(getattr(obj, f.name), f"{name}.{f.name}" if name else f.name)
+        elif isinstance(obj, tuple) and hasattr(obj, "_fields"):
+            for k in obj._fields:
+                walk(getattr(obj, k), f"{name}.{k}" if name else k)
+        elif isinstance(obj, (tuple, list)):
+            for i, v in enumerate(obj):
+                walk(v, f"{name}.{i}" if name else str(i))
+
+    walk(output, "")
+    if not found:
+        raise TypeError(
+            f"the model output must hold at least one floating tensor (a tensor, or a dict/dataclass/list of them), "
+            f"got {type(output).__name__}; pass a forward_fn that returns one"
+        )
+    return found
+
+
+def default_loss(output: Any, batch: Batch) -> Optional[torch.Tensor]:
     """Return the loss of ``output`` against the batch's labels, or None when it has none.
 
-    Integer labels give cross-entropy over the last dimension; floating labels give MSE.
+    Integer labels give cross-entropy over the last dimension; floating labels give MSE. Batches
+    without tensor labels, and outputs that are not one tensor, have no default loss (None): give a
+    ``loss_fn`` for those.
     """
     _, labels = _split_batch(batch)
-    if labels is None:
+    if labels is None or not isinstance(output, torch.Tensor):
         return None
     if not labels.is_floating_point():
         return F.cross_entropy(output.reshape(-1, output.shape[-1]).float(), labels.reshape(-1))
@@ -584,9 +672,50 @@ def default_loss(output: torch.Tensor, batch: Batch) -> Optional[torch.Tensor]:
 
 
 def _kl(ref_logp: torch.Tensor, out: torch.Tensor) -> float:
-    logq = F.log_softmax(out.float().reshape(-1, out.shape[-1]), dim=-1)
+    logq = _log_softmax(out)
     p = ref_logp.exp()
     return float((p * (ref_logp - logq)).sum(dim=-1).mean())
+
+
+def _log_softmax(t: torch.Tensor) -> torch.Tensor:
+    t = t.reshape(1) if t.dim() == 0 else t
+    return F.log_softmax(t.float().reshape(-1, t.shape[-1]), dim=-1)
+
+
+def _output_kind(requested: str, outs: Mapping[str, torch.Tensor], batch: Batch) -> Tuple[str, str]:
+    """Return ``(kind, reason)``: whether the outputs are classification logits or regression values."""
+    if requested != "auto":
+        return requested, "set by output_kind"
+    _, labels = _split_batch(batch)
+    if isinstance(labels, torch.Tensor):
+        if labels.is_floating_point():
+            return "regression", "the batches carry floating labels"
+        return "classification", "the batches carry integer labels"
+    if len(outs) > 1:
+        return "regression", f"the model gives {len(outs)} outputs ({', '.join(list(outs)[:6])})"
+    (t,) = outs.values()
+    if t.dim() >= 2 and t.shape[-1] >= 2:
+        return "classification", f"one unlabelled output of shape {tuple(t.shape)}, taken for logits over its last dim"
+    return "regression", f"one output of shape {tuple(t.shape)}"
+
+
+def _output_scores(outs: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor], ref_logp: Mapping[str, torch.Tensor],
+                   ref_power: Mapping[str, float], wanted: Iterable[str]) -> Dict[str, float]:
+    """Score one batch's outputs against the reference: mse, rel_mse and kl, each averaged over the outputs."""
+    if set(outs) != set(ref):
+        raise RuntimeError(f"the model gave outputs {sorted(outs)} in a trial but {sorted(ref)} in the reference pass")
+    scores: Dict[str, float] = {}
+    wanted = set(wanted)
+    if wanted & {"mse", "rel_mse"}:
+        mses = {k: float(torch.mean((outs[k].double() - ref[k].double()) ** 2)) for k in ref}
+        if "mse" in wanted:
+            scores["mse"] = sum(mses.values()) / len(mses)
+        if "rel_mse" in wanted:
+            # an all-zero reference output: its plain MSE (nothing to normalise by)
+            scores["rel_mse"] = sum(m / ref_power[k] if ref_power[k] > 0 else m for k, m in mses.items()) / len(mses)
+    if "kl" in wanted:
+        scores["kl"] = sum(_kl(ref_logp[k], outs[k]) for k in ref_logp) / len(ref_logp)
+    return scores
 
 
 # --------------------------------------------------------------------------------------------
@@ -710,12 +839,15 @@ def measure_sensitivity(
 
     Args:
         model: the model to analyse (fp32/fp16/bf16 weights).
-        batches: calibration batches: tensors of inputs, or ``(inputs, labels)`` tuples.
+        batches: calibration batches: the model's inputs (tensors or any object), or
+            ``(inputs, labels)`` tuples.
         config: candidates and metrics (default :class:`SensitivityConfig`).
         layers: layer names to analyse (module FQNs, aliases allowed) or a ``filter_fn(module, fqn)``;
             default every Linear/Embedding/Conv2d weight.
-        forward_fn: ``forward_fn(model, batch) -> output tensor``; default :func:`default_forward`.
-        loss_fn: ``loss_fn(output, batch) -> scalar or None``; default :func:`default_loss`.
+        forward_fn: ``forward_fn(model, batch) -> outputs`` (a tensor, dict, dataclass or list of
+            tensors); default :func:`default_forward`.
+        loss_fn: ``loss_fn(output, batch) -> scalar or None``; default :func:`default_loss`. Called
+            only for the ``loss``/``fisher`` metrics and the Hessian score.
         progress: show a tqdm progress bar over layers (on stderr).
         trial_callback: called as ``trial_callback(layer, candidate_key)`` after every trial,
             once the weight is restored (used by tests to check the restoration).
@@ -755,31 +887,36 @@ def measure_sensitivity(
 
 
 def _measure(model, batches, config, infos, modules, forward_fn, loss_fn, progress, trial_callback) -> SensitivityReport:
-    metrics = set(config.metrics)
+    explicit = config.metrics is not None
+    metrics = set(config.metrics if explicit else _DEFAULT_METRICS)
+    need_loss = bool(metrics & {"loss", "fisher"}) or config.hessian
     # 1. reference pass
-    ref_out: List[torch.Tensor] = []
-    ref_logp: List[Optional[torch.Tensor]] = []
+    ref_out: List[Dict[str, torch.Tensor]] = []
     ref_loss: List[Optional[float]] = []
     with torch.no_grad():
         for b in batches:
-            out = forward_fn(model, b).detach()
-            ref_out.append(out)
-            ref_logp.append(F.log_softmax(out.float().reshape(-1, out.shape[-1]), dim=-1) if "kl" in metrics else None)
-            lo = loss_fn(out, b)
-            ref_loss.append(None if lo is None else float(lo))
-    has_loss = all(l is not None for l in ref_loss)
+            raw = forward_fn(model, b)
+            ref_out.append(output_tensors(raw))
+            if need_loss:
+                lo = loss_fn(raw, b)
+                ref_loss.append(None if lo is None else float(lo))
+    kind, why = _output_kind(config.output_kind, ref_out[0], batches[0])
+    logger.info("outputs %s scored as %s (%s)", sorted(ref_out[0]), kind, why)
+    if kind == "regression" and not explicit:
+        metrics.discard("kl")
+    ref_logp = [{k: _log_softmax(t) for k, t in outs.items()} for outs in ref_out] if "kl" in metrics else [{} for _ in ref_out]
+    ref_power = {k: sum(float(torch.mean(o[k].double() ** 2)) for o in ref_out) / len(ref_out) for k in ref_out[0]}
+    has_loss = need_loss and all(l is not None for l in ref_loss)
     if not has_loss:
         for m in ("loss", "fisher"):
             if m in metrics:
-                logger.info("no loss available (no labels and no loss_fn): skipping the %s score", m)
+                logger.info("no loss available (no tensor labels and no loss_fn): skipping the %s score", m)
                 metrics.discard(m)
-    if "kl" in metrics and ref_out[0].dim() < 1:
-        metrics.discard("kl")
     want_hawq = config.hessian
     if want_hawq and not has_loss:
         logger.info("no loss available: skipping the Hessian (HAWQ) score")
         want_hawq = False
-    base_loss = sum(ref_loss) / len(ref_loss) if has_loss else None
+    base_loss = sum(ref_loss) / len(ref_loss) if has_loss else None  # type: ignore[arg-type]
 
     # 2. Hessian traces, all layers at once
     traces: Dict[str, float] = {}
@@ -826,13 +963,11 @@ def _measure(model, batches, config, infos, modules, forward_fn, loss_fn, progre
                         scores["hawq"] = traces[info.name] / info.numel * dw2
                     for i, b in enumerate(batches):
                         captured.clear()
-                        out = forward_fn(model, b)
-                        if "mse" in sums:
-                            sums["mse"] += float(torch.mean((out.double() - ref_out[i].double()) ** 2))
-                        if "kl" in sums:
-                            sums["kl"] += _kl(ref_logp[i], out)
+                        raw = forward_fn(model, b)
+                        for m, v in _output_scores(output_tensors(raw), ref_out[i], ref_logp[i], ref_power, sums).items():
+                            sums[m] += v
                         if "loss" in sums:
-                            sums["loss"] += float(loss_fn(out, b)) - ref_loss[i]
+                            sums["loss"] += float(loss_fn(raw, b)) - ref_loss[i]
                         if "fisher" in sums:
                             ys, gs = fisher_ref[i]
                             if len(captured) != len(ys):
@@ -865,6 +1000,9 @@ def _measure(model, batches, config, infos, modules, forward_fn, loss_fn, progre
         "model": type(model).__name__,
         "candidates": [candidate_key(c) for c in config.candidates],
         "metrics": sorted(set(metrics) | ({"hawq"} if want_hawq else set())),
+        "outputs": sorted(ref_out[0]),
+        "output_kind": kind,
+        "output_kind_reason": why,
         "activations": None if config.activations is None else config.activations.label,
         "hutchinson_samples": config.hutchinson_samples if want_hawq else None,
     }
