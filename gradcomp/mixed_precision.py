@@ -2,7 +2,7 @@
 
 A :class:`MixedPrecisionPlan` gives every quantizable layer one format (a ``WeightQuantConfig``, a
 ``CastConfig`` or ``None`` for full precision). It converts to the ordered rules list that
-``gradcomp.weights.quantize_`` takes (:meth:`MixedPrecisionPlan.to_rules`), so
+``gradcomp.quant.quantize_`` takes (:meth:`MixedPrecisionPlan.to_rules`), so
 ``apply_plan(model, plan)`` is one call.
 
 Two ways to make a plan:
@@ -68,7 +68,7 @@ from gradcomp.sensitivity import (
     candidate_to_dict,
     find_layers,
 )
-from gradcomp.weights import CastConfig, WeightQuantConfig
+from gradcomp.quant import CastConfig, WeightQuantConfig
 
 logger = logging.getLogger(__name__)
 
@@ -815,7 +815,7 @@ def apply_plan(model: nn.Module, plan: MixedPrecisionPlan) -> nn.Module:
     Returns:
         The model (quantized in place).
     """
-    from gradcomp.weights import quantize_
+    from gradcomp.quant import quantize_
 
     if not isinstance(plan, MixedPrecisionPlan):
         raise TypeError(f"plan must be a MixedPrecisionPlan, got {type(plan).__name__}")

@@ -79,7 +79,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gradcomp.weights import (
+from gradcomp.quant import (
     CastConfig,
     WeightQuantConfig,
     config_name,
@@ -127,7 +127,7 @@ Batch = Any
 def candidate_key(config: Optional[Candidate]) -> str:
     """Return the short stable name of a candidate format, used as a key in score files.
 
-    It is ``gradcomp.weights.config_name``: ``None`` (keep full precision) is ``"fp32"``, casts are
+    It is ``gradcomp.quant.config_name``: ``None`` (keep full precision) is ``"fp32"``, casts are
     ``"fp16"``/``"bf16"``, weight quantization is ``int<bits>-<tensor|channel|g<group>>`` plus
     ``-asym`` and ``-s<scale dtype>`` when not the defaults; ``weights.parse_config`` reads it back.
 
@@ -213,7 +213,7 @@ class SensitivityConfig:
         hessian: also estimate the HAWQ score (Hutchinson trace; needs a loss and double backward).
         hutchinson_samples: Rademacher vectors per calibration batch for the trace.
         activations: when set, also fake-quantize the floating input of the layer under trial with
-            this ``gradcomp.activations.ActQuantConfig``; it must be dynamic (scales from each
+            this ``gradcomp.quant.ActQuantConfig``; it must be dynamic (scales from each
             input), since a single-layer trial has no calibration pass of its own.
         seed: seed of the Hutchinson vectors.
     """
@@ -250,7 +250,7 @@ class SensitivityConfig:
         if isinstance(self.hutchinson_samples, bool) or not isinstance(self.hutchinson_samples, int) or self.hutchinson_samples < 1:
             raise ValueError(f"hutchinson_samples must be a positive int, got {self.hutchinson_samples!r}")
         if self.activations is not None:
-            from gradcomp.activations import ActQuantConfig
+            from gradcomp.quant import ActQuantConfig
 
             if not isinstance(self.activations, ActQuantConfig):
                 raise TypeError(f"activations must be None or an ActQuantConfig, got {type(self.activations).__name__}")
@@ -789,7 +789,7 @@ def _modules_by_name(model: nn.Module) -> Dict[str, nn.Module]:
 
 
 def _input_quant_hook(config: Any):
-    from gradcomp.activations import ActivationQuantizer
+    from gradcomp.quant import ActivationQuantizer
 
     quantizer = ActivationQuantizer(config)
 
