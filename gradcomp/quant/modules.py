@@ -20,7 +20,7 @@ Example::
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -122,6 +122,41 @@ class PackedWeight(nn.Module):
         packed = pack_codes(codes.contiguous(), config.bits)
         pzp = None if zp is None else pack_codes(zp.to(torch.uint8), config.bits)
         return cls(packed, scale.reshape(lay.rows, lay.groups).contiguous(), pzp, config, w.shape, w.dtype)
+
+    @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero_point: Optional[torch.Tensor],
+        config: Config,
+        shape: Sequence[int],
+        dtype: torch.dtype = torch.float32,
+    ) -> "PackedWeight":
+        """Pack codes and scales chosen elsewhere (GPTQ, clipping search) into the stored format.
+
+        Args:
+            codes: uint8 stored codes, ``(rows, row_len)`` of the weight's layout (symmetric codes with
+                the ``2**(bits-1)`` offset, as :func:`gradcomp.codec.quantize_codes_with_qparams` makes them).
+            scale: ``rows * groups`` scales in the config's ``scale_dtype``.
+            zero_point: ``rows * groups`` integral zero points (asymmetric), or None.
+            config: the :class:`WeightQuantConfig` the codes follow.
+            shape, dtype: the original weight's shape and dtype.
+
+        Returns:
+            A :class:`PackedWeight`, identical in form to one from :meth:`from_weight`.
+        """
+        _check_config(config)
+        if isinstance(config, CastConfig):
+            raise TypeError("from_codes takes integer codes; a CastConfig weight is made by from_weight")
+        lay = _layout(shape, config)
+        if codes.dtype != torch.uint8 or tuple(codes.shape) != (lay.rows, lay.row_len):
+            raise ValueError(f"codes must be uint8 of shape {(lay.rows, lay.row_len)}, got {codes.dtype} of shape {tuple(codes.shape)}")
+        if int(codes.max()) >= (1 << config.bits):
+            raise ValueError(f"codes must be below 2**{config.bits}, got a maximum of {int(codes.max())}")
+        packed = pack_codes(codes.contiguous(), config.bits)
+        pzp = None if zero_point is None else pack_codes(zero_point.reshape(-1).to(torch.uint8), config.bits)
+        return cls(packed, scale.reshape(lay.rows, lay.groups).contiguous(), pzp, config, shape, dtype)
 
     def _apply(self, fn, recurse: bool = True):
         # Moves between devices apply as usual, but a dtype conversion (model.half(), .to(bf16))
@@ -383,23 +418,44 @@ def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def quantize_(model: nn.Module, config_or_rules: Rules, *, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> nn.Module:
+def quantize_(
+    model: nn.Module,
+    config_or_rules: Rules,
+    *,
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+    method: Any = None,
+    calibration: Optional[Iterable[Any]] = None,
+    forward: Optional[Callable[[nn.Module, Any], Any]] = None,
+    num_batches: Optional[int] = None,
+    progress: bool = False,
+) -> nn.Module:
     """Swap the model's Linear, Embedding and Conv2d layers for packed quantized ones, in place.
 
     Steps:
         1. List the supported layers by fully qualified name; pick each one's config: the single
            config, or the first rule whose pattern matches (a None config or no match leaves the layer
            as it is); drop layers for which ``filter_fn(module, fqn)`` is False.
-        2. Quantize every selected weight with the codec and pack it (nothing is changed yet, so a
-           bad weight or config leaves the model untouched). Layers sharing one weight with the same
-           config share one :class:`PackedWeight`.
-        3. Replace the layers.
+        2. With a data-aware ``method``: run the calibration batches once through the unquantized
+           model and sum each selected Linear's input Hessian ``X^T X``.
+        3. Quantize every selected weight (round-to-nearest, or the method on the Linear layers) and
+           pack it (nothing is changed yet, so a bad weight or config leaves the model untouched).
+           Layers sharing one weight with the same config share one :class:`PackedWeight`.
+        4. Replace the layers.
 
     Args:
         model: the model (any device; the packed buffers live where the weights were).
         config_or_rules: one config for every supported layer, or an ordered list (or dict) of
             ``(pattern, config or None)``.
         filter_fn: optional ``(module, fqn) -> bool``; False keeps that layer in full precision.
+        method: ``None``/``"rtn"`` (round-to-nearest), ``"gptq"``, ``"awq_clip"``, or a configured
+            :class:`gradcomp.quant.algorithms.GPTQ` / :class:`~gradcomp.quant.algorithms.ActivationAwareClip`.
+            Same packed modules and files whichever method; Embedding and Conv2d layers and cast
+            configs use round-to-nearest.
+        calibration: batches for the data-aware methods (required by them).
+        forward: ``forward(model, batch)`` for the calibration batches (default ``model(batch)``,
+            ``model(*batch)`` for tuples, ``model(**batch)`` for dicts).
+        num_batches: use at most this many calibration batches.
+        progress: tqdm progress bars over the calibration batches and the layers.
 
     Returns:
         ``model`` itself.
@@ -408,11 +464,31 @@ def quantize_(model: nn.Module, config_or_rules: Rules, *, filter_fn: Optional[C
         >>> quantize_(model, [("lm_head", None), ("re:blocks\\.\\d+\\.attn\\..*", WeightQuantConfig(bits=8)),
         ...                   ("*", WeightQuantConfig(bits=4, granularity="per_group", group_size=64))])
     """
+    from gradcomp.quant.algorithms import resolve_method
+
     plan = _plan(model, config_or_rules, filter_fn)
+    algorithm = resolve_method(method)
+    hessians: Dict[str, torch.Tensor] = {}
+    if algorithm is not None:
+        if calibration is None:
+            raise ValueError(f"method {algorithm.name!r} needs calibration batches (calibration=...); use method='rtn' without data")
+        from gradcomp.quant.algorithms import collect_input_hessians
+
+        aware = {fqn: m for fqn, m, cfg in plan if isinstance(m, nn.Linear) and not isinstance(cfg, CastConfig)}
+        skipped = sorted({fqn for fqn, m, cfg in plan if fqn not in aware and not isinstance(cfg, CastConfig)})
+        if skipped:
+            logger.info("%s covers Linear layers; round-to-nearest for %s", algorithm.name, skipped[:8])
+        if aware:
+            hessians = collect_input_hessians(model, aware, calibration, forward=forward, num_batches=num_batches, progress=progress)
     shared: Dict[Tuple[int, Config], PackedWeight] = {}
     new: Dict[str, _QuantizedLayer] = {}
     configs_of_weight: Dict[int, set] = {}
-    for fqn, m, cfg in plan:
+    steps: Iterable = plan
+    if progress and algorithm is not None:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(plan, desc=f"quantize ({algorithm.name})", unit="layer", leave=False)
+    for fqn, m, cfg in steps:
         w = m.weight
         if not w.is_floating_point():
             raise TypeError(f"layer {fqn!r}: weight must be floating point, got {w.dtype}")
@@ -422,7 +498,11 @@ def quantize_(model: nn.Module, config_or_rules: Rules, *, filter_fn: Optional[C
         packed = shared.get(key)
         if packed is None:
             try:
-                packed = PackedWeight.from_weight(w, cfg)
+                if fqn in hessians:
+                    r = algorithm.quantize(w, hessians[fqn], cfg)
+                    packed = PackedWeight.from_codes(r.codes, r.scale, r.zero_point, cfg, w.shape, w.dtype)
+                else:
+                    packed = PackedWeight.from_weight(w, cfg)
             except ValueError as exc:
                 raise ValueError(f"layer {fqn!r}: {exc}") from exc
             shared[key] = packed
@@ -433,7 +513,8 @@ def quantize_(model: nn.Module, config_or_rules: Rules, *, filter_fn: Optional[C
             logger.warning("layer %r shares its weight with a layer quantized differently; each holds its own copy", fqn)
     for fqn, q in new.items():
         _set_submodule(model, fqn, q)
-    logger.info("quantized %d layers: %s", len(new), sorted({config_name(c) for _, _, c in plan}))
+    logger.info("quantized %d layers (%s): %s", len(new), "rtn" if algorithm is None else algorithm.name,
+                sorted({config_name(c) for _, _, c in plan}))
     return model
 
 
