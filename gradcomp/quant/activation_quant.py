@@ -167,6 +167,9 @@ def _input_quant_pre_hook(module: nn.Module, args: Tuple[Any, ...]):
     quantizer = getattr(module, _QUANTIZER_ATTR, None)
     if quantizer is None or not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
         return None
+    fuses = getattr(module, "fuses_input_quant", None)
+    if fuses is not None and fuses(quantizer, args[0]):
+        return None  # the module quantizes its input itself, in an integer kernel (same codes)
     return (quantizer(args[0]),) + tuple(args[1:])
 
 

@@ -255,7 +255,22 @@ class _QuantizedLayer(nn.Module):
 
 
 class QuantizedLinear(_QuantizedLayer):
-    """``nn.Linear`` with a packed weight, dequantized to the input's dtype in every forward."""
+    """``nn.Linear`` with a packed weight.
+
+    The forward picks the fastest exact-enough route (:mod:`gradcomp.quant.kernels`), all from the same
+    stored codes:
+
+    1. dynamic W8A8 (an int8 per-token symmetric ``input_quantizer`` on an int8 symmetric weight, no
+       gradient needed): ``torch._int_mm`` on the int8 codes;
+    2. a weight-only CPU kernel (int8 per channel, int4 per group) when the input is bf16 or
+       ``compute_dtype`` is ``torch.bfloat16`` (fp32 inputs are then computed in bf16);
+    3. otherwise the weight is dequantized to ``x.dtype`` and ``F.linear`` runs (exact, differentiable).
+
+    Attributes:
+        compute_dtype: None (compute in the input's dtype) or ``torch.bfloat16`` (run the bf16 kernels
+            for fp32 inputs too: faster, at bf16 precision of the activations).
+        use_kernels: False forces the dequantize route.
+    """
 
     kind = "linear"
 
@@ -264,9 +279,55 @@ class QuantizedLinear(_QuantizedLayer):
         if len(packed.shape) != 2:
             raise ValueError(f"a linear weight must be 2-D, got shape {packed.shape}")
         self.out_features, self.in_features = packed.shape
+        self.compute_dtype: Optional[torch.dtype] = None
+        self.use_kernels = True
+        self._kernel_cache: Dict[str, Any] = {}
+
+    def _operands(self, what: str):
+        from gradcomp.quant import kernels
+
+        key = (what, self.packed.qweight.data_ptr(), self.packed.qweight.device)
+        hit = self._kernel_cache.get(what)
+        if hit is None or hit[0] != key:
+            if what == "w8a8":
+                ops = kernels.w8a8_operands(self._operands("weight")[1])
+            else:
+                ops = kernels.prepare_operands(self.packed)
+            self._kernel_cache[what] = (key, ops)
+            hit = self._kernel_cache[what]
+        return hit[1]
+
+    def fuses_input_quant(self, quantizer: Any, x: torch.Tensor) -> bool:
+        """Whether this forward quantizes ``x`` itself with ``_int_mm`` (the pre-hook then leaves ``x`` alone)."""
+        from gradcomp.quant import kernels
+
+        if not self.use_kernels or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+            return False
+        if getattr(quantizer, "track_error", False) or getattr(quantizer, "passthrough", False):
+            return False
+        return kernels.w8a8_kernel_fits(self.packed.config, getattr(quantizer, "config", None), self.packed.shape)
+
+    def _weight_kernel_applies(self, x: torch.Tensor) -> bool:
+        from gradcomp.quant import kernels
+
+        if not self.use_kernels or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+            return False
+        if not (x.dtype == torch.bfloat16 or (self.compute_dtype == torch.bfloat16 and x.dtype == torch.float32)):
+            return False
+        return kernels.weight_kernel(self.packed.config, self.packed.shape) is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return ``x @ W^T + b`` with ``W`` dequantized to ``x.dtype``."""
+        """Return ``x @ W^T + b`` (see the class docstring for the route taken)."""
+        quantizer = getattr(self, "input_quantizer", None)
+        if quantizer is not None and self.fuses_input_quant(quantizer, x):
+            from gradcomp.quant.kernels import w8a8_linear
+
+            return w8a8_linear(x, quantizer.config, self._operands("w8a8"), self.bias)
+        if self._weight_kernel_applies(x):
+            from gradcomp.quant.kernels import kernel_linear
+
+            kind, ops = self._operands("weight")
+            return kernel_linear(x, kind, ops, self.bias)
         return F.linear(x, self.packed.dequantize(x.dtype), self._bias_for(x))
 
     def extra_repr(self) -> str:
