@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
+import os
 import sys
 from typing import Any, Callable, Dict, List, Sequence
 
@@ -86,3 +88,25 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def import_spec(spec: str, what: str) -> Any:
+    """Import ``module.path:attribute`` and return the attribute, or raise a :class:`CliError`.
+
+    The current directory is put on ``sys.path`` first, as ``python -m`` does, so a user's own
+    ``mymodel.py`` next to where the command runs is found without ``PYTHONPATH=.``.
+    """
+    if ":" not in spec:
+        raise CliError(f"{what} must look like module.path:function, got {spec!r}")
+    mod_name, _, attr = spec.partition(":")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise CliError(f"cannot import module {mod_name!r} of {what} {spec!r} (looked in {cwd} and on sys.path): {exc}") from exc
+    obj = getattr(module, attr, None)
+    if obj is None or not callable(obj):
+        raise CliError(f"{what} {spec!r}: module {mod_name!r} has no callable {attr!r}")
+    return obj

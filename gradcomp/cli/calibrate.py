@@ -72,18 +72,10 @@ def register(subparsers) -> None:
 
 
 def _resolve(spec: str, what: str) -> Callable[[], Any]:
-    """Import ``module.path:attribute`` and return the attribute, or raise a CliError."""
-    if ":" not in spec:
-        raise CliError(f"{what} must look like module.path:function, got {spec!r}")
-    mod_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise CliError(f"cannot import module {mod_name!r} of {what} {spec!r}: {exc}") from exc
-    obj = getattr(module, attr, None)
-    if obj is None or not callable(obj):
-        raise CliError(f"{what} {spec!r}: module {mod_name!r} has no callable {attr!r}")
-    return obj
+    """Import ``module.path:attribute`` (the current directory first) and return it, or raise a CliError."""
+    from gradcomp.cli._common import import_spec
+
+    return import_spec(spec, what)
 
 
 def _builtin(args) -> Dict[str, Any]:

@@ -89,17 +89,9 @@ def register(subparsers) -> None:
 
 
 def _load_callable(spec: str):
-    if ":" not in spec:
-        raise CliError(f"--model must look like MODULE:CALLABLE, got {spec!r}")
-    mod_name, attr = spec.split(":", 1)
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise CliError(f"cannot import {mod_name!r} for --model: {exc}") from exc
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise CliError(f"{mod_name!r} has no callable {attr!r}")
-    return fn
+    from gradcomp.cli._common import import_spec
+
+    return import_spec(spec, "--model")
 
 
 def _builtin_task(args):
