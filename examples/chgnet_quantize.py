@@ -116,6 +116,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer structures (a smoke run)")
     ap.add_argument("--out", default="chgnet_results.json")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sensitivity-batches", type=int, default=1, help="calibration batches (of 6 structures) for the sensitivity run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -137,9 +138,11 @@ def main() -> None:
     batch = 6
     cal_batches = [calib[i:i + batch] for i in range(0, len(calib), batch)]
     test_batches = [test[i:i + batch] for i in range(0, len(test), batch)]
+    t = time.time()
     ref = [forward(base, b) for b in test_batches]
+    print(f"fp32 reference pass over the test set: {time.time() - t:.1f} s", flush=True)
     print(f"{len(named)} structures ({len(calib)} calibration, {len(test)} test, {sum(len(g.atomic_number) for g in test)} test atoms); "
-          f"setup {time.time() - t0:.0f} s")
+          f"setup {time.time() - t0:.0f} s", flush=True)
     results: Dict[str, Any] = {"structures": len(named), "calibration": len(calib), "test": len(test)}
     head = " | ".join(f"{n} MAE ({u})" for n, u, _ in OUTPUTS.values())
 
@@ -173,7 +176,7 @@ def main() -> None:
     # (2) sensitivity over every output, knapsack plan at 4.5 bits vs uniform int4
     t = time.time()
     cands = (q.WeightQuantConfig(bits=2, granularity="per_group", group_size=32), g32, int8)
-    report = measure_sensitivity(base, cal_batches[:3], SensitivityConfig(candidates=cands, metrics=("rel_mse",)), forward_fn=forward)
+    report = measure_sensitivity(base, cal_batches[:args.sensitivity_batches], SensitivityConfig(candidates=cands, metrics=("rel_mse",)), forward_fn=forward)
     print(f"\nsensitivity: {len(report.layers)} layers x {len(cands)} candidates in {time.time() - t:.0f} s; "
           f"outputs {report.metadata['outputs']} scored as {report.metadata['output_kind']} ({report.metadata['output_kind_reason']})")
     plan = allocate_bits(report, avg_bits=4.5)

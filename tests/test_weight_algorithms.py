@@ -139,3 +139,19 @@ def test_bad_input_is_rejected_and_changes_nothing():
                                   q.WeightQuantConfig(bits=4), (4, 8))
     assert type(model[0]) is nn.Linear and torch.equal(model[0].weight, before)
     assert resolve_method("rtn") is None and resolve_method("gptq") == GPTQ()
+
+
+@pytest.mark.parametrize("method", [GPTQ(), GPTQ(act_order=True), ActivationAwareClip()], ids=["gptq", "gptq-act-order", "awq_clip"])
+def test_inputs_absent_from_calibration_keep_their_weights(method):
+    # like per-element reference energies: inputs 5..9 never occur in calibration; their weights must
+    # still be quantized as weights (not zeroed, not clipped for free), since later inputs use them
+    torch.manual_seed(3)
+    w = torch.randn(8, 10) * 5
+    x = torch.randn(200, 10)
+    x[:, 5:] = 0.0
+    h = x.T.double() @ x.double()
+    cfg = q.WeightQuantConfig(bits=4, granularity="per_group", group_size=5)
+    got = method.quantize(w, h, cfg).dequantize(4)
+    rtn = q.fake_quantize_weight(w, cfg)
+    assert float(got[:, 5:].abs().min()) > 0 or float(w[:, 5:].abs().min()) < float(rtn[:, 5:].abs().max()) / 16
+    assert float(((got[:, 5:] - w[:, 5:]) ** 2).mean()) <= float(((rtn[:, 5:] - w[:, 5:]) ** 2).mean()) * 1.01

@@ -43,6 +43,9 @@ def register(subparsers) -> None:
     a.add_argument("--plot", metavar="PNG", help="also write a picture of the report (needs matplotlib)")
     a.add_argument("--histograms", action="store_true", help="include per-layer histograms in --json output")
     a.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    a.add_argument("--model", metavar="MODULE:FN", help="FN() builds the model FILE belongs to: with --data, each layer's output error on real inputs")
+    a.add_argument("--data", metavar="MODULE:FN", help="FN() returns calibration batches for the output error")
+    a.add_argument("--forward", metavar="MODULE:FN", help="FN(model, batch) runs one batch (default model(batch))")
     _add_file_options(a)
     add_json_flag(a)
     a.set_defaults(func=_analyze)
@@ -123,7 +126,17 @@ def _analyze(args) -> int:
 
     configs = _parse_specs(args.config, DEFAULT_ANALYZE)
     sd = _load(args)
-    report = analyze_weights(sd, configs, outlier_sigma=args.outlier_sigma, progress=_progress(args, "analyze"))
+    if args.model or args.data:
+        from gradcomp.cli._common import import_spec
+
+        model = _user_model(args, sd)
+        if not args.data:
+            raise CliError("--model needs --data (calibration batches) for the output error")
+        forward = import_spec(args.forward, "--forward") if args.forward else None
+        report = analyze_weights(model, configs, outlier_sigma=args.outlier_sigma, progress=_progress(args, "analyze"),
+                                 calibration=import_spec(args.data, "--data")(), forward=forward)
+    else:
+        report = analyze_weights(sd, configs, outlier_sigma=args.outlier_sigma, progress=_progress(args, "analyze"))
     if args.plot:
         from gradcomp.plots.weights import plot_weight_report
 
@@ -141,6 +154,9 @@ def _analyze(args) -> int:
     print(format_table(report.rows(), floatfmt=".3g"))
     print()
     print(format_table(report.summary(), floatfmt=".4g"))
+    print(f"\nnote: {report.note}")
+    for f in report.flags:
+        print(f"FLAG {f['layer']} [{f['config']}]: {f['why']}")
     if args.plot:
         print(f"\nwrote {args.plot}")
     return 0
@@ -229,22 +245,12 @@ def _quantize(args) -> int:
 
 def _quantize_with_data(args, sd, rules):
     """Load ``sd`` into the user's model, quantize it with a data-aware method, and split packed/plain."""
-    import torch.nn as nn
-
     from gradcomp.cli._common import import_spec
     from gradcomp.weights import quantize_
 
     if not args.model or not args.data:
         raise CliError(f"--method {args.method} needs --model MODULE:FN (the model) and --data MODULE:FN (calibration batches)")
-    model = import_spec(args.model, "--model")()
-    if isinstance(model, (tuple, list)) and model and isinstance(model[0], nn.Module):
-        model = model[0]
-    if not isinstance(model, nn.Module):
-        raise CliError(f"--model {args.model!r} returned {type(model).__name__}, expected an nn.Module")
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if unexpected or [k for k in missing if k in dict(model.named_parameters())]:
-        raise CliError(f"{args.input} does not fit the model of --model: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]} "
-                       "(try --key or --strip-prefix)")
+    model = _user_model(args, sd)
     batches = import_spec(args.data, "--data")()
     forward = import_spec(args.forward, "--forward") if args.forward else None
     quantize_(model, rules, method=args.method, calibration=batches, forward=forward, num_batches=args.batches,
@@ -253,6 +259,26 @@ def _quantize_with_data(args, sd, rules):
     held = {f"{n}.{k}" for n in packed for k in ("packed.qweight", "packed.scale", "packed.zero_point")}
     plain = {k: v for k, v in model.state_dict().items() if k not in held and k in sd}
     return packed, plain
+
+
+def _user_model(args, sd):
+    """Build the model of ``--model`` and load the file's tensors into it."""
+    import torch.nn as nn
+
+    from gradcomp.cli._common import import_spec
+
+    if not args.model:
+        raise CliError("--data needs --model (the model the weights belong to)")
+    model = import_spec(args.model, "--model")()
+    if isinstance(model, (tuple, list)) and model and isinstance(model[0], nn.Module):
+        model = model[0]
+    if not isinstance(model, nn.Module):
+        raise CliError(f"--model {args.model!r} returned {type(model).__name__}, expected an nn.Module")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected or [k for k in missing if k in dict(model.named_parameters())]:
+        raise CliError(f"the weights do not fit the model of --model: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]} "
+                       "(try --key or --strip-prefix)")
+    return model
 
 
 def _size(args) -> int:

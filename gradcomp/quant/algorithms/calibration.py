@@ -20,6 +20,7 @@ def collect_input_hessians(
     forward: Optional[Callable[[nn.Module, Any], Any]] = None,
     num_batches: Optional[int] = None,
     progress: bool = False,
+    counts: Optional[Dict[str, int]] = None,
 ) -> Dict[str, torch.Tensor]:
     """Run calibration batches through ``model`` and return ``{name: X^T X}`` (fp64) for each Linear.
 
@@ -34,6 +35,7 @@ def collect_input_hessians(
         forward: ``forward(model, batch)``; default ``model(batch)`` / ``model(*batch)`` / ``model(**batch)``.
         num_batches: stop after this many.
         progress: tqdm progress bar.
+        counts: if given, filled with ``{name: rows of X}`` (input rows seen per layer).
 
     Raises:
         ValueError: no batch came, a layer never ran, or an input held inf/nan.
@@ -48,6 +50,8 @@ def collect_input_hessians(
             x = args[0].detach().reshape(-1, in_features).double()
             xtx = x.T @ x
             sums[name] = sums[name] + xtx if name in sums else xtx
+            if counts is not None:
+                counts[name] = counts.get(name, 0) + x.shape[0]
             return None
 
         return hook

@@ -9,7 +9,8 @@ channels by activation magnitude, needs the inverse scale folded into the previo
 format-preserving drop-in module cannot hold, so it is not done here.
 
 Steps:
-    1. ``H = X^T X`` over calibration inputs; take its diagonal blocks ``H_g`` (one per group of
+    1. ``H = X^T X`` over calibration inputs, plus 1% of its mean diagonal on the diagonal (inputs
+       absent from calibration still count); take its diagonal blocks ``H_g`` (one per group of
        columns; the whole matrix for per-channel and per-tensor scales).
     2. For each ratio ``r`` in ``linspace(1, min_ratio, grid)``: quantize every group with the range
        ``[r * min, r * max]`` and score it by ``e H_g e^T`` with ``e`` the group's error (the output
@@ -80,7 +81,12 @@ def clip_search_quantize(
     rows, cols = w.shape
     if hessian.shape != (cols, cols):
         raise ValueError(f"hessian must be ({cols}, {cols}) for a weight of shape {tuple(weight.shape)}, got {tuple(hessian.shape)}")
-    h = hessian.to(device=w.device, dtype=torch.float32)
+    h = hessian.to(device=w.device, dtype=torch.float32).clone()
+    # inputs never seen in calibration still count as weights (as round-to-nearest weighs them): a
+    # floor on the diagonal keeps the search from clipping them for free
+    diag = torch.diagonal(h)
+    floor = 0.01 * float(diag.mean()) if bool((diag > 0).any()) else 1.0
+    h += floor * torch.eye(cols, dtype=h.dtype, device=h.device)
     if config.granularity == "per_tensor":
         blocks = w.reshape(1, rows * cols)  # one block, scored with the full H on every row
         n_rows, n_groups, block = 1, 1, rows * cols

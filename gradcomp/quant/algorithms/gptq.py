@@ -7,7 +7,8 @@ independent under it, so all rows are processed at once, one column after the ot
 
 Steps:
     1. ``H = X^T X`` (collected by :func:`gradcomp.quant.algorithms.collect_input_hessians`); columns
-       whose input is always 0 (``H_jj = 0``) are set to 0 and given ``H_jj = 1``.
+       whose input was always 0 (``H_jj = 0``) keep their weights, get the mean ``H_jj`` and no cross
+       terms, so they are rounded to nearest and no other column's error is pushed onto them.
     2. Optionally (``act_order``) visit columns by decreasing ``H_jj`` (most active input first).
     3. Dampen: ``H += damp * mean(diag H) * I``; take ``U`` = the upper Cholesky factor of ``H^-1``.
     4. For each column ``j`` (in blocks of ``block_size`` columns, the error of a block applied to the
@@ -123,9 +124,11 @@ def gptq_quantize(
     if not bool(torch.isfinite(hessian).all()):
         raise ValueError("the input Hessian holds inf or nan; the calibration inputs are not finite")
     h = hessian.to(device=w.device, dtype=torch.float64).clone()
+    # Inputs never seen during calibration (H_jj = 0): their weights are rounded to nearest and take
+    # no error from other columns (no cross terms in H). GPTQ's reference code zeroes them instead,
+    # which breaks every later input that does use them (an element absent from calibration).
     dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    h[dead, dead] = float(torch.diagonal(h)[~dead].mean()) if bool((~dead).any()) else 1.0
 
     bounds = group_bounds(lay, cols, config)
     per_group = config.granularity == "per_group"
