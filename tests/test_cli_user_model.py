@@ -111,3 +111,37 @@ def test_cli_data_aware_method_with_a_model_from_the_current_directory(user_dir,
             err[name] = float(((m(x) - ref) ** 2).mean())
     assert err["gptq"] < err["rtn"]
     assert main(["weights", "quantize", str(sd_file), "y.safetensors", "--method", "gptq"]) == 2   # no --model/--data
+
+
+def test_calibrate_saves_scales_that_load_back(user_dir, capsys):
+    import importlib
+
+    from gradcomp.quant.activation_quant import load_activation_scales_
+
+    scales = user_dir / "scales.safetensors"
+    assert main(["calibrate", "--model", "user_model_cli:build", "--data", "user_model_cli:batches", "--observer", "minmax",
+                 "--batches", "4", "--save", str(scales), "--json", "--no-progress"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    user = importlib.import_module("user_model_cli")
+    fresh = user.build()
+    names = load_activation_scales_(fresh, scales)
+    assert sorted(names) == sorted(r["layer"] for r in doc["layers"]) == ["0", "2"]
+    by_name = {r["layer"]: r for r in doc["layers"]}
+    assert float(fresh[0].input_quantizer.scale) == pytest.approx(by_name["0"]["scale"], rel=1e-5)
+    x = torch.cat(user.batches())
+    with torch.no_grad():
+        assert not torch.equal(fresh(x), user.build()(x))     # inputs are fake-quantized now
+    assert main(["calibrate", "--model", "user_model_cli:build", "--data", "user_model_cli:batches", "--dynamic",
+                 "--save", str(user_dir / "x.safetensors"), "--no-progress"]) == 2
+
+
+def test_activation_plots_show_every_layer(tmp_path):
+    pytest.importorskip("matplotlib")
+    from gradcomp.plots.activations import _grid, _pick
+
+    class R:
+        layers = {f"l{i}:input": None for i in range(51)}
+
+    assert len(_pick(R(), None, None)) == 51
+    rows, cols = _grid(51)
+    assert rows * cols >= 51 and cols == 8
