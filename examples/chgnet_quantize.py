@@ -77,14 +77,14 @@ def structures(seed: int = 0) -> List[Any]:
         out.append((name, s))
     out += [(f, compound(f, p, a)) for f, p, a in COMPOUNDS]
     result = []
-    for name, s in out:
+    for i, (name, s) in enumerate(out):
         s = s.copy()
         reps = [1, 1, 1]
         while len(s) * reps[0] * reps[1] * reps[2] < 8:
             i = int(np.argmin([s.lattice.abc[k] * reps[k] for k in range(3)]))
             reps[i] += 1
         s.make_supercell(reps)
-        s.perturb(0.05 + 0.05 * rng.random())   # move every atom by 0.05-0.1 A: nonzero forces
+        s.perturb(0.05 + 0.05 * rng.random(), seed=seed + i)   # move every atom by 0.05-0.1 A: nonzero forces
         result.append((name, s))
     return result
 
@@ -154,23 +154,42 @@ def main() -> None:
     bits = lambda m: 8.0 * sum(p.packed.nbytes if hasattr(p, "packed") else 0 for p in m.modules()) / sum(
         p.packed.shape[0] * int(np.prod(p.packed.shape[1:])) for p in m.modules() if hasattr(p, "packed"))
 
-    # (1) weight-only: RTN vs data-aware
-    print(f"\n## Weight-only quantization of every Linear and the Embedding\n\n| variant | bits/weight | {head} |\n|---|---:|---:|---:|---:|---:|")
+    # (0) the weight report with data: output SNR per layer, flags where SQNR looks safe
+    from gradcomp.weights import analyze_weights
+
     int8 = q.WeightQuantConfig(bits=8)
     g32 = q.WeightQuantConfig(bits=4, granularity="per_group", group_size=32)
+    wr = analyze_weights(base, [int8, g32], calibration=cal_batches, forward=forward)
+    print("\n## Weight report with calibration data (flags: SQNR looks safe, output SNR does not)\n")
+    print("| layer | config | weight SQNR dB | output SNR dB |\n|---|---|---:|---:|")
+    for f in wr.flags:
+        print(f"| {f['layer']} | {f['config']} | {f['sqnr_db']:.1f} | {f['output_snr_db']:.1f} |")
+    comp = wr.quality.get("composition_model.fc", {})
+    for c, lq in comp.items():
+        print(f"composition_model.fc [{c}]: SQNR {lq.sqnr_db:.1f} dB, output SNR {lq.output_snr_db:.1f} dB, "
+              f"output RMS error {lq.output_rms_error:.4g} eV")
+    results["flags"] = wr.flags
+
+    # (1) weight-only: RTN vs data-aware
+    print(f"\n## Weight-only quantization of every Linear and the Embedding\n\n| variant | bits/weight | {head} |\n|---|---:|---:|---:|---:|---:|")
     table1 = {}
+    keep8 = [("composition_model.fc", int8), ("*", g32)]   # the layer the damage report flags, at int8
     for label, rules, method in [
         ("int8 per channel, RTN", int8, None),
         ("int4 g32, RTN", g32, None),
         ("int4 g32, awq_clip", g32, "awq_clip"),
-        ("int4 g32, GPTQ", g32, "gptq"),
-        ("int4 g32, GPTQ act-order", g32, GPTQ(act_order=True)),
+        ("int4 g32, GPTQ (damp 0.01, the paper's)", g32, GPTQ()),
+        ("int4 g32, GPTQ (damp 0.1)", g32, GPTQ(damp=0.1)),
+        ("int4 g32, GPTQ act-order (damp 0.1)", g32, GPTQ(damp=0.1, act_order=True)),
+        ("int4 g32 + composition_model.fc int8, RTN", keep8, None),
+        ("int4 g32 + composition_model.fc int8, awq_clip", keep8, "awq_clip"),
+        ("int4 g32 + composition_model.fc int8, GPTQ (damp 0.1)", keep8, GPTQ(damp=0.1)),
     ]:
         t = time.time()
         m = variant(rules, method)
         r = evaluate(m, test_batches, ref)
         table1[label] = dict(r, bits=bits(m), seconds=time.time() - t)
-        print(f"| {label} | {bits(m):.3f} | {fmt(r)} |", flush=True)
+        print(f"| {label} | {bits(m):.4f} | {fmt(r)} |", flush=True)
     results["weight_only"] = table1
 
     # (2) sensitivity over every output, knapsack plan at 4.5 bits vs uniform int4
@@ -184,7 +203,7 @@ def main() -> None:
     print(f"\n## Knapsack plan vs uniform int4 (sensitivity: rel_mse summed over the 4 outputs)\n\n| plan | avg bits | {head} |\n|---|---:|---:|---:|---:|---:|")
     table2 = {}
     for label, p, method in [("uniform int4 g32, RTN", uni, None), ("knapsack 4.5 bits, RTN", plan, None),
-                             ("uniform int4 g32, GPTQ", uni, "gptq"), ("knapsack 4.5 bits, GPTQ", plan, "gptq")]:
+                             ("uniform int4 g32, awq_clip", uni, "awq_clip"), ("knapsack 4.5 bits, awq_clip", plan, "awq_clip")]:
         m = variant(p.to_rules(), method)
         r = evaluate(m, test_batches, ref)
         table2[label] = dict(r, avg_bits=p.avg_bits)
