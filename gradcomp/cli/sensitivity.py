@@ -38,7 +38,10 @@ def register(subparsers) -> None:
     s.add_argument("--cache-dir", default=_default_cache(), help="cache of the built-in tiny GPT (default ~/.cache/gradcomp)")
     s.add_argument("--candidates", default=DEFAULT_CANDIDATES,
                    help=f"comma-separated formats such as int4-g128, int8-channel, fp16 (default {DEFAULT_CANDIDATES})")
-    s.add_argument("--metrics", default="mse,kl,loss,fisher,weight_mse", help="scores to compute (default all but hawq)")
+    s.add_argument("--metrics", default="auto",
+                   help="scores to compute (default auto: mse, rel_mse, loss, fisher, weight_mse, and kl for classification outputs)")
+    s.add_argument("--forward", metavar="MODULE:FN",
+                   help="FN(model, batch) runs one batch of any structure and returns the outputs (tensor, dict, dataclass, list)")
     s.add_argument("--hessian", action="store_true", help="also the HAWQ score (Hutchinson trace of the Hessian)")
     s.add_argument("--hutchinson-samples", type=int, default=4, help="Rademacher vectors per batch for --hessian (default 4)")
     s.add_argument("--act-bits", type=int, choices=(2, 3, 4, 8),
@@ -122,7 +125,7 @@ def _sensitivity(args) -> int:
         raise CliError(f"--candidates: {exc}") from exc
     if any(c is None for c in cands):
         raise CliError("--candidates: fp32 is the unquantized reference (score 0) and is always available to plans; leave it out")
-    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    metrics = None if args.metrics.strip() == "auto" else tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     activations = None
     if args.act_bits:
         from gradcomp.activations import ActQuantConfig
@@ -139,7 +142,10 @@ def _sensitivity(args) -> int:
     else:
         model, batches = _builtin_task(args)
         task = "tiny_gpt"
-    report = measure_sensitivity(model, batches, config, layers=args.layers, progress=not args.no_progress)
+    kwargs = {}
+    if args.forward:
+        kwargs["forward_fn"] = _load_callable(args.forward)
+    report = measure_sensitivity(model, batches, config, layers=args.layers, progress=not args.no_progress, **kwargs)
     report.metadata["task"] = task
     sort = args.sort or report.default_metric()
     if sort not in report.metrics:
