@@ -195,7 +195,7 @@ def main() -> None:
     # (2) sensitivity over every output, knapsack plan at 4.5 bits vs uniform int4
     t = time.time()
     cands = (q.WeightQuantConfig(bits=2, granularity="per_group", group_size=32), g32, int8)
-    report = measure_sensitivity(base, cal_batches[:args.sensitivity_batches], SensitivityConfig(candidates=cands, metrics=("rel_mse",)), forward_fn=forward)
+    report = measure_sensitivity(base, cal_batches[:args.sensitivity_batches], SensitivityConfig(candidates=cands, metrics=("rel_mse",)), forward=forward)
     print(f"\nsensitivity: {len(report.layers)} layers x {len(cands)} candidates in {time.time() - t:.0f} s; "
           f"outputs {report.metadata['outputs']} scored as {report.metadata['output_kind']} ({report.metadata['output_kind_reason']})")
     plan = allocate_bits(report, avg_bits=4.5)

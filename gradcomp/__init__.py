@@ -25,9 +25,16 @@ from gradcomp.quant import (
     quantize_,
     save_quantized,
 )
-from gradcomp.quant import ActivationCapture, ActQuantConfig, quantize_activations_
-from gradcomp.sensitivity import SensitivityConfig, measure_sensitivity
-from gradcomp.mixed_precision import allocate_bits, apply_plan, plan_from_rules
+from gradcomp.quant import (
+    ActivationCapture,
+    ActQuantConfig,
+    calibrate_,
+    convert_activation_quant_,
+    prepare_activation_quant_,
+    quantize_activations_,
+)
+from gradcomp.sensitivity import SensitivityConfig, SensitivityReport, measure_sensitivity
+from gradcomp.mixed_precision import MixedPrecisionPlan, allocate_bits, apply_plan, plan_from_rules
 
 __version__ = "0.1.0"
 
@@ -55,10 +62,15 @@ __all__ = [
     # activations
     "ActivationCapture",
     "ActQuantConfig",
+    "prepare_activation_quant_",
+    "calibrate_",
+    "convert_activation_quant_",
     "quantize_activations_",
     # sensitivity and plans
     "SensitivityConfig",
+    "SensitivityReport",
     "measure_sensitivity",
+    "MixedPrecisionPlan",
     "allocate_bits",
     "apply_plan",
     "plan_from_rules",

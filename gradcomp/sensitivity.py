@@ -5,7 +5,7 @@ loses far more accuracy at 4 bits than a wide MLP layer in the middle of the net
 measures that, one trial per (layer, candidate format):
 
 1. Run the calibration batches through the unmodified model once and keep the reference outputs
-   (and losses, when the batches carry labels).
+   (and losses, when the model output carries one).
 2. For every candidate layer and every candidate format (``WeightQuantConfig`` at some bits and
    granularity, or a ``CastConfig`` to fp16/bf16):
 
@@ -24,7 +24,8 @@ Scores (each averaged over the calibration batches):
   regression outputs).
 * ``kl``: ``KL(p_ref || p_q)`` of the softmax over the output's last dimension, in nats per position
   (the default for classification outputs; meaningless for regression outputs).
-* ``loss``: increase of the loss (only when a loss is available: labels in the batches or a ``loss_fn``).
+* ``loss``: increase of the loss (only when a loss is available: a model output that carries one, or a
+  ``loss_fn``; see :mod:`gradcomp.batches`).
 * ``fisher``: the Fisher / Taylor score of the layer's own output,
   ``sum((dL/dy * (y_q - y))**2)`` where ``y`` is the layer output, ``y_q`` its output with the
   quantized weight, and ``dL/dy`` the loss gradient at the unmodified model (the score NVIDIA
@@ -37,19 +38,19 @@ Scores (each averaged over the calibration batches):
 Worked example of the Fisher score: a layer output ``y = [1.0, -2.0]`` with gradient
 ``g = [0.5, 0.1]`` becomes ``y_q = [1.1, -2.0]`` at 4 bits; the score is ``(0.5 * 0.1)**2 + 0 = 0.0025``.
 
-Outputs of any structure are scored: a tensor, a dict, a dataclass or a list/tuple of outputs (see
-:func:`output_tensors`; a plain tuple from :func:`default_forward` contributes its first element, the
-``(logits, loss)`` convention). The kind of output decides the default metric (``kl`` for
-classification, ``rel_mse`` for regression); it is detected from the batches and outputs (integer
-labels: classification; floating labels, several outputs or non-tensor outputs: regression; a single
-unlabelled output of at least 2 dims: classification), or set with ``SensitivityConfig.output_kind``,
-and the choice and its reason are stated in the report's metadata and logged.
+Outputs of any structure are scored (:func:`output_tensors`): the main tensor of the output when it
+has one (a tensor, the first of a tuple, ``logits``; :mod:`gradcomp.batches`), else every floating
+tensor of a dict, dataclass or named tuple (``{"energy": e, "forces": f}``). The kind of output
+decides the default metric (``kl`` for classification, ``rel_mse`` for regression): one output of at
+least 2 dims with at least 2 entries in its last is taken for logits; several outputs or a scalar /
+single-column output are regression; ``SensitivityConfig.output_kind`` overrides it. The choice and its
+reason are stated in the report's metadata and logged.
 
-Adapter protocol (no wrapper module needed): ``forward_fn(model, batch)`` runs the model on a batch of
-any structure (graphs, dicts, dataclasses) and returns its outputs in any structure above; it may turn
-autograd on inside (``with torch.enable_grad():``) for outputs that are gradients, such as forces.
-``loss_fn(output, batch)`` returns a scalar or None and is only called when ``loss``, ``fisher`` or
-the Hessian score is asked for.
+Adapter protocol (no wrapper module needed): ``forward(model, batch)`` runs the model on a batch of
+any structure (graphs, dicts, dataclasses) and returns its outputs in any structure above; it may
+turn autograd on inside (``with torch.enable_grad():``) for outputs that are gradients, such as
+forces. ``loss_fn(model, batch)`` is only called when ``loss``, ``fisher`` or the Hessian score is
+asked for.
 
 Layers whose weight is shared (GPT's tied token embedding and output head) are one layer with
 aliases: quantizing it changes both uses, and its weight is counted once.
@@ -73,12 +74,14 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gradcomp.batches import Batch, call_model, default_loss, output_loss, output_tensor, progress_bar
+from gradcomp.checks import check_int
 from gradcomp.quant import (
     CastConfig,
     WeightQuantConfig,
@@ -92,6 +95,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "METRICS",
+    "OUTPUT_KINDS",
+    "output_tensors",
     "SensitivityConfig",
     "LayerInfo",
     "SensitivityEntry",
@@ -105,10 +110,7 @@ __all__ = [
     "quantized_layer",
     "measure_sensitivity",
     "hutchinson_trace",
-    "default_forward",
     "default_loss",
-    "output_tensors",
-    "OUTPUT_KINDS",
 ]
 
 METRICS = ("mse", "rel_mse", "kl", "loss", "fisher", "hawq", "weight_mse")
@@ -117,7 +119,6 @@ _DEFAULT_METRICS = ("mse", "rel_mse", "kl", "loss", "fisher", "weight_mse")
 _FORMAT_VERSION = 1
 
 Candidate = Union[WeightQuantConfig, CastConfig]
-Batch = Any
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,8 +248,7 @@ class SensitivityConfig:
             object.__setattr__(self, "metrics", metrics)
         if self.output_kind not in OUTPUT_KINDS:
             raise ValueError(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
-        if isinstance(self.hutchinson_samples, bool) or not isinstance(self.hutchinson_samples, int) or self.hutchinson_samples < 1:
-            raise ValueError(f"hutchinson_samples must be a positive int, got {self.hutchinson_samples!r}")
+        check_int("hutchinson_samples", self.hutchinson_samples)
         if self.activations is not None:
             from gradcomp.quant import ActQuantConfig
 
@@ -586,53 +586,26 @@ class quantized_layer:
 # forward / loss conventions
 
 
-def _split_batch(batch: Batch) -> Tuple[Any, Optional[torch.Tensor]]:
-    """Split a batch into ``(inputs, labels or None)``.
-
-    A tuple/list of at least two items whose last item is a tensor is ``(inputs, ..., labels)``; one of
-    one item is its inputs; any other batch (a tensor, a graph, a dict, a list of graphs) is the
-    input as a whole, without labels.
-    """
-    if isinstance(batch, (tuple, list)):
-        if len(batch) == 0:
-            raise ValueError("a calibration batch must not be empty")
-        if len(batch) == 1:
-            return batch[0], None
-        if isinstance(batch[-1], torch.Tensor):
-            return batch[0], batch[-1]
-    return batch, None
-
-
-def default_forward(model: nn.Module, batch: Batch) -> Any:
-    """Run ``model`` on a batch and return its output.
-
-    A batch is the model's input (a tensor or any object), or a tuple ``(inputs, labels)`` whose
-    last item is a tensor; only the inputs are passed. A model returning a tuple (like ``TinyGPT``'s
-    ``(logits, loss)``) contributes its first element; dicts, dataclasses and other structures are
-    returned whole and every floating tensor in them is scored (:func:`output_tensors`).
-    """
-    inputs, _ = _split_batch(batch)
-    out = model(inputs)
-    if isinstance(out, tuple) and not hasattr(out, "_fields"):
-        out = out[0]
-    return out
-
-
 def output_tensors(output: Any) -> Dict[str, torch.Tensor]:
     """Return the floating tensors of a model output by name, detached.
 
-    A tensor is ``{"output": t}``; dicts, dataclasses, named tuples, lists and tuples are walked
-    (names joined by dots: ``{"energy": e, "forces": f}``, ``{"0": a, "1.x": b}``); None, integer
-    tensors and other objects are left out.
+    The main tensor of the output (:func:`gradcomp.batches.output_tensor`: a tensor, the first of a
+    tuple, ``logits``) when it has one, as ``{"output": t}``; otherwise every floating tensor of a
+    dict, dataclass or named tuple, walked recursively (names joined by dots: ``{"energy": e,
+    "forces": f}``); lists of tensors inside are concatenated per name (per-structure lists).
 
     Raises:
         TypeError: when the output holds no floating tensor.
     """
+    try:
+        return {"output": output_tensor(output).detach()}
+    except TypeError:
+        pass
     found: Dict[str, torch.Tensor] = {}
 
     def walk(obj: Any, name: str) -> None:
         if isinstance(obj, torch.Tensor):
-            if obj.is_floating_point() or obj.is_complex():
+            if obj.is_floating_point():
                 found[name or "output"] = obj.detach()
         elif isinstance(obj, Mapping):
             for k, v in obj.items():
@@ -643,32 +616,40 @@ def output_tensors(output: Any) -> Dict[str, torch.Tensor]:
         elif isinstance(obj, tuple) and hasattr(obj, "_fields"):
             for k in obj._fields:
                 walk(getattr(obj, k), f"{name}.{k}" if name else k)
-        elif isinstance(obj, (tuple, list)):
-            for i, v in enumerate(obj):
-                walk(v, f"{name}.{i}" if name else str(i))
+        elif isinstance(obj, (tuple, list)) and obj and all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in obj):
+            found[name or "output"] = torch.cat([t.detach().reshape(-1) for t in obj])
 
     walk(output, "")
     if not found:
         raise TypeError(
-            f"the model output must hold at least one floating tensor (a tensor, or a dict/dataclass/list of them), "
-            f"got {type(output).__name__}; pass a forward_fn that returns one"
+            f"the model output must hold at least one floating tensor (a tensor, or a dict/dataclass of them), "
+            f"got {type(output).__name__}; pass forward(model, batch) that returns one"
         )
     return found
 
 
-def default_loss(output: Any, batch: Batch) -> Optional[torch.Tensor]:
-    """Return the loss of ``output`` against the batch's labels, or None when it has none.
+def _output_and_loss(model: nn.Module, batch: Batch, forward, loss_fn, need_loss: bool) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
+    """Run one batch (the convention of :mod:`gradcomp.batches`); return the outputs and, if asked, the loss.
 
-    Integer labels give cross-entropy over the last dimension; floating labels give MSE. Batches
-    without tensor labels, and outputs that are not one tensor, have no default loss (None): give a
-    ``loss_fn`` for those.
+    Without ``loss_fn`` the loss is the one the model's output carries (None if it carries none),
+    so the outputs and the loss come from one forward pass; ``loss_fn`` is only called when asked.
     """
-    _, labels = _split_batch(batch)
-    if labels is None or not isinstance(output, torch.Tensor):
-        return None
-    if not labels.is_floating_point():
-        return F.cross_entropy(output.reshape(-1, output.shape[-1]).float(), labels.reshape(-1))
-    return F.mse_loss(output.float(), labels.float())
+    raw = (forward or call_model)(model, batch)
+    out = output_tensors(raw)
+    if not need_loss:
+        return out, None
+    return out, (output_loss(raw) if loss_fn is None else loss_fn(model, batch))
+
+
+def _loss(model: nn.Module, batch: Batch, forward, loss_fn) -> Optional[torch.Tensor]:
+    if loss_fn is not None:
+        return loss_fn(model, batch)
+    return output_loss((forward or call_model)(model, batch))
+
+
+def _log_softmax(t: torch.Tensor) -> torch.Tensor:
+    t = t.reshape(1) if t.dim() == 0 else t
+    return F.log_softmax(t.float().reshape(-1, t.shape[-1]), dim=-1)
 
 
 def _kl(ref_logp: torch.Tensor, out: torch.Tensor) -> float:
@@ -677,30 +658,20 @@ def _kl(ref_logp: torch.Tensor, out: torch.Tensor) -> float:
     return float((p * (ref_logp - logq)).sum(dim=-1).mean())
 
 
-def _log_softmax(t: torch.Tensor) -> torch.Tensor:
-    t = t.reshape(1) if t.dim() == 0 else t
-    return F.log_softmax(t.float().reshape(-1, t.shape[-1]), dim=-1)
-
-
-def _output_kind(requested: str, outs: Mapping[str, torch.Tensor], batch: Batch) -> Tuple[str, str]:
+def _output_kind(requested: str, outs: Mapping[str, torch.Tensor]) -> Tuple[str, str]:
     """Return ``(kind, reason)``: whether the outputs are classification logits or regression values."""
     if requested != "auto":
         return requested, "set by output_kind"
-    _, labels = _split_batch(batch)
-    if isinstance(labels, torch.Tensor):
-        if labels.is_floating_point():
-            return "regression", "the batches carry floating labels"
-        return "classification", "the batches carry integer labels"
     if len(outs) > 1:
         return "regression", f"the model gives {len(outs)} outputs ({', '.join(list(outs)[:6])})"
     (t,) = outs.values()
     if t.dim() >= 2 and t.shape[-1] >= 2:
-        return "classification", f"one unlabelled output of shape {tuple(t.shape)}, taken for logits over its last dim"
+        return "classification", f"one output of shape {tuple(t.shape)}, taken for logits over its last dim"
     return "regression", f"one output of shape {tuple(t.shape)}"
 
 
 def _output_scores(outs: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor], ref_logp: Mapping[str, torch.Tensor],
-                   ref_power: Mapping[str, float], wanted: Iterable[str]) -> Dict[str, float]:
+                   ref_power: Mapping[str, float], wanted) -> Dict[str, float]:
     """Score one batch's outputs against the reference: mse, rel_mse and kl, each averaged over the outputs."""
     if set(outs) != set(ref):
         raise RuntimeError(f"the model gave outputs {sorted(outs)} in a trial but {sorted(ref)} in the reference pass")
@@ -729,8 +700,8 @@ def hutchinson_trace(
     *,
     samples: int = 4,
     seed: int = 0,
-    forward_fn: Callable[[nn.Module, Batch], torch.Tensor] = default_forward,
-    loss_fn: Callable[[torch.Tensor, Batch], Optional[torch.Tensor]] = default_loss,
+    forward: Optional[Callable[[nn.Module, Batch], Any]] = None,
+    loss_fn: Optional[Callable[[nn.Module, Batch], torch.Tensor]] = None,
 ) -> List[float]:
     """Estimate ``Tr(d2L/dW2)`` for several weight tensors at once with Hutchinson's method.
 
@@ -743,11 +714,11 @@ def hutchinson_trace(
 
     Args:
         model: the model (not modified; parameter ``.grad`` fields are not touched).
-        batches: calibration batches with labels.
+        batches: calibration batches whose model output carries a loss (or give ``loss_fn``).
         weights: the weight tensors (parameters of ``model``).
         samples: Rademacher vectors per batch.
         seed: seed of the vectors.
-        forward_fn, loss_fn: as in :func:`measure_sensitivity`.
+        forward, loss_fn: as in :func:`measure_sensitivity`.
 
     Returns:
         One trace estimate per weight tensor.
@@ -765,9 +736,9 @@ def hutchinson_trace(
 
         with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
             for batch in batches:
-                loss = loss_fn(forward_fn(model, batch), batch)
+                loss = _loss(model, batch, forward, loss_fn)
                 if loss is None:
-                    raise ValueError("the Hessian trace needs a loss: give batches with labels or a loss_fn")
+                    raise ValueError("the Hessian trace needs a loss: a model output that carries one, or a loss_fn(model, batch)")
                 grads = torch.autograd.grad(loss, weights, create_graph=True)
                 for _ in range(samples):
                     vs = [torch.randint(0, 2, w.shape, generator=gen).to(w.dtype).mul_(2).sub_(1) for w in weights]
@@ -819,8 +790,8 @@ def measure_sensitivity(
     config: Optional[SensitivityConfig] = None,
     *,
     layers: Optional[Union[Sequence[str], Callable[[nn.Module, str], bool]]] = None,
-    forward_fn: Callable[[nn.Module, Batch], torch.Tensor] = default_forward,
-    loss_fn: Callable[[torch.Tensor, Batch], Optional[torch.Tensor]] = default_loss,
+    forward: Optional[Callable[[nn.Module, Batch], Any]] = None,
+    loss_fn: Optional[Callable[[nn.Module, Batch], torch.Tensor]] = None,
     progress: bool = False,
     trial_callback: Optional[Callable[[str, str], None]] = None,
 ) -> SensitivityReport:
@@ -839,15 +810,15 @@ def measure_sensitivity(
 
     Args:
         model: the model to analyse (fp32/fp16/bf16 weights).
-        batches: calibration batches: the model's inputs (tensors or any object), or
-            ``(inputs, labels)`` tuples.
+        batches: calibration batches, called as :mod:`gradcomp.batches` says (``(inputs, targets)`` tuples for a model that returns ``(logits, loss)``).
         config: candidates and metrics (default :class:`SensitivityConfig`).
         layers: layer names to analyse (module FQNs, aliases allowed) or a ``filter_fn(module, fqn)``;
             default every Linear/Embedding/Conv2d weight.
-        forward_fn: ``forward_fn(model, batch) -> outputs`` (a tensor, dict, dataclass or list of
-            tensors); default :func:`default_forward`.
-        loss_fn: ``loss_fn(output, batch) -> scalar or None``; default :func:`default_loss`. Called
-            only for the ``loss``/``fisher`` metrics and the Hessian score.
+        forward: ``forward(model, batch) -> output``; default :func:`gradcomp.batches.call_model`.
+            The output's main tensor is compared (:func:`gradcomp.batches.output_tensor`).
+        loss_fn: ``loss_fn(model, batch) -> scalar``; default: the loss the output carries
+            (:func:`gradcomp.batches.output_loss`), taken from the same forward pass; without one the
+            ``loss``, ``fisher`` and Hessian scores are skipped.
         progress: show a tqdm progress bar over layers (on stderr).
         trial_callback: called as ``trial_callback(layer, candidate_key)`` after every trial,
             once the weight is restored (used by tests to check the restoration).
@@ -881,12 +852,12 @@ def measure_sensitivity(
     was_training = model.training
     model.eval()
     try:
-        return _measure(model, batches, config, infos, modules, forward_fn, loss_fn, progress, trial_callback)
+        return _measure(model, batches, config, infos, modules, forward, loss_fn, progress, trial_callback)
     finally:
         model.train(was_training)
 
 
-def _measure(model, batches, config, infos, modules, forward_fn, loss_fn, progress, trial_callback) -> SensitivityReport:
+def _measure(model, batches, config, infos, modules, forward, loss_fn, progress, trial_callback) -> SensitivityReport:
     explicit = config.metrics is not None
     metrics = set(config.metrics if explicit else _DEFAULT_METRICS)
     need_loss = bool(metrics & {"loss", "fisher"}) or config.hessian
@@ -895,12 +866,10 @@ def _measure(model, batches, config, infos, modules, forward_fn, loss_fn, progre
     ref_loss: List[Optional[float]] = []
     with torch.no_grad():
         for b in batches:
-            raw = forward_fn(model, b)
-            ref_out.append(output_tensors(raw))
-            if need_loss:
-                lo = loss_fn(raw, b)
-                ref_loss.append(None if lo is None else float(lo))
-    kind, why = _output_kind(config.output_kind, ref_out[0], batches[0])
+            out, lo = _output_and_loss(model, b, forward, loss_fn, need_loss)
+            ref_out.append(out)
+            ref_loss.append(None if lo is None else float(lo))
+    kind, why = _output_kind(config.output_kind, ref_out[0])
     logger.info("outputs %s scored as %s (%s)", sorted(ref_out[0]), kind, why)
     if kind == "regression" and not explicit:
         metrics.discard("kl")
@@ -910,7 +879,7 @@ def _measure(model, batches, config, infos, modules, forward_fn, loss_fn, progre
     if not has_loss:
         for m in ("loss", "fisher"):
             if m in metrics:
-                logger.info("no loss available (no tensor labels and no loss_fn): skipping the %s score", m)
+                logger.info("no loss available (the output carries none and no loss_fn): skipping the %s score", m)
                 metrics.discard(m)
     want_hawq = config.hessian
     if want_hawq and not has_loss:
@@ -923,27 +892,18 @@ def _measure(model, batches, config, infos, modules, forward_fn, loss_fn, progre
     if want_hawq:
         ws = [modules[l.name].weight for l in infos]
         tr = hutchinson_trace(
-            model, batches, ws, samples=config.hutchinson_samples, seed=config.seed, forward_fn=forward_fn, loss_fn=loss_fn
+            model, batches, ws, samples=config.hutchinson_samples, seed=config.seed, forward=forward, loss_fn=loss_fn
         )
         traces = {l.name: t for l, t in zip(infos, tr)}
 
     act_hook = _input_quant_hook(config.activations) if config.activations is not None else None
     entries: List[SensitivityEntry] = []
-    iterator: Iterable[LayerInfo] = infos
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(infos, desc="sensitivity", unit="layer")
-        iterator = bar
-    for info in iterator:
-        if bar is not None:
-            bar.set_postfix_str(info.name)
+    for info in progress_bar(infos, progress, "sensitivity", total=len(infos), unit="layer"):
         mods = [modules[info.name]] + [modules[a] for a in info.aliases]
         # 3a. per-layer outputs and gradients for the Fisher score
         fisher_ref: List[Tuple[List[torch.Tensor], List[torch.Tensor]]] = []
         if "fisher" in metrics:
-            fisher_ref = _layer_grads(model, batches, mods, forward_fn, loss_fn)
+            fisher_ref = _layer_grads(model, batches, mods, forward, loss_fn)
         for cand in config.candidates:
             key = candidate_key(cand)
             scores: Dict[str, float] = {}
@@ -963,11 +923,11 @@ def _measure(model, batches, config, infos, modules, forward_fn, loss_fn, progre
                         scores["hawq"] = traces[info.name] / info.numel * dw2
                     for i, b in enumerate(batches):
                         captured.clear()
-                        raw = forward_fn(model, b)
-                        for m, v in _output_scores(output_tensors(raw), ref_out[i], ref_logp[i], ref_power, sums).items():
+                        out, lo = _output_and_loss(model, b, forward, loss_fn, "loss" in sums)
+                        for m, v in _output_scores(out, ref_out[i], ref_logp[i], ref_power, sums).items():
                             sums[m] += v
                         if "loss" in sums:
-                            sums["loss"] += float(loss_fn(raw, b)) - ref_loss[i]
+                            sums["loss"] += float(lo) - ref_loss[i]
                         if "fisher" in sums:
                             ys, gs = fisher_ref[i]
                             if len(captured) != len(ys):
@@ -990,8 +950,6 @@ def _measure(model, batches, config, infos, modules, forward_fn, loss_fn, progre
             if trial_callback is not None:
                 trial_callback(info.name, key)
         logger.debug("sensitivity of %s done", info.name)
-    if bar is not None:
-        bar.close()
 
     baseline: Dict[str, Any] = {"num_batches": len(batches)}
     if base_loss is not None:
@@ -1009,7 +967,7 @@ def _measure(model, batches, config, infos, modules, forward_fn, loss_fn, progre
     return SensitivityReport(infos, entries, baseline, _other_bytes(model, infos, modules), metadata)
 
 
-def _layer_grads(model, batches, mods, forward_fn, loss_fn):
+def _layer_grads(model, batches, mods, forward, loss_fn):
     """Return, per batch, the layer's outputs and the loss gradients at them (one entry per call)."""
     result = []
     for b in batches:
@@ -1024,8 +982,7 @@ def _layer_grads(model, batches, mods, forward_fn, loss_fn):
         handles = [m.register_forward_hook(hook) for m in mods]
         try:
             with torch.enable_grad():
-                out = forward_fn(model, b)
-                loss = loss_fn(out, b)
+                loss = _loss(model, b, forward, loss_fn)
                 grads = torch.autograd.grad(loss, outs, allow_unused=True)
         finally:
             for h in handles:

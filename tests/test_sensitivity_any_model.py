@@ -46,7 +46,7 @@ def _graphs(n=3):
 def test_non_tensor_batches_and_dict_outputs_without_adapter():
     model = TwoHeads()
 
-    def loss_fn(output, batch):  # never asked for: must not be called
+    def loss_fn(model, batch):  # never asked for: must not be called
         raise AssertionError("loss_fn called although no loss metric was asked for")
 
     report = measure_sensitivity(model, _graphs(), SensitivityConfig(candidates=(INT2,), metrics=("mse", "rel_mse")), loss_fn=loss_fn)
@@ -85,21 +85,27 @@ def test_output_tensors_walks_structures():
         energy: torch.Tensor
         extra: tuple
 
-    out = output_tensors(Out(torch.ones(2), (torch.zeros(1), None, torch.arange(3))))
-    assert list(out) == ["energy", "extra.0"]
+    out = output_tensors({"e": torch.ones(2), "f": [torch.zeros(2, 3), torch.ones(1, 3)], "n": torch.arange(3)})
+    assert list(out) == ["e", "f"] and out["f"].shape == (9,)
+    out = output_tensors(Out(torch.ones(2), None))
+    assert list(out) == ["energy"]
+    assert list(output_tensors((torch.ones(2, 3), torch.tensor(0.5)))) == ["output"]     # (logits, loss)
     with pytest.raises(TypeError, match="floating tensor"):
         output_tensors({"ids": torch.arange(3)})
 
 
-def test_classification_is_detected_from_integer_labels():
+def test_output_kind_is_detected_and_stated():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3))
-    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+    batches = [torch.randn(8, 4)]
     report = measure_sensitivity(model, batches, SensitivityConfig(candidates=(INT2,)))
     assert report.metadata["output_kind"] == "classification" and report.default_metric() == "kl"
-    batches = [(torch.randn(8, 4), torch.randn(8, 3))]
-    report = measure_sensitivity(model, batches, SensitivityConfig(candidates=(INT2,)))
+    assert "logits" in report.metadata["output_kind_reason"]
+    report = measure_sensitivity(nn.Sequential(nn.Linear(4, 1)), batches, SensitivityConfig(candidates=(INT2,)))
     assert report.metadata["output_kind"] == "regression" and report.default_metric() == "rel_mse"
+    assert "kl" not in report.metrics
+    report = measure_sensitivity(model, batches, SensitivityConfig(candidates=(INT2,), output_kind="regression"))
+    assert report.default_metric() == "rel_mse" and report.metadata["output_kind_reason"] == "set by output_kind"
     with pytest.raises(ValueError, match="output_kind"):
         SensitivityConfig(output_kind="ranking")
 

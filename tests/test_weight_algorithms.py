@@ -16,7 +16,7 @@ from gradcomp.quant.algorithms import (
     layer_output_error,
     resolve_method,
 )
-from gradcomp.tasks import GPTConfig, get_batch, pretrained_tiny_gpt
+from gradcomp.examples.tasks import GPTConfig, get_batch, pretrained_tiny_gpt
 
 G32 = q.WeightQuantConfig(bits=4, granularity="per_group", group_size=32)
 CONFIGS = [

@@ -103,17 +103,9 @@ def _load(args, path=None):
         raise CliError(str(exc)) from exc
 
 
-def _progress(args, desc: str):
-    if getattr(args, "no_progress", False):
-        return None
-    from tqdm import tqdm
-
-    def wrap(items):
-        # disable=None: a bar only when stderr is a terminal, so logs and pipes stay clean.
-        return tqdm(items, desc=desc, unit="tensor", file=sys.stderr, disable=None, leave=False)
-
-    return wrap
-
+def _progress(args, desc: str = "") -> bool:
+    # a bar only when asked for and stderr is a terminal, so logs and pipes stay clean
+    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
 
 def _parse_specs(specs, default) -> List[Any]:
     from gradcomp.weights import parse_config
@@ -127,7 +119,7 @@ def _analyze(args) -> int:
     configs = _parse_specs(args.config, DEFAULT_ANALYZE)
     sd = _load(args)
     if args.model or args.data:
-        from gradcomp.cli._common import import_spec
+        from gradcomp.cli._common import load_callable as import_spec
 
         model = _user_model(args, sd)
         if not args.data:
@@ -245,7 +237,7 @@ def _quantize(args) -> int:
 
 def _quantize_with_data(args, sd, rules):
     """Load ``sd`` into the user's model, quantize it with a data-aware method, and split packed/plain."""
-    from gradcomp.cli._common import import_spec
+    from gradcomp.cli._common import load_callable as import_spec
     from gradcomp.weights import quantize_
 
     if not args.model or not args.data:
@@ -265,7 +257,7 @@ def _user_model(args, sd):
     """Build the model of ``--model`` and load the file's tensors into it."""
     import torch.nn as nn
 
-    from gradcomp.cli._common import import_spec
+    from gradcomp.cli._common import load_callable as import_spec
 
     if not args.model:
         raise CliError("--data needs --model (the model the weights belong to)")
@@ -311,15 +303,15 @@ def _measure_file_sizes(args, configs) -> List[Dict[str, Any]]:
     import struct
     import tempfile
 
+    from gradcomp.batches import progress_bar
     from gradcomp.weights import config_name, load_tensor_file, quantize_state_dict, save_quantized_state_dict, weight_nbytes
 
     sd = _load(args)
     weights = {k: v for k, v in sd.items() if v.is_floating_point() and v.dim() >= 2 and (k == "weight" or k.endswith(".weight"))}
     n_weights = sum(v.numel() for v in weights.values())
     rows = []
-    wrap = _progress(args, "size")
     with tempfile.TemporaryDirectory() as tmp:
-        for cfg in (wrap(configs) if wrap else configs):
+        for cfg in progress_bar(configs, _progress(args), "size", unit="config"):
             name = config_name(cfg)
             other = _tensor_bytes(t for k, t in sd.items() if k not in weights)
             predicted = other + sum(weight_nbytes(cfg, v.shape, v.dtype) for v in weights.values())

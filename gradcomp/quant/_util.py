@@ -1,25 +1,12 @@
-"""Small checks and tensor helpers shared by the quantization modules."""
+"""Small tensor helpers shared by the quantization modules (argument checks live in :mod:`gradcomp.checks`)."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Tuple
+from typing import Tuple
 
 import torch
 
-from gradcomp.codec import SUPPORTED_BITS
-
-
-def check_bits(bits: int) -> None:
-    """Raise ValueError unless ``bits`` is an int in ``SUPPORTED_BITS``."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
-
-
-def check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
-    """Raise ValueError unless ``value`` is an int (not a bool) of at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def finite_flat(x: torch.Tensor) -> torch.Tensor:

@@ -17,19 +17,19 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
+from gradcomp.batches import run_batches
 from gradcomp.codec import choose_qparams
-from gradcomp.quant._util import check_positive_int
 from gradcomp.quant.configs import ActQuantConfig
 from gradcomp.quant.fake_quant import fake_quantize_ste
 from gradcomp.quant.histogram import RunningHistogram
 from gradcomp.quant.modules import QuantizedConv2d, QuantizedLinear
 from gradcomp.quant.observers import ActivationObserver
+from gradcomp.quant.rules import check_patterns, match_pattern
 
 logger = logging.getLogger(__name__)
 
@@ -181,37 +181,27 @@ def _select_modules(
     names: Union[None, str, Sequence[str]],
     exclude: Union[None, str, Sequence[str]] = None,
 ) -> List[Tuple[str, nn.Module]]:
-    """Return ``(name, module)`` of the modules matching ``types`` and a ``names`` regex (search)."""
+    """Return ``(name, module)`` of the modules of ``types`` that match ``names`` and not ``exclude``.
+
+    Names are matched by :mod:`gradcomp.quant.rules` (exact name, glob or ``re:<regex>``).
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     types = default_layer_types() if types is None else tuple(types)
     if not types or not all(isinstance(t, type) for t in types):
         raise TypeError(f"types must be a non-empty sequence of classes, got {types!r}")
 
-    def compile_all(patterns, what):
-        if patterns is None:
-            return []
-        if isinstance(patterns, str):
-            patterns = [patterns]
-        out = []
-        for p in patterns:
-            try:
-                out.append(re.compile(p))
-            except re.error as exc:
-                raise ValueError(f"{what} pattern {p!r} is not a valid regular expression: {exc}") from exc
-        return out
-
-    include = compile_all(names, "names")
-    skip = compile_all(exclude, "exclude")
+    include = check_patterns(names, "names")
+    skip = check_patterns(exclude, "exclude")
     chosen = []
     for name, module in model.named_modules():
         if not name or isinstance(module, (ActivationObserver, ActivationQuantizer, RunningHistogram)):
             continue
         if not isinstance(module, types):
             continue
-        if include and not any(p.search(name) for p in include):
+        if include and not any(match_pattern(p, name) for p in include):
             continue
-        if any(p.search(name) for p in skip):
+        if any(match_pattern(p, name) for p in skip):
             continue
         chosen.append((name, module))
     if not chosen:
@@ -247,8 +237,9 @@ def prepare_activation_quant_(
         model: the model.
         config: an :class:`ActQuantConfig`.
         types: module classes to choose; None: :func:`default_layer_types` (``(nn.Module,)`` for any).
-        names: regular expression(s) a module name must contain (``re.search``).
-        exclude: regular expression(s) of names to leave alone.
+        names: pattern(s) a module name must match (exact name, glob or ``re:<regex>``, as in
+            :mod:`gradcomp.quant.rules`); None: every module of ``types``.
+        exclude: pattern(s) of names to leave alone.
 
     Returns:
         Names of the modules that got a quantizer.
@@ -277,76 +268,8 @@ def _quantizers(model: nn.Module) -> List[Tuple[str, ActivationQuantizer]]:
     ]
 
 
-def _default_forward(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
-def run_batches(
-    model: nn.Module,
-    batches: Iterable[Any],
-    *,
-    forward: Optional[Callable[[nn.Module, Any], Any]] = None,
-    num_batches: Optional[int] = None,
-    progress: bool = False,
-    desc: str = "batches",
-) -> int:
-    """Run forward passes in eval mode without gradients; return how many batches ran.
-
-    A batch is passed as ``model(**batch)`` for a dict, ``model(*batch)`` for a tuple or list and
-    ``model(batch)`` otherwise, unless ``forward(model, batch)`` is given. The training mode is
-    restored afterwards, also after an exception.
-
-    Args:
-        model: the model.
-        batches: any iterable of batches.
-        forward: custom call.
-        num_batches: stop after this many (None: the whole iterable).
-        progress: show a tqdm progress bar on stderr.
-        desc: progress bar label.
-    """
-    if num_batches is not None:
-        check_positive_int("num_batches", num_batches, 1)
-    call = forward or _default_forward
-    total = num_batches
-    if total is None:
-        try:
-            total = len(batches)  # type: ignore[arg-type]
-        except TypeError:
-            total = None
-    it: Iterable[Any] = batches
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(batches, total=total, desc=desc, leave=False)
-    was_training = model.training
-    model.eval()
-    n = 0
-    try:
-        with torch.no_grad():
-            for batch in it:
-                if num_batches is not None and n >= num_batches:
-                    break
-                call(model, batch)
-                n += 1
-    finally:
-        model.train(was_training)
-        if progress:
-            it.close()  # type: ignore[union-attr]
-    return n
-
-
-def calibrate_(
-    model: nn.Module,
-    batches: Iterable[Any],
-    *,
-    forward: Optional[Callable[[nn.Module, Any], Any]] = None,
-    num_batches: Optional[int] = None,
-    progress: bool = False,
-) -> int:
+def calibrate_(model: nn.Module, batches: Iterable[Any], *, forward: Optional[Callable[[nn.Module, Any], Any]] = None,
+               num_batches: Optional[int] = None, progress: bool = False) -> int:
     """Feed calibration batches to the observers of a prepared model; return the batch count.
 
     Raises:
@@ -534,7 +457,7 @@ def load_activation_scales_(model: nn.Module, path: Union[str, "os.PathLike[str]
     missing = [n for n in axes if n not in modules]
     if missing:
         raise ValueError(f"layers {missing[:5]} of {path} are not in the model")
-    names = prepare_activation_quant_(model, config, names=[f"^{re.escape(n)}$" for n in axes])
+    names = prepare_activation_quant_(model, config, names=list(axes))   # exact names
     for n in names:
         q = getattr(modules[n], _QUANTIZER_ATTR)
         zp = tensors.get(f"{n}.zero_point")

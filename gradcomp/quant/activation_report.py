@@ -19,7 +19,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 import torch.nn as nn
 
-from gradcomp.quant._util import channel_minmax, check_positive_int, finite_flat, norm_axis
+from gradcomp.checks import check_int, check_number
+from gradcomp.quant._util import channel_minmax, finite_flat, norm_axis
 from gradcomp.quant.activation_quant import _channel_axis_for, _select_modules, run_batches
 from gradcomp.quant.histogram import RunningHistogram
 
@@ -329,9 +330,9 @@ class ActivationReport:
 class ActivationCapture:
     """Context manager that records running statistics of chosen modules' outputs (and inputs).
 
-    Modules are chosen by class (``types``) and by regular expression on their names (``names``,
-    ``re.search``); both must match when both are given. Hooks are registered on entry and always
-    removed on exit, also when the block raises. Nothing but running statistics is kept.
+    Modules are chosen by class (``types``) and by name (``names``: exact name, glob or
+    ``re:<regex>``, as in :mod:`gradcomp.quant.rules`); both must match when both are given.
+    Hooks are registered on entry and always removed on exit, also when the block raises. Nothing but running statistics is kept.
 
     Example::
 
@@ -342,8 +343,8 @@ class ActivationCapture:
     Args:
         model: the model.
         types: module classes; None: :func:`default_layer_types` (``(nn.Module,)`` for any class).
-        names: regular expression(s) the module name must contain.
-        exclude: regular expression(s) of names to skip.
+        names: pattern(s) the module name must match (exact name, glob or ``re:<regex>``).
+        exclude: pattern(s) of names to skip.
         outputs: record module outputs (key: the module name).
         inputs: record the first input too (key: ``"<name>:input"``).
         bins: histogram bins per stream.
@@ -365,9 +366,8 @@ class ActivationCapture:
     ):
         if not (outputs or inputs):
             raise ValueError("at least one of outputs and inputs must be recorded")
-        check_positive_int("bins", bins, 2)
-        if not float(outlier_sigma) > 0:
-            raise ValueError(f"outlier_sigma must be positive, got {outlier_sigma}")
+        check_int("bins", bins, 2)
+        check_number("outlier_sigma", outlier_sigma, low=0.0, low_open=True)
         self.model = model
         self.modules = _select_modules(model, types, names, exclude)
         self.outputs = outputs

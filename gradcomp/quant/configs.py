@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple,
 
 import torch
 
-from gradcomp.codec import SUPPORTED_BITS
-from gradcomp.quant._util import check_bits, check_positive_int
+from gradcomp.checks import check_bits, check_bool, check_choice, check_int, check_number
 
 if TYPE_CHECKING:  # the observers import the fake quantizer, which imports these configs
     from gradcomp.quant.observers import ActivationObserver
@@ -66,20 +65,11 @@ class WeightQuantConfig:
     scale_dtype: str = "fp16"
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
-            raise TypeError(f"bits must be an int, one of {SUPPORTED_BITS}, got {type(self.bits).__name__} {self.bits!r}")
-        if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
-            raise TypeError(f"group_size must be a positive int, got {type(self.group_size).__name__} {self.group_size!r}")
-        if self.group_size < 1:
-            raise ValueError(f"group_size must be a positive int, got {self.group_size}")
-        if not isinstance(self.symmetric, bool):
-            raise TypeError(f"symmetric must be a bool, got {type(self.symmetric).__name__} {self.symmetric!r}")
-        if self.scale_dtype not in SCALE_DTYPES:
-            raise ValueError(f"scale_dtype must be one of {tuple(SCALE_DTYPES)}, got {self.scale_dtype!r}")
+        check_bits(self.bits)
+        check_choice("granularity", self.granularity, GRANULARITIES)
+        check_int("group_size", self.group_size)
+        check_bool("symmetric", self.symmetric)
+        check_choice("scale_dtype", self.scale_dtype, tuple(SCALE_DTYPES))
 
     @property
     def name(self) -> str:
@@ -98,8 +88,7 @@ class CastConfig:
     dtype: str
 
     def __post_init__(self) -> None:
-        if self.dtype not in CAST_DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(CAST_DTYPES)}, got {self.dtype!r}")
+        check_choice("dtype", self.dtype, tuple(CAST_DTYPES))
 
     @property
     def name(self) -> str:
@@ -250,18 +239,13 @@ class ActQuantConfig:
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
-        if self.observer not in _STATIC_OBSERVERS:
-            raise ValueError(f"observer must be one of {_STATIC_OBSERVERS}, got {self.observer!r}")
-        for name in ("symmetric", "dynamic"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
-        if self.granularity not in _DYNAMIC_GRANULARITIES:
-            raise ValueError(f"granularity must be one of {_DYNAMIC_GRANULARITIES}, got {self.granularity!r}")
-        if not 50.0 < float(self.percentile) <= 100.0:
-            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
-        check_positive_int("bins", self.bins, 2)
-        if not 0.0 < float(self.averaging_constant) <= 1.0:
-            raise ValueError(f"averaging_constant must be in (0, 1], got {self.averaging_constant}")
+        check_choice("observer", self.observer, _STATIC_OBSERVERS)
+        check_bool("symmetric", self.symmetric)
+        check_bool("dynamic", self.dynamic)
+        check_choice("granularity", self.granularity, _DYNAMIC_GRANULARITIES)
+        check_number("percentile", self.percentile, low=50.0, high=100.0, low_open=True)
+        check_int("bins", self.bins, 2)
+        check_number("averaging_constant", self.averaging_constant, low=0.0, high=1.0, low_open=True)
 
     @property
     def label(self) -> str:

@@ -12,8 +12,9 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from gradcomp.checks import check_bits
 from gradcomp.codec import dequantize_codes, qrange, quantize_codes_with_qparams
-from gradcomp.quant._util import check_bits, norm_axis
+from gradcomp.quant._util import norm_axis
 from gradcomp.quant.configs import CAST_DTYPES, CastConfig, Config, _check_config
 from gradcomp.quant.layout import _dequantize_rows, _quantize_weight
 

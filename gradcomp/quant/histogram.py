@@ -19,8 +19,9 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from gradcomp.checks import check_bits, check_int
 from gradcomp.codec import choose_qparams, qrange
-from gradcomp.quant._util import check_bits, check_positive_int, finite_flat, interp
+from gradcomp.quant._util import finite_flat, interp
 from gradcomp.quant.fake_quant import fake_quantize_with_qparams
 
 __all__ = ["RunningHistogram", "fold_abs_histogram", "mse_clip_range", "kl_threshold"]
@@ -45,7 +46,7 @@ class RunningHistogram(nn.Module):
 
     def __init__(self, bins: int = 2048):
         super().__init__()
-        check_positive_int("bins", bins, 2)
+        check_int("bins", bins, 2)
         self.bins = bins
         self.register_buffer("counts", torch.zeros(bins, dtype=torch.float64))
         self.register_buffer("lo", torch.tensor(math.inf, dtype=torch.float64))
@@ -220,9 +221,9 @@ def mse_clip_range(
     c = _check_counts(counts)
     if not hi > lo:
         raise ValueError(f"the histogram range must satisfy lo < hi, got lo={lo}, hi={hi}")
-    check_positive_int("max_candidates", max_candidates, 2)
-    check_positive_int("refine", refine, 0)
-    check_positive_int("points_per_bin", points_per_bin, 1)
+    check_int("max_candidates", max_candidates, 2)
+    check_int("refine", refine, 0)
+    check_int("points_per_bin", points_per_bin, 1)
     total = float(c.sum())
     if total == 0:
         return float(lo), float(hi), 0.0
@@ -367,8 +368,8 @@ def kl_threshold(
         ``(threshold, candidates, kl)``: the evaluated candidates (bins kept, ascending) and their KL.
     """
     c = _check_counts(abs_counts)
-    check_positive_int("levels", levels, 2)
-    check_positive_int("max_candidates", max_candidates, 2)
+    check_int("levels", levels, 2)
+    check_int("max_candidates", max_candidates, 2)
     if not amax > 0:
         raise ValueError(f"amax must be positive, got {amax}")
     nb = c.numel()

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from gradcomp.codec import pack_codes, packed_nbytes, unpack_codes
 from gradcomp.quant.configs import CAST_DTYPES, SCALE_DTYPES, CastConfig, Config, Rules, _check_config, config_name
 from gradcomp.quant.layout import _dequantize_rows, _layout, _quantize_weight
-from gradcomp.quant.rules import _matches, _normalize_rules
+from gradcomp.quant.rules import _config_rules, first_match
 
 logger = logging.getLogger(__name__)
 
@@ -446,7 +446,7 @@ def quantizable_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
 def _plan(model: nn.Module, config_or_rules: Rules, filter_fn) -> List[Tuple[str, nn.Module, Config]]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    rules = _normalize_rules(config_or_rules)
+    rules = _config_rules(config_or_rules)
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be callable(module, fqn) -> bool, got {type(filter_fn).__name__}")
     used = set()
@@ -454,12 +454,10 @@ def _plan(model: nn.Module, config_or_rules: Rules, filter_fn) -> List[Tuple[str
     for fqn, m in quantizable_layers(model):
         if fqn == "":
             raise ValueError("the model itself is a single layer; wrap it in a container (nn.Sequential) to quantize it in place")
-        cfg = None
-        for i, (pattern, c) in enumerate(rules):
-            if _matches(pattern, fqn):
-                used.add(i)
-                cfg = c
-                break
+        hit = first_match(rules, fqn)
+        if hit is not None:
+            used.add(hit[0])
+        cfg = None if hit is None else hit[1]
         if cfg is None or (filter_fn is not None and not filter_fn(m, fqn)):
             continue
         w = m.weight

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 
 from gradcomp.codec import choose_qparams
-from gradcomp.quant._util import channel_minmax, check_bits, check_positive_int, finite_flat, interp, norm_axis
+from gradcomp.checks import check_bits, check_bool, check_int, check_number
+from gradcomp.quant._util import channel_minmax, finite_flat, interp, norm_axis
 from gradcomp.quant.histogram import RunningHistogram, fold_abs_histogram, kl_threshold, mse_clip_range
 
 __all__ = [
@@ -47,8 +48,7 @@ class ActivationObserver(nn.Module):
     def __init__(self, bits: int = 8, symmetric: bool = False):
         super().__init__()
         check_bits(bits)
-        if not isinstance(symmetric, bool):
-            raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
+        check_bool("symmetric", symmetric)
         self.bits = bits
         self.symmetric = symmetric
 
@@ -132,11 +132,13 @@ class MinMaxObserver(ActivationObserver):
         self.register_buffer("min_val", torch.tensor(math.inf))
         self.register_buffer("max_val", torch.tensor(-math.inf))
 
-    def _observe(self, x: torch.Tensor) -> None:
+    def _observe(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        # returns the finite values it saw, for subclasses that record more than the range
         flat = finite_flat(x)
         if flat.numel() == 0:
-            return
+            return None
         _widen_range(self, flat)
+        return flat
 
     def clip_range(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return the observed ``(min, max)``."""
@@ -156,8 +158,7 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
 
     def __init__(self, bits: int = 8, symmetric: bool = False, averaging_constant: float = 0.01):
         super().__init__(bits, symmetric)
-        if not 0.0 < float(averaging_constant) <= 1.0:
-            raise ValueError(f"averaging_constant must be in (0, 1], got {averaging_constant}")
+        check_number("averaging_constant", averaging_constant, low=0.0, high=1.0, low_open=True)
         self.averaging_constant = float(averaging_constant)
 
     def _observe(self, x: torch.Tensor) -> None:
@@ -276,21 +277,17 @@ class PerTokenMinMaxObserver(ActivationObserver):
         return self.min_val, self.max_val
 
 
-class _HistogramBase(ActivationObserver):
+class _HistogramBase(MinMaxObserver):
     """An observer over a :class:`RunningHistogram` (plus the exact running min and max)."""
 
     def __init__(self, bits: int = 8, symmetric: bool = False, bins: int = 2048):
         super().__init__(bits, symmetric)
         self.histogram = RunningHistogram(bins)
-        self.register_buffer("min_val", torch.tensor(math.inf))
-        self.register_buffer("max_val", torch.tensor(-math.inf))
 
     def _observe(self, x: torch.Tensor) -> None:
-        flat = finite_flat(x)
-        if flat.numel() == 0:
-            return
-        _widen_range(self, flat)
-        self.histogram.update(flat)
+        flat = super()._observe(x)
+        if flat is not None:
+            self.histogram.update(flat)
 
 
 class PercentileObserver(_HistogramBase):
@@ -307,8 +304,7 @@ class PercentileObserver(_HistogramBase):
 
     def __init__(self, bits: int = 8, symmetric: bool = False, percentile: float = 99.99, bins: int = 2048):
         super().__init__(bits, symmetric, bins)
-        if not 50.0 < float(percentile) <= 100.0:
-            raise ValueError(f"percentile must be in (50, 100], got {percentile}")
+        check_number("percentile", percentile, low=50.0, high=100.0, low_open=True)
         self.percentile = float(percentile)
 
     def clip_range(self) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -340,7 +336,7 @@ class HistogramObserver(_HistogramBase):
 
     def __init__(self, bits: int = 8, symmetric: bool = False, bins: int = 2048, max_candidates: int = 256):
         super().__init__(bits, symmetric, bins)
-        check_positive_int("max_candidates", max_candidates, 2)
+        check_int("max_candidates", max_candidates, 2)
         self.max_candidates = max_candidates
 
     def clip_range(self) -> Tuple[torch.Tensor, torch.Tensor]:

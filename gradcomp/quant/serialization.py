@@ -13,18 +13,19 @@ Example::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
+from gradcomp.batches import progress_bar
 from gradcomp.quant.configs import Config, Rules, _config_from_dict, _config_to_dict
+from gradcomp.quant.file_format import FORMAT, read_file, write_file
 from gradcomp.quant.modules import PackedWeight, _QuantizedLayer, _kind, _set_submodule, _swap
-from gradcomp.quant.rules import _normalize_rules, resolve_config
+from gradcomp.quant.rules import _config_rules, resolve_config
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ _DTYPE_NAMES: Dict[torch.dtype, str] = {
     torch.bfloat16: "bfloat16",
     torch.float64: "float64",
 }
-_FORMAT = "gradcomp.weights"
-_FORMAT_VERSION = "1"
 
 
 
@@ -68,36 +67,6 @@ def _packed_tensors(fqn: str, packed: PackedWeight) -> Dict[str, torch.Tensor]:
     if packed.zero_point is not None:
         out[f"{fqn}.zero_point"] = packed.zero_point
     return out
-
-
-def _write(path: Union[str, os.PathLike], layers: Dict[str, Dict[str, Any]], tensors: Dict[str, torch.Tensor]) -> None:
-    """Write tensors (shared ones once, with aliases) and the map to ``path`` atomically."""
-    from safetensors.torch import save_file
-
-    out: Dict[str, torch.Tensor] = {}
-    aliases: Dict[str, str] = {}
-    first_of: Dict[Tuple[int, int, Tuple[int, ...], torch.dtype], str] = {}
-    for name, t in tensors.items():
-        if t.device.type == "meta":
-            raise ValueError(f"tensor {name!r} is on the meta device and has no data to save")
-        t = t.detach()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
-        if key is not None and key in first_of:
-            aliases[name] = first_of[key]
-            continue
-        if key is not None:
-            first_of[key] = name
-        out[name] = t.to("cpu").contiguous()
-    qmap = {"layers": layers, "aliases": aliases}
-    meta = {"format": _FORMAT, "format_version": _FORMAT_VERSION, "quantization_map": json.dumps(qmap, sort_keys=True)}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(out, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> None:
@@ -135,36 +104,8 @@ def save_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> None:
         if name in tensors:
             raise ValueError(f"state_dict entry {name!r} collides with a quantized tensor name")
         tensors[name] = t
-    _write(path, layers, tensors)
+    write_file(path, layers, tensors)
     logger.info("saved %d quantized layers and %d tensors to %s", len(layers), len(tensors), path)
-
-
-def _read(path: Union[str, os.PathLike]) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for malformed files
-        raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
-    if meta.get("format") != _FORMAT:
-        raise ValueError(f"{path} is not a gradcomp quantized file (metadata format={meta.get('format')!r}, expected {_FORMAT!r})")
-    if meta.get("format_version") != _FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported format_version {meta.get('format_version')!r}, expected {_FORMAT_VERSION!r}")
-    try:
-        qmap = json.loads(meta["quantization_map"])
-        layers, aliases = qmap["layers"], qmap["aliases"]
-    except (KeyError, json.JSONDecodeError, TypeError) as exc:
-        raise ValueError(f"{path}: malformed quantization_map ({exc})") from exc
-    for name, target in aliases.items():
-        if target not in tensors:
-            raise ValueError(f"{path}: alias {name!r} points to missing tensor {target!r}")
-        tensors[name] = tensors[target]
-    return layers, tensors
 
 
 def _packed_from_file(fqn: str, rec: Mapping[str, Any], tensors: Dict[str, torch.Tensor], path) -> PackedWeight:
@@ -175,7 +116,7 @@ def _packed_from_file(fqn: str, rec: Mapping[str, Any], tensors: Dict[str, torch
     if dtype is None:
         raise ValueError(f"{where}: unsupported weight_dtype {dtype_name!r}")
     try:
-        return PackedWeight(
+        packed = PackedWeight(
             tensors[f"{fqn}.qweight"], tensors.get(f"{fqn}.scale"), tensors.get(f"{fqn}.zero_point"),
             cfg, rec["weight_shape"], dtype,
         )
@@ -183,6 +124,10 @@ def _packed_from_file(fqn: str, rec: Mapping[str, Any], tensors: Dict[str, torch
         raise ValueError(f"{where}: missing tensor {exc}") from exc
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from exc
+    scale = packed.scale
+    if scale is not None and not bool((torch.isfinite(scale) & (scale >= 0)).all()):
+        raise ValueError(f"{where}: the scales hold inf, nan or negative values; the file is corrupt")
+    return packed
 
 
 def load_quantized(model: nn.Module, path: Union[str, os.PathLike], *, device: Union[str, torch.device, None] = None) -> nn.Module:
@@ -207,7 +152,7 @@ def load_quantized(model: nn.Module, path: Union[str, os.PathLike], *, device: U
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    layers, tensors = _read(path)
+    layers, tensors = read_file(path)
     params = list(model.parameters()) + list(model.buffers())
     is_meta = any(p.device.type == "meta" for p in params)
     if device is None:
@@ -298,7 +243,7 @@ def quantize_state_dict(
     config_or_rules: Rules,
     *,
     filter_fn: Optional[Callable[[str, torch.Tensor], bool]] = None,
-    progress: Optional[Callable[[Iterable], Iterable]] = None,
+    progress: bool = False,
 ) -> Tuple[Dict[str, PackedWeight], Dict[str, torch.Tensor]]:
     """Quantize the weight matrices of a state_dict, without a model.
 
@@ -309,18 +254,18 @@ def quantize_state_dict(
         state_dict: name -> tensor.
         config_or_rules: as for :func:`quantize_`.
         filter_fn: optional ``(layer_name, weight) -> bool``.
-        progress: optional wrapper of an iterable (e.g. ``tqdm``) to show progress over the layers.
+        progress: show a tqdm progress bar over the tensors on stderr.
 
     Returns:
         ``(packed, plain)``: layer name -> :class:`PackedWeight`, and the remaining tensors.
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
-    rules = _normalize_rules(config_or_rules)
+    rules = _config_rules(config_or_rules)
     packed: Dict[str, PackedWeight] = {}
     plain: Dict[str, torch.Tensor] = {}
     items = list(state_dict.items())
-    for key, t in (progress(items) if progress else items):
+    for key, t in progress_bar(items, progress, "quantize", unit="tensor"):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"state_dict entry {key!r} must be a tensor, got {type(t).__name__}")
         cfg = None
@@ -355,34 +300,46 @@ def save_quantized_state_dict(packed: Mapping[str, PackedWeight], plain: Mapping
         if name in tensors:
             raise ValueError(f"state_dict entry {name!r} collides with a quantized tensor name")
         tensors[name] = t
-    _write(path, layers, tensors)
+    write_file(path, layers, tensors)
 
 
 def load_quantized_state_dict(path: Union[str, os.PathLike]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Config]]:
     """Read a gradcomp quantized file back as a plain (dequantized) state_dict, without a model.
 
+    The file is verified as :func:`load_quantized` verifies it (names, the map's structure, every
+    tensor's shape, dtype and checksum, aliases, each packed weight against its config, finite
+    scales); besides, no dequantized ``<layer>.weight`` may collide with a plain tensor of the file.
+
     Returns:
         ``(state_dict, configs)``: ``<layer>.weight`` is the dequantized weight in its original
         dtype; ``configs`` maps each quantized layer to its config.
+
+    Raises:
+        ValueError: any check fails; nothing is returned.
     """
-    layers, tensors = _read(path)
-    out: Dict[str, torch.Tensor] = {}
-    configs: Dict[str, Config] = {}
+    layers, tensors = read_file(path)
     packs: Dict[str, PackedWeight] = {}
     for fqn, rec in layers.items():
         if "tied_to" not in rec:
             packs[fqn] = _packed_from_file(fqn, rec, tensors, path)
-    quant_names = set()
+    quant_names = {n for fqn, p in packs.items() for n in _packed_tensors(fqn, p)}
     for fqn, rec in layers.items():
-        p = packs.get(rec.get("tied_to", fqn))
-        if p is None:
-            raise ValueError(f"{path}: layer {fqn!r} is tied to {rec['tied_to']!r}, which holds no weight in the file")
-        out[f"{fqn}.weight" if fqn else "weight"] = p.dequantize()
+        if "tied_to" not in rec:
+            continue
+        stray = sorted(n for n in tensors if n.startswith(f"{fqn}.") and n[len(fqn) + 1:] in ("qweight", "scale", "zero_point"))
+        if stray:
+            raise ValueError(f"{path}: layer {fqn!r} is tied to {rec['tied_to']!r} but the file holds its own {stray}")
+    plain = {name: t for name, t in tensors.items() if name not in quant_names}
+    out: Dict[str, torch.Tensor] = {}
+    configs: Dict[str, Config] = {}
+    for fqn, rec in layers.items():
+        key = f"{fqn}.weight" if fqn else "weight"
+        if key in plain:
+            raise ValueError(f"{path}: layer {fqn!r} is quantized but the file also holds a plain tensor {key!r}")
+        p = packs[rec.get("tied_to", fqn)]
+        out[key] = p.dequantize()
         configs[fqn] = p.config
-        quant_names.update(_packed_tensors(fqn, p))
-    for name, t in tensors.items():
-        if name not in quant_names:
-            out[name] = t
+    out.update(plain)
     return out, configs
 
 
@@ -445,7 +402,7 @@ def load_tensor_file(path: Union[str, os.PathLike], *, key: Optional[str] = None
                 meta = f.metadata() or {}
         except Exception as exc:
             raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
-        if meta.get("format") == _FORMAT:
+        if meta.get("format") == FORMAT:
             out = load_quantized_state_dict(path)[0]
         else:
             from safetensors.torch import load_file

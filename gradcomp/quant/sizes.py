@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from gradcomp.checks import check_int
 from gradcomp.codec import packed_nbytes
 from gradcomp.quant.configs import SCALE_DTYPES, CastConfig, Config, Rules, WeightQuantConfig, _check_config, config_name
 from gradcomp.quant.layout import _layout
@@ -118,8 +119,7 @@ def size_table(num_params: int, configs: Optional[Sequence[Optional[Config]]] = 
     """
     if isinstance(num_params, bool) or not isinstance(num_params, (int, float)) or num_params < 1:
         raise ValueError(f"num_params must be a positive number, got {num_params!r}")
-    if isinstance(row_length, bool) or not isinstance(row_length, int) or row_length < 1:
-        raise ValueError(f"row_length must be a positive int, got {row_length!r}")
+    check_int("row_length", row_length)
     n = int(num_params)
     if configs is None:
         configs = [None, CastConfig("fp16"), WeightQuantConfig(bits=8),

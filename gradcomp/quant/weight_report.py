@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
+from gradcomp.batches import progress_bar
+from gradcomp.checks import check_number
 from gradcomp.codec import cosine_similarity, mse, sqnr_db
 from gradcomp.quant.configs import Config, _check_config, config_name
 from gradcomp.quant.fake_quant import fake_quantize_weight
@@ -126,8 +128,7 @@ def weight_stats(weight: torch.Tensor, name: str = "", *, outlier_sigma: float =
     """
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.numel() == 0:
         raise TypeError(f"weight must be a non-empty floating tensor, got {type(weight).__name__}")
-    if not (outlier_sigma > 0):
-        raise ValueError(f"outlier_sigma must be positive, got {outlier_sigma}")
+    check_number("outlier_sigma", outlier_sigma, low=0.0, low_open=True)
     x = weight.detach().reshape(-1).double()
     n = x.numel()
     mean = float(x.mean())
@@ -249,7 +250,7 @@ def analyze_weights(
     configs: Sequence[Optional[Config]],
     *,
     outlier_sigma: float = 3.0,
-    progress: Optional[Callable[[Iterable], Iterable]] = None,
+    progress: bool = False,
     calibration: Optional[Iterable[Any]] = None,
     forward: Optional[Callable[[nn.Module, Any], Any]] = None,
     num_batches: Optional[int] = None,
@@ -271,7 +272,7 @@ def analyze_weights(
         source: a model or a state_dict (see :func:`weight_tensors`).
         configs: configs to measure (e.g. int8 per channel, int4 g128 asym).
         outlier_sigma: threshold of the outlier share.
-        progress: optional iterable wrapper (``tqdm``) over the layers.
+        progress: show a tqdm progress bar over the layers on stderr.
         calibration: batches for the output error (needs ``source`` to be a model).
         forward: ``forward(model, batch)`` for the batches (default ``model(batch)``).
         num_batches: use at most this many batches.
@@ -302,7 +303,7 @@ def analyze_weights(
         hessians = collect_input_hessians(source, linears, calibration, forward=forward, num_batches=num_batches, counts=counts)
     stats, quality = [], {}
     items = list(weights.items())
-    for name, w in (progress(items) if progress else items):
+    for name, w in progress_bar(items, progress, "analyze", unit="layer"):
         stats.append(weight_stats(w, name, outlier_sigma=outlier_sigma))
         quality[name] = {}
         for n, c in zip(names, configs):

@@ -7,7 +7,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from gradcomp.quant.activation_quant import run_batches
+from gradcomp.batches import run_batches
 
 __all__ = ["collect_input_hessians"]
 
@@ -25,14 +25,14 @@ def collect_input_hessians(
     """Run calibration batches through ``model`` and return ``{name: X^T X}`` (fp64) for each Linear.
 
     ``X`` stacks every input row the layer saw (all tokens, atoms or samples of every batch, every call).
-    Batches are run as :func:`gradcomp.quant.activation_quant.run_batches` runs them (eval mode, no
+    Batches are run as :func:`gradcomp.batches.run_batches` runs them (eval mode, no
     autograd unless ``forward`` turns it on, e.g. for models whose outputs are gradients).
 
     Args:
         model: the unquantized model.
         layers: ``{name: nn.Linear}`` whose inputs to record.
         batches: calibration batches.
-        forward: ``forward(model, batch)``; default ``model(batch)`` / ``model(*batch)`` / ``model(**batch)``.
+        forward: ``forward(model, batch)``; default :func:`gradcomp.batches.call_model`.
         num_batches: stop after this many.
         progress: tqdm progress bar.
         counts: if given, filled with ``{name: rows of X}`` (input rows seen per layer).
