@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gradcomp.batches import progress_bar
 from gradcomp.codec import pack_codes, packed_nbytes, unpack_codes
 from gradcomp.quant.configs import CAST_DTYPES, SCALE_DTYPES, CastConfig, Config, Rules, _check_config, config_name
 from gradcomp.quant.layout import _dequantize_rows, _layout, _quantize_weight
@@ -542,11 +543,8 @@ def quantize_(
     shared: Dict[Tuple[int, Config], PackedWeight] = {}
     new: Dict[str, _QuantizedLayer] = {}
     configs_of_weight: Dict[int, set] = {}
-    steps: Iterable = plan
-    if progress and algorithm is not None:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(plan, desc=f"quantize ({algorithm.name})", unit="layer", leave=False)
+    steps = progress_bar(plan, progress and algorithm is not None, f"quantize ({'rtn' if algorithm is None else algorithm.name})",
+                         total=len(plan), unit="layer")
     for fqn, m, cfg in steps:
         w = m.weight
         if not w.is_floating_point():
