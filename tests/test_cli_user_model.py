@@ -145,3 +145,30 @@ def test_activation_plots_show_every_layer(tmp_path):
     assert len(_pick(R(), None, None)) == 51
     rows, cols = _grid(51)
     assert rows * cols >= 51 and cols == 8
+
+
+def test_plan_evaluate_with_a_user_metric(user_dir, capsys):
+    (user_dir / "user_task_cli.py").write_text(textwrap.dedent('''
+        import torch
+        from user_model_cli import batches, build
+
+        def task():
+            return build(), batches()
+
+        def error(model):                       # deviation from the fp32 model: 0 for the model itself
+            ref = build()
+            with torch.no_grad():
+                return float(sum(((model(x) - ref(x)) ** 2).mean() for x in batches()))
+    '''))
+    import sys
+
+    sys.modules.pop("user_task_cli", None)
+    scores = user_dir / "s.json"
+    assert main(["sensitivity", "--model", "user_task_cli:task", "--candidates", "int2-channel,int8-channel",
+                 "--out", str(scores), "--no-progress", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["plan", "--scores", str(scores), "--avg-bits", "5", "--evaluate", "--model", "user_task_cli:task",
+                 "--eval", "user_task_cli:error", "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)["evaluation"]
+    assert ev["base_loss"] == 0.0 and ev["loss"] > 0.0 and ev["bytes"] < ev["base_bytes"]
+    assert main(["plan", "--scores", str(scores), "--avg-bits", "5", "--evaluate"]) == 2   # own model, no --model/--eval

@@ -82,6 +82,10 @@ def register(subparsers) -> None:
     p.add_argument("--evaluate", action="store_true",
                    help="scores from the built-in task only: apply the plan to the tiny GPT and measure its validation loss")
     p.add_argument("--cache-dir", default=_default_cache(), help="cache of the built-in tiny GPT, for --evaluate")
+    p.add_argument("--model", metavar="MODULE:FN", help="for --evaluate on your own model: FN() returns the model "
+                                                         "(or the (model, batches) of `gradcomp sensitivity --model`)")
+    p.add_argument("--eval", dest="eval_fn", metavar="MODULE:FN",
+                   help="for --evaluate with --model: FN(model) returns a number, lower is better (a loss, an error against fp32)")
     add_json_flag(p)
     p.set_defaults(func=_plan)
 
@@ -216,15 +220,31 @@ def _plan(args) -> int:
                         title=f"Pareto front ({plan.metric})")
     evaluation = None
     if args.evaluate:
-        if report.metadata.get("task") != "tiny_gpt":
-            raise CliError("--evaluate works only with scores measured on the built-in task (gradcomp sensitivity without --model)")
-        from gradcomp.examples.tasks import evaluate, pretrained_tiny_gpt
         from gradcomp.weights import model_size_bytes
 
-        model, _, val = pretrained_tiny_gpt(args.cache_dir)
-        base, base_bytes = evaluate(model, val), model_size_bytes(model)
-        apply_plan(model, plan)
-        loss = evaluate(model, val)
+        if args.model:
+            import torch.nn as nn
+
+            if not args.eval_fn:
+                raise CliError("--evaluate with --model needs --eval MODULE:FN (FN(model) -> a number, lower is better)")
+            built = load_callable(args.model, "--model")()
+            model = built[0] if isinstance(built, (tuple, list)) and built and isinstance(built[0], nn.Module) else built
+            if not isinstance(model, nn.Module):
+                raise CliError(f"--model {args.model!r} returned {type(built).__name__}, expected an nn.Module or (model, batches)")
+            score = load_callable(args.eval_fn, "--eval")
+            base, base_bytes = float(score(model)), model_size_bytes(model)
+            apply_plan(model, plan)
+            loss = float(score(model))
+        else:
+            if report.metadata.get("task") != "tiny_gpt":
+                raise CliError("--evaluate needs --model MODULE:FN and --eval MODULE:FN for scores measured on your own model "
+                               "(without them it evaluates the built-in task)")
+            from gradcomp.examples.tasks import evaluate, pretrained_tiny_gpt
+
+            model, _, val = pretrained_tiny_gpt(args.cache_dir)
+            base, base_bytes = evaluate(model, val), model_size_bytes(model)
+            apply_plan(model, plan)
+            loss = evaluate(model, val)
         evaluation = {"base_loss": base, "loss": loss, "loss_increase": loss - base, "base_bytes": base_bytes,
                       "bytes": model_size_bytes(model), "predicted_bytes": plan.model_bytes}
     if args.json:
