@@ -80,7 +80,7 @@ def register(subparsers) -> None:
     p.add_argument("--pareto-plot", metavar="PNG", help="also draw the Pareto front (needs matplotlib)")
     p.add_argument("--out", metavar="JSON", help="save the plan")
     p.add_argument("--evaluate", action="store_true",
-                   help="scores from the built-in task only: apply the plan to the tiny GPT and measure its validation loss")
+                   help="apply the plan and measure: the built-in tiny GPT's validation loss, or your model's --eval metric (with --model)")
     p.add_argument("--cache-dir", default=_default_cache(), help="cache of the built-in tiny GPT, for --evaluate")
     p.add_argument("--model", metavar="MODULE:FN", help="for --evaluate on your own model: FN() returns the model "
                                                          "(or the (model, batches) of `gradcomp sensitivity --model`)")
