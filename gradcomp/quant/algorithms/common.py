@@ -15,7 +15,7 @@ import torch
 
 from gradcomp.codec import choose_qparams, dequantize_codes, quantize_codes_with_qparams
 from gradcomp.quant.configs import WeightQuantConfig
-from gradcomp.quant.layout import _Layout, _layout, _store_scale
+from gradcomp.quant.layout import _dequantize_rows, _Layout, _layout, _store_scale
 
 __all__ = ["QuantResult", "layer_output_error", "input_hessian_of"]
 
@@ -38,8 +38,6 @@ class QuantResult:
 
     def dequantize(self, bits: int) -> torch.Tensor:
         """Return the reconstructed weight, fp32, shaped ``layout.shape``."""
-        from gradcomp.quant.layout import _dequantize_rows
-
         return _dequantize_rows(self.codes, self.scale, self.zero_point, self.layout, bits).reshape(self.layout.shape)
 
 

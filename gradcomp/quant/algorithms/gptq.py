@@ -26,10 +26,8 @@ Worked example (one row, two inputs, ``H = [[1, 0.9], [0.9, 1]]``, int2 symmetri
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -42,8 +40,6 @@ from gradcomp.quant.algorithms.common import (
     stored_qparams,
 )
 from gradcomp.quant.configs import SCALE_DTYPES, WeightQuantConfig
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["GPTQ", "gptq_quantize"]
 
