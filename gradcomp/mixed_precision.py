@@ -2,7 +2,7 @@
 
 A :class:`MixedPrecisionPlan` gives every quantizable layer one format (a ``WeightQuantConfig``, a
 ``CastConfig`` or ``None`` for full precision). It converts to the ordered rules list that
-``gradcomp.weights.quantize_`` takes (:meth:`MixedPrecisionPlan.to_rules`), so
+``gradcomp.quant.quantize_`` takes (:meth:`MixedPrecisionPlan.to_rules`), so
 ``apply_plan(model, plan)`` is one call.
 
 Two ways to make a plan:
@@ -42,14 +42,12 @@ have 8 bits: upgrading A saves 0.8, upgrading B 0.05, so the plan is A=8, B=4 wi
 
 from __future__ import annotations
 
-import fnmatch
 import heapq
 import json
 import logging
 import math
 import os
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -68,7 +66,8 @@ from gradcomp.sensitivity import (
     candidate_to_dict,
     find_layers,
 )
-from gradcomp.weights import CastConfig, WeightQuantConfig
+from gradcomp.quant.configs import CastConfig, WeightQuantConfig
+from gradcomp.quant.rules import _check_rule_config, match_pattern, normalize_rules, specificity
 
 logger = logging.getLogger(__name__)
 
@@ -288,57 +287,10 @@ def _layer_bits(info: LayerInfo, config: Optional[Candidate]) -> int:
 # rules
 
 
-_GLOB_CHARS = set("*?[")
-
-
-def match_pattern(pattern: str, name: str) -> bool:
-    """Return whether a rule pattern matches a module's fully qualified name.
-
-    ``"re:<regex>"`` matches when the regex matches the whole name; a pattern with ``*``, ``?`` or
-    ``[`` is a shell glob (``fnmatchcase``, where ``*`` also crosses dots); anything else must equal
-    the name exactly.
-
-    Example:
-        >>> match_pattern("blocks.*.mlp.c_fc", "blocks.1.mlp.c_fc"), match_pattern("re:blocks\\.\\d+\\.attn.*", "blocks.0.attn.c_proj")
-        (True, True)
-    """
-    if not isinstance(pattern, str) or not pattern:
-        raise TypeError(f"a rule pattern must be a non-empty str, got {pattern!r}")
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    if _GLOB_CHARS & set(pattern):
-        return fnmatch.fnmatchcase(name, pattern)
-    return pattern == name
-
-
-def _specificity(pattern: str) -> Tuple[int, int]:
-    if pattern.startswith("re:"):
-        return (0, 0)
-    if _GLOB_CHARS & set(pattern):
-        literal = len(re.sub(r"\[[^\]]*\]|[*?]", "", pattern))
-        return (1, literal)
-    return (2, len(pattern))
-
-
 def _check_rules(rules: Sequence[Rule]) -> List[Rule]:
     if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
         raise TypeError(f"rules must be a list of (pattern, config or None) pairs, got {type(rules).__name__}")
-    out = []
-    for i, r in enumerate(rules):
-        if not isinstance(r, (tuple, list)) or len(r) != 2:
-            raise TypeError(f"rule {i} must be a (pattern, config or None) pair, got {r!r}")
-        pattern, cfg = r
-        if not isinstance(pattern, str) or not pattern:
-            raise TypeError(f"rule {i}: the pattern must be a non-empty str, got {pattern!r}")
-        if pattern.startswith("re:"):
-            try:
-                re.compile(pattern[3:])
-            except re.error as exc:
-                raise ValueError(f"rule {i}: invalid regex {pattern[3:]!r}: {exc}") from exc
-        if cfg is not None and not isinstance(cfg, (WeightQuantConfig, CastConfig)):
-            raise TypeError(f"rule {i}: the config must be a WeightQuantConfig, a CastConfig or None, got {type(cfg).__name__}")
-        out.append((pattern, cfg))
-    return out
+    return normalize_rules(rules, _check_rule_config)
 
 
 def _layers_of(source: Union[SensitivityReport, nn.Module, Sequence[LayerInfo]]) -> List[LayerInfo]:
@@ -400,7 +352,7 @@ def plan_from_rules(
         elif precedence == "first":
             chosen[info.name] = matches[0][2]
         else:
-            best = max(matches, key=lambda m: (_specificity(m[1]), -m[0]))
+            best = max(matches, key=lambda m: (specificity(m[1]), -m[0]))
             chosen[info.name] = best[2]
     assignments = tuple(_assign(info, chosen[info.name], report, metric) for info in layers)
     return MixedPrecisionPlan(
@@ -815,7 +767,7 @@ def apply_plan(model: nn.Module, plan: MixedPrecisionPlan) -> nn.Module:
     Returns:
         The model (quantized in place).
     """
-    from gradcomp.weights import quantize_
+    from gradcomp.quant import quantize_
 
     if not isinstance(plan, MixedPrecisionPlan):
         raise TypeError(f"plan must be a MixedPrecisionPlan, got {type(plan).__name__}")
@@ -841,7 +793,8 @@ class Target:
     """What a deployment needs: the limits a strategy must meet and what to optimise among those that do.
 
     Args:
-        max_loss_increase: largest allowed relative increase of the measured loss (0.01 = 1%), or None.
+        max_loss_increase: largest allowed relative increase of the measured loss (0.01 = 1%), or None;
+            an absolute limit for a metric whose unquantized value is 0 (a deviation from fp32).
         max_bytes: largest allowed model size in bytes, or None.
         max_latency_ratio: largest allowed latency relative to the unquantized model, or None.
         objective: among the strategies that meet the limits, minimise ``"size"``, ``"latency"`` or
@@ -907,9 +860,28 @@ class StrategyResult:
         return self.base_latency_s / self.latency_s
 
     @property
+    def relative(self) -> bool:
+        """Whether :attr:`loss_increase` is relative (the unquantized value is not 0)."""
+        return self.base_loss != 0
+
+    @property
     def loss_increase(self) -> float:
-        """Relative loss increase over the unquantized model (0.01 = 1%)."""
+        """Loss increase over the unquantized model: relative (0.01 = 1%), or absolute when its value is 0.
+
+        A metric measured as a deviation from the unquantized model (the MAE of a quantized model's
+        outputs against fp32's) is 0 for the unquantized model itself; its increase is then the
+        value itself, and a target's ``max_loss_increase`` is read as an absolute limit.
+
+        Example: base 2.0, loss 2.1 -> 0.05; base 0.0, loss 0.013 -> 0.013 (absolute).
+        """
+        if self.base_loss == 0:
+            return self.loss - self.base_loss
         return (self.loss - self.base_loss) / abs(self.base_loss)
+
+    def _increase_text(self) -> str:
+        if self.relative:
+            return f"{100 * self.loss_increase:+.2f}%"
+        return f"{self.loss_increase:+.4g} (absolute: the unquantized value is 0)"
 
     def row(self) -> Dict[str, Any]:
         """Return the trade-off table row of this strategy."""
@@ -919,7 +891,8 @@ class StrategyResult:
             "compression": self.compression,
             "speedup": self.speedup,
             "loss": self.loss,
-            "loss_increase_pct": 100.0 * self.loss_increase,
+            "loss_increase_pct": 100.0 * self.loss_increase if self.relative else None,
+            "loss_increase_abs": self.loss - self.base_loss,
         }
 
 
@@ -950,7 +923,8 @@ def recommend(results: Sequence[StrategyResult], target: Union[Target, str]) -> 
     def violations(r: StrategyResult) -> List[str]:
         out = []
         if target.max_loss_increase is not None and r.loss_increase > target.max_loss_increase:
-            out.append(f"loss +{100 * r.loss_increase:.2f}% > {100 * target.max_loss_increase:.2f}%")
+            limit = f"{100 * target.max_loss_increase:.2f}%" if r.relative else f"{target.max_loss_increase:.4g}"
+            out.append(f"loss {r._increase_text()} > {limit}")
         if target.max_bytes is not None and r.model_bytes > target.max_bytes:
             out.append(f"{int(r.model_bytes)} bytes > {int(target.max_bytes)}")
         if target.max_latency_ratio is not None and r.latency_s > target.max_latency_ratio * r.base_latency_s:
@@ -968,7 +942,7 @@ def recommend(results: Sequence[StrategyResult], target: Union[Target, str]) -> 
     }[target.objective]
     best = min(ok, key=key)
     reason = (
-        f"{best.name}: {best.compression:.2f}x smaller, {best.speedup:.2f}x speed, loss {100 * best.loss_increase:+.2f}%; "
+        f"{best.name}: {best.compression:.2f}x smaller, {best.speedup:.2f}x speed, loss {best._increase_text()}; "
         f"best {target.objective} among {len(ok)} of {len(results)} strategies within the target"
     )
     return best, reason

@@ -5,7 +5,7 @@ loses far more accuracy at 4 bits than a wide MLP layer in the middle of the net
 measures that, one trial per (layer, candidate format):
 
 1. Run the calibration batches through the unmodified model once and keep the reference outputs
-   (and losses, when the batches carry labels).
+   (and losses, when the model output carries one).
 2. For every candidate layer and every candidate format (``WeightQuantConfig`` at some bits and
    granularity, or a ``CastConfig`` to fp16/bf16):
 
@@ -17,9 +17,15 @@ measures that, one trial per (layer, candidate format):
 
 Scores (each averaged over the calibration batches):
 
-* ``mse``: mean squared error of the model output against the reference output.
-* ``kl``: ``KL(p_ref || p_q)`` of the softmax over the output's last dimension, in nats per position.
-* ``loss``: increase of the loss (only when a loss is available: labels in the batches or a ``loss_fn``).
+* ``mse``: mean squared error of the model output against the reference output (with several
+  outputs, the mean of their MSEs).
+* ``rel_mse``: the MSE of each output divided by the mean square of its reference, averaged over
+  the outputs: every head counts alike whatever its units, so none is starved (the default for
+  regression outputs).
+* ``kl``: ``KL(p_ref || p_q)`` of the softmax over the output's last dimension, in nats per position
+  (the default for classification outputs; meaningless for regression outputs).
+* ``loss``: increase of the loss (only when a loss is available: a model output that carries one, or a
+  ``loss_fn``; see :mod:`gradcomp.batches`).
 * ``fisher``: the Fisher / Taylor score of the layer's own output,
   ``sum((dL/dy * (y_q - y))**2)`` where ``y`` is the layer output, ``y_q`` its output with the
   quantized weight, and ``dL/dy`` the loss gradient at the unmodified model (the score NVIDIA
@@ -31,6 +37,20 @@ Scores (each averaged over the calibration batches):
 
 Worked example of the Fisher score: a layer output ``y = [1.0, -2.0]`` with gradient
 ``g = [0.5, 0.1]`` becomes ``y_q = [1.1, -2.0]`` at 4 bits; the score is ``(0.5 * 0.1)**2 + 0 = 0.0025``.
+
+Outputs of any structure are scored (:func:`output_tensors`): the main tensor of the output when it
+has one (a tensor, the first of a tuple, ``logits``; :mod:`gradcomp.batches`), else every floating
+tensor of a dict, dataclass or named tuple (``{"energy": e, "forces": f}``). The kind of output
+decides the default metric (``kl`` for classification, ``rel_mse`` for regression): one output of at
+least 2 dims with at least 2 entries in its last is taken for logits; several outputs or a scalar /
+single-column output are regression; ``SensitivityConfig.output_kind`` overrides it. The choice and its
+reason are stated in the report's metadata and logged.
+
+Adapter protocol (no wrapper module needed): ``forward(model, batch)`` runs the model on a batch of
+any structure (graphs, dicts, dataclasses) and returns its outputs in any structure above; it may
+turn autograd on inside (``with torch.enable_grad():``) for outputs that are gradients, such as
+forces. ``loss_fn(model, batch)`` is only called when ``loss``, ``fisher`` or the Hessian score is
+asked for.
 
 Layers whose weight is shared (GPT's tied token embedding and output head) are one layer with
 aliases: quantizing it changes both uses, and its weight is counted once.
@@ -46,6 +66,7 @@ Example::
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -53,13 +74,15 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gradcomp.weights import (
+from gradcomp.batches import Batch, call_model, default_loss, output_loss, output_tensor, progress_bar
+from gradcomp.checks import check_int
+from gradcomp.quant import (
     CastConfig,
     WeightQuantConfig,
     config_name,
@@ -72,6 +95,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "METRICS",
+    "OUTPUT_KINDS",
+    "output_tensors",
     "SensitivityConfig",
     "LayerInfo",
     "SensitivityEntry",
@@ -85,15 +110,15 @@ __all__ = [
     "quantized_layer",
     "measure_sensitivity",
     "hutchinson_trace",
-    "default_forward",
     "default_loss",
 ]
 
-METRICS = ("mse", "kl", "loss", "fisher", "hawq", "weight_mse")
+METRICS = ("mse", "rel_mse", "kl", "loss", "fisher", "hawq", "weight_mse")
+OUTPUT_KINDS = ("auto", "classification", "regression")
+_DEFAULT_METRICS = ("mse", "rel_mse", "kl", "loss", "fisher", "weight_mse")
 _FORMAT_VERSION = 1
 
 Candidate = Union[WeightQuantConfig, CastConfig]
-Batch = Any
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,7 +128,7 @@ Batch = Any
 def candidate_key(config: Optional[Candidate]) -> str:
     """Return the short stable name of a candidate format, used as a key in score files.
 
-    It is ``gradcomp.weights.config_name``: ``None`` (keep full precision) is ``"fp32"``, casts are
+    It is ``gradcomp.quant.config_name``: ``None`` (keep full precision) is ``"fp32"``, casts are
     ``"fp16"``/``"bf16"``, weight quantization is ``int<bits>-<tensor|channel|g<group>>`` plus
     ``-asym`` and ``-s<scale dtype>`` when not the defaults; ``weights.parse_config`` reads it back.
 
@@ -181,18 +206,22 @@ class SensitivityConfig:
     Args:
         candidates: formats to try on every layer (``WeightQuantConfig`` or ``CastConfig``);
             default int2/int3/int4/int8 with groups of 128.
-        metrics: scores to compute, a subset of ``("mse", "kl", "loss", "fisher", "weight_mse")``;
-            ``loss`` and ``fisher`` are skipped (with a log line) when no loss is available.
+        metrics: scores to compute, a subset of ``("mse", "rel_mse", "kl", "loss", "fisher",
+            "weight_mse")``, or None (default): all of them, but ``kl`` only for classification
+            outputs. ``loss`` and ``fisher`` are skipped (with a log line) when no loss is available.
+        output_kind: ``"auto"`` (detect, see the module docstring), ``"classification"`` or
+            ``"regression"``; decides the default metric of plans.
         hessian: also estimate the HAWQ score (Hutchinson trace; needs a loss and double backward).
         hutchinson_samples: Rademacher vectors per calibration batch for the trace.
         activations: when set, also fake-quantize the floating input of the layer under trial with
-            this ``gradcomp.activations.ActQuantConfig``; it must be dynamic (scales from each
+            this ``gradcomp.quant.ActQuantConfig``; it must be dynamic (scales from each
             input), since a single-layer trial has no calibration pass of its own.
         seed: seed of the Hutchinson vectors.
     """
 
     candidates: Tuple[Candidate, ...] = field(default_factory=_default_candidates)
-    metrics: Tuple[str, ...] = ("mse", "kl", "loss", "fisher", "weight_mse")
+    metrics: Optional[Tuple[str, ...]] = None
+    output_kind: str = "auto"
     hessian: bool = False
     hutchinson_samples: int = 4
     activations: Optional[Any] = None
@@ -209,15 +238,19 @@ class SensitivityConfig:
         if len(set(keys)) != len(keys):
             raise ValueError(f"candidates must be distinct, got {keys}")
         object.__setattr__(self, "candidates", cands)
-        metrics = tuple(self.metrics)
-        bad = [m for m in metrics if m not in METRICS or m == "hawq"]
-        if bad or not metrics:
-            raise ValueError(f"metrics must be a non-empty subset of ('mse', 'kl', 'loss', 'fisher', 'weight_mse'), got {metrics}")
-        object.__setattr__(self, "metrics", metrics)
-        if isinstance(self.hutchinson_samples, bool) or not isinstance(self.hutchinson_samples, int) or self.hutchinson_samples < 1:
-            raise ValueError(f"hutchinson_samples must be a positive int, got {self.hutchinson_samples!r}")
+        if self.metrics is not None:
+            if isinstance(self.metrics, str):
+                raise TypeError(f"metrics must be a tuple of metric names or None, got the string {self.metrics!r}")
+            metrics = tuple(self.metrics)
+            bad = [m for m in metrics if m not in METRICS or m == "hawq"]
+            if bad or not metrics:
+                raise ValueError(f"metrics must be a non-empty subset of {_DEFAULT_METRICS} (or None for the default), got {metrics}")
+            object.__setattr__(self, "metrics", metrics)
+        if self.output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
+        check_int("hutchinson_samples", self.hutchinson_samples)
         if self.activations is not None:
-            from gradcomp.activations import ActQuantConfig
+            from gradcomp.quant import ActQuantConfig
 
             if not isinstance(self.activations, ActQuantConfig):
                 raise TypeError(f"activations must be None or an ActQuantConfig, got {type(self.activations).__name__}")
@@ -351,8 +384,16 @@ class SensitivityReport:
         return out
 
     def default_metric(self) -> str:
-        """Return the metric plans use by default: ``kl``, else ``mse``, ``fisher``, ``loss``."""
-        for m in ("kl", "mse", "fisher", "loss", "hawq", "weight_mse"):
+        """Return the metric plans use by default.
+
+        For regression outputs (``metadata["output_kind"]``) ``rel_mse``, else ``mse``; for
+        classification ``kl``; then ``fisher``, ``loss``, ``hawq``, ``weight_mse``.
+        """
+        if self.metadata.get("output_kind") == "regression":
+            order: Tuple[str, ...] = ("rel_mse", "mse", "kl", "fisher", "loss", "hawq", "weight_mse")
+        else:
+            order = ("kl", "mse", "rel_mse", "fisher", "loss", "hawq", "weight_mse")
+        for m in order:
             if m in self.metrics:
                 return m
         raise ValueError("the report holds no metric")
@@ -545,48 +586,107 @@ class quantized_layer:
 # forward / loss conventions
 
 
-def _split_batch(batch: Batch) -> Tuple[Any, Optional[torch.Tensor]]:
-    if isinstance(batch, (tuple, list)):
-        if len(batch) == 0:
-            raise ValueError("a calibration batch must not be empty")
-        if len(batch) == 1:
-            return batch[0], None
-        return batch[0], batch[-1]
-    return batch, None
+def output_tensors(output: Any) -> Dict[str, torch.Tensor]:
+    """Return the floating tensors of a model output by name, detached.
 
+    The main tensor of the output (:func:`gradcomp.batches.output_tensor`: a tensor, the first of a
+    tuple, ``logits``) when it has one, as ``{"output": t}``; otherwise every floating tensor of a
+    dict, dataclass or named tuple, walked recursively (names joined by dots: ``{"energy": e,
+    "forces": f}``); lists of tensors inside are concatenated per name (per-structure lists).
 
-def default_forward(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Run ``model`` on a batch and return its output tensor.
-
-    A batch is a tensor of inputs or a tuple ``(inputs, labels)``; only the inputs are passed. A model
-    returning a tuple (like ``TinyGPT``'s ``(logits, loss)``) contributes its first element.
+    Raises:
+        TypeError: when the output holds no floating tensor.
     """
-    inputs, _ = _split_batch(batch)
-    out = model(inputs)
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"the model output must be a tensor or a tuple starting with one, got {type(out).__name__}")
-    return out
+    try:
+        return {"output": output_tensor(output).detach()}
+    except TypeError:
+        pass
+    found: Dict[str, torch.Tensor] = {}
+
+    def walk(obj: Any, name: str) -> None:
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point():
+                found[name or "output"] = obj.detach()
+        elif isinstance(obj, Mapping):
+            for k, v in obj.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            for f in dataclasses.fields(obj):
+                walk(getattr(obj, f.name), f"{name}.{f.name}" if name else f.name)
+        elif isinstance(obj, tuple) and hasattr(obj, "_fields"):
+            for k in obj._fields:
+                walk(getattr(obj, k), f"{name}.{k}" if name else k)
+        elif isinstance(obj, (tuple, list)) and obj and all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in obj):
+            found[name or "output"] = torch.cat([t.detach().reshape(-1) for t in obj])
+
+    walk(output, "")
+    if not found:
+        raise TypeError(
+            f"the model output must hold at least one floating tensor (a tensor, or a dict/dataclass of them), "
+            f"got {type(output).__name__}; pass forward(model, batch) that returns one"
+        )
+    return found
 
 
-def default_loss(output: torch.Tensor, batch: Batch) -> Optional[torch.Tensor]:
-    """Return the loss of ``output`` against the batch's labels, or None when it has none.
+def _output_and_loss(model: nn.Module, batch: Batch, forward, loss_fn, need_loss: bool) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
+    """Run one batch (the convention of :mod:`gradcomp.batches`); return the outputs and, if asked, the loss.
 
-    Integer labels give cross-entropy over the last dimension; floating labels give MSE.
+    Without ``loss_fn`` the loss is the one the model's output carries (None if it carries none),
+    so the outputs and the loss come from one forward pass; ``loss_fn`` is only called when asked.
     """
-    _, labels = _split_batch(batch)
-    if labels is None:
-        return None
-    if not labels.is_floating_point():
-        return F.cross_entropy(output.reshape(-1, output.shape[-1]).float(), labels.reshape(-1))
-    return F.mse_loss(output.float(), labels.float())
+    raw = (forward or call_model)(model, batch)
+    out = output_tensors(raw)
+    if not need_loss:
+        return out, None
+    return out, (output_loss(raw) if loss_fn is None else loss_fn(model, batch))
+
+
+def _loss(model: nn.Module, batch: Batch, forward, loss_fn) -> Optional[torch.Tensor]:
+    if loss_fn is not None:
+        return loss_fn(model, batch)
+    return output_loss((forward or call_model)(model, batch))
+
+
+def _log_softmax(t: torch.Tensor) -> torch.Tensor:
+    t = t.reshape(1) if t.dim() == 0 else t
+    return F.log_softmax(t.float().reshape(-1, t.shape[-1]), dim=-1)
 
 
 def _kl(ref_logp: torch.Tensor, out: torch.Tensor) -> float:
-    logq = F.log_softmax(out.float().reshape(-1, out.shape[-1]), dim=-1)
+    logq = _log_softmax(out)
     p = ref_logp.exp()
     return float((p * (ref_logp - logq)).sum(dim=-1).mean())
+
+
+def _output_kind(requested: str, outs: Mapping[str, torch.Tensor]) -> Tuple[str, str]:
+    """Return ``(kind, reason)``: whether the outputs are classification logits or regression values."""
+    if requested != "auto":
+        return requested, "set by output_kind"
+    if len(outs) > 1:
+        return "regression", f"the model gives {len(outs)} outputs ({', '.join(list(outs)[:6])})"
+    (t,) = outs.values()
+    if t.dim() >= 2 and t.shape[-1] >= 2:
+        return "classification", f"one output of shape {tuple(t.shape)}, taken for logits over its last dim"
+    return "regression", f"one output of shape {tuple(t.shape)}"
+
+
+def _output_scores(outs: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor], ref_logp: Mapping[str, torch.Tensor],
+                   ref_power: Mapping[str, float], wanted) -> Dict[str, float]:
+    """Score one batch's outputs against the reference: mse, rel_mse and kl, each averaged over the outputs."""
+    if set(outs) != set(ref):
+        raise RuntimeError(f"the model gave outputs {sorted(outs)} in a trial but {sorted(ref)} in the reference pass")
+    scores: Dict[str, float] = {}
+    wanted = set(wanted)
+    if wanted & {"mse", "rel_mse"}:
+        mses = {k: float(torch.mean((outs[k].double() - ref[k].double()) ** 2)) for k in ref}
+        if "mse" in wanted:
+            scores["mse"] = sum(mses.values()) / len(mses)
+        if "rel_mse" in wanted:
+            # an all-zero reference output: its plain MSE (nothing to normalise by)
+            scores["rel_mse"] = sum(m / ref_power[k] if ref_power[k] > 0 else m for k, m in mses.items()) / len(mses)
+    if "kl" in wanted:
+        scores["kl"] = sum(_kl(ref_logp[k], outs[k]) for k in ref_logp) / len(ref_logp)
+    return scores
 
 
 # --------------------------------------------------------------------------------------------
@@ -600,8 +700,8 @@ def hutchinson_trace(
     *,
     samples: int = 4,
     seed: int = 0,
-    forward_fn: Callable[[nn.Module, Batch], torch.Tensor] = default_forward,
-    loss_fn: Callable[[torch.Tensor, Batch], Optional[torch.Tensor]] = default_loss,
+    forward: Optional[Callable[[nn.Module, Batch], Any]] = None,
+    loss_fn: Optional[Callable[[nn.Module, Batch], torch.Tensor]] = None,
 ) -> List[float]:
     """Estimate ``Tr(d2L/dW2)`` for several weight tensors at once with Hutchinson's method.
 
@@ -614,11 +714,11 @@ def hutchinson_trace(
 
     Args:
         model: the model (not modified; parameter ``.grad`` fields are not touched).
-        batches: calibration batches with labels.
+        batches: calibration batches whose model output carries a loss (or give ``loss_fn``).
         weights: the weight tensors (parameters of ``model``).
         samples: Rademacher vectors per batch.
         seed: seed of the vectors.
-        forward_fn, loss_fn: as in :func:`measure_sensitivity`.
+        forward, loss_fn: as in :func:`measure_sensitivity`.
 
     Returns:
         One trace estimate per weight tensor.
@@ -636,9 +736,9 @@ def hutchinson_trace(
 
         with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
             for batch in batches:
-                loss = loss_fn(forward_fn(model, batch), batch)
+                loss = _loss(model, batch, forward, loss_fn)
                 if loss is None:
-                    raise ValueError("the Hessian trace needs a loss: give batches with labels or a loss_fn")
+                    raise ValueError("the Hessian trace needs a loss: a model output that carries one, or a loss_fn(model, batch)")
                 grads = torch.autograd.grad(loss, weights, create_graph=True)
                 for _ in range(samples):
                     vs = [torch.randint(0, 2, w.shape, generator=gen).to(w.dtype).mul_(2).sub_(1) for w in weights]
@@ -660,7 +760,7 @@ def _modules_by_name(model: nn.Module) -> Dict[str, nn.Module]:
 
 
 def _input_quant_hook(config: Any):
-    from gradcomp.activations import ActivationQuantizer
+    from gradcomp.quant import ActivationQuantizer
 
     quantizer = ActivationQuantizer(config)
 
@@ -690,8 +790,8 @@ def measure_sensitivity(
     config: Optional[SensitivityConfig] = None,
     *,
     layers: Optional[Union[Sequence[str], Callable[[nn.Module, str], bool]]] = None,
-    forward_fn: Callable[[nn.Module, Batch], torch.Tensor] = default_forward,
-    loss_fn: Callable[[torch.Tensor, Batch], Optional[torch.Tensor]] = default_loss,
+    forward: Optional[Callable[[nn.Module, Batch], Any]] = None,
+    loss_fn: Optional[Callable[[nn.Module, Batch], torch.Tensor]] = None,
     progress: bool = False,
     trial_callback: Optional[Callable[[str, str], None]] = None,
 ) -> SensitivityReport:
@@ -710,12 +810,15 @@ def measure_sensitivity(
 
     Args:
         model: the model to analyse (fp32/fp16/bf16 weights).
-        batches: calibration batches: tensors of inputs, or ``(inputs, labels)`` tuples.
+        batches: calibration batches, called as :mod:`gradcomp.batches` says (``(inputs, targets)`` tuples for a model that returns ``(logits, loss)``).
         config: candidates and metrics (default :class:`SensitivityConfig`).
         layers: layer names to analyse (module FQNs, aliases allowed) or a ``filter_fn(module, fqn)``;
             default every Linear/Embedding/Conv2d weight.
-        forward_fn: ``forward_fn(model, batch) -> output tensor``; default :func:`default_forward`.
-        loss_fn: ``loss_fn(output, batch) -> scalar or None``; default :func:`default_loss`.
+        forward: ``forward(model, batch) -> output``; default :func:`gradcomp.batches.call_model`.
+            The output's main tensor is compared (:func:`gradcomp.batches.output_tensor`).
+        loss_fn: ``loss_fn(model, batch) -> scalar``; default: the loss the output carries
+            (:func:`gradcomp.batches.output_loss`), taken from the same forward pass; without one the
+            ``loss``, ``fisher`` and Hessian scores are skipped.
         progress: show a tqdm progress bar over layers (on stderr).
         trial_callback: called as ``trial_callback(layer, candidate_key)`` after every trial,
             once the weight is restored (used by tests to check the restoration).
@@ -749,64 +852,58 @@ def measure_sensitivity(
     was_training = model.training
     model.eval()
     try:
-        return _measure(model, batches, config, infos, modules, forward_fn, loss_fn, progress, trial_callback)
+        return _measure(model, batches, config, infos, modules, forward, loss_fn, progress, trial_callback)
     finally:
         model.train(was_training)
 
 
-def _measure(model, batches, config, infos, modules, forward_fn, loss_fn, progress, trial_callback) -> SensitivityReport:
-    metrics = set(config.metrics)
+def _measure(model, batches, config, infos, modules, forward, loss_fn, progress, trial_callback) -> SensitivityReport:
+    explicit = config.metrics is not None
+    metrics = set(config.metrics if explicit else _DEFAULT_METRICS)
+    need_loss = bool(metrics & {"loss", "fisher"}) or config.hessian
     # 1. reference pass
-    ref_out: List[torch.Tensor] = []
-    ref_logp: List[Optional[torch.Tensor]] = []
+    ref_out: List[Dict[str, torch.Tensor]] = []
     ref_loss: List[Optional[float]] = []
     with torch.no_grad():
         for b in batches:
-            out = forward_fn(model, b).detach()
+            out, lo = _output_and_loss(model, b, forward, loss_fn, need_loss)
             ref_out.append(out)
-            ref_logp.append(F.log_softmax(out.float().reshape(-1, out.shape[-1]), dim=-1) if "kl" in metrics else None)
-            lo = loss_fn(out, b)
             ref_loss.append(None if lo is None else float(lo))
-    has_loss = all(l is not None for l in ref_loss)
+    kind, why = _output_kind(config.output_kind, ref_out[0])
+    logger.info("outputs %s scored as %s (%s)", sorted(ref_out[0]), kind, why)
+    if kind == "regression" and not explicit:
+        metrics.discard("kl")
+    ref_logp = [{k: _log_softmax(t) for k, t in outs.items()} for outs in ref_out] if "kl" in metrics else [{} for _ in ref_out]
+    ref_power = {k: sum(float(torch.mean(o[k].double() ** 2)) for o in ref_out) / len(ref_out) for k in ref_out[0]}
+    has_loss = need_loss and all(l is not None for l in ref_loss)
     if not has_loss:
         for m in ("loss", "fisher"):
             if m in metrics:
-                logger.info("no loss available (no labels and no loss_fn): skipping the %s score", m)
+                logger.info("no loss available (the output carries none and no loss_fn): skipping the %s score", m)
                 metrics.discard(m)
-    if "kl" in metrics and ref_out[0].dim() < 1:
-        metrics.discard("kl")
     want_hawq = config.hessian
     if want_hawq and not has_loss:
         logger.info("no loss available: skipping the Hessian (HAWQ) score")
         want_hawq = False
-    base_loss = sum(ref_loss) / len(ref_loss) if has_loss else None
+    base_loss = sum(ref_loss) / len(ref_loss) if has_loss else None  # type: ignore[arg-type]
 
     # 2. Hessian traces, all layers at once
     traces: Dict[str, float] = {}
     if want_hawq:
         ws = [modules[l.name].weight for l in infos]
         tr = hutchinson_trace(
-            model, batches, ws, samples=config.hutchinson_samples, seed=config.seed, forward_fn=forward_fn, loss_fn=loss_fn
+            model, batches, ws, samples=config.hutchinson_samples, seed=config.seed, forward=forward, loss_fn=loss_fn
         )
         traces = {l.name: t for l, t in zip(infos, tr)}
 
     act_hook = _input_quant_hook(config.activations) if config.activations is not None else None
     entries: List[SensitivityEntry] = []
-    iterator: Iterable[LayerInfo] = infos
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(infos, desc="sensitivity", unit="layer")
-        iterator = bar
-    for info in iterator:
-        if bar is not None:
-            bar.set_postfix_str(info.name)
+    for info in progress_bar(infos, progress, "sensitivity", total=len(infos), unit="layer"):
         mods = [modules[info.name]] + [modules[a] for a in info.aliases]
         # 3a. per-layer outputs and gradients for the Fisher score
         fisher_ref: List[Tuple[List[torch.Tensor], List[torch.Tensor]]] = []
         if "fisher" in metrics:
-            fisher_ref = _layer_grads(model, batches, mods, forward_fn, loss_fn)
+            fisher_ref = _layer_grads(model, batches, mods, forward, loss_fn)
         for cand in config.candidates:
             key = candidate_key(cand)
             scores: Dict[str, float] = {}
@@ -826,13 +923,11 @@ def _measure(model, batches, config, infos, modules, forward_fn, loss_fn, progre
                         scores["hawq"] = traces[info.name] / info.numel * dw2
                     for i, b in enumerate(batches):
                         captured.clear()
-                        out = forward_fn(model, b)
-                        if "mse" in sums:
-                            sums["mse"] += float(torch.mean((out.double() - ref_out[i].double()) ** 2))
-                        if "kl" in sums:
-                            sums["kl"] += _kl(ref_logp[i], out)
+                        out, lo = _output_and_loss(model, b, forward, loss_fn, "loss" in sums)
+                        for m, v in _output_scores(out, ref_out[i], ref_logp[i], ref_power, sums).items():
+                            sums[m] += v
                         if "loss" in sums:
-                            sums["loss"] += float(loss_fn(out, b)) - ref_loss[i]
+                            sums["loss"] += float(lo) - ref_loss[i]
                         if "fisher" in sums:
                             ys, gs = fisher_ref[i]
                             if len(captured) != len(ys):
@@ -855,8 +950,6 @@ def _measure(model, batches, config, infos, modules, forward_fn, loss_fn, progre
             if trial_callback is not None:
                 trial_callback(info.name, key)
         logger.debug("sensitivity of %s done", info.name)
-    if bar is not None:
-        bar.close()
 
     baseline: Dict[str, Any] = {"num_batches": len(batches)}
     if base_loss is not None:
@@ -865,13 +958,16 @@ def _measure(model, batches, config, infos, modules, forward_fn, loss_fn, progre
         "model": type(model).__name__,
         "candidates": [candidate_key(c) for c in config.candidates],
         "metrics": sorted(set(metrics) | ({"hawq"} if want_hawq else set())),
+        "outputs": sorted(ref_out[0]),
+        "output_kind": kind,
+        "output_kind_reason": why,
         "activations": None if config.activations is None else config.activations.label,
         "hutchinson_samples": config.hutchinson_samples if want_hawq else None,
     }
     return SensitivityReport(infos, entries, baseline, _other_bytes(model, infos, modules), metadata)
 
 
-def _layer_grads(model, batches, mods, forward_fn, loss_fn):
+def _layer_grads(model, batches, mods, forward, loss_fn):
     """Return, per batch, the layer's outputs and the loss gradients at them (one entry per call)."""
     result = []
     for b in batches:
@@ -886,8 +982,7 @@ def _layer_grads(model, batches, mods, forward_fn, loss_fn):
         handles = [m.register_forward_hook(hook) for m in mods]
         try:
             with torch.enable_grad():
-                out = forward_fn(model, b)
-                loss = loss_fn(out, b)
+                loss = _loss(model, b, forward, loss_fn)
                 grads = torch.autograd.grad(loss, outs, allow_unused=True)
         finally:
             for h in handles:

@@ -1,6 +1,6 @@
 """Train the byte-level GPT on the stdlib corpus with DDP and a choice of gradient communication hook.
 
-The model (``gradcomp.tasks.TinyGPT``) and the data (the Python standard library's own source, read
+The model (``gradcomp.examples.tasks.TinyGPT``) and the data (the Python standard library's own source, read
 from the running interpreter) are real and available offline on every machine.
 
 Run it (always through torchrun, or through the scripts next to this file)::
@@ -64,7 +64,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gradcomp.tasks import GPT_PRESETS, TinyGPT, evaluate, get_batch, make_optimizer, split_corpus, text_corpus
+from gradcomp.examples.tasks import GPT_PRESETS, TinyGPT, evaluate, get_batch, make_optimizer, split_corpus, text_corpus
 
 logger = logging.getLogger("gradcomp.launch.train")
 
@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int, default=10, help="int8/int4: plain all-reduce steps first")
     g.add_argument("--min-compress-numel", type=int, default=16384, help="int8/int4: smaller buckets go uncompressed")
     g.add_argument("--stochastic-rounding", action="store_true", help="int8/int4: stochastic instead of nearest rounding")
-    g.add_argument("--compile", action="store_true", help="int8/int4: fused codec kernels (the hook's default; kept for old command lines)")
-    g.add_argument("--no-compile", action="store_true", help="int8/int4: eager codec kernels only (default: fused kernels, compiled in the background during the warm-up)")
+    g.add_argument("--compile", action="store_true", help="int8/int4: fused kernels (the default; kept for older command lines)")
+    g.add_argument("--no-compile", action="store_true", help="int8/int4: always run the eager kernels (default: fused kernels compiled in the background)")
     g.add_argument(
         "--hierarchical", action="store_true",
         help="int8/int4: fp32 inside a node, quantized between nodes (node layout from torchrun's LOCAL_WORLD_SIZE)",
@@ -380,7 +380,7 @@ def setup_hook(args: argparse.Namespace, ddp: DDP, world_size: int, tracer: Opti
             min_compress_numel=args.min_compress_numel,
             stochastic_rounding=args.stochastic_rounding,
             seed=args.seed,
-            **({"compile": False} if args.no_compile else {}),  # else the hook's default: the fast path
+            compile=not args.no_compile,
             log_every=0,
             topology=topology,
             policy=policy,

@@ -11,6 +11,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gradcomp
 from gradcomp.comm.collectives import ShardLayout
+from gradcomp.comm import exchange
 from gradcomp.comm.exchange import HEADER_BYTES
 
 from _dist import init_gloo, spawn
@@ -74,6 +75,7 @@ def _parity_worker(rank, world_size):
         assert 0 < state.stats()["rel_error"] < 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_parity_identical_ranks_bytes(tmp_path, world_size):
     spawn(_parity_worker, world_size, tmp_path)
@@ -105,6 +107,7 @@ def _nonfinite_worker(rank, world_size):
     assert torch.isfinite(_grads(model)).all()
 
 
+@pytest.mark.slow
 def test_nonfinite_on_one_rank_reaches_all_and_keeps_residuals(tmp_path):
     spawn(_nonfinite_worker, 3, tmp_path)
 
@@ -118,6 +121,7 @@ def _resume_worker(rank, world_size, bits, stochastic):
     assert state2.step == 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits,stochastic", [(8, False), (4, True)])
 def test_checkpoint_resume_is_bit_identical(tmp_path, bits, stochastic):
     spawn(_resume_worker, 2, tmp_path, bits, stochastic)
@@ -184,6 +188,7 @@ def _ddp_modes_worker(rank, world_size):
     assert state.step == 4
 
 
+@pytest.mark.slow
 def test_static_graph_unused_parameters_bucket_view_and_no_sync(tmp_path):
     spawn(_ddp_modes_worker, 2, tmp_path)
 
@@ -218,6 +223,7 @@ def _grad_scaler_worker(rank, world_size):
     assert _all_identical(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
 
 
+@pytest.mark.slow
 def test_grad_scaler_skips_inf_step_and_trains_on(tmp_path):
     spawn(_grad_scaler_worker, 2, tmp_path)
 
@@ -239,6 +245,7 @@ def _dtype_worker(rank, world_size):
             assert _all_identical(g.float())
 
 
+@pytest.mark.slow
 def test_half_precision_gradients(tmp_path):
     spawn(_dtype_worker, 3, tmp_path)
 
@@ -252,6 +259,7 @@ def _world_one_worker(rank, world_size):
     assert torch.equal(_grads(model), _grads(ref))
 
 
+@pytest.mark.slow
 def test_world_size_one_is_a_no_op(tmp_path):
     spawn(_world_one_worker, 1, tmp_path)
 
@@ -331,7 +339,128 @@ def _nccl_worker(rank, world_size):  # pragma: no cover - needs GPUs
         assert float((got - exact).norm() / exact.norm()) < STEP_TOL[8]
 
 
+@pytest.mark.slow
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2 or not dist.is_nccl_available(), reason="needs 2 CUDA GPUs and NCCL")
 def test_nccl_parity(tmp_path):  # pragma: no cover - needs GPUs
     spawn(_nccl_worker, 2, tmp_path, backend="nccl")
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipelined, chunked exchange
+
+
+def _chunked_worker(rank, world_size):
+    # many chunks per bucket and several buckets in flight: the same bits as one chunk per bucket,
+    # since a block's arithmetic does not depend on the chunks
+    runs = []
+    for chunk in (exchange.DEFAULT_CHUNK_NUMEL, 4 * 256):
+        model = DDP(_model(), bucket_cap_mb=0.05)
+        state = gradcomp.register(
+            model, bits=4, warmup_steps=1, min_compress_numel=0, compile=False, chunk_numel=chunk, stochastic_rounding=True
+        )
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(5):
+            _backward(model, rank, step)
+            assert _all_identical(_grads(model)), f"chunk_numel={chunk} step {step}: ranks differ"
+            opt.step()
+        plans = list(state._plans.values())
+        assert len(plans) >= 2
+        if chunk < 2048:
+            assert all(len(p.chunks) >= 3 for p in plans)
+        assert state.stats()["bytes_sent_step"] == sum(p.bytes_sent for p in plans)
+        runs.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+        state.close()
+    assert torch.equal(runs[0], runs[1]), "chunking changed the result"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_chunked_pipeline_matches_one_chunk_bit_for_bit(tmp_path, world_size):
+    spawn(_chunked_worker, world_size, tmp_path)
+
+
+def _nonfinite_one_bucket_worker(rank, world_size):
+    model = DDP(_model(), bucket_cap_mb=0.05)
+    state = gradcomp.register(model, bits=8, warmup_steps=1, min_compress_numel=0, compile=False, chunk_numel=1024)
+    for step in range(3):
+        _backward(model, rank, step)
+    before = state.state_dict()
+    assert len(before["worker_residuals"]) >= 2
+    first = model.module[0].weight
+    handle = first.register_hook(lambda g: g * float("inf")) if rank == 1 else None
+    _backward(model, rank, 3)
+    if handle is not None:
+        handle.remove()
+    g = _grads(model)
+    assert not torch.isfinite(first.grad).all() and torch.isfinite(model.module[4].weight.grad).all()
+    assert _all_identical(torch.nan_to_num(g, nan=0.0))
+    after = state.state_dict()
+    # every bucket's residuals stay as they were, not only the non-finite bucket's
+    for key in ("worker_residuals", "server_residuals"):
+        for idx, r in before[key].items():
+            assert torch.equal(r, after[key][idx]), f"{key}[{idx}] changed on a non-finite step"
+    assert state.stats()["nonfinite_steps"] == 1
+    _backward(model, rank, 4)
+    assert torch.isfinite(_grads(model)).all()
+    assert any(not torch.equal(r, state.state_dict()["worker_residuals"][i]) for i, r in after["worker_residuals"].items())
+
+
+@pytest.mark.slow
+def test_nonfinite_in_one_bucket_keeps_every_buckets_residuals(tmp_path):
+    spawn(_nonfinite_one_bucket_worker, 2, tmp_path)
+
+
+def _out_of_step_worker(rank, world_size):
+    model = DDP(_model(), bucket_cap_mb=0.05)
+    state = gradcomp.register(model, bits=8, warmup_steps=1, min_compress_numel=0, compile=False)
+    for step in range(2):
+        _backward(model, rank, step)
+    if rank == 1:
+        state.step += 1  # this rank believes it is one step further
+    with pytest.raises(RuntimeError, match=r"ranks out of step in the all-to-all: rank \d sent step \d+, bucket 0"):
+        _backward(model, rank, 2)
+
+
+@pytest.mark.slow
+def test_rank_out_of_step_is_detected_by_its_peers(tmp_path):
+    spawn(_out_of_step_worker, 2, tmp_path)
+
+
+def _default_compile_worker(rank, world_size):
+    # the defaults: fused kernels compiled in the background, used once ready, bit-identical to eager
+    results = []
+    for compile_ in (True, False):
+        model = DDP(_model(), bucket_cap_mb=0.05)
+        state = gradcomp.register(model, bits=4, warmup_steps=1, min_compress_numel=0, **({} if compile_ else {"compile": False}))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        _backward(model, rank, 0)
+        opt.step()
+        if compile_:
+            assert state._compiler is not None and state._compiler.wait(timeout=600), "compilation did not finish"
+        for step in range(1, 4):
+            _backward(model, rank, step)
+            opt.step()
+            assert _all_identical(_grads(model))
+        assert state._compiled_now() == compile_
+        results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+        state.close()
+    assert torch.equal(results[0], results[1]), "compiled and eager kernels gave different bits"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not gradcomp.codec.compile_available(), reason="torch.compile unavailable")
+def test_default_compiled_path_is_bit_identical_to_eager(tmp_path):
+    spawn(_default_compile_worker, 2, tmp_path, timeout=900.0)
+
+
+def test_config_object_is_accepted(world1):
+    cfg = gradcomp.HookConfig(bits=4, warmup_steps=3, chunk_numel=4096)
+    state = gradcomp.QuantizedAllReduceState(config=cfg)
+    assert state.config is cfg
+    with pytest.raises(TypeError, match=r"either config=HookConfig\(...\) or bits/options, not both; got config and \['bits', 'seed'\]"):
+        gradcomp.QuantizedAllReduceState(config=cfg, bits=8, seed=1)
+    with pytest.raises(TypeError, match="config must be a gradcomp HookConfig"):
+        gradcomp.QuantizedAllReduceState(config={"bits": 4})
+    with pytest.raises(ValueError, match="chunk_numel must be >= block_size=256, got 100"):
+        gradcomp.HookConfig(chunk_numel=100)

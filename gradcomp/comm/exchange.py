@@ -35,9 +35,11 @@ the fp32 bucket (4 bytes per value; codes are 1/4 of that):
   residual 2/P, write codes 1/(4P)                                                      = 0.25 + 2.25/P
 * decode: read codes 1/4 + write bucket 1                                               = 1.25
 
-Total 4.75 + 2.25/P passes (5.9 at P=2), about 27 bytes per value at P=2 with error feedback; without
-error feedback encode is 1.25 and the total 2.75 + 0.25/P. The eager kernels (used until the fused
-ones are compiled) make about 3x more. Nothing of bucket size is allocated per step: the buffers
+Total 4.75 + 2.25/P passes: 5.9 at P=2, i.e. 23.5 bytes per value (19 + 9/P) with error feedback;
+without error feedback encode is 1.25 and the total 2.75 + 0.25/P. The staging of ragged blocks and
+the message headers add a negligible amount; ``benchmarks/hook_path.py`` measures all of it against a
+``clone()`` (2 passes). The eager kernels (used until the fused ones are compiled) make several times
+more passes (each torch op reads and writes its operands). Nothing of bucket size is allocated per step: the buffers
 (:class:`ExchangeBuffers`) persist per bucket.
 
 Every rank decodes the same gathered bytes with the same code, so all ranks end bit-identical; a

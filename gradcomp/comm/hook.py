@@ -248,6 +248,7 @@ class QuantizedAllReduceState:
         self._step_plain: List[Tuple[Any, torch.Tensor]] = []  # plain buckets of this step (training thread)
         self._thread_buckets = 0  # buckets of the current step handed to the thread
         self._pipe: Optional[ChunkPipeline] = None
+        self._inflight: List[torch.futures.Future] = []  # futures of buckets still in the pipeline
         self._compiler: Optional[codec.BackgroundCompiler] = None
         if self.config.topology is not None:
             self.config.topology.num_nodes(self.world_size)  # refuse a topology that does not fit, before any group exists
@@ -346,7 +347,7 @@ class QuantizedAllReduceState:
         """Drop the process groups, the thread and the lock so the state can be pickled."""
         drop = (
             "process_group", "_comm_group", "_hier", "_thread", "_lock", "_param_keys", "_plans", "_buffers",
-            "_spares", "_pending", "_step_plain", "_pipe", "_compiler",
+            "_spares", "_pending", "_step_plain", "_pipe", "_compiler", "_inflight",
         )
         return {k: v for k, v in self.__dict__.items() if k not in drop}
 
@@ -363,10 +364,11 @@ class QuantizedAllReduceState:
         self._buffers, self._spares, self._pending, self._step_plain = {}, {}, {}, []
         self._step_finite, self._thread_buckets = True, 0
         self._pipe = None
+        self._inflight = []
         self._compiler = None
 
     def state_dict(self) -> Dict[str, Any]:
-        """Return this rank's residuals, step and config (tensors on CPU) for a checkpoint."""
+        """Return this rank's residuals, step, config and statistics (tensors on CPU) for a checkpoint."""
         self.synchronize()
         return {
             "config": asdict(self.config),
@@ -379,7 +381,19 @@ class QuantizedAllReduceState:
             "worker_residuals": {k: v.detach().cpu().clone() for k, v in self._worker_residuals.items()},
             "server_residuals": {k: v.detach().cpu().clone() for k, v in self._server_residuals.items()},
             "network_fit": self._policy.fit.to_dict() if self._policy is not None else None,
+            "stats": self._stats_snapshot(),
         }
+
+    def _stats_snapshot(self) -> Dict[str, Any]:
+        with self._lock:
+            return dict(self._stats)
+
+    def _load_stats(self, saved: Optional[Dict[str, Any]]) -> None:
+        """Restore the statistics of a checkpoint (totals go on counting from there); reset them if it has none."""
+        self._reset_stats()
+        if saved:
+            with self._lock:
+                self._stats.update({k: v for k, v in saved.items() if k in self._stats})
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load what :meth:`state_dict` returned on the same rank of a job of the same size and config.
@@ -413,6 +427,7 @@ class QuantizedAllReduceState:
         self._policy = policy
         self._logged_choices = set()
         self.step = int(state_dict["step"])
+        self._load_stats(state_dict.get("stats"))
         self._plans = {}
         self._spares, self._pending = {}, {}
         self._pool = None
@@ -591,6 +606,7 @@ class QuantizedAllReduceState:
         """Run on the communication thread: start ``buf``'s exchange in the pipeline; the pipeline completes ``fut``."""
         cfg = self.config
         device = buf.device
+        self._inflight = [f for f in self._inflight if not f.done()] + [fut]
         stream_ctx = _stream_context(buf, ready_event)
         with stream_ctx:
             ef = cfg.error_feedback
@@ -716,7 +732,11 @@ class QuantizedAllReduceState:
         self._account(0, 0, False, finite, None, step, True, count=False)
 
     def _on_thread_error(self, exc: BaseException) -> None:
-        """Drop the chunks in flight and the step's uncommitted residuals after an error on the thread."""
+        """Fail every bucket in flight, drop their chunks and the step's uncommitted residuals after an error."""
+        for f in self._inflight:
+            if not f.done():
+                f.set_exception(exc)
+        self._inflight = []
         if self._pipe is not None:
             self._pipe.abort()
         self._pending = {}
@@ -774,18 +794,28 @@ class QuantizedAllReduceState:
                 # runs of whole blocks, a ragged parameter, a one-block parameter, three chunks; and a
                 # bucket of one block (one block per shard): the shapes the hook's calls have
                 plan = ExchangePlan.build(numels, max(P, 2), bits, B, chunk_numel=(5 * max(P, 2)) * B)
-                xs = [torch.randn(plan.numel, device=device).to(dtype) for _ in range(plan.world_size)]
-                res = [torch.zeros(plan.padded_numel, device=device) for _ in xs] if ef else None
-                sres = [torch.zeros(plan.server_numel, device=device) for _ in xs] if ef else None
-                res_out = [torch.zeros_like(r) for r in res] if ef else None  # out of place, like the hook
-                sres_out = [torch.zeros_like(r) for r in sres] if ef else None
-                nz = [torch.rand(plan.padded_numel, device=device) for _ in xs] if stochastic else None
-                snz = [torch.rand(plan.server_numel, device=device) for _ in xs] if stochastic else None
-                out = torch.empty(plan.numel, dtype=dtype, device=device)
-                exchange.exchange_local(
-                    plan, xs, residuals=res, server_residuals=sres, noises=nz, server_noises=snz,
-                    residuals_out=res_out, server_residuals_out=sres_out, compiled=True, out=out,
-                )
+                g = torch.Generator().manual_seed(bits)
+                xs = [torch.randn(plan.numel, generator=g).to(device=device, dtype=dtype) for _ in range(plan.world_size)]
+                runs = []
+                for compiled in (False, True):
+                    res = [torch.rand(plan.padded_numel, generator=g).to(device) * 1e-2 for _ in xs] if ef else None
+                    sres = [torch.rand(plan.server_numel, generator=g).to(device) * 1e-2 for _ in xs] if ef else None
+                    nz = [torch.rand(plan.padded_numel, generator=g).to(device) for _ in xs] if stochastic else None
+                    snz = [torch.rand(plan.server_numel, generator=g).to(device) for _ in xs] if stochastic else None
+                    res_out = [torch.full_like(r, math.nan) for r in res] if ef else []  # out of place, like the hook
+                    sres_out = [torch.full_like(r, math.nan) for r in sres] if ef else []
+                    out = torch.full((plan.numel,), math.nan, dtype=dtype, device=device)
+                    exchange.exchange_local(
+                        plan, xs, residuals=res, server_residuals=sres, noises=nz, server_noises=snz,
+                        residuals_out=res_out or None, server_residuals_out=sres_out or None, compiled=compiled, out=out,
+                    )
+                    runs.append([out] + res_out + sres_out)
+                    g = torch.Generator().manual_seed(bits)  # the same residuals and noise for both runs
+                    _ = [torch.randn(plan.numel, generator=g) for _ in xs]
+                # use the fused kernels only if they reproduce the eager ones bit for bit here
+                for a, b in zip(*runs):
+                    if not torch.equal(a.view(torch.uint8), b.view(torch.uint8)) and not (a.isnan().any() and torch.equal(a.isnan(), b.isnan())):
+                        raise RuntimeError(f"the compiled {bits}-bit exchange kernels disagree with the eager ones on sample data")
 
         self._compiler = codec.BackgroundCompiler()
         self._compiler.start(warmup)
