@@ -4,7 +4,7 @@ One command measures everything, every baseline in the same run::
 
     sudo flock /tmp/gradcomp-bench.lock python benchmarks/benchmark.py
 
-It prints the expected runtime first (about 25 minutes on an idle 2-core machine) and runs three
+It prints the expected runtime first (about 30 minutes on an idle 2-core machine) and runs three
 parts, each training the communication-bound 17.6M-parameter TinyGPT preset (``comm17m``) on
 ``--hosts`` network namespaces joined at ``--rate`` (``launch/netsim.sh``), one rank per host, one
 thread per rank, every hook with its default options:
@@ -88,6 +88,7 @@ TTA_HOOKS = "allreduce,fp16,powersgd,int8,int4,policy"
 # seconds per step and per run start on the idle 2-core machine, for the runtime forecast
 _FORECAST_STEP = {2: 0.75, 4: 1.3}
 _FORECAST_START = 25.0
+_FORECAST_COMPILE = 45.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -361,6 +362,8 @@ def forecast(args: argparse.Namespace, parts: List[str]) -> float:
         else:
             P = 2 if part == "steps2" else 4
             total += len(_split(args.hooks)) * (_FORECAST_START + args.steps * _FORECAST_STEP[P])
+            # gradcomp's step-time runs wait for the background compilation of the fused kernels
+            total += _FORECAST_COMPILE * sum(h in ("int8", "int4", "policy", "int4-noef") for h in _split(args.hooks))
     return total + 30.0
 
 
