@@ -1,6 +1,7 @@
 """How compressed gradients cross the network: quantized collectives, the hierarchical exchange, the policy and the DDP hook."""
 
 from gradcomp.comm.collectives import ShardLayout, quantized_allreduce
+from gradcomp.comm.fsdp import FSDPCompressConfig, FSDPCompressState
 from gradcomp.comm.hierarchical import HierarchicalGroups, HierarchicalLayout, hierarchical_allreduce
 from gradcomp.comm.hook import HookConfig, QuantizedAllReduceState, quantized_allreduce_hook, register
 from gradcomp.comm.policy import PLAIN, CommPolicy, LinkFit, NetworkFit, PolicyConfig, probe_network
@@ -8,6 +9,8 @@ from gradcomp.comm.topology import Topology
 
 __all__ = [
     "CommPolicy",
+    "FSDPCompressConfig",
+    "FSDPCompressState",
     "HierarchicalGroups",
     "HierarchicalLayout",
     "HookConfig",

@@ -284,7 +284,13 @@ class FSDPCompressState:
         default = (P - 1) * row * inp.element_size()
         if not compress:
             fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-            work = fn(output, inp, group=group, op=op, async_op=async_op)
+            if getattr(op, "op", op) == dist.ReduceOp.PREMUL_SUM and scale is not None and dist.get_backend(group) == "gloo":
+                # gloo has no PREMUL_SUM: sum, then multiply (what the quantized path does too)
+                fn(output, inp, group=group, op=dist.ReduceOp.SUM)
+                output.mul_(scale)
+                work = None
+            else:
+                work = fn(output, inp, group=group, op=op, async_op=async_op)
             self._account_grad(mod, default, fp32, default)
             return work
         plan = mod.plan(row, P, cfg.grad_bits, cfg.block_size)
