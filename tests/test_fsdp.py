@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from gradcomp import codec
+from gradcomp.comm.exchange import HEADER_BYTES
 from gradcomp.comm.fsdp import FSDPCompressConfig, FSDPCompressState, _ModuleComm, _QuantizedAllGather, _QuantizedReduceScatter, _RowPlan
 from tests._dist import spawn
 
@@ -48,31 +49,41 @@ def test_compress_rejects_a_plain_model():
 
 
 def test_row_plan_aligns_every_parameter_to_a_block():
-    plan = _RowPlan.build(320, (300, 20), 2, 8, 256)
-    assert plan.aligned == 768 and plan.layout.message_bytes == 768 + 4 * 3
+    plan = _RowPlan.build(320, (300, 20), 256)
+    assert plan.aligned == 768
     x = torch.arange(2 * 320, dtype=torch.float32).view(2, 320)
     y = plan.align(x)
     assert torch.equal(y[:, :300], x[:, :300]) and torch.equal(y[:, 512:532], x[:, 300:])
     assert not y[:, 300:512].any() and not y[:, 532:].any()
     assert torch.equal(plan.unalign(y), x)
-    assert _RowPlan.build(512, (512,), 2, 8, 256).index is None  # nothing to move: no copy
-    assert _RowPlan.build(10, (3, 4), 2, 8, 256).aligned == 256  # segments that do not add up: one segment
+    assert _RowPlan.build(512, (512,), 256).index is None  # nothing to move: no copy
+    assert _RowPlan.build(10, (3, 4), 256).aligned == 256  # segments that do not add up: one segment
 
 
 # ---------------------------------------------------------------- the comms against a reference
 
 
-def _reference_rs(inputs, residuals, plan, bits, B, factor):
-    """Rank k's output from every rank's input: quantize (with residual), dequantize row k, sum in rank order."""
+def _encode_ref(x, residual, bits, B):
+    """Codes, scales and new residual of aligned rows ``x`` with the codec's own kernel."""
+    res_out = torch.empty(x.shape, dtype=torch.float32)
+    codes, scale = codec.encode_blocks(x, bits, residual=residual, residual_out=None if residual is None else res_out)
+    return codes, scale, res_out
+
+
+def _reference_rs(inputs, residuals, plan, bits, B, op):
+    """Rank k's output from every rank's input: quantize (with residual), decode row k, sum in rank order, apply op."""
+    P = len(inputs)
     deq = []
     for x, r in zip(inputs, residuals):
         xa = plan.align(x).reshape(-1, B)
-        packed, scale, err = codec.error_feedback_step(xa, r.view_as(xa), bits, B)
-        deq.append(codec.dequantize_packed(packed, scale, bits).view(len(inputs), -1))
+        codes, scale, _ = _encode_ref(xa, r.view_as(xa), bits, B)
+        deq.append(codec.decode_blocks(codes, scale, bits).view(P, -1))
     total = deq[0]
     for d in deq[1:]:
         total = total + d
-    return plan.unalign(total * factor if factor != 1.0 else total)
+    kind, f = op
+    total = total / f if kind == "div" else (total * f if f != 1.0 else total)
+    return plan.unalign(total)
 
 
 def _comms(rank, world_size):
@@ -81,17 +92,17 @@ def _comms(rank, world_size):
     row = sum(segments)
     group = dist.group.WORLD
     ops = [
-        (dist.ReduceOp.AVG, 1.0 / P),
-        (dist.ReduceOp.SUM, 1.0),
-        (dist.ReduceOp.PREMUL_SUM(0.3), 0.3),
+        (dist.ReduceOp.AVG, ("div", P)),
+        (dist.ReduceOp.SUM, ("mul", 1.0)),
+        (dist.ReduceOp.PREMUL_SUM(0.3), ("mul", 0.3)),
     ]
     for bits in (8, 4):
         for dtype in (torch.float32, torch.bfloat16):
             for op, factor in ops:
                 state = FSDPCompressState(FSDPCompressConfig(grad_bits=bits, warmup_steps=0, min_compress_numel=0))
-                mod = _ModuleComm("m", segments)
+                mod = _ModuleComm("m", 0, segments)
                 rs = _QuantizedReduceScatter(state, mod)
-                plan = mod.plan(row, P, bits, B)
+                plan = _RowPlan.build(row, segments, B)
                 residuals = [torch.zeros(P * plan.aligned) for _ in range(P)]
                 for step in range(2):  # the second step uses the residual of the first
                     inputs = [torch.randn(P, row, generator=torch.Generator().manual_seed(100 * step + r)).to(dtype) for r in range(P)]
@@ -101,14 +112,14 @@ def _comms(rank, world_size):
                     assert torch.equal(out, ref), f"bits={bits} dtype={dtype} op={op}: output differs from the reference"
                     for r in range(P):  # the residuals the reference leaves
                         xa = plan.align(inputs[r]).reshape(-1, B)
-                        residuals[r] = codec.error_feedback_step(xa, residuals[r].view_as(xa), bits, B)[2].reshape(-1)
+                        residuals[r] = _encode_ref(xa, residuals[r].view_as(xa), bits, B)[2].reshape(-1)
                     assert torch.equal(mod.residual, residuals[rank])
-                    # bytes: (P - 1) messages of aligned codes + fp32 scales
-                    assert mod.last_grad == ((P - 1) * (plan.aligned * bits // 8 + 4 * plan.aligned // B), (P - 1) * row * 4)
+                    # bytes: (P - 1) messages of aligned codes + fp32 scales + header
+                    assert mod.last_grad == ((P - 1) * (plan.aligned * bits // 8 + 4 * plan.aligned // B + HEADER_BYTES), (P - 1) * row * 4)
 
     # a non-finite value on one rank: every rank's shard is non-finite, every residual stays
     state = FSDPCompressState(FSDPCompressConfig(grad_bits=8, warmup_steps=0, min_compress_numel=0))
-    mod = _ModuleComm("m", segments)
+    mod = _ModuleComm("m", 0, segments)
     rs = _QuantizedReduceScatter(state, mod)
     x = torch.randn(P, row, generator=torch.Generator().manual_seed(rank))
     out = torch.empty(row)
@@ -124,9 +135,9 @@ def _comms(rank, world_size):
 
     # the all-gather: int8 codes of each rank's shard, every rank dequantizes every shard (its own too)
     state = FSDPCompressState(FSDPCompressConfig(grad_bits=None, weight_bits=8, warmup_steps=0, min_compress_numel=0))
-    mod = _ModuleComm("m", segments)
+    mod = _ModuleComm("m", 0, segments)
     ag = _QuantizedAllGather(state, mod)
-    plan = mod.plan(row, P, 8, B)
+    plan = _RowPlan.build(row, segments, B)
     for dtype in (torch.float32, torch.bfloat16):
         shards = [torch.randn(row, generator=torch.Generator().manual_seed(50 + r)).to(dtype) for r in range(P)]
         out = ag.allocate((P * row,), dtype=dtype, device=torch.device("cpu"))
@@ -135,12 +146,12 @@ def _comms(rank, world_size):
         ag(out, mine, group)
         for r in range(P):
             xa = plan.align(shards[r].view(1, -1)).reshape(-1, B)
-            packed, scale, _ = codec.error_feedback_step(xa, torch.zeros_like(xa, dtype=torch.float32), 8, B)
-            ref = plan.unalign(codec.dequantize_packed(packed, scale, 8).view(1, -1)).view(-1).to(dtype)
+            codes, scale, _ = _encode_ref(xa, None, 8, B)
+            ref = plan.unalign(codec.decode_blocks(codes, scale, 8).view(1, -1)).view(-1).to(dtype)
             assert torch.equal(out[r * row : (r + 1) * row], ref), f"all-gather slot {r} differs from the reference"
             err = (out[r * row : (r + 1) * row].float() - shards[r].float()).abs().max()
             assert err <= shards[r].float().abs().max() / 127 / 2 * 1.01 + 1e-2 * (dtype == torch.bfloat16)
-    assert mod.pending_weight[0] == 2 * (P - 1) * (plan.aligned + 4 * plan.aligned // B)
+    assert mod.pending_weight[0] == 2 * (P - 1) * (plan.aligned + 4 * plan.aligned // B + HEADER_BYTES)
 
 
 @pytest.mark.slow
@@ -209,7 +220,7 @@ def _expected_grad_bytes(net, P, bits, B):
     for m in (net.a, net.b, net.c, net):
         segs = _param_segments(m)
         aligned = sum(-(-s // B) * B for s in segs)
-        total += (P - 1) * (aligned * bits // 8 + 4 * aligned // B)
+        total += (P - 1) * (aligned * bits // 8 + 4 * aligned // B + HEADER_BYTES)
     return total
 
 

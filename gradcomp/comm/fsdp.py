@@ -12,25 +12,29 @@ One line on a model already wrapped with ``torch.distributed.fsdp.fully_shard``:
 Every FSDP module gets its own reduce-scatter and all-gather (``FSDPModule.set_custom_reduce_scatter``
 and ``set_custom_all_gather``), which FSDP calls with the module's flat buffers:
 
-Reduce-scatter of a module's gradients, on P ranks (the first half of gradcomp's two-phase exchange):
+Reduce-scatter of a module's gradients, on P ranks: the first half of gradcomp's two-phase exchange,
+with the exchange's own steps (:mod:`gradcomp.comm.exchange`):
 
-1. FSDP lays the gradients out as ``input.view(P, row)``: row k holds every parameter's chunk k.
-   Each parameter's chunk starts on a block boundary of the aligned row (so a block never mixes two
-   parameters); the rank's whole aligned gradient plus its residual is quantized block by block
-   (``codec.error_feedback_step``), and what the codes left behind is the new residual.
-2. All-to-all: row k's codes and fp32 scales go to rank k (:mod:`gradcomp.comm.collectives` messages).
-3. Rank k dequantizes the P copies of its row and sums them in rank order 0..P-1 in fp32
-   (``codec.dequantize_sum``), applies FSDP's op (AVG: / P, SUM, PREMUL_SUM: * factor) and writes the
-   output shard in FSDP's reduce dtype.
+1. FSDP lays the gradients out as ``input.view(P, row)``: row k holds every parameter's chunk k. The
+   exchange is planned for ``P`` copies of the row's per-parameter segments, each starting on a block
+   boundary, as one chunk, so its shard k is exactly row k. ``exchange.encode`` quantizes the rank's
+   whole gradient (+ its residual) straight into the P messages and leaves the new residual.
+2. All-to-all: message k (row k's codes, fp32 scales and a header of step and module) goes to rank k;
+   the headers are checked (CPU tensors; on an accelerator the check would stall the backward pass).
+3. Rank k decodes the P copies of its row (``codec.decode_blocks``), sums them in rank order 0..P-1
+   in fp32, applies FSDP's op (AVG: / P, SUM, PREMUL_SUM: * factor) and writes its output shard in
+   FSDP's reduce dtype.
 
-Bytes each rank sends: ``(P - 1) * (aligned_row * bits / 8 + 4 * aligned_row / block_size)`` against
-``(P - 1) * row * 4`` for FSDP's fp32 reduce-scatter: 0.254x for int8 and 0.129x for int4 with
-``block_size=256`` (a little more where parameters are padded to blocks).
+Bytes each rank sends: ``(P - 1) * message_bytes``, a message being the aligned row's codes
+(``aligned_row * bits / 8``), its scales (``4 * aligned_row / block_size``) and a 16-byte header,
+against ``(P - 1) * row * 4`` for FSDP's fp32 reduce-scatter: 0.254x for int8 and 0.129x for int4
+with ``block_size=256`` (a little more where parameters are padded to whole blocks).
 
-All-gather of a module's parameters (``weight_bits=8``): each rank quantizes its shard (int8, one fp32
-scale per block, blocks aligned per parameter), the codes and scales are all-gathered, and every rank
-dequantizes every shard, its own included, so all ranks compute with identical weights. The sharded
-parameters the optimizer updates stay in full precision; only the gathered copy is quantized.
+All-gather of a module's parameters (``weight_bits=8``): each rank encodes its shard alone (int8, one
+fp32 scale per block, blocks aligned per parameter), the messages are all-gathered, and every rank
+decodes every shard (``exchange.decode``), its own included, so all ranks compute with identical
+weights. The sharded parameters the optimizer updates stay in full precision; only the gathered copy
+is quantized.
 
 Guarantees, as in the DDP hook: plain collectives for the first ``warmup_steps`` steps of each module
 and for modules under ``min_compress_numel`` elements (the same decision on every rank: it depends on
@@ -46,7 +50,10 @@ the reduce-scatter) and cannot replace it, and ``set_requires_all_reduce(False)`
 gradients unassigned, so there is no place to put a compressed all-reduce.
 
 Memory: error feedback keeps, per module and rank, an fp32 residual of the module's whole (unsharded,
-block-aligned) gradient: 4 bytes per model parameter on every rank. ``error_feedback=False`` drops it.
+block-aligned) gradient: 4 bytes per model parameter on every rank (``error_feedback=False`` drops
+it), plus a second one of the module being reduced while it is reduced (the new residual is committed
+only when every rank was finite). The message buffers persist per module: ``2 * bits / 8`` bytes per
+parameter for the reduce-scatter (send and receive) and ``1 + 1 / P`` for the int8 all-gather.
 """
 
 from __future__ import annotations
@@ -60,7 +67,8 @@ import torch
 import torch.distributed as dist
 
 from gradcomp import codec
-from gradcomp.comm.collectives import ShardLayout, _pack_message, _unpack_message, all_gather_into
+from gradcomp.comm import exchange
+from gradcomp.comm.collectives import all_gather_into
 
 logger = logging.getLogger(__name__)
 
@@ -122,37 +130,41 @@ class FSDPCompressConfig:
 
 @dataclass(frozen=True)
 class _RowPlan:
-    """Where a flat row of FSDP's buffer goes in the block-aligned row the codec works on.
+    """Where a flat row of FSDP's buffer goes in the block-aligned row the exchange works on.
+
+    The exchange (:class:`~gradcomp.comm.exchange.ExchangePlan`) starts every parameter on a block
+    boundary; FSDP's buffer is ``P`` rows of the same per-parameter segments, so it is planned as
+    ``P`` copies of the segments, and shard ``k`` of the plan is exactly row ``k``.
 
     Attributes:
         row: elements of FSDP's row (one rank's shard of the module's flat buffer).
+        segments: per-parameter lengths of the row (zero-length ones dropped).
         aligned: elements of the aligned row, a whole number of blocks.
         index: ``index[j]`` is the aligned position of row element ``j`` (None: the identity).
-        layout: the exchange's sizes: ``P`` shards of ``aligned`` elements.
     """
 
     row: int
+    segments: Tuple[int, ...]
     aligned: int
     index: Optional[torch.Tensor]
-    layout: ShardLayout
 
     @staticmethod
-    def build(row: int, segments: Sequence[int], world_size: int, bits: int, block_size: int) -> "_RowPlan":
+    def build(row: int, segments: Sequence[int], block_size: int) -> "_RowPlan":
         """Lay ``segments`` (per-parameter lengths summing to ``row``) out, each from a block boundary.
 
         Example: segments (300, 20) with ``block_size=256`` go to 0..299 and 512..531 of a 768-element row.
         """
+        segments = tuple(int(n) for n in segments if n > 0)
         if sum(segments) != row or not segments:
             segments = (row,)  # unknown split: one segment
         starts, dst = [], 0
         for n in segments:
             starts.append(dst)
             dst += -(-n // block_size) * block_size
-        aligned = max(dst, block_size)
         index = None
-        if len(segments) > 1 or aligned != row:
+        if len(segments) > 1 or dst != row:
             index = torch.cat([torch.arange(s, s + n, dtype=torch.long) for s, n in zip(starts, segments)])
-        return _RowPlan(row, aligned, index, ShardLayout(world_size * aligned, world_size, bits, block_size))
+        return _RowPlan(row, segments, dst, index)
 
     def align(self, x: torch.Tensor) -> torch.Tensor:
         """Return ``x`` (rows, row) laid out as (rows, aligned), zeros in the padding (a view when it can)."""
@@ -169,43 +181,79 @@ class _RowPlan:
         return y.index_select(1, self.index.to(y.device))
 
 
-def _op_scale(op: Any, world_size: int) -> Optional[float]:
-    """Return the factor the summed shard is multiplied by for FSDP's ``op``; None for other ops.
+def _op_scale(op: Any, world_size: int) -> Optional[Tuple[str, float]]:
+    """Return how the summed shard is scaled for FSDP's ``op``: ``("div", P)``, ``("mul", f)``; None for other ops.
 
-    AVG: ``1 / P``; SUM: 1; PREMUL_SUM(f): ``f`` (FSDP passes ``1 / gradient_divide_factor``).
+    AVG: divided by ``P`` (as the DDP exchange divides); SUM: ``("mul", 1.0)``; PREMUL_SUM(f):
+    multiplied by ``f`` (FSDP passes ``1 / gradient_divide_factor``).
     """
     kind = getattr(op, "op", op)
     if kind == dist.ReduceOp.AVG:
-        return 1.0 / world_size
+        return ("div", float(world_size))
     if kind == dist.ReduceOp.SUM:
-        return 1.0
+        return ("mul", 1.0)
     if kind == dist.ReduceOp.PREMUL_SUM:
         factor = getattr(op, "factor", None)
         if factor is None:
             return None
-        return float(factor)
+        return ("mul", float(factor))
     return None
 
 
-class _ModuleComm:
-    """Per-module, per-rank data: the residual, the step, the cached plans and the byte counts."""
+def _trim(bufs: exchange.ExchangeBuffers, keep: Tuple[str, ...]) -> exchange.ExchangeBuffers:
+    """Drop the message buffers this use of the exchange never touches (they are of module size)."""
+    for name in ("send", "recv", "mine", "gathered"):
+        if name not in keep:
+            setattr(bufs, name, [torch.empty(0, dtype=torch.uint8, device=t.device) for t in getattr(bufs, name)])
+    return bufs
 
-    def __init__(self, fqn: str, segments: Tuple[int, ...]):
+
+@dataclass
+class _Entry:
+    """A cached exchange of one module for one (row, world size, width, device)."""
+
+    row: _RowPlan
+    plan: exchange.ExchangePlan  # P copies of the row's segments: shard k is row k
+    bufs: exchange.ExchangeBuffers
+    plan1: Optional[exchange.ExchangePlan] = None  # the all-gather: this rank's row alone
+    bufs1: Optional[exchange.ExchangeBuffers] = None
+
+
+class _ModuleComm:
+    """Per-module, per-rank data: the residual, the step, the cached exchanges and the byte counts."""
+
+    def __init__(self, fqn: str, index: int, segments: Tuple[int, ...]):
         self.fqn = fqn
+        self.index = index  # the module's position: in every message header, with the step
         self.segments = segments
         self.step = 0
         self.residual: Optional[torch.Tensor] = None
-        self.plans: Dict[Tuple[int, int, int], _RowPlan] = {}
+        self.entries: Dict[Tuple[str, int, int, int, str], _Entry] = {}
         self.pending_weight: Tuple[int, int] = (0, 0)  # (sent, fp32) of the all-gathers since the last reduce-scatter
         self.last_grad: Tuple[int, int] = (0, 0)
         self.last_weight: Tuple[int, int] = (0, 0)
 
-    def plan(self, row: int, world_size: int, bits: int, block_size: int) -> _RowPlan:
-        key = (row, world_size, bits)
-        p = self.plans.get(key)
-        if p is None:
-            p = self.plans[key] = _RowPlan.build(row, self.segments, world_size, bits, block_size)
-        return p
+    def entry(self, kind: str, row: int, world_size: int, bits: int, block_size: int, device: torch.device) -> _Entry:
+        """Return the plan and buffers of a reduce-scatter (``"rs"``) or all-gather (``"ag"``), built once."""
+        key = (kind, row, world_size, bits, str(device))
+        e = self.entries.get(key)
+        if e is not None:
+            return e
+        rp = _RowPlan.build(row, self.segments, block_size)
+        plan = exchange.ExchangePlan.build(rp.segments * world_size, world_size, bits, block_size, chunk_numel=None)
+        if plan.layout.shard_numel != rp.aligned or len(plan.chunks) != 1:
+            raise AssertionError(f"internal error: the exchange's shards ({plan.layout.shard_numel}) are not FSDP's rows ({rp.aligned})")
+        bufs = exchange.ExchangeBuffers.allocate(plan, device)
+        if kind == "rs":
+            e = _Entry(rp, plan, _trim(bufs, ("send", "recv")))
+        else:
+            plan1 = exchange.ExchangePlan.build(rp.segments, 1, bits, block_size, chunk_numel=None)
+            c1, cp = plan1.chunks[0], plan.chunks[0]
+            if (c1.code_bytes, c1.scale_offset, c1.message_bytes) != (cp.code_bytes, cp.scale_offset, cp.message_bytes):
+                raise AssertionError("internal error: a rank's message and a shard's message differ in layout")
+            e = _Entry(rp, plan, _trim(bufs, ("gathered",)), plan1, _trim(exchange.ExchangeBuffers.allocate(plan1, device), ("send",)))
+        self.entries[key] = e
+        return e
 
 
 class _QuantizedReduceScatter:
@@ -287,43 +335,54 @@ class FSDPCompressState:
             if getattr(op, "op", op) == dist.ReduceOp.PREMUL_SUM and scale is not None and dist.get_backend(group) == "gloo":
                 # gloo has no PREMUL_SUM: sum, then multiply (what the quantized path does too)
                 fn(output, inp, group=group, op=dist.ReduceOp.SUM)
-                output.mul_(scale)
+                output.mul_(scale[1])
                 work = None
             else:
                 work = fn(output, inp, group=group, op=op, async_op=async_op)
             self._account_grad(mod, default, fp32, default)
             return work
-        plan = mod.plan(row, P, cfg.grad_bits, cfg.block_size)
-        layout = plan.layout
-        # 1. aligned rows, quantized with the residual (zeros the first time)
-        x = plan.align(inp.view(P, row)).reshape(-1, cfg.block_size)
-        res = mod.residual
-        if cfg.error_feedback and res is not None and res.numel() == x.numel():
-            res = res.to(x.device).view_as(x)
-        else:
-            res = torch.zeros((), dtype=torch.float32, device=x.device).expand_as(x)
-        packed, scales, err = codec.error_feedback_step(x, res, cfg.grad_bits, cfg.block_size, compiled=cfg.compile)
-        # a non-finite value anywhere poisons every scale this rank sends: every rank then sees it
-        scales = scales + torch.where(torch.isfinite(scales).all(), 0.0, float("nan"))
-        send = _pack_message(packed, scales, P, layout)
-        # 2. all-to-all: row k to rank k
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=group)
-        # 3. dequantize my P rows, sum in rank order, apply the op, write FSDP's output shard
-        codes, rscales = _unpack_message(recv, layout)
-        finite = torch.isfinite(rscales).all()
-        reduced = codec.dequantize_sum(codes, rscales, cfg.grad_bits, compiled=cfg.compile)
-        if scale != 1.0:
-            reduced.mul_(scale)
-        output.view(1, row).copy_(plan.unalign(reduced.view(1, plan.aligned)))
+        bits, B = cfg.grad_bits, cfg.block_size
+        e = mod.entry("rs", row, P, bits, B, inp.device)
+        plan, bufs = e.plan, e.bufs
+        header = (step, mod.index)
+        # 1. encode: the rank's whole gradient (+ residual) straight into the P messages
+        res = res_new = None
         if cfg.error_feedback:
-            # keep the old residual on a non-finite step (the same decision on every rank)
-            old = mod.residual.to(err.device) if mod.residual is not None and mod.residual.numel() == err.numel() else torch.zeros_like(err.view(-1))
-            mod.residual = torch.where(finite, err.view(-1), old)
+            res = mod.residual
+            if res is None or res.numel() != plan.padded_numel:
+                res = torch.zeros(plan.padded_numel, dtype=torch.float32, device=inp.device)
+            res = res.to(inp.device)
+            res_new = torch.empty_like(res)  # committed below only if every rank was finite
+        send = exchange.encode(plan, bufs, 0, inp.view(-1), residual=res, residual_out=res_new, header=header, compiled=cfg.compile)
+        # a non-finite value anywhere poisons every scale this rank sends, so every rank sees it
+        # (the plan has no padding blocks: every scale is rewritten by the next encode)
+        _, scales, _ = bufs.to_views(0, send, P)
+        scales.add_(torch.where(torch.isfinite(scales).all(), 0.0, float("nan")))
+        # 2. all-to-all: row k to rank k
+        dist.all_to_all_single(bufs.recv[0], send, group=group)
+        if inp.device.type == "cpu":  # on an accelerator the check would stall the backward pass
+            exchange.check_header(plan, 0, bufs.recv[0], step, mod.index, "FSDP reduce-scatter")
+        # 3. decode the P copies of my row, sum them in rank order, scale by the op
+        codes, rscales, _ = bufs.to_views(0, bufs.recv[0], P)
+        s = plan.chunks[0].shard_blocks
+        deq = codec.decode_blocks(codes.reshape(P * s, -1), rscales.reshape(P * s), bits, compiled=cfg.compile).view(P, -1)
+        acc = deq[0].clone()
+        for k in range(1, P):  # a fixed order, as the DDP exchange sums
+            acc.add_(deq[k])
+        if scale[0] == "div":
+            acc.div_(scale[1])
+        elif scale[1] != 1.0:
+            acc.mul_(scale[1])
+        output.view(1, row).copy_(e.row.unalign(acc.view(1, -1)))
+        finite = torch.isfinite(rscales).all()
+        if cfg.error_feedback:
+            # keep the old residual on a non-finite step (the same decision on every rank), without a sync
+            torch.where(finite, res_new, res, out=res)
+            mod.residual = res
         with self._lock:
             bad = (~finite).to(torch.int64)
             self._nonfinite = bad if self._nonfinite is None else self._nonfinite.to(bad.device) + bad
-        self._account_grad(mod, (P - 1) * layout.message_bytes, fp32, default)
+        self._account_grad(mod, (P - 1) * plan.chunks[0].message_bytes, fp32, default)
         return None
 
     def _all_gather(self, mod: _ModuleComm, output: torch.Tensor, inp: torch.Tensor, group, async_op: bool):
@@ -336,6 +395,7 @@ class FSDPCompressState:
             and mod.step >= cfg.warmup_steps
             and output.numel() >= cfg.min_compress_numel
             and inp.dtype in _FLOAT
+            and output.dtype == inp.dtype
             and output.numel() == P * n
         )
         fp32 = (P - 1) * n * 4
@@ -345,19 +405,23 @@ class FSDPCompressState:
             work = fn(output, inp, group=group, async_op=async_op)
             self._account_weight(mod, default, fp32, default)
             return work
-        plan = mod.plan(n, P, cfg.weight_bits, cfg.block_size)
-        layout = plan.layout
-        # the input is this rank's slot of the output: read it before the output is written
-        x = plan.align(inp.view(1, n)).reshape(-1, cfg.block_size)
-        zero = torch.zeros((), dtype=torch.float32, device=x.device).expand_as(x)
-        packed, scales, _ = codec.error_feedback_step(x, zero, cfg.weight_bits, cfg.block_size, compiled=cfg.compile)
-        mine = _pack_message(packed, scales, 1, layout).view(-1)
-        gathered = torch.empty(P * layout.message_bytes, dtype=torch.uint8, device=x.device)
+        e = mod.entry("ag", n, P, cfg.weight_bits, cfg.block_size, inp.device)
+        header = (mod.step, mod.index)
+        # the input is this rank's slot of the output: encode reads it before decode writes the output
+        mine = exchange.encode(e.plan1, e.bufs1, 0, inp.view(-1), header=header, compiled=cfg.compile)
+        gathered = e.bufs.gathered[0]
         all_gather_into(gathered, mine, group)
-        codes, gscales = _unpack_message(gathered.view(P, layout.message_bytes), layout)
-        deq = codec.dequantize_packed(codes.view(-1), gscales.view(-1), cfg.weight_bits, compiled=cfg.compile)
-        output.view(P, n).copy_(plan.unalign(deq.view(P, plan.aligned)))
-        self._account_weight(mod, (P - 1) * layout.message_bytes, fp32, default)
+        if inp.device.type == "cpu":
+            _, _, hdr = e.bufs.to_views(0, gathered, P)
+            want = torch.tensor(exchange.header_of(e.plan1, 0, *header), dtype=torch.int32)
+            if not bool((hdr == want).all()):
+                raise exchange.HeaderMismatch(
+                    f"ranks out of step in the FSDP all-gather of module {mod.fqn!r}: headers {hdr.tolist()}, "
+                    f"this rank expected {want.tolist()} (step, module, bits, numel)"
+                )
+        # every rank decodes every shard, its own too: all ranks compute with identical weights
+        exchange.decode(e.plan, e.bufs, 0, output.view(-1), compiled=cfg.compile)
+        self._account_weight(mod, (P - 1) * e.plan.chunks[0].message_bytes, fp32, default)
         return None
 
     # ---- statistics
@@ -546,7 +610,7 @@ def compress_(
             continue  # no parameters of its own: FSDP runs no collective for it
         if groups is not None and len(groups) > 1:
             raise ValueError(f"FSDP module {name or '<root>'!r} has {len(groups)} parameter groups; gradcomp needs one per module")
-        installed.append((name, m, _ModuleComm(name, _param_segments(m))))
+        installed.append((name, m, _ModuleComm(name, len(installed), _param_segments(m))))
     for name, m, mod in installed:  # validated all first: either every module is changed or none
         state.modules[name] = mod
         # installed even for None widths: FSDP's own collective then runs, counted in the statistics
