@@ -291,6 +291,51 @@ def test_fsdp_training_parity_ops_mixed_precision_resume(tmp_path):
     spawn(_fsdp, 2, tmp_path, timeout=300)
 
 
+# ---------------------------------------------------------------- HSDP: quantized all-reduce across replicas
+
+
+def _hsdp(rank, world_size):
+    import gradcomp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("replicate", "shard"))
+
+    def run(custom, bits=8):
+        net = _Net()
+        m = mesh["shard"] if custom else mesh
+        for sub in (net.a, net.b, net.c):
+            fully_shard(sub, mesh=m)
+        fully_shard(net, mesh=m)
+        state = None
+        if custom:
+            state = gradcomp.fsdp.compress_(net, grad_bits=bits, replicate_group=mesh.get_group("replicate"), **opts)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        _train(net, opt, rank, range(STEPS))
+        return _full(net), state, net, opt
+
+    opts = {"warmup_steps": 1, "min_compress_numel": 0}
+    ref, _, _, _ = run(False)  # native HSDP, fp32
+    got, state, net, opt = run(True)
+    assert _rel(got, ref) < PARITY_TOL[8], f"HSDP int8: {_rel(got, ref):.3g} from native HSDP"
+    from tests._models import _all_identical
+
+    assert _all_identical(got), "replicas (and shards) disagree on the parameters"
+    s = state.stats()
+    assert 0 < s["replicate_ratio"] < 0.3 and s["grad_ratio"] < 0.3, s
+    sd = state.state_dict()
+    assert set(sd["replicate_residuals"]) == set(state.replicas)
+    with pytest.raises(ValueError, match="native HSDP"):
+        native = _Net()
+        fully_shard(native, mesh=mesh)
+        gradcomp.fsdp.compress_(native, replicate_group=mesh.get_group("replicate"))
+
+
+@pytest.mark.slow
+def test_hsdp_replicate_allreduce_quantized(tmp_path):
+    spawn(_hsdp, 4, tmp_path, timeout=300)
+
+
 # ---------------------------------------------------------------- NCCL
 
 

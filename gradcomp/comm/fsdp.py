@@ -43,11 +43,13 @@ non-finite, so every rank's output shard is non-finite and every rank leaves its
 that step (a skipped AMP step leaves no trace); residuals per module and rank in :meth:`state_dict`,
 resumable bit-exactly.
 
-HSDP (a 2-D mesh, replicate x shard): the reduce-scatter over the shard dimension is quantized; the
-all-reduce over the replicate dimension is not. FSDP2 (torch 2.13) calls ``dist.all_reduce`` on the
-replicate group itself; ``set_all_reduce_hook`` runs *after* that all-reduce (or, on a 1-D mesh, after
-the reduce-scatter) and cannot replace it, and ``set_requires_all_reduce(False)`` leaves the
-gradients unassigned, so there is no place to put a compressed all-reduce.
+HSDP: FSDP2's native HSDP (a 2-D mesh, replicate x shard) calls ``dist.all_reduce`` on the replicate
+group itself (torch 2.13); ``set_all_reduce_hook`` runs *after* that all-reduce and cannot replace
+it, and ``set_requires_all_reduce(False)`` leaves the gradients unassigned. Its reduce-scatter is
+quantized, its replicate all-reduce is not. Sharding on the shard dimension only (a 1-D mesh) and
+passing ``replicate_group=`` gives the same HSDP with the replicate all-reduce quantized too: on a
+1-D mesh FSDP2 calls the all-reduce hook with the reduce-scatter output before it assigns the
+gradients (:mod:`gradcomp.comm.fsdp_replicate`).
 
 Memory: error feedback keeps, per module and rank, an fp32 residual of the module's whole (unsharded,
 block-aligned) gradient: 4 bytes per model parameter on every rank (``error_feedback=False`` drops
@@ -303,10 +305,12 @@ class FSDPCompressState:
             raise TypeError(f"config must be an FSDPCompressConfig, got {type(config).__name__}")
         self.config = config
         self.modules: Dict[str, _ModuleComm] = {}
+        self.replicas: Dict[str, Any] = {}  # fqn -> ReplicateAllReduce (compress_(..., replicate_group=...))
         self.world_size: Optional[int] = None
         self.rank: Optional[int] = None
         self._lock = threading.Lock()
-        self._totals = {"grad_sent": 0, "grad_fp32": 0, "grad_default": 0, "weight_sent": 0, "weight_fp32": 0, "weight_default": 0}
+        self._totals = {"grad_sent": 0, "grad_fp32": 0, "grad_default": 0, "weight_sent": 0, "weight_fp32": 0, "weight_default": 0,
+                        "replicate_sent": 0, "replicate_fp32": 0}
         self._nonfinite: Optional[torch.Tensor] = None  # steps x modules seen non-finite, counted on the device
 
     # ---- the two collectives
@@ -444,6 +448,12 @@ class FSDPCompressState:
             s, f = mod.pending_weight
             mod.pending_weight = (s + sent, f + fp32)
 
+    def _account_replicate(self, rep: Any, sent: int, fp32: int) -> None:
+        with self._lock:
+            self._totals["replicate_sent"] += sent
+            self._totals["replicate_fp32"] += fp32
+            rep.last = (sent, fp32)
+
     def stats(self) -> Dict[str, Any]:
         """Return the bytes this rank sent, and what FSDP's fp32 collectives would have sent.
 
@@ -453,6 +463,9 @@ class FSDPCompressState:
         and backward re-gathers), their ratios ``grad_ratio`` and ``weight_ratio`` (sent / fp32),
         totals ``*_total`` (``*_default_bytes_total``: FSDP's own collectives in the dtypes it
         would have used), and ``nonfinite_steps`` (module reduce-scatters that met a non-finite value).
+        With ``replicate_group``: ``replicate_bytes_step`` / ``replicate_fp32_bytes_step`` (the last
+        all-reduce across replicas of every module; fp32: a ring all-reduce), ``replicate_ratio``,
+        ``replicate_bytes_total`` / ``replicate_fp32_bytes_total``.
         """
         with self._lock:
             mods = list(self.modules.values())
@@ -460,6 +473,8 @@ class FSDPCompressState:
             g = [m.last_grad for m in mods]
             w = [m.last_weight for m in mods]
             nonfinite = int(self._nonfinite) if self._nonfinite is not None else 0
+            r = [x.last for x in self.replicas.values()]
+        rs, rf = sum(a for a, _ in r), sum(b for _, b in r)
         gs, gf = sum(a for a, _ in g), sum(b for _, b in g)
         ws, wf = sum(a for a, _ in w), sum(b for _, b in w)
         return {
@@ -477,6 +492,11 @@ class FSDPCompressState:
             "weight_fp32_bytes_total": t["weight_fp32"],
             "weight_default_bytes_total": t["weight_default"],
             "nonfinite_steps": nonfinite,
+            "replicate_bytes_step": rs,
+            "replicate_fp32_bytes_step": rf,
+            "replicate_ratio": rs / rf if rf else float("nan"),
+            "replicate_bytes_total": t["replicate_sent"],
+            "replicate_fp32_bytes_total": t["replicate_fp32"],
         }
 
     # ---- checkpointing
@@ -490,6 +510,10 @@ class FSDPCompressState:
                 "rank": self.rank,
                 "steps": {k: m.step for k, m in self.modules.items()},
                 "residuals": {k: m.residual.detach().cpu().clone() for k, m in self.modules.items() if m.residual is not None},
+                "replicate_residuals": {
+                    k: (r.residual.detach().cpu().clone(), r.server_residual.detach().cpu().clone())
+                    for k, r in self.replicas.items() if r.residual is not None
+                },
             }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -519,7 +543,14 @@ class FSDPCompressState:
         unknown = set(residuals) - set(self.modules)
         if unknown:
             raise ValueError(f"checkpoint has residuals of FSDP modules {sorted(unknown)} this model does not have")
-        for k, r in residuals.items():
+        replicated = state_dict.get("replicate_residuals", {})
+        if set(replicated) - set(self.replicas):
+            raise ValueError(
+                f"checkpoint has replicate residuals of {sorted(set(replicated) - set(self.replicas))}; this state "
+                f"all-reduces across replicas for {sorted(self.replicas)} (was it built with the same replicate_group?)"
+            )
+        tensors = list(residuals.items()) + [(k, t) for k, pair in replicated.items() for t in pair]
+        for k, r in tensors:
             if not isinstance(r, torch.Tensor) or r.dtype != torch.float32 or r.dim() != 1:
                 raise ValueError(f"residual of {k!r} must be a 1-D float32 tensor, got {type(r).__name__} {getattr(r, 'dtype', '')}")
         with self._lock:
@@ -527,6 +558,8 @@ class FSDPCompressState:
                 m.step = int(steps[k])
                 m.residual = residuals[k].clone() if k in residuals else None
                 m.pending_weight = (0, 0)
+            for k, r in self.replicas.items():
+                r.residual, r.server_residual = (t.clone() for t in replicated[k]) if k in replicated else (None, None)
 
 
 def _fsdp_module_class():
@@ -558,6 +591,7 @@ def compress_(
     model: torch.nn.Module,
     grad_bits: Optional[int] = 8,
     weight_bits: Optional[int] = None,
+    replicate_group: Optional[dist.ProcessGroup] = None,
     **options: Any,
 ) -> FSDPCompressState:
     """Install the quantized reduce-scatter and all-gather on every FSDP module of ``model``; return the state.
@@ -569,6 +603,11 @@ def compress_(
         model: a model wrapped with ``torch.distributed.fsdp.fully_shard`` (the root or any FSDP module).
         grad_bits: 8, 4 or 2 for the gradient reduce-scatter; None leaves FSDP's own.
         weight_bits: 8 for the parameter all-gather; None (default) leaves FSDP's own.
+        replicate_group: HSDP with a quantized all-reduce across replicas: the model is sharded with
+            ``fully_shard`` on the shard dimension only (a 1-D mesh) and this is the group of the
+            replicas of this rank's shard (:mod:`gradcomp.comm.fsdp_replicate`). ``grad_bits`` is
+            used for both exchanges. FSDP2's native HSDP (a 2-D mesh) cannot be compressed: its
+            replicate all-reduce has no hook, and it is refused together with ``replicate_group``.
         **options: the other fields of :class:`FSDPCompressConfig` (``block_size``, ``error_feedback``,
             ``warmup_steps``, ``min_compress_numel``, ``compile``).
 
@@ -601,6 +640,8 @@ def compress_(
             raise TypeError(f"this torch ({torch.__version__}) has no FSDPModule.set_custom_reduce_scatter; a newer torch is needed")
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("torch.distributed must be initialized (dist.init_process_group) before compress_")
+    if replicate_group is not None and not isinstance(replicate_group, dist.ProcessGroup):
+        raise TypeError(f"replicate_group must be a torch.distributed.ProcessGroup or None, got {type(replicate_group).__name__}")
     state = FSDPCompressState(config)
     state.world_size, state.rank = dist.get_world_size(), dist.get_rank()
     installed: List[Tuple[str, torch.nn.Module, _ModuleComm]] = []
@@ -610,12 +651,27 @@ def compress_(
             continue  # no parameters of its own: FSDP runs no collective for it
         if groups is not None and len(groups) > 1:
             raise ValueError(f"FSDP module {name or '<root>'!r} has {len(groups)} parameter groups; gradcomp needs one per module")
+        if groups and getattr(groups[0], "_is_hsdp", False):
+            if replicate_group is not None:
+                raise ValueError(
+                    f"FSDP module {name or '<root>'!r} is native HSDP (a 2-D mesh), which all-reduces across replicas "
+                    "itself; with replicate_group, shard it on the shard dimension only (mesh['shard'])"
+                )
+            logger.warning(
+                "FSDP module %r is native HSDP: its replicate all-reduce stays uncompressed (FSDP2 has no hook to "
+                "replace it); shard on mesh['shard'] and pass replicate_group= to compress it", name or "<root>",
+            )
         installed.append((name, m, _ModuleComm(name, len(installed), _param_segments(m))))
     for name, m, mod in installed:  # validated all first: either every module is changed or none
         state.modules[name] = mod
         # installed even for None widths: FSDP's own collective then runs, counted in the statistics
         m.set_custom_reduce_scatter(_QuantizedReduceScatter(state, mod))
         m.set_custom_all_gather(_QuantizedAllGather(state, mod))
+        if replicate_group is not None:
+            from gradcomp.comm.fsdp_replicate import ReplicateAllReduce
+
+            state.replicas[name] = ReplicateAllReduce(state, mod, replicate_group)
+            m.set_all_reduce_hook(state.replicas[name])
     logger.info("gradcomp FSDP2: %s on %d modules, %d ranks", config, len(installed), state.world_size)
     return state
 
