@@ -11,7 +11,8 @@ import torch.nn as nn
 
 from gradcomp import codec
 from gradcomp.comm.exchange import HEADER_BYTES
-from gradcomp.comm.fsdp import FSDPCompressConfig, FSDPCompressState, _ModuleComm, _QuantizedAllGather, _QuantizedReduceScatter, _RowPlan
+from gradcomp.comm.fsdp import FSDPCompressConfig, FSDPCompressState, _QuantizedAllGather, _QuantizedReduceScatter
+from gradcomp.comm.fsdp_plan import _ModuleComm, _RowPlan
 from tests._dist import spawn
 
 fully_shard = pytest.importorskip("torch.distributed.fsdp").__dict__.get("fully_shard")

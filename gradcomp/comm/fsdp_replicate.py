@@ -28,9 +28,10 @@ import torch
 import torch.distributed as dist
 
 from gradcomp.comm import exchange
+from gradcomp.comm.fsdp_plan import _FLOAT, _ModuleComm, _RowPlan
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gradcomp.comm.fsdp import FSDPCompressState, _ModuleComm
+    from gradcomp.comm.fsdp import FSDPCompressState
 
 __all__ = ["ReplicateAllReduce"]
 
@@ -49,8 +50,6 @@ class ReplicateAllReduce:
         self.last: Tuple[int, int] = (0, 0)  # (sent, fp32) of the last call
 
     def _plan(self, n: int, R: int, bits: int, device) -> Tuple[exchange.ExchangePlan, exchange.ExchangeBuffers]:
-        from gradcomp.comm.fsdp import _RowPlan
-
         key = (n, R, bits, str(device))
         e = self._entries.get(key)
         if e is None:
@@ -61,8 +60,6 @@ class ReplicateAllReduce:
 
     def __call__(self, out: torch.Tensor) -> None:
         """Average ``out`` (this rank's reduced shard) over the replicas, in place."""
-        from gradcomp.comm.fsdp import _FLOAT
-
         cfg = self.state.config
         R = self.group.size()
         step = self.mod.step - 1  # the module's reduce-scatter of this step came first
