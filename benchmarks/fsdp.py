@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hosts", type=int, default=2, help="cluster: emulated hosts, one rank each")
     p.add_argument("--rate", default="1gbit", help="cluster: link bandwidth (tc units)")
     p.add_argument("--warmup-steps", type=int, default=10, help="plain collectives first")
+    p.add_argument("--seed", type=int, default=0, help="model init and data seed")
     p.add_argument("--time-after", type=int, default=14, help="cluster: steps excluded from timing")
     p.add_argument("--compile", action="store_true", help="fuse the codec with torch.compile")
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {list(RUNS)}")
@@ -66,7 +67,7 @@ def run_one(args: argparse.Namespace, label: str, out: Path) -> Dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     train = [
         "--fsdp", "--model", args.model, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-        "--warmup-steps", str(args.warmup_steps), "--log-every", "50", "--out-dir", str(out),
+        "--warmup-steps", str(args.warmup_steps), "--seed", str(args.seed), "--log-every", "50", "--out-dir", str(out),
     ] + RUNS[label] + (["--compile"] if args.compile else [])
     env = dict(os.environ, PYTHON=args.python)
     if args.mode == "convergence":
@@ -149,7 +150,7 @@ def main(argv: List[str] | None = None) -> int:
     where = f"{ranks} ranks on one machine" if conv else f"{args.hosts} hosts x 1 rank at {args.rate}, timed from step {args.time_after + 1}"
     header = (
         f"TinyGPT '{args.model}' ({next(iter(results.values()))['parameters'] / 1e6:.2f}M parameters), FSDP2, {where}, "
-        f"batch {args.batch_size} x 64 bytes per rank, {args.steps} steps, warm-up {args.warmup_steps}, "
+        f"batch {args.batch_size} x 64 bytes per rank, {args.steps} steps, warm-up {args.warmup_steps}, seed {args.seed}, "
         f"codec {'torch.compile' if args.compile else 'eager'}"
     )
     md = table(results, args)

@@ -15,9 +15,9 @@ from gradcomp.comm.fsdp import FSDPCompressConfig, FSDPCompressState, _Quantized
 from gradcomp.comm.fsdp_plan import _ModuleComm, _RowPlan
 from tests._dist import spawn
 
-fully_shard = pytest.importorskip("torch.distributed.fsdp").__dict__.get("fully_shard")
-if fully_shard is None or not hasattr(__import__("torch.distributed.fsdp", fromlist=["FSDPModule"]).FSDPModule, "set_custom_reduce_scatter"):
-    pytest.skip("this torch has no FSDP2 custom collectives", allow_module_level=True)
+_fsdp = pytest.importorskip("torch.distributed.fsdp")
+if not hasattr(getattr(_fsdp, "FSDPModule", None), "set_custom_reduce_scatter"):
+    pytest.skip("this torch has no FSDP2 custom collectives (FSDPModule.set_custom_reduce_scatter)", allow_module_level=True)
 
 # relative distance of the parameters after STEPS steps from default FSDP2 (error feedback on)
 PARITY_TOL = {8: 2e-3, 4: 2e-2}

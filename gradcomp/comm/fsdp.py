@@ -104,8 +104,10 @@ class FSDPCompressConfig:
         weight_bits: code width of the parameters in the all-gather, 8 or None for FSDP's own.
         block_size: elements sharing one fp32 scale; a positive multiple of 8.
         error_feedback: keep what gradient quantization left behind and add it the next step.
-        warmup_steps: steps of plain collectives first (per module; a step is one reduce-scatter).
-        min_compress_numel: modules with fewer (unsharded) elements use FSDP's own collectives.
+        warmup_steps: steps of plain collectives first, for gradients and weights alike (per module;
+            a step is one reduce-scatter of the module).
+        min_compress_numel: modules with fewer (unsharded) elements use FSDP's own collectives
+            (with ``replicate_group``: the replicate all-reduce compares its shard's size).
         compile: fuse the codec kernels with ``torch.compile`` (eager fallback where unavailable).
     """
 
