@@ -32,6 +32,7 @@ same functions run eagerly with identical results.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import threading
@@ -258,8 +259,12 @@ def _unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack(parts, dim=-1).reshape(packed.shape[0], -1)
 
 
-def _quantize_into(c, res_out, codes_out, scale_out, noise, qmax: int, bits: int) -> None:
-    """Quantize fp32 rows ``c`` symmetrically into ``codes_out``/``scale_out``; ``res_out = c - dequantized``."""
+def _quantize_into(c, res_out, codes_out, noise, qmax: int, bits: int) -> torch.Tensor:
+    """Quantize fp32 rows ``c`` symmetrically into ``codes_out``; ``res_out = c - dequantized``; return the scales.
+
+    The scales are returned, not written: they live in a byte buffer, and a compiled kernel cannot
+    write through a view of another dtype.
+    """
     scale = c.abs().amax(dim=1, keepdim=True) / qmax
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
     y = c / safe
@@ -267,20 +272,20 @@ def _quantize_into(c, res_out, codes_out, scale_out, noise, qmax: int, bits: int
     # a nan row (non-finite scale) gets code 0 deterministically, whichever kernel ran
     q = torch.nan_to_num(torch.clamp(y, -qmax, qmax), nan=0.0)
     codes_out.copy_(_pack_rows((q + (qmax + 1)).to(torch.uint8), bits))
-    scale_out.copy_(scale.squeeze(1))
     if res_out is not None:
         res_out.copy_(c - q * scale)
+    return scale.squeeze(1)
 
 
-def _encode_kernel(x, res_in, res_out, codes_out, scale_out, noise, qmax: int, bits: int) -> None:
-    """Error-feedback quantize rows of ``x`` (+ ``res_in``) straight into the given outputs."""
+def _encode_kernel(x, res_in, res_out, codes_out, noise, qmax: int, bits: int) -> torch.Tensor:
+    """Error-feedback quantize rows of ``x`` (+ ``res_in``) straight into the given outputs; return the scales."""
     c = x.float()
     if res_in is not None:
         c = c + res_in
-    _quantize_into(c, res_out, codes_out, scale_out, noise, qmax, bits)
+    return _quantize_into(c, res_out, codes_out, noise, qmax, bits)
 
 
-def _reduce_kernel(codes, scale, res_in, res_out, codes_out, scale_out, noise, qmax: int, bits: int) -> None:
+def _reduce_kernel(codes, scale, res_in, res_out, codes_out, noise, qmax: int, bits: int) -> torch.Tensor:
     """Dequantize P messages (P, rows, bytes), sum them in order 0..P-1, divide by P, requantize (+ res_in)."""
     p = codes.shape[0]
     off = qmax + 1
@@ -290,7 +295,7 @@ def _reduce_kernel(codes, scale, res_in, res_out, codes_out, scale_out, noise, q
     acc = acc / p
     if res_in is not None:
         acc = acc + res_in
-    _quantize_into(acc, res_out, codes_out, scale_out, noise, qmax, bits)
+    return _quantize_into(acc, res_out, codes_out, noise, qmax, bits)
 
 
 def _decode_kernel(codes, scale, out, qmax: int, bits: int) -> None:
@@ -325,6 +330,21 @@ def _warn_compile_failure(what: str, exc: BaseException) -> None:
     logger.warning("torch.compile of %s failed (%s: %s); the eager kernels are used (identical results)", what, type(exc).__name__, exc)
 
 
+def _kernel_context():
+    """Compile the kernels as plain functions even while a DDP forward runs on another thread.
+
+    Dynamo hands every graph it compiles during a DDP forward to its DDPOptimizer (which splits
+    graphs at DDP's bucket boundaries and refuses small ``bucket_cap_mb``); the kernels have no
+    parameters, so it is turned off for them (config patches are thread-local).
+    """
+    try:
+        return torch._dynamo.config.patch(optimize_ddp=False)
+    except Exception:  # pragma: no cover - a torch without the option
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
 def _run(fn: Callable, compiled: bool, *args):
     """Run ``fn(*args)`` through its ``torch.compile`` version when asked, else eagerly.
 
@@ -342,7 +362,8 @@ def _run(fn: Callable, compiled: bool, *args):
                 if cfn is None:
                     cfn = torch.compile(fn, dynamic=True)
                     _COMPILED[fn] = cfn
-        return cfn(*args)
+        with _kernel_context():
+            return cfn(*args)
     except Exception as exc:  # compilation problems surface at the first call
         _COMPILE_FAILED.add(fn)
         _warn_compile_failure(fn.__name__, exc)
@@ -746,7 +767,7 @@ def encode_blocks(
         codes_out = torch.empty(rows, block * bits // 8, dtype=torch.uint8, device=x.device)
     if scale_out is None:
         scale_out = torch.empty(rows, dtype=torch.float32, device=x.device)
-    _run(_encode_kernel, compiled, x, residual, residual_out, codes_out, scale_out, noise, qmax, bits)
+    scale_out.copy_(_run(_encode_kernel, compiled, x, residual, residual_out, codes_out, noise, qmax, bits))
     return codes_out, scale_out
 
 
@@ -782,7 +803,7 @@ def reduce_blocks(
         codes_out = torch.empty(rows, nbytes, dtype=torch.uint8, device=codes.device)
     if scale_out is None:
         scale_out = torch.empty(rows, dtype=torch.float32, device=codes.device)
-    _run(_reduce_kernel, compiled, codes, scale, residual, residual_out, codes_out, scale_out, noise, qmax, bits)
+    scale_out.copy_(_run(_reduce_kernel, compiled, codes, scale, residual, residual_out, codes_out, noise, qmax, bits))
     return codes_out, scale_out
 
 
@@ -814,6 +835,7 @@ class BackgroundCompiler:
     def __init__(self) -> None:
         self._thread: Optional[threading.Thread] = None
         self._done = threading.Event()
+        self._stop = threading.Event()
         self.ready = False
         self.failed = False
 
@@ -822,23 +844,35 @@ class BackgroundCompiler:
         """Whether :meth:`start` was called."""
         return self._thread is not None
 
-    def start(self, warmup: Callable[[], None]) -> None:
-        """Start compiling (once); return at once."""
+    def start(self, warmup: Callable[[threading.Event], None]) -> None:
+        """Start compiling (once); return at once.
+
+        ``warmup(stop)`` should return early once the event ``stop`` is set (checked between kernels).
+        At interpreter exit the compilation is stopped and waited for (a thread inside the compiler
+        at exit would abort the process).
+        """
         if self._thread is not None:
             return
         if not compile_available():
             self._fail(RuntimeError("torch.compile is unavailable in this torch build"))
             return
         self._thread = threading.Thread(target=self._work, args=(warmup,), name="gradcomp-compile", daemon=True)
+        atexit.register(self.stop)
         self._thread.start()
 
-    def _work(self, warmup: Callable[[], None]) -> None:
+    def stop(self, timeout: float = 300.0) -> None:
+        """Ask the compilation to stop after the kernel in progress and wait for it (at most ``timeout`` s)."""
+        self._stop.set()
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _work(self, warmup: Callable[[threading.Event], None]) -> None:
         try:
-            warmup()
+            warmup(self._stop)
             failed = [fn.__name__ for fn in (_encode_kernel, _reduce_kernel, _decode_kernel) if fn in _COMPILE_FAILED]
             if failed:
                 raise RuntimeError(f"compilation of {', '.join(failed)} failed")
-            self.ready = True
+            self.ready = not self._stop.is_set()
         except Exception as exc:  # a failure to compile never stops training
             self._fail(exc)
         finally:

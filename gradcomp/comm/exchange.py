@@ -35,9 +35,11 @@ the fp32 bucket (4 bytes per value; codes are 1/4 of that):
   residual 2/P, write codes 1/(4P)                                                      = 0.25 + 2.25/P
 * decode: read codes 1/4 + write bucket 1                                               = 1.25
 
-Total 4.75 + 2.25/P passes (5.9 at P=2), about 27 bytes per value at P=2 with error feedback; without
-error feedback encode is 1.25 and the total 2.75 + 0.25/P. The eager kernels (used until the fused
-ones are compiled) make about 3x more. Nothing of bucket size is allocated per step: the buffers
+Total 4.75 + 2.25/P passes: 5.9 at P=2, i.e. 23.5 bytes per value (19 + 9/P) with error feedback;
+without error feedback encode is 1.25 and the total 2.75 + 0.25/P. The staging of ragged blocks and
+the message headers add a negligible amount; ``benchmarks/hook_path.py`` measures all of it against a
+``clone()`` (2 passes). The eager kernels (used until the fused ones are compiled) make several times
+more passes (each torch op reads and writes its operands). Nothing of bucket size is allocated per step: the buffers
 (:class:`ExchangeBuffers`) persist per bucket.
 
 Every rank decodes the same gathered bytes with the same code, so all ranks end bit-identical; a
@@ -220,10 +222,13 @@ class ExchangePlan:
                 raise ValueError(f"chunk_numel must be a positive int or None, got {chunk_numel!r}")
             per_chunk = max(P, (chunk_numel // B) // P * P)
         starts = list(range(0, total_blocks, per_chunk))
+        if len(starts) > 1 and total_blocks - starts[-1] < 2 * P:
+            starts.pop()  # a last chunk of one block per shard joins the previous one (fewer kernel shapes)
         # split runs at every shard boundary of every chunk
+        ends = starts[1:] + [total_blocks]
         bounds = []
-        for c0 in starts:
-            real = min(per_chunk, total_blocks - c0)
+        for c0, c1 in zip(starts, ends):
+            real = c1 - c0
             s = -(-real // P)
             bounds.extend(c0 + k * s for k in range(P))
         bounds.append(total_blocks)
@@ -238,10 +243,9 @@ class ExchangePlan:
         chunks = []
         code_row = B * bits // 8
         server_row = 0
-        for ci, c0 in enumerate(starts):
-            real = min(per_chunk, total_blocks - c0)
+        for ci, (c0, c1) in enumerate(zip(starts, ends)):
+            real = c1 - c0
             s = -(-real // P)
-            c1 = c0 + real
             full = tuple((sr, b - c0, n) for sr, b, n in pieces if c0 <= b < c1 and n >= 2)
             staged = [(sr + i * B, b - c0 + i, B) for sr, b, n in pieces if c0 <= b < c1 and n == 1 for i in range(n)]
             staged += [(sr, b - c0, n) for sr, b, n in tails if c0 <= b < c1]
@@ -342,7 +346,7 @@ class ExchangeBuffers:
     def allocate(plan: ExchangePlan, device=None) -> "ExchangeBuffers":
         """Allocate the buffers of ``plan`` on ``device``; padding blocks are written once (code 0, scale 0)."""
         device = torch.device("cpu") if device is None else torch.device(device)
-        P, B, bits = plan.world_size, plan.block_size, plan.bits
+        P, bits = plan.world_size, plan.bits
         zero_code = 0
         per = 8 // bits
         for i in range(per):
@@ -623,6 +627,8 @@ def exchange_local(
     server_residuals: Optional[Sequence[torch.Tensor]] = None,
     noises: Optional[Sequence[torch.Tensor]] = None,
     server_noises: Optional[Sequence[torch.Tensor]] = None,
+    residuals_out: Optional[Sequence[torch.Tensor]] = None,
+    server_residuals_out: Optional[Sequence[torch.Tensor]] = None,
     bufs: Optional[Sequence[ExchangeBuffers]] = None,
     compiled: bool = False,
     out: Optional[torch.Tensor] = None,
@@ -631,7 +637,8 @@ def exchange_local(
 
     For offline replay and tests: rank ``r``'s bucket is ``buckets[r]``; residuals (worker: aligned
     ``(padded_numel,)``, server: ``(server_numel,)``) are updated in place; the messages move between
-    the ranks' buffers exactly as the all-to-all and the all-gather move them.
+    the ranks' buffers exactly as the all-to-all and the all-gather move them. With ``residuals_out`` /
+    ``server_residuals_out`` the new residuals go there instead (the hook's double buffering).
 
     Returns:
         ``(mean, finite)``: the averaged bucket (fp32, ``plan.numel``; what every rank gets) and whether
@@ -651,14 +658,16 @@ def exchange_local(
         m = ch.message_bytes
         for r in range(P):
             res = pick(residuals, r)
-            encode(plan, bufs[r], c, buckets[r], residual=res, residual_out=res, noise=pick(noises, r), compiled=compiled)
+            res_out = res if residuals_out is None else residuals_out[r]
+            encode(plan, bufs[r], c, buckets[r], residual=res, residual_out=res_out, noise=pick(noises, r), compiled=compiled)
         for k in range(P):  # the all-to-all
             recv = bufs[k].recv[c].view(P, m)
             for r in range(P):
                 recv[r] = bufs[r].send[c].view(P, m)[k]
         for k in range(P):
             sres = pick(server_residuals, k)
-            reduce_shard(plan, bufs[k], c, residual=sres, residual_out=sres, noise=pick(server_noises, k), compiled=compiled)
+            sres_out = sres if server_residuals_out is None else server_residuals_out[k]
+            reduce_shard(plan, bufs[k], c, residual=sres, residual_out=sres_out, noise=pick(server_noises, k), compiled=compiled)
         gathered = torch.stack([bufs[k].mine[c] for k in range(P)]).view(-1)  # the all-gather
         finite &= bool(decode(plan, bufs[0], c, out, gathered=gathered, compiled=compiled))
     return out, finite
