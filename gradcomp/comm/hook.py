@@ -368,7 +368,7 @@ class QuantizedAllReduceState:
         self._compiler = None
 
     def state_dict(self) -> Dict[str, Any]:
-        """Return this rank's residuals, step and config (tensors on CPU) for a checkpoint."""
+        """Return this rank's residuals, step, config and statistics (tensors on CPU) for a checkpoint."""
         self.synchronize()
         return {
             "config": asdict(self.config),
@@ -381,7 +381,19 @@ class QuantizedAllReduceState:
             "worker_residuals": {k: v.detach().cpu().clone() for k, v in self._worker_residuals.items()},
             "server_residuals": {k: v.detach().cpu().clone() for k, v in self._server_residuals.items()},
             "network_fit": self._policy.fit.to_dict() if self._policy is not None else None,
+            "stats": self._stats_snapshot(),
         }
+
+    def _stats_snapshot(self) -> Dict[str, Any]:
+        with self._lock:
+            return dict(self._stats)
+
+    def _load_stats(self, saved: Optional[Dict[str, Any]]) -> None:
+        """Restore the statistics of a checkpoint (totals go on counting from there); reset them if it has none."""
+        self._reset_stats()
+        if saved:
+            with self._lock:
+                self._stats.update({k: v for k, v in saved.items() if k in self._stats})
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load what :meth:`state_dict` returned on the same rank of a job of the same size and config.
@@ -415,6 +427,7 @@ class QuantizedAllReduceState:
         self._policy = policy
         self._logged_choices = set()
         self.step = int(state_dict["step"])
+        self._load_stats(state_dict.get("stats"))
         self._plans = {}
         self._spares, self._pending = {}, {}
         self._pool = None
