@@ -263,9 +263,12 @@ def _quantize_into(c, res_out, codes_out, noise, qmax: int, bits: int) -> torch.
     y = torch.round(y) if noise is None else torch.floor(y + noise)
     # a nan row (non-finite scale) gets code 0 deterministically, whichever kernel ran
     q = torch.nan_to_num(torch.clamp(y, -qmax, qmax), nan=0.0)
-    codes_out.copy_(_pack_rows((q + (qmax + 1)).to(torch.uint8), bits))
+    # the residual is stored before the packed codes: in the other order Inductor (torch 2.13, one
+    # OpenMP thread, 2/4 bits) dropped the residual store; the background compiler also checks the
+    # fused kernels against the eager ones before using them
     if res_out is not None:
         res_out.copy_(c - q * scale)
+    codes_out.copy_(_pack_rows((q + (qmax + 1)).to(torch.uint8), bits))
     return scale.squeeze(1)
 
 

@@ -374,6 +374,7 @@ def _chunked_worker(rank, world_size):
     assert torch.equal(runs[0], runs[1]), "chunking changed the result"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_chunked_pipeline_matches_one_chunk_bit_for_bit(tmp_path, world_size):
     spawn(_chunked_worker, world_size, tmp_path)
@@ -405,6 +406,7 @@ def _nonfinite_one_bucket_worker(rank, world_size):
     assert any(not torch.equal(r, state.state_dict()["worker_residuals"][i]) for i, r in after["worker_residuals"].items())
 
 
+@pytest.mark.slow
 def test_nonfinite_in_one_bucket_keeps_every_buckets_residuals(tmp_path):
     spawn(_nonfinite_one_bucket_worker, 2, tmp_path)
 
@@ -420,6 +422,7 @@ def _out_of_step_worker(rank, world_size):
         _backward(model, rank, 2)
 
 
+@pytest.mark.slow
 def test_rank_out_of_step_is_detected_by_its_peers(tmp_path):
     spawn(_out_of_step_worker, 2, tmp_path)
 
@@ -445,6 +448,7 @@ def _default_compile_worker(rank, world_size):
     assert torch.equal(results[0], results[1]), "compiled and eager kernels gave different bits"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not gradcomp.codec.compile_available(), reason="torch.compile unavailable")
 def test_default_compiled_path_is_bit_identical_to_eager(tmp_path):
     spawn(_default_compile_worker, 2, tmp_path, timeout=900.0)

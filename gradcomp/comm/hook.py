@@ -794,18 +794,28 @@ class QuantizedAllReduceState:
                 # runs of whole blocks, a ragged parameter, a one-block parameter, three chunks; and a
                 # bucket of one block (one block per shard): the shapes the hook's calls have
                 plan = ExchangePlan.build(numels, max(P, 2), bits, B, chunk_numel=(5 * max(P, 2)) * B)
-                xs = [torch.randn(plan.numel, device=device).to(dtype) for _ in range(plan.world_size)]
-                res = [torch.zeros(plan.padded_numel, device=device) for _ in xs] if ef else None
-                sres = [torch.zeros(plan.server_numel, device=device) for _ in xs] if ef else None
-                res_out = [torch.zeros_like(r) for r in res] if ef else None  # out of place, like the hook
-                sres_out = [torch.zeros_like(r) for r in sres] if ef else None
-                nz = [torch.rand(plan.padded_numel, device=device) for _ in xs] if stochastic else None
-                snz = [torch.rand(plan.server_numel, device=device) for _ in xs] if stochastic else None
-                out = torch.empty(plan.numel, dtype=dtype, device=device)
-                exchange.exchange_local(
-                    plan, xs, residuals=res, server_residuals=sres, noises=nz, server_noises=snz,
-                    residuals_out=res_out, server_residuals_out=sres_out, compiled=True, out=out,
-                )
+                g = torch.Generator().manual_seed(bits)
+                xs = [torch.randn(plan.numel, generator=g).to(device=device, dtype=dtype) for _ in range(plan.world_size)]
+                runs = []
+                for compiled in (False, True):
+                    res = [torch.rand(plan.padded_numel, generator=g).to(device) * 1e-2 for _ in xs] if ef else None
+                    sres = [torch.rand(plan.server_numel, generator=g).to(device) * 1e-2 for _ in xs] if ef else None
+                    nz = [torch.rand(plan.padded_numel, generator=g).to(device) for _ in xs] if stochastic else None
+                    snz = [torch.rand(plan.server_numel, generator=g).to(device) for _ in xs] if stochastic else None
+                    res_out = [torch.full_like(r, math.nan) for r in res] if ef else []  # out of place, like the hook
+                    sres_out = [torch.full_like(r, math.nan) for r in sres] if ef else []
+                    out = torch.full((plan.numel,), math.nan, dtype=dtype, device=device)
+                    exchange.exchange_local(
+                        plan, xs, residuals=res, server_residuals=sres, noises=nz, server_noises=snz,
+                        residuals_out=res_out or None, server_residuals_out=sres_out or None, compiled=compiled, out=out,
+                    )
+                    runs.append([out] + res_out + sres_out)
+                    g = torch.Generator().manual_seed(bits)  # the same residuals and noise for both runs
+                    _ = [torch.randn(plan.numel, generator=g) for _ in xs]
+                # use the fused kernels only if they reproduce the eager ones bit for bit here
+                for a, b in zip(*runs):
+                    if not torch.equal(a.view(torch.uint8), b.view(torch.uint8)) and not (a.isnan().any() and torch.equal(a.isnan(), b.isnan())):
+                        raise RuntimeError(f"the compiled {bits}-bit exchange kernels disagree with the eager ones on sample data")
 
         self._compiler = codec.BackgroundCompiler()
         self._compiler.start(warmup)
