@@ -85,7 +85,29 @@ def test_bad_arguments_exit_2_without_side_effects(tmp_path, capsys):
     assert train.main(["--steps", "0", "--out-dir", str(tmp_path / "run")]) == 2
     assert "--steps must be >= 1, got 0" in capsys.readouterr().err
     assert train.main(["--hook", "powersgd", "--powersgd-start-iter", "1", "--out-dir", str(tmp_path / "run")]) == 2
+    assert train.main(["--schedule-steps", "0", "--out-dir", str(tmp_path / "run")]) == 2
+    assert "--schedule-steps must be >= 1, got 0" in capsys.readouterr().err
+    assert train.main(["--target-val-loss", "nan", "--out-dir", str(tmp_path / "run")]) == 2
+    assert "--target-val-loss must be a positive finite loss" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_target_loss_stops_every_rank_at_the_same_evaluation(tmp_path):
+    # the benchmark's time to accuracy: rank 0 evaluates, every rank stops there (no hang, exit 0);
+    # the "local" hook (no communication) keeps the run short
+    out = tmp_path / "run"
+    cmd = [
+        "bash", str(LAUNCH / "run.sh"), "--hook", "local", "--steps", "12", "--schedule-steps", "6",
+        "--eval-every", "2", "--target-val-loss", "100", "--batch-size", "2", "--corpus-bytes", str(1 << 18),
+        "--eval-batches", "1", "--log-every", "0", "--netdev", "none", "--out-dir", str(out),
+    ]
+    r = subprocess.run(cmd, env=_env(NPROC="2"), capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_at_step"] == 2 and summary["final_val_loss"] <= 100
+    assert [rec["step"] for rec in _read_metrics(out / "metrics.jsonl")] == [1, 2]
+    assert summary["hook_stats"]["bytes_sent_step"] == 0  # nothing communicated
 
 
 # --------------------------------------------------------------------------------------------
