@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from gradcomp.comm import guard
 from gradcomp.comm.collectives import ShardLayout, all_gather_into, quantized_allreduce
 from gradcomp.comm.hierarchical import HierarchicalGroups, hierarchical_allreduce
 from gradcomp.comm.policy import PLAIN, CommPolicy, NetworkFit, PolicyConfig, probe_network
@@ -70,6 +71,9 @@ class HookConfig:
         policy: a :class:`~gradcomp.comm.policy.PolicyConfig` to choose per bucket between plain
             all-reduce and the quantized widths from the measured network (:mod:`gradcomp.comm.policy`);
             ``bits`` is then not used. None: every compressed bucket uses ``bits`` (a pinned choice).
+        timeout: seconds after which a collective of the hook fails when a peer does not answer.
+            None: the timeout of the process group averaged over (``init_process_group(timeout=...)``),
+            else torch's default for the backend.
     """
 
     bits: int = 8
@@ -83,8 +87,10 @@ class HookConfig:
     log_every: int = 100
     topology: Optional[Topology] = None
     policy: Optional[PolicyConfig] = None
+    timeout: Optional[float] = None
 
     def __post_init__(self):
+        object.__setattr__(self, "timeout", guard.seconds(self.timeout))
         _check_int("bits", self.bits)
         if self.bits not in HOOK_BITS:
             raise ValueError(f"bits must be one of {HOOK_BITS}, got {self.bits}")
@@ -223,6 +229,7 @@ class QuantizedAllReduceState:
         self._plans: Dict[int, _BucketPlan] = {}
         self._pool: Optional[Dict[int, Tuple[torch.Tensor, torch.Tensor]]] = None  # residuals by parameter key
         self._param_keys: Optional[Dict[int, int]] = None  # id(parameter) -> index in the model
+        self._param_numels: Optional[List[int]] = None  # numel of each tracked parameter, by index
         self._lock = threading.Lock()
         self._reset_stats()
         self._comm_group = None
@@ -230,10 +237,16 @@ class QuantizedAllReduceState:
         self._policy: Optional[CommPolicy] = None
         self._logged_choices: set = set()
         self._thread: Optional[_CommThread] = None
+        self._failure: Optional[str] = None  # set when an exchange failed: the state then refuses steps
+        self._failure_tag = ""
+        self._verify_pending = True  # compare step and layout across ranks at the next step
+        self._timeout = guard.group_timeout(process_group, dist.get_backend(process_group), self.config.timeout)
         if self.config.topology is not None:
             self.config.topology.num_nodes(self.world_size)  # refuse a topology that does not fit, before any group exists
         if self.world_size > 1:
             self._comm_group = self._new_comm_group()
+            # every rank raises the same error if the options differ, before anything else is sent
+            guard.check_agreement(guard.wire_config(self.config, self.world_size), self._comm_group, self._timeout)
             if self.config.topology is not None:
                 self._hier = self._new_hier_groups()
             if self.config.policy is not None:
@@ -244,11 +257,15 @@ class QuantizedAllReduceState:
 
     def _new_comm_group(self):
         ranks = dist.get_process_group_ranks(self.process_group or dist.group.WORLD)
-        return dist.new_group(ranks=ranks, backend=dist.get_backend(self.process_group))
+        group = guard.new_group_or_raise(ranks, dist.get_backend(self.process_group), self._timeout, "the hook's process group")
+        self._failure_tag = str(getattr(group, "group_name", ""))  # the same name on every rank
+        return group
 
     def _new_hier_groups(self) -> HierarchicalGroups:
         pg = self.process_group or dist.group.WORLD
-        return HierarchicalGroups(self.config.topology, dist.get_process_group_ranks(pg), self.rank, dist.get_backend(self.process_group))
+        return HierarchicalGroups(
+            self.config.topology, dist.get_process_group_ranks(pg), self.rank, dist.get_backend(self.process_group), timeout=self._timeout
+        )
 
     def _device(self):
         if dist.get_backend(self.process_group) == "nccl":
@@ -319,7 +336,7 @@ class QuantizedAllReduceState:
 
     def __getstate__(self) -> Dict[str, Any]:
         """Drop the process groups, the thread and the lock so the state can be pickled."""
-        drop = ("process_group", "_comm_group", "_hier", "_thread", "_lock", "_param_keys", "_plans")
+        drop = ("process_group", "_comm_group", "_hier", "_thread", "_lock", "_param_keys", "_param_numels", "_plans")
         return {k: v for k, v in self.__dict__.items() if k not in drop}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -332,10 +349,19 @@ class QuantizedAllReduceState:
         self._lock = threading.Lock()
         self._param_keys = None
         self._plans = {}
+        self._verify_pending = True
+        self.__dict__.setdefault("_failure", None)
+        self.__dict__.setdefault("_failure_tag", "")
+        self.__dict__.setdefault("_param_numels", None)
 
     def state_dict(self) -> Dict[str, Any]:
-        """Return this rank's residuals, step and config (tensors on CPU) for a checkpoint."""
+        """Return this rank's residuals, step and config (tensors on CPU) for a checkpoint.
+
+        ``checksums`` holds a CRC-32 of every residual's bytes; :meth:`load_state_dict` verifies them.
+        """
         self.synchronize()
+        worker = {k: v.detach().cpu().clone() for k, v in self._worker_residuals.items()}
+        server = {k: v.detach().cpu().clone() for k, v in self._server_residuals.items()}
         return {
             "config": asdict(self.config),
             "world_size": self.world_size,
@@ -344,58 +370,78 @@ class QuantizedAllReduceState:
             "param_keys": "index" if self._param_keys is not None else "identity",
             "bucket_keys": {k: list(v) for k, v in self._bucket_keys.items()},
             "bucket_numels": {k: list(v) for k, v in self._bucket_numels.items()},
-            "worker_residuals": {k: v.detach().cpu().clone() for k, v in self._worker_residuals.items()},
-            "server_residuals": {k: v.detach().cpu().clone() for k, v in self._server_residuals.items()},
+            "worker_residuals": worker,
+            "server_residuals": server,
+            "checksums": guard.checksums_of(worker, server),
             "network_fit": self._policy.fit.to_dict() if self._policy is not None else None,
         }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load what :meth:`state_dict` returned on the same rank of a job of the same size and config.
 
+        Everything is checked before anything changes (a refused load leaves the state as it was):
+        keys, types, ``step >= 0``, the world size and rank, the wire options, each residual's dtype
+        and length against the recorded bucket layout, finiteness and the CRC-32 recorded by
+        :meth:`state_dict`. The first step after the load compares step and layout across the ranks
+        (a collective on the hook's group) and raises on every rank if they differ.
+
         Raises:
-            ValueError: if the world size, the rank, or a wire-relevant option differs (nothing is changed).
+            TypeError / ValueError: naming the key or field that is wrong (nothing is changed).
         """
+        guard.check_alive(self)
         if not isinstance(state_dict, dict) or "config" not in state_dict:
             raise TypeError(f"state_dict must be a dict made by QuantizedAllReduceState.state_dict(), got {type(state_dict).__name__}")
-        if state_dict["world_size"] != self.world_size or state_dict["rank"] != self.rank:
-            raise ValueError(
-                f"checkpoint is for rank {state_dict['rank']} of {state_dict['world_size']}, "
-                f"this state is rank {self.rank} of {self.world_size}"
-            )
-        saved = state_dict["config"]
-        for name in ("bits", "block_size", "error_feedback"):
-            if saved.get(name) != getattr(self.config, name):
-                raise ValueError(f"checkpoint has {name}={saved.get(name)!r}, this state has {name}={getattr(self.config, name)!r}")
-        topo = asdict(self.config.topology) if self.config.topology is not None else None
-        if saved.get("topology") != topo:
-            raise ValueError(
-                f"checkpoint has topology={saved.get('topology')!r}, this state has topology={topo!r} "
-                "(the residuals are laid out for the node layout)"
-            )
+        if isinstance(state_dict.get("config"), dict):
+            saved = state_dict["config"]
+            for name in ("bits", "block_size", "error_feedback"):
+                if saved.get(name) != getattr(self.config, name):
+                    raise ValueError(f"checkpoint has {name}={saved.get(name)!r}, this state has {name}={getattr(self.config, name)!r}")
+            topo = asdict(self.config.topology) if self.config.topology is not None else None
+            if saved.get("topology") != topo:
+                raise ValueError(
+                    f"checkpoint has topology={saved.get('topology')!r}, this state has topology={topo!r} "
+                    "(the residuals are laid out for the node layout)"
+                )
+
+        def sizes(keys, numels):
+            plan = _BucketPlan.build(keys, numels, self.world_size, self.config.bits, self.config.block_size)
+            _, wn, _, sn, _ = self._slices(plan.layout)
+            return wn, sn
+
+        parsed = guard.validate_state_dict(
+            state_dict, world_size=self.world_size, rank=self.rank, residual_sizes=sizes, num_params=self._param_numels,
+        )
         policy = self._policy
         if self._policy is not None and state_dict.get("network_fit") is not None:
             # decide from the checkpoint's figures, so the resumed run picks what the original did
-            fit = NetworkFit.from_dict(state_dict["network_fit"])
+            try:
+                fit = NetworkFit.from_dict(state_dict["network_fit"])
+            except (TypeError, ValueError, KeyError) as exc:
+                raise ValueError(f"checkpoint network_fit is not valid: {exc}") from exc
             policy = CommPolicy(self.config.policy, fit, self.world_size, self._policy.cluster.num_nodes if self._policy.hierarchical else None, self.config.block_size)
+        keep = state_dict["param_keys"] == "index" and self._param_keys is not None
+        if keep:
+            worker = {k: v.detach().to("cpu", copy=True) for k, v in parsed["worker"].items()}
+            server = {k: v.detach().to("cpu", copy=True) for k, v in parsed["server"].items()}
+        elif parsed["worker"]:
+            logger.warning(
+                "the checkpoint's residuals are keyed by parameter identity in another process (or this state "
+                "tracks no model); they are dropped. Use gradcomp.register() or state.track_parameters(model)."
+            )
         self.synchronize()
+        # nothing below can fail: the load is all or nothing
         self._policy = policy
         self._logged_choices = set()
-        self.step = int(state_dict["step"])
+        self.step = parsed["step"]
         self._plans = {}
         self._pool = None
-        if state_dict.get("param_keys") == "index" and self._param_keys is not None:
-            self._bucket_keys = {int(k): tuple(v) for k, v in state_dict["bucket_keys"].items()}
-            self._bucket_numels = {int(k): tuple(v) for k, v in state_dict["bucket_numels"].items()}
-            self._worker_residuals = {int(k): v.clone() for k, v in state_dict["worker_residuals"].items()}
-            self._server_residuals = {int(k): v.clone() for k, v in state_dict["server_residuals"].items()}
+        if keep:
+            self._bucket_keys, self._bucket_numels = parsed["bucket_keys"], parsed["bucket_numels"]
+            self._worker_residuals, self._server_residuals = worker, server
         else:
-            if state_dict["worker_residuals"]:
-                logger.warning(
-                    "the checkpoint's residuals are keyed by parameter identity in another process (or this state "
-                    "tracks no model); they are dropped. Use gradcomp.register() or state.track_parameters(model)."
-                )
             self._bucket_keys, self._bucket_numels = {}, {}
             self._worker_residuals, self._server_residuals = {}, {}
+        self._verify_pending = True
 
     def track_parameters(self, module: torch.nn.Module) -> None:
         """Key residuals by each parameter's index in ``module`` (``register`` does this for you).
@@ -404,7 +450,9 @@ class QuantizedAllReduceState:
         resumes bit-identically in a new process; without it, they follow parameter identity within
         this process only.
         """
-        self._param_keys = {id(p): i for i, p in enumerate(module.parameters())}
+        params = list(module.parameters())
+        self._param_keys = {id(p): i for i, p in enumerate(params)}
+        self._param_numels = [p.numel() for p in params]
 
     def synchronize(self) -> None:
         """Wait until every submitted bucket is done (DDP already waits at the end of backward)."""
@@ -412,6 +460,7 @@ class QuantizedAllReduceState:
             done = torch.futures.Future()
             self._thread.submit(lambda: None, done)
             done.wait()
+        guard.check_alive(self)
 
     def close(self) -> None:
         """Stop the communication thread (it is a daemon; this is only for tidy shutdowns)."""
@@ -622,8 +671,10 @@ class QuantizedAllReduceState:
             )
 
     def _reduce(self, bucket: dist.GradBucket) -> torch.futures.Future:
+        guard.check_alive(self)
         buf = bucket.buffer()
         index = bucket.index()
+        guard.check_bucket(buf, index)
         last = bucket.is_last()
         step = self.step
         if last:
@@ -660,10 +711,13 @@ class QuantizedAllReduceState:
                 )
         if self._comm_group is None:  # unpickled state: make the groups now (every rank is here too)
             self._comm_group = self._new_comm_group()
+            guard.check_agreement(guard.wire_config(cfg, self.world_size), self._comm_group, self._timeout)
             if cfg.topology is not None:
                 self._hier = self._new_hier_groups()
         if self._thread is None:
             self._thread = _CommThread()
+        # first step after construction or a load: every rank must hold the same step and layout
+        verify, self._verify_pending = self._verify_pending, False
         ready = None
         if buf.is_cuda:
             ready = torch.cuda.Event()
@@ -671,8 +725,21 @@ class QuantizedAllReduceState:
             fut = torch.futures.Future(devices=[buf.device])
         else:
             fut = torch.futures.Future()
-        self._thread.submit(lambda: self._exchange(buf, index, step, last, plan, ready), fut)
-        return fut
+        what = "plain all-reduce" if plan is None else (
+            "hierarchical exchange" if self._hier is not None else "quantized exchange (all-to-all of shards, then all-gather)")
+        exchange = guard.guarded(self, lambda: self._exchange(buf, index, step, last, plan, ready), step=step, bucket=index, what=what)
+        if verify:
+            check = guard.guarded(self, lambda: self._verify_step(step, buf.device), step=step, bucket=index, what="the step/layout check (all-gather)")
+            self._thread.submit(lambda: (check(), exchange())[1], fut)
+        else:
+            self._thread.submit(exchange, fut)
+        return guard.for_ddp(fut)
+
+    def _verify_step(self, step: int, device) -> None:
+        """Raise on every rank unless all hold the same step and residual layout (communication thread)."""
+        device = device if device.type == "cuda" and dist.get_backend(self._comm_group) == "nccl" else torch.device("cpu")
+        digest = guard.layout_digest(step, self._bucket_keys, self._bucket_numels)
+        guard.check_step_agreement(step, digest, self._comm_group, device)
 
 
 class _NullContext:
@@ -726,6 +793,13 @@ def register(ddp_model: torch.nn.parallel.DistributedDataParallel, bits: int = 8
     """
     if not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
         raise TypeError(f"ddp_model must be a torch.nn.parallel.DistributedDataParallel, got {type(ddp_model).__name__}")
+    if getattr(ddp_model, "_comm_hooks", None):
+        # refused here, before the state's process group (a collective) exists
+        raise ValueError(
+            "ddp_model already has a communication hook (DDP takes one); register gradcomp once per DDP model, "
+            "on a model without another hook"
+        )
+    guard.check_model(ddp_model.module)
     process_group = options.pop("process_group", getattr(ddp_model, "process_group", None))
     state = QuantizedAllReduceState(process_group, bits=bits, **options)
     state.track_parameters(ddp_model.module)
