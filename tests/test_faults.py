@@ -278,3 +278,190 @@ def _load_mismatch_worker(rank, world_size):
 @pytest.mark.timeout(90)
 def test_ranks_that_loaded_different_checkpoints_stop_at_the_first_step(tmp_path):
     _spawn(_load_mismatch_worker, 2, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. checkpoints are validated before anything changes (one process)
+
+
+@pytest.fixture
+def world1(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init1'}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=17))
+    yield
+    dist.destroy_process_group()
+
+
+def _valid_checkpoint(state, model, step=5):
+    """A consistent checkpoint for a 1-rank state: two buckets of real parameter keys, small residuals."""
+    from gradcomp.comm.hook import _BucketPlan
+
+    numels = [p.numel() for p in model.parameters()]
+    buckets = {0: [4, 5, 2], 1: [3, 0, 1]}
+    sd = {
+        "config": {k: v for k, v in vars(state.config).items()}, "world_size": 1, "rank": 0, "step": step,
+        "param_keys": "index", "bucket_keys": {}, "bucket_numels": {}, "worker_residuals": {}, "server_residuals": {},
+        "network_fit": None,
+    }
+    g = torch.Generator().manual_seed(step)
+    for b, keys in buckets.items():
+        plan = _BucketPlan.build(keys, [numels[k] for k in keys], 1, state.config.bits, state.config.block_size)
+        _, wn, _, sn, _ = state._slices(plan.layout)
+        sd["bucket_keys"][b] = list(keys)
+        sd["bucket_numels"][b] = [numels[k] for k in keys]
+        sd["worker_residuals"][b] = 1e-3 * torch.randn(wn, generator=g)
+        sd["server_residuals"][b] = 1e-3 * torch.randn(sn, generator=g)
+    sd["checksums"] = guard.checksums_of(sd["worker_residuals"], sd["server_residuals"])
+    return sd
+
+
+def _flip(sd, nbytes=40):
+    """Flip the low mantissa byte of ``nbytes`` values of a worker residual: still finite, silently wrong."""
+    t = sd["worker_residuals"][0].clone()
+    t.view(torch.uint8).view(-1, 4)[100 : 100 + nbytes, 0] ^= 0xFF
+    return _with(sd, "worker_residuals", 0, t)
+
+
+def _with(sd, name, bucket, value):
+    return dict(sd, **{name: {**sd[name], bucket: value}})
+
+
+BAD_CHECKPOINTS = [
+    ("40 flipped bytes", _flip, ValueError, r"worker_residuals\[0\] does not match its checksum"),
+    ("a NaN residual", lambda sd: _with(sd, "server_residuals", 1, sd["server_residuals"][1].clone().index_fill_(0, torch.tensor([3]), float("nan"))),
+     ValueError, r"server_residuals\[1\] holds 1 non-finite"),
+    ("a 1e30 residual", lambda sd: _with(sd, "worker_residuals", 1, sd["worker_residuals"][1].clone().index_fill_(0, torch.tensor([0]), 1e30)),
+     ValueError, "does not match its checksum"),
+    ("wrong length", lambda sd: _with(sd, "worker_residuals", 0, sd["worker_residuals"][0][:-8].clone()), ValueError,
+     r"worker_residuals\[0\] must be a dense 1-D float32 tensor of \d+ elements"),
+    ("float64", lambda sd: _with(sd, "server_residuals", 0, sd["server_residuals"][0].double()), ValueError, "torch.float64"),
+    ("list instead of tensor", lambda sd: _with(sd, "worker_residuals", 1, sd["worker_residuals"][1].tolist()), TypeError,
+     r"worker_residuals\[1\] must be a tensor, got list"),
+    ("missing key", lambda sd: {k: v for k, v in sd.items() if k != "server_residuals"}, ValueError, r"missing key\(s\) \['server_residuals'\]"),
+    ("unknown key", lambda sd: dict(sd, extra=1), ValueError, r"unknown key\(s\) \['extra'\]"),
+    ("non-int step", lambda sd: dict(sd, step=5.0), TypeError, "step must be an int, got float"),
+    ("negative step", lambda sd: dict(sd, step=-5), ValueError, "step must be >= 0, got -5"),
+    ("a parameter the model lacks", lambda sd: _with(sd, "bucket_keys", 0, [4, 5, 99]), ValueError, "names parameter 99"),
+    ("a parameter of another size", lambda sd: _with(sd, "bucket_keys", 0, [4, 5, 3]), ValueError, "gives parameter 3"),
+    ("a parameter in two buckets", lambda sd: _with(sd, "bucket_keys", 1, [3, 0, 5]), ValueError, "appears in buckets"),
+    ("residuals of another bucket", lambda sd: _with(sd, "worker_residuals", 7, sd["worker_residuals"][0]), ValueError, "covers buckets"),
+    ("no checksums", lambda sd: {k: v for k, v in sd.items() if k != "checksums"}, ValueError, "no checksums"),
+    ("another rank's", lambda sd: dict(sd, rank=1, world_size=2), ValueError, "rank 1 of 2"),
+    ("another block size", lambda sd: dict(sd, config=dict(sd["config"], block_size=128)), ValueError, "block_size=128"),
+    ("not a dict", lambda sd: [sd], TypeError, "must be a dict"),
+]
+
+
+@pytest.mark.parametrize("what,corrupt,exc,match", BAD_CHECKPOINTS, ids=[b[0] for b in BAD_CHECKPOINTS])
+def test_bad_checkpoint_is_refused_and_changes_nothing(world1, what, corrupt, exc, match):
+    model = _model()
+    state = gradcomp.QuantizedAllReduceState(bits=4, block_size=64, log_every=0)
+    state.track_parameters(model)
+    good = _valid_checkpoint(state, model)
+    state.load_state_dict(good)
+    before = {k: v for k, v in vars(state).items() if not k.startswith("_lock")}
+    snapshot = {k: (dict(v) if isinstance(v, dict) else v) for k, v in before.items()}
+    residuals = {k: v.clone() for k, v in state._worker_residuals.items()}
+    with pytest.raises(exc, match=match):
+        state.load_state_dict(corrupt(_valid_checkpoint(state, model, step=9)))
+    assert state.step == 5
+    for k, v in snapshot.items():
+        assert vars(state)[k] is before[k] or vars(state)[k] == v, f"{what}: {k} changed by a refused load"
+    assert all(torch.equal(residuals[k], state._worker_residuals[k]) for k in residuals)
+
+
+def test_checkpoint_round_trip_through_a_file_with_stats(world1, tmp_path):
+    model = _model()
+    state = gradcomp.QuantizedAllReduceState(bits=8, log_every=0)
+    state.track_parameters(model)
+    sd = _valid_checkpoint(state, model)
+    state.load_state_dict(sd)
+    out = state.state_dict()
+    assert out["checksums"] == sd["checksums"]
+    torch.save(dict(out, stats={"bytes_sent_total": 3}), tmp_path / "hook.pt")
+    back = torch.load(tmp_path / "hook.pt", weights_only=True)
+    fresh = gradcomp.QuantizedAllReduceState(bits=8, log_every=0)
+    fresh.track_parameters(model)
+    fresh.load_state_dict(back)  # an optional "stats" entry is accepted
+    assert fresh.step == 5 and all(torch.equal(fresh._worker_residuals[b], sd["worker_residuals"][b]) for b in (0, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. unsupported input, refused up front
+
+
+def test_unsupported_gradients_are_refused_with_what_to_do():
+    with pytest.raises(ValueError, match="sparse gradients.*dense gradients"):
+        guard.check_bucket(torch.sparse_coo_tensor([[0]], [1.0], (4,)), 0)
+    with pytest.raises(TypeError, match="complex gradients.*view_as_real"):
+        guard.check_bucket(torch.zeros(4, dtype=torch.complex64), 1)
+    with pytest.raises(TypeError, match="torch.int64 gradients"):
+        guard.check_bucket(torch.zeros(4, dtype=torch.int64), 2)
+    guard.check_bucket(torch.zeros(4, dtype=torch.float64), 3)  # plain all-reduce carries fp64
+    with pytest.raises(ValueError, match=r"module 0 \(Embedding\) has sparse=True"):
+        guard.check_model(nn.Sequential(nn.Embedding(10, 4, sparse=True)))
+    with pytest.raises(TypeError, match="parameter w is torch.complex64"):
+        m = nn.Module()
+        m.w = nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+        guard.check_model(m)
+    guard.check_model(nn.Sequential(nn.Embedding(10, 4)))
+
+
+def test_timeout_option_and_the_groups_timeout(world1):
+    assert guard.group_timeout(None, "gloo").total_seconds() == 17  # init_process_group(timeout=17 s)
+    assert guard.group_timeout(None, "gloo", 4.5).total_seconds() == 4.5
+    assert gradcomp.QuantizedAllReduceState(timeout=datetime.timedelta(seconds=9)).config.timeout == 9.0
+    for bad in (0, -1, float("inf"), "5", True):
+        with pytest.raises(ValueError, match="timeout must be None or a positive number of seconds"):
+            gradcomp.QuantizedAllReduceState(timeout=bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. resume never runs code
+
+
+class _Payload:
+    """Pickles to a call that creates a file: what a crafted checkpoint would run on load."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_resume_refuses_a_crafted_pickle(tmp_path):
+    from test_launch import train
+
+    marker = tmp_path / "pwned"
+    out = tmp_path / "run"
+    folder = out / "checkpoints" / "step_00000002"
+    folder.mkdir(parents=True)
+    torch.save({"step": 2, "world_size": 1, "hook": "int8", "model_preset": "small", "x": _Payload(str(marker))}, folder / "train.pt")
+    (out / "checkpoints" / "latest").write_text("step_00000002\n")
+    with pytest.raises(ValueError, match=r"train.pt could not be loaded as data \(torch.load with weights_only=True\)"):
+        train.main(["--hook", "int8", "--steps", "3", "--batch-size", "2", "--corpus-bytes", str(1 << 16),
+                    "--eval-batches", "1", "--log-every", "0", "--resume", "--out-dir", str(out)])
+    assert not marker.exists(), "loading the checkpoint ran code"
+    with pytest.raises(ValueError, match="weights_only=True"):
+        train.load_checkpoint_file(folder / "train.pt")
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("hook", ["int8", "powersgd"])
+def test_train_checkpoints_load_as_data_and_resume(tmp_path, hook):
+    from test_launch import train
+
+    out = tmp_path / "run"
+    common = ["--hook", hook, "--batch-size", "2", "--corpus-bytes", str(1 << 16), "--eval-batches", "1", "--log-every", "0",
+              "--warmup-steps", "1", "--powersgd-start-iter", "2", "--ckpt-every", "2", "--out-dir", str(out)]
+    assert train.main(common + ["--steps", "2"]) == 0
+    for f in (out / "checkpoints" / "step_00000002").glob("*.pt"):
+        train.load_checkpoint_file(f)  # weights_only=True
+    assert train.main(common + ["--steps", "3", "--resume"]) == 0
+    summary = __import__("json").loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] == "step_00000002"
