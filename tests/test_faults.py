@@ -392,7 +392,7 @@ def test_checkpoint_round_trip_through_a_file_with_stats(world1, tmp_path):
 
 def test_unsupported_gradients_are_refused_with_what_to_do():
     with pytest.raises(ValueError, match="sparse gradients.*dense gradients"):
-        guard.check_bucket(torch.sparse_coo_tensor([[0]], [1.0], (4,)), 0)
+        guard.check_bucket(torch.sparse_coo_tensor([[0]], [1.0], (4,), check_invariants=True), 0)
     with pytest.raises(TypeError, match="complex gradients.*view_as_real"):
         guard.check_bucket(torch.zeros(4, dtype=torch.complex64), 1)
     with pytest.raises(TypeError, match="torch.int64 gradients"):
@@ -465,3 +465,69 @@ def test_train_checkpoints_load_as_data_and_resume(tmp_path, hook):
     assert train.main(common + ["--steps", "3", "--resume"]) == 0
     summary = __import__("json").loads((out / "summary.json").read_text())
     assert summary["resumed_from"] == "step_00000002"
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. the CLI: one line naming the argument, exit 2, before any work
+
+
+def _cli(capsys, *argv):
+    from gradcomp.cli import main
+
+    t0 = time.monotonic()
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, err, time.monotonic() - t0
+
+
+@pytest.fixture
+def weights_file(tmp_path):
+    path = tmp_path / "sd.pt"
+    torch.save({"l.weight": torch.randn(16, 64), "l.bias": torch.randn(16)}, path)
+    return path
+
+
+def _cli_cases(tmp):
+    sd = str(tmp / "sd.pt")
+    return [
+        (("weights", "quantize", sd, str(tmp / "missing" / "q.safetensors")), "argument output: the folder of"),
+        (("weights", "quantize", sd, str(tmp / "q.safetensors"), "--group-size", "99999999999999999999"), "argument --group-size"),
+        (("weights", "size", "--params", "inf"), "argument --params: expected a finite number"),
+        (("weights", "size", "--params", "nan"), "argument --params: expected a finite number"),
+        (("weights", "analyze", str(tmp / "nothing.pt")), "argument file: no such file"),
+        (("plan", "--scores", str(tmp), "--avg-bits", "4"), "argument --scores: expected a file, got the folder"),
+        (("sensitivity", "--threads", "-1"), "argument --threads"),
+        (("cost", "--params", "1e400", "--workers", "8", "--bandwidth", "10gbit", "--no-codec"), "must be a finite count"),
+        (("cost", "--params", "7e9", "--workers", "1e30", "--bandwidth", "10gbit", "--no-codec"), "argument --workers"),
+        (("cost", "--params", "7e9", "--workers", "8", "--bandwidth", "10gbit", "--block-size", "7", "--no-codec"),
+         "argument --block-size: block size must be a positive multiple of 8"),
+        (("calibrate", "--names", "(("), "argument --names: not a valid regular expression"),
+        (("calibrate", "--out", sd), "argument --out: expected a folder"),
+        (("grads", "--plot-dir", str(tmp / "sd.pt" / "x")), "argument --plot-dir: cannot create the folder"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(13))
+def test_cli_bad_input_is_one_line_exit_2_before_any_work(capsys, tmp_path, weights_file, case):
+    argv, needle = _cli_cases(tmp_path)[case]
+    code, err, seconds = _cli(capsys, *argv)
+    assert code == 2, err
+    assert needle in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert seconds < 5, f"{argv}: validation took {seconds:.1f} s (work was done first?)"
+    assert not (tmp_path / "q.safetensors").exists()
+
+
+def test_cli_unexpected_failure_is_one_line(capsys, tmp_path, weights_file):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    code, err, _ = _cli(capsys, "weights", "quantize", str(weights_file), str(tmp_path / "q.safetensors"), "--no-progress")
+    assert code == 0, err
+    with safe_open(str(tmp_path / "q.safetensors"), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    bad = __import__("json").loads(meta["quantization_map"])
+    bad["layers"] = list(bad["layers"].values())  # a map whose layers is a list
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=dict(meta, quantization_map=__import__("json").dumps(bad)))
+    code, err, _ = _cli(capsys, "weights", "analyze", str(tmp_path / "bad.safetensors"), "--no-progress")
+    assert code in (1, 2) and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
