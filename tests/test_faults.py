@@ -192,6 +192,30 @@ def test_stalled_peer_makes_the_others_raise_within_the_timeout(tmp_path):
     _spawn(_stall_worker, 2, tmp_path)
 
 
+def _death_worker(rank, world_size):
+    model, state = _hooked()
+    for step in range(3):
+        _backward(model, rank, step)
+    dist.barrier()
+    if rank == 1:  # dies between steps, without a word
+        os._exit(0)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError) as info:
+        _backward(model, rank, 3)
+    elapsed = time.monotonic() - t0
+    msg = str(info.value)
+    assert "gradcomp" in msg and "at step 3, bucket" in msg, msg
+    assert elapsed < PG_TIMEOUT + SLACK, f"the survivor waited {elapsed:.1f} s"
+    with pytest.raises(HookFailedError):
+        state.synchronize()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_dead_peer_makes_the_survivor_raise(tmp_path):
+    _spawn(_death_worker, 2, tmp_path)
+
+
 class InjectedFault(ValueError):
     """An error raised on purpose on the communication thread."""
 
@@ -414,6 +438,14 @@ def test_timeout_option_and_the_groups_timeout(world1):
     for bad in (0, -1, float("inf"), "5", True):
         with pytest.raises(ValueError, match="timeout must be None or a positive number of seconds"):
             gradcomp.QuantizedAllReduceState(timeout=bad)
+
+
+def test_train_dist_timeout_reaches_the_hook(world1):
+    from test_launch import train
+
+    args = train.build_parser().parse_args(["--hook", "int8", "--dist-timeout", "7"])
+    setup = train.setup_hook(args, DDP(nn.Linear(4, 4)), 1, None)
+    assert setup.state.config.timeout == 7.0
 
 
 # ---------------------------------------------------------------------------------------------
