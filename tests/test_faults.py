@@ -86,7 +86,7 @@ def _disagree_worker(rank, world_size, tmp):
         with pytest.raises(ValueError) as info:
             gradcomp.register(model, **kwargs)
         msg = str(info.value)
-        assert time.monotonic() - t0 < PG_TIMEOUT, f"{field}: took {time.monotonic() - t0:.1f} s"
+        assert time.monotonic() - t0 < SLACK, f"{field}: took {time.monotonic() - t0:.1f} s"
         assert f"{field} (" in msg and "ranks 0, 2:" in msg and "rank 1:" in msg, msg
         # every rank raises the very same message
         gathered = [None] * world_size
@@ -94,10 +94,16 @@ def _disagree_worker(rank, world_size, tmp):
         assert len(set(gathered)) == 1, gathered
 
 
+def _agreement_worker(rank, world_size, tmp):
+    _register_worker(rank, world_size)
+    _disagree_worker(rank, world_size, tmp)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(90)
-def test_ranks_with_different_options_all_raise_the_same_error(tmp_path):
-    _spawn(_disagree_worker, 3, tmp_path, str(tmp_path))
+def test_disagreeing_options_double_registration_and_sparse_gradients_stop_before_any_step(tmp_path):
+    """Different options: the same ValueError on every rank; register twice and sparse models: refused up front."""
+    _spawn(_agreement_worker, 3, tmp_path, str(tmp_path))
 
 
 def _lonely_worker(rank, world_size, tmp):
@@ -134,6 +140,13 @@ def _register_worker(rank, world_size):
         return real(*a, **k)
 
     dist.new_group = counting
+    try:
+        _refused_up_front(rank, made)
+    finally:
+        dist.new_group = real
+
+
+def _refused_up_front(rank, made):
     model, state = _hooked()
     n = len(made)
     if rank == 0:
@@ -151,12 +164,6 @@ def _register_worker(rank, world_size):
     sparse.register_comm_hook(st, gradcomp.quantized_allreduce_hook)
     with pytest.raises(ValueError, match="sparse gradients"):
         sparse(torch.tensor([[1, 2], [3, 4]]), ).sum().backward()
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(60)
-def test_register_twice_and_sparse_gradients_are_refused_up_front(tmp_path):
-    _spawn(_register_worker, 2, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,12 +191,6 @@ def _stall_worker(rank, world_size):
     # the state refuses further steps on every rank
     with pytest.raises(HookFailedError, match="refuses further steps"):
         state.synchronize()
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(90)
-def test_stalled_peer_makes_the_others_raise_within_the_timeout(tmp_path):
-    _spawn(_stall_worker, 2, tmp_path)
 
 
 def _death_worker(rank, world_size):
@@ -249,10 +250,6 @@ def _thread_fault_worker(rank, world_size):
         state.state_dict()
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(90)
-def test_exception_on_the_comm_thread_stops_every_rank(tmp_path):
-    _spawn(_thread_fault_worker, 2, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +287,7 @@ def _load_mismatch_worker(rank, world_size):
             _backward(model, rank, 4)
         msg = str(info.value)
         assert "the ranks hold different hook states" in msg and what in msg, msg
-        assert time.monotonic() - t0 < PG_TIMEOUT, "the check must not wait for a timeout"
+        assert "timed out" not in msg and time.monotonic() - t0 < SLACK, "the check must not wait for a timeout"
     # the same checkpoints on every rank: the run goes on
     model, state = _hooked()
     state.load_state_dict(sd)
@@ -298,10 +295,23 @@ def _load_mismatch_worker(rank, world_size):
     assert state.step == sd["step"] + 1
 
 
+def _training_faults_worker(rank, world_size):
+    # the parts end at different times on different ranks (a survivor raises before the stalled rank wakes):
+    # meet on a group whose timeout is long before the next part builds its DDP model and hook state
+    meet = dist.new_group(timeout=datetime.timedelta(seconds=60))
+    _load_mismatch_worker(rank, world_size)
+    dist.barrier(group=meet)
+    _thread_fault_worker(rank, world_size)  # every state of the job fails: the next part builds a new one
+    dist.barrier(group=meet)
+    _stall_worker(rank, world_size)
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(90)
-def test_ranks_that_loaded_different_checkpoints_stop_at_the_first_step(tmp_path):
-    _spawn(_load_mismatch_worker, 2, tmp_path)
+@pytest.mark.timeout(120)
+def test_faults_during_training_stop_every_rank(tmp_path):
+    """Ranks that loaded different checkpoints, an exception on one rank's communication thread, a stalled
+    peer: each ends in a clear error on every rank within the timeout (one job, a fresh hook state each)."""
+    _spawn(_training_faults_worker, 2, tmp_path, deadline=100)
 
 
 # ---------------------------------------------------------------------------------------------
