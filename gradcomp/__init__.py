@@ -16,7 +16,7 @@ from gradcomp.codec import (
     quantize,
     sqnr_db,
 )
-from gradcomp.comm import HookConfig, QuantizedAllReduceState, quantized_allreduce_hook, register
+from gradcomp.comm import HookConfig, HookFailedError, QuantizedAllReduceState, quantized_allreduce_hook, register
 from gradcomp.weights import (
     CastConfig,
     WeightQuantConfig,
@@ -34,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     # the hook
     "HookConfig",
+    "HookFailedError",
     "QuantizedAllReduceState",
     "quantized_allreduce_hook",
     "register",

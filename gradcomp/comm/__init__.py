@@ -1,6 +1,7 @@
 """How compressed gradients cross the network: quantized collectives, the hierarchical exchange, the policy and the DDP hook."""
 
 from gradcomp.comm.collectives import ShardLayout, quantized_allreduce
+from gradcomp.comm.guard import HookFailedError
 from gradcomp.comm.hierarchical import HierarchicalGroups, HierarchicalLayout, hierarchical_allreduce
 from gradcomp.comm.hook import HookConfig, QuantizedAllReduceState, quantized_allreduce_hook, register
 from gradcomp.comm.policy import PLAIN, CommPolicy, LinkFit, NetworkFit, PolicyConfig, probe_network
@@ -11,6 +12,7 @@ __all__ = [
     "HierarchicalGroups",
     "HierarchicalLayout",
     "HookConfig",
+    "HookFailedError",
     "LinkFit",
     "NetworkFit",
     "PLAIN",
