@@ -56,7 +56,7 @@ __all__ = [
 #: The options that decide what a rank sends and how it decodes what it receives.
 WIRE_FIELDS = (
     "bits", "block_size", "error_feedback", "warmup_steps", "min_compress_numel",
-    "stochastic_rounding", "seed", "topology", "policy",
+    "stochastic_rounding", "seed", "topology", "policy", "chunk_numel",
 )
 
 
@@ -125,6 +125,8 @@ def wire_config(config: Any, world_size: int) -> Dict[str, Any]:
 
     out: Dict[str, Any] = {"gradcomp_version": __version__, "world_size": world_size}
     for name in WIRE_FIELDS:
+        if not hasattr(config, name):  # an option this version does not have
+            continue
         value = getattr(config, name)
         out[name] = asdict(value) if hasattr(value, "__dataclass_fields__") else value
     return out

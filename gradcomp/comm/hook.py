@@ -675,6 +675,8 @@ class QuantizedAllReduceState:
         buf = bucket.buffer()
         index = bucket.index()
         guard.check_bucket(buf, index)
+        if self._verify_pending and self.world_size > 1:  # the first step after construction or a load
+            self._verify_step(self.step, buf.device)
         last = bucket.is_last()
         step = self.step
         if last:
@@ -716,8 +718,6 @@ class QuantizedAllReduceState:
                 self._hier = self._new_hier_groups()
         if self._thread is None:
             self._thread = _CommThread()
-        # first step after construction or a load: every rank must hold the same step and layout
-        verify, self._verify_pending = self._verify_pending, False
         ready = None
         if buf.is_cuda:
             ready = torch.cuda.Event()
@@ -728,18 +728,21 @@ class QuantizedAllReduceState:
         what = "plain all-reduce" if plan is None else (
             "hierarchical exchange" if self._hier is not None else "quantized exchange (all-to-all of shards, then all-gather)")
         exchange = guard.guarded(self, lambda: self._exchange(buf, index, step, last, plan, ready), step=step, bucket=index, what=what)
-        if verify:
-            check = guard.guarded(self, lambda: self._verify_step(step, buf.device), step=step, bucket=index, what="the step/layout check (all-gather)")
-            self._thread.submit(lambda: (check(), exchange())[1], fut)
-        else:
-            self._thread.submit(exchange, fut)
+        self._thread.submit(exchange, fut)
         return guard.for_ddp(fut)
 
     def _verify_step(self, step: int, device) -> None:
-        """Raise on every rank unless all hold the same step and residual layout (communication thread)."""
-        device = device if device.type == "cuda" and dist.get_backend(self._comm_group) == "nccl" else torch.device("cpu")
+        """Raise the same ValueError on every rank unless all hold the same step and residual layout.
+
+        Runs at the first bucket after construction or a load, on the training thread, on the
+        user's group (where DDP's order of calls is the same on every rank); until the ranks
+        agree, every step checks again and raises.
+        """
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
         digest = guard.layout_digest(step, self._bucket_keys, self._bucket_numels)
-        guard.check_step_agreement(step, digest, self._comm_group, device)
+        guard.check_step_agreement(step, digest, group, device)
+        self._verify_pending = False
 
 
 class _NullContext:
