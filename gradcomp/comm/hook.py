@@ -383,7 +383,7 @@ class QuantizedAllReduceState:
         keys, types, ``step >= 0``, the world size and rank, the wire options, each residual's dtype
         and length against the recorded bucket layout, finiteness and the CRC-32 recorded by
         :meth:`state_dict`. The first step after the load compares step and layout across the ranks
-        (a collective on the hook's group) and raises on every rank if they differ.
+        (an all-gather on the user's group) and raises on every rank while they differ.
 
         Raises:
             TypeError / ValueError: naming the key or field that is wrong (nothing is changed).
@@ -402,14 +402,8 @@ class QuantizedAllReduceState:
                     f"checkpoint has topology={saved.get('topology')!r}, this state has topology={topo!r} "
                     "(the residuals are laid out for the node layout)"
                 )
-
-        def sizes(keys, numels):
-            plan = _BucketPlan.build(keys, numels, self.world_size, self.config.bits, self.config.block_size)
-            _, wn, _, sn, _ = self._slices(plan.layout)
-            return wn, sn
-
         parsed = guard.validate_state_dict(
-            state_dict, world_size=self.world_size, rank=self.rank, residual_sizes=sizes, num_params=self._param_numels,
+            state_dict, world_size=self.world_size, rank=self.rank, residual_sizes=self._residual_sizes, num_params=self._param_numels,
         )
         policy = self._policy
         if self._policy is not None and state_dict.get("network_fit") is not None:
@@ -442,6 +436,12 @@ class QuantizedAllReduceState:
             self._bucket_keys, self._bucket_numels = {}, {}
             self._worker_residuals, self._server_residuals = {}, {}
         self._verify_pending = True
+
+    def _residual_sizes(self, keys: Tuple[int, ...], numels: Tuple[int, ...]) -> Tuple[int, int]:
+        """Lengths of this rank's worker and server residuals for a bucket of these parameters."""
+        plan = _BucketPlan.build(keys, numels, self.world_size, self.config.bits, self.config.block_size)
+        _, wn, _, sn, _ = self._slices(plan.layout)
+        return wn, sn
 
     def track_parameters(self, module: torch.nn.Module) -> None:
         """Key residuals by each parameter's index in ``module`` (``register`` does this for you).
