@@ -136,6 +136,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if not math.isfinite(args.dist_timeout) or args.dist_timeout <= 0:
+        raise ValueError(f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}")
     if args.hook == "powersgd" and args.powersgd_start_iter < 2:
         raise ValueError(f"--powersgd-start-iter must be >= 2 (PyTorch's PowerSGD needs it with error feedback), got {args.powersgd_start_iter}")
     if args.backend == "nccl" and not torch.cuda.is_available():

@@ -455,6 +455,9 @@ def test_train_dist_timeout_reaches_the_hook(world1):
     args = train.build_parser().parse_args(["--hook", "int8", "--dist-timeout", "7"])
     setup = train.setup_hook(args, DDP(nn.Linear(4, 4)), 1, None)
     assert setup.state.config.timeout == 7.0
+    for bad in ("0", "-3", "inf"):
+        with pytest.raises(ValueError, match="--dist-timeout must be a positive number of seconds"):
+            train.check_args(train.build_parser().parse_args(["--dist-timeout", bad]))
 
 
 # ---------------------------------------------------------------------------------------------
