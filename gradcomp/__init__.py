@@ -1,7 +1,7 @@
 """gradcomp: quantized gradient communication for PyTorch DDP, and the quantization toolkit around it.
 
 The hook: ``gradcomp.register(ddp_model, bits=8)``. The toolkit: :mod:`gradcomp.codec` (the one
-quantizer), :mod:`gradcomp.weights`, :mod:`gradcomp.activations`, :mod:`gradcomp.sensitivity`,
+quantizer), :mod:`gradcomp.quant` (weights and activations), :mod:`gradcomp.sensitivity`,
 :mod:`gradcomp.mixed_precision`, :mod:`gradcomp.costmodel`, :mod:`gradcomp.gradexp`.
 """
 
@@ -17,7 +17,7 @@ from gradcomp.codec import (
     sqnr_db,
 )
 from gradcomp.comm import HookConfig, HookFailedError, QuantizedAllReduceState, quantized_allreduce_hook, register
-from gradcomp.weights import (
+from gradcomp.quant import (
     CastConfig,
     WeightQuantConfig,
     load_quantized,
@@ -25,9 +25,16 @@ from gradcomp.weights import (
     quantize_,
     save_quantized,
 )
-from gradcomp.activations import ActivationCapture, ActQuantConfig, quantize_activations_
-from gradcomp.sensitivity import SensitivityConfig, measure_sensitivity
-from gradcomp.mixed_precision import allocate_bits, apply_plan, plan_from_rules
+from gradcomp.quant import (
+    ActivationCapture,
+    ActQuantConfig,
+    calibrate_,
+    convert_activation_quant_,
+    prepare_activation_quant_,
+    quantize_activations_,
+)
+from gradcomp.sensitivity import SensitivityConfig, SensitivityReport, measure_sensitivity
+from gradcomp.mixed_precision import MixedPrecisionPlan, allocate_bits, apply_plan, plan_from_rules
 
 __version__ = "0.1.0"
 
@@ -56,10 +63,15 @@ __all__ = [
     # activations
     "ActivationCapture",
     "ActQuantConfig",
+    "prepare_activation_quant_",
+    "calibrate_",
+    "convert_activation_quant_",
     "quantize_activations_",
     # sensitivity and plans
     "SensitivityConfig",
+    "SensitivityReport",
     "measure_sensitivity",
+    "MixedPrecisionPlan",
     "allocate_bits",
     "apply_plan",
     "plan_from_rules",

@@ -40,6 +40,9 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from gradcomp.checks import GRADIENT_BITS, SUPPORTED_BITS, check_int
+from gradcomp.checks import check_bits as _check_bits
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -65,26 +68,15 @@ __all__ = [
     "quantize_codes_with_qparams",
 ]
 
-SUPPORTED_BITS = (2, 3, 4, 8)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # --------------------------------------------------------------------------------------------
-# validation
-
-
-def _check_bits(bits: int) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, int):
-        raise TypeError(f"bits must be an int, one of {SUPPORTED_BITS}, got {type(bits).__name__} {bits!r}")
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+# validation (the checks and the widths live in gradcomp.checks)
 
 
 def _check_block(block_size: int) -> None:
-    if isinstance(block_size, bool) or not isinstance(block_size, int):
-        raise TypeError(f"block_size must be a positive int, got {type(block_size).__name__} {block_size!r}")
-    if block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size}")
+    check_int("block_size", block_size)
 
 
 def _check_float(x: torch.Tensor, what: str = "x") -> None:
@@ -588,9 +580,7 @@ def error_feedback_step(
     Returns:
         ``(packed codes, scale (blocks,), new_residual (blocks, block_size))``.
     """
-    _check_bits(bits)
-    if bits == 3:
-        raise ValueError("bits must be one of (2, 4, 8) for error-feedback quantization, got 3")
+    _check_bits(bits, GRADIENT_BITS)
     if x.dim() != 2 or x.shape[1] != block_size or residual.shape != x.shape:
         raise ValueError(
             f"x and residual must both have shape (blocks, {block_size}), got {tuple(x.shape)} and {tuple(residual.shape)}"

@@ -45,6 +45,8 @@ import torch
 import torch.nn as nn
 
 from gradcomp import codec
+from gradcomp.batches import default_loss
+from gradcomp.checks import check_int
 from gradcomp.comm.collectives import ShardLayout
 
 logger = logging.getLogger(__name__)
@@ -198,37 +200,6 @@ def ddp_buckets(
 # capture
 
 
-def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """Compute the loss of one batch by the common conventions.
-
-    ``batch`` is a tuple (or list) passed as ``model(*batch)``, a dict passed as ``model(**batch)``,
-    or a single tensor. The output is taken as the loss if it is a scalar tensor, its second item if
-    it is a ``(logits, loss)`` tuple (nanoGPT, ``TinyGPT``), or its ``loss`` attribute/key
-    (Hugging Face models).
-    """
-    try:
-        if isinstance(batch, dict):
-            out = model(**batch)
-        elif isinstance(batch, (tuple, list)):
-            out = model(*batch)
-        else:
-            out = model(batch)
-    except TypeError as exc:
-        how = "model(**batch)" if isinstance(batch, dict) else "model(*batch)" if isinstance(batch, (tuple, list)) else "model(batch)"
-        raise TypeError(f"calling the model as {how} failed ({exc}); pass loss_fn(model, batch) that computes the loss") from exc
-    if isinstance(out, torch.Tensor) and out.dim() == 0:
-        return out
-    if isinstance(out, (tuple, list)) and len(out) >= 2 and isinstance(out[1], torch.Tensor) and out[1].dim() == 0:
-        return out[1]
-    loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
-    if isinstance(loss, torch.Tensor) and loss.dim() == 0:
-        return loss
-    raise TypeError(
-        "cannot find a scalar loss in the model's output (expected a scalar tensor, a (logits, loss) tuple "
-        f"or a .loss attribute), got {type(out).__name__}; pass loss_fn(model, batch)"
-    )
-
-
 def _named_trainable(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
@@ -255,10 +226,8 @@ def iter_gradients(
         ``(grads, loss)``: fp32 ``(workers, N)`` gradients flattened in parameter order (a missing
         gradient counts as zeros) and the mean loss over the workers.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    check_int("steps", steps)
+    check_int("workers", workers)
     params = [p for _, p in _named_trainable(model)]
     if not params:
         raise ValueError("model has no trainable parameters")

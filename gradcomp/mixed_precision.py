@@ -2,7 +2,7 @@
 
 A :class:`MixedPrecisionPlan` gives every quantizable layer one format (a ``WeightQuantConfig``, a
 ``CastConfig`` or ``None`` for full precision). It converts to the ordered rules list that
-``gradcomp.weights.quantize_`` takes (:meth:`MixedPrecisionPlan.to_rules`), so
+``gradcomp.quant.quantize_`` takes (:meth:`MixedPrecisionPlan.to_rules`), so
 ``apply_plan(model, plan)`` is one call.
 
 Two ways to make a plan:
@@ -42,14 +42,12 @@ have 8 bits: upgrading A saves 0.8, upgrading B 0.05, so the plan is A=8, B=4 wi
 
 from __future__ import annotations
 
-import fnmatch
 import heapq
 import json
 import logging
 import math
 import os
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -68,7 +66,8 @@ from gradcomp.sensitivity import (
     candidate_to_dict,
     find_layers,
 )
-from gradcomp.weights import CastConfig, WeightQuantConfig
+from gradcomp.quant.configs import CastConfig, WeightQuantConfig
+from gradcomp.quant.rules import _check_rule_config, match_pattern, normalize_rules, specificity
 
 logger = logging.getLogger(__name__)
 
@@ -288,57 +287,10 @@ def _layer_bits(info: LayerInfo, config: Optional[Candidate]) -> int:
 # rules
 
 
-_GLOB_CHARS = set("*?[")
-
-
-def match_pattern(pattern: str, name: str) -> bool:
-    """Return whether a rule pattern matches a module's fully qualified name.
-
-    ``"re:<regex>"`` matches when the regex matches the whole name; a pattern with ``*``, ``?`` or
-    ``[`` is a shell glob (``fnmatchcase``, where ``*`` also crosses dots); anything else must equal
-    the name exactly.
-
-    Example:
-        >>> match_pattern("blocks.*.mlp.c_fc", "blocks.1.mlp.c_fc"), match_pattern("re:blocks\\.\\d+\\.attn.*", "blocks.0.attn.c_proj")
-        (True, True)
-    """
-    if not isinstance(pattern, str) or not pattern:
-        raise TypeError(f"a rule pattern must be a non-empty str, got {pattern!r}")
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    if _GLOB_CHARS & set(pattern):
-        return fnmatch.fnmatchcase(name, pattern)
-    return pattern == name
-
-
-def _specificity(pattern: str) -> Tuple[int, int]:
-    if pattern.startswith("re:"):
-        return (0, 0)
-    if _GLOB_CHARS & set(pattern):
-        literal = len(re.sub(r"\[[^\]]*\]|[*?]", "", pattern))
-        return (1, literal)
-    return (2, len(pattern))
-
-
 def _check_rules(rules: Sequence[Rule]) -> List[Rule]:
     if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
         raise TypeError(f"rules must be a list of (pattern, config or None) pairs, got {type(rules).__name__}")
-    out = []
-    for i, r in enumerate(rules):
-        if not isinstance(r, (tuple, list)) or len(r) != 2:
-            raise TypeError(f"rule {i} must be a (pattern, config or None) pair, got {r!r}")
-        pattern, cfg = r
-        if not isinstance(pattern, str) or not pattern:
-            raise TypeError(f"rule {i}: the pattern must be a non-empty str, got {pattern!r}")
-        if pattern.startswith("re:"):
-            try:
-                re.compile(pattern[3:])
-            except re.error as exc:
-                raise ValueError(f"rule {i}: invalid regex {pattern[3:]!r}: {exc}") from exc
-        if cfg is not None and not isinstance(cfg, (WeightQuantConfig, CastConfig)):
-            raise TypeError(f"rule {i}: the config must be a WeightQuantConfig, a CastConfig or None, got {type(cfg).__name__}")
-        out.append((pattern, cfg))
-    return out
+    return normalize_rules(rules, _check_rule_config)
 
 
 def _layers_of(source: Union[SensitivityReport, nn.Module, Sequence[LayerInfo]]) -> List[LayerInfo]:
@@ -400,7 +352,7 @@ def plan_from_rules(
         elif precedence == "first":
             chosen[info.name] = matches[0][2]
         else:
-            best = max(matches, key=lambda m: (_specificity(m[1]), -m[0]))
+            best = max(matches, key=lambda m: (specificity(m[1]), -m[0]))
             chosen[info.name] = best[2]
     assignments = tuple(_assign(info, chosen[info.name], report, metric) for info in layers)
     return MixedPrecisionPlan(
@@ -815,7 +767,7 @@ def apply_plan(model: nn.Module, plan: MixedPrecisionPlan) -> nn.Module:
     Returns:
         The model (quantized in place).
     """
-    from gradcomp.weights import quantize_
+    from gradcomp.quant import quantize_
 
     if not isinstance(plan, MixedPrecisionPlan):
         raise TypeError(f"plan must be a MixedPrecisionPlan, got {type(plan).__name__}")

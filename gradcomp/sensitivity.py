@@ -5,7 +5,7 @@ loses far more accuracy at 4 bits than a wide MLP layer in the middle of the net
 measures that, one trial per (layer, candidate format):
 
 1. Run the calibration batches through the unmodified model once and keep the reference outputs
-   (and losses, when the batches carry labels).
+   (and losses, when the model output carries one).
 2. For every candidate layer and every candidate format (``WeightQuantConfig`` at some bits and
    granularity, or a ``CastConfig`` to fp16/bf16):
 
@@ -19,7 +19,8 @@ Scores (each averaged over the calibration batches):
 
 * ``mse``: mean squared error of the model output against the reference output.
 * ``kl``: ``KL(p_ref || p_q)`` of the softmax over the output's last dimension, in nats per position.
-* ``loss``: increase of the loss (only when a loss is available: labels in the batches or a ``loss_fn``).
+* ``loss``: increase of the loss (only when a loss is available: a model output that carries one, or a
+  ``loss_fn``; see :mod:`gradcomp.batches`).
 * ``fisher``: the Fisher / Taylor score of the layer's own output,
   ``sum((dL/dy * (y_q - y))**2)`` where ``y`` is the layer output, ``y_q`` its output with the
   quantized weight, and ``dL/dy`` the loss gradient at the unmodified model (the score NVIDIA
@@ -53,13 +54,15 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gradcomp.weights import (
+from gradcomp.batches import Batch, call_model, default_loss, output_loss, output_tensor, progress_bar
+from gradcomp.checks import check_int
+from gradcomp.quant import (
     CastConfig,
     WeightQuantConfig,
     config_name,
@@ -85,7 +88,6 @@ __all__ = [
     "quantized_layer",
     "measure_sensitivity",
     "hutchinson_trace",
-    "default_forward",
     "default_loss",
 ]
 
@@ -93,7 +95,6 @@ METRICS = ("mse", "kl", "loss", "fisher", "hawq", "weight_mse")
 _FORMAT_VERSION = 1
 
 Candidate = Union[WeightQuantConfig, CastConfig]
-Batch = Any
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,7 +104,7 @@ Batch = Any
 def candidate_key(config: Optional[Candidate]) -> str:
     """Return the short stable name of a candidate format, used as a key in score files.
 
-    It is ``gradcomp.weights.config_name``: ``None`` (keep full precision) is ``"fp32"``, casts are
+    It is ``gradcomp.quant.config_name``: ``None`` (keep full precision) is ``"fp32"``, casts are
     ``"fp16"``/``"bf16"``, weight quantization is ``int<bits>-<tensor|channel|g<group>>`` plus
     ``-asym`` and ``-s<scale dtype>`` when not the defaults; ``weights.parse_config`` reads it back.
 
@@ -186,7 +187,7 @@ class SensitivityConfig:
         hessian: also estimate the HAWQ score (Hutchinson trace; needs a loss and double backward).
         hutchinson_samples: Rademacher vectors per calibration batch for the trace.
         activations: when set, also fake-quantize the floating input of the layer under trial with
-            this ``gradcomp.activations.ActQuantConfig``; it must be dynamic (scales from each
+            this ``gradcomp.quant.ActQuantConfig``; it must be dynamic (scales from each
             input), since a single-layer trial has no calibration pass of its own.
         seed: seed of the Hutchinson vectors.
     """
@@ -214,10 +215,9 @@ class SensitivityConfig:
         if bad or not metrics:
             raise ValueError(f"metrics must be a non-empty subset of ('mse', 'kl', 'loss', 'fisher', 'weight_mse'), got {metrics}")
         object.__setattr__(self, "metrics", metrics)
-        if isinstance(self.hutchinson_samples, bool) or not isinstance(self.hutchinson_samples, int) or self.hutchinson_samples < 1:
-            raise ValueError(f"hutchinson_samples must be a positive int, got {self.hutchinson_samples!r}")
+        check_int("hutchinson_samples", self.hutchinson_samples)
         if self.activations is not None:
-            from gradcomp.activations import ActQuantConfig
+            from gradcomp.quant import ActQuantConfig
 
             if not isinstance(self.activations, ActQuantConfig):
                 raise TypeError(f"activations must be None or an ActQuantConfig, got {type(self.activations).__name__}")
@@ -545,42 +545,23 @@ class quantized_layer:
 # forward / loss conventions
 
 
-def _split_batch(batch: Batch) -> Tuple[Any, Optional[torch.Tensor]]:
-    if isinstance(batch, (tuple, list)):
-        if len(batch) == 0:
-            raise ValueError("a calibration batch must not be empty")
-        if len(batch) == 1:
-            return batch[0], None
-        return batch[0], batch[-1]
-    return batch, None
+def _output_and_loss(model: nn.Module, batch: Batch, forward, loss_fn, need_loss: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Run one batch (the convention of :mod:`gradcomp.batches`); return the output tensor and, if asked, the loss.
 
-
-def default_forward(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Run ``model`` on a batch and return its output tensor.
-
-    A batch is a tensor of inputs or a tuple ``(inputs, labels)``; only the inputs are passed. A model
-    returning a tuple (like ``TinyGPT``'s ``(logits, loss)``) contributes its first element.
+    Without ``loss_fn`` the loss is the one the model's output carries (None if it carries none),
+    so the output and the loss come from one forward pass.
     """
-    inputs, _ = _split_batch(batch)
-    out = model(inputs)
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"the model output must be a tensor or a tuple starting with one, got {type(out).__name__}")
-    return out
+    raw = (forward or call_model)(model, batch)
+    out = output_tensor(raw)
+    if not need_loss:
+        return out, None
+    return out, (output_loss(raw) if loss_fn is None else loss_fn(model, batch))
 
 
-def default_loss(output: torch.Tensor, batch: Batch) -> Optional[torch.Tensor]:
-    """Return the loss of ``output`` against the batch's labels, or None when it has none.
-
-    Integer labels give cross-entropy over the last dimension; floating labels give MSE.
-    """
-    _, labels = _split_batch(batch)
-    if labels is None:
-        return None
-    if not labels.is_floating_point():
-        return F.cross_entropy(output.reshape(-1, output.shape[-1]).float(), labels.reshape(-1))
-    return F.mse_loss(output.float(), labels.float())
+def _loss(model: nn.Module, batch: Batch, forward, loss_fn) -> Optional[torch.Tensor]:
+    if loss_fn is not None:
+        return loss_fn(model, batch)
+    return output_loss((forward or call_model)(model, batch))
 
 
 def _kl(ref_logp: torch.Tensor, out: torch.Tensor) -> float:
@@ -600,8 +581,8 @@ def hutchinson_trace(
     *,
     samples: int = 4,
     seed: int = 0,
-    forward_fn: Callable[[nn.Module, Batch], torch.Tensor] = default_forward,
-    loss_fn: Callable[[torch.Tensor, Batch], Optional[torch.Tensor]] = default_loss,
+    forward: Optional[Callable[[nn.Module, Batch], Any]] = None,
+    loss_fn: Optional[Callable[[nn.Module, Batch], torch.Tensor]] = None,
 ) -> List[float]:
     """Estimate ``Tr(d2L/dW2)`` for several weight tensors at once with Hutchinson's method.
 
@@ -614,11 +595,11 @@ def hutchinson_trace(
 
     Args:
         model: the model (not modified; parameter ``.grad`` fields are not touched).
-        batches: calibration batches with labels.
+        batches: calibration batches whose model output carries a loss (or give ``loss_fn``).
         weights: the weight tensors (parameters of ``model``).
         samples: Rademacher vectors per batch.
         seed: seed of the vectors.
-        forward_fn, loss_fn: as in :func:`measure_sensitivity`.
+        forward, loss_fn: as in :func:`measure_sensitivity`.
 
     Returns:
         One trace estimate per weight tensor.
@@ -636,9 +617,9 @@ def hutchinson_trace(
 
         with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
             for batch in batches:
-                loss = loss_fn(forward_fn(model, batch), batch)
+                loss = _loss(model, batch, forward, loss_fn)
                 if loss is None:
-                    raise ValueError("the Hessian trace needs a loss: give batches with labels or a loss_fn")
+                    raise ValueError("the Hessian trace needs a loss: a model output that carries one, or a loss_fn(model, batch)")
                 grads = torch.autograd.grad(loss, weights, create_graph=True)
                 for _ in range(samples):
                     vs = [torch.randint(0, 2, w.shape, generator=gen).to(w.dtype).mul_(2).sub_(1) for w in weights]
@@ -660,7 +641,7 @@ def _modules_by_name(model: nn.Module) -> Dict[str, nn.Module]:
 
 
 def _input_quant_hook(config: Any):
-    from gradcomp.activations import ActivationQuantizer
+    from gradcomp.quant import ActivationQuantizer
 
     quantizer = ActivationQuantizer(config)
 
@@ -690,8 +671,8 @@ def measure_sensitivity(
     config: Optional[SensitivityConfig] = None,
     *,
     layers: Optional[Union[Sequence[str], Callable[[nn.Module, str], bool]]] = None,
-    forward_fn: Callable[[nn.Module, Batch], torch.Tensor] = default_forward,
-    loss_fn: Callable[[torch.Tensor, Batch], Optional[torch.Tensor]] = default_loss,
+    forward: Optional[Callable[[nn.Module, Batch], Any]] = None,
+    loss_fn: Optional[Callable[[nn.Module, Batch], torch.Tensor]] = None,
     progress: bool = False,
     trial_callback: Optional[Callable[[str, str], None]] = None,
 ) -> SensitivityReport:
@@ -710,12 +691,15 @@ def measure_sensitivity(
 
     Args:
         model: the model to analyse (fp32/fp16/bf16 weights).
-        batches: calibration batches: tensors of inputs, or ``(inputs, labels)`` tuples.
+        batches: calibration batches, called as :mod:`gradcomp.batches` says (``(inputs, targets)`` tuples for a model that returns ``(logits, loss)``).
         config: candidates and metrics (default :class:`SensitivityConfig`).
         layers: layer names to analyse (module FQNs, aliases allowed) or a ``filter_fn(module, fqn)``;
             default every Linear/Embedding/Conv2d weight.
-        forward_fn: ``forward_fn(model, batch) -> output tensor``; default :func:`default_forward`.
-        loss_fn: ``loss_fn(output, batch) -> scalar or None``; default :func:`default_loss`.
+        forward: ``forward(model, batch) -> output``; default :func:`gradcomp.batches.call_model`.
+            The output's main tensor is compared (:func:`gradcomp.batches.output_tensor`).
+        loss_fn: ``loss_fn(model, batch) -> scalar``; default: the loss the output carries
+            (:func:`gradcomp.batches.output_loss`), taken from the same forward pass; without one the
+            ``loss``, ``fisher`` and Hessian scores are skipped.
         progress: show a tqdm progress bar over layers (on stderr).
         trial_callback: called as ``trial_callback(layer, candidate_key)`` after every trial,
             once the weight is restored (used by tests to check the restoration).
@@ -749,12 +733,12 @@ def measure_sensitivity(
     was_training = model.training
     model.eval()
     try:
-        return _measure(model, batches, config, infos, modules, forward_fn, loss_fn, progress, trial_callback)
+        return _measure(model, batches, config, infos, modules, forward, loss_fn, progress, trial_callback)
     finally:
         model.train(was_training)
 
 
-def _measure(model, batches, config, infos, modules, forward_fn, loss_fn, progress, trial_callback) -> SensitivityReport:
+def _measure(model, batches, config, infos, modules, forward, loss_fn, progress, trial_callback) -> SensitivityReport:
     metrics = set(config.metrics)
     # 1. reference pass
     ref_out: List[torch.Tensor] = []
@@ -762,16 +746,16 @@ def _measure(model, batches, config, infos, modules, forward_fn, loss_fn, progre
     ref_loss: List[Optional[float]] = []
     with torch.no_grad():
         for b in batches:
-            out = forward_fn(model, b).detach()
+            out, lo = _output_and_loss(model, b, forward, loss_fn, True)
+            out = out.detach()
             ref_out.append(out)
             ref_logp.append(F.log_softmax(out.float().reshape(-1, out.shape[-1]), dim=-1) if "kl" in metrics else None)
-            lo = loss_fn(out, b)
             ref_loss.append(None if lo is None else float(lo))
     has_loss = all(l is not None for l in ref_loss)
     if not has_loss:
         for m in ("loss", "fisher"):
             if m in metrics:
-                logger.info("no loss available (no labels and no loss_fn): skipping the %s score", m)
+                logger.info("no loss available (the output carries none and no loss_fn): skipping the %s score", m)
                 metrics.discard(m)
     if "kl" in metrics and ref_out[0].dim() < 1:
         metrics.discard("kl")
@@ -786,27 +770,18 @@ def _measure(model, batches, config, infos, modules, forward_fn, loss_fn, progre
     if want_hawq:
         ws = [modules[l.name].weight for l in infos]
         tr = hutchinson_trace(
-            model, batches, ws, samples=config.hutchinson_samples, seed=config.seed, forward_fn=forward_fn, loss_fn=loss_fn
+            model, batches, ws, samples=config.hutchinson_samples, seed=config.seed, forward=forward, loss_fn=loss_fn
         )
         traces = {l.name: t for l, t in zip(infos, tr)}
 
     act_hook = _input_quant_hook(config.activations) if config.activations is not None else None
     entries: List[SensitivityEntry] = []
-    iterator: Iterable[LayerInfo] = infos
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(infos, desc="sensitivity", unit="layer")
-        iterator = bar
-    for info in iterator:
-        if bar is not None:
-            bar.set_postfix_str(info.name)
+    for info in progress_bar(infos, progress, "sensitivity", total=len(infos), unit="layer"):
         mods = [modules[info.name]] + [modules[a] for a in info.aliases]
         # 3a. per-layer outputs and gradients for the Fisher score
         fisher_ref: List[Tuple[List[torch.Tensor], List[torch.Tensor]]] = []
         if "fisher" in metrics:
-            fisher_ref = _layer_grads(model, batches, mods, forward_fn, loss_fn)
+            fisher_ref = _layer_grads(model, batches, mods, forward, loss_fn)
         for cand in config.candidates:
             key = candidate_key(cand)
             scores: Dict[str, float] = {}
@@ -826,13 +801,13 @@ def _measure(model, batches, config, infos, modules, forward_fn, loss_fn, progre
                         scores["hawq"] = traces[info.name] / info.numel * dw2
                     for i, b in enumerate(batches):
                         captured.clear()
-                        out = forward_fn(model, b)
+                        out, lo = _output_and_loss(model, b, forward, loss_fn, "loss" in sums)
                         if "mse" in sums:
                             sums["mse"] += float(torch.mean((out.double() - ref_out[i].double()) ** 2))
                         if "kl" in sums:
                             sums["kl"] += _kl(ref_logp[i], out)
                         if "loss" in sums:
-                            sums["loss"] += float(loss_fn(out, b)) - ref_loss[i]
+                            sums["loss"] += float(lo) - ref_loss[i]
                         if "fisher" in sums:
                             ys, gs = fisher_ref[i]
                             if len(captured) != len(ys):
@@ -855,8 +830,6 @@ def _measure(model, batches, config, infos, modules, forward_fn, loss_fn, progre
             if trial_callback is not None:
                 trial_callback(info.name, key)
         logger.debug("sensitivity of %s done", info.name)
-    if bar is not None:
-        bar.close()
 
     baseline: Dict[str, Any] = {"num_batches": len(batches)}
     if base_loss is not None:
@@ -871,7 +844,7 @@ def _measure(model, batches, config, infos, modules, forward_fn, loss_fn, progre
     return SensitivityReport(infos, entries, baseline, _other_bytes(model, infos, modules), metadata)
 
 
-def _layer_grads(model, batches, mods, forward_fn, loss_fn):
+def _layer_grads(model, batches, mods, forward, loss_fn):
     """Return, per batch, the layer's outputs and the loss gradients at them (one entry per call)."""
     result = []
     for b in batches:
@@ -886,8 +859,7 @@ def _layer_grads(model, batches, mods, forward_fn, loss_fn):
         handles = [m.register_forward_hook(hook) for m in mods]
         try:
             with torch.enable_grad():
-                out = forward_fn(model, b)
-                loss = loss_fn(out, b)
+                loss = _loss(model, b, forward, loss_fn)
                 grads = torch.autograd.grad(loss, outs, allow_unused=True)
         finally:
             for h in handles:

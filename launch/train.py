@@ -1,6 +1,6 @@
 """Train the byte-level GPT on the stdlib corpus with DDP and a choice of gradient communication hook.
 
-The model (``gradcomp.tasks.TinyGPT``) and the data (the Python standard library's own source, read
+The model (``gradcomp.examples.tasks.TinyGPT``) and the data (the Python standard library's own source, read
 from the running interpreter) are real and available offline on every machine.
 
 Run it (always through torchrun, or through the scripts next to this file)::
@@ -62,7 +62,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gradcomp.tasks import GPT_PRESETS, TinyGPT, evaluate, get_batch, make_optimizer, split_corpus, text_corpus
+from gradcomp.examples.tasks import GPT_PRESETS, TinyGPT, evaluate, get_batch, make_optimizer, split_corpus, text_corpus
 
 logger = logging.getLogger("gradcomp.launch.train")
 

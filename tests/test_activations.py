@@ -200,10 +200,10 @@ def test_hooks_removed_after_error_and_selection():
         analyze_activation_dynamics(model, [torch.randn(2, 3)])
     assert _all_hooks(model) == before
     with pytest.raises(ValueError, match="no module"):
-        ActivationCapture(model, names=r"^nothing$")
+        ActivationCapture(model, names="nothing")
     with pytest.raises(ValueError, match="regular expression"):
-        ActivationCapture(model, names="(")
-    rep = analyze_activation_dynamics(model, _tiny_batches(), types=(nn.Module,), names=r"^1$")
+        ActivationCapture(model, names="re:(")
+    rep = analyze_activation_dynamics(model, _tiny_batches(), types=(nn.Module,), names="1")
     assert list(rep.layers) == ["1"]
 
 
@@ -478,7 +478,8 @@ def test_quantization_aware_finetuning_steps():
 
 
 def test_w8a8_with_weight_quantization():
-    weights = pytest.importorskip("gradcomp.weights")
+    from gradcomp import weights
+
     model = _tiny_model()
     batches = _tiny_batches()
     with torch.no_grad():
@@ -539,9 +540,9 @@ class _Unused(nn.Module):
 
 def test_failed_calibration_removes_only_its_own_quantizers():
     model = _Unused()
-    prepare_activation_quant_(model, ActQuantConfig(dynamic=True), names=r"^other$")
+    prepare_activation_quant_(model, ActQuantConfig(dynamic=True), names="other")
     with pytest.raises(ValueError, match="saw no calibration data"):
-        quantize_activations_(model, ActQuantConfig(), [torch.randn(2, 4)], names=r"used")
+        quantize_activations_(model, ActQuantConfig(), [torch.randn(2, 4)], names="*used")
     assert not hasattr(model.used, "input_quantizer") and not hasattr(model.unused, "input_quantizer")
     assert isinstance(model.other.input_quantizer, ActivationQuantizer)
     assert _all_hooks(model) == 1

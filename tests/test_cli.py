@@ -12,13 +12,7 @@ import torch
 from gradcomp.cli import main
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # two cores shared by many processes: one intra-op thread avoids oversubscription stalls
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(capsys, *argv):
@@ -287,3 +281,8 @@ def test_a_command_that_cannot_load_does_not_break_the_others(capsys, monkeypatc
     assert code == 0 and "zz_missing_cmd" in out and "cost" in out
     code, _, err = run(capsys, "zz_missing_cmd")
     assert code == 3 and "could not be loaded" in err
+
+
+def test_calibrate_names_take_layer_patterns(capsys):
+    code, _, err = run(capsys, "calibrate", "--names", "re:((", "--json")
+    assert code == 2 and "--names" in err and "invalid regular expression" in err

@@ -13,13 +13,7 @@ from gradcomp import gradexp as gx
 from gradcomp.comm.collectives import ShardLayout
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # two cores shared by many processes: one intra-op thread avoids oversubscription stalls
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _grads(steps: int, workers: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -73,6 +67,7 @@ def _parity_worker(rank, world_size, grads_path, out_path, cases):
         torch.save(results, out_path)
 
 
+@pytest.mark.slow
 def test_replay_matches_the_real_collective_bit_for_bit(tmp_path):
     cases = [(4, True), (8, False), (2, True)]
     grads = _grads(3, 2, 1000, seed=1)

@@ -192,6 +192,7 @@ def _worker(rank, world_size, local):
 
 
 # one spawn per layout: starting processes is what costs on a busy machine
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size,local", [(4, 2), (6, 3)])
 def test_parity_bytes_nonfinite_resume(tmp_path, world_size, local):
     """2 nodes x 2 and 2 x 3: DDP parity, identical ranks, bytes, error feedback, non-finite, resume, bad topology."""

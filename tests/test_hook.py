@@ -69,6 +69,7 @@ def _parity_worker(rank, world_size):
         assert 0 < state.stats()["rel_error"] < 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_parity_identical_ranks_bytes(tmp_path, world_size):
     spawn(_parity_worker, world_size, tmp_path)
@@ -100,6 +101,7 @@ def _nonfinite_worker(rank, world_size):
     assert torch.isfinite(_grads(model)).all()
 
 
+@pytest.mark.slow
 def test_nonfinite_on_one_rank_reaches_all_and_keeps_residuals(tmp_path):
     spawn(_nonfinite_worker, 3, tmp_path)
 
@@ -113,6 +115,7 @@ def _resume_worker(rank, world_size, bits, stochastic):
     assert state2.step == 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits,stochastic", [(8, False), (4, True)])
 def test_checkpoint_resume_is_bit_identical(tmp_path, bits, stochastic):
     spawn(_resume_worker, 2, tmp_path, bits, stochastic)
@@ -179,6 +182,7 @@ def _ddp_modes_worker(rank, world_size):
     assert state.step == 4
 
 
+@pytest.mark.slow
 def test_static_graph_unused_parameters_bucket_view_and_no_sync(tmp_path):
     spawn(_ddp_modes_worker, 2, tmp_path)
 
@@ -213,6 +217,7 @@ def _grad_scaler_worker(rank, world_size):
     assert _all_identical(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
 
 
+@pytest.mark.slow
 def test_grad_scaler_skips_inf_step_and_trains_on(tmp_path):
     spawn(_grad_scaler_worker, 2, tmp_path)
 
@@ -234,6 +239,7 @@ def _dtype_worker(rank, world_size):
             assert _all_identical(g.float())
 
 
+@pytest.mark.slow
 def test_half_precision_gradients(tmp_path):
     spawn(_dtype_worker, 3, tmp_path)
 
@@ -247,6 +253,7 @@ def _world_one_worker(rank, world_size):
     assert torch.equal(_grads(model), _grads(ref))
 
 
+@pytest.mark.slow
 def test_world_size_one_is_a_no_op(tmp_path):
     spawn(_world_one_worker, 1, tmp_path)
 
@@ -326,6 +333,7 @@ def _nccl_worker(rank, world_size):  # pragma: no cover - needs GPUs
         assert float((got - exact).norm() / exact.norm()) < STEP_TOL[8]
 
 
+@pytest.mark.slow
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2 or not dist.is_nccl_available(), reason="needs 2 CUDA GPUs and NCCL")
 def test_nccl_parity(tmp_path):  # pragma: no cover - needs GPUs

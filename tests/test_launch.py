@@ -124,6 +124,7 @@ def _read_metrics(path: Path):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker through /proc")
 def test_killed_worker_restarts_and_resumes_exactly(tmp_path):
     out = tmp_path / "run"
@@ -229,6 +230,7 @@ def _ours(stderr: str):
     return {ns for ns in _namespaces() if ns.endswith("-" + m.group(1))}
 
 
+@pytest.mark.slow
 @pytest.mark.netns
 @requires_netns
 def test_netsim_counts_bytes_limits_rate_and_cleans_up(tmp_path):
@@ -257,6 +259,7 @@ def test_netsim_counts_bytes_limits_rate_and_cleans_up(tmp_path):
     assert _ours(res.stderr) == set()  # everything removed
 
 
+@pytest.mark.slow
 @pytest.mark.netns
 @requires_netns
 def test_netsim_exit_codes_and_interrupt_cleanup(tmp_path):

@@ -33,13 +33,7 @@ from gradcomp.sensitivity import (
 from gradcomp.weights import CastConfig, WeightQuantConfig, fake_quantize_weight, model_size_bytes, weight_bits_per_param
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on shared cores: intra-op threads only add synchronisation stalls.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 INT = {b: WeightQuantConfig(bits=b, granularity="per_group", group_size=16) for b in (2, 3, 4, 8)}
 
@@ -174,7 +168,7 @@ def test_rule_precedence_first_vs_most_specific():
     assert tie.bits_by_layer()["blocks.0.attn.c_attn"] == "int2-g16"
     with pytest.raises(ValueError, match="precedence"):
         plan_from_rules(layers, rules, precedence="last")
-    with pytest.raises(ValueError, match="invalid regex"):
+    with pytest.raises(ValueError, match="invalid regular expression"):
         plan_from_rules(layers, [("re:(", None)])
     assert match_pattern("head", "head") and not match_pattern("hea", "head")
 
@@ -192,7 +186,8 @@ def _batches():
 def test_apply_plan_quantizes_as_planned_and_predicts_the_size():
     model = _model()
     ref = {n: m.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "weight")}
-    report = measure_sensitivity(model, _batches(), SensitivityConfig(candidates=tuple(INT.values()) + (CastConfig("fp16"),), metrics=("kl",)))
+    inputs = [x for x, _ in _batches()]
+    report = measure_sensitivity(model, inputs, SensitivityConfig(candidates=tuple(INT.values()) + (CastConfig("fp16"),), metrics=("kl",)))
     plan = allocate_bits(report, avg_bits=4.5)
     assert len({a.candidate for a in plan.assignments}) >= 1
     apply_plan(model, plan)
@@ -208,7 +203,7 @@ def test_applied_plan_output_matches_the_trial_outputs():
     # One layer at int2: the applied model must give the very output the trial measured.
     model = _model()
     batches = _batches()
-    report = measure_sensitivity(model, batches, SensitivityConfig(candidates=(INT[2],), metrics=("mse", "kl")))
+    report = measure_sensitivity(model, [x for x, _ in batches], SensitivityConfig(candidates=(INT[2],), metrics=("mse", "kl")))
     plan = plan_from_rules(report, [("1", INT[2])])
     with torch.no_grad():
         ref = [model(x) for x, _ in batches]

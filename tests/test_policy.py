@@ -207,5 +207,6 @@ def _hook_worker(rank, world_size):
     assert set(probed.recalibrate()) == {"link", "intra", "codec", "source"}
 
 
+@pytest.mark.slow
 def test_hook_follows_policy_identically_on_every_rank(tmp_path):
     spawn(_hook_worker, 4, tmp_path, timeout=180.0)

@@ -22,22 +22,24 @@ from gradcomp.sensitivity import (
     quantized_layer,
 )
 from gradcomp.activations import ActQuantConfig
-from gradcomp.tasks import TinyGPT
+from gradcomp.examples.tasks import TinyGPT
 from gradcomp.weights import CastConfig, WeightQuantConfig, fake_quantize_weight
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on shared cores: intra-op threads only add synchronisation stalls.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class _Classifier(nn.Sequential):
+    """An MLP that, given labels too, returns ``(logits, cross-entropy)`` (the batch convention of gradcomp.batches)."""
+
+    def forward(self, x, y=None):
+        logits = super().forward(x)
+        return logits if y is None else (logits, F.cross_entropy(logits, y))
 
 
 def _mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 10))
+    return _Classifier(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 10))
 
 
 def _mlp_batches(n: int = 3, seed: int = 1):
@@ -112,7 +114,7 @@ def test_restored_when_a_trial_raises():
         return m(batch[0])
 
     with pytest.raises(RuntimeError, match="boom"):
-        measure_sensitivity(model, _mlp_batches(), SensitivityConfig(candidates=CANDS[:2], metrics=("mse",)), forward_fn=forward)
+        measure_sensitivity(model, _mlp_batches(), SensitivityConfig(candidates=CANDS[:2], metrics=("mse",)), forward=forward)
     _assert_identical(model, snap)
 
 
@@ -187,7 +189,7 @@ def test_hutchinson_trace_of_a_quadratic_is_exact():
             return (1.5 * self.w**2).sum().reshape(1, 1) + 0 * x
 
     m = Quad()
-    tr = hutchinson_trace(m, [torch.zeros(1, 1)], [m.w], samples=3, forward_fn=lambda mod, b: mod(b), loss_fn=lambda out, b: out.sum())
+    tr = hutchinson_trace(m, [torch.zeros(1, 1)], [m.w], samples=3, loss_fn=lambda mod, b: mod(b).sum())
     assert tr[0] == pytest.approx(3.0 * 12)
     assert m.w.grad is None
 

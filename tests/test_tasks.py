@@ -1,4 +1,4 @@
-"""Tests of gradcomp.tasks: the stdlib byte corpus, TinyGPT, batching, evaluation, the cached pretrained model."""
+"""Tests of gradcomp.examples.tasks: the stdlib byte corpus, TinyGPT, batching, evaluation, the cached pretrained model."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from gradcomp.tasks import (
+from gradcomp.examples.tasks import (
     GPT_COMM17M,
     GPT_PRESETS,
     GPT_SMALL,
@@ -110,15 +110,6 @@ def test_tinygpt_causal_and_loss():
     assert model.lm_head.weight is model.wte.weight
 
 
-@pytest.fixture
-def one_thread():
-    # small models train faster on one thread than on two contended ones
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_training_lowers_validation_loss(one_thread):
     torch.manual_seed(0)
     train, val = split_corpus(text_corpus(max_bytes=1 << 18))
@@ -150,7 +141,7 @@ def test_pretrained_is_cached(tmp_path, monkeypatch):
     def fail(*a, **k):
         raise AssertionError("must load from the cache, not train")
 
-    monkeypatch.setattr("gradcomp.tasks.make_optimizer", fail)
+    monkeypatch.setattr("gradcomp.examples.tasks.make_optimizer", fail)
     m2, _, _ = pretrained_tiny_gpt(tmp_path, steps=3, config=cfg, batch_size=4, max_bytes=1 << 16)
     for (k, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
         assert torch.equal(a, b), k
@@ -162,7 +153,7 @@ def test_pretrained_is_cached(tmp_path, monkeypatch):
 def test_digits_cnn_shapes_and_optional_sklearn():
     assert DigitsCNN()(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
     pytest.importorskip("sklearn")
-    from gradcomp.tasks import digits_data
+    from gradcomp.examples.tasks import digits_data
 
     xtr, ytr, xte, yte = digits_data()
     assert xtr.shape[1:] == (1, 8, 8) and xtr.shape[0] + xte.shape[0] == 1797

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import importlib
 import math
+import pkgutil
 import sys
 from typing import Any, Callable, Dict, List, Sequence
 
@@ -20,6 +22,38 @@ class CliError(Exception):
     def __init__(self, message: str, code: int = EXIT_BAD_INPUT):
         super().__init__(message)
         self.code = code
+
+
+def load_callable(spec: str, what: str) -> Callable[..., Any]:
+    """Return the callable that ``MODULE:NAME`` names (``pkgutil.resolve_name``), or raise a CliError naming ``what``.
+
+    Example: ``load_callable("mypkg.models:build", "--model")`` imports ``mypkg.models`` and returns its ``build``.
+    """
+    if not isinstance(spec, str) or ":" not in spec:
+        raise CliError(f"{what} must look like MODULE:NAME (e.g. mypkg.models:build), got {spec!r}")
+    module = spec.partition(":")[0]
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise CliError(f"{what}: cannot import module {module!r} ({exc})") from None
+    try:
+        obj = pkgutil.resolve_name(spec)
+    except (AttributeError, ValueError) as exc:
+        raise CliError(f"{what}: cannot resolve {spec!r} ({exc})") from None
+    if not callable(obj):
+        raise CliError(f"{what}: {spec!r} is not callable")
+    return obj
+
+
+def name_pattern(text: str) -> str:
+    """Accept a layer-name pattern (exact name, glob or ``re:<regex>``, see :mod:`gradcomp.quant.rules`)."""
+    from gradcomp.quant.rules import check_patterns
+
+    try:
+        check_patterns(text, "pattern")
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def add_json_flag(parser) -> None:
@@ -140,17 +174,6 @@ def hook_block_size(text: str) -> int:
     if value < 8 or value % 8:
         raise argparse.ArgumentTypeError(f"block size must be a positive multiple of 8 (e.g. 64, 128, 256), got {text!r}")
     return value
-
-
-def regex(text: str) -> str:
-    """Check that ``text`` compiles as a Python regular expression; return it unchanged."""
-    import re
-
-    try:
-        re.compile(text)
-    except re.error as exc:
-        raise argparse.ArgumentTypeError(f"not a valid regular expression ({exc}): {text!r}") from None
-    return text
 
 
 def existing_file(text: str) -> str:

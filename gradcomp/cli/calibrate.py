@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Dict, List
 
-from gradcomp.cli._common import EXIT_OK, CliError, add_json_flag, float_in, format_table, out_dir, positive_int, print_json, regex
+from gradcomp.cli._common import EXIT_OK, CliError, add_json_flag, float_in, format_table, load_callable, name_pattern, out_dir, positive_int, print_json
 
 _OBSERVERS = ("minmax", "moving_average", "per_channel", "percentile", "mse", "kl")
 
@@ -20,12 +19,12 @@ examples:
   gradcomp calibrate                                   # the built-in tiny GPT on stdlib bytes
   gradcomp calibrate --observer kl --bits 8 --out act_report
   gradcomp calibrate --model mypkg.models:build --data mypkg.data:calib_batches --batches 32 --json
-  gradcomp calibrate --names 'mlp' --dynamic           # per-token scales computed on the fly
+  gradcomp calibrate --names '*mlp*' --dynamic         # per-token scales computed on the fly
 
 --model names a constructor called without arguments that returns an nn.Module; --data names a
 function called without arguments that returns an iterable of input batches (a tensor is passed as
 model(x), a tuple as model(*batch), a dict as model(**batch)). Without --model the built-in tiny GPT
-(gradcomp.tasks.pretrained_tiny_gpt, trained once and cached under --cache-dir) is used with windows
+(gradcomp.examples.tasks.pretrained_tiny_gpt, trained once and cached under --cache-dir) is used with windows
 of its training bytes, and the validation loss of fp32 and of the quantized model is reported.
 
 The statistics are those of the inputs of the chosen layers (what gets quantized); --outputs adds
@@ -57,8 +56,8 @@ def register(subparsers) -> None:
     p.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=8, help="activation bits (default 8)")
     p.add_argument("--symmetric", action="store_true", help="symmetric scales without zero point (default affine)")
     p.add_argument("--batches", type=positive_int, default=16, help="calibration batches (default 16)")
-    p.add_argument("--names", default=None, metavar="REGEX", type=regex, help="only layers whose name matches this regex")
-    p.add_argument("--exclude", default=None, metavar="REGEX", type=regex, help="skip layers whose name matches this regex")
+    p.add_argument("--names", default=None, metavar="PATTERN", type=name_pattern, help="only layers whose name matches (exact name, glob, or re:REGEX)")
+    p.add_argument("--exclude", default=None, metavar="PATTERN", type=name_pattern, help="skip layers whose name matches (exact name, glob, or re:REGEX)")
     p.add_argument("--percentile", type=float_in(0, 100, lo_open=True), default=99.99, help="percentile of --observer percentile (default 99.99)")
     p.add_argument("--bins", type=positive_int, default=2048, help="histogram bins (default 2048)")
     p.add_argument("--outputs", action="store_true", help="also record the layer outputs")
@@ -71,43 +70,28 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _resolve(spec: str, what: str) -> Callable[[], Any]:
-    """Import ``module.path:attribute`` and return the attribute, or raise a CliError."""
-    if ":" not in spec:
-        raise CliError(f"{what} must look like module.path:function, got {spec!r}")
-    mod_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise CliError(f"cannot import module {mod_name!r} of {what} {spec!r}: {exc}") from exc
-    obj = getattr(module, attr, None)
-    if obj is None or not callable(obj):
-        raise CliError(f"{what} {spec!r}: module {mod_name!r} has no callable {attr!r}")
-    return obj
-
-
 def _builtin(args) -> Dict[str, Any]:
     import torch
 
-    from gradcomp.tasks import evaluate, get_batch, pretrained_tiny_gpt
+    from gradcomp.examples.tasks import evaluate, get_batch, pretrained_tiny_gpt
 
     model, train, val = pretrained_tiny_gpt(args.cache_dir)
     block = model.config.block_size
     gen = torch.Generator().manual_seed(0)
     batches = [get_batch(train, 16, block, gen)[0] for _ in range(args.batches)]
-    return {"model": model, "batches": batches, "label": "tiny GPT (gradcomp.tasks)", "eval": lambda m: evaluate(m, val)}
+    return {"model": model, "batches": batches, "label": "tiny GPT (gradcomp.examples.tasks)", "eval": lambda m: evaluate(m, val)}
 
 
 def _user(args) -> Dict[str, Any]:
     import torch.nn as nn
 
-    ctor = _resolve(args.model, "--model")
+    ctor = load_callable(args.model, "--model")
     model = ctor()
     if not isinstance(model, nn.Module):
         raise CliError(f"--model {args.model!r} returned {type(model).__name__}, expected an nn.Module")
     if args.data is None:
         raise CliError("--data is required with --model (a function returning an iterable of input batches)")
-    data = _resolve(args.data, "--data")()
+    data = load_callable(args.data, "--data")()
     try:
         batches = list(itertools.islice(iter(data), args.batches))
     except TypeError as exc:

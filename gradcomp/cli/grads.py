@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import os
 import sys
 import textwrap
 from pathlib import Path
 
-from gradcomp.cli._common import EXIT_OK, CliError, add_json_flag, existing_file, float_in, format_table, out_dir, out_file, positive_int, print_json
+from gradcomp.cli._common import EXIT_OK, CliError, add_json_flag, existing_file, float_in, format_table, load_callable, out_dir, out_file, positive_int, print_json
 
 _EPILOG = """\
 examples:
@@ -99,24 +98,6 @@ def _split(text: str, what: str, convert, allowed=None) -> list:
     return list(dict.fromkeys(out))
 
 
-def _load_object(spec: str, what: str):
-    if ":" not in spec:
-        raise CliError(f"{what} must look like MODULE:NAME (e.g. mypkg.models:build), got {spec!r}")
-    mod_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise CliError(f"{what}: cannot import module {mod_name!r} ({exc})") from None
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise CliError(f"{what}: module {mod_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise CliError(f"{what}: {spec!r} is not callable")
-    return obj
-
-
 def _configs(args):
     from gradcomp.gradexp import config_grid
 
@@ -142,19 +123,19 @@ def _source(args):
 
     torch.manual_seed(args.seed)
     if args.model is not None:
-        factory = _load_object(args.model, "--model")
+        factory = load_callable(args.model, "--model")
         if args.data is None:
             raise CliError("--model needs --data MODULE:FN, a function fn(step, worker) returning a batch")
         model = factory()
         if not isinstance(model, torch.nn.Module):
             raise CliError(f"--model: {args.model!r} returned a {type(model).__name__}, expected a torch.nn.Module")
-        batch_fn = _load_object(args.data, "--data")
-        loss_fn = _load_object(args.loss, "--loss") if args.loss else None
+        batch_fn = load_callable(args.data, "--data")
+        loss_fn = load_callable(args.loss, "--loss") if args.loss else None
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr) if args.lr > 0 else None
         return model, batch_fn, loss_fn, opt, {"model": args.model, "data": args.data}
     if args.data is not None or args.loss is not None:
         raise CliError("--data and --loss go with --model; without --model the TinyGPT task is used")
-    from gradcomp import tasks
+    from gradcomp.examples import tasks
 
     cfg = tasks.GPT_PRESETS[args.preset]
     if args.init == "pretrained":

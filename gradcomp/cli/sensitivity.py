@@ -12,11 +12,10 @@ Examples::
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any, Dict, List
 
-from gradcomp.cli._common import CliError, add_json_flag, existing_file, float_in, format_table, int_in, out_dir, out_file, print_json
+from gradcomp.cli._common import CliError, add_json_flag, existing_file, float_in, format_table, int_in, load_callable, out_dir, out_file, print_json
 
 DEFAULT_CANDIDATES = "int2-g128,int3-g128,int4-g128,int4-g32,int8-g128,fp16"
 
@@ -34,7 +33,7 @@ def register(subparsers) -> None:
         "(output MSE, KL, loss increase, Fisher, optional Hessian trace). Default model: the built-in tiny GPT task.",
     )
     s.add_argument("--model", metavar="MODULE:CALLABLE",
-                   help="a callable returning (model, calibration_batches); batches are input tensors or (input, label) tuples")
+                   help="a callable returning (model, calibration_batches); each batch is called as model(batch), model(*batch) for a tuple or model(**batch) for a dict")
     s.add_argument("--cache-dir", default=_default_cache(), type=out_dir, help="cache of the built-in tiny GPT (default ~/.cache/gradcomp)")
     s.add_argument("--candidates", default=DEFAULT_CANDIDATES,
                    help=f"comma-separated formats such as int4-g128, int8-channel, fp16 (default {DEFAULT_CANDIDATES})")
@@ -88,24 +87,10 @@ def register(subparsers) -> None:
 # sensitivity
 
 
-def _load_callable(spec: str):
-    if ":" not in spec:
-        raise CliError(f"--model must look like MODULE:CALLABLE, got {spec!r}")
-    mod_name, attr = spec.split(":", 1)
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise CliError(f"cannot import {mod_name!r} for --model: {exc}") from exc
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise CliError(f"{mod_name!r} has no callable {attr!r}")
-    return fn
-
-
 def _builtin_task(args):
     import torch
 
-    from gradcomp.tasks import get_batch, pretrained_tiny_gpt
+    from gradcomp.examples.tasks import get_batch, pretrained_tiny_gpt
 
     model, train, _ = pretrained_tiny_gpt(args.cache_dir)
     gen = torch.Generator().manual_seed(args.seed)
@@ -139,7 +124,7 @@ def _sensitivity(args) -> int:
     config = SensitivityConfig(candidates=cands, metrics=metrics, hessian=args.hessian,
                                hutchinson_samples=args.hutchinson_samples, activations=activations, seed=args.seed)
     if args.model:
-        built = _load_callable(args.model)()
+        built = load_callable(args.model, "--model")()
         if not (isinstance(built, (tuple, list)) and len(built) == 2 and isinstance(built[0], nn.Module)):
             raise CliError(f"{args.model} must return (model, calibration_batches), got {type(built).__name__}")
         model, batches = built
@@ -227,7 +212,7 @@ def _plan(args) -> int:
     if args.evaluate:
         if report.metadata.get("task") != "tiny_gpt":
             raise CliError("--evaluate works only with scores measured on the built-in task (gradcomp sensitivity without --model)")
-        from gradcomp.tasks import evaluate, pretrained_tiny_gpt
+        from gradcomp.examples.tasks import evaluate, pretrained_tiny_gpt
         from gradcomp.weights import model_size_bytes
 
         model, _, val = pretrained_tiny_gpt(args.cache_dir)

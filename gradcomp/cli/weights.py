@@ -70,16 +70,9 @@ def register(subparsers) -> None:
     s.set_defaults(func=_size)
 
 
-def _progress(args, desc: str):
-    if getattr(args, "no_progress", False):
-        return None
-    from tqdm import tqdm
-
-    def wrap(items):
-        # disable=None: a bar only when stderr is a terminal, so logs and pipes stay clean.
-        return tqdm(items, desc=desc, unit="tensor", file=sys.stderr, disable=None, leave=False)
-
-    return wrap
+def _progress(args) -> bool:
+    # a bar only when asked for and stderr is a terminal, so logs and pipes stay clean
+    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
 
 
 def _parse_specs(specs, default) -> List[Any]:
@@ -93,7 +86,7 @@ def _analyze(args) -> int:
 
     configs = _parse_specs(args.config, DEFAULT_ANALYZE)
     sd = load_tensor_file(args.file)
-    report = analyze_weights(sd, configs, outlier_sigma=args.outlier_sigma, progress=_progress(args, "analyze"))
+    report = analyze_weights(sd, configs, outlier_sigma=args.outlier_sigma, progress=_progress(args))
     if args.plot:
         from gradcomp.plots.weights import plot_weight_report
 
@@ -159,7 +152,7 @@ def _quantize(args) -> int:
         raise CliError("IN and OUT must be different files")
     rules = _rules(args)
     sd = load_tensor_file(args.input)
-    packed, plain = quantize_state_dict(sd, rules, progress=_progress(args, "quantize"))
+    packed, plain = quantize_state_dict(sd, rules, progress=_progress(args))
     if not packed:
         raise CliError(f"{args.input}: no weight matrix ('*.weight' with 2+ dims) was selected for quantization")
     save_quantized_state_dict(packed, plain, out)
@@ -216,15 +209,15 @@ def _measure_file_sizes(args, configs) -> List[Dict[str, Any]]:
     import struct
     import tempfile
 
+    from gradcomp.batches import progress_bar
     from gradcomp.weights import config_name, load_tensor_file, quantize_state_dict, save_quantized_state_dict, weight_nbytes
 
     sd = load_tensor_file(args.file)
     weights = {k: v for k, v in sd.items() if v.is_floating_point() and v.dim() >= 2 and (k == "weight" or k.endswith(".weight"))}
     n_weights = sum(v.numel() for v in weights.values())
     rows = []
-    wrap = _progress(args, "size")
     with tempfile.TemporaryDirectory() as tmp:
-        for cfg in (wrap(configs) if wrap else configs):
+        for cfg in progress_bar(configs, _progress(args), "size", unit="config"):
             name = config_name(cfg)
             other = _tensor_bytes(t for k, t in sd.items() if k not in weights)
             predicted = other + sum(weight_nbytes(cfg, v.shape, v.dtype) for v in weights.values())

@@ -40,7 +40,7 @@ def plot_distributions(
     """Draw each layer's histogram (log counts) with its min/max and, optionally, observer clip ranges.
 
     Args:
-        report: an :class:`gradcomp.activations.ActivationReport`.
+        report: an :class:`gradcomp.quant.ActivationReport`.
         path: PNG file to write.
         layers: which streams (default: all, in capture order).
         clips: ``{layer: {observer name: (lo, hi)}}`` drawn as dashed vertical lines.
@@ -93,7 +93,7 @@ def plot_ranges(report, path: PathLike, *, layers: Optional[Sequence[str]] = Non
     """Draw each layer's per-batch min/max band, mean ± std and absmax across batches.
 
     Args:
-        report: an :class:`gradcomp.activations.ActivationReport`.
+        report: an :class:`gradcomp.quant.ActivationReport`.
         path: PNG file to write.
         layers: which streams (default: all).
         max_layers: at most this many panels.

@@ -1,4 +1,4 @@
-"""Pictures of a weight report (:class:`gradcomp.weights.WeightReport`): one PNG readable at a glance."""
+"""Pictures of a weight report (:class:`gradcomp.quant.WeightReport`): one PNG readable at a glance."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def plot_weight_report(report, path: str, *, title: Optional[str] = None, max_hi
            (highest and lowest kurtosis), against a Gaussian of the same width.
 
     Args:
-        report: a :class:`gradcomp.weights.WeightReport`.
+        report: a :class:`gradcomp.quant.WeightReport`.
         path: output PNG file.
         title: figure title.
         max_histograms: how many heavy-tailed layers to draw in panel 3 (plus the lightest one).

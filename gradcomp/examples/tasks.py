@@ -17,7 +17,7 @@ Two presets:
 
 Example::
 
-    >>> from gradcomp.tasks import text_corpus, split_corpus, TinyGPT, get_batch, GPT_SMALL
+    >>> from gradcomp.examples.tasks import text_corpus, split_corpus, TinyGPT, get_batch, GPT_SMALL
     >>> train, val = split_corpus(text_corpus(max_bytes=1 << 20))
     >>> model = TinyGPT.from_config(GPT_SMALL)
     >>> x, y = get_batch(train, 8, GPT_SMALL.block_size, torch.Generator().manual_seed(0))

@@ -1,0 +1,57 @@
+"""Model quantization: weights and activations, built on the one quantizer of :mod:`gradcomp.codec`.
+
+The package is split the way torchao splits it; read it top-down:
+
+* :mod:`~gradcomp.quant.configs`: :class:`WeightQuantConfig`, :class:`CastConfig`, :class:`ActQuantConfig`
+  and the short spec strings (``"int4-g128-asym"``).
+* :mod:`~gradcomp.quant.rules`: which layer gets which config (exact name, glob, ``re:`` regex; first
+  match wins).
+* :mod:`~gradcomp.quant.layout`: the codec on a weight's rows and groups.
+* :mod:`~gradcomp.quant.modules`: :class:`PackedWeight`, the quantized Linear/Embedding/Conv2d, and
+  :func:`quantize_`.
+* :mod:`~gradcomp.quant.sizes`: real bytes and bits per weight, scales counted.
+* :mod:`~gradcomp.quant.serialization`: safetensors files with a JSON quantization map.
+* :mod:`~gradcomp.quant.fake_quant`: quantize-dequantize for weights and activations, with a
+  straight-through gradient.
+* :mod:`~gradcomp.quant.histogram` and :mod:`~gradcomp.quant.observers`: the running histogram, the
+  MSE and KL range searches, and the ``torch.ao``-style observers.
+* :mod:`~gradcomp.quant.activation_quant`: prepare, calibrate and convert fake quantization of layer
+  inputs.
+* :mod:`~gradcomp.quant.weight_report` and :mod:`~gradcomp.quant.activation_report`: the analyses
+  (weight statistics and per-config quality; activation capture and dynamics).
+
+Example::
+
+    >>> from gradcomp.quant import WeightQuantConfig, quantize_, save_quantized
+    >>> quantize_(model, WeightQuantConfig(bits=4, granularity="per_group", group_size=128))
+    >>> save_quantized(model, "m.safetensors")
+"""
+
+from __future__ import annotations
+
+from gradcomp.quant import activation_quant, activation_report, configs, fake_quant, histogram, modules, observers, rules, serialization, sizes, weight_report
+from gradcomp.quant.configs import *  # noqa: F401,F403
+from gradcomp.quant.rules import *  # noqa: F401,F403
+from gradcomp.quant.modules import *  # noqa: F401,F403
+from gradcomp.quant.fake_quant import *  # noqa: F401,F403
+from gradcomp.quant.sizes import *  # noqa: F401,F403
+from gradcomp.quant.serialization import *  # noqa: F401,F403
+from gradcomp.quant.weight_report import *  # noqa: F401,F403
+from gradcomp.quant.histogram import *  # noqa: F401,F403
+from gradcomp.quant.observers import *  # noqa: F401,F403
+from gradcomp.quant.activation_quant import *  # noqa: F401,F403
+from gradcomp.quant.activation_report import *  # noqa: F401,F403
+
+__all__ = [
+    *configs.__all__,
+    *rules.__all__,
+    *modules.__all__,
+    *fake_quant.__all__,
+    *sizes.__all__,
+    *serialization.__all__,
+    *weight_report.__all__,
+    *histogram.__all__,
+    *observers.__all__,
+    *activation_quant.__all__,
+    *activation_report.__all__,
+]

@@ -1,0 +1,438 @@
+"""Packed weights, the quantized layers built on them, and :func:`quantize_`.
+
+:func:`quantize_` swaps ``nn.Linear``, ``nn.Embedding`` and ``nn.Conv2d`` for modules that hold the
+packed codes and scales and dequantize on the fly in ``forward``. Layers are selected by rules
+(:mod:`gradcomp.quant.rules`; ``None`` keeps a layer in full precision) and a filter function.
+
+Worked example (int4, group 128, symmetric, fp16 scales): a ``4096 x 4096`` weight holds
+``4096 * 4096 / 2 = 8 MiB`` of packed codes and ``4096 * 32`` fp16 scales (256 KiB), i.e.
+``4 + 16 / 128 = 4.125`` bits per weight; asymmetric adds a 4-bit zero point per group,
+``4.125 + 4 / 128 = 4.15625`` bits. Asymmetric zero points are integers in ``[0, 2**bits - 1]``
+and are held packed at ``bits`` bits like the codes.
+
+Example::
+
+    >>> model = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10))
+    >>> quantize_(model, [("0", WeightQuantConfig(bits=4, granularity="per_group", group_size=128)),
+    ...                   ("*", WeightQuantConfig(bits=8))])
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gradcomp.codec import pack_codes, packed_nbytes, unpack_codes
+from gradcomp.quant.configs import CAST_DTYPES, SCALE_DTYPES, CastConfig, Config, Rules, _check_config, config_name
+from gradcomp.quant.layout import _dequantize_rows, _layout, _quantize_weight
+from gradcomp.quant.rules import _config_rules, first_match
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "PackedWeight",
+    "QuantizedLinear",
+    "QuantizedEmbedding",
+    "QuantizedConv2d",
+    "quantize_",
+    "quantizable_layers",
+]
+
+
+class PackedWeight(nn.Module):
+    """A weight held as packed integer codes plus scales (and zero points), or as a 16-bit cast.
+
+    Buffers: ``qweight`` (flat uint8 packed codes, or the fp16/bf16 weight for a :class:`CastConfig`),
+    ``scale`` (``(rows, groups)`` in ``scale_dtype``) and, when asymmetric, ``zero_point`` (flat uint8,
+    zero points packed at ``bits`` bits). Two layers that share a weight (tied embeddings) share one
+    ``PackedWeight``.
+    """
+
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scale: Optional[torch.Tensor],
+        zero_point: Optional[torch.Tensor],
+        config: Config,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        _check_config(config)
+        self.config = config
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = dtype
+        self._check(qweight, scale, zero_point)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zero_point)
+        self._layout = None if isinstance(config, CastConfig) else _layout(self.shape, config)
+
+    def _check(self, qweight: torch.Tensor, scale: Optional[torch.Tensor], zp: Optional[torch.Tensor]) -> None:
+        cfg = self.config
+        if isinstance(cfg, CastConfig):
+            want = CAST_DTYPES[cfg.dtype]
+            if qweight.dtype != want or tuple(qweight.shape) != self.shape:
+                raise ValueError(f"qweight must be {want} of shape {self.shape}, got {qweight.dtype} of shape {tuple(qweight.shape)}")
+            if scale is not None or zp is not None:
+                raise ValueError("a cast weight holds no scale or zero_point")
+            return
+        lay = _layout(self.shape, cfg)
+        need = packed_nbytes(lay.numel, cfg.bits)
+        if qweight.dtype != torch.uint8 or qweight.dim() != 1 or qweight.numel() != need:
+            raise ValueError(f"qweight must be flat uint8 of {need} bytes for shape {self.shape} and {cfg.name}, "
+                             f"got {qweight.dtype} of shape {tuple(qweight.shape)}")
+        sdt = SCALE_DTYPES[cfg.scale_dtype]
+        if scale is None or scale.dtype != sdt or tuple(scale.shape) != (lay.rows, lay.groups):
+            got = "None" if scale is None else f"{scale.dtype} of shape {tuple(scale.shape)}"
+            raise ValueError(f"scale must be {sdt} of shape {(lay.rows, lay.groups)} for {cfg.name}, got {got}")
+        if cfg.symmetric:
+            if zp is not None:
+                raise ValueError(f"a symmetric config ({cfg.name}) holds no zero_point")
+        else:
+            need_zp = packed_nbytes(lay.rows * lay.groups, cfg.bits)
+            if zp is None or zp.dtype != torch.uint8 or tuple(zp.shape) != (need_zp,):
+                got = "None" if zp is None else f"{zp.dtype} of shape {tuple(zp.shape)}"
+                raise ValueError(f"zero_point must be flat uint8 of {need_zp} bytes for {cfg.name}, got {got}")
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, config: Config) -> "PackedWeight":
+        """Quantize ``weight`` with ``config`` and pack it.
+
+        Args:
+            weight: floating tensor of any shape with at least one element.
+            config: a :class:`WeightQuantConfig` or :class:`CastConfig`.
+
+        Returns:
+            A :class:`PackedWeight` on ``weight``'s device.
+        """
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            raise TypeError(f"weight must be a floating torch.Tensor, got {type(weight).__name__}")
+        _check_config(config)
+        w = weight.detach()
+        if isinstance(config, CastConfig):
+            return cls(w.to(CAST_DTYPES[config.dtype]).clone(), None, None, config, w.shape, w.dtype)
+        codes, scale, zp, lay = _quantize_weight(w, config)
+        if lay.padded:
+            codes = codes[:, : lay.row_len]
+        packed = pack_codes(codes.contiguous(), config.bits)
+        pzp = None if zp is None else pack_codes(zp.to(torch.uint8), config.bits)
+        return cls(packed, scale.reshape(lay.rows, lay.groups).contiguous(), pzp, config, w.shape, w.dtype)
+
+    def _apply(self, fn, recurse: bool = True):
+        # Moves between devices apply as usual, but a dtype conversion (model.half(), .to(bf16))
+        # must not touch the stored representation: the scales stay in scale_dtype and a cast weight
+        # stays in its dtype. Only the dtype that dequantization returns by default follows.
+        probe = fn(torch.zeros(1, dtype=self.dtype))
+        if probe.is_floating_point():
+            self.dtype = probe.dtype
+        for key, buf in self._buffers.items():
+            if buf is None:
+                continue
+            out = fn(buf)
+            if out.dtype != buf.dtype:
+                out = buf.to(device=out.device)
+            self._buffers[key] = out
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the buffers (codes, scales, zero points)."""
+        return sum(b.numel() * b.element_size() for b in (self.qweight, self.scale, self.zero_point) if b is not None)
+
+    def _zero_points(self) -> Optional[torch.Tensor]:
+        if self.zero_point is None:
+            return None
+        lay = self._layout
+        return unpack_codes(self.zero_point, self.config.bits, lay.rows * lay.groups).view(lay.rows, lay.groups)
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Return the weight reconstructed in ``dtype`` (default: the original weight's dtype)."""
+        dtype = self.dtype if dtype is None else dtype
+        if isinstance(self.config, CastConfig):
+            return self.qweight.to(dtype)
+        lay = self._layout
+        codes = unpack_codes(self.qweight, self.config.bits, lay.numel).view(lay.rows, lay.row_len)
+        out = _dequantize_rows(codes, self.scale, self._zero_points(), lay, self.config.bits)
+        return out.reshape(self.shape).to(dtype)
+
+    def dequantize_rows(self, index: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Return rows ``index`` (any integer shape) of a 2-D weight without dequantizing the others.
+
+        Used by :class:`QuantizedEmbedding`: only the looked-up rows are unpacked when a row fills a
+        whole number of bytes; otherwise the full weight is dequantized and indexed.
+        """
+        dtype = self.dtype if dtype is None else dtype
+        if len(self.shape) != 2:
+            raise ValueError(f"dequantize_rows needs a 2-D weight, this one has shape {self.shape}")
+        cfg = self.config
+        if isinstance(cfg, CastConfig):
+            return F.embedding(index, self.qweight).to(dtype)
+        lay = self._layout
+        row_bits = lay.row_len * cfg.bits
+        aligned = lay.rows == self.shape[0] and row_bits % (24 if cfg.bits == 3 else 8) == 0
+        if not aligned:
+            return F.embedding(index, self.dequantize(dtype))
+        flat = index.reshape(-1)
+        row_bytes = row_bits // 8
+        packed = self.qweight.view(lay.rows, row_bytes)[flat].reshape(-1)
+        codes = unpack_codes(packed, cfg.bits, flat.numel() * lay.row_len).view(flat.numel(), lay.row_len)
+        zp = self._zero_points()
+        out = _dequantize_rows(codes, self.scale[flat], None if zp is None else zp[flat], lay, cfg.bits)
+        return out.reshape(*index.shape, lay.row_len).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, config={config_name(self.config)}, nbytes={self.nbytes}"
+
+
+class _QuantizedLayer(nn.Module):
+    """Common part of the quantized layers: a (possibly shared) :class:`PackedWeight` and a bias."""
+
+    kind = ""
+
+    def __init__(self, packed: PackedWeight, bias: Optional[torch.Tensor]) -> None:
+        super().__init__()
+        if not isinstance(packed, PackedWeight):
+            raise TypeError(f"packed must be a PackedWeight, got {type(packed).__name__}")
+        self.packed = packed
+        if bias is not None and not isinstance(bias, nn.Parameter):
+            bias = nn.Parameter(bias, requires_grad=False)
+        self.bias = bias
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (a new tensor each time; read-only view of the packed data)."""
+        return self.packed.dequantize()
+
+    @property
+    def config(self) -> Config:
+        """The quantization config of the weight."""
+        return self.packed.config
+
+    def _bias_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.bias is None or self.bias.dtype == x.dtype:
+            return self.bias
+        return self.bias.to(x.dtype)
+
+
+class QuantizedLinear(_QuantizedLayer):
+    """``nn.Linear`` with a packed weight, dequantized to the input's dtype in every forward."""
+
+    kind = "linear"
+
+    def __init__(self, packed: PackedWeight, bias: Optional[torch.Tensor]) -> None:
+        super().__init__(packed, bias)
+        if len(packed.shape) != 2:
+            raise ValueError(f"a linear weight must be 2-D, got shape {packed.shape}")
+        self.out_features, self.in_features = packed.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return ``x @ W^T + b`` with ``W`` dequantized to ``x.dtype``."""
+        return F.linear(x, self.packed.dequantize(x.dtype), self._bias_for(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class QuantizedEmbedding(_QuantizedLayer):
+    """``nn.Embedding`` with a packed table; a lookup unpacks only the rows it needs."""
+
+    kind = "embedding"
+
+    def __init__(self, packed: PackedWeight, padding_idx: Optional[int] = None) -> None:
+        super().__init__(packed, None)
+        if len(packed.shape) != 2:
+            raise ValueError(f"an embedding weight must be 2-D, got shape {packed.shape}")
+        self.num_embeddings, self.embedding_dim = packed.shape
+        self.padding_idx = padding_idx
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        """Return the dequantized rows ``index`` (shape ``index.shape + (embedding_dim,)``)."""
+        return self.packed.dequantize_rows(index)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}"
+
+
+class QuantizedConv2d(_QuantizedLayer):
+    """``nn.Conv2d`` with a packed weight (rows = output channels, flattened ``in/groups*kh*kw``)."""
+
+    kind = "conv2d"
+
+    def __init__(self, packed: PackedWeight, bias: Optional[torch.Tensor], *, stride, padding, dilation, groups: int,
+                 padding_mode: str = "zeros", reversed_padding: Optional[Sequence[int]] = None) -> None:
+        super().__init__(packed, bias)
+        if len(packed.shape) != 4:
+            raise ValueError(f"a conv2d weight must be 4-D, got shape {packed.shape}")
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.padding_mode = padding_mode
+        if padding_mode != "zeros" and reversed_padding is None:
+            if isinstance(padding, str):
+                raise ValueError(f"padding={padding!r} with padding_mode={padding_mode!r} needs reversed_padding "
+                                 "(take it from the nn.Conv2d's _reversed_padding_repeated_twice)")
+            reversed_padding = [p for p in reversed(padding) for _ in range(2)]
+        # F.pad order: (left, right, top, bottom), as nn.Conv2d keeps it.
+        self._reversed_padding = None if reversed_padding is None else list(reversed_padding)
+        self.out_channels = packed.shape[0]
+        self.in_channels = packed.shape[1] * groups
+        self.kernel_size = tuple(packed.shape[2:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the convolution of ``x`` with the weight dequantized to ``x.dtype``."""
+        w = self.packed.dequantize(x.dtype)
+        if self.padding_mode != "zeros":
+            # Same as nn.Conv2d: explicit padding of the requested mode, then a convolution without padding.
+            x = F.pad(x, self._reversed_padding, mode=self.padding_mode)
+            return F.conv2d(x, w, self._bias_for(x), self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, w, self._bias_for(x), self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, groups={self.groups}, bias={self.bias is not None}")
+
+
+_SUPPORTED = (nn.Linear, nn.Embedding, nn.Conv2d)
+_KIND_OF = {nn.Linear: "linear", nn.Embedding: "embedding", nn.Conv2d: "conv2d"}
+_QCLASS = {"linear": QuantizedLinear, "embedding": QuantizedEmbedding, "conv2d": QuantizedConv2d}
+
+
+def _kind(module: nn.Module) -> Optional[str]:
+    if isinstance(module, _QuantizedLayer):
+        return module.kind
+    for cls, kind in _KIND_OF.items():
+        if isinstance(module, cls):
+            return kind
+    return None
+
+
+def _swap(module: nn.Module, packed: PackedWeight, fqn: str) -> _QuantizedLayer:
+    """Build the quantized replacement of a supported (plain or quantized) module around ``packed``."""
+    if isinstance(module, QuantizedLinear):
+        return QuantizedLinear(packed, module.bias)
+    if isinstance(module, QuantizedEmbedding):
+        return QuantizedEmbedding(packed, module.padding_idx)
+    if isinstance(module, QuantizedConv2d):
+        return QuantizedConv2d(packed, module.bias, stride=module.stride, padding=module.padding,
+                               dilation=module.dilation, groups=module.groups, padding_mode=module.padding_mode,
+                               reversed_padding=module._reversed_padding)
+    if isinstance(module, nn.Linear):
+        return QuantizedLinear(packed, module.bias)
+    if isinstance(module, nn.Embedding):
+        if module.max_norm is not None:
+            raise ValueError(f"layer {fqn!r}: nn.Embedding with max_norm renormalises its weight in place and cannot be quantized")
+        return QuantizedEmbedding(packed, module.padding_idx)
+    if isinstance(module, nn.Conv2d):
+        return QuantizedConv2d(packed, module.bias, stride=module.stride, padding=module.padding,
+                               dilation=module.dilation, groups=module.groups, padding_mode=module.padding_mode,
+                               reversed_padding=getattr(module, "_reversed_padding_repeated_twice", None))
+    raise TypeError(f"layer {fqn!r}: cannot quantize a {type(module).__name__}")
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def quantizable_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """Return ``(fqn, module)`` for every ``nn.Linear``, ``nn.Embedding`` and ``nn.Conv2d`` of ``model``.
+
+    Shared module instances are listed under each name they have. Already quantized layers are left out.
+    """
+    out = []
+    for fqn, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, _SUPPORTED) and not isinstance(m, _QuantizedLayer):
+            out.append((fqn, m))
+    return out
+
+
+def _plan(model: nn.Module, config_or_rules: Rules, filter_fn) -> List[Tuple[str, nn.Module, Config]]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    rules = _config_rules(config_or_rules)
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be callable(module, fqn) -> bool, got {type(filter_fn).__name__}")
+    used = set()
+    plan = []
+    for fqn, m in quantizable_layers(model):
+        if fqn == "":
+            raise ValueError("the model itself is a single layer; wrap it in a container (nn.Sequential) to quantize it in place")
+        hit = first_match(rules, fqn)
+        if hit is not None:
+            used.add(hit[0])
+        cfg = None if hit is None else hit[1]
+        if cfg is None or (filter_fn is not None and not filter_fn(m, fqn)):
+            continue
+        w = m.weight
+        if isinstance(w, nn.parameter.UninitializedParameter):
+            raise ValueError(f"layer {fqn!r}: the weight is not initialised yet (lazy module); run a forward first")
+        plan.append((fqn, m, cfg))
+    if len(rules) > 1 or rules[0][0] != "*":
+        for i, (pattern, _) in enumerate(rules):
+            if i not in used:
+                logger.warning("quantization rule %d (%r) matched no layer", i, pattern)
+    return plan
+
+
+def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def quantize_(model: nn.Module, config_or_rules: Rules, *, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> nn.Module:
+    """Swap the model's Linear, Embedding and Conv2d layers for packed quantized ones, in place.
+
+    Steps:
+        1. List the supported layers by fully qualified name; pick each one's config: the single
+           config, or the first rule whose pattern matches (a None config or no match leaves the layer
+           as it is); drop layers for which ``filter_fn(module, fqn)`` is False.
+        2. Quantize every selected weight with the codec and pack it (nothing is changed yet, so a
+           bad weight or config leaves the model untouched). Layers sharing one weight with the same
+           config share one :class:`PackedWeight`.
+        3. Replace the layers.
+
+    Args:
+        model: the model (any device; the packed buffers live where the weights were).
+        config_or_rules: one config for every supported layer, or an ordered list (or dict) of
+            ``(pattern, config or None)``.
+        filter_fn: optional ``(module, fqn) -> bool``; False keeps that layer in full precision.
+
+    Returns:
+        ``model`` itself.
+
+    Example:
+        >>> quantize_(model, [("lm_head", None), ("re:blocks\\.\\d+\\.attn\\..*", WeightQuantConfig(bits=8)),
+        ...                   ("*", WeightQuantConfig(bits=4, granularity="per_group", group_size=64))])
+    """
+    plan = _plan(model, config_or_rules, filter_fn)
+    shared: Dict[Tuple[int, Config], PackedWeight] = {}
+    new: Dict[str, _QuantizedLayer] = {}
+    configs_of_weight: Dict[int, set] = {}
+    for fqn, m, cfg in plan:
+        w = m.weight
+        if not w.is_floating_point():
+            raise TypeError(f"layer {fqn!r}: weight must be floating point, got {w.dtype}")
+        if w.device.type != "meta" and not bool(torch.isfinite(w).all()):
+            raise ValueError(f"layer {fqn!r}: the weight holds inf or nan values; refusing to quantize it")
+        key = (id(w), cfg)
+        packed = shared.get(key)
+        if packed is None:
+            try:
+                packed = PackedWeight.from_weight(w, cfg)
+            except ValueError as exc:
+                raise ValueError(f"layer {fqn!r}: {exc}") from exc
+            shared[key] = packed
+        configs_of_weight.setdefault(id(w), set()).add(cfg)
+        new[fqn] = _swap(m, packed, fqn)
+    for fqn, m, cfg in plan:
+        if len(configs_of_weight[id(m.weight)]) > 1:
+            logger.warning("layer %r shares its weight with a layer quantized differently; each holds its own copy", fqn)
+    for fqn, q in new.items():
+        _set_submodule(model, fqn, q)
+    logger.info("quantized %d layers: %s", len(new), sorted({config_name(c) for _, _, c in plan}))
+    return model
+
+
+# --------------------------------------------------------------------------------------------
