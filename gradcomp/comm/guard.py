@@ -327,6 +327,23 @@ def guarded(state: Any, fn: Callable[[], Any], *, step: int, bucket: int, what: 
     return job
 
 
+def plain_result(state: Any, step: int, bucket: int) -> Callable[[torch.futures.Future], torch.Tensor]:
+    """Return a ``then`` callback for a plain all-reduce on DDP's group: its tensor, or a poisoned state and
+    an error naming gradcomp, the collective, the step and the bucket."""
+
+    def result(fut: torch.futures.Future) -> torch.Tensor:
+        try:
+            return fut.value()[0]
+        except BaseException as exc:
+            notes = read_notes(state._failure_tag, state.world_size, state.rank)
+            message = describe_failure(exc, step=step, bucket=bucket, what="plain all-reduce (DDP's group)",
+                                       timeout=state._timeout, notes=notes)
+            poison(state, message)
+            raise _same_type(exc, message) from exc
+
+    return result
+
+
 def _value(fut: torch.futures.Future):
     return fut.wait()
 
