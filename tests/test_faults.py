@@ -562,7 +562,9 @@ def test_cli_bad_input_is_one_line_exit_2_before_any_work(capsys, tmp_path, weig
     assert not (tmp_path / "q.safetensors").exists()
 
 
-def test_cli_unexpected_failure_is_one_line(capsys, tmp_path, weights_file):
+def test_cli_bad_weights_files_are_one_line_exit_2(capsys, tmp_path, weights_file):
+    import json
+
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -570,8 +572,23 @@ def test_cli_unexpected_failure_is_one_line(capsys, tmp_path, weights_file):
     assert code == 0, err
     with safe_open(str(tmp_path / "q.safetensors"), "pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    bad = __import__("json").loads(meta["quantization_map"])
+    bad = json.loads(meta["quantization_map"])
     bad["layers"] = list(bad["layers"].values())  # a map whose layers is a list
-    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=dict(meta, quantization_map=__import__("json").dumps(bad)))
-    code, err, _ = _cli(capsys, "weights", "analyze", str(tmp_path / "bad.safetensors"), "--no-progress")
-    assert code in (1, 2) and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    save_file(tensors, str(tmp_path / "map.safetensors"), metadata=dict(meta, quantization_map=json.dumps(bad)))
+    scale = next(k for k in tensors if k.endswith("scale"))
+    nan = dict(tensors, **{scale: tensors[scale].clone().index_fill_(0, torch.tensor([0]), float("nan"))})
+    save_file(nan, str(tmp_path / "nan.safetensors"), metadata=meta)  # NaN scales
+    for name in ("map", "nan"):
+        code, err, _ = _cli(capsys, "weights", "analyze", str(tmp_path / f"{name}.safetensors"), "--no-progress")
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_cli_unexpected_failure_is_one_line(capsys, monkeypatch):
+    import gradcomp.cli.cost as cost
+
+    def broken(args):
+        raise RuntimeError("something broke\n  frame 1\n  frame 2 (a C++ stack)")
+
+    monkeypatch.setattr(cost, "run", broken)
+    code, err, _ = _cli(capsys, "cost", "--params", "7e9", "--workers", "8", "--bandwidth", "10gbit", "--no-codec")
+    assert code == 1 and err.strip() == "gradcomp cost: error: RuntimeError: something broke (run with -v for the traceback)", err
