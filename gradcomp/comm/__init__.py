@@ -1,5 +1,6 @@
 """How compressed gradients cross the network: quantized collectives, the hierarchical exchange, the policy and the DDP hook."""
 
+from gradcomp.comm.checkpoint import gather_state_dict, load_gathered_state_dict
 from gradcomp.comm.collectives import ShardLayout, quantized_allreduce
 from gradcomp.comm.guard import HookFailedError
 from gradcomp.comm.hierarchical import HierarchicalGroups, HierarchicalLayout, hierarchical_allreduce
@@ -20,7 +21,9 @@ __all__ = [
     "QuantizedAllReduceState",
     "ShardLayout",
     "Topology",
+    "gather_state_dict",
     "hierarchical_allreduce",
+    "load_gathered_state_dict",
     "probe_network",
     "quantized_allreduce",
     "quantized_allreduce_hook",

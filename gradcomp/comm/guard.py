@@ -485,8 +485,12 @@ def validate_state_dict(sd: Any, *, world_size: int, rank: int, residual_sizes: 
         raise ValueError(f"checkpoint param_keys must be 'index' or 'identity', got {sd['param_keys']!r}")
     if sd["network_fit"] is not None and not isinstance(sd["network_fit"], dict):
         raise TypeError(f"checkpoint network_fit must be a dict or None, got {type(sd['network_fit']).__name__}")
-    if sd.get("stats") is not None and not isinstance(sd["stats"], dict):
-        raise TypeError(f"checkpoint stats must be a dict, got {type(sd['stats']).__name__}")
+    if sd.get("stats") is not None:
+        if not isinstance(sd["stats"], dict):
+            raise TypeError(f"checkpoint stats must be a dict, got {type(sd['stats']).__name__}")
+        for k, v in sd["stats"].items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"checkpoint stats[{k!r}] must be a number, got {type(v).__name__} {v!r}")
     keys = {k: _int_list(v, f"bucket_keys[{k}]") for k, v in _index_dict(sd["bucket_keys"], "bucket_keys").items()}
     numels = {k: _int_list(v, f"bucket_numels[{k}]", 1) for k, v in _index_dict(sd["bucket_numels"], "bucket_numels").items()}
     worker = _index_dict(sd["worker_residuals"], "worker_residuals")

@@ -355,7 +355,7 @@ class QuantizedAllReduceState:
         self.__dict__.setdefault("_param_numels", None)
 
     def state_dict(self) -> Dict[str, Any]:
-        """Return this rank's residuals, step and config (tensors on CPU) for a checkpoint.
+        """Return this rank's residuals, step, config and statistics (tensors on CPU) for a checkpoint.
 
         ``checksums`` holds a CRC-32 of every residual's bytes; :meth:`load_state_dict` verifies them.
         """
@@ -374,7 +374,19 @@ class QuantizedAllReduceState:
             "server_residuals": server,
             "checksums": guard.checksums_of(worker, server),
             "network_fit": self._policy.fit.to_dict() if self._policy is not None else None,
+            "stats": self._stats_snapshot(),
         }
+
+    def _stats_snapshot(self) -> Dict[str, Any]:
+        with self._lock:
+            return dict(self._stats)
+
+    def _load_stats(self, saved: Optional[Dict[str, Any]]) -> None:
+        """Restore the statistics of a checkpoint (totals go on counting from there); reset them if it has none."""
+        self._reset_stats()
+        if saved:
+            with self._lock:
+                self._stats.update({k: v for k, v in saved.items() if k in self._stats})
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load what :meth:`state_dict` returned on the same rank of a job of the same size and config.
@@ -427,6 +439,7 @@ class QuantizedAllReduceState:
         self._policy = policy
         self._logged_choices = set()
         self.step = parsed["step"]
+        self._load_stats(state_dict.get("stats"))
         self._plans = {}
         self._pool = None
         if keep:
