@@ -25,7 +25,7 @@ from gradcomp.comm.guard import HookFailedError
 
 from _models import _backward, _model
 
-PG_TIMEOUT = 2.0  # seconds: the user's process-group timeout in these tests
+PG_TIMEOUT = 2.0  # seconds: the timeout of the user's group that DDP and the hook average over
 SLACK = 10.0  # what a loaded 2-core machine may add to it
 
 
@@ -34,7 +34,7 @@ def _entry(rank, fn, world_size, init_file, args):
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-        timeout=datetime.timedelta(seconds=PG_TIMEOUT),
+        timeout=datetime.timedelta(seconds=60),  # setup collectives may wait for a slow rank on a busy machine
     )
     fn(rank, world_size, *args)
     # broken groups can make a tidy shutdown wait: the checks are done, leave at once
@@ -57,9 +57,16 @@ def _spawn(fn, world_size, tmp_path, *args, deadline=60.0):
                 p.join(5)
 
 
-def _hooked(model_seed=0, **options):
-    model = DDP(_model(), bucket_cap_mb=0.05)
-    opts = dict(warmup_steps=1, min_compress_numel=0, log_every=0)
+def _user_group():
+    """The user's group, with a short timeout (a collective: every rank makes it; aligned by a barrier)."""
+    group = dist.new_group(timeout=datetime.timedelta(seconds=PG_TIMEOUT))
+    dist.barrier()
+    return group
+
+
+def _hooked(group=None, **options):
+    model = DDP(_model(), bucket_cap_mb=0.05, process_group=group)
+    opts = dict(warmup_steps=1, min_compress_numel=0, log_every=0, compile=False)
     opts.update(options)
     return model, gradcomp.register(model, **opts)
 
@@ -81,7 +88,7 @@ def _disagree_worker(rank, world_size, tmp):
     for field, opts in cases:
         model = DDP(_model(), bucket_cap_mb=0.05)
         t0 = time.monotonic()
-        kwargs = dict(warmup_steps=1, min_compress_numel=0, log_every=0)
+        kwargs = dict(warmup_steps=1, min_compress_numel=0, log_every=0, compile=False)
         kwargs.update(opts)
         with pytest.raises(ValueError) as info:
             gradcomp.register(model, **kwargs)
@@ -108,6 +115,7 @@ def test_disagreeing_options_double_registration_and_sparse_gradients_stop_befor
 
 def _lonely_worker(rank, world_size, tmp):
     flag = os.path.join(tmp, "done")
+    group = _user_group()
     if rank == 1:  # never builds the hook state; waits until rank 0 gave up
         for _ in range(600):
             if os.path.exists(flag):
@@ -117,7 +125,7 @@ def _lonely_worker(rank, world_size, tmp):
     t0 = time.monotonic()
     try:
         with pytest.raises(RuntimeError, match="gradcomp") as info:
-            gradcomp.QuantizedAllReduceState(bits=8)
+            gradcomp.QuantizedAllReduceState(group, bits=8)
         elapsed = time.monotonic() - t0
         assert elapsed < PG_TIMEOUT + SLACK, elapsed
         assert "Every rank must build the hook state" in str(info.value)
@@ -160,7 +168,7 @@ def _refused_up_front(rank, made):
         gradcomp.register(sparse)
     assert len(made) == n
     # ... and at the first bucket when the hook is registered by hand
-    st = gradcomp.QuantizedAllReduceState(warmup_steps=1, min_compress_numel=0, log_every=0)
+    st = gradcomp.QuantizedAllReduceState(warmup_steps=1, min_compress_numel=0, log_every=0, compile=False)
     sparse.register_comm_hook(st, gradcomp.quantized_allreduce_hook)
     with pytest.raises(ValueError, match="sparse gradients"):
         sparse(torch.tensor([[1, 2], [3, 4]]), ).sum().backward()
@@ -171,7 +179,7 @@ def _refused_up_front(rank, made):
 
 
 def _stall_worker(rank, world_size):
-    model, state = _hooked()
+    model, state = _hooked(_user_group())
     assert abs(state._timeout.total_seconds() - PG_TIMEOUT) < 1e-6  # the user's group timeout reached the hook
     for step in range(3):
         _backward(model, rank, step)
@@ -194,7 +202,7 @@ def _stall_worker(rank, world_size):
 
 
 def _death_worker(rank, world_size):
-    model, state = _hooked()
+    model, state = _hooked(_user_group())
     for step in range(3):
         _backward(model, rank, step)
     dist.barrier()
@@ -222,7 +230,7 @@ class InjectedFault(ValueError):
 
 
 def _thread_fault_worker(rank, world_size):
-    model, state = _hooked()
+    model, state = _hooked(_user_group())
     for step in range(3):
         _backward(model, rank, step)
     if rank == 0:
@@ -298,13 +306,12 @@ def _load_mismatch_worker(rank, world_size):
 
 
 def _training_faults_worker(rank, world_size):
-    # the parts end at different times on different ranks (a survivor raises before the stalled rank wakes):
-    # meet on a group whose timeout is long before the next part builds its DDP model and hook state
-    meet = dist.new_group(timeout=datetime.timedelta(seconds=60))
+    # the parts end at different times on different ranks (a survivor raises before the stalled rank
+    # wakes): meet on the default group (long timeout) before the next part builds its model and state
     _load_mismatch_worker(rank, world_size)
-    dist.barrier(group=meet)
+    dist.barrier()
     _thread_fault_worker(rank, world_size)  # every state of the job fails: the next part builds a new one
-    dist.barrier(group=meet)
+    dist.barrier()
     _stall_worker(rank, world_size)
 
 
