@@ -32,6 +32,7 @@ same functions run eagerly with identical results.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import threading
@@ -66,6 +67,10 @@ __all__ = [
     "cosine_similarity",
     "compile_available",
     "quantize_codes_with_qparams",
+    "encode_blocks",
+    "reduce_blocks",
+    "decode_blocks",
+    "BackgroundCompiler",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -224,6 +229,75 @@ def _sym_dequantize_sum_kernel(packed: torch.Tensor, scale: torch.Tensor, bits: 
     return deq.reshape(p, nb, -1).sum(dim=0)
 
 
+def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes (rows, block) row by row into (rows, block * bits / 8) bytes, first code lowest."""
+    if bits == 8:
+        return codes
+    per = 8 // bits
+    c = codes.reshape(codes.shape[0], -1, per)
+    out = c[:, :, 0]
+    for i in range(1, per):
+        out = out | (c[:, :, i] << (bits * i))
+    return out
+
+
+def _unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unpack (rows, bytes) into uint8 codes (rows, bytes * 8 / bits)."""
+    if bits == 8:
+        return packed
+    per = 8 // bits
+    mask = (1 << bits) - 1
+    parts = [(packed >> (bits * i)) & mask for i in range(per)]
+    return torch.stack(parts, dim=-1).reshape(packed.shape[0], -1)
+
+
+def _quantize_into(c, res_out, codes_out, noise, qmax: int, bits: int) -> torch.Tensor:
+    """Quantize fp32 rows ``c`` symmetrically into ``codes_out``; ``res_out = c - dequantized``; return the scales.
+
+    The scales are returned, not written: they live in a byte buffer, and a compiled kernel cannot
+    write through a view of another dtype.
+    """
+    scale = c.abs().amax(dim=1, keepdim=True) / qmax
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    y = c / safe
+    y = torch.round(y) if noise is None else torch.floor(y + noise)
+    # a nan row (non-finite scale) gets code 0 deterministically, whichever kernel ran
+    q = torch.nan_to_num(torch.clamp(y, -qmax, qmax), nan=0.0)
+    # the residual is stored before the packed codes: in the other order Inductor (torch 2.13, one
+    # OpenMP thread, 2/4 bits) dropped the residual store; the background compiler also checks the
+    # fused kernels against the eager ones before using them
+    if res_out is not None:
+        res_out.copy_(c - q * scale)
+    codes_out.copy_(_pack_rows((q + (qmax + 1)).to(torch.uint8), bits))
+    return scale.squeeze(1)
+
+
+def _encode_kernel(x, res_in, res_out, codes_out, noise, qmax: int, bits: int) -> torch.Tensor:
+    """Error-feedback quantize rows of ``x`` (+ ``res_in``) straight into the given outputs; return the scales."""
+    c = x.float()
+    if res_in is not None:
+        c = c + res_in
+    return _quantize_into(c, res_out, codes_out, noise, qmax, bits)
+
+
+def _reduce_kernel(codes, scale, res_in, res_out, codes_out, noise, qmax: int, bits: int) -> torch.Tensor:
+    """Dequantize P messages (P, rows, bytes), sum them in order 0..P-1, divide by P, requantize (+ res_in)."""
+    p = codes.shape[0]
+    off = qmax + 1
+    acc = (_unpack_rows(codes[0], bits).float() - off) * scale[0].unsqueeze(1)
+    for i in range(1, p):  # a fixed order: every owner sums its blocks the same way
+        acc = acc + (_unpack_rows(codes[i], bits).float() - off) * scale[i].unsqueeze(1)
+    acc = acc / p
+    if res_in is not None:
+        acc = acc + res_in
+    return _quantize_into(acc, res_out, codes_out, noise, qmax, bits)
+
+
+def _decode_kernel(codes, scale, out, qmax: int, bits: int) -> None:
+    """Dequantize packed rows (rows, bytes) with scales (rows,) into ``out`` (rows, block) of any float dtype."""
+    out.copy_((_unpack_rows(codes, bits).float() - (qmax + 1)) * scale.unsqueeze(1))
+
+
 _COMPILE_LOCK = threading.Lock()
 _COMPILED: dict = {}
 _COMPILE_FAILED: set = set()
@@ -239,6 +313,33 @@ def compile_available() -> bool:
     return hasattr(torch, "compile")
 
 
+_WARNED = []
+
+
+def _warn_compile_failure(what: str, exc: BaseException) -> None:
+    """Log a compilation failure once per process (later failures are logged at debug level)."""
+    if _WARNED:
+        logger.debug("torch.compile of %s failed (%s: %s)", what, type(exc).__name__, exc)
+        return
+    _WARNED.append(True)
+    logger.warning("torch.compile of %s failed (%s: %s); the eager kernels are used (identical results)", what, type(exc).__name__, exc)
+
+
+def _kernel_context():
+    """Compile the kernels as plain functions even while a DDP forward runs on another thread.
+
+    Dynamo hands every graph it compiles during a DDP forward to its DDPOptimizer (which splits
+    graphs at DDP's bucket boundaries and refuses small ``bucket_cap_mb``); the kernels have no
+    parameters, so it is turned off for them (config patches are thread-local).
+    """
+    try:
+        return torch._dynamo.config.patch(optimize_ddp=False)
+    except Exception:  # pragma: no cover - a torch without the option
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
 def _run(fn: Callable, compiled: bool, *args):
     """Run ``fn(*args)`` through its ``torch.compile`` version when asked, else eagerly.
 
@@ -248,18 +349,19 @@ def _run(fn: Callable, compiled: bool, *args):
     """
     if not compiled or fn in _COMPILE_FAILED:
         return fn(*args)
-    cfn = _COMPILED.get(fn)
-    if cfn is None:
-        with _COMPILE_LOCK:
-            cfn = _COMPILED.get(fn)
-            if cfn is None:
-                cfn = torch.compile(fn, dynamic=True)
-                _COMPILED[fn] = cfn
     try:
-        return cfn(*args)
+        cfn = _COMPILED.get(fn)
+        if cfn is None:
+            with _COMPILE_LOCK:
+                cfn = _COMPILED.get(fn)
+                if cfn is None:
+                    cfn = torch.compile(fn, dynamic=True)
+                    _COMPILED[fn] = cfn
+        with _kernel_context():
+            return cfn(*args)
     except Exception as exc:  # compilation problems surface at the first call
         _COMPILE_FAILED.add(fn)
-        logger.warning("torch.compile of %s failed (%s: %s); using the eager kernel", fn.__name__, type(exc).__name__, exc)
+        _warn_compile_failure(fn.__name__, exc)
         return fn(*args)
 
 
@@ -607,6 +709,177 @@ def dequantize_sum(packed: torch.Tensor, scale: torch.Tensor, bits: int, *, comp
 def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, bits: int, *, compiled: bool = False) -> torch.Tensor:
     """Dequantize packed symmetric codes of ``scale.numel()`` blocks to fp32 ``(blocks, block_size)``."""
     return _run(_sym_dequantize_kernel, compiled, packed, scale, bits, qrange(bits, True)[2])
+
+
+# --------------------------------------------------------------------------------------------
+# the exchange's kernels: rows of blocks in, results written where the caller says (out=)
+
+
+def _check_hook_bits(bits: int) -> int:
+    _check_bits(bits)
+    if bits == 3:
+        raise ValueError("bits must be one of (2, 4, 8) for the exchange kernels, got 3")
+    return qrange(bits, True)[1]
+
+
+def encode_blocks(
+    x: torch.Tensor,
+    bits: int,
+    *,
+    residual: Optional[torch.Tensor] = None,
+    residual_out: Optional[torch.Tensor] = None,
+    noise: Optional[torch.Tensor] = None,
+    codes_out: Optional[torch.Tensor] = None,
+    scale_out: Optional[torch.Tensor] = None,
+    compiled: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Quantize rows of blocks (with error feedback) into packed codes and fp32 scales, in place.
+
+    Steps, per row (one block): ``c = x + residual``; ``scale = max|c| / qmax``; ``q = round(c / scale)``
+    (or ``floor(c / scale + noise)``) clamped to ``[-qmax, qmax]``; codes ``q + 2**(bits-1)`` packed
+    first code lowest; ``residual_out = c - q * scale``. A row holding a nan gets a nan scale and code 0.
+
+    Example (8 bits): a row ``[1.27, -0.5]`` has scale ``0.01``, codes ``[255, 78]``, residual ``[0, 0]``.
+
+    Args:
+        x: ``(rows, block)`` fp32/fp16/bf16 (a view of a bucket is fine).
+        bits: 2, 4 or 8.
+        residual: fp32 ``(rows, block)`` added before quantizing (error feedback), or None.
+        residual_out: fp32 ``(rows, block)`` receiving ``c - dequantized``; may be ``residual`` itself.
+        noise: ``U[0, 1)`` ``(rows, block)`` for stochastic rounding, or None (to nearest, ties to even).
+        codes_out: uint8 ``(rows, block * bits / 8)``, e.g. a view of a send buffer (allocated if None).
+        scale_out: fp32 ``(rows,)`` (allocated if None).
+        compiled: run the fused ``torch.compile`` kernel (bit-identical to the eager one).
+
+    Returns:
+        ``(codes_out, scale_out)``.
+    """
+    qmax = _check_hook_bits(bits)
+    rows, block = x.shape
+    if codes_out is None:
+        codes_out = torch.empty(rows, block * bits // 8, dtype=torch.uint8, device=x.device)
+    if scale_out is None:
+        scale_out = torch.empty(rows, dtype=torch.float32, device=x.device)
+    scale_out.copy_(_run(_encode_kernel, compiled, x, residual, residual_out, codes_out, noise, qmax, bits))
+    return codes_out, scale_out
+
+
+def reduce_blocks(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    bits: int,
+    *,
+    residual: Optional[torch.Tensor] = None,
+    residual_out: Optional[torch.Tensor] = None,
+    noise: Optional[torch.Tensor] = None,
+    codes_out: Optional[torch.Tensor] = None,
+    scale_out: Optional[torch.Tensor] = None,
+    compiled: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Average P quantized copies of the same blocks and requantize the mean, in one pass.
+
+    Steps: dequantize copy ``p`` (``(code - 2**(bits-1)) * scale``), sum the copies in the order
+    ``p = 0..P-1``, divide by ``P``, add ``residual``, quantize as :func:`encode_blocks` does.
+
+    Args:
+        codes: uint8 ``(P, rows, block * bits / 8)``; rows of a received buffer (strided views are fine).
+        scale: fp32 ``(P, rows)``.
+        bits: 2, 4 or 8.
+        residual, residual_out, noise, codes_out, scale_out, compiled: as in :func:`encode_blocks`.
+
+    Returns:
+        ``(codes_out, scale_out)`` of the mean.
+    """
+    qmax = _check_hook_bits(bits)
+    p, rows, nbytes = codes.shape
+    if codes_out is None:
+        codes_out = torch.empty(rows, nbytes, dtype=torch.uint8, device=codes.device)
+    if scale_out is None:
+        scale_out = torch.empty(rows, dtype=torch.float32, device=codes.device)
+    scale_out.copy_(_run(_reduce_kernel, compiled, codes, scale, residual, residual_out, codes_out, noise, qmax, bits))
+    return codes_out, scale_out
+
+
+def decode_blocks(
+    codes: torch.Tensor, scale: torch.Tensor, bits: int, *, out: Optional[torch.Tensor] = None, compiled: bool = False
+) -> torch.Tensor:
+    """Dequantize packed rows ``(rows, block * bits / 8)`` with fp32 scales ``(rows,)`` into ``out``.
+
+    ``out`` is ``(rows, block)`` of any float dtype (e.g. a view of the gradient bucket; fp32 if None).
+    Rows with a non-finite scale come back non-finite.
+    """
+    qmax = _check_hook_bits(bits)
+    if out is None:
+        out = torch.empty(codes.shape[0], codes.shape[1] * 8 // bits, dtype=torch.float32, device=codes.device)
+    _run(_decode_kernel, compiled, codes, scale, out, qmax, bits)
+    return out
+
+
+class BackgroundCompiler:
+    """Compile kernels with ``torch.compile`` on a background thread; say when they are ready.
+
+    ``start(warmup)`` runs ``warmup()`` (which calls the kernels with ``compiled=True`` on sample data
+    shaped like the real calls) on a daemon thread. Until it has finished, :attr:`ready` is False
+    and callers run the eager kernels, so that no step waits for a compilation. If compiling fails
+    (no C++ compiler, an unsupported platform), one warning is logged, :attr:`failed` is set and the
+    eager kernels stay in use; results are bit-identical either way.
+    """
+
+    def __init__(self) -> None:
+        self._thread: Optional[threading.Thread] = None
+        self._done = threading.Event()
+        self._stop = threading.Event()
+        self.ready = False
+        self.failed = False
+
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`start` was called."""
+        return self._thread is not None
+
+    def start(self, warmup: Callable[[threading.Event], None]) -> None:
+        """Start compiling (once); return at once.
+
+        ``warmup(stop)`` should return early once the event ``stop`` is set (checked between kernels).
+        At interpreter exit the compilation is stopped and waited for (a thread inside the compiler
+        at exit would abort the process).
+        """
+        if self._thread is not None:
+            return
+        if not compile_available():
+            self._fail(RuntimeError("torch.compile is unavailable in this torch build"))
+            return
+        self._thread = threading.Thread(target=self._work, args=(warmup,), name="gradcomp-compile", daemon=True)
+        atexit.register(self.stop)
+        self._thread.start()
+
+    def stop(self, timeout: float = 300.0) -> None:
+        """Ask the compilation to stop after the kernel in progress and wait for it (at most ``timeout`` s)."""
+        self._stop.set()
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _work(self, warmup: Callable[[threading.Event], None]) -> None:
+        try:
+            warmup(self._stop)
+            failed = [fn.__name__ for fn in (_encode_kernel, _reduce_kernel, _decode_kernel) if fn in _COMPILE_FAILED]
+            if failed:
+                raise RuntimeError(f"compilation of {', '.join(failed)} failed")
+            self.ready = not self._stop.is_set()
+        except Exception as exc:  # a failure to compile never stops training
+            self._fail(exc)
+        finally:
+            self._done.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        self.failed = True
+        self._done.set()
+        _warn_compile_failure("the exchange kernels", exc)
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Wait until compilation finished or failed; return :attr:`ready`."""
+        self._done.wait(timeout)
+        return self.ready
 
 
 # --------------------------------------------------------------------------------------------

@@ -793,7 +793,8 @@ class Target:
     """What a deployment needs: the limits a strategy must meet and what to optimise among those that do.
 
     Args:
-        max_loss_increase: largest allowed relative increase of the measured loss (0.01 = 1%), or None.
+        max_loss_increase: largest allowed relative increase of the measured loss (0.01 = 1%), or None;
+            an absolute limit for a metric whose unquantized value is 0 (a deviation from fp32).
         max_bytes: largest allowed model size in bytes, or None.
         max_latency_ratio: largest allowed latency relative to the unquantized model, or None.
         objective: among the strategies that meet the limits, minimise ``"size"``, ``"latency"`` or
@@ -859,9 +860,28 @@ class StrategyResult:
         return self.base_latency_s / self.latency_s
 
     @property
+    def relative(self) -> bool:
+        """Whether :attr:`loss_increase` is relative (the unquantized value is not 0)."""
+        return self.base_loss != 0
+
+    @property
     def loss_increase(self) -> float:
-        """Relative loss increase over the unquantized model (0.01 = 1%)."""
+        """Loss increase over the unquantized model: relative (0.01 = 1%), or absolute when its value is 0.
+
+        A metric measured as a deviation from the unquantized model (the MAE of a quantized model's
+        outputs against fp32's) is 0 for the unquantized model itself; its increase is then the
+        value itself, and a target's ``max_loss_increase`` is read as an absolute limit.
+
+        Example: base 2.0, loss 2.1 -> 0.05; base 0.0, loss 0.013 -> 0.013 (absolute).
+        """
+        if self.base_loss == 0:
+            return self.loss - self.base_loss
         return (self.loss - self.base_loss) / abs(self.base_loss)
+
+    def _increase_text(self) -> str:
+        if self.relative:
+            return f"{100 * self.loss_increase:+.2f}%"
+        return f"{self.loss_increase:+.4g} (absolute: the unquantized value is 0)"
 
     def row(self) -> Dict[str, Any]:
         """Return the trade-off table row of this strategy."""
@@ -871,7 +891,8 @@ class StrategyResult:
             "compression": self.compression,
             "speedup": self.speedup,
             "loss": self.loss,
-            "loss_increase_pct": 100.0 * self.loss_increase,
+            "loss_increase_pct": 100.0 * self.loss_increase if self.relative else None,
+            "loss_increase_abs": self.loss - self.base_loss,
         }
 
 
@@ -902,7 +923,8 @@ def recommend(results: Sequence[StrategyResult], target: Union[Target, str]) -> 
     def violations(r: StrategyResult) -> List[str]:
         out = []
         if target.max_loss_increase is not None and r.loss_increase > target.max_loss_increase:
-            out.append(f"loss +{100 * r.loss_increase:.2f}% > {100 * target.max_loss_increase:.2f}%")
+            limit = f"{100 * target.max_loss_increase:.2f}%" if r.relative else f"{target.max_loss_increase:.4g}"
+            out.append(f"loss {r._increase_text()} > {limit}")
         if target.max_bytes is not None and r.model_bytes > target.max_bytes:
             out.append(f"{int(r.model_bytes)} bytes > {int(target.max_bytes)}")
         if target.max_latency_ratio is not None and r.latency_s > target.max_latency_ratio * r.base_latency_s:
@@ -920,7 +942,7 @@ def recommend(results: Sequence[StrategyResult], target: Union[Target, str]) -> 
     }[target.objective]
     best = min(ok, key=key)
     reason = (
-        f"{best.name}: {best.compression:.2f}x smaller, {best.speedup:.2f}x speed, loss {100 * best.loss_increase:+.2f}%; "
+        f"{best.name}: {best.compression:.2f}x smaller, {best.speedup:.2f}x speed, loss {best._increase_text()}; "
         f"best {target.objective} among {len(ok)} of {len(results)} strategies within the target"
     )
     return best, reason

@@ -17,8 +17,13 @@ measures that, one trial per (layer, candidate format):
 
 Scores (each averaged over the calibration batches):
 
-* ``mse``: mean squared error of the model output against the reference output.
-* ``kl``: ``KL(p_ref || p_q)`` of the softmax over the output's last dimension, in nats per position.
+* ``mse``: mean squared error of the model output against the reference output (with several
+  outputs, the mean of their MSEs).
+* ``rel_mse``: the MSE of each output divided by the mean square of its reference, averaged over
+  the outputs: every head counts alike whatever its units, so none is starved (the default for
+  regression outputs).
+* ``kl``: ``KL(p_ref || p_q)`` of the softmax over the output's last dimension, in nats per position
+  (the default for classification outputs; meaningless for regression outputs).
 * ``loss``: increase of the loss (only when a loss is available: a model output that carries one, or a
   ``loss_fn``; see :mod:`gradcomp.batches`).
 * ``fisher``: the Fisher / Taylor score of the layer's own output,
@@ -32,6 +37,20 @@ Scores (each averaged over the calibration batches):
 
 Worked example of the Fisher score: a layer output ``y = [1.0, -2.0]`` with gradient
 ``g = [0.5, 0.1]`` becomes ``y_q = [1.1, -2.0]`` at 4 bits; the score is ``(0.5 * 0.1)**2 + 0 = 0.0025``.
+
+Outputs of any structure are scored (:func:`output_tensors`): the main tensor of the output when it
+has one (a tensor, the first of a tuple, ``logits``; :mod:`gradcomp.batches`), else every floating
+tensor of a dict, dataclass or named tuple (``{"energy": e, "forces": f}``). The kind of output
+decides the default metric (``kl`` for classification, ``rel_mse`` for regression): one output of at
+least 2 dims with at least 2 entries in its last is taken for logits; several outputs or a scalar /
+single-column output are regression; ``SensitivityConfig.output_kind`` overrides it. The choice and its
+reason are stated in the report's metadata and logged.
+
+Adapter protocol (no wrapper module needed): ``forward(model, batch)`` runs the model on a batch of
+any structure (graphs, dicts, dataclasses) and returns its outputs in any structure above; it may
+turn autograd on inside (``with torch.enable_grad():``) for outputs that are gradients, such as
+forces. ``loss_fn(model, batch)`` is only called when ``loss``, ``fisher`` or the Hessian score is
+asked for.
 
 Layers whose weight is shared (GPT's tied token embedding and output head) are one layer with
 aliases: quantizing it changes both uses, and its weight is counted once.
@@ -47,6 +66,7 @@ Example::
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -75,6 +95,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "METRICS",
+    "OUTPUT_KINDS",
+    "output_tensors",
     "SensitivityConfig",
     "LayerInfo",
     "SensitivityEntry",
@@ -91,7 +113,9 @@ __all__ = [
     "default_loss",
 ]
 
-METRICS = ("mse", "kl", "loss", "fisher", "hawq", "weight_mse")
+METRICS = ("mse", "rel_mse", "kl", "loss", "fisher", "hawq", "weight_mse")
+OUTPUT_KINDS = ("auto", "classification", "regression")
+_DEFAULT_METRICS = ("mse", "rel_mse", "kl", "loss", "fisher", "weight_mse")
 _FORMAT_VERSION = 1
 
 Candidate = Union[WeightQuantConfig, CastConfig]
@@ -182,8 +206,11 @@ class SensitivityConfig:
     Args:
         candidates: formats to try on every layer (``WeightQuantConfig`` or ``CastConfig``);
             default int2/int3/int4/int8 with groups of 128.
-        metrics: scores to compute, a subset of ``("mse", "kl", "loss", "fisher", "weight_mse")``;
-            ``loss`` and ``fisher`` are skipped (with a log line) when no loss is available.
+        metrics: scores to compute, a subset of ``("mse", "rel_mse", "kl", "loss", "fisher",
+            "weight_mse")``, or None (default): all of them, but ``kl`` only for classification
+            outputs. ``loss`` and ``fisher`` are skipped (with a log line) when no loss is available.
+        output_kind: ``"auto"`` (detect, see the module docstring), ``"classification"`` or
+            ``"regression"``; decides the default metric of plans.
         hessian: also estimate the HAWQ score (Hutchinson trace; needs a loss and double backward).
         hutchinson_samples: Rademacher vectors per calibration batch for the trace.
         activations: when set, also fake-quantize the floating input of the layer under trial with
@@ -193,7 +220,8 @@ class SensitivityConfig:
     """
 
     candidates: Tuple[Candidate, ...] = field(default_factory=_default_candidates)
-    metrics: Tuple[str, ...] = ("mse", "kl", "loss", "fisher", "weight_mse")
+    metrics: Optional[Tuple[str, ...]] = None
+    output_kind: str = "auto"
     hessian: bool = False
     hutchinson_samples: int = 4
     activations: Optional[Any] = None
@@ -210,11 +238,16 @@ class SensitivityConfig:
         if len(set(keys)) != len(keys):
             raise ValueError(f"candidates must be distinct, got {keys}")
         object.__setattr__(self, "candidates", cands)
-        metrics = tuple(self.metrics)
-        bad = [m for m in metrics if m not in METRICS or m == "hawq"]
-        if bad or not metrics:
-            raise ValueError(f"metrics must be a non-empty subset of ('mse', 'kl', 'loss', 'fisher', 'weight_mse'), got {metrics}")
-        object.__setattr__(self, "metrics", metrics)
+        if self.metrics is not None:
+            if isinstance(self.metrics, str):
+                raise TypeError(f"metrics must be a tuple of metric names or None, got the string {self.metrics!r}")
+            metrics = tuple(self.metrics)
+            bad = [m for m in metrics if m not in METRICS or m == "hawq"]
+            if bad or not metrics:
+                raise ValueError(f"metrics must be a non-empty subset of {_DEFAULT_METRICS} (or None for the default), got {metrics}")
+            object.__setattr__(self, "metrics", metrics)
+        if self.output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
         check_int("hutchinson_samples", self.hutchinson_samples)
         if self.activations is not None:
             from gradcomp.quant import ActQuantConfig
@@ -351,8 +384,16 @@ class SensitivityReport:
         return out
 
     def default_metric(self) -> str:
-        """Return the metric plans use by default: ``kl``, else ``mse``, ``fisher``, ``loss``."""
-        for m in ("kl", "mse", "fisher", "loss", "hawq", "weight_mse"):
+        """Return the metric plans use by default.
+
+        For regression outputs (``metadata["output_kind"]``) ``rel_mse``, else ``mse``; for
+        classification ``kl``; then ``fisher``, ``loss``, ``hawq``, ``weight_mse``.
+        """
+        if self.metadata.get("output_kind") == "regression":
+            order: Tuple[str, ...] = ("rel_mse", "mse", "kl", "fisher", "loss", "hawq", "weight_mse")
+        else:
+            order = ("kl", "mse", "rel_mse", "fisher", "loss", "hawq", "weight_mse")
+        for m in order:
             if m in self.metrics:
                 return m
         raise ValueError("the report holds no metric")
@@ -545,14 +586,56 @@ class quantized_layer:
 # forward / loss conventions
 
 
-def _output_and_loss(model: nn.Module, batch: Batch, forward, loss_fn, need_loss: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Run one batch (the convention of :mod:`gradcomp.batches`); return the output tensor and, if asked, the loss.
+def output_tensors(output: Any) -> Dict[str, torch.Tensor]:
+    """Return the floating tensors of a model output by name, detached.
+
+    The main tensor of the output (:func:`gradcomp.batches.output_tensor`: a tensor, the first of a
+    tuple, ``logits``) when it has one, as ``{"output": t}``; otherwise every floating tensor of a
+    dict, dataclass or named tuple, walked recursively (names joined by dots: ``{"energy": e,
+    "forces": f}``); lists of tensors inside are concatenated per name (per-structure lists).
+
+    Raises:
+        TypeError: when the output holds no floating tensor.
+    """
+    try:
+        return {"output": output_tensor(output).detach()}
+    except TypeError:
+        pass
+    found: Dict[str, torch.Tensor] = {}
+
+    def walk(obj: Any, name: str) -> None:
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point():
+                found[name or "output"] = obj.detach()
+        elif isinstance(obj, Mapping):
+            for k, v in obj.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            for f in dataclasses.fields(obj):
+                walk(getattr(obj, f.name), f"{name}.{f.name}" if name else f.name)
+        elif isinstance(obj, tuple) and hasattr(obj, "_fields"):
+            for k in obj._fields:
+                walk(getattr(obj, k), f"{name}.{k}" if name else k)
+        elif isinstance(obj, (tuple, list)) and obj and all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in obj):
+            found[name or "output"] = torch.cat([t.detach().reshape(-1) for t in obj])
+
+    walk(output, "")
+    if not found:
+        raise TypeError(
+            f"the model output must hold at least one floating tensor (a tensor, or a dict/dataclass of them), "
+            f"got {type(output).__name__}; pass forward(model, batch) that returns one"
+        )
+    return found
+
+
+def _output_and_loss(model: nn.Module, batch: Batch, forward, loss_fn, need_loss: bool) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
+    """Run one batch (the convention of :mod:`gradcomp.batches`); return the outputs and, if asked, the loss.
 
     Without ``loss_fn`` the loss is the one the model's output carries (None if it carries none),
-    so the output and the loss come from one forward pass.
+    so the outputs and the loss come from one forward pass; ``loss_fn`` is only called when asked.
     """
     raw = (forward or call_model)(model, batch)
-    out = output_tensor(raw)
+    out = output_tensors(raw)
     if not need_loss:
         return out, None
     return out, (output_loss(raw) if loss_fn is None else loss_fn(model, batch))
@@ -564,10 +647,46 @@ def _loss(model: nn.Module, batch: Batch, forward, loss_fn) -> Optional[torch.Te
     return output_loss((forward or call_model)(model, batch))
 
 
+def _log_softmax(t: torch.Tensor) -> torch.Tensor:
+    t = t.reshape(1) if t.dim() == 0 else t
+    return F.log_softmax(t.float().reshape(-1, t.shape[-1]), dim=-1)
+
+
 def _kl(ref_logp: torch.Tensor, out: torch.Tensor) -> float:
-    logq = F.log_softmax(out.float().reshape(-1, out.shape[-1]), dim=-1)
+    logq = _log_softmax(out)
     p = ref_logp.exp()
     return float((p * (ref_logp - logq)).sum(dim=-1).mean())
+
+
+def _output_kind(requested: str, outs: Mapping[str, torch.Tensor]) -> Tuple[str, str]:
+    """Return ``(kind, reason)``: whether the outputs are classification logits or regression values."""
+    if requested != "auto":
+        return requested, "set by output_kind"
+    if len(outs) > 1:
+        return "regression", f"the model gives {len(outs)} outputs ({', '.join(list(outs)[:6])})"
+    (t,) = outs.values()
+    if t.dim() >= 2 and t.shape[-1] >= 2:
+        return "classification", f"one output of shape {tuple(t.shape)}, taken for logits over its last dim"
+    return "regression", f"one output of shape {tuple(t.shape)}"
+
+
+def _output_scores(outs: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor], ref_logp: Mapping[str, torch.Tensor],
+                   ref_power: Mapping[str, float], wanted) -> Dict[str, float]:
+    """Score one batch's outputs against the reference: mse, rel_mse and kl, each averaged over the outputs."""
+    if set(outs) != set(ref):
+        raise RuntimeError(f"the model gave outputs {sorted(outs)} in a trial but {sorted(ref)} in the reference pass")
+    scores: Dict[str, float] = {}
+    wanted = set(wanted)
+    if wanted & {"mse", "rel_mse"}:
+        mses = {k: float(torch.mean((outs[k].double() - ref[k].double()) ** 2)) for k in ref}
+        if "mse" in wanted:
+            scores["mse"] = sum(mses.values()) / len(mses)
+        if "rel_mse" in wanted:
+            # an all-zero reference output: its plain MSE (nothing to normalise by)
+            scores["rel_mse"] = sum(m / ref_power[k] if ref_power[k] > 0 else m for k, m in mses.items()) / len(mses)
+    if "kl" in wanted:
+        scores["kl"] = sum(_kl(ref_logp[k], outs[k]) for k in ref_logp) / len(ref_logp)
+    return scores
 
 
 # --------------------------------------------------------------------------------------------
@@ -739,31 +858,34 @@ def measure_sensitivity(
 
 
 def _measure(model, batches, config, infos, modules, forward, loss_fn, progress, trial_callback) -> SensitivityReport:
-    metrics = set(config.metrics)
+    explicit = config.metrics is not None
+    metrics = set(config.metrics if explicit else _DEFAULT_METRICS)
+    need_loss = bool(metrics & {"loss", "fisher"}) or config.hessian
     # 1. reference pass
-    ref_out: List[torch.Tensor] = []
-    ref_logp: List[Optional[torch.Tensor]] = []
+    ref_out: List[Dict[str, torch.Tensor]] = []
     ref_loss: List[Optional[float]] = []
     with torch.no_grad():
         for b in batches:
-            out, lo = _output_and_loss(model, b, forward, loss_fn, True)
-            out = out.detach()
+            out, lo = _output_and_loss(model, b, forward, loss_fn, need_loss)
             ref_out.append(out)
-            ref_logp.append(F.log_softmax(out.float().reshape(-1, out.shape[-1]), dim=-1) if "kl" in metrics else None)
             ref_loss.append(None if lo is None else float(lo))
-    has_loss = all(l is not None for l in ref_loss)
+    kind, why = _output_kind(config.output_kind, ref_out[0])
+    logger.info("outputs %s scored as %s (%s)", sorted(ref_out[0]), kind, why)
+    if kind == "regression" and not explicit:
+        metrics.discard("kl")
+    ref_logp = [{k: _log_softmax(t) for k, t in outs.items()} for outs in ref_out] if "kl" in metrics else [{} for _ in ref_out]
+    ref_power = {k: sum(float(torch.mean(o[k].double() ** 2)) for o in ref_out) / len(ref_out) for k in ref_out[0]}
+    has_loss = need_loss and all(l is not None for l in ref_loss)
     if not has_loss:
         for m in ("loss", "fisher"):
             if m in metrics:
                 logger.info("no loss available (the output carries none and no loss_fn): skipping the %s score", m)
                 metrics.discard(m)
-    if "kl" in metrics and ref_out[0].dim() < 1:
-        metrics.discard("kl")
     want_hawq = config.hessian
     if want_hawq and not has_loss:
         logger.info("no loss available: skipping the Hessian (HAWQ) score")
         want_hawq = False
-    base_loss = sum(ref_loss) / len(ref_loss) if has_loss else None
+    base_loss = sum(ref_loss) / len(ref_loss) if has_loss else None  # type: ignore[arg-type]
 
     # 2. Hessian traces, all layers at once
     traces: Dict[str, float] = {}
@@ -802,10 +924,8 @@ def _measure(model, batches, config, infos, modules, forward, loss_fn, progress,
                     for i, b in enumerate(batches):
                         captured.clear()
                         out, lo = _output_and_loss(model, b, forward, loss_fn, "loss" in sums)
-                        if "mse" in sums:
-                            sums["mse"] += float(torch.mean((out.double() - ref_out[i].double()) ** 2))
-                        if "kl" in sums:
-                            sums["kl"] += _kl(ref_logp[i], out)
+                        for m, v in _output_scores(out, ref_out[i], ref_logp[i], ref_power, sums).items():
+                            sums[m] += v
                         if "loss" in sums:
                             sums["loss"] += float(lo) - ref_loss[i]
                         if "fisher" in sums:
@@ -838,6 +958,9 @@ def _measure(model, batches, config, infos, modules, forward, loss_fn, progress,
         "model": type(model).__name__,
         "candidates": [candidate_key(c) for c in config.candidates],
         "metrics": sorted(set(metrics) | ({"hawq"} if want_hawq else set())),
+        "outputs": sorted(ref_out[0]),
+        "output_kind": kind,
+        "output_kind_reason": why,
         "activations": None if config.activations is None else config.activations.label,
         "hutchinson_samples": config.hutchinson_samples if want_hawq else None,
     }

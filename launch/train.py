@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int, default=10, help="int8/int4: plain all-reduce steps first")
     g.add_argument("--min-compress-numel", type=int, default=16384, help="int8/int4: smaller buckets go uncompressed")
     g.add_argument("--stochastic-rounding", action="store_true", help="int8/int4: stochastic instead of nearest rounding")
-    g.add_argument("--compile", action="store_true", help="int8/int4: fuse the codec with torch.compile (slow first step)")
+    g.add_argument("--compile", action="store_true", help="int8/int4: fused kernels (the default; kept for older command lines)")
+    g.add_argument("--no-compile", action="store_true", help="int8/int4: always run the eager kernels (default: fused kernels compiled in the background)")
     g.add_argument(
         "--hierarchical", action="store_true",
         help="int8/int4: fp32 inside a node, quantized between nodes (node layout from torchrun's LOCAL_WORLD_SIZE)",
@@ -393,7 +394,7 @@ def setup_hook(args: argparse.Namespace, ddp: DDP, world_size: int, tracer: Opti
             min_compress_numel=args.min_compress_numel,
             stochastic_rounding=args.stochastic_rounding,
             seed=args.seed,
-            compile=args.compile,
+            compile=not args.no_compile,
             log_every=0,
             topology=topology,
             policy=policy,

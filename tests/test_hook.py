@@ -11,6 +11,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gradcomp
 from gradcomp.comm.collectives import ShardLayout
+from gradcomp.comm import exchange
+from gradcomp.comm.exchange import HEADER_BYTES
 
 from _dist import init_gloo, spawn
 
@@ -19,7 +21,9 @@ from _models import STEP_TOL, _all_identical, _backward, _batch, _grads, _model,
 
 def _hooked(bits, error_feedback, **ddp_kwargs):
     model = DDP(_model(), bucket_cap_mb=0.05, **ddp_kwargs)
-    state = gradcomp.register(model, bits=bits, error_feedback=error_feedback, warmup_steps=2, min_compress_numel=0, log_every=1)
+    state = gradcomp.register(
+        model, bits=bits, error_feedback=error_feedback, warmup_steps=2, min_compress_numel=0, log_every=1, compile=False
+    )
     return model, state
 
 
@@ -50,7 +54,9 @@ def _parity_worker(rank, world_size):
         for plan in plans:
             assert plan.layout.numel == sum(-(-n // 256) * 256 for n in plan.numels)
             assert plan.layout == ShardLayout(plan.layout.numel, world_size, bits, 256)
-        assert s["bytes_sent_step"] == sum(p.layout.bytes_sent for p in plans)
+            # chunks hold a multiple of P blocks: the payload is that of one shard cut, plus a header per message
+            assert plan.bytes_sent == plan.layout.bytes_sent + 2 * (world_size - 1) * HEADER_BYTES * len(plan.chunks)
+        assert s["bytes_sent_step"] == sum(p.bytes_sent for p in plans)
         assert s["fp32_bytes_step"] == sum(2 * (world_size - 1) * sum(p.numels) * 4 // world_size for p in plans)
         assert s["compressed_buckets_step"] == s["buckets_step"] == len(plans)
 
@@ -110,7 +116,7 @@ def test_nonfinite_on_one_rank_reaches_all_and_keeps_residuals(tmp_path):
 
 
 def _resume_worker(rank, world_size, bits, stochastic):
-    opts = dict(bits=bits, warmup_steps=2, min_compress_numel=0, stochastic_rounding=stochastic, seed=3)
+    opts = dict(bits=bits, warmup_steps=2, min_compress_numel=0, stochastic_rounding=stochastic, seed=3, compile=False)
     state2 = check_resume_bit_identical(rank, opts, split=5, end=10)
     assert state2.step == 10
 
@@ -152,7 +158,7 @@ def _ddp_modes_worker(rank, world_size):
         ref = DDP(factory(), bucket_cap_mb=0.05, **kwargs)
         torch.manual_seed(0)
         model = DDP(factory(), bucket_cap_mb=0.05, **kwargs)
-        gradcomp.register(model, bits=8, warmup_steps=2, min_compress_numel=0, error_feedback=False)
+        gradcomp.register(model, bits=8, warmup_steps=2, min_compress_numel=0, error_feedback=False, compile=False)
         for step in range(5):
             for m in (ref, model):
                 x, y = _batch(rank, step)
@@ -167,7 +173,7 @@ def _ddp_modes_worker(rank, world_size):
     # no_sync: two micro-batches accumulated locally, one exchange
     ref = DDP(_model(), bucket_cap_mb=0.05)
     model = DDP(_model(), bucket_cap_mb=0.05)
-    state = gradcomp.register(model, bits=8, warmup_steps=1, min_compress_numel=0, error_feedback=False)
+    state = gradcomp.register(model, bits=8, warmup_steps=1, min_compress_numel=0, error_feedback=False, compile=False)
     for step in range(4):
         for m in (ref, model):
             m.zero_grad()
@@ -192,7 +198,7 @@ def test_static_graph_unused_parameters_bucket_view_and_no_sync(tmp_path):
 
 def _grad_scaler_worker(rank, world_size):
     model = DDP(_model(), bucket_cap_mb=0.05)
-    state = gradcomp.register(model, bits=8, warmup_steps=1, min_compress_numel=0)
+    state = gradcomp.register(model, bits=8, warmup_steps=1, min_compress_numel=0, compile=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     losses = []
@@ -229,7 +235,7 @@ def _dtype_worker(rank, world_size):
     for dtype in (torch.float16, torch.bfloat16):
         torch.manual_seed(0)
         model = DDP(_model().to(dtype), bucket_cap_mb=0.05)
-        gradcomp.register(model, bits=8, warmup_steps=1, min_compress_numel=0)
+        gradcomp.register(model, bits=8, warmup_steps=1, min_compress_numel=0, compile=False)
         for step in range(3):
             x, y = _batch(rank, step)
             model.zero_grad()
@@ -338,3 +344,123 @@ def _nccl_worker(rank, world_size):  # pragma: no cover - needs GPUs
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2 or not dist.is_nccl_available(), reason="needs 2 CUDA GPUs and NCCL")
 def test_nccl_parity(tmp_path):  # pragma: no cover - needs GPUs
     spawn(_nccl_worker, 2, tmp_path, backend="nccl")
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipelined, chunked exchange
+
+
+def _chunked_worker(rank, world_size):
+    # many chunks per bucket and several buckets in flight: the same bits as one chunk per bucket,
+    # since a block's arithmetic does not depend on the chunks
+    runs = []
+    for chunk in (exchange.DEFAULT_CHUNK_NUMEL, 4 * 256):
+        model = DDP(_model(), bucket_cap_mb=0.05)
+        state = gradcomp.register(
+            model, bits=4, warmup_steps=1, min_compress_numel=0, compile=False, chunk_numel=chunk, stochastic_rounding=True
+        )
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(5):
+            _backward(model, rank, step)
+            assert _all_identical(_grads(model)), f"chunk_numel={chunk} step {step}: ranks differ"
+            opt.step()
+        plans = list(state._plans.values())
+        assert len(plans) >= 2
+        if chunk < 2048:
+            assert all(len(p.chunks) >= 3 for p in plans)
+        assert state.stats()["bytes_sent_step"] == sum(p.bytes_sent for p in plans)
+        runs.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+        state.close()
+    assert torch.equal(runs[0], runs[1]), "chunking changed the result"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_chunked_pipeline_matches_one_chunk_bit_for_bit(tmp_path, world_size):
+    spawn(_chunked_worker, world_size, tmp_path)
+
+
+def _nonfinite_one_bucket_worker(rank, world_size):
+    model = DDP(_model(), bucket_cap_mb=0.05)
+    state = gradcomp.register(model, bits=8, warmup_steps=1, min_compress_numel=0, compile=False, chunk_numel=1024)
+    for step in range(3):
+        _backward(model, rank, step)
+    before = state.state_dict()
+    assert len(before["worker_residuals"]) >= 2
+    first = model.module[0].weight
+    handle = first.register_hook(lambda g: g * float("inf")) if rank == 1 else None
+    _backward(model, rank, 3)
+    if handle is not None:
+        handle.remove()
+    g = _grads(model)
+    assert not torch.isfinite(first.grad).all() and torch.isfinite(model.module[4].weight.grad).all()
+    assert _all_identical(torch.nan_to_num(g, nan=0.0))
+    after = state.state_dict()
+    # every bucket's residuals stay as they were, not only the non-finite bucket's
+    for key in ("worker_residuals", "server_residuals"):
+        for idx, r in before[key].items():
+            assert torch.equal(r, after[key][idx]), f"{key}[{idx}] changed on a non-finite step"
+    assert state.stats()["nonfinite_steps"] == 1
+    _backward(model, rank, 4)
+    assert torch.isfinite(_grads(model)).all()
+    assert any(not torch.equal(r, state.state_dict()["worker_residuals"][i]) for i, r in after["worker_residuals"].items())
+
+
+@pytest.mark.slow
+def test_nonfinite_in_one_bucket_keeps_every_buckets_residuals(tmp_path):
+    spawn(_nonfinite_one_bucket_worker, 2, tmp_path)
+
+
+def _out_of_step_worker(rank, world_size):
+    model = DDP(_model(), bucket_cap_mb=0.05)
+    state = gradcomp.register(model, bits=8, warmup_steps=1, min_compress_numel=0, compile=False)
+    for step in range(2):
+        _backward(model, rank, step)
+    if rank == 1:
+        state.step += 1  # this rank believes it is one step further
+    with pytest.raises(RuntimeError, match=r"ranks out of step in the all-to-all: rank \d sent step \d+, bucket 0"):
+        _backward(model, rank, 2)
+
+
+@pytest.mark.slow
+def test_rank_out_of_step_is_detected_by_its_peers(tmp_path):
+    spawn(_out_of_step_worker, 2, tmp_path)
+
+
+def _default_compile_worker(rank, world_size):
+    # the defaults: fused kernels compiled in the background, used once ready, bit-identical to eager
+    results = []
+    for compile_ in (True, False):
+        model = DDP(_model(), bucket_cap_mb=0.05)
+        state = gradcomp.register(model, bits=4, warmup_steps=1, min_compress_numel=0, **({} if compile_ else {"compile": False}))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        _backward(model, rank, 0)
+        opt.step()
+        if compile_:
+            assert state._compiler is not None and state._compiler.wait(timeout=600), "compilation did not finish"
+        for step in range(1, 4):
+            _backward(model, rank, step)
+            opt.step()
+            assert _all_identical(_grads(model))
+        assert state._compiled_now() == compile_
+        results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+        state.close()
+    assert torch.equal(results[0], results[1]), "compiled and eager kernels gave different bits"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not gradcomp.codec.compile_available(), reason="torch.compile unavailable")
+def test_default_compiled_path_is_bit_identical_to_eager(tmp_path):
+    spawn(_default_compile_worker, 2, tmp_path, timeout=900.0)
+
+
+def test_config_object_is_accepted(world1):
+    cfg = gradcomp.HookConfig(bits=4, warmup_steps=3, chunk_numel=4096)
+    state = gradcomp.QuantizedAllReduceState(config=cfg)
+    assert state.config is cfg
+    with pytest.raises(TypeError, match=r"either config=HookConfig\(...\) or bits/options, not both; got config and \['bits', 'seed'\]"):
+        gradcomp.QuantizedAllReduceState(config=cfg, bits=8, seed=1)
+    with pytest.raises(TypeError, match="config must be a gradcomp HookConfig"):
+        gradcomp.QuantizedAllReduceState(config={"bits": 4})
+    with pytest.raises(ValueError, match="chunk_numel must be >= block_size=256, got 100"):
+        gradcomp.HookConfig(chunk_numel=100)

@@ -164,7 +164,7 @@ def _hook_worker(rank, world_size):
 
     ref = DDP(_model(), bucket_cap_mb=0.01)
     model = DDP(_model(), bucket_cap_mb=0.01)
-    state = gradcomp.register(model, bits=8, warmup_steps=1, min_compress_numel=0, topology=topo, policy=cfg)
+    state = gradcomp.register(model, bits=8, warmup_steps=1, min_compress_numel=0, topology=topo, policy=cfg, compile=False)
     for step in range(3):
         _step(ref, rank, step)
         _step(model, rank, step)
@@ -185,14 +185,15 @@ def _hook_worker(rank, world_size):
     # the checkpoint carries the figures: a resumed state decides from them, not from a new probe
     sd = copy.deepcopy(state.state_dict())
     assert sd["network_fit"] == fit.to_dict()
-    other = gradcomp.QuantizedAllReduceState(bits=8, warmup_steps=1, topology=topo, policy=PolicyConfig(fit=_fit(5e-6, 12.5e9)))
+    other = gradcomp.QuantizedAllReduceState(bits=8, warmup_steps=1, topology=topo, policy=PolicyConfig(fit=_fit(5e-6, 12.5e9)), compile=False)
     assert other._policy.choose(102800) == PLAIN
     other.load_state_dict(sd)
     assert other._policy.choose(102800) == 4
 
     # measured: a real probe on this group; whatever it finds, every rank finds the same
     probed = gradcomp.QuantizedAllReduceState(
-        bits=8, policy=PolicyConfig(probe_numels=(64, 4096, 16384), probe_repeats=2, codec_numel=1 << 14), topology=topo
+        bits=8, policy=PolicyConfig(probe_numels=(64, 4096, 16384), probe_repeats=2, codec_numel=1 << 14), topology=topo,
+        compile=False,
     )
     f = probed._policy.fit
     assert f.link.samples == 3 and f.intra is not None and f.link.bandwidth > 0

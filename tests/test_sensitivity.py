@@ -222,7 +222,7 @@ def test_no_labels_skips_loss_and_fisher():
     model = _mlp()
     xs = [b[0] for b in _mlp_batches()]
     report = measure_sensitivity(model, xs, SensitivityConfig(candidates=CANDS[:1]))
-    assert set(report.metrics) == {"mse", "kl", "weight_mse"}
+    assert set(report.metrics) == {"mse", "rel_mse", "kl", "weight_mse"}
     assert "loss" not in report.baseline
 
 

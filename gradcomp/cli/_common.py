@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import importlib
+import json
 import math
+import os
 import pkgutil
 import sys
 from typing import Any, Callable, Dict, List, Sequence
@@ -27,11 +28,17 @@ class CliError(Exception):
 def load_callable(spec: str, what: str) -> Callable[..., Any]:
     """Return the callable that ``MODULE:NAME`` names (``pkgutil.resolve_name``), or raise a CliError naming ``what``.
 
+    The current directory is put on ``sys.path`` first, as ``python -m`` does, so a user's own
+    ``mymodel.py`` next to where the command runs is found without ``PYTHONPATH=.``.
+
     Example: ``load_callable("mypkg.models:build", "--model")`` imports ``mypkg.models`` and returns its ``build``.
     """
     if not isinstance(spec, str) or ":" not in spec:
         raise CliError(f"{what} must look like MODULE:NAME (e.g. mypkg.models:build), got {spec!r}")
     module = spec.partition(":")[0]
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         importlib.import_module(module)
     except ImportError as exc:

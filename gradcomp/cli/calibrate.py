@@ -63,6 +63,8 @@ def register(subparsers) -> None:
     p.add_argument("--outputs", action="store_true", help="also record the layer outputs")
     p.add_argument("--out", default=None, metavar="DIR", type=out_dir, help="write the report (JSON, markdown, PNG) to this folder")
     p.add_argument("--no-plots", action="store_true", help="with --out, skip the PNG plots")
+    p.add_argument("--save", default=None, metavar="SCALES.safetensors",
+                   help="write the calibrated scales; gradcomp.quant.load_activation_scales_(model, FILE) puts them back")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "gradcomp"), type=out_dir,
                    help="where the built-in tiny GPT is cached (default ~/.cache/gradcomp)")
@@ -144,7 +146,13 @@ def run(args) -> int:
             lo, hi = modules[name].input_quantizer.observer.clip_range()
             clips[name] = (lo, hi)
         qparams = convert_activation_quant_(model)
+        if args.save:
+            from gradcomp.quant.activation_quant import save_activation_scales
+
+            save_activation_scales(model, args.save)
     else:
+        if args.save:
+            raise CliError("--save writes calibrated static scales; --dynamic computes them from each input, there is nothing to save")
         qparams = {}
     sqnr = measure_activation_sqnr(model, batches, progress=progress)
     q_loss = task["eval"](model) if task["eval"] else None

@@ -37,7 +37,10 @@ def register(subparsers) -> None:
     s.add_argument("--cache-dir", default=_default_cache(), type=out_dir, help="cache of the built-in tiny GPT (default ~/.cache/gradcomp)")
     s.add_argument("--candidates", default=DEFAULT_CANDIDATES,
                    help=f"comma-separated formats such as int4-g128, int8-channel, fp16 (default {DEFAULT_CANDIDATES})")
-    s.add_argument("--metrics", default="mse,kl,loss,fisher,weight_mse", help="scores to compute (default all but hawq)")
+    s.add_argument("--metrics", default="auto",
+                   help="scores to compute (default auto: mse, rel_mse, loss, fisher, weight_mse, and kl for classification outputs)")
+    s.add_argument("--forward", metavar="MODULE:FN",
+                   help="FN(model, batch) runs one batch of any structure and returns the outputs (tensor, dict, dataclass, list)")
     s.add_argument("--hessian", action="store_true", help="also the HAWQ score (Hutchinson trace of the Hessian)")
     s.add_argument("--hutchinson-samples", type=int_in(1, 10**6), default=4, help="Rademacher vectors per batch for --hessian (default 4)")
     s.add_argument("--act-bits", type=int, choices=(2, 3, 4, 8),
@@ -77,8 +80,12 @@ def register(subparsers) -> None:
     p.add_argument("--pareto-plot", metavar="PNG", type=out_file(".png"), help="also draw the Pareto front (needs matplotlib)")
     p.add_argument("--out", metavar="JSON", type=out_file(".json"), help="save the plan")
     p.add_argument("--evaluate", action="store_true",
-                   help="scores from the built-in task only: apply the plan to the tiny GPT and measure its validation loss")
+                   help="apply the plan and measure: the built-in tiny GPT's validation loss, or your model's --eval metric (with --model)")
     p.add_argument("--cache-dir", default=_default_cache(), type=out_dir, help="cache of the built-in tiny GPT, for --evaluate")
+    p.add_argument("--model", metavar="MODULE:FN", help="for --evaluate on your own model: FN() returns the model "
+                                                         "(or the (model, batches) of `gradcomp sensitivity --model`)")
+    p.add_argument("--eval", dest="eval_fn", metavar="MODULE:FN",
+                   help="for --evaluate with --model: FN(model) returns a number, lower is better (a loss, an error against fp32)")
     add_json_flag(p)
     p.set_defaults(func=_plan)
 
@@ -115,7 +122,7 @@ def _sensitivity(args) -> int:
         raise CliError(f"--candidates: {exc}") from exc
     if any(c is None for c in cands):
         raise CliError("--candidates: fp32 is the unquantized reference (score 0) and is always available to plans; leave it out")
-    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    metrics = None if args.metrics.strip() == "auto" else tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     activations = None
     if args.act_bits:
         from gradcomp.activations import ActQuantConfig
@@ -132,7 +139,10 @@ def _sensitivity(args) -> int:
     else:
         model, batches = _builtin_task(args)
         task = "tiny_gpt"
-    report = measure_sensitivity(model, batches, config, layers=args.layers, progress=not args.no_progress)
+    kwargs = {}
+    if args.forward:
+        kwargs["forward"] = load_callable(args.forward, "--forward")
+    report = measure_sensitivity(model, batches, config, layers=args.layers, progress=not args.no_progress, **kwargs)
     report.metadata["task"] = task
     sort = args.sort or report.default_metric()
     if sort not in report.metrics:
@@ -210,15 +220,31 @@ def _plan(args) -> int:
                         title=f"Pareto front ({plan.metric})")
     evaluation = None
     if args.evaluate:
-        if report.metadata.get("task") != "tiny_gpt":
-            raise CliError("--evaluate works only with scores measured on the built-in task (gradcomp sensitivity without --model)")
-        from gradcomp.examples.tasks import evaluate, pretrained_tiny_gpt
         from gradcomp.weights import model_size_bytes
 
-        model, _, val = pretrained_tiny_gpt(args.cache_dir)
-        base, base_bytes = evaluate(model, val), model_size_bytes(model)
-        apply_plan(model, plan)
-        loss = evaluate(model, val)
+        if args.model:
+            import torch.nn as nn
+
+            if not args.eval_fn:
+                raise CliError("--evaluate with --model needs --eval MODULE:FN (FN(model) -> a number, lower is better)")
+            built = load_callable(args.model, "--model")()
+            model = built[0] if isinstance(built, (tuple, list)) and built and isinstance(built[0], nn.Module) else built
+            if not isinstance(model, nn.Module):
+                raise CliError(f"--model {args.model!r} returned {type(built).__name__}, expected an nn.Module or (model, batches)")
+            score = load_callable(args.eval_fn, "--eval")
+            base, base_bytes = float(score(model)), model_size_bytes(model)
+            apply_plan(model, plan)
+            loss = float(score(model))
+        else:
+            if report.metadata.get("task") != "tiny_gpt":
+                raise CliError("--evaluate needs --model MODULE:FN and --eval MODULE:FN for scores measured on your own model "
+                               "(without them it evaluates the built-in task)")
+            from gradcomp.examples.tasks import evaluate, pretrained_tiny_gpt
+
+            model, _, val = pretrained_tiny_gpt(args.cache_dir)
+            base, base_bytes = evaluate(model, val), model_size_bytes(model)
+            apply_plan(model, plan)
+            loss = evaluate(model, val)
         evaluation = {"base_loss": base, "loss": loss, "loss_increase": loss - base, "base_bytes": base_bytes,
                       "bytes": model_size_bytes(model), "predicted_bytes": plan.model_bytes}
     if args.json:

@@ -4,11 +4,16 @@ Subcommands::
 
     gradcomp weights analyze FILE [--config int8] [--config int4-g128-asym] [--plot report.png] [--json]
     gradcomp weights quantize IN OUT.safetensors --bits 4 --granularity per_group --group-size 128 [--asymmetric]
+    gradcomp weights quantize IN OUT.safetensors --plan plan.json
+    gradcomp weights quantize IN OUT.safetensors --bits 4 --granularity per_group --group-size 32 \
+        --method gptq --model mymodel:build --data mymodel:calibration_batches [--forward mymodel:forward]
     gradcomp weights size --params 7e9 [--json]
     gradcomp weights size FILE [--config ...] [--json]
 
 FILE is a ``.safetensors`` file (a gradcomp quantized file is read back dequantized) or a torch
-``state_dict`` / checkpoint (``.pt``, ``.pth``, ``.bin``; loaded with ``weights_only=True``).
+``state_dict`` / checkpoint (``.pt``, ``.pth``, ``.bin``, ``.tar``; loaded with ``weights_only=True``);
+in a checkpoint the state dict is found where it sits (``ckpt["model"]["state_dict"]``, Lightning's
+``ckpt["state_dict"]``), or at ``--key model.state_dict``; ``--strip-prefix model.`` drops a prefix.
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ def register(subparsers) -> None:
     a.add_argument("--plot", metavar="PNG", type=out_file(".png"), help="also write a picture of the report (needs matplotlib)")
     a.add_argument("--histograms", action="store_true", help="include per-layer histograms in --json output")
     a.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    a.add_argument("--model", metavar="MODULE:FN", help="FN() builds the model FILE belongs to: with --data, each layer's output error on real inputs")
+    a.add_argument("--data", metavar="MODULE:FN", help="FN() returns calibration batches for the output error")
+    a.add_argument("--forward", metavar="MODULE:FN", help="FN(model, batch) runs one batch (default model(batch))")
+    _add_file_options(a)
     add_json_flag(a)
     a.set_defaults(func=_analyze)
 
@@ -55,8 +64,16 @@ def register(subparsers) -> None:
                    help="per-layer rule before the default config, e.g. 're:.*attn.*=int8' or 'lm_head=fp32' "
                         "(fp32 keeps the layer; exact name, glob or re:<regex>; first match wins; repeatable)")
     q.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="keep matching layers in full precision (repeatable)")
+    q.add_argument("--plan", metavar="PLAN.json", help="per-layer configs from `gradcomp plan --out` (layers not in it stay as they are)")
+    q.add_argument("--method", default="rtn", choices=("rtn", "gptq", "awq_clip"),
+                   help="how codes are chosen: round-to-nearest (default, no data) or data-aware (needs --model and --data)")
+    q.add_argument("--model", metavar="MODULE:FN", help="FN() builds the model IN belongs to (for --method gptq/awq_clip)")
+    q.add_argument("--data", metavar="MODULE:FN", help="FN() returns the calibration batches (for --method gptq/awq_clip)")
+    q.add_argument("--forward", metavar="MODULE:FN", help="FN(model, batch) runs one batch (default model(batch))")
+    q.add_argument("--batches", type=int, default=None, help="use at most this many calibration batches")
     q.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     q.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _add_file_options(q)
     add_json_flag(q)
     q.set_defaults(func=_quantize)
 
@@ -66,14 +83,29 @@ def register(subparsers) -> None:
     s.add_argument("--row-length", type=int_in(1, 1 << 24), default=4096, help="inputs per weight row for --params (default 4096)")
     s.add_argument("--config", action="append", metavar="SPEC", help=f"configs to list (default: {', '.join(DEFAULT_SIZE)})")
     s.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _add_file_options(s)
     add_json_flag(s)
     s.set_defaults(func=_size)
 
 
-def _progress(args) -> bool:
+def _add_file_options(p) -> None:
+    p.add_argument("--key", metavar="PATH", help="dotted path of the state dict inside a checkpoint, e.g. model.state_dict "
+                                                 "(default: the nested mapping holding the most tensors)")
+    p.add_argument("--strip-prefix", metavar="PREFIX", help="drop this prefix from tensor names, e.g. 'model.' of Lightning")
+
+
+def _load(args, path=None):
+    from gradcomp.weights import load_tensor_file
+
+    try:
+        return load_tensor_file(path or args.file, key=getattr(args, "key", None), strip_prefix=getattr(args, "strip_prefix", None))
+    except (ValueError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _progress(args, desc: str = "") -> bool:
     # a bar only when asked for and stderr is a terminal, so logs and pipes stay clean
     return not getattr(args, "no_progress", False) and sys.stderr.isatty()
-
 
 def _parse_specs(specs, default) -> List[Any]:
     from gradcomp.weights import parse_config
@@ -85,8 +117,18 @@ def _analyze(args) -> int:
     from gradcomp.weights import analyze_weights, load_tensor_file
 
     configs = _parse_specs(args.config, DEFAULT_ANALYZE)
-    sd = load_tensor_file(args.file)
-    report = analyze_weights(sd, configs, outlier_sigma=args.outlier_sigma, progress=_progress(args))
+    sd = _load(args)
+    if args.model or args.data:
+        from gradcomp.cli._common import load_callable as import_spec
+
+        model = _user_model(args, sd)
+        if not args.data:
+            raise CliError("--model needs --data (calibration batches) for the output error")
+        forward = import_spec(args.forward, "--forward") if args.forward else None
+        report = analyze_weights(model, configs, outlier_sigma=args.outlier_sigma, progress=_progress(args, "analyze"),
+                                 calibration=import_spec(args.data, "--data")(), forward=forward)
+    else:
+        report = analyze_weights(sd, configs, outlier_sigma=args.outlier_sigma, progress=_progress(args, "analyze"))
     if args.plot:
         from gradcomp.plots.weights import plot_weight_report
 
@@ -104,6 +146,9 @@ def _analyze(args) -> int:
     print(format_table(report.rows(), floatfmt=".3g"))
     print()
     print(format_table(report.summary(), floatfmt=".4g"))
+    print(f"\nnote: {report.note}")
+    for f in report.flags:
+        print(f"FLAG {f['layer']} [{f['config']}]: {f['why']}")
     if args.plot:
         print(f"\nwrote {args.plot}")
     return 0
@@ -113,6 +158,14 @@ def _rules(args) -> List[Any]:
     from gradcomp.weights import CastConfig, WeightQuantConfig, parse_config
 
     rules: List[Any] = [(p, None) for p in args.skip]
+    if getattr(args, "plan", None):
+        from gradcomp.mixed_precision import MixedPrecisionPlan
+
+        try:
+            plan = MixedPrecisionPlan.from_json(args.plan)
+        except (OSError, ValueError, KeyError) as exc:
+            raise CliError(f"--plan {args.plan}: {exc}") from exc
+        return rules + plan.to_rules()
     for r in args.rule:
         pattern, sep, spec = r.rpartition("=")
         if not sep or not pattern:
@@ -151,8 +204,11 @@ def _quantize(args) -> int:
     if Path(args.input).resolve() == out.resolve():
         raise CliError("IN and OUT must be different files")
     rules = _rules(args)
-    sd = load_tensor_file(args.input)
-    packed, plain = quantize_state_dict(sd, rules, progress=_progress(args))
+    sd = _load(args, args.input)
+    if args.method == "rtn":
+        packed, plain = quantize_state_dict(sd, rules, progress=_progress(args, "quantize"))
+    else:
+        packed, plain = _quantize_with_data(args, sd, rules)
     if not packed:
         raise CliError(f"{args.input}: no weight matrix ('*.weight' with 2+ dims) was selected for quantization")
     save_quantized_state_dict(packed, plain, out)
@@ -177,6 +233,44 @@ def _quantize(args) -> int:
     print()
     print(format_table([summary], floatfmt=".4g"))
     return 0
+
+
+def _quantize_with_data(args, sd, rules):
+    """Load ``sd`` into the user's model, quantize it with a data-aware method, and split packed/plain."""
+    from gradcomp.cli._common import load_callable as import_spec
+    from gradcomp.weights import quantize_
+
+    if not args.model or not args.data:
+        raise CliError(f"--method {args.method} needs --model MODULE:FN (the model) and --data MODULE:FN (calibration batches)")
+    model = _user_model(args, sd)
+    batches = import_spec(args.data, "--data")()
+    forward = import_spec(args.forward, "--forward") if args.forward else None
+    quantize_(model, rules, method=args.method, calibration=batches, forward=forward, num_batches=args.batches,
+              progress=not args.no_progress)
+    packed = {n: m.packed for n, m in model.named_modules() if hasattr(m, "packed")}
+    held = {f"{n}.{k}" for n in packed for k in ("packed.qweight", "packed.scale", "packed.zero_point")}
+    plain = {k: v for k, v in model.state_dict().items() if k not in held and k in sd}
+    return packed, plain
+
+
+def _user_model(args, sd):
+    """Build the model of ``--model`` and load the file's tensors into it."""
+    import torch.nn as nn
+
+    from gradcomp.cli._common import load_callable as import_spec
+
+    if not args.model:
+        raise CliError("--data needs --model (the model the weights belong to)")
+    model = import_spec(args.model, "--model")()
+    if isinstance(model, (tuple, list)) and model and isinstance(model[0], nn.Module):
+        model = model[0]
+    if not isinstance(model, nn.Module):
+        raise CliError(f"--model {args.model!r} returned {type(model).__name__}, expected an nn.Module")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected or [k for k in missing if k in dict(model.named_parameters())]:
+        raise CliError(f"the weights do not fit the model of --model: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]} "
+                       "(try --key or --strip-prefix)")
+    return model
 
 
 def _size(args) -> int:
@@ -212,7 +306,7 @@ def _measure_file_sizes(args, configs) -> List[Dict[str, Any]]:
     from gradcomp.batches import progress_bar
     from gradcomp.weights import config_name, load_tensor_file, quantize_state_dict, save_quantized_state_dict, weight_nbytes
 
-    sd = load_tensor_file(args.file)
+    sd = _load(args)
     weights = {k: v for k, v in sd.items() if v.is_floating_point() and v.dim() >= 2 and (k == "weight" or k.endswith(".weight"))}
     n_weights = sum(v.numel() for v in weights.values())
     rows = []

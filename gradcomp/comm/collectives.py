@@ -16,7 +16,10 @@ Every rank dequantizes the same gathered bytes with the same code, so all ranks 
 A non-finite value anywhere makes the owning block's reduced scale non-finite; that scale reaches every
 rank in step 5, so every rank sees a non-finite result and ``finite`` is False on all of them.
 
-These functions block until the exchange is done; the DDP hook runs them on its own thread.
+The steps themselves (encode, reduce_shard, decode, with chunks and message headers) live in
+:mod:`gradcomp.comm.exchange`; :func:`quantized_allreduce` is a blocking convenience over them for one
+flat tensor. Each message also carries a 16-byte header (:data:`gradcomp.comm.exchange.HEADER_BYTES`),
+counted in ``bytes_sent``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from gradcomp import codec
 
 __all__ = ["ShardLayout", "ExchangeResult", "quantized_allreduce", "all_gather_into"]
 
@@ -108,30 +110,6 @@ def all_gather_into(output: torch.Tensor, inp: torch.Tensor, group) -> None:
     fn(output, inp, group=group)
 
 
-def _pack_message(packed: torch.Tensor, scale: torch.Tensor, shards: int, layout: ShardLayout) -> torch.Tensor:
-    """Lay out ``shards`` messages side by side: each is its shard's codes, then its scales as bytes."""
-    msg = torch.empty(shards, layout.message_bytes, dtype=torch.uint8, device=packed.device)
-    msg[:, : layout.code_bytes] = packed.view(shards, layout.code_bytes)
-    msg[:, layout.code_bytes :] = scale.reshape(shards, layout.blocks_per_shard).view(torch.uint8)
-    return msg
-
-
-def _unpack_message(msg: torch.Tensor, layout: ShardLayout):
-    """Split messages ``(shards, message_bytes)`` into contiguous codes and fp32 scales."""
-    codes = msg[:, : layout.code_bytes].contiguous()
-    scale = msg[:, layout.code_bytes :].contiguous().view(torch.float32)
-    return codes, scale
-
-
-def _quantize(x2d, residual, layout, noise, compiled):
-    """Quantize blocks with optional error feedback; return packed codes, scales, and the error left."""
-    if residual is None:
-        residual = torch.zeros((), dtype=torch.float32, device=x2d.device)
-    else:
-        residual = residual.view_as(x2d)
-    return codec.error_feedback_step(x2d, residual.expand_as(x2d), layout.bits, layout.block_size, noise=noise, compiled=compiled)
-
-
 def quantized_allreduce(
     x: torch.Tensor,
     layout: ShardLayout,
@@ -165,54 +143,47 @@ def quantized_allreduce(
         An :class:`ExchangeResult`; residuals are returned, not updated in place, so the caller can
         keep the old ones when ``finite`` is False.
     """
+    from gradcomp.comm import exchange  # the steps live there; this is the one-tensor convenience
+
     P, B = layout.world_size, layout.block_size
     if x.numel() not in (layout.numel, layout.padded_numel):
         raise ValueError(
             f"x must have layout.numel={layout.numel} (or padded_numel={layout.padded_numel}) elements, got {x.numel()}"
         )
-    device = x.device
-    # 1. pad and quantize (x + worker residual)
-    if x.numel() == layout.padded_numel and x.dtype == torch.float32 and x.is_contiguous():
-        padded = x  # the caller laid it out already
-    else:
-        padded = torch.zeros(layout.padded_numel, dtype=torch.float32, device=device)
-        padded[: layout.numel] = x.reshape(-1)
-    blocks = padded.view(-1, B)
-    n1 = noise(0, tuple(blocks.shape)) if noise is not None else None
-    wres_in = worker_residual if error_feedback else None
-    packed, scale, err = _quantize(blocks, wres_in, layout, n1, compiled)
+    plan = exchange.ExchangePlan.build((x.numel(),), P, layout.bits, B, chunk_numel=None)
+    bufs = exchange.ExchangeBuffers.allocate(plan, x.device)
+    x = x.reshape(-1)
+    wres = sres = wnew = snew = None
+    if error_feedback:
+        wres = torch.zeros(plan.padded_numel, device=x.device) if worker_residual is None else worker_residual.reshape(-1)
+        sres = torch.zeros(plan.server_numel, device=x.device) if server_residual is None else server_residual.reshape(-1)
+        wnew, snew = torch.zeros_like(wres), torch.empty_like(sres)
+    n0 = noise(0, (plan.padded_numel // B, B)).reshape(-1) if noise is not None else None
+    n1 = noise(1, (plan.server_numel // B, B)).reshape(-1) if noise is not None else None
+    out = torch.empty(x.numel(), dtype=torch.float32, device=x.device) if dequantize_out else None
+    finite = exchange.allreduce(
+        plan, bufs, x, group, residual=wres, residual_out=wnew, server_residual=sres, server_residual_out=snew,
+        noise=n0, server_noise=n1, compiled=compiled, out=out, keep_messages=not dequantize_out,
+    )
     rel_error = None
     if measure_error:
-        corrected = blocks if wres_in is None else blocks + wres_in.view_as(blocks)
-        denom = float(corrected.norm())
-        rel_error = float(err.norm()) / denom if denom > 0 else 0.0
-    # 2. all-to-all: shard k of every rank goes to rank k
-    send = _pack_message(packed, scale, P, layout)
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    # 3. dequantize the P copies of my shard and sum them in rank order
-    codes, scales = _unpack_message(recv, layout)
-    reduced = codec.dequantize_sum(codes, scales, layout.bits, compiled=compiled)
-    reduced.div_(P)
-    # 4. requantize the reduced shard (+ server residual)
-    n2 = noise(1, tuple(reduced.shape)) if noise is not None else None
-    sres_in = server_residual if error_feedback else None
-    packed2, scale2, err2 = _quantize(reduced, sres_in, layout, n2, compiled)
-    # 5. all-gather the reduced shards and dequantize them all
-    mine = _pack_message(packed2, scale2, 1, layout).view(-1)
-    gathered = torch.empty(P * layout.message_bytes, dtype=torch.uint8, device=device)
-    all_gather_into(gathered, mine, group)
-    codes_all, scales_all = _unpack_message(gathered.view(P, layout.message_bytes), layout)
-    finite = bool(torch.isfinite(scales_all).all())
-    out = None
-    if dequantize_out:
-        out = codec.dequantize_packed(codes_all.view(-1), scales_all.view(-1), layout.bits, compiled=compiled).view(-1)[: layout.numel]
+        err = wnew if error_feedback else None
+        if err is None:
+            deq = torch.empty(x.numel(), dtype=torch.float32, device=x.device)
+            for c in range(len(plan.chunks)):
+                exchange.decode(plan, bufs, c, deq, gathered=bufs.send[c], compiled=compiled)
+            err_norm = float((x.float() - deq).norm())
+            denom = float(x.float().norm())
+        else:
+            corrected = plan.to_aligned(x) + wres
+            err_norm, denom = float(err.norm()), float(corrected.norm())
+        rel_error = err_norm / denom if denom > 0 else 0.0
     return ExchangeResult(
-        out=out,
-        worker_residual=err.reshape(-1) if error_feedback else None,
-        server_residual=err2.reshape(-1) if error_feedback else None,
+        out=out[: layout.numel] if out is not None else None,
+        worker_residual=wnew,
+        server_residual=snew,
         finite=finite,
-        bytes_sent=layout.bytes_sent,
+        bytes_sent=plan.bytes_sent,
         rel_error=rel_error,
-        messages=None if dequantize_out else gathered.view(P, layout.message_bytes),
+        messages=None if dequantize_out else bufs.gathered[0].view(P, -1),
     )

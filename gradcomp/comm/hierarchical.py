@@ -9,7 +9,7 @@ flat exchange's :class:`~gradcomp.comm.collectives.ShardLayout` on ``P`` ranks):
    ``L`` (:func:`node_reduce_scatter`: an all-to-all and an ordered sum, so that the result does not
    depend on where DDP's bucketing puts a parameter).
 2. Across nodes, the ``M`` ranks with the same local rank run the two-phase quantized exchange
-   (:func:`~gradcomp.comm.collectives.quantized_allreduce`) on their chunk, on a group of their own,
+   (the steps of :mod:`gradcomp.comm.exchange`) on their chunk, on a group of their own,
    with error feedback at both quantization points. Its mean over the ``M`` nodes is the mean over
    all ``P`` ranks.
 3. Inside each node, an all-gather of the reduced chunks as they arrived from the other nodes
@@ -23,8 +23,8 @@ Quantization error comes only from step 2, i.e. from the slow links. Each node's
 
 Worked example, ``N = 1e6`` elements, ``M = 2`` nodes of ``L = 2``, int8, ``B = 256``:
 3907 blocks, 977 blocks per shard (``shard = 250112``), chunk ``500224``; each rank sends
-``2 * 1 * (250112 + 4 * 977) = 508040`` bytes to the other node and each node ``1016080``; the flat
-exchange would make each node send ``2 * 2 * 2 * 254020 = 2032160``, twice as much.
+``2 * 1 * (250112 + 4 * 977 + 16) = 508072`` bytes to the other node (16 of them a header) and each
+node ``1016144``; the flat exchange would make each node send about ``2 * 2 * 2 * 254036``, twice as much.
 
 Every rank ends bit-identical: a chunk is reduced once, by its owner, and the owners' results travel
 as bytes. A non-finite value on any rank makes its chunk non-finite, then the whole output on every
@@ -43,8 +43,8 @@ from typing import Callable, List, Optional
 import torch
 import torch.distributed as dist
 
-from gradcomp import codec
-from gradcomp.comm.collectives import ExchangeResult, ShardLayout, _unpack_message, all_gather_into, quantized_allreduce
+from gradcomp.comm import exchange
+from gradcomp.comm.collectives import ExchangeResult, ShardLayout, all_gather_into
 from gradcomp.comm.topology import Topology
 
 __all__ = ["HierarchicalLayout", "HierarchicalGroups", "hierarchical_allreduce", "node_reduce_scatter"]
@@ -87,8 +87,8 @@ class HierarchicalLayout:
     Example: ``HierarchicalLayout(1000, nodes=2, local_size=2, bits=8, block_size=256)`` has 4 blocks,
     one block per shard: ``shard_numel = 256``, ``chunk_numel = 512``, ``padded_numel = 1024``; the
     inter-node exchange is ``ShardLayout(512, 2, 8, 256)`` and each rank sends it
-    ``2 * 1 * (256 + 4) = 520`` bytes, plus ``1 * 512 * 4 = 2048`` fp32 bytes (reduce-scatter) and
-    ``1 * 2 * 260 = 520`` code bytes (all-gather) inside the node.
+    ``2 * 1 * (256 + 4 + 16) = 552`` bytes (codes, scales, header), plus ``1 * 512 * 4 = 2048`` fp32
+    bytes (reduce-scatter) and ``1 * 2 * 276 = 552`` message bytes (all-gather) inside the node.
     """
 
     numel: int
@@ -129,9 +129,14 @@ class HierarchicalLayout:
         return ShardLayout(self.chunk_numel, self.nodes, self.bits, self.block_size)
 
     @property
+    def inter_message_bytes(self) -> int:
+        """Bytes of one inter-node message: codes, scales and the 16-byte header."""
+        return self.inter.message_bytes + exchange.HEADER_BYTES
+
+    @property
     def inter_bytes_sent(self) -> int:
-        """Bytes each rank sends to other nodes."""
-        return self.inter.bytes_sent if self.nodes > 1 else 0
+        """Bytes each rank sends to other nodes: ``2 (M - 1)`` messages."""
+        return 2 * (self.nodes - 1) * self.inter_message_bytes if self.nodes > 1 else 0
 
     @property
     def intra_bytes_sent(self) -> int:
@@ -140,7 +145,7 @@ class HierarchicalLayout:
         rs = (self.local_size - 1) * self.chunk_numel * 4
         if self.nodes == 1:
             return 2 * rs
-        return rs + (self.local_size - 1) * self.nodes * self.inter.message_bytes
+        return rs + (self.local_size - 1) * self.nodes * self.inter_message_bytes
 
     def server_offset(self, node: int, local_rank: int) -> int:
         """Start of the server shard of rank ``(node, local_rank)`` in the padded tensor."""
@@ -240,23 +245,41 @@ def hierarchical_allreduce(
         mine = x
     if groups.inter is not None:
         # 2. the quantized exchange across nodes, among the ranks owning the same chunk
-        res = quantized_allreduce(
-            mine, layout.inter, groups.inter,
-            worker_residual=worker_residual, server_residual=server_residual, error_feedback=error_feedback,
-            noise=noise, measure_error=measure_error, compiled=compiled, dequantize_out=False,
+        plan = exchange.ExchangePlan.build((chunk,), layout.nodes, layout.bits, layout.block_size, chunk_numel=None)
+        bufs = exchange.ExchangeBuffers.allocate(plan, x.device)
+        wres = sres = None
+        if error_feedback:
+            w_in = torch.zeros(chunk, device=x.device) if worker_residual is None else worker_residual.reshape(-1)
+            s_in = torch.zeros(plan.server_numel, device=x.device) if server_residual is None else server_residual.reshape(-1)
+            wres, sres = torch.empty_like(w_in), torch.empty_like(s_in)
+        else:
+            w_in = s_in = None
+        B = layout.block_size
+        n0 = noise(0, (chunk // B, B)).reshape(-1) if noise is not None else None
+        n1 = noise(1, (plan.server_numel // B, B)).reshape(-1) if noise is not None else None
+        exchange.allreduce(
+            plan, bufs, mine, groups.inter, residual=w_in, residual_out=wres, server_residual=s_in,
+            server_residual_out=sres, noise=n0, server_noise=n1, compiled=compiled, keep_messages=True,
         )
-        wres, sres, rel = res.worker_residual, res.server_residual, res.rel_error
-        # 3. share the reduced chunks inside the node as codes; chunk l's M shards land at l*M..l*M+M-1,
+        rel = None
+        if measure_error and error_feedback:
+            denom = float((mine + w_in).norm())
+            rel = float(wres.norm()) / denom if denom > 0 else 0.0
+        # 3. share the reduced chunks inside the node as messages; chunk l's M shards land at l*M..l*M+M-1,
         # i.e. in the padded order, and every rank dequantizes the same bytes with the same kernel
-        msgs = res.messages
+        msgs = bufs.gathered[0]
         if groups.intra is not None:
             node_msgs = torch.empty(L * msgs.numel(), dtype=torch.uint8, device=x.device)
-            all_gather_into(node_msgs, msgs.reshape(-1), groups.intra)
-            msgs = node_msgs.view(L * layout.nodes, layout.inter.message_bytes)
-        codes, scales = _unpack_message(msgs, layout.inter)
-        out = codec.dequantize_packed(codes.view(-1), scales.view(-1), layout.bits, compiled=compiled).view(-1)
-        # a non-finite value anywhere made its block's scale non-finite, and every rank has every scale
-        finite = bool(torch.isfinite(scales).all())
+            all_gather_into(node_msgs, msgs, groups.intra)
+        else:
+            node_msgs = msgs
+        out = torch.empty(layout.padded_numel, dtype=torch.float32, device=x.device)
+        per = msgs.numel()
+        finite_t = torch.ones((), dtype=torch.bool, device=x.device)
+        for l in range(L):
+            # a non-finite value anywhere made its block's scale non-finite, and every rank has every scale
+            finite_t &= exchange.decode(plan, bufs, 0, out[l * chunk : (l + 1) * chunk], gathered=node_msgs[l * per : (l + 1) * per], compiled=compiled)
+        finite = bool(finite_t)
     else:  # one node: nothing crosses a slow link, nothing is quantized
         wres, sres, rel = None, None, None
         if error_feedback:

@@ -12,9 +12,16 @@ or, equivalently::
     state = gradcomp.QuantizedAllReduceState(bits=4)
     ddp.register_comm_hook(state, gradcomp.quantized_allreduce_hook)
 
-How a bucket travels (see :mod:`gradcomp.comm.collectives`): quantize (bucket + worker residual),
-all-to-all the shards, dequantize and sum the owned shard, requantize it (+ server residual),
-all-gather, dequantize. With ``topology=Topology(local_world_size=L)`` the hierarchical exchange
+How a bucket travels (see :mod:`gradcomp.comm.exchange`): it is cut into chunks of about
+``chunk_numel`` values; each chunk is quantized straight from the bucket (+ worker residual) into its
+send buffer, all-to-all'd, the owned shard dequantized, summed in rank order and requantized
+(+ server residual) straight into the all-gather message, all-gathered and dequantized straight back
+into the bucket. Chunks are pipelined with async collectives (:mod:`gradcomp.comm.pipeline`): chunk
+``c + 1`` is coded while chunk ``c`` is on the wire, and the next bucket starts while the previous one
+finishes. The fused kernels are compiled on a background thread during the warm-up steps and used
+once ready (``compile=False``: always eager). Buckets that are not compressed (warm-up, small
+buckets, the policy's plain choice) go straight to ``dist.all_reduce`` on DDP's group, not through
+the hook's thread. With ``topology=Topology(local_world_size=L)`` the hierarchical exchange
 runs instead (fp32 inside nodes, quantized only between nodes; :mod:`gradcomp.comm.hierarchical`),
 and with ``policy=PolicyConfig()`` each bucket gets plain all-reduce, int8 or int4 by the measured
 network (:mod:`gradcomp.comm.policy`). Buckets are handed to one communication thread per state, in the order DDP
@@ -25,6 +32,7 @@ This module does not use ``from __future__ import annotations``: DDP compares th
 with ``dist.GradBucket`` and ``torch.futures.Future[torch.Tensor]`` as objects, not strings.
 """
 
+import itertools
 import logging
 import math
 import queue
@@ -35,9 +43,12 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from gradcomp.comm import guard
-from gradcomp.comm.collectives import ShardLayout, all_gather_into, quantized_allreduce
+from gradcomp import codec
+from gradcomp.comm import exchange, guard
+from gradcomp.comm.collectives import all_gather_into
+from gradcomp.comm.exchange import ExchangeBuffers, ExchangePlan
 from gradcomp.comm.hierarchical import HierarchicalGroups, hierarchical_allreduce
+from gradcomp.comm.pipeline import ChunkJob, ChunkPipeline
 from gradcomp.comm.policy import PLAIN, CommPolicy, NetworkFit, PolicyConfig, probe_network
 from gradcomp.comm.topology import Topology
 
@@ -63,7 +74,11 @@ class HookConfig:
         min_compress_numel: buckets with fewer elements go through plain all-reduce.
         stochastic_rounding: unbiased stochastic rounding instead of round-to-nearest.
         seed: seed of the stochastic rounding noise (combined with rank, step and bucket).
-        compile: fuse the codec kernels with ``torch.compile`` (eager fallback where unavailable).
+        compile: fuse the codec kernels with ``torch.compile``, compiled on a background thread during
+            the warm-up steps and used once ready (bit-identical to the eager kernels, which run until
+            then and wherever compiling fails). False: always eager.
+        chunk_numel: values per chunk of the pipelined exchange (about 4 MB of fp32 by default);
+            chunks are exchanged one after another with the wire and the CPU busy at the same time.
         log_every: log the statistics every this many steps from the group's first rank (0: never).
         topology: ranks per node (:class:`~gradcomp.comm.topology.Topology`) for the hierarchical
             exchange: fp32 inside each node, the quantized two-phase exchange only between nodes
@@ -83,7 +98,8 @@ class HookConfig:
     min_compress_numel: int = 16384
     stochastic_rounding: bool = False
     seed: int = 0
-    compile: bool = False
+    compile: bool = True
+    chunk_numel: int = exchange.DEFAULT_CHUNK_NUMEL
     log_every: int = 100
     topology: Optional[Topology] = None
     policy: Optional[PolicyConfig] = None
@@ -97,6 +113,9 @@ class HookConfig:
         _check_int("block_size", self.block_size)
         if self.block_size < 8 or self.block_size % 8:
             raise ValueError(f"block_size must be a positive multiple of 8 (e.g. 64, 128, 256), got {self.block_size}")
+        _check_int("chunk_numel", self.chunk_numel)
+        if self.chunk_numel < self.block_size:
+            raise ValueError(f"chunk_numel must be >= block_size={self.block_size}, got {self.chunk_numel}")
         for name in ("warmup_steps", "min_compress_numel", "seed", "log_every"):
             _check_int(name, getattr(self, name))
             if getattr(self, name) < 0:
@@ -120,47 +139,17 @@ def _check_int(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
 
 
-@dataclass(frozen=True)
-class _BucketPlan:
-    """Where each parameter of a bucket goes: every parameter starts on a block boundary.
+_BucketPlan = ExchangePlan  # a bucket's plan: block-aligned parameters, chunks, shards, messages
 
-    Attributes:
-        keys: parameter keys in bucket order (index in the model, or ``-1 - id(param)``).
-        numels: their sizes.
-        offsets: their starts in the aligned layout.
-        runs: ``(src, dst, length)`` copies from the bucket to the aligned layout (adjacent ones merged).
-        layout: the exchange's sizes for the aligned length.
-    """
-
-    keys: Tuple[int, ...]
-    numels: Tuple[int, ...]
-    offsets: Tuple[int, ...]
-    runs: Tuple[Tuple[int, int, int], ...]
-    layout: ShardLayout
-
-    @staticmethod
-    def build(keys, numels, world_size: int, bits: int, block_size: int) -> "_BucketPlan":
-        """Lay ``numels`` out block-aligned and cut the result into ``world_size`` shards."""
-        offsets: List[int] = []
-        runs: List[List[int]] = []
-        src = dst = 0
-        for n in numels:
-            offsets.append(dst)
-            if runs and runs[-1][0] + runs[-1][2] == src and runs[-1][1] + runs[-1][2] == dst:
-                runs[-1][2] += n
-            else:
-                runs.append([src, dst, n])
-            src += n
-            dst += -(-n // block_size) * block_size
-        layout = ShardLayout(max(dst, block_size), world_size, bits, block_size)
-        return _BucketPlan(tuple(keys), tuple(numels), tuple(offsets), tuple(tuple(r) for r in runs), layout)
+_PENDING = object()  # a submitted function that completes its future later (the pipeline does)
 
 
 class _CommThread:
     """One thread that runs submitted exchanges in submission order and completes their futures."""
 
-    def __init__(self):
+    def __init__(self, on_error=None):
         self._queue: "queue.Queue" = queue.Queue()
+        self._on_error = on_error
         self._thread = threading.Thread(target=self._loop, name="gradcomp-comm", daemon=True)
         self._thread.start()
 
@@ -174,9 +163,14 @@ class _CommThread:
                 return
             fn, fut = item
             try:
-                fut.set_result(fn())
+                result = fn()
+                if result is not _PENDING:
+                    fut.set_result(result)
             except BaseException as exc:  # the training loop re-raises it from DDP's wait
-                fut.set_exception(exc)
+                if not fut.done():
+                    fut.set_exception(exc)
+                if self._on_error is not None:
+                    self._on_error(exc)
 
     def stop(self) -> None:
         self._queue.put(None)
@@ -196,22 +190,38 @@ class QuantizedAllReduceState:
     Args:
         process_group: the group to average over (default: the default group).
         bits, block_size, error_feedback, warmup_steps, min_compress_numel, stochastic_rounding,
-        seed, compile, log_every, topology, policy: see :class:`HookConfig`. With a topology the
+        seed, compile, chunk_numel, log_every, topology, policy: see :class:`HookConfig`.
+        config: a whole :class:`HookConfig` instead of ``bits`` and the options. With a topology the
         intra- and inter-node groups are created here; with a policy and no injected figures the
         network and the codec are probed here (collective calls: every rank constructs the state).
 
     Example:
         >>> state = QuantizedAllReduceState(bits=4, warmup_steps=5)  # doctest: +SKIP
+        >>> state = QuantizedAllReduceState(config=HookConfig(bits=4))  # doctest: +SKIP
         >>> ddp.register_comm_hook(state, quantized_allreduce_hook)   # doctest: +SKIP
     """
 
-    def __init__(self, process_group: Optional[dist.ProcessGroup] = None, bits: int = 8, **options: Any):
-        unknown = set(options) - set(HookConfig.__dataclass_fields__)
-        if unknown:
-            raise TypeError(
-                f"unknown option(s) {sorted(unknown)}; expected some of {sorted(HookConfig.__dataclass_fields__)}"
-            )
-        self.config = HookConfig(bits=bits, **options)
+    def __init__(
+        self,
+        process_group: Optional[dist.ProcessGroup] = None,
+        bits: Optional[int] = None,
+        config: Optional[HookConfig] = None,
+        **options: Any,
+    ):
+        if config is not None:
+            if not isinstance(config, HookConfig):
+                raise TypeError(f"config must be a gradcomp HookConfig, got {type(config).__name__} {config!r}")
+            if bits is not None or options:
+                given = (["bits"] if bits is not None else []) + sorted(options)
+                raise TypeError(f"give either config=HookConfig(...) or bits/options, not both; got config and {given}")
+            self.config = config
+        else:
+            unknown = set(options) - set(HookConfig.__dataclass_fields__)
+            if unknown:
+                raise TypeError(
+                    f"unknown option(s) {sorted(unknown)}; expected some of {sorted(HookConfig.__dataclass_fields__)}"
+                )
+            self.config = HookConfig(bits=8 if bits is None else bits, **options)
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
             raise TypeError(
                 f"process_group must be a torch.distributed.ProcessGroup or None, got {type(process_group).__name__}"
@@ -241,6 +251,15 @@ class QuantizedAllReduceState:
         self._failure_tag = ""
         self._verify_pending = True  # compare step and layout across ranks at the next step
         self._timeout = guard.group_timeout(process_group, dist.get_backend(process_group), self.config.timeout)
+        self._buffers: Dict[int, ExchangeBuffers] = {}  # persistent exchange buffers, by bucket index
+        self._spares: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # second residual buffers, by bucket index
+        self._pending: Dict[int, tuple] = {}  # residuals written this step, committed at its end if all finite
+        self._step_finite = True
+        self._step_plain: List[Tuple[Any, torch.Tensor]] = []  # plain buckets of this step (training thread)
+        self._thread_buckets = 0  # buckets of the current step handed to the thread
+        self._pipe: Optional[ChunkPipeline] = None
+        self._inflight: List[torch.futures.Future] = []  # futures of buckets still in the pipeline
+        self._compiler: Optional[codec.BackgroundCompiler] = None
         if self.config.topology is not None:
             self.config.topology.num_nodes(self.world_size)  # refuse a topology that does not fit, before any group exists
         if self.world_size > 1:
@@ -288,16 +307,22 @@ class QuantizedAllReduceState:
         return policy
 
     def _probe_exchange(self, bits: int, x: torch.Tensor) -> None:
-        """Do what a bucket ``x`` costs the hook with ``bits``: pad, exchange (error feedback on), copy back."""
+        """Do what a bucket ``x`` costs the hook with ``bits``: the whole exchange with error feedback, into a copy."""
         cfg = self.config
-        layout = ShardLayout(x.numel(), self.world_size, bits, cfg.block_size)
-        padded = torch.zeros(layout.padded_numel, dtype=torch.float32, device=x.device)
-        padded[: x.numel()] = x
         if self._hier is not None:
+            plan = ExchangePlan.build((x.numel(),), self.world_size, bits, cfg.block_size, chunk_numel=None)
+            padded = plan.to_aligned(x)
             res = hierarchical_allreduce(padded, self._hier.layout(x.numel(), bits, cfg.block_size), self._hier, compiled=cfg.compile)
-        else:
-            res = quantized_allreduce(padded, layout, self._comm_group, compiled=cfg.compile)
-        torch.empty_like(x).copy_(res.out[: x.numel()])
+            torch.empty_like(x).copy_(res.out[: x.numel()])
+            return
+        plan = ExchangePlan.build((x.numel(),), self.world_size, bits, cfg.block_size, cfg.chunk_numel)
+        bufs = ExchangeBuffers.allocate(plan, x.device)
+        wres = torch.zeros(plan.padded_numel, device=x.device)
+        sres = torch.zeros(plan.server_numel, device=x.device)
+        exchange.allreduce(
+            plan, bufs, x, self._comm_group, residual=wres, residual_out=wres, server_residual=sres,
+            server_residual_out=sres, compiled=cfg.compile, out=torch.empty_like(x),
+        )
 
     def recalibrate(self) -> Dict[str, Any]:
         """Probe the network and the codec again and decide anew from the new figures (collective).
@@ -336,7 +361,10 @@ class QuantizedAllReduceState:
 
     def __getstate__(self) -> Dict[str, Any]:
         """Drop the process groups, the thread and the lock so the state can be pickled."""
-        drop = ("process_group", "_comm_group", "_hier", "_thread", "_lock", "_param_keys", "_param_numels", "_plans")
+        drop = (
+            "process_group", "_comm_group", "_hier", "_thread", "_lock", "_param_keys", "_param_numels", "_plans", "_buffers",
+            "_spares", "_pending", "_step_plain", "_pipe", "_compiler", "_inflight",
+        )
         return {k: v for k, v in self.__dict__.items() if k not in drop}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -349,6 +377,11 @@ class QuantizedAllReduceState:
         self._lock = threading.Lock()
         self._param_keys = None
         self._plans = {}
+        self._buffers, self._spares, self._pending, self._step_plain = {}, {}, {}, []
+        self._step_finite, self._thread_buckets = True, 0
+        self._pipe = None
+        self._inflight = []
+        self._compiler = None
         self._verify_pending = True
         self.__dict__.setdefault("_failure", None)
         self.__dict__.setdefault("_failure_tag", "")
@@ -405,7 +438,7 @@ class QuantizedAllReduceState:
             raise TypeError(f"state_dict must be a dict made by QuantizedAllReduceState.state_dict(), got {type(state_dict).__name__}")
         if isinstance(state_dict.get("config"), dict):
             saved = state_dict["config"]
-            for name in ("bits", "block_size", "error_feedback"):
+            for name in ("bits", "block_size", "error_feedback", "chunk_numel"):
                 if saved.get(name) != getattr(self.config, name):
                     raise ValueError(f"checkpoint has {name}={saved.get(name)!r}, this state has {name}={getattr(self.config, name)!r}")
             topo = asdict(self.config.topology) if self.config.topology is not None else None
@@ -441,6 +474,7 @@ class QuantizedAllReduceState:
         self.step = parsed["step"]
         self._load_stats(state_dict.get("stats"))
         self._plans = {}
+        self._spares, self._pending = {}, {}
         self._pool = None
         if keep:
             self._bucket_keys, self._bucket_numels = parsed["bucket_keys"], parsed["bucket_numels"]
@@ -452,8 +486,7 @@ class QuantizedAllReduceState:
 
     def _residual_sizes(self, keys: Tuple[int, ...], numels: Tuple[int, ...]) -> Tuple[int, int]:
         """Lengths of this rank's worker and server residuals for a bucket of these parameters."""
-        plan = _BucketPlan.build(keys, numels, self.world_size, self.config.bits, self.config.block_size)
-        _, wn, _, sn, _ = self._slices(plan.layout)
+        _, wn, _, sn, _ = self._slices(self._plan(keys, numels, self.config.bits))
         return wn, sn
 
     def track_parameters(self, module: torch.nn.Module) -> None:
@@ -471,12 +504,14 @@ class QuantizedAllReduceState:
         """Wait until every submitted bucket is done (DDP already waits at the end of backward)."""
         if self._thread is not None:
             done = torch.futures.Future()
-            self._thread.submit(lambda: None, done)
+            self._thread.submit(self._flush, done)
             done.wait()
         guard.check_alive(self)
 
     def close(self) -> None:
-        """Stop the communication thread (it is a daemon; this is only for tidy shutdowns)."""
+        """Stop the communication thread (it is a daemon; this is only for tidy shutdowns) and any compilation."""
+        if self._compiler is not None:
+            self._compiler.stop()
         if self._thread is not None:
             self._thread.stop()
             self._thread = None
@@ -502,68 +537,77 @@ class QuantizedAllReduceState:
 
     # ---- the per-bucket work
 
-    def _slices(self, layout: ShardLayout) -> Tuple[int, int, int, int, int]:
-        """Where this rank's residuals sit in a bucket's padded layout, and who quantizes at phase 0.
-
-        Returns ``(worker start, worker length, server start, server length, phase-0 owner)``:
-        flat, the worker residual covers the whole padded bucket of this rank and the server
-        residual shard ``rank``; hierarchical, the worker residual covers chunk ``local_rank`` of
-        the node's sum (quantized on behalf of the node) and the server residual the inter-node
-        shard ``(local_rank * nodes + node)``.
-        """
-        shard = layout.shard_numel
-        h = self._hier
-        if h is None:
-            return 0, layout.padded_numel, self.rank * shard, shard, self.rank
-        chunk = h.nodes * shard
-        return h.local_rank * chunk, chunk, (h.local_rank * h.nodes + h.node) * shard, shard, h.node
-
-    def _noise_fn(self, step: int, plan: "_BucketPlan", device):
+    def _noise(self, step: int, plan: ExchangePlan, device) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Stochastic-rounding noise drawn per parameter, so it does not depend on DDP's bucketing.
 
+        Returns ``(phase 0, phase 1)`` noise laid out like the worker and the server residual.
         Phase 0 (each rank's own gradient; in hierarchical mode its node's chunk) is seeded with
         the rank (the node); phase 1 (the reduced shard) is not, since whichever rank owns a block
         must draw the same noise for it.
         """
         if not self.config.stochastic_rounding:
-            return None
-        cfg, layout = self.config, plan.layout
-        w0, wn, s0, sn, owner = self._slices(layout)
+            return None, None
+        seed = self.config.seed
+        w0, wn, s0, sn, owner = self._slices(plan)
+        n0 = exchange.param_noise(plan, seed, owner, step, 0, device)[w0 : w0 + wn]
+        n1 = exchange.param_noise(plan, seed, -1, step, 1, device)
+        n1 = n1[s0 : s0 + sn] if self._hier is not None else plan.server_of(n1, self.rank)
+        return n0, n1
 
-        def noise(phase: int, shape: tuple) -> torch.Tensor:
-            full = torch.zeros(layout.padded_numel, dtype=torch.float32, device=device)
-            g = torch.Generator(device=device)
-            who = owner if phase == 0 else -1
-            for key, off, n in zip(plan.keys, plan.offsets, plan.numels):
-                g.manual_seed(hash((cfg.seed, who, step, key, phase)) & 0x7FFF_FFFF_FFFF_FFFF)
-                full[off : off + n] = torch.rand(n, generator=g, device=device)
-            start, length = (w0, wn) if phase == 0 else (s0, sn)
-            return full[start : start + length].view(shape)
+    def _residuals(self, plan: ExchangePlan, index: int, device) -> Tuple[torch.Tensor, ...]:
+        """Return (worker in, server in, worker out, server out) residuals laid out for ``plan``.
 
-        return noise
+        The "in" pair is the committed residual (relocated by parameter if the buckets changed); the
+        "out" pair is a second buffer that the exchange writes and that :meth:`_end_step` commits
+        only if every bucket of the step was finite. Runs on the communication thread, where every
+        rank meets the same buckets in the same order, so a collective relocation happens at the
+        same point on every rank.
+        """
+        if self._bucket_keys.get(index) == plan.keys and index in self._worker_residuals:
+            w_in, s_in = self._worker_residuals[index].to(device), self._server_residuals[index].to(device)
+        else:
+            stored = {key for keys in self._bucket_keys.values() for key in keys}
+            if index in self._bucket_keys or not stored.isdisjoint(plan.keys):
+                self._relocate(device)  # the buckets changed: residuals follow their parameters
+            wres = torch.zeros(plan.padded_numel, dtype=torch.float32, device=device)
+            full = torch.zeros(plan.padded_numel, dtype=torch.float32, device=device)
+            if self._pool:
+                for key, off, n in zip(plan.keys, plan.offsets, plan.numels):
+                    seg = self._pool.get(key)
+                    if seg is not None and seg[0].numel() == n:
+                        wres[off : off + n] = seg[0]
+                        full[off : off + n] = seg[1]
+            w0, wn, s0, sn, _ = self._slices(plan)
+            w_in = wres[w0 : w0 + wn].clone()
+            s_in = full[s0 : s0 + sn].clone() if self._hier is not None else plan.server_of(full, self.rank)
+        spare = self._spares.get(index)
+        if spare is not None and spare[0].shape == w_in.shape and spare[1].shape == s_in.shape and spare[0].device == w_in.device:
+            w_out, s_out = spare
+        else:
+            w_out, s_out = torch.zeros_like(w_in), torch.zeros_like(s_in)
+        return w_in, s_in, w_out, s_out
 
-    def _residuals(self, plan: "_BucketPlan", index: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Return (worker, server) residuals laid out for ``plan``, relocating them if buckets changed.
+    def _slices(self, plan: ExchangePlan) -> Tuple[int, int, int, int, int]:
+        """Where this rank's residuals sit in a bucket's padded layout, and who quantizes at phase 0.
 
-        Runs on the communication thread, where every rank meets the same buckets in the same order,
-        so the collective relocation happens at the same point on every rank.
+        Returns ``(worker start, worker length, server start, server length, phase-0 owner)``:
+        flat, the worker residual covers the whole padded bucket of this rank and the server
+        residual is shard ``rank`` of every chunk (:meth:`ExchangePlan.server_of`); hierarchical,
+        the worker residual covers chunk ``local_rank`` of the node's sum (quantized on behalf of
+        the node) and the server residual the inter-node shard ``(local_rank * nodes + node)``.
         """
         layout = plan.layout
-        if self._bucket_keys.get(index) == plan.keys and index in self._worker_residuals:
-            return self._worker_residuals[index].to(device), self._server_residuals[index].to(device)
-        stored = {key for keys in self._bucket_keys.values() for key in keys}
-        if index in self._bucket_keys or not stored.isdisjoint(plan.keys):
-            self._relocate(device)  # the buckets changed: residuals follow their parameters
-        wres = torch.zeros(layout.padded_numel, dtype=torch.float32, device=device)
-        full = torch.zeros(layout.padded_numel, dtype=torch.float32, device=device)
-        if self._pool:
-            for key, off, n in zip(plan.keys, plan.offsets, plan.numels):
-                seg = self._pool.get(key)
-                if seg is not None and seg[0].numel() == n:
-                    wres[off : off + n] = seg[0]
-                    full[off : off + n] = seg[1]
-        w0, wn, s0, sn, _ = self._slices(layout)
-        return wres[w0 : w0 + wn].clone(), full[s0 : s0 + sn].clone()
+        shard = layout.shard_numel
+        h = self._hier
+        if h is None:
+            return 0, layout.padded_numel, 0, plan.server_numel, self.rank
+        chunk = h.nodes * shard
+        return h.local_rank * chunk, chunk, (h.local_rank * h.nodes + h.node) * shard, shard, h.node
+
+    def _plan(self, keys, numels, bits: int) -> ExchangePlan:
+        """The exchange plan of a bucket; the hierarchical exchange cuts no chunks."""
+        chunk = None if self._hier is not None else self.config.chunk_numel
+        return ExchangePlan.build(numels, self.world_size, bits, self.config.block_size, chunk, keys=keys)
 
     def _relocate(self, device) -> None:
         """Move every bucket's residuals into a pool keyed by parameter (a collective on the hook's group).
@@ -578,9 +622,9 @@ class QuantizedAllReduceState:
         h = self._hier
         for index in sorted(self._worker_residuals):
             keys, numels = self._bucket_keys[index], self._bucket_numels[index]
-            plan = _BucketPlan.build(keys, numels, self.world_size, self.config.bits, self.config.block_size)
+            plan = self._plan(keys, numels, self.config.bits)
             sres = self._server_residuals[index].to(device)
-            full = torch.empty(plan.layout.padded_numel, dtype=torch.float32, device=device)
+            full = torch.empty(self.world_size * sres.numel(), dtype=torch.float32, device=device)
             all_gather_into(full, sres.contiguous(), self._comm_group)
             wres = self._worker_residuals[index].to(device)
             if h is not None:
@@ -589,75 +633,170 @@ class QuantizedAllReduceState:
                     node_wres = torch.empty(plan.layout.padded_numel, dtype=torch.float32, device=device)
                     all_gather_into(node_wres, wres.contiguous(), h.intra)
                     wres = node_wres
+            else:
+                full = plan.server_to_aligned(full.view(self.world_size, -1))
             for key, off, n in zip(keys, plan.offsets, numels):
                 pool[key] = (wres[off : off + n].clone(), full[off : off + n].clone())
         logger.info("DDP buckets changed: residuals of %d parameters relocated", len(pool))
         self._pool = pool
         self._worker_residuals, self._server_residuals = {}, {}
         self._bucket_keys, self._bucket_numels = {}, {}
+        self._spares = {}
 
-    def _exchange(self, buf: torch.Tensor, index: int, step: int, last: bool, plan: Optional["_BucketPlan"], ready_event) -> torch.Tensor:
-        """Run on the communication thread: reduce ``buf`` in place and account the bytes."""
+    # ---- on the communication thread
+
+    def _compiled_now(self) -> bool:
+        """Whether the fused kernels are ready (they never are with ``compile=False``)."""
+        return self._compiler is not None and self._compiler.ready
+
+    def _run_bucket(self, buf: torch.Tensor, index: int, step: int, last: bool, plan: ExchangePlan, ready_event, fut, plain_checks) -> Any:
+        """Run on the communication thread: start ``buf``'s exchange in the pipeline; the pipeline completes ``fut``."""
         cfg = self.config
-        P = self.world_size
-        n = buf.numel()
-        fp32_bytes = 2 * (P - 1) * n * 4 // P
-        intra = 0
+        device = buf.device
+        self._inflight = [f for f in self._inflight if not f.done()] + [fut]
         stream_ctx = _stream_context(buf, ready_event)
         with stream_ctx:
-            if plan is None:
-                buf.div_(P)
-                dist.all_reduce(buf, group=self._comm_group)
-                sent, finite, rel = 2 * (P - 1) * n * buf.element_size() // P, True, None
+            ef = cfg.error_feedback
+            if ef:
+                w_in, s_in, w_out, s_out = self._residuals(plan, index, device)
+                self._pending[index] = (plan.keys, plan.numels, w_in, s_in, w_out, s_out)
             else:
-                layout = plan.layout
-                ef = cfg.error_feedback
-                wres, sres = self._residuals(plan, index, buf.device) if ef else (None, None)
-                measure = cfg.log_every > 0 and step % cfg.log_every == 0
-                # each parameter starts on a block boundary, so a block's arithmetic never depends on
-                # how DDP grouped the parameters (which keeps resumed runs bit-identical)
-                padded = torch.zeros(layout.padded_numel, dtype=torch.float32, device=buf.device)
-                for src, dst, length in plan.runs:
-                    padded[dst : dst + length] = buf[src : src + length]
-                if self._hier is not None:
-                    hlayout = self._hier.layout(layout.numel, layout.bits, layout.block_size)
-                    result = hierarchical_allreduce(
-                        padded, hlayout, self._hier,
-                        worker_residual=wres, server_residual=sres, error_feedback=ef,
-                        noise=self._noise_fn(step, plan, buf.device), measure_error=measure, compiled=cfg.compile,
-                    )
-                    intra = hlayout.intra_bytes_sent
-                else:
-                    result = quantized_allreduce(
-                        padded, layout, self._comm_group,
-                        worker_residual=wres, server_residual=sres, error_feedback=ef,
-                        noise=self._noise_fn(step, plan, buf.device), measure_error=measure, compiled=cfg.compile,
-                    )
-                for src, dst, length in plan.runs:
-                    buf[src : src + length] = result.out[dst : dst + length]
-                finite, sent, rel = result.finite, result.bytes_sent, result.rel_error
-                if ef and finite:
-                    # keep the old residuals on a non-finite step, so a skipped AMP step leaves no trace
-                    self._worker_residuals[index] = result.worker_residual
-                    self._server_residuals[index] = result.server_residual
-                    self._bucket_keys[index] = plan.keys
-                    self._bucket_numels[index] = plan.numels
-                    if self._pool:
-                        for key in plan.keys:
-                            self._pool.pop(key, None)
-            if buf.is_cuda:
-                torch.cuda.current_stream(buf.device).synchronize()
-        self._account(sent, fp32_bytes, plan is not None, finite, rel, step, last, intra)
-        return buf
+                w_in = s_in = w_out = s_out = None
+            n0, n1 = self._noise(step, plan, device)
+            P = self.world_size
+            fp32_bytes = 2 * (P - 1) * buf.numel() * 4 // P
+            if self._hier is not None:
+                self._run_hier(buf, plan, w_in, s_in, w_out, s_out, n0, n1, step, fp32_bytes)
+                if not last:
+                    if buf.is_cuda:
+                        torch.cuda.current_stream(buf.device).synchronize()
+                    fut.set_result(buf)
+            else:
+                bufs = self._buffers.get(index)
+                if bufs is None or bufs.plan is not plan or bufs.send[0].device != device:
+                    bufs = self._buffers[index] = ExchangeBuffers.allocate(plan, device)
+                self._push_chunks(buf, index, step, plan, bufs, (w_in, s_in, w_out, s_out), (n0, n1), fut, last, fp32_bytes)
+            if last:
+                self._end_step(step, plain_checks)
+                if buf.is_cuda:
+                    torch.cuda.current_stream(buf.device).synchronize()
+                fut.set_result(buf)
+        return _PENDING
 
-    def _account(self, sent: int, fp32: int, compressed: bool, finite: bool, rel: Optional[float], step: int, last: bool, intra: int = 0) -> None:
+    def _push_chunks(self, buf, index, step, plan, bufs, res, noise, fut, last, fp32_bytes) -> None:
+        """Hand every chunk of the bucket to the pipeline; the last decoded chunk completes ``fut``."""
+        w_in, s_in, w_out, s_out = res
+        n0, n1 = noise
+        header = (step, index)
+        left = [len(plan.chunks)]
+        finite = [torch.ones((), dtype=torch.bool, device=buf.device)]
+        denom = [0.0]
+        measure = self.config.error_feedback and self.config.log_every > 0 and step % self.config.log_every == 0
+        if self._pipe is None:
+            self._pipe = ChunkPipeline(self._comm_group)
+
+        def job(c: int) -> ChunkJob:
+            def enc():
+                if measure and c == 0:  # before any chunk of this bucket is decoded into it
+                    denom[0] = float((plan.to_aligned(buf) + w_in).norm())
+                exchange.encode(plan, bufs, c, buf, residual=w_in, residual_out=w_out, noise=n0, header=header, compiled=self._compiled_now())
+
+            def red():
+                exchange.check_header(plan, c, bufs.recv[c], step, index)
+                return exchange.reduce_shard(
+                    plan, bufs, c, residual=s_in, residual_out=s_out, noise=n1, header=header, compiled=self._compiled_now()
+                )
+
+            def dec():
+                exchange.check_header(plan, c, bufs.gathered[c], step, index, "all-gather")
+                finite[0] &= exchange.decode(plan, bufs, c, buf, compiled=self._compiled_now())
+                left[0] -= 1
+                if left[0] == 0:
+                    ok = bool(finite[0])
+                    self._step_finite &= ok
+                    rel = None
+                    if measure:
+                        rel = float(w_out.norm()) / denom[0] if denom[0] > 0 else 0.0
+                    self._account(plan.bytes_sent, fp32_bytes, True, ok, rel, step, False)
+                    if not last:
+                        if buf.is_cuda:
+                            torch.cuda.current_stream(buf.device).synchronize()
+                        fut.set_result(buf)
+
+            return ChunkJob(enc, bufs.send[c], bufs.recv[c], red, bufs.gathered[c], dec)
+
+        for c in range(len(plan.chunks)):
+            self._pipe.push(job(c))
+
+    def _run_hier(self, buf, plan, w_in, s_in, w_out, s_out, n0, n1, step, fp32_bytes) -> None:
+        """The hierarchical exchange of one bucket, blocking (fp32 inside nodes, quantized between them)."""
+        cfg = self.config
+        layout = plan.layout
+        hlayout = self._hier.layout(layout.numel, layout.bits, layout.block_size)
+        measure = cfg.log_every > 0 and step % cfg.log_every == 0
+        noise = None if n0 is None else (lambda phase, shape: (n0 if phase == 0 else n1).view(shape))
+        padded = plan.to_aligned(buf)
+        result = hierarchical_allreduce(
+            padded, hlayout, self._hier,
+            worker_residual=w_in, server_residual=s_in, error_feedback=cfg.error_feedback,
+            noise=noise, measure_error=measure, compiled=self._compiled_now(),
+        )
+        plan.from_aligned(result.out, buf)
+        if cfg.error_feedback:
+            w_out.copy_(result.worker_residual)
+            s_out.copy_(result.server_residual)
+        self._step_finite &= result.finite
+        self._account(result.bytes_sent, fp32_bytes, True, result.finite, result.rel_error, step, False, hlayout.intra_bytes_sent)
+
+    def _flush(self) -> None:
+        """Finish every chunk in flight."""
+        if self._pipe is not None:
+            self._pipe.flush()
+
+    def _end_step(self, step: int, plain_checks=()) -> None:
+        """At the last bucket: finish the step's chunks, then commit its residuals if it was finite everywhere.
+
+        A step with an inf or a nan in any bucket (compressed or plain) keeps every bucket's old
+        residuals, so a step that the GradScaler skips leaves no trace in the error feedback.
+        """
+        self._flush()
+        finite = self._step_finite
+        for plain_fut, plain_buf in plain_checks:
+            plain_fut.wait()
+            finite = finite and bool(torch.isfinite(plain_buf).all())
+        if finite:
+            for index, (keys, numels, w_in, s_in, w_out, s_out) in self._pending.items():
+                self._worker_residuals[index] = w_out
+                self._server_residuals[index] = s_out
+                self._bucket_keys[index] = keys
+                self._bucket_numels[index] = numels
+                self._spares[index] = (w_in, s_in)
+                if self._pool:
+                    for key in keys:
+                        self._pool.pop(key, None)
+        self._pending = {}
+        self._step_finite = True
+        self._account(0, 0, False, finite, None, step, True, count=False)
+
+    def _on_thread_error(self, exc: BaseException) -> None:
+        """Fail every bucket in flight, drop their chunks and the step's uncommitted residuals after an error."""
+        for f in self._inflight:
+            if not f.done():
+                f.set_exception(exc)
+        self._inflight = []
+        if self._pipe is not None:
+            self._pipe.abort()
+        self._pending = {}
+        self._step_finite = True
+
+    def _account(self, sent: int, fp32: int, compressed: bool, finite: bool, rel: Optional[float], step: int, last: bool, intra: int = 0, count: bool = True) -> None:
         with self._lock:
             acc = self._acc
             acc["sent"] += sent
             acc["intra"] += intra
             acc["fp32"] += fp32
             acc["compressed"] += int(compressed)
-            acc["buckets"] += 1
+            acc["buckets"] += int(count)
             acc["nonfinite"] |= not finite
             s = self._stats
             s["bytes_sent_total"] += sent
@@ -683,6 +822,51 @@ class QuantizedAllReduceState:
                 step + 1, snapshot["bytes_sent_step"], snapshot["fp32_bytes_step"], ratio, snapshot["rel_error"],
             )
 
+    # ---- on the training thread
+
+    def _start_compile(self, dtype: torch.dtype, device) -> None:
+        """Compile the fused kernels in the background, on sample buckets shaped like the real calls."""
+        cfg = self.config
+        widths = {cfg.bits}
+        if self._policy is not None:
+            widths = {b for b in self._policy.config.candidates if b != PLAIN} or widths
+        P = self.world_size if self._hier is None else self._hier.nodes
+        stochastic, ef = cfg.stochastic_rounding, cfg.error_feedback
+        B = cfg.block_size
+
+        def warmup(stop) -> None:
+            for bits, numels in itertools.product(sorted(widths), ((5 * B, 7 * B + 3, B, 11 * B), (B - 3,))):
+                if stop.is_set():
+                    return
+                # runs of whole blocks, a ragged parameter, a one-block parameter, three chunks; and a
+                # bucket of one block (one block per shard): the shapes the hook's calls have
+                plan = ExchangePlan.build(numels, max(P, 2), bits, B, chunk_numel=(5 * max(P, 2)) * B)
+                g = torch.Generator().manual_seed(bits)
+                xs = [torch.randn(plan.numel, generator=g).to(device=device, dtype=dtype) for _ in range(plan.world_size)]
+                runs = []
+                for compiled in (False, True):
+                    res = [torch.rand(plan.padded_numel, generator=g).to(device) * 1e-2 for _ in xs] if ef else None
+                    sres = [torch.rand(plan.server_numel, generator=g).to(device) * 1e-2 for _ in xs] if ef else None
+                    nz = [torch.rand(plan.padded_numel, generator=g).to(device) for _ in xs] if stochastic else None
+                    snz = [torch.rand(plan.server_numel, generator=g).to(device) for _ in xs] if stochastic else None
+                    res_out = [torch.full_like(r, math.nan) for r in res] if ef else []  # out of place, like the hook
+                    sres_out = [torch.full_like(r, math.nan) for r in sres] if ef else []
+                    out = torch.full((plan.numel,), math.nan, dtype=dtype, device=device)
+                    exchange.exchange_local(
+                        plan, xs, residuals=res, server_residuals=sres, noises=nz, server_noises=snz,
+                        residuals_out=res_out or None, server_residuals_out=sres_out or None, compiled=compiled, out=out,
+                    )
+                    runs.append([out] + res_out + sres_out)
+                    g = torch.Generator().manual_seed(bits)  # the same residuals and noise for both runs
+                    _ = [torch.randn(plan.numel, generator=g) for _ in xs]
+                # use the fused kernels only if they reproduce the eager ones bit for bit here
+                for a, b in zip(*runs):
+                    if not torch.equal(a.view(torch.uint8), b.view(torch.uint8)) and not (a.isnan().any() and torch.equal(a.isnan(), b.isnan())):
+                        raise RuntimeError(f"the compiled {bits}-bit exchange kernels disagree with the eager ones on sample data")
+
+        self._compiler = codec.BackgroundCompiler()
+        self._compiler.start(warmup)
+
     def _reduce(self, bucket: dist.GradBucket) -> torch.futures.Future:
         guard.check_alive(self)
         buf = bucket.buffer()
@@ -699,11 +883,10 @@ class QuantizedAllReduceState:
             fut.set_result(buf)
             return fut
         cfg = self.config
-        compress = (
-            step >= cfg.warmup_steps
-            and buf.numel() >= cfg.min_compress_numel
-            and buf.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        )
+        floating = buf.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        if cfg.compile and self._compiler is None and floating:
+            self._start_compile(buf.dtype, buf.device)
+        compress = step >= cfg.warmup_steps and buf.numel() >= cfg.min_compress_numel and floating
         bits = cfg.bits
         if compress and self._policy is not None:
             # a function of the bucket's size and of figures every rank agreed on: the same everywhere
@@ -712,25 +895,23 @@ class QuantizedAllReduceState:
                 self._logged_choices.add(buf.numel())
                 logger.info("gradcomp policy: bucket %d: %s", index, self._policy.describe_choice(buf.numel()))
             compress = bits != PLAIN
-        plan = None
-        if compress:
-            params = bucket.parameters()
-            if self._param_keys is not None:
-                keys = tuple(self._param_keys.get(id(p), -1 - id(p)) for p in params)
-            else:
-                keys = tuple(-1 - id(p) for p in params)
-            plan = self._plans.get(index)
-            if plan is None or plan.keys != keys or plan.layout.bits != bits:
-                plan = self._plans[index] = _BucketPlan.build(
-                    keys, tuple(p.numel() for p in params), self.world_size, bits, cfg.block_size
-                )
         if self._comm_group is None:  # unpickled state: make the groups now (every rank is here too)
             self._comm_group = self._new_comm_group()
             guard.check_agreement(guard.wire_config(cfg, self.world_size), self._comm_group, self._timeout)
             if cfg.topology is not None:
                 self._hier = self._new_hier_groups()
+        if not compress:
+            return self._plain(buf, step, last, index)
+        params = bucket.parameters()
+        if self._param_keys is not None:
+            keys = tuple(self._param_keys.get(id(p), -1 - id(p)) for p in params)
+        else:
+            keys = tuple(-1 - id(p) for p in params)
+        plan = self._plans.get(index)
+        if plan is None or plan.keys != keys or plan.bits != bits:
+            plan = self._plans[index] = self._plan(keys, tuple(p.numel() for p in params), bits)
         if self._thread is None:
-            self._thread = _CommThread()
+            self._thread = _CommThread(self._on_thread_error)
         ready = None
         if buf.is_cuda:
             ready = torch.cuda.Event()
@@ -738,10 +919,15 @@ class QuantizedAllReduceState:
             fut = torch.futures.Future(devices=[buf.device])
         else:
             fut = torch.futures.Future()
-        what = "plain all-reduce" if plan is None else (
-            "hierarchical exchange" if self._hier is not None else "quantized exchange (all-to-all of shards, then all-gather)")
-        exchange = guard.guarded(self, lambda: self._exchange(buf, index, step, last, plan, ready), step=step, bucket=index, what=what)
-        self._thread.submit(exchange, fut)
+        checks = []
+        if last:
+            checks, self._step_plain = self._step_plain, []
+            self._thread_buckets = 0
+        else:
+            self._thread_buckets += 1
+        what = "hierarchical exchange" if self._hier is not None else "quantized exchange (chunked all-to-all, then all-gather)"
+        run = guard.guarded(self, lambda: self._run_bucket(buf, index, step, last, plan, ready, fut, checks), step=step, bucket=index, what=what)
+        self._thread.submit(run, fut)
         return guard.for_ddp(fut)
 
     def _verify_step(self, step: int, device) -> None:
@@ -756,6 +942,38 @@ class QuantizedAllReduceState:
         digest = guard.layout_digest(step, self._bucket_keys, self._bucket_numels)
         guard.check_step_agreement(step, digest, group, device)
         self._verify_pending = False
+
+    def _plain(self, buf: torch.Tensor, step: int, last: bool, index: int) -> torch.futures.Future:
+        """A bucket that is not compressed: ``dist.all_reduce`` on DDP's own group, not through the hook's thread.
+
+        The all-reduces are issued here, on the training thread, in DDP's bucket order (the same on
+        every rank); the hook's thread issues its collectives on the hook's own group, so the order
+        per group is the same on every rank. In a step where some buckets go through the thread,
+        the plain buckets' finiteness joins the residual commit at the step's end, and the last
+        bucket's future completes after that commit.
+        """
+        P = self.world_size
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        fut = dist.all_reduce(buf.div_(P), group=group, async_op=True).get_future().then(guard.plain_result(self, step, index))
+        self._account(2 * (P - 1) * buf.numel() * buf.element_size() // P, 2 * (P - 1) * buf.numel() * 4 // P, False, True, None, step, False)
+        if self.config.error_feedback and step >= self.config.warmup_steps:
+            self._step_plain.append((fut, buf))
+        if not last:
+            return fut
+        checks, self._step_plain = self._step_plain, []
+        if self._thread_buckets == 0:  # nothing of this step went through the thread
+            self._account(0, 0, False, True, None, step, True, count=False)
+            return fut
+        self._thread_buckets = 0
+        done = torch.futures.Future(devices=[buf.device]) if buf.is_cuda else torch.futures.Future()
+
+        def end() -> torch.Tensor:
+            fut.wait()
+            self._end_step(step, checks)
+            return buf
+
+        self._thread.submit(guard.guarded(self, end, step=step, bucket=index, what="end of step (residual commit)"), done)
+        return guard.for_ddp(done)
 
 
 class _NullContext:

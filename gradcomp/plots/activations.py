@@ -13,19 +13,22 @@ __all__ = ["plot_distributions", "plot_ranges", "plot_observer_sqnr"]
 PathLike = Union[str, Path]
 
 
-def _grid(n: int, cols: int = 4) -> Tuple[int, int]:
+def _grid(n: int, cols: Optional[int] = None) -> Tuple[int, int]:
+    # the grid grows with the layer count: 4 columns up to 16 panels, then about sqrt(n), at most 8
+    if cols is None:
+        cols = 4 if n <= 16 else min(8, int(math.ceil(math.sqrt(n))))
     cols = max(1, min(cols, n))
     return int(math.ceil(n / cols)), cols
 
 
-def _pick(report, layers: Optional[Sequence[str]], max_layers: int) -> List[str]:
+def _pick(report, layers: Optional[Sequence[str]], max_layers: Optional[int]) -> List[str]:
     names = list(layers) if layers is not None else list(report.layers)
     unknown = [n for n in names if n not in report.layers]
     if unknown:
         raise ValueError(f"layers not in the report: {unknown[:5]}; it has {list(report.layers)[:8]}")
     if not names:
         raise ValueError("the report has no layer to plot")
-    return names[:max_layers]
+    return names if max_layers is None else names[:max_layers]
 
 
 def plot_distributions(
@@ -34,7 +37,7 @@ def plot_distributions(
     *,
     layers: Optional[Sequence[str]] = None,
     clips: Optional[Mapping[str, Mapping[str, Tuple[float, float]]]] = None,
-    max_layers: int = 16,
+    max_layers: Optional[int] = None,
     display_bins: int = 256,
 ) -> Path:
     """Draw each layer's histogram (log counts) with its min/max and, optionally, observer clip ranges.
@@ -44,7 +47,7 @@ def plot_distributions(
         path: PNG file to write.
         layers: which streams (default: all, in capture order).
         clips: ``{layer: {observer name: (lo, hi)}}`` drawn as dashed vertical lines.
-        max_layers: at most this many panels.
+        max_layers: at most this many panels (default: every layer; the grid grows to fit).
         display_bins: neighbouring bins are merged down to at most this many per panel.
 
     Returns:
@@ -89,14 +92,14 @@ def plot_distributions(
     return out
 
 
-def plot_ranges(report, path: PathLike, *, layers: Optional[Sequence[str]] = None, max_layers: int = 16) -> Path:
+def plot_ranges(report, path: PathLike, *, layers: Optional[Sequence[str]] = None, max_layers: Optional[int] = None) -> Path:
     """Draw each layer's per-batch min/max band, mean ± std and absmax across batches.
 
     Args:
         report: an :class:`gradcomp.quant.ActivationReport`.
         path: PNG file to write.
         layers: which streams (default: all).
-        max_layers: at most this many panels.
+        max_layers: at most this many panels (default: every layer; the grid grows to fit).
 
     Returns:
         The path written.

@@ -17,6 +17,9 @@ The package is split the way torchao splits it; read it top-down:
   MSE and KL range searches, and the ``torch.ao``-style observers.
 * :mod:`~gradcomp.quant.activation_quant`: prepare, calibrate and convert fake quantization of layer
   inputs.
+* :mod:`~gradcomp.quant.algorithms`: how codes are chosen: round-to-nearest, GPTQ, activation-aware
+  clipping (data-aware, same packed format).
+* :mod:`~gradcomp.quant.kernels`: PyTorch's int8/int4 CPU kernels behind :class:`QuantizedLinear`.
 * :mod:`~gradcomp.quant.weight_report` and :mod:`~gradcomp.quant.activation_report`: the analyses
   (weight statistics and per-config quality; activation capture and dynamics).
 
@@ -41,6 +44,8 @@ from gradcomp.quant.histogram import *  # noqa: F401,F403
 from gradcomp.quant.observers import *  # noqa: F401,F403
 from gradcomp.quant.activation_quant import *  # noqa: F401,F403
 from gradcomp.quant.activation_report import *  # noqa: F401,F403
+from gradcomp.quant import algorithms, kernels
+from gradcomp.quant.algorithms import GPTQ, ActivationAwareClip, layer_output_error
 
 __all__ = [
     *configs.__all__,
@@ -54,4 +59,7 @@ __all__ = [
     *observers.__all__,
     *activation_quant.__all__,
     *activation_report.__all__,
+    "GPTQ",
+    "ActivationAwareClip",
+    "layer_output_error",
 ]

@@ -44,6 +44,8 @@ __all__ = [
     "quantize_activations_",
     "remove_activation_quant_",
     "measure_activation_sqnr",
+    "save_activation_scales",
+    "load_activation_scales_",
 ]
 
 DEFAULT_TYPES: Tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -167,6 +169,9 @@ def _input_quant_pre_hook(module: nn.Module, args: Tuple[Any, ...]):
     quantizer = getattr(module, _QUANTIZER_ATTR, None)
     if quantizer is None or not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
         return None
+    fuses = getattr(module, "fuses_input_quant", None)
+    if fuses is not None and fuses(quantizer, args[0]):
+        return None  # the module quantizes its input itself, in an integer kernel (same codes)
     return (quantizer(args[0]),) + tuple(args[1:])
 
 
@@ -294,6 +299,10 @@ def convert_activation_quant_(model: nn.Module) -> Dict[str, Tuple[torch.Tensor,
         raise ValueError(f"these quantizers saw no calibration data: {empty[:5]}; run calibrate_ with batches that reach them")
     qparams = {n: q.observer.calculate_qparams() for n, q in todo}
     for n, q in todo:
+        unseen = getattr(q.observer, "unseen_channels", None)
+        if unseen is not None and unseen.numel():
+            logger.warning("%s: %d input channels never held a finite value during calibration (first: %s); "
+                           "they get the widest range seen on the other channels", n, unseen.numel(), unseen[:5].tolist())
         q.freeze(qparams[n])
     return qparams
 
@@ -384,3 +393,73 @@ def measure_activation_sqnr(
             q.track_error = False
             q.passthrough = False
     return {n: q.sqnr_db() for n, q in qs}
+
+
+# --------------------------------------------------------------------------------------------
+# calibrated scales as a file
+
+_SCALES_FORMAT = "gradcomp.activation_scales"
+
+
+def save_activation_scales(model: nn.Module, path: Union[str, "os.PathLike[str]"]) -> List[str]:
+    """Write the frozen static input scales of a calibrated model to a safetensors file; return the layer names.
+
+    The file holds ``<layer>.scale`` (and ``<layer>.zero_point``) per layer and, in its metadata, the
+    :class:`ActQuantConfig` and each layer's channel axis, so :func:`load_activation_scales_` can put
+    the same quantizers on a fresh copy of the model without calibrating again.
+
+    Raises:
+        ValueError: the model holds no frozen static quantizer.
+    """
+    import json
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    todo = [(n, q) for n, q in _quantizers(model) if not q.config.dynamic and bool(q.frozen)]
+    if not todo:
+        raise ValueError("the model has no calibrated (frozen, static) activation quantizer; calibrate and convert first")
+    configs = {json.dumps(asdict(q.config), sort_keys=True) for _, q in todo}
+    if len(configs) != 1:
+        raise ValueError(f"the quantizers use {len(configs)} different configs; one file holds one config")
+    tensors: Dict[str, torch.Tensor] = {}
+    axes: Dict[str, int] = {}
+    for n, q in todo:
+        tensors[f"{n}.scale"] = q.scale.detach().contiguous().cpu()
+        if q.zero_point.numel():
+            tensors[f"{n}.zero_point"] = q.zero_point.detach().contiguous().cpu()
+        axes[n] = q.channel_axis
+    meta = {"format": _SCALES_FORMAT, "config": configs.pop(), "layers": json.dumps(axes)}
+    save_file(tensors, str(path), metadata=meta)
+    return [n for n, _ in todo]
+
+
+def load_activation_scales_(model: nn.Module, path: Union[str, "os.PathLike[str]"]) -> List[str]:
+    """Put frozen input quantizers with the scales of a :func:`save_activation_scales` file on ``model``.
+
+    Every layer named in the file must exist in the model; nothing is changed when one is missing.
+
+    Returns:
+        The names of the layers now quantizing their inputs.
+    """
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != _SCALES_FORMAT:
+            raise ValueError(f"{path} is not a gradcomp activation-scales file (format {meta.get('format')!r})")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    config = ActQuantConfig(**json.loads(meta["config"]))
+    axes: Dict[str, int] = json.loads(meta["layers"])
+    modules = dict(model.named_modules())
+    missing = [n for n in axes if n not in modules]
+    if missing:
+        raise ValueError(f"layers {missing[:5]} of {path} are not in the model")
+    names = prepare_activation_quant_(model, config, names=list(axes))   # exact names
+    for n in names:
+        q = getattr(modules[n], _QUANTIZER_ATTR)
+        zp = tensors.get(f"{n}.zero_point")
+        q.freeze((tensors[f"{n}.scale"], zp))
+    return names

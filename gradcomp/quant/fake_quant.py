@@ -109,18 +109,7 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, bits, axis):
         out = fake_quantize_with_qparams(x, scale, zero_point, bits, axis)
-        # the gradient passes where x lies inside the representable range [(qmin - zp) s, (qmax - zp) s]
-        qmin, qmax, _ = qrange(bits, zero_point is None)
-        s = scale.float()
-        z = torch.zeros_like(s) if zero_point is None else zero_point.float()
-        if axis is not None:
-            shape = [1] * x.dim()
-            shape[norm_axis(axis, x.dim())] = -1
-            s, z = s.reshape(shape), z.reshape(shape)
-        elif s.numel() == 1:
-            s, z = s.reshape(()), z.reshape(())
-        lo, hi = (qmin - z) * s, (qmax - z) * s
-        ctx.save_for_backward((x >= lo) & (x <= hi))
+        ctx.save_for_backward(_ste_mask(x, scale, zero_point, bits, axis))
         return out
 
     @staticmethod
@@ -129,15 +118,48 @@ class _FakeQuantSTE(torch.autograd.Function):
         return grad * mask, None, None, None, None
 
 
-def fake_quantize_ste(x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor], bits: int,
-                      axis: Optional[int] = None) -> torch.Tensor:
+def _ste_mask(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor], bits: int, axis: Optional[int]
+) -> torch.Tensor:
+    """Return where the code ``round(x / s) + zp`` lies inside ``[qmin, qmax]`` (the values the clamp keeps).
+
+    The test is made on the codes, as the forward makes them, not on the float range
+    ``[(qmin - zp) s, (qmax - zp) s]``: a row's own min or max can round onto ``qmin``/``qmax`` while
+    lying a hair outside that float range (the zero point is rounded), and must keep its gradient.
+    """
+    qmin, qmax, _ = qrange(bits, zero_point is None)
+    s = scale.float()
+    z = None if zero_point is None else zero_point.float()
+    if axis is not None:
+        shape = [1] * x.dim()
+        shape[norm_axis(axis, x.dim())] = -1
+        s = s.reshape(shape)
+        z = None if z is None else z.reshape(shape)
+    elif s.numel() == 1:
+        s = s.reshape(())
+        z = None if z is None else z.reshape(())
+    # the codec divides by 1 where a scale is 0 (see quantize_codes_with_qparams)
+    code = torch.round(x.detach().float() / torch.where(s == 0, torch.ones_like(s), s))
+    if z is not None:
+        code = code + z
+    return (code >= qmin) & (code <= qmax)
+
+
+def fake_quantize_ste(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: Optional[torch.Tensor],
+    bits: int,
+    axis: Optional[int] = None,
+) -> torch.Tensor:
     """:func:`fake_quantize_with_qparams` with a clipped straight-through gradient.
 
-    Forward: the codec's quantize-dequantize. Backward: ``dL/dx = dL/dy`` where ``x`` lies inside the
-    representable range ``[(qmin - zp) * scale, (qmax - zp) * scale]`` and 0 outside (the values the
-    clamp cut off), as ``torch.fake_quantize_per_tensor_affine`` does. Scales get no gradient.
+    Forward: the codec's quantize-dequantize. Backward: ``dL/dx = dL/dy`` where the code
+    ``round(x / scale) + zp`` lies inside ``[qmin, qmax]`` and 0 where the clamp cut it off, the rule of
+    ``torch.fake_quantize_per_tensor_affine``. Scales get no gradient.
 
-    Example: 8 bits symmetric with ``scale = 0.01`` passes the gradient for ``|x| <= 1.27`` only.
+    Example: 8 bits symmetric with ``scale = 0.01`` passes the gradient for ``|x| < 1.275`` (codes up to
+    127) only; per-token scales from each row's own range pass it everywhere, row extremes included.
     """
     if not (torch.is_grad_enabled() and x.requires_grad):
         # inference and calibration: no gradient mask to build

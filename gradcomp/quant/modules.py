@@ -20,12 +20,13 @@ Example::
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gradcomp.batches import progress_bar
 from gradcomp.codec import pack_codes, packed_nbytes, unpack_codes
 from gradcomp.quant.configs import CAST_DTYPES, SCALE_DTYPES, CastConfig, Config, Rules, _check_config, config_name
 from gradcomp.quant.layout import _dequantize_rows, _layout, _quantize_weight
@@ -122,6 +123,41 @@ class PackedWeight(nn.Module):
         packed = pack_codes(codes.contiguous(), config.bits)
         pzp = None if zp is None else pack_codes(zp.to(torch.uint8), config.bits)
         return cls(packed, scale.reshape(lay.rows, lay.groups).contiguous(), pzp, config, w.shape, w.dtype)
+
+    @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero_point: Optional[torch.Tensor],
+        config: Config,
+        shape: Sequence[int],
+        dtype: torch.dtype = torch.float32,
+    ) -> "PackedWeight":
+        """Pack codes and scales chosen elsewhere (GPTQ, clipping search) into the stored format.
+
+        Args:
+            codes: uint8 stored codes, ``(rows, row_len)`` of the weight's layout (symmetric codes with
+                the ``2**(bits-1)`` offset, as :func:`gradcomp.codec.quantize_codes_with_qparams` makes them).
+            scale: ``rows * groups`` scales in the config's ``scale_dtype``.
+            zero_point: ``rows * groups`` integral zero points (asymmetric), or None.
+            config: the :class:`WeightQuantConfig` the codes follow.
+            shape, dtype: the original weight's shape and dtype.
+
+        Returns:
+            A :class:`PackedWeight`, identical in form to one from :meth:`from_weight`.
+        """
+        _check_config(config)
+        if isinstance(config, CastConfig):
+            raise TypeError("from_codes takes integer codes; a CastConfig weight is made by from_weight")
+        lay = _layout(shape, config)
+        if codes.dtype != torch.uint8 or tuple(codes.shape) != (lay.rows, lay.row_len):
+            raise ValueError(f"codes must be uint8 of shape {(lay.rows, lay.row_len)}, got {codes.dtype} of shape {tuple(codes.shape)}")
+        if int(codes.max()) >= (1 << config.bits):
+            raise ValueError(f"codes must be below 2**{config.bits}, got a maximum of {int(codes.max())}")
+        packed = pack_codes(codes.contiguous(), config.bits)
+        pzp = None if zero_point is None else pack_codes(zero_point.reshape(-1).to(torch.uint8), config.bits)
+        return cls(packed, scale.reshape(lay.rows, lay.groups).contiguous(), pzp, config, shape, dtype)
 
     def _apply(self, fn, recurse: bool = True):
         # Moves between devices apply as usual, but a dtype conversion (model.half(), .to(bf16))
@@ -220,7 +256,22 @@ class _QuantizedLayer(nn.Module):
 
 
 class QuantizedLinear(_QuantizedLayer):
-    """``nn.Linear`` with a packed weight, dequantized to the input's dtype in every forward."""
+    """``nn.Linear`` with a packed weight.
+
+    The forward picks the fastest exact-enough route (:mod:`gradcomp.quant.kernels`), all from the same
+    stored codes:
+
+    1. dynamic W8A8 (an int8 per-token symmetric ``input_quantizer`` on an int8 symmetric weight, no
+       gradient needed): ``torch._int_mm`` on the int8 codes;
+    2. a weight-only CPU kernel (int8 per channel, int4 per group) when the input is bf16 or
+       ``compute_dtype`` is ``torch.bfloat16`` (fp32 inputs are then computed in bf16);
+    3. otherwise the weight is dequantized to ``x.dtype`` and ``F.linear`` runs (exact, differentiable).
+
+    Attributes:
+        compute_dtype: None (compute in the input's dtype) or ``torch.bfloat16`` (run the bf16 kernels
+            for fp32 inputs too: faster, at bf16 precision of the activations).
+        use_kernels: False forces the dequantize route.
+    """
 
     kind = "linear"
 
@@ -229,9 +280,55 @@ class QuantizedLinear(_QuantizedLayer):
         if len(packed.shape) != 2:
             raise ValueError(f"a linear weight must be 2-D, got shape {packed.shape}")
         self.out_features, self.in_features = packed.shape
+        self.compute_dtype: Optional[torch.dtype] = None
+        self.use_kernels = True
+        self._kernel_cache: Dict[str, Any] = {}
+
+    def _operands(self, what: str):
+        from gradcomp.quant import kernels
+
+        key = (what, self.packed.qweight.data_ptr(), self.packed.qweight.device)
+        hit = self._kernel_cache.get(what)
+        if hit is None or hit[0] != key:
+            if what == "w8a8":
+                ops = kernels.w8a8_operands(self._operands("weight")[1])
+            else:
+                ops = kernels.prepare_operands(self.packed)
+            self._kernel_cache[what] = (key, ops)
+            hit = self._kernel_cache[what]
+        return hit[1]
+
+    def fuses_input_quant(self, quantizer: Any, x: torch.Tensor) -> bool:
+        """Whether this forward quantizes ``x`` itself with ``_int_mm`` (the pre-hook then leaves ``x`` alone)."""
+        from gradcomp.quant import kernels
+
+        if not self.use_kernels or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+            return False
+        if getattr(quantizer, "track_error", False) or getattr(quantizer, "passthrough", False):
+            return False
+        return kernels.w8a8_kernel_fits(self.packed.config, getattr(quantizer, "config", None), self.packed.shape)
+
+    def _weight_kernel_applies(self, x: torch.Tensor) -> bool:
+        from gradcomp.quant import kernels
+
+        if not self.use_kernels or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+            return False
+        if not (x.dtype == torch.bfloat16 or (self.compute_dtype == torch.bfloat16 and x.dtype == torch.float32)):
+            return False
+        return kernels.weight_kernel(self.packed.config, self.packed.shape) is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return ``x @ W^T + b`` with ``W`` dequantized to ``x.dtype``."""
+        """Return ``x @ W^T + b`` (see the class docstring for the route taken)."""
+        quantizer = getattr(self, "input_quantizer", None)
+        if quantizer is not None and self.fuses_input_quant(quantizer, x):
+            from gradcomp.quant.kernels import w8a8_linear
+
+            return w8a8_linear(x, quantizer.config, self._operands("w8a8"), self.bias)
+        if self._weight_kernel_applies(x):
+            from gradcomp.quant.kernels import kernel_linear
+
+            kind, ops = self._operands("weight")
+            return kernel_linear(x, kind, ops, self.bias)
         return F.linear(x, self.packed.dequantize(x.dtype), self._bias_for(x))
 
     def extra_repr(self) -> str:
@@ -381,23 +478,44 @@ def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def quantize_(model: nn.Module, config_or_rules: Rules, *, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> nn.Module:
+def quantize_(
+    model: nn.Module,
+    config_or_rules: Rules,
+    *,
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+    method: Any = None,
+    calibration: Optional[Iterable[Any]] = None,
+    forward: Optional[Callable[[nn.Module, Any], Any]] = None,
+    num_batches: Optional[int] = None,
+    progress: bool = False,
+) -> nn.Module:
     """Swap the model's Linear, Embedding and Conv2d layers for packed quantized ones, in place.
 
     Steps:
         1. List the supported layers by fully qualified name; pick each one's config: the single
            config, or the first rule whose pattern matches (a None config or no match leaves the layer
            as it is); drop layers for which ``filter_fn(module, fqn)`` is False.
-        2. Quantize every selected weight with the codec and pack it (nothing is changed yet, so a
-           bad weight or config leaves the model untouched). Layers sharing one weight with the same
-           config share one :class:`PackedWeight`.
-        3. Replace the layers.
+        2. With a data-aware ``method``: run the calibration batches once through the unquantized
+           model and sum each selected Linear's input Hessian ``X^T X``.
+        3. Quantize every selected weight (round-to-nearest, or the method on the Linear layers) and
+           pack it (nothing is changed yet, so a bad weight or config leaves the model untouched).
+           Layers sharing one weight with the same config share one :class:`PackedWeight`.
+        4. Replace the layers.
 
     Args:
         model: the model (any device; the packed buffers live where the weights were).
         config_or_rules: one config for every supported layer, or an ordered list (or dict) of
             ``(pattern, config or None)``.
         filter_fn: optional ``(module, fqn) -> bool``; False keeps that layer in full precision.
+        method: ``None``/``"rtn"`` (round-to-nearest), ``"gptq"``, ``"awq_clip"``, or a configured
+            :class:`gradcomp.quant.algorithms.GPTQ` / :class:`~gradcomp.quant.algorithms.ActivationAwareClip`.
+            Same packed modules and files whichever method; Embedding and Conv2d layers and cast
+            configs use round-to-nearest.
+        calibration: batches for the data-aware methods (required by them).
+        forward: ``forward(model, batch)`` for the calibration batches (default ``model(batch)``,
+            ``model(*batch)`` for tuples, ``model(**batch)`` for dicts).
+        num_batches: use at most this many calibration batches.
+        progress: tqdm progress bars over the calibration batches and the layers.
 
     Returns:
         ``model`` itself.
@@ -406,11 +524,28 @@ def quantize_(model: nn.Module, config_or_rules: Rules, *, filter_fn: Optional[C
         >>> quantize_(model, [("lm_head", None), ("re:blocks\\.\\d+\\.attn\\..*", WeightQuantConfig(bits=8)),
         ...                   ("*", WeightQuantConfig(bits=4, granularity="per_group", group_size=64))])
     """
+    from gradcomp.quant.algorithms import resolve_method
+
     plan = _plan(model, config_or_rules, filter_fn)
+    algorithm = resolve_method(method)
+    hessians: Dict[str, torch.Tensor] = {}
+    if algorithm is not None:
+        if calibration is None:
+            raise ValueError(f"method {algorithm.name!r} needs calibration batches (calibration=...); use method='rtn' without data")
+        from gradcomp.quant.algorithms import collect_input_hessians
+
+        aware = {fqn: m for fqn, m, cfg in plan if isinstance(m, nn.Linear) and not isinstance(cfg, CastConfig)}
+        skipped = sorted({fqn for fqn, m, cfg in plan if fqn not in aware and not isinstance(cfg, CastConfig)})
+        if skipped:
+            logger.info("%s covers Linear layers; round-to-nearest for %s", algorithm.name, skipped[:8])
+        if aware:
+            hessians = collect_input_hessians(model, aware, calibration, forward=forward, num_batches=num_batches, progress=progress)
     shared: Dict[Tuple[int, Config], PackedWeight] = {}
     new: Dict[str, _QuantizedLayer] = {}
     configs_of_weight: Dict[int, set] = {}
-    for fqn, m, cfg in plan:
+    steps = progress_bar(plan, progress and algorithm is not None, f"quantize ({'rtn' if algorithm is None else algorithm.name})",
+                         total=len(plan), unit="layer")
+    for fqn, m, cfg in steps:
         w = m.weight
         if not w.is_floating_point():
             raise TypeError(f"layer {fqn!r}: weight must be floating point, got {w.dtype}")
@@ -420,7 +555,11 @@ def quantize_(model: nn.Module, config_or_rules: Rules, *, filter_fn: Optional[C
         packed = shared.get(key)
         if packed is None:
             try:
-                packed = PackedWeight.from_weight(w, cfg)
+                if fqn in hessians:
+                    r = algorithm.quantize(w, hessians[fqn], cfg)
+                    packed = PackedWeight.from_codes(r.codes, r.scale, r.zero_point, cfg, w.shape, w.dtype)
+                else:
+                    packed = PackedWeight.from_weight(w, cfg)
             except ValueError as exc:
                 raise ValueError(f"layer {fqn!r}: {exc}") from exc
             shared[key] = packed
@@ -431,7 +570,8 @@ def quantize_(model: nn.Module, config_or_rules: Rules, *, filter_fn: Optional[C
             logger.warning("layer %r shares its weight with a layer quantized differently; each holds its own copy", fqn)
     for fqn, q in new.items():
         _set_submodule(model, fqn, q)
-    logger.info("quantized %d layers: %s", len(new), sorted({config_name(c) for _, _, c in plan}))
+    logger.info("quantized %d layers (%s): %s", len(new), "rtn" if algorithm is None else algorithm.name,
+                sorted({config_name(c) for _, _, c in plan}))
     return model
 
 

@@ -213,14 +213,31 @@ class PerChannelMinMaxObserver(ActivationObserver):
         self.min_val = torch.minimum(self.min_val, lo)
         self.max_val = torch.maximum(self.max_val, hi)
 
+    @property
+    def unseen_channels(self) -> torch.Tensor:
+        """Indices of the channels that never held a finite value during calibration."""
+        return torch.nonzero(~torch.isfinite(self.min_val)).reshape(-1)
+
     def clip_range(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Return per-channel ``(min, max)``; channels never seen finite get ``[0, 0]``."""
-        lo = torch.where(torch.isfinite(self.min_val), self.min_val, torch.zeros_like(self.min_val))
-        hi = torch.where(torch.isfinite(self.max_val), self.max_val, torch.zeros_like(self.max_val))
+        """Return per-channel ``(min, max)``.
+
+        A channel never seen finite (e.g. the feature of an element absent from the calibration set)
+        gets the widest range seen on any channel, not ``[0, 0]``: a zero range would clip every later
+        value there to 0. With no finite channel at all the range is ``[0, 0]``.
+        """
+        seen = torch.isfinite(self.min_val)
+        if bool(seen.any()):
+            wide_lo, wide_hi = self.min_val[seen].min(), self.max_val[seen].max()
+        else:
+            wide_lo = wide_hi = torch.zeros((), dtype=self.min_val.dtype, device=self.min_val.device)
+        lo = torch.where(seen, self.min_val, wide_lo)
+        hi = torch.where(seen, self.max_val, wide_hi)
         return lo, hi
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, axis={self._axis}"
+        unseen = int((~torch.isfinite(self.min_val)).sum()) if self.min_val.numel() else 0
+        note = f", unseen_channels={unseen} (given the widest seen range)" if unseen else ""
+        return f"{super().extra_repr()}, axis={self._axis}{note}"
 
 
 class PerTokenMinMaxObserver(ActivationObserver):

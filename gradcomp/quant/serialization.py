@@ -343,11 +343,53 @@ def load_quantized_state_dict(path: Union[str, os.PathLike]) -> Tuple[Dict[str, 
     return out, configs
 
 
-def load_tensor_file(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
+def _tensor_mappings(obj: Any, prefix: str, depth: int, out: List[Tuple[str, Mapping]]) -> None:
+    """Collect every mapping (with its dotted key path) that holds tensors, down to ``depth`` levels."""
+    if not isinstance(obj, Mapping) or depth < 0:
+        return
+    if any(isinstance(v, torch.Tensor) for v in obj.values()):
+        out.append((prefix, obj))
+    for k, v in obj.items():
+        if isinstance(v, Mapping):
+            _tensor_mappings(v, f"{prefix}.{k}" if prefix else str(k), depth - 1, out)
+
+
+def _find_state_dict(obj: Any, path: Path, key: Optional[str]) -> Tuple[str, Mapping]:
+    """Return ``(key path, mapping)`` of the state dict inside a loaded checkpoint."""
+    if key:
+        cur = obj
+        for part in key.split("."):
+            if not isinstance(cur, Mapping) or part not in cur:
+                have = sorted(map(str, cur)) if isinstance(cur, Mapping) else type(cur).__name__
+                raise ValueError(f"{path}: no entry {part!r} on the key path {key!r}; there: {have}")
+            cur = cur[part]
+        if not isinstance(cur, Mapping):
+            raise ValueError(f"{path}: {key!r} holds a {type(cur).__name__}, expected a mapping of names to tensors")
+        return key, cur
+    found: List[Tuple[str, Mapping]] = []
+    _tensor_mappings(obj, "", 4, found)
+    if not found:
+        return "", obj
+    # the mapping with the most tensors: a model's state dict beats an optimizer's step counters
+    return max(found, key=lambda kv: sum(isinstance(v, torch.Tensor) for v in kv[1].values()))
+
+
+def load_tensor_file(path: Union[str, os.PathLike], *, key: Optional[str] = None, strip_prefix: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """Load a ``.safetensors`` file or a torch ``state_dict`` / checkpoint (``weights_only=True``).
 
-    A gradcomp quantized file is read back dequantized. A checkpoint dict holding a
-    ``state_dict``, ``model`` or ``model_state_dict`` entry is unwrapped; non-tensor entries are dropped.
+    A gradcomp quantized file is read back dequantized. In a checkpoint the state dict is found where
+    it sits: the nested mapping holding the most tensors, at any depth up to 4 (``ckpt["model"]``,
+    ``ckpt["model"]["state_dict"]``, Lightning's ``ckpt["state_dict"]``), or at the dotted ``key``
+    given (``"model.state_dict"``). Non-tensor entries are dropped.
+
+    Args:
+        path: the file.
+        key: dotted path of the state dict inside the checkpoint (default: found automatically).
+        strip_prefix: remove this prefix from every name that has it (Lightning's ``"model."``), so
+            that names match the bare model.
+
+    Example: ``load_tensor_file("ckpt.pth.tar")`` on ``{"model": {"state_dict": {...}, "model_args": ...},
+    "optimizer": {...}}`` returns the model's tensors.
     """
     path = Path(path)
     if not path.is_file():
@@ -361,27 +403,33 @@ def load_tensor_file(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
         except Exception as exc:
             raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
         if meta.get("format") == FORMAT:
-            return load_quantized_state_dict(path)[0]
-        from safetensors.torch import load_file
+            out = load_quantized_state_dict(path)[0]
+        else:
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
+            out = load_file(str(path))
+        return _strip(out, strip_prefix)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"{path} could not be loaded as a torch state_dict with weights_only=True: {exc}") from exc
     if isinstance(obj, nn.Module):  # pragma: no cover - weights_only refuses modules
         obj = obj.state_dict()
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model", "model_state_dict"):
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, expected a state_dict (a mapping of names to tensors)")
-    out = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    where, sd = _find_state_dict(obj, path, key)
+    out = {str(k): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     if not out:
-        raise ValueError(f"{path} holds no tensors")
-    return out
+        raise ValueError(f"{path} holds no tensors{f' at {where!r}' if where else ''}; give the key path of the state dict (--key)")
+    if where:
+        logger.info("%s: state dict found at %r (%d tensors)", path, where, len(out))
+    return _strip(out, strip_prefix)
+
+
+def _strip(sd: Dict[str, torch.Tensor], prefix: Optional[str]) -> Dict[str, torch.Tensor]:
+    if not prefix:
+        return sd
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,6 +34,10 @@ class LayerQuality:
         cosine: cosine similarity of the flattened weights.
         max_abs_error: largest ``|w - w_hat|``.
         bits_per_weight: real cost with scales and zero points.
+        output_snr_db: with calibration data, ``10 log10(||X W^T||^2 / ||X (W - W_hat)^T||^2)``: the
+            signal-to-noise ratio of the layer's output on real inputs (NaN without data).
+        output_rms_error: with calibration data, the RMS of the layer output's error, in the output's
+            own units (NaN without data).
     """
 
     name: str
@@ -43,6 +47,8 @@ class LayerQuality:
     cosine: float
     max_abs_error: float
     bits_per_weight: float
+    output_snr_db: float = math.nan
+    output_rms_error: float = math.nan
 
     def to_dict(self) -> Dict[str, Any]:
         """Return the fields as a JSON-friendly dict."""
@@ -179,6 +185,18 @@ class WeightReport:
     configs: List[str]
     stats: List[WeightStats]
     quality: Dict[str, Dict[str, LayerQuality]]
+    data_driven: bool = False
+    flags: List[Dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def note(self) -> str:
+        """What the numbers mean: SQNR is a proxy; the output error (with data) is the damage."""
+        if not self.data_driven:
+            return ("SQNR measures each weight alone and is a proxy for damage: a layer whose few inputs are large "
+                    "(or whose output feeds the result directly) can be hurt badly at a high SQNR. Give calibration "
+                    "data (a model and batches) for each layer's output error on real inputs.")
+        return (f"output_snr is the layer's output signal-to-noise ratio on the calibration inputs; {len(self.flags)} "
+                "layer/config pairs look safe by weight SQNR but lose much more on their outputs (flags).")
 
     def summary(self) -> List[Dict[str, Any]]:
         """Per config: median / min / mean SQNR over layers, worst layer, and bits per weight over all layers."""
@@ -207,6 +225,8 @@ class WeightReport:
                  "kurtosis": s.kurtosis, "outliers": s.outlier_share}
             for c in self.configs:
                 r[f"sqnr[{c}]"] = self.quality[s.name][c].sqnr_db
+                if self.data_driven:
+                    r[f"out_snr[{c}]"] = self.quality[s.name][c].output_snr_db
             out.append(r)
         return out
 
@@ -214,6 +234,9 @@ class WeightReport:
         """Return the whole report as a JSON-friendly dict."""
         return {
             "configs": list(self.configs),
+            "data_driven": self.data_driven,
+            "note": self.note,
+            "flags": list(self.flags),
             "summary": self.summary(),
             "layers": [
                 {"stats": s.to_dict(histogram), "quality": {c: self.quality[s.name][c].to_dict() for c in self.configs}}
@@ -228,14 +251,32 @@ def analyze_weights(
     *,
     outlier_sigma: float = 3.0,
     progress: bool = False,
+    calibration: Optional[Iterable[Any]] = None,
+    forward: Optional[Callable[[nn.Module, Any], Any]] = None,
+    num_batches: Optional[int] = None,
+    flag_gap_db: float = 10.0,
 ) -> WeightReport:
     """Compute statistics and the quality of each config for every layer weight of a model or state_dict.
+
+    With calibration data (``source`` a model), every Linear layer also gets its output error on real
+    inputs: ``X`` its inputs over the batches, ``D = W_hat - W``, output SNR
+    ``10 log10(||X W^T||^2 / ||X D^T||^2)`` and the RMS of ``X D^T``. A layer is flagged when its weight
+    SQNR is at least the median over layers (it looks safe) but its output SNR is more than
+    ``flag_gap_db`` below its SQNR: its error lands on the inputs that matter (a few large input
+    features, as per-element reference energies have), which SQNR, weighing every weight alike, misses.
+
+    Example: a weight ``[[1.0, 0.01]]`` whose second input is always 1000x the first loses almost
+    nothing in SQNR if only ``0.01`` is rounded badly, but its output SNR drops by ~60 dB.
 
     Args:
         source: a model or a state_dict (see :func:`weight_tensors`).
         configs: configs to measure (e.g. int8 per channel, int4 g128 asym).
         outlier_sigma: threshold of the outlier share.
         progress: show a tqdm progress bar over the layers on stderr.
+        calibration: batches for the output error (needs ``source`` to be a model).
+        forward: ``forward(model, batch)`` for the batches (default ``model(batch)``).
+        num_batches: use at most this many batches.
+        flag_gap_db: SQNR minus output SNR above which a safe-looking layer is flagged.
 
     Returns:
         A :class:`WeightReport`.
@@ -248,12 +289,54 @@ def analyze_weights(
     names = [config_name(c) for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"configs must be distinct, got {names}")
+    if calibration is not None and not isinstance(source, nn.Module):
+        raise TypeError(f"the output error needs the model (an nn.Module) with calibration data, got {type(source).__name__}")
     weights = weight_tensors(source)
     if not weights:
         raise ValueError("found no layer weights to analyse (Linear/Embedding/Conv2d, or '*.weight' tensors with 2+ dims)")
+    hessians: Dict[str, torch.Tensor] = {}
+    counts: Dict[str, int] = {}
+    if calibration is not None:
+        from gradcomp.quant.algorithms.calibration import collect_input_hessians
+
+        linears = {n: m for n, m in source.named_modules() if isinstance(m, nn.Linear) and n in weights}
+        hessians = collect_input_hessians(source, linears, calibration, forward=forward, num_batches=num_batches, counts=counts)
     stats, quality = [], {}
     items = list(weights.items())
     for name, w in progress_bar(items, progress, "analyze", unit="layer"):
         stats.append(weight_stats(w, name, outlier_sigma=outlier_sigma))
-        quality[name] = {n: layer_quality(w, c, name) for n, c in zip(names, configs)}
-    return WeightReport(names, stats, quality)
+        quality[name] = {}
+        for n, c in zip(names, configs):
+            lq = layer_quality(w, c, name)
+            if name in hessians:
+                lq = _with_output_error(lq, w, c, hessians[name], counts[name])
+            quality[name][n] = lq
+    report = WeightReport(names, stats, quality, data_driven=bool(hessians))
+    if hessians:
+        for n in names:
+            sq = [quality[s.name][n].sqnr_db for s in stats if s.name in hessians and math.isfinite(quality[s.name][n].sqnr_db)]
+            if not sq:
+                continue
+            median = statistics.median(sq)
+            for s in stats:
+                lq = quality[s.name][n]
+                if s.name in hessians and lq.sqnr_db >= median and lq.sqnr_db - lq.output_snr_db > flag_gap_db:
+                    report.flags.append({
+                        "layer": s.name, "config": n, "sqnr_db": lq.sqnr_db, "output_snr_db": lq.output_snr_db,
+                        "output_rms_error": lq.output_rms_error,
+                        "why": (f"weight SQNR {lq.sqnr_db:.1f} dB (median {median:.1f}) looks safe, but the output SNR on real "
+                                f"inputs is {lq.output_snr_db:.1f} dB: the error sits on the inputs that carry the signal"),
+                    })
+    return report
+
+
+def _with_output_error(lq: LayerQuality, w: torch.Tensor, config: Optional[Config], h: torch.Tensor, rows: int) -> LayerQuality:
+    from dataclasses import replace
+
+    approx = fake_quantize_weight(w, config).double().reshape(w.shape[0], -1)
+    wd = w.detach().double().reshape(w.shape[0], -1)
+    d = approx - wd
+    noise = float(((d @ h) * d).sum())
+    signal = float(((wd @ h) * wd).sum())
+    snr = math.inf if noise == 0 else (-math.inf if signal == 0 else 10.0 * math.log10(signal / noise))
+    return replace(lq, output_snr_db=snr, output_rms_error=math.sqrt(max(noise, 0.0) / max(rows * w.shape[0], 1)))

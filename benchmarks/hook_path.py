@@ -1,0 +1,181 @@
+"""The hook's whole per-bucket CPU work against a ``clone()`` of the bucket, measured in the same run.
+
+Run:
+    python benchmarks/hook_path.py                     # 16M fp32 values, one thread, P = 2, int8 and int4
+    python benchmarks/hook_path.py --world-size 4 --bits 8 --repeats 7 --json
+
+One rank's CPU work for one bucket, phase by phase, exactly as the hook runs it
+(:mod:`gradcomp.comm.exchange`): ``encode`` (bucket + worker residual -> send buffers, every chunk),
+``reduce_shard`` (the P received copies of this rank's shard of every chunk -> the all-gather message,
+with the server residual) and ``decode`` (the gathered messages -> the bucket). The wire is left out:
+the received buffers are filled once from the send buffers before timing.
+
+Next to each figure: the memory-traffic floor, i.e. the bytes the step must read and write at the
+bandwidth ``clone()`` reaches here (a clone reads 4 and writes 4 bytes per value). Per value, with fp32
+bucket and residuals and ``b = bits / 8`` code bytes: encode reads the bucket and the residual and
+writes the residual and the codes (``12 + b``); reduce reads ``P`` copies of ``1/P`` of the codes and
+reads and writes ``1/P`` of the server residual and writes ``b/P`` codes (``b + (8 + b)/P``); decode
+reads the codes and writes the bucket (``4 + b``). At P = 2, int8: 13 + 5.5 + 5 = 23.5 bytes per value,
+2.94 clones. Ratios are medians (and minima) over ``--repeats`` runs, all measured in this process.
+``clone()`` allocates a new tensor and so pays page faults; the stricter yardstick, ``copy_()`` into a
+buffer already mapped (what the hook's persistent buffers see), is printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from gradcomp import codec
+from gradcomp.comm import exchange
+from gradcomp.comm.exchange import ExchangeBuffers, ExchangePlan
+
+
+def _times(fn, repeats: int):
+    fn()  # warm-up
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def floor_bytes_per_value(bits: int, world_size: int, error_feedback: bool = True) -> dict:
+    """The bytes each phase must move per bucket value (see the module docstring)."""
+    b = bits / 8
+    res = 8 if error_feedback else 0
+    return {
+        "encode": 4 + res + b,
+        "reduce_shard": b + (res + b) / world_size,
+        "decode": 4 + b,
+    }
+
+
+def measure(numel: int, world_size: int, bits: int, compiled: bool, repeats: int, chunk_numel: int, error_feedback: bool = True) -> dict:
+    """Time the three phases of one rank for a bucket of about ``numel`` values; return ms per phase."""
+    # a bucket of a few parameters, one with a ragged last block
+    numels = [numel // 4, numel // 4, numel // 4 - 4096, numel // 4 + 4096 - 7, 7]
+    plan = ExchangePlan.build(numels, world_size, bits, 256, chunk_numel)
+    bufs = ExchangeBuffers.allocate(plan)
+    bucket = torch.randn(plan.numel)
+    res = torch.zeros(plan.padded_numel) if error_feedback else None
+    res_out = torch.zeros(plan.padded_numel) if error_feedback else None
+    sres = torch.zeros(plan.server_numel) if error_feedback else None
+    sres_out = torch.zeros(plan.server_numel) if error_feedback else None
+    chunks = range(len(plan.chunks))
+
+    def encode():
+        for c in chunks:
+            exchange.encode(plan, bufs, c, bucket, residual=res, residual_out=res_out, compiled=compiled)
+
+    encode()
+    for c in chunks:  # what the all-to-all would deliver: every rank's copy looks like ours
+        m = plan.chunks[c].message_bytes
+        bufs.recv[c].view(world_size, m).copy_(bufs.send[c].view(world_size, m)[0].expand(world_size, m))
+
+    def reduce():
+        for c in chunks:
+            exchange.reduce_shard(plan, bufs, c, residual=sres, residual_out=sres_out, compiled=compiled)
+
+    reduce()
+    for c in chunks:  # what the all-gather would deliver
+        bufs.gathered[c].copy_(bufs.send[c])
+
+    def decode():
+        for c in chunks:
+            exchange.decode(plan, bufs, c, bucket, compiled=compiled)
+
+    return {"encode": _times(encode, repeats), "reduce_shard": _times(reduce, repeats), "decode": _times(decode, repeats)}
+
+
+def main(argv=None) -> int:
+    """Measure and print the table; return 0."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--numel", type=int, default=16 * 1024 * 1024)
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--bits", type=int, nargs="+", default=[8, 4])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--chunk-numel", type=int, default=exchange.DEFAULT_CHUNK_NUMEL)
+    p.add_argument("--no-compile", action="store_true", help="measure the eager kernels only")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    x = torch.randn(args.numel)
+    routes = [False] if args.no_compile or not codec.compile_available() else [True, False]
+    y = torch.empty_like(x)
+    rows = []
+    clone, copy = [], []
+    for compiled in routes:
+        for bits in args.bits:
+            clone += _times(lambda: x.clone(), args.repeats)  # interleaved, so the load on the machine is shared
+            copy += _times(lambda: y.copy_(x), args.repeats)
+            t = measure(args.numel, args.world_size, bits, compiled, args.repeats, args.chunk_numel)
+            clone += _times(lambda: x.clone(), args.repeats)
+            copy += _times(lambda: y.copy_(x), args.repeats)
+            rows.append({"route": "compiled" if compiled else "eager", "bits": bits, "times": t})
+    clone_med, clone_min = statistics.median(clone), min(clone)
+    copy_med = statistics.median(copy)
+    out = []
+    for r in rows:
+        floor = floor_bytes_per_value(r["bits"], args.world_size)
+        row = {"route": r["route"], "bits": r["bits"]}
+        total_med = total_min = 0.0
+        for phase, ts in r["times"].items():
+            med, mn = statistics.median(ts), min(ts)
+            total_med += med
+            total_min += mn
+            row[f"{phase}_ms"] = 1e3 * med
+            row[f"{phase}_x_clone"] = med / clone_med
+            row[f"{phase}_floor_x_clone"] = floor[phase] / 8
+        row["total_ms"] = 1e3 * total_med
+        row["total_x_clone"] = total_med / clone_med
+        row["total_x_clone_min"] = total_min / clone_min
+        row["floor_bytes_per_value"] = sum(floor.values())
+        row["floor_x_clone"] = sum(floor.values()) / 8
+        row["total_x_floor"] = row["total_x_clone"] / row["floor_x_clone"]
+        row["total_x_copy"] = total_med / copy_med
+        row["total_x_floor_by_copy"] = row["total_x_copy"] / row["floor_x_clone"]
+        out.append(row)
+    result = {
+        "numel": args.numel, "world_size": args.world_size, "threads": args.threads, "repeats": args.repeats,
+        "chunk_numel": args.chunk_numel, "clone_ms_median": 1e3 * clone_med, "clone_ms_min": 1e3 * clone_min, "copy_ms_median": 1e3 * copy_med, "rows": out,
+    }
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        print()
+        return 0
+    print(
+        f"{args.numel} fp32 values, P = {args.world_size}, {args.threads} thread(s), chunks of {args.chunk_numel}: "
+        f"clone() {1e3 * clone_med:.2f} ms (median), {1e3 * clone_min:.2f} ms (min); copy_() into a warm buffer "
+        f"{1e3 * copy_med:.2f} ms (median)"
+    )
+    print(
+        "| route | bits | encode / clone | reduce_shard / clone | decode / clone | total / clone (median, min) | floor / clone "
+        "| total / floor | total / floor, by copy_() |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in out:
+        print(
+            f"| {r['route']} | {r['bits']} | {r['encode_x_clone']:.2f} ({r['encode_floor_x_clone']:.2f}) | "
+            f"{r['reduce_shard_x_clone']:.2f} ({r['reduce_shard_floor_x_clone']:.2f}) | {r['decode_x_clone']:.2f} "
+            f"({r['decode_floor_x_clone']:.2f}) | {r['total_x_clone']:.2f}, {r['total_x_clone_min']:.2f} | "
+            f"{r['floor_x_clone']:.2f} | {r['total_x_floor']:.2f} | {r['total_x_floor_by_copy']:.2f} |"
+        )
+    print(
+        "(in brackets: each phase's floor, in clones. clone() allocates, so it pays page faults that the hook's "
+        "persistent buffers do not; the last column measures the floor at the bandwidth of copy_() into a buffer "
+        "that is already mapped, the stricter yardstick)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

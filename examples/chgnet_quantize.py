@@ -1,0 +1,250 @@
+"""Worked example: quantize CHGNet, a pretrained interatomic potential nobody tuned gradcomp for.
+
+CHGNet 0.3.0 (412k parameters, 51 Linear layers and an Embedding) ships its weights inside the PyPI
+wheel ``chgnet==0.4.2``; the structures are built here from ``ase.collections.dcdft`` (the elemental
+crystals of the Delta-code benchmark) and textbook binary compounds, as small perturbed supercells.
+Every figure is a mean absolute deviation from the fp32 model itself (energy per atom, forces,
+stress, magnetic moments), on structures not used for calibration.
+
+    pip install chgnet==0.4.2        # not a gradcomp dependency
+    python examples/chgnet_quantize.py [--quick] [--out chgnet_results.json]
+
+Sections: (1) weight-only int8 and int4 with round-to-nearest vs GPTQ vs activation-aware clipping;
+(2) the knapsack plan at 4.5 bits vs uniform int4, from a sensitivity run that scores every output;
+(3) dynamic W8A8 with the straight-through estimator (forces and stress are gradients of the energy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import time
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+
+import gradcomp.quant as q
+from gradcomp.mixed_precision import allocate_bits, uniform_plan
+from gradcomp.quant.activation_quant import prepare_activation_quant_
+from gradcomp.quant.algorithms import GPTQ
+from gradcomp.quant.configs import ActQuantConfig
+from gradcomp.sensitivity import SensitivityConfig, measure_sensitivity
+
+OUTPUTS = {"e": ("energy", "meV/atom", 1000.0), "f": ("forces", "meV/A", 1000.0), "s": ("stress", "GPa", 1.0), "m": ("magmom", "mu_B", 1.0)}
+
+# textbook binary compounds: (formula, prototype, lattice constant in Angstrom)
+COMPOUNDS = [
+    ("NaCl", "rocksalt", 5.64), ("MgO", "rocksalt", 4.21), ("LiF", "rocksalt", 4.03), ("KCl", "rocksalt", 6.29),
+    ("CaO", "rocksalt", 4.81), ("NiO", "rocksalt", 4.18), ("FeO", "rocksalt", 4.33), ("TiN", "rocksalt", 4.24),
+    ("GaAs", "zincblende", 5.65), ("ZnS", "zincblende", 5.41), ("SiC", "zincblende", 4.36), ("InP", "zincblende", 5.87),
+    ("AlP", "zincblende", 5.46), ("CuCl", "zincblende", 5.41), ("CsCl", "cscl", 4.12), ("NiAl", "cscl", 2.88),
+    ("FeAl", "cscl", 2.91), ("CuZn", "cscl", 2.95), ("CaF2", "fluorite", 5.46), ("Li2O", "fluorite", 4.61),
+    ("CeO2", "fluorite", 5.41), ("ZrO2", "fluorite", 5.07), ("MnO", "rocksalt", 4.44), ("CoO", "rocksalt", 4.26),
+    ("AlN", "zincblende", 4.38), ("BN", "zincblende", 3.62), ("GaN", "zincblende", 4.50), ("ZnSe", "zincblende", 5.67),
+]
+
+
+def compound(formula: str, proto: str, a: float):
+    from pymatgen.core import Lattice, Structure
+    from pymatgen.core.composition import Composition
+
+    els = [str(e) for e in Composition(formula).elements]
+    if proto == "cscl":
+        return Structure(Lattice.cubic(a), els, [[0, 0, 0], [0.5, 0.5, 0.5]])
+    if proto == "rocksalt":
+        return Structure.from_spacegroup("Fm-3m", Lattice.cubic(a), els, [[0, 0, 0], [0.5, 0.5, 0.5]]).get_primitive_structure()
+    if proto == "zincblende":
+        return Structure.from_spacegroup("F-43m", Lattice.cubic(a), els, [[0, 0, 0], [0.25, 0.25, 0.25]]).get_primitive_structure()
+    # fluorite: cation at 4a, anion at 8c
+    comp = Composition(formula)
+    cat = [str(e) for e in comp if comp[e] == 1][0]
+    an = [str(e) for e in comp if comp[e] == 2][0]
+    return Structure.from_spacegroup("Fm-3m", Lattice.cubic(a), [cat, an], [[0, 0, 0], [0.25, 0.25, 0.25]]).get_primitive_structure()
+
+
+def structures(seed: int = 0) -> List[Any]:
+    """Elemental crystals of dcdft and the binary compounds above, as perturbed supercells of 8-32 atoms."""
+    from ase.collections import dcdft
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for name in dcdft.names:
+        s = AseAtomsAdaptor.get_structure(dcdft[name])
+        out.append((name, s))
+    out += [(f, compound(f, p, a)) for f, p, a in COMPOUNDS]
+    result = []
+    for i, (name, s) in enumerate(out):
+        s = s.copy()
+        reps = [1, 1, 1]
+        while len(s) * reps[0] * reps[1] * reps[2] < 8:
+            i = int(np.argmin([s.lattice.abc[k] * reps[k] for k in range(3)]))
+            reps[i] += 1
+        s.make_supercell(reps)
+        s.perturb(0.05 + 0.05 * rng.random(), seed=seed + i)   # move every atom by 0.05-0.1 A: nonzero forces
+        result.append((name, s))
+    return result
+
+
+def forward(model, graphs) -> Dict[str, torch.Tensor]:
+    """The adapter: CHGNet takes a list of CrystalGraphs and needs autograd for forces and stress."""
+    with torch.enable_grad():
+        out = model(list(graphs), task="efsm")
+    return {k: (torch.cat([t.reshape(-1) for t in out[k]]) if isinstance(out[k], (list, tuple)) else out[k].reshape(-1)).detach()
+            for k in ("e", "f", "s", "m")}
+
+
+def evaluate(model, batches, ref) -> Dict[str, float]:
+    got = [forward(model, b) for b in batches]
+    res = {}
+    for k, (name, unit, mult) in OUTPUTS.items():
+        a = torch.cat([g[k] for g in got])
+        r = torch.cat([x[k] for x in ref])
+        res[name] = float((a - r).abs().mean()) * mult
+    return res
+
+
+def fmt(res: Dict[str, float]) -> str:
+    return " | ".join(f"{res[n]:.3g}" for n, _, _ in OUTPUTS.values())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer structures (a smoke run)")
+    ap.add_argument("--out", default="chgnet_results.json")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sensitivity-batches", type=int, default=1, help="calibration batches (of 6 structures) for the sensitivity run")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    logging.basicConfig(level=logging.WARNING)
+    from chgnet.graph import CrystalGraphConverter
+    from chgnet.model import CHGNet
+
+    t0 = time.time()
+    base = CHGNet.load(verbose=False)
+    base.eval()
+    conv = CrystalGraphConverter(atom_graph_cutoff=6, bond_graph_cutoff=3)
+    named = structures()
+    if args.quick:
+        named = named[::4]
+    graphs = [(n, conv(s, graph_id=n)) for n, s in named]
+    # calibration: every third structure; the rest is the test set
+    calib = [g for i, (_, g) in enumerate(graphs) if i % 3 == 0]
+    test = [g for i, (_, g) in enumerate(graphs) if i % 3 != 0]
+    batch = 6
+    cal_batches = [calib[i:i + batch] for i in range(0, len(calib), batch)]
+    test_batches = [test[i:i + batch] for i in range(0, len(test), batch)]
+    t = time.time()
+    ref = [forward(base, b) for b in test_batches]
+    print(f"fp32 reference pass over the test set: {time.time() - t:.1f} s", flush=True)
+    print(f"{len(named)} structures ({len(calib)} calibration, {len(test)} test, {sum(len(g.atomic_number) for g in test)} test atoms); "
+          f"setup {time.time() - t0:.0f} s", flush=True)
+    results: Dict[str, Any] = {"structures": len(named), "calibration": len(calib), "test": len(test)}
+    head = " | ".join(f"{n} MAE ({u})" for n, u, _ in OUTPUTS.values())
+
+    def variant(rules, method=None, **kw):
+        m = copy.deepcopy(base)
+        q.quantize_(m, rules, method=method, calibration=cal_batches if method else None, forward=forward, **kw)
+        return m
+
+    bits = lambda m: 8.0 * sum(p.packed.nbytes if hasattr(p, "packed") else 0 for p in m.modules()) / sum(
+        p.packed.shape[0] * int(np.prod(p.packed.shape[1:])) for p in m.modules() if hasattr(p, "packed"))
+
+    # (0) the weight report with data: output SNR per layer, flags where SQNR looks safe
+    from gradcomp.weights import analyze_weights
+
+    int8 = q.WeightQuantConfig(bits=8)
+    g32 = q.WeightQuantConfig(bits=4, granularity="per_group", group_size=32)
+    wr = analyze_weights(base, [int8, g32], calibration=cal_batches, forward=forward)
+    print("\n## Weight report with calibration data (flags: SQNR looks safe, output SNR does not)\n")
+    print("| layer | config | weight SQNR dB | output SNR dB |\n|---|---|---:|---:|")
+    for f in wr.flags:
+        print(f"| {f['layer']} | {f['config']} | {f['sqnr_db']:.1f} | {f['output_snr_db']:.1f} |")
+    comp = wr.quality.get("composition_model.fc", {})
+    for c, lq in comp.items():
+        print(f"composition_model.fc [{c}]: SQNR {lq.sqnr_db:.1f} dB, output SNR {lq.output_snr_db:.1f} dB, "
+              f"output RMS error {lq.output_rms_error:.4g} eV")
+    results["flags"] = wr.flags
+
+    # (1) weight-only: RTN vs data-aware
+    print(f"\n## Weight-only quantization of every Linear and the Embedding\n\n| variant | bits/weight | {head} |\n|---|---:|---:|---:|---:|---:|")
+    table1 = {}
+    keep8 = [("composition_model.fc", int8), ("*", g32)]   # the layer the damage report flags, at int8
+    for label, rules, method in [
+        ("int8 per channel, RTN", int8, None),
+        ("int4 g32, RTN", g32, None),
+        ("int4 g32, awq_clip", g32, "awq_clip"),
+        ("int4 g32, GPTQ (damp 0.01, the paper's)", g32, GPTQ()),
+        ("int4 g32, GPTQ (damp 0.1)", g32, GPTQ(damp=0.1)),
+        ("int4 g32, GPTQ act-order (damp 0.1)", g32, GPTQ(damp=0.1, act_order=True)),
+        ("int4 g32 + composition_model.fc int8, RTN", keep8, None),
+        ("int4 g32 + composition_model.fc int8, awq_clip", keep8, "awq_clip"),
+        ("int4 g32 + composition_model.fc int8, GPTQ (damp 0.1)", keep8, GPTQ(damp=0.1)),
+    ]:
+        t = time.time()
+        m = variant(rules, method)
+        r = evaluate(m, test_batches, ref)
+        table1[label] = dict(r, bits=bits(m), seconds=time.time() - t)
+        print(f"| {label} | {bits(m):.4f} | {fmt(r)} |", flush=True)
+    results["weight_only"] = table1
+
+    # (2) sensitivity over every output, knapsack plan at 4.5 bits vs uniform int4
+    t = time.time()
+    cands = (q.WeightQuantConfig(bits=2, granularity="per_group", group_size=32), g32, int8)
+    report = measure_sensitivity(base, cal_batches[:args.sensitivity_batches], SensitivityConfig(candidates=cands, metrics=("rel_mse",)), forward=forward)
+    print(f"\nsensitivity: {len(report.layers)} layers x {len(cands)} candidates in {time.time() - t:.0f} s; "
+          f"outputs {report.metadata['outputs']} scored as {report.metadata['output_kind']} ({report.metadata['output_kind_reason']})")
+    plan = allocate_bits(report, avg_bits=4.5)
+    uni = uniform_plan(report, g32.name)
+    print(f"\n## Knapsack plan vs uniform int4 (sensitivity: rel_mse summed over the 4 outputs)\n\n| plan | avg bits | {head} |\n|---|---:|---:|---:|---:|---:|")
+    table2 = {}
+    for label, p, method in [("uniform int4 g32, RTN", uni, None), ("knapsack 4.5 bits, RTN", plan, None),
+                             ("uniform int4 g32, awq_clip", uni, "awq_clip"), ("knapsack 4.5 bits, awq_clip", plan, "awq_clip")]:
+        m = variant(p.to_rules(), method)
+        r = evaluate(m, test_batches, ref)
+        table2[label] = dict(r, avg_bits=p.avg_bits)
+        print(f"| {label} | {p.avg_bits:.3f} | {fmt(r)} |", flush=True)
+    results["plans"] = table2
+    results["plan_bits"] = plan.bits_by_layer()
+
+    # (3) dynamic W8A8: int8 weights and per-token int8 activations on every Linear input
+    print(f"\n## Dynamic W8A8 (int8 per-channel weights, per-token int8 activations)\n\n| variant | {head} |\n|---|---:|---:|---:|---:|")
+    table3 = {}
+    act = ActQuantConfig(bits=8, dynamic=True, granularity="per_token")
+    from gradcomp.quant import fake_quant
+
+    fixed_mask = fake_quant._ste_mask
+
+    def float_range_mask(x, scale, zero_point, bits, axis):
+        # the rule before the fix: gradient only where (qmin - zp) s <= x <= (qmax - zp) s
+        from gradcomp.codec import qrange
+
+        qmin, qmax, _ = qrange(bits, zero_point is None)
+        s = scale.float()
+        z = torch.zeros_like(s) if zero_point is None else zero_point.float()
+        return (x >= (qmin - z) * s) & (x <= (qmax - z) * s)
+
+    for label, mask in [("weight-only int8 (reference)", None), ("W8A8, STE masked in the code domain (fixed)", fixed_mask),
+                        ("W8A8, STE masked on the float range (before the fix)", float_range_mask)]:
+        m = variant(int8)
+        if mask is not None:
+            prepare_activation_quant_(m, act)
+            fake_quant._ste_mask = mask
+        try:
+            r = evaluate(m, test_batches, ref)
+        finally:
+            fake_quant._ste_mask = fixed_mask
+        table3[label] = r
+        print(f"| {label} | {fmt(r)} |", flush=True)
+    results["w8a8"] = table3
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\ntotal {time.time() - t0:.0f} s; results in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

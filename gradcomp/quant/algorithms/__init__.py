@@ -1,0 +1,54 @@
+"""Weight-quantization algorithms: how codes and scales are chosen, on the one packed format.
+
+* ``rtn`` (round-to-nearest, the default of :func:`gradcomp.quant.quantize_`): each group's scale
+  from its min and max, each weight rounded on its own. Data-free.
+* ``gptq`` (:class:`GPTQ`): column-wise rounding with error compensation against the input Hessian.
+* ``awq_clip`` (:class:`ActivationAwareClip`): per-group clipping range searched on the input Hessian.
+
+The data-aware methods need calibration batches: :func:`collect_input_hessians` runs them once through
+the unquantized model and sums ``X^T X`` of every selected Linear's input. Layers they cannot handle
+(Embedding, Conv2d) fall back to round-to-nearest, with a log line. The result is packed by
+:meth:`gradcomp.quant.modules.PackedWeight.from_codes` into the same modules and files.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+from gradcomp.quant.algorithms.calibration import collect_input_hessians
+from gradcomp.quant.algorithms.clip import ActivationAwareClip, clip_search_quantize
+from gradcomp.quant.algorithms.common import QuantResult, input_hessian_of, layer_output_error
+from gradcomp.quant.algorithms.gptq import GPTQ, gptq_quantize
+
+__all__ = [
+    "METHODS",
+    "GPTQ",
+    "ActivationAwareClip",
+    "QuantResult",
+    "collect_input_hessians",
+    "gptq_quantize",
+    "clip_search_quantize",
+    "layer_output_error",
+    "input_hessian_of",
+    "resolve_method",
+]
+
+METHODS = ("rtn", "gptq", "awq_clip")
+
+Method = Union[None, str, GPTQ, ActivationAwareClip]
+
+
+def resolve_method(method: Any) -> Union[None, GPTQ, ActivationAwareClip]:
+    """Return the algorithm object for ``method`` (None or ``"rtn"``: round-to-nearest, returned as None).
+
+    Example: ``resolve_method("gptq") == GPTQ()``; ``resolve_method(GPTQ(act_order=True))`` is itself.
+    """
+    if method is None or method == "rtn":
+        return None
+    if isinstance(method, (GPTQ, ActivationAwareClip)):
+        return method
+    if method == "gptq":
+        return GPTQ()
+    if method in ("awq_clip", "awq"):
+        return ActivationAwareClip()
+    raise ValueError(f"method must be one of {METHODS} or a GPTQ / ActivationAwareClip instance, got {method!r}")

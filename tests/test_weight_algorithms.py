@@ -1,0 +1,157 @@
+"""Data-aware weight quantization (GPTQ, activation-aware clipping) on the packed format of round-to-nearest."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import gradcomp.quant as q
+from gradcomp.quant.algorithms import (
+    GPTQ,
+    ActivationAwareClip,
+    clip_search_quantize,
+    collect_input_hessians,
+    gptq_quantize,
+    layer_output_error,
+    resolve_method,
+)
+from gradcomp.examples.tasks import GPTConfig, get_batch, pretrained_tiny_gpt
+
+G32 = q.WeightQuantConfig(bits=4, granularity="per_group", group_size=32)
+CONFIGS = [
+    G32,
+    q.WeightQuantConfig(bits=3, granularity="per_group", group_size=24, symmetric=False),  # 64 = 24 + 24 + 16
+    q.WeightQuantConfig(bits=4),
+    q.WeightQuantConfig(bits=8, scale_dtype="fp32"),
+    q.WeightQuantConfig(bits=2, granularity="per_tensor"),
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A TinyGPT trained for a few seconds on the stdlib corpus: real weights and real inputs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cfg = GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=64)
+    model, train, val = pretrained_tiny_gpt(tmp_path_factory.mktemp("gpt"), steps=150, config=cfg, batch_size=16, max_bytes=1 << 18)
+    g = torch.Generator().manual_seed(0)
+    calib = [get_batch(train, 8, 32, g)[0] for _ in range(4)]
+    held_out = [get_batch(val, 8, 32, g)[0] for _ in range(4)]
+    yield model, calib, held_out
+    torch.set_num_threads(before)
+
+
+def _linears(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+
+
+@pytest.mark.parametrize("method", [GPTQ(), GPTQ(act_order=True), ActivationAwareClip()], ids=["gptq", "gptq-act-order", "awq_clip"])
+@pytest.mark.parametrize("config", [G32, q.WeightQuantConfig(bits=3, granularity="per_group", group_size=32, symmetric=False)], ids=lambda c: c.name)
+def test_each_method_beats_round_to_nearest_on_held_out_layer_output(trained, method, config):
+    model, calib, held_out = trained
+    layers = _linears(model)
+    h_cal = collect_input_hessians(model, layers, calib)
+    h_test = collect_input_hessians(model, layers, held_out)   # judged on inputs the method never saw
+    for name, m in layers.items():
+        w = m.weight.detach()
+        rtn = layer_output_error(w, q.fake_quantize_weight(w, config), h_test[name])
+        got = layer_output_error(w, method.quantize(w, h_cal[name], config).dequantize(config.bits), h_test[name])
+        assert got < 0.7 * rtn, (name, got, rtn)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
+def test_results_pack_into_the_round_to_nearest_format(config):
+    torch.manual_seed(0)
+    w = torch.randn(40, 64)
+    x = torch.randn(500, 64) @ torch.randn(64, 64)
+    h = x.T.double() @ x.double()
+    ref = q.PackedWeight.from_weight(w, config)
+    for method in (GPTQ(act_order=True), GPTQ(block_size=16), ActivationAwareClip(grid=5)):
+        r = method.quantize(w, h, config)
+        p = q.PackedWeight.from_codes(r.codes, r.scale, r.zero_point, config, w.shape, w.dtype)
+        assert p.qweight.shape == ref.qweight.shape and p.scale.dtype == ref.scale.dtype and p.scale.shape == ref.scale.shape
+        assert (p.zero_point is None) == (ref.zero_point is None)
+        assert torch.equal(p.dequantize(), r.dequantize(config.bits))
+
+
+@pytest.mark.parametrize("config", [G32, q.WeightQuantConfig(bits=4), q.WeightQuantConfig(bits=3, granularity="per_group", group_size=24, symmetric=False)], ids=lambda c: c.name)
+def test_gptq_with_uncorrelated_inputs_is_round_to_nearest(config):
+    # H diagonal: rounding one column's error never moves another column, so GPTQ == RTN bit for bit
+    torch.manual_seed(1)
+    w = torch.randn(16, 64)
+    h = torch.diag(torch.rand(64, dtype=torch.float64) + 0.5)
+    r = gptq_quantize(w, h, config, damp=0.0)
+    assert torch.equal(r.dequantize(config.bits), q.fake_quantize_weight(w, config))
+
+
+def test_gptq_worked_example():
+    # docstring of gradcomp.quant.algorithms.gptq: int2 symmetric on a fixed grid of step 1
+    w = torch.tensor([[0.4, 0.4, 1.0]])      # the third weight fixes the scale at 1 (int2: codes -1, 0, 1)
+    h = torch.tensor([[1.0, 0.9, 0.0], [0.9, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    cfg = q.WeightQuantConfig(bits=2, scale_dtype="fp32")
+    assert q.fake_quantize_weight(w, cfg).tolist() == [[0.0, 0.0, 1.0]]
+    got = gptq_quantize(w, h, cfg, damp=0.0).dequantize(2)
+    assert got.tolist() == [[0.0, 1.0, 1.0]]
+    assert layer_output_error(w, got, h) < layer_output_error(w, q.fake_quantize_weight(w, cfg), h) / 6
+
+
+def test_quantize_with_a_method_saves_and_loads_like_rtn(tmp_path, trained):
+    model, calib, held_out = trained
+    import copy
+
+    rtn = q.quantize_(copy.deepcopy(model), G32, filter_fn=lambda m, n: n != "lm_head")
+    gq = q.quantize_(copy.deepcopy(model), G32, filter_fn=lambda m, n: n != "lm_head", method="gptq", calibration=calib)
+    assert [type(m) for m in rtn.modules()] == [type(m) for m in gq.modules()]
+    assert q.model_size_bytes(rtn) == q.model_size_bytes(gq)
+    q.save_quantized(gq, tmp_path / "g.safetensors")
+    again = q.load_quantized(copy.deepcopy(model), tmp_path / "g.safetensors")
+    for (n, a), (_, b) in zip(gq.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+    with torch.no_grad():
+        ref = torch.cat([model(x)[0] for x in held_out])
+        e_rtn = float(((torch.cat([rtn(x)[0] for x in held_out]) - ref) ** 2).mean())
+        e_gq = float(((torch.cat([again(x)[0] for x in held_out]) - ref) ** 2).mean())
+    assert e_gq < e_rtn
+
+
+def test_bad_input_is_rejected_and_changes_nothing():
+    model = nn.Sequential(nn.Linear(8, 4))
+    before = model[0].weight.detach().clone()
+    with pytest.raises(ValueError, match="needs calibration batches"):
+        q.quantize_(model, G32, method="gptq")
+    with pytest.raises(ValueError, match="method must be one of"):
+        q.quantize_(model, G32, method="hqq2", calibration=[torch.randn(2, 8)])
+    with pytest.raises(ValueError, match="no batch"):
+        q.quantize_(model, G32, method="gptq", calibration=[])
+    with pytest.raises(ValueError, match="hessian must be"):
+        gptq_quantize(torch.randn(4, 8), torch.eye(7), G32)
+    with pytest.raises(ValueError, match="inf or nan"):
+        gptq_quantize(torch.randn(4, 8), torch.full((8, 8), float("nan")), G32)
+    with pytest.raises(ValueError, match="hessian must be"):
+        clip_search_quantize(torch.randn(4, 8), torch.eye(9), G32)
+    with pytest.raises(ValueError, match="damp"):
+        GPTQ(damp=-1.0)
+    with pytest.raises(ValueError, match="min_ratio"):
+        ActivationAwareClip(min_ratio=0.0)
+    with pytest.raises(ValueError, match="codes must be uint8"):
+        q.PackedWeight.from_codes(torch.zeros(4, 7, dtype=torch.uint8), torch.ones(4, dtype=torch.float16), None,
+                                  q.WeightQuantConfig(bits=4), (4, 8))
+    assert type(model[0]) is nn.Linear and torch.equal(model[0].weight, before)
+    assert resolve_method("rtn") is None and resolve_method("gptq") == GPTQ()
+
+
+@pytest.mark.parametrize("method", [GPTQ(), GPTQ(act_order=True), ActivationAwareClip()], ids=["gptq", "gptq-act-order", "awq_clip"])
+def test_inputs_absent_from_calibration_keep_their_weights(method):
+    # like per-element reference energies: inputs 5..9 never occur in calibration; their weights must
+    # still be quantized as weights (not zeroed, not clipped for free), since later inputs use them
+    torch.manual_seed(3)
+    w = torch.randn(8, 10) * 5
+    x = torch.randn(200, 10)
+    x[:, 5:] = 0.0
+    h = x.T.double() @ x.double()
+    cfg = q.WeightQuantConfig(bits=4, granularity="per_group", group_size=5)
+    got = method.quantize(w, h, cfg).dequantize(4)
+    rtn = q.fake_quantize_weight(w, cfg)
+    assert float(got[:, 5:].abs().min()) > 0 or float(w[:, 5:].abs().min()) < float(rtn[:, 5:].abs().max()) / 16
+    assert float(((got[:, 5:] - w[:, 5:]) ** 2).mean()) <= float(((rtn[:, 5:] - w[:, 5:]) ** 2).mean()) * 1.01
