@@ -1,6 +1,7 @@
 """gradcomp: quantized gradient communication for PyTorch DDP, and the quantization toolkit around it.
 
-The hook: ``gradcomp.register(ddp_model, bits=8)``. The toolkit: :mod:`gradcomp.codec` (the one
+The hook: ``gradcomp.register(ddp_model, bits=8)``; for FSDP2, ``gradcomp.fsdp.compress_(model,
+grad_bits=8, weight_bits=8)``. The toolkit: :mod:`gradcomp.codec` (the one
 quantizer), :mod:`gradcomp.quant` (weights and activations), :mod:`gradcomp.sensitivity`,
 :mod:`gradcomp.mixed_precision`, :mod:`gradcomp.costmodel`, :mod:`gradcomp.gradexp`.
 """
@@ -17,6 +18,8 @@ from gradcomp.codec import (
     sqnr_db,
 )
 from gradcomp.comm import HookConfig, HookFailedError, QuantizedAllReduceState, quantized_allreduce_hook, register
+from gradcomp import fsdp
+from gradcomp.fsdp import FSDPCompressConfig, FSDPCompressState
 from gradcomp.quant import (
     CastConfig,
     WeightQuantConfig,
@@ -45,6 +48,10 @@ __all__ = [
     "QuantizedAllReduceState",
     "quantized_allreduce_hook",
     "register",
+    # FSDP2
+    "fsdp",
+    "FSDPCompressConfig",
+    "FSDPCompressState",
     # the codec
     "QuantizedTensor",
     "cosine_similarity",

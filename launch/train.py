@@ -20,6 +20,10 @@ Run it (always through torchrun, or through the scripts next to this file)::
     MAX_RESTARTS=3 bash launch/run.sh --hook int8 --steps 1000 --ckpt-every 50 --resume
     # the communication-bound 17.6M-parameter preset, as used by the benchmark
     bash launch/run.sh --model comm17m --batch-size 4 --hook int4 --compile --steps 100
+    # FSDP2 (fully_shard per block and the root) instead of DDP: int8 gradients, int8 weights
+    bash launch/run.sh --fsdp --grad-bits 8 --weight-bits 8 --steps 200
+    bash launch/run.sh --fsdp --steps 200                       # FSDP2's own fp32 collectives
+    bash launch/run.sh --fsdp --reduce-dtype bf16 --steps 200   # FSDP2 with bf16 gradient reduction
 
 What it writes under ``--out-dir`` (default ``runs/<hook>``):
     ``metrics.jsonl``   one JSON object per step from rank 0: loss, step time, bytes, lr, val_loss;
@@ -40,6 +44,13 @@ Hooks:
     ``powersgd``   PyTorch's PowerSGD (``--powersgd-rank``, ``--powersgd-start-iter``);
     ``int8``/``int4`` gradcomp's quantized all-reduce (``--quant-block``, ``--no-error-feedback``,
                    ``--warmup-steps``, ``--stochastic-rounding``, ``--compile``).
+
+FSDP2 (``--fsdp``, no DDP hook): ``gradcomp.fsdp.compress_`` with ``--grad-bits 8|4`` (quantized
+reduce-scatter) and ``--weight-bits 8`` (quantized parameter all-gather); 32 keeps FSDP2's own
+collective (still counted). ``--quant-block``, ``--no-error-feedback``, ``--warmup-steps``,
+``--min-compress-numel`` and ``--compile`` apply. Checkpoints hold full (unsharded) model and
+optimizer state dicts and every rank's residuals; ``--resume`` works as with DDP. The default
+run directory is ``runs/fsdp_g<bits>_w<bits>[_bf16]``.
 """
 
 from __future__ import annotations
@@ -107,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--powersgd-start-iter", type=int, default=10, help="powersgd: plain all-reduce steps first (>= 2)")
     g.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket size")
 
+    g = p.add_argument_group("FSDP2 (instead of DDP)")
+    g.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard per block and the root) instead of DDP")
+    g.add_argument("--grad-bits", type=int, choices=(32, 8, 4), default=32, help="--fsdp: gradient reduce-scatter width (32: FSDP2's own)")
+    g.add_argument("--weight-bits", type=int, choices=(32, 8), default=32, help="--fsdp: parameter all-gather width (32: FSDP2's own)")
+    g.add_argument("--reduce-dtype", choices=("fp32", "bf16"), default="fp32", help="--fsdp: MixedPrecisionPolicy reduce_dtype")
+
     g = p.add_argument_group("system")
     g.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto", help="auto: nccl with CUDA, else gloo")
     g.add_argument("--threads", type=int, default=1, help="torch.set_num_threads per rank")
@@ -141,6 +158,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}")
     if args.hook == "powersgd" and args.powersgd_start_iter < 2:
         raise ValueError(f"--powersgd-start-iter must be >= 2 (PyTorch's PowerSGD needs it with error feedback), got {args.powersgd_start_iter}")
+    if args.fsdp and args.hook != "allreduce":
+        raise ValueError(f"--fsdp replaces DDP and its hooks; use --grad-bits/--weight-bits instead of --hook {args.hook}")
+    if not args.fsdp and (args.grad_bits != 32 or args.weight_bits != 32 or args.reduce_dtype != "fp32"):
+        raise ValueError("--grad-bits, --weight-bits and --reduce-dtype need --fsdp (with DDP use --hook int8/int4)")
     if args.backend == "nccl" and not torch.cuda.is_available():
         raise ValueError("--backend nccl needs CUDA, which is not available here; use gloo or auto")
 
@@ -260,7 +281,7 @@ class HookSetup:
 
     def state_dict(self) -> Any:
         """Return this rank's hook state for a checkpoint (None for stateless hooks)."""
-        if self.name in ("int8", "int4"):
+        if self.name in ("int8", "int4", "fsdp"):
             return self.state.state_dict()
         if self.name == "powersgd":
             sd = dict(self.state.__getstate__())
@@ -272,7 +293,7 @@ class HookSetup:
 
     def load_state_dict(self, sd: Any) -> None:
         """Restore what ``state_dict`` returned on this rank."""
-        if self.name in ("int8", "int4"):
+        if self.name in ("int8", "int4", "fsdp"):
             self.state.load_state_dict(sd)
         elif self.name == "powersgd":
             import numpy as np
@@ -440,6 +461,50 @@ def setup_hook(args: argparse.Namespace, ddp: DDP, world_size: int, tracer: Opti
     return HookSetup(args.hook, None, counter.stats)
 
 
+def run_label(args: argparse.Namespace) -> str:
+    """Name of the run's communication: the hook, or ``fsdp_g<bits>_w<bits>[_bf16]`` with ``--fsdp``."""
+    if not args.fsdp:
+        return args.hook
+    return f"fsdp_g{args.grad_bits}_w{args.weight_bits}" + ("_bf16" if args.reduce_dtype == "bf16" else "")
+
+
+def shard_fsdp(args: argparse.Namespace, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Apply FSDP2's ``fully_shard`` to every transformer block, then to the root; return the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(reduce_dtype=torch.bfloat16 if args.reduce_dtype == "bf16" else None)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def setup_fsdp_comm(args: argparse.Namespace, model: torch.nn.Module) -> HookSetup:
+    """Install gradcomp's FSDP2 collectives (FSDP2's own ones, counted, for width 32) and return a ``HookSetup``."""
+    import gradcomp
+
+    state = gradcomp.fsdp.compress_(
+        model,
+        grad_bits=None if args.grad_bits == 32 else args.grad_bits,
+        weight_bits=None if args.weight_bits == 32 else args.weight_bits,
+        block_size=args.quant_block,
+        error_feedback=not args.no_error_feedback,
+        warmup_steps=args.warmup_steps,
+        min_compress_numel=args.min_compress_numel,
+        compile=args.compile,
+    )
+
+    def stats() -> Dict[str, Any]:
+        s = state.stats()
+        sent = s["grad_bytes_step"] + s["weight_bytes_step"]
+        fp32 = s["grad_fp32_bytes_step"] + s["weight_fp32_bytes_step"]
+        return {**s, "bytes_sent_step": sent, "fp32_bytes_step": fp32, "compression_ratio": fp32 / sent if sent else float("nan")}
+
+    return HookSetup("fsdp", state, stats)
+
+
 # --------------------------------------------------------------------------------------------
 # wire counters
 
@@ -480,7 +545,8 @@ class Job:
         self.world_size = dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = torch.device(f"cuda:{self.local_rank}") if dist.get_backend() == "nccl" else torch.device("cpu")
-        self.out_dir = Path(args.out_dir or f"runs/{args.hook}")
+        self.label = run_label(args)
+        self.out_dir = Path(args.out_dir or f"runs/{self.label}")
         self.ckpt_root = self.out_dir / "checkpoints"
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.cfg = GPT_PRESETS[args.model]
@@ -490,6 +556,9 @@ class Job:
         torch.manual_seed(args.seed)
         model = TinyGPT.from_config(self.cfg).to(self.device)
         self.n_params = model.num_parameters()
+        if args.fsdp:
+            self._init_fsdp(model)
+            return
         bucket_cap_mb = args.bucket_cap_mb
         model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
         if args.hook == "powersgd" and dist.get_backend() == "gloo" and bucket_cap_mb < model_mb + 1:
@@ -514,6 +583,49 @@ class Job:
         self.start_step = 0
         self.resumed_from: Optional[str] = None
 
+    def _init_fsdp(self, model: torch.nn.Module) -> None:
+        """The ``--fsdp`` version of the rest of ``__init__``: shard, optimizer, schedule, collectives."""
+        args = self.args
+        # self.ddp is the FSDP root here: called like the DDP wrapper, and itself the module
+        self.ddp = shard_fsdp(args, model, self.device)
+        self.opt = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
+        steps, warm = args.steps, max(1, args.lr_warmup)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        )
+        self.gen = torch.Generator().manual_seed(args.seed * 1_000_003 + self.rank)
+        self.tracer = None
+        self.hook = setup_fsdp_comm(args, self.ddp)
+        self.netdev = resolve_netdev(args.netdev)
+        self.start_step = 0
+        self.resumed_from = None
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The model itself (under DDP, the wrapped module; under FSDP2, the sharded root)."""
+        return self.ddp if self.args.fsdp else self.ddp.module
+
+    def _full_state(self) -> tuple:
+        """Return the full model and optimizer state dicts (with ``--fsdp`` a collective; rank 0 gets them)."""
+        if not self.args.fsdp:
+            return self.ddp.module.state_dict(), self.opt.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.ddp, options=opts), get_optimizer_state_dict(self.ddp, self.opt, options=opts)
+
+    def _load_full_state(self, model_sd: Dict[str, Any], optim_sd: Dict[str, Any]) -> None:
+        """Load what ``_full_state`` returned (with ``--fsdp`` every rank loads it and keeps its shards)."""
+        if not self.args.fsdp:
+            self.ddp.module.load_state_dict(model_sd)
+            self.opt.load_state_dict(optim_sd)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.ddp, model_sd, options=opts)
+        set_optimizer_state_dict(self.ddp, self.opt, optim_sd, options=opts)
+
     # ---- checkpoints
 
     def save_checkpoint(self, step: int) -> None:
@@ -521,15 +633,16 @@ class Job:
         name = f"step_{step:08d}"
         folder = self.ckpt_root / name
         hook_sd = self.hook.state_dict()  # waits for the hook's pending work first
+        model_sd, optim_sd = self._full_state()
         if self.rank == 0:
             atomic_torch_save(
                 {
                     "step": step,
                     "world_size": self.world_size,
-                    "hook": self.args.hook,
+                    "hook": self.label,
                     "model_preset": self.args.model,
-                    "model": self.ddp.module.state_dict(),
-                    "optimizer": self.opt.state_dict(),
+                    "model": model_sd,
+                    "optimizer": optim_sd,
                     "scheduler": self.sched.state_dict(),
                 },
                 folder / "train.pt",
@@ -573,16 +686,15 @@ class Job:
             return
         # weights_only: a checkpoint file is data, never code (a crafted pickle is refused here)
         train = load_checkpoint_file(folder / "train.pt")
-        if train["world_size"] != self.world_size or train["hook"] != self.args.hook or train["model_preset"] != self.args.model:
+        if train["world_size"] != self.world_size or train["hook"] != self.label or train["model_preset"] != self.args.model:
             raise ValueError(
                 f"checkpoint {folder} is for {train['world_size']} ranks, hook {train['hook']}, model {train['model_preset']}; "
-                f"this run has {self.world_size} ranks, hook {self.args.hook}, model {self.args.model}"
+                f"this run has {self.world_size} ranks, hook {self.label}, model {self.args.model}"
             )
         mine = load_checkpoint_file(folder / f"rank{self.rank}.pt")
         if self.args.hook == "powersgd":
             self._prime_buckets()
-        self.ddp.module.load_state_dict(train["model"])
-        self.opt.load_state_dict(train["optimizer"])
+        self._load_full_state(train["model"], train["optimizer"])
         self.sched.load_state_dict(train["scheduler"])
         self.hook.load_state_dict(mine["hook_state"])
         self.gen.set_state(mine["data_rng"])
@@ -619,13 +731,15 @@ class Job:
         time_after = args.time_after
         if time_after is None:
             warm = {"int8": args.warmup_steps, "int4": args.warmup_steps, "powersgd": args.powersgd_start_iter}.get(args.hook, 0)
+            if args.fsdp and (args.grad_bits != 32 or args.weight_bits != 32):
+                warm = args.warmup_steps
             time_after = warm + 3
         # short runs: time at least the last step
         first_timed = max(self.start_step, min(time_after, args.steps - 1))
         if self.rank == 0:
             logger.info(
                 "TinyGPT '%s' (%.2fM parameters) on %d rank(s), backend %s, hook %s, %d steps of %d x %d bytes per rank",
-                args.model, self.n_params / 1e6, self.world_size, dist.get_backend(), args.hook,
+                args.model, self.n_params / 1e6, self.world_size, dist.get_backend(), self.label,
                 args.steps, args.batch_size, self.cfg.block_size,
             )
             if args.hook in ("int8", "int4"):
@@ -680,8 +794,8 @@ class Job:
                 if self.netdev is not None:
                     rec["wire_tx_bytes"] = read_netdev(self.netdev)["tx_bytes"]
                 if (args.eval_every and done % args.eval_every == 0) or done == args.steps:
-                    if self.rank == 0:
-                        val_loss = evaluate(self.ddp.module, self.val_data, batch_size=2 * args.batch_size, max_batches=args.eval_batches)
+                    if self.rank == 0 or args.fsdp:  # an FSDP2 forward needs every rank
+                        val_loss = evaluate(self.module, self.val_data, batch_size=2 * args.batch_size, max_batches=args.eval_batches)
                         rec["val_loss"] = val_loss
                 if metrics is not None:
                     metrics.write(json.dumps(rec) + "\n")
@@ -702,7 +816,8 @@ class Job:
     def _log_progress(self, rec: Dict[str, Any], stats: Dict[str, Any]) -> None:
         sent, fp32 = rec["bytes_sent_step"], rec["fp32_bytes_step"]
         if sent and sent != fp32:
-            ratio = f" (fp32 all-reduce: {fp32 / 1e6:.3f} MB, {fp32 / sent:.1f}x compression)"
+            what = "fp32 FSDP2 collectives" if self.args.fsdp else "fp32 all-reduce"
+            ratio = f" ({what}: {fp32 / 1e6:.3f} MB, {fp32 / sent:.1f}x compression)"
         else:
             ratio = " (uncompressed)"
         val = f" | val loss {rec['val_loss']:.4f}" if "val_loss" in rec else ""
@@ -720,7 +835,7 @@ class Job:
         gathered: List[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, {"rank": self.rank, "wire_per_step": wire, "device": self.netdev})
         summary = {
-            "hook": args.hook,
+            "hook": self.label,
             "model": args.model,
             "parameters": self.n_params,
             "world_size": self.world_size,

@@ -2,6 +2,7 @@
 
 from gradcomp.comm.checkpoint import gather_state_dict, load_gathered_state_dict
 from gradcomp.comm.collectives import ShardLayout, quantized_allreduce
+from gradcomp.comm.fsdp import FSDPCompressConfig, FSDPCompressState
 from gradcomp.comm.guard import HookFailedError
 from gradcomp.comm.hierarchical import HierarchicalGroups, HierarchicalLayout, hierarchical_allreduce
 from gradcomp.comm.hook import HookConfig, QuantizedAllReduceState, quantized_allreduce_hook, register
@@ -10,6 +11,8 @@ from gradcomp.comm.topology import Topology
 
 __all__ = [
     "CommPolicy",
+    "FSDPCompressConfig",
+    "FSDPCompressState",
     "HierarchicalGroups",
     "HierarchicalLayout",
     "HookConfig",

@@ -1,0 +1,141 @@
+"""Layouts of FSDP2's flat buffers for the exchange, and the per-module record of :mod:`gradcomp.comm.fsdp`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from gradcomp.comm import exchange
+
+_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class _RowPlan:
+    """Where a flat row of FSDP's buffer goes in the block-aligned row the exchange works on.
+
+    The exchange (:class:`~gradcomp.comm.exchange.ExchangePlan`) starts every parameter on a block
+    boundary; FSDP's buffer is ``P`` rows of the same per-parameter segments, so it is planned as
+    ``P`` copies of the segments, and shard ``k`` of the plan is exactly row ``k``.
+
+    Attributes:
+        row: elements of FSDP's row (one rank's shard of the module's flat buffer).
+        segments: per-parameter lengths of the row (zero-length ones dropped).
+        aligned: elements of the aligned row, a whole number of blocks.
+        index: ``index[j]`` is the aligned position of row element ``j`` (None: the identity).
+    """
+
+    row: int
+    segments: Tuple[int, ...]
+    aligned: int
+    index: Optional[torch.Tensor]
+
+    @staticmethod
+    def build(row: int, segments: Sequence[int], block_size: int) -> "_RowPlan":
+        """Lay ``segments`` (per-parameter lengths summing to ``row``) out, each from a block boundary.
+
+        Example: segments (300, 20) with ``block_size=256`` go to 0..299 and 512..531 of a 768-element row.
+        """
+        segments = tuple(int(n) for n in segments if n > 0)
+        if sum(segments) != row or not segments:
+            segments = (row,)  # unknown split: one segment
+        starts, dst = [], 0
+        for n in segments:
+            starts.append(dst)
+            dst += -(-n // block_size) * block_size
+        index = None
+        if len(segments) > 1 or dst != row:
+            index = torch.cat([torch.arange(s, s + n, dtype=torch.long) for s, n in zip(starts, segments)])
+        return _RowPlan(row, segments, dst, index)
+
+    def align(self, x: torch.Tensor) -> torch.Tensor:
+        """Return ``x`` (rows, row) laid out as (rows, aligned), zeros in the padding (a view when it can)."""
+        if self.index is None:
+            return x
+        out = torch.zeros(x.shape[0], self.aligned, dtype=x.dtype, device=x.device)
+        out.index_copy_(1, self.index.to(x.device), x)
+        return out
+
+    def unalign(self, y: torch.Tensor) -> torch.Tensor:
+        """Return the row elements of ``y`` (rows, aligned) as (rows, row)."""
+        if self.index is None:
+            return y
+        return y.index_select(1, self.index.to(y.device))
+
+
+def _op_scale(op: Any, world_size: int) -> Optional[Tuple[str, float]]:
+    """Return how the summed shard is scaled for FSDP's ``op``: ``("div", P)``, ``("mul", f)``; None for other ops.
+
+    AVG: divided by ``P`` (as the DDP exchange divides); SUM: ``("mul", 1.0)``; PREMUL_SUM(f):
+    multiplied by ``f`` (FSDP passes ``1 / gradient_divide_factor``).
+    """
+    kind = getattr(op, "op", op)
+    if kind == dist.ReduceOp.AVG:
+        return ("div", float(world_size))
+    if kind == dist.ReduceOp.SUM:
+        return ("mul", 1.0)
+    if kind == dist.ReduceOp.PREMUL_SUM:
+        factor = getattr(op, "factor", None)
+        if factor is None:
+            return None
+        return ("mul", float(factor))
+    return None
+
+
+def _trim(bufs: exchange.ExchangeBuffers, keep: Tuple[str, ...]) -> exchange.ExchangeBuffers:
+    """Drop the message buffers this use of the exchange never touches (they are of module size)."""
+    for name in ("send", "recv", "mine", "gathered"):
+        if name not in keep:
+            setattr(bufs, name, [torch.empty(0, dtype=torch.uint8, device=t.device) for t in getattr(bufs, name)])
+    return bufs
+
+
+@dataclass
+class _Entry:
+    """A cached exchange of one module for one (row, world size, width, device)."""
+
+    row: _RowPlan
+    plan: exchange.ExchangePlan  # P copies of the row's segments: shard k is row k
+    bufs: exchange.ExchangeBuffers
+    plan1: Optional[exchange.ExchangePlan] = None  # the all-gather: this rank's row alone
+    bufs1: Optional[exchange.ExchangeBuffers] = None
+
+
+class _ModuleComm:
+    """Per-module, per-rank data: the residual, the step, the cached exchanges and the byte counts."""
+
+    def __init__(self, fqn: str, index: int, segments: Tuple[int, ...]):
+        self.fqn = fqn
+        self.index = index  # the module's position: in every message header, with the step
+        self.segments = segments
+        self.step = 0
+        self.residual: Optional[torch.Tensor] = None
+        self.entries: Dict[Tuple[str, int, int, int, str], _Entry] = {}
+        self.pending_weight: Tuple[int, int] = (0, 0)  # (sent, fp32) of the all-gathers since the last reduce-scatter
+        self.last_grad: Tuple[int, int] = (0, 0)
+        self.last_weight: Tuple[int, int] = (0, 0)
+
+    def entry(self, kind: str, row: int, world_size: int, bits: int, block_size: int, device: torch.device) -> _Entry:
+        """Return the plan and buffers of a reduce-scatter (``"rs"``) or all-gather (``"ag"``), built once."""
+        key = (kind, row, world_size, bits, str(device))
+        e = self.entries.get(key)
+        if e is not None:
+            return e
+        rp = _RowPlan.build(row, self.segments, block_size)
+        plan = exchange.ExchangePlan.build(rp.segments * world_size, world_size, bits, block_size, chunk_numel=None)
+        if plan.layout.shard_numel != rp.aligned or len(plan.chunks) != 1:
+            raise AssertionError(f"internal error: the exchange's shards ({plan.layout.shard_numel}) are not FSDP's rows ({rp.aligned})")
+        bufs = exchange.ExchangeBuffers.allocate(plan, device)
+        if kind == "rs":
+            e = _Entry(rp, plan, _trim(bufs, ("send", "recv")))
+        else:
+            plan1 = exchange.ExchangePlan.build(rp.segments, 1, bits, block_size, chunk_numel=None)
+            c1, cp = plan1.chunks[0], plan.chunks[0]
+            if (c1.code_bytes, c1.scale_offset, c1.message_bytes) != (cp.code_bytes, cp.scale_offset, cp.message_bytes):
+                raise AssertionError("internal error: a rank's message and a shard's message differ in layout")
+            e = _Entry(rp, plan, _trim(bufs, ("gathered",)), plan1, _trim(exchange.ExchangeBuffers.allocate(plan1, device), ("send",)))
+        self.entries[key] = e
+        return e
