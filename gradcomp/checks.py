@@ -16,7 +16,17 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence
 
-__all__ = ["SUPPORTED_BITS", "GRADIENT_BITS", "check_bits", "check_int", "check_number", "check_bool", "check_choice"]
+__all__ = [
+    "SUPPORTED_BITS",
+    "GRADIENT_BITS",
+    "check_bits",
+    "check_int",
+    "check_is_int",
+    "check_number",
+    "check_positive",
+    "check_bool",
+    "check_choice",
+]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 GRADIENT_BITS = (2, 4, 8)
@@ -53,6 +63,34 @@ def check_int(name: str, value: Any, minimum: int = 1, maximum: Optional[int] = 
     if value < minimum or (maximum is not None and value > maximum):
         raise ValueError(f"{name} must be {want}, got {value}")
     return value
+
+
+def check_is_int(name: str, value: Any) -> int:
+    """Return ``value`` if it is an int (not a bool), of any sign; range checks are the caller's.
+
+    Raises:
+        TypeError: ``value`` is not an int, e.g. ``check_is_int("bits", 8.0)``:
+            ``bits must be an int, got float 8.0``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
+    """Return ``float(value)`` if it is a finite number > 0 (>= 0 with ``allow_zero``).
+
+    Raises:
+        TypeError: ``value`` is not a real number (bools are refused).
+        ValueError: ``value`` is not finite, negative, or zero without ``allow_zero``, e.g.
+            ``check_positive("bandwidth", 0)``: ``bandwidth must be a positive finite number, got 0``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a {kind} finite number, got {value!r}")
+    return float(value)
 
 
 def check_number(

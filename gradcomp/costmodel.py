@@ -39,6 +39,8 @@ import re
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, Iterable, List, Optional, Sequence
 
+from gradcomp.checks import GRADIENT_BITS, check_int, check_positive
+
 
 logger = logging.getLogger(__name__)
 
@@ -57,24 +59,10 @@ __all__ = [
 
 _ALGORITHMS = ("ring", "tree", "twophase", "allgather", "hier")
 _FLOAT_WIDTHS = {"fp32": 4, "bf16": 2, "fp16": 2}
-_QUANT_BITS = (2, 4, 8)
 
 
 # --------------------------------------------------------------------------------------------
 # configuration
-
-
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _positive_float(name: str, value, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        kind = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"{name} must be a {kind} finite number, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -100,7 +88,7 @@ class Scheme:
             if self.dtype not in _FLOAT_WIDTHS or _FLOAT_WIDTHS[self.dtype] * 8 != self.bits:
                 raise ValueError(f"{self.algorithm} runs on fp32, bf16 or fp16, got {self.dtype} with {self.bits} bits")
         else:
-            if self.dtype != "int" or self.bits not in _QUANT_BITS:
+            if self.dtype != "int" or self.bits not in GRADIENT_BITS:
                 raise ValueError(f"{self.algorithm} quantizes to int8, int4 or int2, got {self.dtype} with {self.bits} bits")
 
     @property
@@ -194,13 +182,13 @@ class Cluster:
     intra_latency: float = 1e-6
 
     def __post_init__(self) -> None:
-        _positive_int("workers", self.workers)
-        _positive_float("bandwidth", self.bandwidth)
-        _positive_float("latency", self.latency, allow_zero=True)
-        _positive_float("intra_bandwidth", self.intra_bandwidth)
-        _positive_float("intra_latency", self.intra_latency, allow_zero=True)
+        check_int("workers", self.workers)
+        check_positive("bandwidth", self.bandwidth)
+        check_positive("latency", self.latency, allow_zero=True)
+        check_positive("intra_bandwidth", self.intra_bandwidth)
+        check_positive("intra_latency", self.intra_latency, allow_zero=True)
         if self.nodes is not None:
-            _positive_int("nodes", self.nodes)
+            check_int("nodes", self.nodes)
             if self.nodes > self.workers or self.workers % self.nodes:
                 raise ValueError(
                     f"workers must be a multiple of nodes (the same number of workers on every node), "
@@ -246,13 +234,13 @@ class CodecThroughput:
     source: str = "given"
 
     def __post_init__(self) -> None:
-        _positive_float("quantize_eps", self.quantize_eps)
-        _positive_float("dequantize_eps", self.dequantize_eps)
+        check_positive("quantize_eps", self.quantize_eps)
+        check_positive("dequantize_eps", self.dequantize_eps)
 
     @classmethod
     def from_bytes_per_s(cls, bytes_per_s: float, source: str = "given") -> "CodecThroughput":
         """Build from one throughput in bytes of fp32 input per second, for both directions."""
-        _positive_float("codec throughput", bytes_per_s)
+        check_positive("codec throughput", bytes_per_s)
         return cls(bytes_per_s / 4.0, bytes_per_s / 4.0, source)
 
     def seconds(self, quantized: float, dequantized: float) -> float:
@@ -375,10 +363,10 @@ def estimate(
         An :class:`Estimate`.
     """
     sch = parse_scheme(scheme)
-    _positive_int("params", params)
-    _positive_int("block_size", block_size)
+    check_int("params", params)
+    check_int("block_size", block_size)
     if chunk_numel is not None:
-        _positive_int("chunk_numel", chunk_numel)
+        check_int("chunk_numel", chunk_numel)
     if not isinstance(cluster, Cluster):
         raise TypeError(f"cluster must be a Cluster, got {type(cluster).__name__}")
     if codec_throughput is not None and not isinstance(codec_throughput, CodecThroughput):
@@ -572,7 +560,7 @@ def sweep(
         if over == "workers":
             if isinstance(v, float) and v.is_integer():
                 v = int(v)
-            _positive_int("workers", v)
+            check_int("workers", v)
             if L is None:
                 nodes = None if cluster.nodes is None else 1
             else:

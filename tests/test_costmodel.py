@@ -218,11 +218,15 @@ def test_schemes_are_objects_and_names_are_only_for_people():
     (dict(workers=8, bandwidth=1e9, latency=-1), "latency must be a non-negative"),
     (dict(workers=8, bandwidth=1e9, nodes=3), "workers must be a multiple of nodes"),
     (dict(workers=8, bandwidth=1e9, nodes=16), "workers must be a multiple of nodes"),
-    (dict(workers=True, bandwidth=1e9), "workers must be a positive int"),
 ])
 def test_cluster_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         cm.Cluster(**kwargs)
+
+
+def test_cluster_rejects_a_bool_as_a_type_error():
+    with pytest.raises(TypeError, match="workers must be a positive int, got bool True"):
+        cm.Cluster(workers=True, bandwidth=1e9)
 
 
 def test_bad_scheme_and_params():

@@ -76,6 +76,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from gradcomp.checks import GRADIENT_BITS, check_is_int
 from gradcomp import codec
 from gradcomp.comm import exchange
 from gradcomp.comm.collectives import all_gather_into
@@ -85,13 +86,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["FSDPCompressConfig", "FSDPCompressState", "compress_"]
 
-GRAD_BITS = (2, 4, 8)
+GRAD_BITS = GRADIENT_BITS
 WEIGHT_BITS = (8,)
-
-
-def _check_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
 
 
 @dataclass(frozen=True)
@@ -121,18 +117,18 @@ class FSDPCompressConfig:
 
     def __post_init__(self):
         if self.grad_bits is not None:
-            _check_int("grad_bits", self.grad_bits)
+            check_is_int("grad_bits", self.grad_bits)
             if self.grad_bits not in GRAD_BITS:
                 raise ValueError(f"grad_bits must be one of {GRAD_BITS} or None, got {self.grad_bits}")
         if self.weight_bits is not None:
-            _check_int("weight_bits", self.weight_bits)
+            check_is_int("weight_bits", self.weight_bits)
             if self.weight_bits not in WEIGHT_BITS:
                 raise ValueError(f"weight_bits must be one of {WEIGHT_BITS} or None, got {self.weight_bits}")
-        _check_int("block_size", self.block_size)
+        check_is_int("block_size", self.block_size)
         if self.block_size < 8 or self.block_size % 8:
             raise ValueError(f"block_size must be a positive multiple of 8 (e.g. 64, 128, 256), got {self.block_size}")
         for name in ("warmup_steps", "min_compress_numel"):
-            _check_int(name, getattr(self, name))
+            check_is_int(name, getattr(self, name))
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("error_feedback", "compile"):

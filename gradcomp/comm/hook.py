@@ -33,6 +33,7 @@ with ``dist.GradBucket`` and ``torch.futures.Future[torch.Tensor]`` as objects, 
 """
 
 import itertools
+import contextlib
 import logging
 import math
 import queue
@@ -44,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from gradcomp import codec
+from gradcomp.checks import GRADIENT_BITS, check_bits, check_is_int
 from gradcomp.comm import exchange, guard
 from gradcomp.comm.collectives import all_gather_into
 from gradcomp.comm.exchange import ExchangeBuffers, ExchangePlan
@@ -56,7 +58,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["HookConfig", "QuantizedAllReduceState", "quantized_allreduce_hook", "register"]
 
-HOOK_BITS = (2, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -107,17 +108,15 @@ class HookConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "timeout", guard.seconds(self.timeout))
-        _check_int("bits", self.bits)
-        if self.bits not in HOOK_BITS:
-            raise ValueError(f"bits must be one of {HOOK_BITS}, got {self.bits}")
-        _check_int("block_size", self.block_size)
+        check_bits(self.bits, GRADIENT_BITS)
+        check_is_int("block_size", self.block_size)
         if self.block_size < 8 or self.block_size % 8:
             raise ValueError(f"block_size must be a positive multiple of 8 (e.g. 64, 128, 256), got {self.block_size}")
-        _check_int("chunk_numel", self.chunk_numel)
+        check_is_int("chunk_numel", self.chunk_numel)
         if self.chunk_numel < self.block_size:
             raise ValueError(f"chunk_numel must be >= block_size={self.block_size}, got {self.chunk_numel}")
         for name in ("warmup_steps", "min_compress_numel", "seed", "log_every"):
-            _check_int(name, getattr(self, name))
+            check_is_int(name, getattr(self, name))
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("error_feedback", "stochastic_rounding", "compile"):
@@ -132,11 +131,6 @@ class HookConfig:
                 "warmup_steps must be >= 1 when error_feedback is on (DDP rebuilds its buckets after the "
                 f"first iteration, which would misplace the residuals), got {self.warmup_steps}"
             )
-
-
-def _check_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
 
 
 _BucketPlan = ExchangePlan  # a bucket's plan: block-aligned parameters, chunks, shards, messages
@@ -976,21 +970,13 @@ class QuantizedAllReduceState:
         return guard.for_ddp(done)
 
 
-class _NullContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 _SIDE_STREAMS: Dict[Any, Any] = {}
 
 
 def _stream_context(buf: torch.Tensor, ready_event):
     """On CUDA: a side stream of the communication thread that first waits for the bucket to be ready."""
     if not buf.is_cuda:
-        return _NullContext()
+        return contextlib.nullcontext()
     torch.cuda.set_device(buf.device)
     stream = _SIDE_STREAMS.get(buf.device)
     if stream is None:

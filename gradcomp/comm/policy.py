@@ -39,6 +39,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from gradcomp.checks import check_positive
 from gradcomp.comm.exchange import DEFAULT_CHUNK_NUMEL
 from gradcomp.comm.measure import measure_hook_codec, probe_allreduce, timed
 from gradcomp.costmodel import Cluster, CodecThroughput, Scheme, estimate
@@ -60,13 +61,6 @@ _CANDIDATES = (PLAIN, 8, 4, 2)
 _RING_FP32 = Scheme.plain()
 
 
-def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} finite number, got {value!r}")
-
-
 @dataclass(frozen=True)
 class LinkFit:
     """Latency and bandwidth of a group's links, fitted or given.
@@ -84,9 +78,9 @@ class LinkFit:
     samples: int = 0
 
     def __post_init__(self) -> None:
-        _positive("latency", self.latency, allow_zero=True)
-        _positive("bandwidth", self.bandwidth)
-        _positive("rel_rmse", self.rel_rmse, allow_zero=True)
+        check_positive("latency", self.latency, allow_zero=True)
+        check_positive("bandwidth", self.bandwidth)
+        check_positive("rel_rmse", self.rel_rmse, allow_zero=True)
 
 
 @dataclass(frozen=True)
