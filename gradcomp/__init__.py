@@ -17,7 +17,7 @@ from gradcomp.codec import (
     quantize,
     sqnr_db,
 )
-from gradcomp.comm import HookConfig, QuantizedAllReduceState, quantized_allreduce_hook, register
+from gradcomp.comm import HookConfig, HookFailedError, QuantizedAllReduceState, quantized_allreduce_hook, register
 from gradcomp import fsdp
 from gradcomp.fsdp import FSDPCompressConfig, FSDPCompressState
 from gradcomp.quant import (
@@ -44,6 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     # the hook
     "HookConfig",
+    "HookFailedError",
     "QuantizedAllReduceState",
     "quantized_allreduce_hook",
     "register",

@@ -168,7 +168,9 @@ def parse_count(text: str, what: str = "params") -> int:
     if m is None:
         raise ValueError(f"{what} must be a positive number such as '7e9', '7B' or '350M', got {text!r}")
     value = float(m.group(1)) * _COUNT_SUFFIX[m.group(2).lower()]
-    if not math.isfinite(value) or value < 1:
+    if not math.isfinite(value) or value > 1e18:
+        raise ValueError(f"{what} must be a finite count of at most 1e18, got {text!r}")
+    if value < 1:
         raise ValueError(f"{what} must be at least 1, got {text!r}")
     return int(round(value))
 

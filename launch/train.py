@@ -154,6 +154,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if not math.isfinite(args.dist_timeout) or args.dist_timeout <= 0:
+        raise ValueError(f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}")
     if args.hook == "powersgd" and args.powersgd_start_iter < 2:
         raise ValueError(f"--powersgd-start-iter must be >= 2 (PyTorch's PowerSGD needs it with error feedback), got {args.powersgd_start_iter}")
     if args.fsdp and args.hook != "allreduce":
@@ -177,6 +179,21 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def load_checkpoint_file(path: Path) -> Any:
+    """Load a checkpoint file of this script with ``weights_only=True``: tensors and plain values, never code.
+
+    Raises:
+        ValueError: naming the file when it holds anything else (for instance a crafted pickle).
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle.UnpicklingError for a crafted file; others for a torn one
+        raise ValueError(
+            f"checkpoint {path} could not be loaded as data (torch.load with weights_only=True): "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -267,7 +284,11 @@ class HookSetup:
         if self.name in ("int8", "int4", "fsdp"):
             return self.state.state_dict()
         if self.name == "powersgd":
-            return self.state.__getstate__()
+            sd = dict(self.state.__getstate__())
+            # the numpy generator as plain values, so the checkpoint loads with weights_only=True
+            kind, keys, pos, has_gauss, cached = sd.pop("rng").get_state()
+            sd["rng_state"] = [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]
+            return sd
         return None
 
     def load_state_dict(self, sd: Any) -> None:
@@ -275,6 +296,13 @@ class HookSetup:
         if self.name in ("int8", "int4", "fsdp"):
             self.state.load_state_dict(sd)
         elif self.name == "powersgd":
+            import numpy as np
+
+            sd = dict(sd)
+            kind, keys, pos, has_gauss, cached = sd.pop("rng_state")
+            rng = np.random.RandomState()
+            rng.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+            sd["rng"] = rng
             group = self.state.process_group
             self.state.__setstate__(sd)
             self.state.process_group = group
@@ -397,6 +425,7 @@ def setup_hook(args: argparse.Namespace, ddp: DDP, world_size: int, tracer: Opti
             log_every=0,
             topology=topology,
             policy=policy,
+            timeout=args.dist_timeout,
         )
         # what gradcomp.register() does, done by hand so the hook can be wrapped for tracing:
         # residuals keyed by parameter index follow their parameters across bucket rebuilds and resumes
@@ -661,14 +690,14 @@ class Job:
             if self.rank == 0:
                 logger.info("--resume: no checkpoint in %s yet, starting from step 0", self.ckpt_root)
             return
-        # our own files: they hold optimizer and sampler objects, so load them in full
-        train = torch.load(folder / "train.pt", map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint file is data, never code (a crafted pickle is refused here)
+        train = load_checkpoint_file(folder / "train.pt")
         if train["world_size"] != self.world_size or train["hook"] != self.label or train["model_preset"] != self.args.model:
             raise ValueError(
                 f"checkpoint {folder} is for {train['world_size']} ranks, hook {train['hook']}, model {train['model_preset']}; "
                 f"this run has {self.world_size} ranks, hook {self.label}, model {self.args.model}"
             )
-        mine = torch.load(folder / f"rank{self.rank}.pt", map_location="cpu", weights_only=False)
+        mine = load_checkpoint_file(folder / f"rank{self.rank}.pt")
         if self.args.hook == "powersgd":
             self._prime_buckets()
         self._load_full_state(train["model"], train["optimizer"])

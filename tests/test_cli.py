@@ -90,8 +90,8 @@ def test_cost_measures_the_codec_by_default(capsys):
     (("--workers", "0"), "argument --workers"),
     (("--nodes", "3"), "workers must be a multiple of nodes"),
     (("--schemes", "ring-fp32,warp-int8"), "--schemes"),
-    (("--plot", "x.jpg"), "--plot must name a .png"),
-    (("--plot", "/nonexistent/dir/x.png"), "--plot: the folder"),
+    (("--plot", "x.jpg"), "argument --plot: expected a .png file"),
+    (("--plot", "/nonexistent/dir/x.png"), "argument --plot: the folder of '/nonexistent/dir/x.png' does not exist"),
     (("--codec-throughput", "fast"), "argument --codec-throughput"),
 ])
 def test_cost_bad_input_names_the_argument(capsys, args, needle):
@@ -185,9 +185,9 @@ def test_grads_trace_roundtrip_json_and_plots(capsys, tmp_path):
     (("--model", "torch.nn:Linear"), "--model needs --data"),
     (("--model", "torch.nn"), "--model must look like MODULE:NAME"),
     (("--data", "x:y"), "--data and --loss go with --model"),
-    (("--lr", "-1"), "--lr must be a non-negative"),
+    (("--lr", "-1"), "argument --lr: expected a number >= 0"),
     (("--steps", "0"), "argument --steps"),
-    (("--out", "/nonexistent/dir/r.json"), "--out: the folder"),
+    (("--out", "/nonexistent/dir/r.json"), "argument --out: the folder"),
 ])
 def test_grads_bad_input_names_the_argument(capsys, args, needle):
     code, _, err = run(capsys, "grads", "--init", "random", "--no-progress", *args)

@@ -18,7 +18,7 @@ import pkgutil
 import sys
 from typing import List, Optional
 
-from gradcomp.cli._common import EXIT_BAD_INPUT, EXIT_ENV, CliError
+from gradcomp.cli._common import EXIT_BAD_INPUT, EXIT_ENV, EXIT_FAILED, CliError
 
 __all__ = ["main", "build_parser"]
 
@@ -36,9 +36,17 @@ exit codes: 0 success, 1 the work failed, 2 bad arguments or input (the message 
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line: what is wrong, and where to look."""
+
+    def error(self, message: str):
+        """Print ``PROG: error: MESSAGE`` and exit with code 2 (argparse would print the usage first)."""
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gradcomp",
         description="Quantized gradient communication for PyTorch DDP and the quantization toolkit around it.",
         epilog=_EPILOG,
@@ -88,11 +96,25 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"gradcomp {args.command}: error: {exc}", file=sys.stderr)
         return exc.code
     except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"gradcomp {args.command}: error: {exc}", file=sys.stderr)
+        print(f"gradcomp {args.command}: error: {_first_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ImportError as exc:
         print(f"gradcomp {args.command}: error: {exc} (install the missing extra, e.g. pip install 'gradcomp[plots]')", file=sys.stderr)
         return EXIT_ENV
+    except OSError as exc:  # a path named on the command line that cannot be read or written
+        print(f"gradcomp {args.command}: error: {_first_line(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # never a traceback for the user: one line, and -v shows the details
+        if args.verbose:
+            raise
+        print(f"gradcomp {args.command}: error: {type(exc).__name__}: {_first_line(exc)} (run with -v for the traceback)", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (C++ errors append a stack trace after it)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -128,3 +128,105 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
 
+
+# ---- argument validators: argparse ``type=`` functions that refuse bad input before any work
+#
+# argparse reports their ArgumentTypeError as ``argument --NAME: <message>`` and exits with code 2.
+
+INT_MAX = 2**31 - 1  # larger sizes overflow the tensor code long before they make sense
+
+
+def int_in(lo: int, hi: int = INT_MAX) -> Callable[[str], int]:
+    """Return an argparse type accepting a decimal integer in ``[lo, hi]``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip().replace("_", ""))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer from {lo} to {hi}, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected an integer from {lo} to {hi}, got {text!r}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def float_in(lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False) -> Callable[[str], float]:
+    """Return an argparse type accepting a finite number in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``)."""
+    left = "(" if lo_open else "["
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if value < lo or value > hi or (lo_open and value == lo):
+            if hi == math.inf:
+                want = f"a number {'>' if lo_open else '>='} {lo:g}"
+            else:
+                want = f"a number in {left}{lo:g}, {hi:g}]"
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def hook_block_size(text: str) -> int:
+    """Parse a block size the DDP hook accepts: a positive multiple of 8 (the hook's own rule)."""
+    value = int_in(1)(text)
+    if value < 8 or value % 8:
+        raise argparse.ArgumentTypeError(f"block size must be a positive multiple of 8 (e.g. 64, 128, 256), got {text!r}")
+    return value
+
+
+def existing_file(text: str) -> str:
+    """Accept the path of an existing regular file (not a folder)."""
+    import os
+
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"expected a file, got the folder {text!r}" if os.path.isdir(text) else f"not a regular file: {text!r}")
+    return text
+
+
+def out_file(*suffixes: str) -> Callable[[str], str]:
+    """Return an argparse type for an output file: its folder exists, it is not a folder, it ends with a suffix.
+
+    Every subcommand treats output paths the same way: a FILE's folder must exist (nothing is
+    created silently in a mistyped place); an output DIR is created (:func:`out_dir`).
+    """
+
+    def parse(text: str) -> str:
+        import os
+
+        if suffixes and not text.lower().endswith(suffixes):
+            raise argparse.ArgumentTypeError(f"expected a {' or '.join(suffixes)} file, got {text!r}")
+        if os.path.isdir(text):
+            raise argparse.ArgumentTypeError(f"expected a file name, got the folder {text!r}")
+        folder = os.path.dirname(os.path.abspath(text))
+        if not os.path.isdir(folder):
+            raise argparse.ArgumentTypeError(f"the folder of {text!r} does not exist ({folder}); create it first")
+        return text
+
+    parse.__name__ = "file"
+    return parse
+
+
+def out_dir(text: str) -> str:
+    """Accept an output folder: an existing folder, or a path whose nearest existing ancestor is a folder."""
+    import os
+
+    path = os.path.abspath(text)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"expected a folder, got the file {text!r}")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"cannot create the folder {text!r}: {parent} is a file")
+    return text

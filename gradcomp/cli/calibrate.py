@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
-from gradcomp.cli._common import EXIT_OK, CliError, add_json_flag, load_callable, name_pattern, format_table, positive_int, print_json
+from gradcomp.cli._common import EXIT_OK, CliError, add_json_flag, float_in, format_table, load_callable, name_pattern, out_dir, positive_int, print_json
 
 _OBSERVERS = ("minmax", "moving_average", "per_channel", "percentile", "mse", "kl")
 
@@ -58,15 +58,15 @@ def register(subparsers) -> None:
     p.add_argument("--batches", type=positive_int, default=16, help="calibration batches (default 16)")
     p.add_argument("--names", default=None, metavar="PATTERN", type=name_pattern, help="only layers whose name matches (exact name, glob, or re:REGEX)")
     p.add_argument("--exclude", default=None, metavar="PATTERN", type=name_pattern, help="skip layers whose name matches (exact name, glob, or re:REGEX)")
-    p.add_argument("--percentile", type=float, default=99.99, help="percentile of --observer percentile (default 99.99)")
+    p.add_argument("--percentile", type=float_in(0, 100, lo_open=True), default=99.99, help="percentile of --observer percentile (default 99.99)")
     p.add_argument("--bins", type=positive_int, default=2048, help="histogram bins (default 2048)")
     p.add_argument("--outputs", action="store_true", help="also record the layer outputs")
-    p.add_argument("--out", default=None, metavar="DIR", help="write the report (JSON, markdown, PNG) to this folder")
+    p.add_argument("--out", default=None, metavar="DIR", type=out_dir, help="write the report (JSON, markdown, PNG) to this folder")
     p.add_argument("--no-plots", action="store_true", help="with --out, skip the PNG plots")
     p.add_argument("--save", default=None, metavar="SCALES.safetensors",
                    help="write the calibrated scales; gradcomp.quant.load_activation_scales_(model, FILE) puts them back")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "gradcomp"),
+    p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "gradcomp"), type=out_dir,
                    help="where the built-in tiny GPT is cached (default ~/.cache/gradcomp)")
     add_json_flag(p)
     p.set_defaults(func=run)

@@ -8,7 +8,7 @@ import os
 import sys
 import textwrap
 
-from gradcomp.cli._common import EXIT_OK, CliError, add_json_flag, arg_type, format_table, positive_int, print_json
+from gradcomp.cli._common import EXIT_OK, CliError, add_json_flag, arg_type, format_table, hook_block_size, int_in, out_file, print_json
 
 _EPILOG = """\
 examples:
@@ -45,10 +45,10 @@ def register(subparsers) -> None:
     )
     p.add_argument("--params", required=True, metavar="N", type=arg_type(lambda s: parse_count(s, "--params"), "count"),
                    help="gradient elements all-reduced per step, e.g. 7e9, 7B, 350M")
-    p.add_argument("--workers", required=True, type=positive_int, metavar="P", help="ranks in the all-reduce")
+    p.add_argument("--workers", required=True, type=int_in(1, 10**6), metavar="P", help="ranks in the all-reduce")
     p.add_argument("--bandwidth", required=True, metavar="RATE", type=arg_type(lambda s: parse_bandwidth(s, "--bandwidth"), "rate"),
                    help="main link per direction: each node's NIC (or the link between workers of one node)")
-    p.add_argument("--nodes", type=positive_int, default=None, metavar="M",
+    p.add_argument("--nodes", type=int_in(1, 10**6), default=None, metavar="M",
                    help="machines the workers are spread over (default: one worker per node)")
     p.add_argument("--latency", default="5us", metavar="TIME", type=arg_type(lambda s: parse_duration(s, "--latency"), "duration"),
                    help="per-message latency of the main link (default 5us)")
@@ -58,7 +58,7 @@ def register(subparsers) -> None:
     p.add_argument("--intra-latency", default="1us", metavar="TIME",
                    type=arg_type(lambda s: parse_duration(s, "--intra-latency"), "duration"),
                    help="per-message latency inside a node (default 1us)")
-    p.add_argument("--block-size", type=positive_int, default=256, metavar="B", help="elements per fp32 scale (default 256)")
+    p.add_argument("--block-size", type=hook_block_size, default=256, metavar="B", help="elements per fp32 scale (default 256)")
     p.add_argument("--schemes", default=None, metavar="LIST",
                    help="comma-separated schemes, e.g. ring-fp32,twophase-int8,hier-int4 (default: all that apply)")
     codec = p.add_mutually_exclusive_group()
@@ -68,7 +68,7 @@ def register(subparsers) -> None:
     codec.add_argument("--measure-codec", choices=("eager", "compiled"), default="eager",
                        help="measure the codec here with eager or torch.compile kernels (default eager)")
     codec.add_argument("--no-codec", action="store_true", help="leave the codec's compute time out")
-    p.add_argument("--plot", default=None, metavar="PNG", help="write a plot of time against --sweep to this PNG")
+    p.add_argument("--plot", default=None, metavar="PNG", type=out_file(".png"), help="write a plot of time against --sweep to this PNG")
     p.add_argument("--sweep", choices=("bandwidth", "workers"), default="bandwidth",
                    help="x axis of --plot (default bandwidth)")
     add_json_flag(p)

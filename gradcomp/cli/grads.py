@@ -9,7 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from gradcomp.cli._common import EXIT_OK, CliError, add_json_flag, load_callable, format_table, positive_int, print_json
+from gradcomp.cli._common import EXIT_OK, CliError, add_json_flag, existing_file, float_in, format_table, load_callable, out_dir, out_file, positive_int, print_json
 
 _EPILOG = """\
 examples:
@@ -54,14 +54,14 @@ def register(subparsers) -> None:
     src.add_argument("--preset", choices=("small", "comm17m"), default="small", help="TinyGPT shape when no --model (default small)")
     src.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
                      help="TinyGPT weights: trained once and cached (about a minute the first time) or random")
-    src.add_argument("--cache-dir", default=None, metavar="DIR", help="where the pretrained TinyGPT is cached (default ~/.cache/gradcomp)")
+    src.add_argument("--cache-dir", default=None, metavar="DIR", type=out_dir, help="where the pretrained TinyGPT is cached (default ~/.cache/gradcomp)")
     src.add_argument("--steps", type=positive_int, metavar="N", default=20, help="training steps to capture (default 20)")
     src.add_argument("--workers", type=positive_int, metavar="P", default=4, help="emulated ranks, each on its own batch (default 4)")
     src.add_argument("--batch-size", type=positive_int, metavar="N", default=8, help="TinyGPT sequences per rank and step (default 8)")
-    src.add_argument("--lr", type=float, metavar="LR", default=1e-3, help="learning rate applied between steps; 0 keeps the weights fixed")
+    src.add_argument("--lr", type=float_in(0), metavar="LR", default=1e-3, help="learning rate applied between steps; 0 keeps the weights fixed")
     src.add_argument("--seed", type=int, metavar="S", default=0, help="seed of the weights, batches and rounding noise")
-    src.add_argument("--load-trace", default=None, metavar="FILE", help="replay gradients saved with --save-trace")
-    src.add_argument("--save-trace", default=None, metavar="FILE", help="also save the captured gradients (safetensors)")
+    src.add_argument("--load-trace", default=None, metavar="FILE", type=existing_file, help="replay gradients saved with --save-trace")
+    src.add_argument("--save-trace", default=None, metavar="FILE", type=out_file(), help="also save the captured gradients (safetensors)")
     q = p.add_argument_group("quantization")
     q.add_argument("--bits", default="8,4", metavar="LIST", help="comma-separated bit widths from 8, 4, 2 (default 8,4)")
     q.add_argument("--block-sizes", default="256", metavar="LIST", help="comma-separated elements per scale (default 256)")
@@ -69,11 +69,11 @@ def register(subparsers) -> None:
     q.add_argument("--error-feedback", default="on,off", metavar="LIST", help="on, off or both (default on,off)")
     q.add_argument("--replay-steps", type=positive_int, metavar="N", default=None,
                    help="steps to replay, cycling through the captured ones (default: each captured step once)")
-    q.add_argument("--bucket-cap-mb", type=float, metavar="MB", default=25.0, help="DDP bucket size in MiB (default 25)")
-    q.add_argument("--first-bucket-mb", type=float, metavar="MB", default=1.0, help="DDP's first bucket in MiB (default 1)")
+    q.add_argument("--bucket-cap-mb", type=float_in(0, 1e6, lo_open=True), metavar="MB", default=25.0, help="DDP bucket size in MiB (default 25)")
+    q.add_argument("--first-bucket-mb", type=float_in(0, 1e6, lo_open=True), metavar="MB", default=1.0, help="DDP's first bucket in MiB (default 1)")
     o = p.add_argument_group("output")
-    o.add_argument("--out", default=None, metavar="FILE.json", help="write the full result (every layer, bucket and step) as JSON")
-    o.add_argument("--plot-dir", default=None, metavar="DIR", help="write drift.png, layers.png and summary.png here")
+    o.add_argument("--out", default=None, metavar="FILE.json", type=out_file(".json"), help="write the full result (every layer, bucket and step) as JSON")
+    o.add_argument("--plot-dir", default=None, metavar="DIR", type=out_dir, help="write drift.png, layers.png and summary.png here")
     o.add_argument("--top", type=positive_int, metavar="N", default=12, help="layers shown in the table, worst first (default 12)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     o.add_argument("--threads", type=positive_int, metavar="N", default=None,

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List
 
-from gradcomp.cli._common import CliError, add_json_flag, load_callable, format_table, print_json
+from gradcomp.cli._common import CliError, add_json_flag, existing_file, float_in, format_table, int_in, load_callable, out_dir, out_file, print_json
 
 DEFAULT_CANDIDATES = "int2-g128,int3-g128,int4-g128,int4-g32,int8-g128,fp16"
 
@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     )
     s.add_argument("--model", metavar="MODULE:CALLABLE",
                    help="a callable returning (model, calibration_batches); each batch is called as model(batch), model(*batch) for a tuple or model(**batch) for a dict")
-    s.add_argument("--cache-dir", default=_default_cache(), help="cache of the built-in tiny GPT (default ~/.cache/gradcomp)")
+    s.add_argument("--cache-dir", default=_default_cache(), type=out_dir, help="cache of the built-in tiny GPT (default ~/.cache/gradcomp)")
     s.add_argument("--candidates", default=DEFAULT_CANDIDATES,
                    help=f"comma-separated formats such as int4-g128, int8-channel, fp16 (default {DEFAULT_CANDIDATES})")
     s.add_argument("--metrics", default="auto",
@@ -42,19 +42,19 @@ def register(subparsers) -> None:
     s.add_argument("--forward", metavar="MODULE:FN",
                    help="FN(model, batch) runs one batch of any structure and returns the outputs (tensor, dict, dataclass, list)")
     s.add_argument("--hessian", action="store_true", help="also the HAWQ score (Hutchinson trace of the Hessian)")
-    s.add_argument("--hutchinson-samples", type=int, default=4, help="Rademacher vectors per batch for --hessian (default 4)")
+    s.add_argument("--hutchinson-samples", type=int_in(1, 10**6), default=4, help="Rademacher vectors per batch for --hessian (default 4)")
     s.add_argument("--act-bits", type=int, choices=(2, 3, 4, 8),
                    help="also fake-quantize each tried layer's input (dynamic per-token scales) with this many bits")
     s.add_argument("--layers", action="append", metavar="NAME", help="analyse only these layers (repeatable)")
-    s.add_argument("--batches", type=int, default=8, help="calibration batches of the built-in task (default 8)")
-    s.add_argument("--batch-size", type=int, default=32, help="sequences per calibration batch of the built-in task (default 32)")
+    s.add_argument("--batches", type=int_in(1, 10**6), default=8, help="calibration batches of the built-in task (default 8)")
+    s.add_argument("--batch-size", type=int_in(1, 10**6), default=32, help="sequences per calibration batch of the built-in task (default 32)")
     s.add_argument("--seed", type=int, default=0, help="seed of the calibration batches and Hutchinson vectors")
-    s.add_argument("--out", metavar="JSON", help="save the scores (reusable by 'gradcomp plan --scores')")
-    s.add_argument("--csv", metavar="CSV", help="save the sorted table as CSV")
-    s.add_argument("--plot", metavar="PNG", help="bar plot of sensitivity per layer per candidate (needs matplotlib)")
+    s.add_argument("--out", metavar="JSON", type=out_file(".json"), help="save the scores (reusable by 'gradcomp plan --scores')")
+    s.add_argument("--csv", metavar="CSV", type=out_file(".csv"), help="save the sorted table as CSV")
+    s.add_argument("--plot", metavar="PNG", type=out_file(".png"), help="bar plot of sensitivity per layer per candidate (needs matplotlib)")
     s.add_argument("--sort", metavar="METRIC", help="sort the table by this metric (default kl)")
-    s.add_argument("--top", type=int, default=0, help="print only the N most sensitive trials (default all)")
-    s.add_argument("--threads", type=int, help="torch intra-op threads")
+    s.add_argument("--top", type=int_in(0), default=0, help="print only the N most sensitive trials (default all)")
+    s.add_argument("--threads", type=int_in(1, 4096), help="torch intra-op threads")
     s.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_json_flag(s)
     s.set_defaults(func=_sensitivity)
@@ -65,10 +65,10 @@ def register(subparsers) -> None:
         description="Solve the multiple-choice knapsack over saved scores: minimise the summed sensitivity subject to "
         "an average-bits or a byte budget (scale overhead counted). No model run is needed.",
     )
-    p.add_argument("--scores", required=True, metavar="JSON", help="scores saved by 'gradcomp sensitivity --out'")
+    p.add_argument("--scores", required=True, metavar="JSON", type=existing_file, help="scores saved by 'gradcomp sensitivity --out'")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--avg-bits", type=float, help="budget in average bits per planned weight, scales included")
-    budget.add_argument("--max-bytes", type=float, help="budget in bytes of the whole model")
+    budget.add_argument("--avg-bits", type=float_in(0, 64, lo_open=True), help="budget in average bits per planned weight, scales included")
+    budget.add_argument("--max-bytes", type=float_in(0, 1e18, lo_open=True), help="budget in bytes of the whole model")
     p.add_argument("--rule", action="append", default=[], metavar="PATTERN=SPEC",
                    help="rule-based plan instead of a budget: pattern (name, glob or re:regex) = format or fp32 (repeatable, in order)")
     p.add_argument("--precedence", choices=("first", "specific"), default="first", help="rule precedence (default first match)")
@@ -76,12 +76,12 @@ def register(subparsers) -> None:
     p.add_argument("--candidates", help="comma-separated formats to allow (default every measured one plus fp32)")
     p.add_argument("--no-fp32", action="store_true", help="do not allow keeping a layer in full precision")
     p.add_argument("--method", choices=("auto", "exact", "bucketed", "greedy"), default="auto", help="knapsack solver (default auto)")
-    p.add_argument("--pareto", metavar="CSV", help="also write the whole Pareto front (size vs predicted damage) as CSV")
-    p.add_argument("--pareto-plot", metavar="PNG", help="also draw the Pareto front (needs matplotlib)")
-    p.add_argument("--out", metavar="JSON", help="save the plan")
+    p.add_argument("--pareto", metavar="CSV", type=out_file(".csv"), help="also write the whole Pareto front (size vs predicted damage) as CSV")
+    p.add_argument("--pareto-plot", metavar="PNG", type=out_file(".png"), help="also draw the Pareto front (needs matplotlib)")
+    p.add_argument("--out", metavar="JSON", type=out_file(".json"), help="save the plan")
     p.add_argument("--evaluate", action="store_true",
                    help="apply the plan and measure: the built-in tiny GPT's validation loss, or your model's --eval metric (with --model)")
-    p.add_argument("--cache-dir", default=_default_cache(), help="cache of the built-in tiny GPT, for --evaluate")
+    p.add_argument("--cache-dir", default=_default_cache(), type=out_dir, help="cache of the built-in tiny GPT, for --evaluate")
     p.add_argument("--model", metavar="MODULE:FN", help="for --evaluate on your own model: FN() returns the model "
                                                          "(or the (model, batches) of `gradcomp sensitivity --model`)")
     p.add_argument("--eval", dest="eval_fn", metavar="MODULE:FN",

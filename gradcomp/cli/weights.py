@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Dict, List
 
-from gradcomp.cli._common import CliError, add_json_flag, format_table, print_json
+from gradcomp.cli._common import CliError, add_json_flag, existing_file, float_in, format_table, int_in, out_file, print_json
 
 DEFAULT_ANALYZE = ("int8-channel", "int4-g128-asym")
 DEFAULT_SIZE = ("fp32", "fp16", "int8-channel", "int4-g128", "int4-g128-asym", "int2-g64-asym")
@@ -35,12 +35,12 @@ def register(subparsers) -> None:
     sub.required = True
 
     a = sub.add_parser("analyze", help="per-layer statistics and quantization error of a weights file")
-    a.add_argument("file", help=".safetensors or torch state_dict (.pt/.pth/.bin) file")
+    a.add_argument("file", type=existing_file, help=".safetensors or torch state_dict (.pt/.pth/.bin) file")
     a.add_argument("--config", action="append", metavar="SPEC",
                    help="config to measure, e.g. int8, int4-g128-asym, int2-g64-asym-sfp32, fp16 (repeatable; "
                         f"default: {' and '.join(DEFAULT_ANALYZE)})")
-    a.add_argument("--outlier-sigma", type=float, default=3.0, help="outlier threshold in standard deviations (default 3)")
-    a.add_argument("--plot", metavar="PNG", help="also write a picture of the report (needs matplotlib)")
+    a.add_argument("--outlier-sigma", type=float_in(0, 1e6, lo_open=True), default=3.0, help="outlier threshold in standard deviations (default 3)")
+    a.add_argument("--plot", metavar="PNG", type=out_file(".png"), help="also write a picture of the report (needs matplotlib)")
     a.add_argument("--histograms", action="store_true", help="include per-layer histograms in --json output")
     a.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     a.add_argument("--model", metavar="MODULE:FN", help="FN() builds the model FILE belongs to: with --data, each layer's output error on real inputs")
@@ -51,12 +51,12 @@ def register(subparsers) -> None:
     a.set_defaults(func=_analyze)
 
     q = sub.add_parser("quantize", help="quantize the weight matrices of a file into a gradcomp .safetensors file")
-    q.add_argument("input", help=".safetensors or torch state_dict (.pt/.pth/.bin) file")
-    q.add_argument("output", help="output .safetensors file")
+    q.add_argument("input", type=existing_file, help=".safetensors or torch state_dict (.pt/.pth/.bin) file")
+    q.add_argument("output", type=out_file(".safetensors"), help="output .safetensors file")
     q.add_argument("--bits", type=int, default=8, choices=(2, 3, 4, 8), help="code width (default 8)")
     q.add_argument("--granularity", default="per_channel", choices=("per_tensor", "per_channel", "per_group"),
                    help="where scales are shared (default per_channel)")
-    q.add_argument("--group-size", type=int, default=128, help="values per group for per_group (default 128)")
+    q.add_argument("--group-size", type=int_in(1, 1 << 24), default=128, help="values per group for per_group (default 128)")
     q.add_argument("--asymmetric", action="store_true", help="affine scales with zero points (default symmetric)")
     q.add_argument("--scale-dtype", default="fp16", choices=("fp16", "bf16", "fp32"), help="how scales are stored (default fp16)")
     q.add_argument("--cast", choices=("fp16", "bf16"), help="cast weights to a 16-bit float instead of integer codes")
@@ -78,9 +78,9 @@ def register(subparsers) -> None:
     q.set_defaults(func=_quantize)
 
     s = sub.add_parser("size", help="bytes per precision for N parameters, or for the weights of a file (measured on disk)")
-    s.add_argument("file", nargs="?", help="weights file to measure (quantized copies are written to a temporary directory)")
-    s.add_argument("--params", type=float, help="number of weights, e.g. 7e9 (instead of FILE)")
-    s.add_argument("--row-length", type=int, default=4096, help="inputs per weight row for --params (default 4096)")
+    s.add_argument("file", nargs="?", type=existing_file, help="weights file to measure (quantized copies are written to a temporary directory)")
+    s.add_argument("--params", type=float_in(1, 1e15), help="number of weights, e.g. 7e9 (instead of FILE)")
+    s.add_argument("--row-length", type=int_in(1, 1 << 24), default=4096, help="inputs per weight row for --params (default 4096)")
     s.add_argument("--config", action="append", metavar="SPEC", help=f"configs to list (default: {', '.join(DEFAULT_SIZE)})")
     s.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     _add_file_options(s)

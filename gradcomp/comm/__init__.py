@@ -3,6 +3,7 @@
 from gradcomp.comm.checkpoint import gather_state_dict, load_gathered_state_dict
 from gradcomp.comm.collectives import ShardLayout, quantized_allreduce
 from gradcomp.comm.fsdp import FSDPCompressConfig, FSDPCompressState
+from gradcomp.comm.guard import HookFailedError
 from gradcomp.comm.hierarchical import HierarchicalGroups, HierarchicalLayout, hierarchical_allreduce
 from gradcomp.comm.hook import HookConfig, QuantizedAllReduceState, quantized_allreduce_hook, register
 from gradcomp.comm.policy import PLAIN, CommPolicy, LinkFit, NetworkFit, PolicyConfig, probe_network
@@ -15,6 +16,7 @@ __all__ = [
     "HierarchicalGroups",
     "HierarchicalLayout",
     "HookConfig",
+    "HookFailedError",
     "LinkFit",
     "NetworkFit",
     "PLAIN",

@@ -9,7 +9,7 @@ every rank; :func:`load_gathered_state_dict` picks this rank's entry from it.
 Example:
     >>> blob = gather_state_dict(state)          # doctest: +SKIP
     >>> torch.save({"hook": blob, ...}, path)    # doctest: +SKIP
-    >>> load_gathered_state_dict(state, torch.load(path)["hook"])  # doctest: +SKIP
+    >>> load_gathered_state_dict(state, torch.load(path, weights_only=True)["hook"])  # doctest: +SKIP
 """
 
 from __future__ import annotations

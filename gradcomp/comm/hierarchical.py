@@ -167,9 +167,10 @@ class HierarchicalGroups:
             (``dist.get_process_group_ranks(pg)``); group rank ``g`` runs on node ``g // L``.
         rank: this rank's index in ``group_ranks``.
         backend: the backend of the new groups (that of the parent group).
+        timeout: of the new groups' collectives (a ``timedelta``; None: torch's default).
     """
 
-    def __init__(self, topology: Topology, group_ranks: List[int], rank: int, backend=None):
+    def __init__(self, topology: Topology, group_ranks: List[int], rank: int, backend=None, timeout=None):
         if not isinstance(topology, Topology):
             raise TypeError(f"topology must be a gradcomp Topology, got {type(topology).__name__}")
         world = len(group_ranks)
@@ -179,14 +180,14 @@ class HierarchicalGroups:
         self.node = topology.node_of(rank)
         self.local_rank = topology.local_rank(rank)
         # every rank creates every group in the same order: new_group is collective over the parent
-        self.intra = self._mine([[group_ranks[g] for g in grp] for grp in topology.node_groups(world)], self.node, backend)
-        self.inter = self._mine([[group_ranks[g] for g in grp] for grp in topology.cross_groups(world)], self.local_rank, backend)
+        self.intra = self._mine([[group_ranks[g] for g in grp] for grp in topology.node_groups(world)], self.node, backend, timeout)
+        self.inter = self._mine([[group_ranks[g] for g in grp] for grp in topology.cross_groups(world)], self.local_rank, backend, timeout)
 
     @staticmethod
-    def _mine(groups: List[List[int]], mine: int, backend):
+    def _mine(groups: List[List[int]], mine: int, backend, timeout):
         if len(groups[0]) == 1:
             return None
-        made = [dist.new_group(ranks=g, backend=backend) for g in groups]
+        made = [dist.new_group(ranks=g, backend=backend, timeout=timeout) for g in groups]
         return made[mine]
 
     def layout(self, numel: int, bits: int, block_size: int) -> HierarchicalLayout:

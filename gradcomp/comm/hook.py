@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from gradcomp import codec
-from gradcomp.comm import exchange
+from gradcomp.comm import exchange, guard
 from gradcomp.comm.collectives import all_gather_into
 from gradcomp.comm.exchange import ExchangeBuffers, ExchangePlan
 from gradcomp.comm.hierarchical import HierarchicalGroups, hierarchical_allreduce
@@ -87,6 +87,9 @@ class HookConfig:
         policy: a :class:`~gradcomp.comm.policy.PolicyConfig` to choose per bucket between plain
             all-reduce and the quantized widths from the measured network (:mod:`gradcomp.comm.policy`);
             ``bits`` is then not used. None: every compressed bucket uses ``bits`` (a pinned choice).
+        timeout: seconds after which a collective of the hook fails when a peer does not answer.
+            None: the timeout of the process group averaged over (``init_process_group(timeout=...)``),
+            else torch's default for the backend.
     """
 
     bits: int = 8
@@ -101,8 +104,10 @@ class HookConfig:
     log_every: int = 100
     topology: Optional[Topology] = None
     policy: Optional[PolicyConfig] = None
+    timeout: Optional[float] = None
 
     def __post_init__(self):
+        object.__setattr__(self, "timeout", guard.seconds(self.timeout))
         _check_int("bits", self.bits)
         if self.bits not in HOOK_BITS:
             raise ValueError(f"bits must be one of {HOOK_BITS}, got {self.bits}")
@@ -253,6 +258,7 @@ class QuantizedAllReduceState:
         self._plans: Dict[int, _BucketPlan] = {}
         self._pool: Optional[Dict[int, Tuple[torch.Tensor, torch.Tensor]]] = None  # residuals by parameter key
         self._param_keys: Optional[Dict[int, int]] = None  # id(parameter) -> index in the model
+        self._param_numels: Optional[List[int]] = None  # numel of each tracked parameter, by index
         self._lock = threading.Lock()
         self._reset_stats()
         self._comm_group = None
@@ -260,6 +266,10 @@ class QuantizedAllReduceState:
         self._policy: Optional[CommPolicy] = None
         self._logged_choices: set = set()
         self._thread: Optional[_CommThread] = None
+        self._failure: Optional[str] = None  # set when an exchange failed: the state then refuses steps
+        self._failure_tag = ""
+        self._verify_pending = True  # compare step and layout across ranks at the next step
+        self._timeout = guard.group_timeout(process_group, dist.get_backend(process_group), self.config.timeout)
         self._buffers: Dict[int, ExchangeBuffers] = {}  # persistent exchange buffers, by bucket index
         self._spares: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # second residual buffers, by bucket index
         self._pending: Dict[int, tuple] = {}  # residuals written this step, committed at its end if all finite
@@ -273,6 +283,8 @@ class QuantizedAllReduceState:
             self.config.topology.num_nodes(self.world_size)  # refuse a topology that does not fit, before any group exists
         if self.world_size > 1:
             self._comm_group = self._new_comm_group()
+            # every rank raises the same error if the options differ, before anything else is sent
+            guard.check_agreement(guard.wire_config(self.config, self.world_size), self._comm_group, self._timeout)
             if self.config.topology is not None:
                 self._hier = self._new_hier_groups()
             if self.config.policy is not None:
@@ -283,11 +295,15 @@ class QuantizedAllReduceState:
 
     def _new_comm_group(self):
         ranks = dist.get_process_group_ranks(self.process_group or dist.group.WORLD)
-        return dist.new_group(ranks=ranks, backend=dist.get_backend(self.process_group))
+        group = guard.new_group_or_raise(ranks, dist.get_backend(self.process_group), self._timeout, "the hook's process group")
+        self._failure_tag = str(getattr(group, "group_name", ""))  # the same name on every rank
+        return group
 
     def _new_hier_groups(self) -> HierarchicalGroups:
         pg = self.process_group or dist.group.WORLD
-        return HierarchicalGroups(self.config.topology, dist.get_process_group_ranks(pg), self.rank, dist.get_backend(self.process_group))
+        return HierarchicalGroups(
+            self.config.topology, dist.get_process_group_ranks(pg), self.rank, dist.get_backend(self.process_group), timeout=self._timeout
+        )
 
     def _device(self):
         if dist.get_backend(self.process_group) == "nccl":
@@ -365,7 +381,7 @@ class QuantizedAllReduceState:
     def __getstate__(self) -> Dict[str, Any]:
         """Drop the process groups, the thread and the lock so the state can be pickled."""
         drop = (
-            "process_group", "_comm_group", "_hier", "_thread", "_lock", "_param_keys", "_plans", "_buffers",
+            "process_group", "_comm_group", "_hier", "_thread", "_lock", "_param_keys", "_param_numels", "_plans", "_buffers",
             "_spares", "_pending", "_step_plain", "_pipe", "_compiler", "_inflight",
         )
         return {k: v for k, v in self.__dict__.items() if k not in drop}
@@ -385,10 +401,19 @@ class QuantizedAllReduceState:
         self._pipe = None
         self._inflight = []
         self._compiler = None
+        self._verify_pending = True
+        self.__dict__.setdefault("_failure", None)
+        self.__dict__.setdefault("_failure_tag", "")
+        self.__dict__.setdefault("_param_numels", None)
 
     def state_dict(self) -> Dict[str, Any]:
-        """Return this rank's residuals, step, config and statistics (tensors on CPU) for a checkpoint."""
+        """Return this rank's residuals, step, config and statistics (tensors on CPU) for a checkpoint.
+
+        ``checksums`` holds a CRC-32 of every residual's bytes; :meth:`load_state_dict` verifies them.
+        """
         self.synchronize()
+        worker = {k: v.detach().cpu().clone() for k, v in self._worker_residuals.items()}
+        server = {k: v.detach().cpu().clone() for k, v in self._server_residuals.items()}
         return {
             "config": asdict(self.config),
             "world_size": self.world_size,
@@ -397,8 +422,9 @@ class QuantizedAllReduceState:
             "param_keys": "index" if self._param_keys is not None else "identity",
             "bucket_keys": {k: list(v) for k, v in self._bucket_keys.items()},
             "bucket_numels": {k: list(v) for k, v in self._bucket_numels.items()},
-            "worker_residuals": {k: v.detach().cpu().clone() for k, v in self._worker_residuals.items()},
-            "server_residuals": {k: v.detach().cpu().clone() for k, v in self._server_residuals.items()},
+            "worker_residuals": worker,
+            "server_residuals": server,
+            "checksums": guard.checksums_of(worker, server),
             "network_fit": self._policy.fit.to_dict() if self._policy is not None else None,
             "stats": self._stats_snapshot(),
         }
@@ -417,52 +443,70 @@ class QuantizedAllReduceState:
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load what :meth:`state_dict` returned on the same rank of a job of the same size and config.
 
+        Everything is checked before anything changes (a refused load leaves the state as it was):
+        keys, types, ``step >= 0``, the world size and rank, the wire options, each residual's dtype
+        and length against the recorded bucket layout, finiteness and the CRC-32 recorded by
+        :meth:`state_dict`. The first step after the load compares step and layout across the ranks
+        (an all-gather on the user's group) and raises on every rank while they differ.
+
         Raises:
-            ValueError: if the world size, the rank, or a wire-relevant option differs (nothing is changed).
+            TypeError / ValueError: naming the key or field that is wrong (nothing is changed).
         """
+        guard.check_alive(self)
         if not isinstance(state_dict, dict) or "config" not in state_dict:
             raise TypeError(f"state_dict must be a dict made by QuantizedAllReduceState.state_dict(), got {type(state_dict).__name__}")
-        if state_dict["world_size"] != self.world_size or state_dict["rank"] != self.rank:
-            raise ValueError(
-                f"checkpoint is for rank {state_dict['rank']} of {state_dict['world_size']}, "
-                f"this state is rank {self.rank} of {self.world_size}"
-            )
-        saved = state_dict["config"]
-        for name in ("bits", "block_size", "error_feedback", "chunk_numel"):
-            if saved.get(name) != getattr(self.config, name):
-                raise ValueError(f"checkpoint has {name}={saved.get(name)!r}, this state has {name}={getattr(self.config, name)!r}")
-        topo = asdict(self.config.topology) if self.config.topology is not None else None
-        if saved.get("topology") != topo:
-            raise ValueError(
-                f"checkpoint has topology={saved.get('topology')!r}, this state has topology={topo!r} "
-                "(the residuals are laid out for the node layout)"
-            )
+        if isinstance(state_dict.get("config"), dict):
+            saved = state_dict["config"]
+            for name in ("bits", "block_size", "error_feedback", "chunk_numel"):
+                if saved.get(name) != getattr(self.config, name):
+                    raise ValueError(f"checkpoint has {name}={saved.get(name)!r}, this state has {name}={getattr(self.config, name)!r}")
+            topo = asdict(self.config.topology) if self.config.topology is not None else None
+            if saved.get("topology") != topo:
+                raise ValueError(
+                    f"checkpoint has topology={saved.get('topology')!r}, this state has topology={topo!r} "
+                    "(the residuals are laid out for the node layout)"
+                )
+        parsed = guard.validate_state_dict(
+            state_dict, world_size=self.world_size, rank=self.rank, residual_sizes=self._residual_sizes, num_params=self._param_numels,
+        )
         policy = self._policy
         if self._policy is not None and state_dict.get("network_fit") is not None:
             # decide from the checkpoint's figures, so the resumed run picks what the original did
-            fit = NetworkFit.from_dict(state_dict["network_fit"])
+            try:
+                fit = NetworkFit.from_dict(state_dict["network_fit"])
+            except (TypeError, ValueError, KeyError) as exc:
+                raise ValueError(f"checkpoint network_fit is not valid: {exc}") from exc
             policy = CommPolicy(self.config.policy, fit, self.world_size, self._policy.cluster.num_nodes if self._policy.hierarchical else None, self.config.block_size)
+        keep = state_dict["param_keys"] == "index" and self._param_keys is not None
+        if keep:
+            worker = {k: v.detach().to("cpu", copy=True) for k, v in parsed["worker"].items()}
+            server = {k: v.detach().to("cpu", copy=True) for k, v in parsed["server"].items()}
+        elif parsed["worker"]:
+            logger.warning(
+                "the checkpoint's residuals are keyed by parameter identity in another process (or this state "
+                "tracks no model); they are dropped. Use gradcomp.register() or state.track_parameters(model)."
+            )
         self.synchronize()
+        # nothing below can fail: the load is all or nothing
         self._policy = policy
         self._logged_choices = set()
-        self.step = int(state_dict["step"])
+        self.step = parsed["step"]
         self._load_stats(state_dict.get("stats"))
         self._plans = {}
         self._spares, self._pending = {}, {}
         self._pool = None
-        if state_dict.get("param_keys") == "index" and self._param_keys is not None:
-            self._bucket_keys = {int(k): tuple(v) for k, v in state_dict["bucket_keys"].items()}
-            self._bucket_numels = {int(k): tuple(v) for k, v in state_dict["bucket_numels"].items()}
-            self._worker_residuals = {int(k): v.clone() for k, v in state_dict["worker_residuals"].items()}
-            self._server_residuals = {int(k): v.clone() for k, v in state_dict["server_residuals"].items()}
+        if keep:
+            self._bucket_keys, self._bucket_numels = parsed["bucket_keys"], parsed["bucket_numels"]
+            self._worker_residuals, self._server_residuals = worker, server
         else:
-            if state_dict["worker_residuals"]:
-                logger.warning(
-                    "the checkpoint's residuals are keyed by parameter identity in another process (or this state "
-                    "tracks no model); they are dropped. Use gradcomp.register() or state.track_parameters(model)."
-                )
             self._bucket_keys, self._bucket_numels = {}, {}
             self._worker_residuals, self._server_residuals = {}, {}
+        self._verify_pending = True
+
+    def _residual_sizes(self, keys: Tuple[int, ...], numels: Tuple[int, ...]) -> Tuple[int, int]:
+        """Lengths of this rank's worker and server residuals for a bucket of these parameters."""
+        _, wn, _, sn, _ = self._slices(self._plan(keys, numels, self.config.bits))
+        return wn, sn
 
     def track_parameters(self, module: torch.nn.Module) -> None:
         """Key residuals by each parameter's index in ``module`` (``register`` does this for you).
@@ -471,7 +515,9 @@ class QuantizedAllReduceState:
         resumes bit-identically in a new process; without it, they follow parameter identity within
         this process only.
         """
-        self._param_keys = {id(p): i for i, p in enumerate(module.parameters())}
+        params = list(module.parameters())
+        self._param_keys = {id(p): i for i, p in enumerate(params)}
+        self._param_numels = [p.numel() for p in params]
 
     def synchronize(self) -> None:
         """Wait until every submitted bucket is done (DDP already waits at the end of backward)."""
@@ -479,6 +525,7 @@ class QuantizedAllReduceState:
             done = torch.futures.Future()
             self._thread.submit(self._flush, done)
             done.wait()
+        guard.check_alive(self)
 
     def close(self) -> None:
         """Finish the work in flight, then stop and join the communication thread and any compilation.
@@ -849,8 +896,12 @@ class QuantizedAllReduceState:
         self._compiler.start(warmup)
 
     def _reduce(self, bucket: dist.GradBucket) -> torch.futures.Future:
+        guard.check_alive(self)
         buf = bucket.buffer()
         index = bucket.index()
+        guard.check_bucket(buf, index)
+        if self._verify_pending and self.world_size > 1:  # the first step after construction or a load
+            self._verify_step(self.step, buf.device)
         last = bucket.is_last()
         step = self.step
         if last:
@@ -874,10 +925,11 @@ class QuantizedAllReduceState:
             compress = bits != PLAIN
         if self._comm_group is None:  # unpickled state: make the groups now (every rank is here too)
             self._comm_group = self._new_comm_group()
+            guard.check_agreement(guard.wire_config(cfg, self.world_size), self._comm_group, self._timeout)
             if cfg.topology is not None:
                 self._hier = self._new_hier_groups()
         if not compress:
-            return self._plain(buf, step, last)
+            return self._plain(buf, step, last, index)
         params = bucket.parameters()
         if self._param_keys is not None:
             keys = tuple(self._param_keys.get(id(p), -1 - id(p)) for p in params)
@@ -903,10 +955,25 @@ class QuantizedAllReduceState:
             self._thread_buckets = 0
         else:
             self._thread_buckets += 1
-        self._thread.submit(lambda: self._run_bucket(buf, index, step, last, plan, ready, fut, checks), fut)
-        return fut
+        what = "hierarchical exchange" if self._hier is not None else "quantized exchange (chunked all-to-all, then all-gather)"
+        run = guard.guarded(self, lambda: self._run_bucket(buf, index, step, last, plan, ready, fut, checks), step=step, bucket=index, what=what)
+        self._thread.submit(run, fut)
+        return guard.for_ddp(fut)
 
-    def _plain(self, buf: torch.Tensor, step: int, last: bool) -> torch.futures.Future:
+    def _verify_step(self, step: int, device) -> None:
+        """Raise the same ValueError on every rank unless all hold the same step and residual layout.
+
+        Runs at the first bucket after construction or a load, on the training thread, on the
+        user's group (where DDP's order of calls is the same on every rank); until the ranks
+        agree, every step checks again and raises.
+        """
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        digest = guard.layout_digest(step, self._bucket_keys, self._bucket_numels)
+        guard.check_step_agreement(step, digest, group, device)
+        self._verify_pending = False
+
+    def _plain(self, buf: torch.Tensor, step: int, last: bool, index: int) -> torch.futures.Future:
         """A bucket that is not compressed: ``dist.all_reduce`` on DDP's own group, not through the hook's thread.
 
         The all-reduces are issued here, on the training thread, in DDP's bucket order (the same on
@@ -917,7 +984,7 @@ class QuantizedAllReduceState:
         """
         P = self.world_size
         group = self.process_group if self.process_group is not None else dist.group.WORLD
-        fut = dist.all_reduce(buf.div_(P), group=group, async_op=True).get_future().then(lambda f: f.value()[0])
+        fut = dist.all_reduce(buf.div_(P), group=group, async_op=True).get_future().then(guard.plain_result(self, step, index))
         self._account(2 * (P - 1) * buf.numel() * buf.element_size() // P, 2 * (P - 1) * buf.numel() * 4 // P, False, True, None, step, False)
         if self.config.error_feedback and step >= self.config.warmup_steps:
             self._step_plain.append((fut, buf))
@@ -935,8 +1002,8 @@ class QuantizedAllReduceState:
             self._end_step(step, checks)
             return buf
 
-        self._thread.submit(end, done)
-        return done
+        self._thread.submit(guard.guarded(self, end, step=step, bucket=index, what="end of step (residual commit)"), done)
+        return guard.for_ddp(done)
 
 
 class _NullContext:
@@ -990,6 +1057,13 @@ def register(ddp_model: torch.nn.parallel.DistributedDataParallel, bits: int = 8
     """
     if not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
         raise TypeError(f"ddp_model must be a torch.nn.parallel.DistributedDataParallel, got {type(ddp_model).__name__}")
+    if getattr(ddp_model, "_comm_hooks", None):
+        # refused here, before the state's process group (a collective) exists
+        raise ValueError(
+            "ddp_model already has a communication hook (DDP takes one); register gradcomp once per DDP model, "
+            "on a model without another hook"
+        )
+    guard.check_model(ddp_model.module)
     process_group = options.pop("process_group", getattr(ddp_model, "process_group", None))
     state = QuantizedAllReduceState(process_group, bits=bits, **options)
     state.track_parameters(ddp_model.module)
