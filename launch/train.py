@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import logging
 import math
@@ -973,12 +974,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     init_distributed(args)
     job = None
+    finished = False
     try:
         job = Job(args)
         job.run()
+        finished = True
     finally:
         if job is not None:
             job.hook.close()
+        if finished:
+            # no rank tears its groups down while a peer still has collectives in flight: FSDP2 on
+            # gloo aborts at exit ("terminate called without an active exception") otherwise
+            dist.barrier()
+        job = None
+        gc.collect()
         dist.destroy_process_group()
     return 0
 
