@@ -27,6 +27,13 @@ def _hooked(bits, error_feedback, **ddp_kwargs):
     return model, state
 
 
+def _int8_hooked(**options):
+    """A DDP model with the int8 hook compressing every bucket from step 1 on (eager kernels)."""
+    model = DDP(_model(), bucket_cap_mb=0.05)
+    state = gradcomp.register(model, bits=8, warmup_steps=1, min_compress_numel=0, compile=False, **options)
+    return model, state
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -197,8 +204,7 @@ def test_static_graph_unused_parameters_bucket_view_and_no_sync(tmp_path):
 
 
 def _grad_scaler_worker(rank, world_size):
-    model = DDP(_model(), bucket_cap_mb=0.05)
-    state = gradcomp.register(model, bits=8, warmup_steps=1, min_compress_numel=0, compile=False)
+    model, state = _int8_hooked()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     losses = []
@@ -381,8 +387,7 @@ def test_chunked_pipeline_matches_one_chunk_bit_for_bit(tmp_path, world_size):
 
 
 def _nonfinite_one_bucket_worker(rank, world_size):
-    model = DDP(_model(), bucket_cap_mb=0.05)
-    state = gradcomp.register(model, bits=8, warmup_steps=1, min_compress_numel=0, compile=False, chunk_numel=1024)
+    model, state = _int8_hooked(chunk_numel=1024)
     for step in range(3):
         _backward(model, rank, step)
     before = state.state_dict()
@@ -412,8 +417,7 @@ def test_nonfinite_in_one_bucket_keeps_every_buckets_residuals(tmp_path):
 
 
 def _out_of_step_worker(rank, world_size):
-    model = DDP(_model(), bucket_cap_mb=0.05)
-    state = gradcomp.register(model, bits=8, warmup_steps=1, min_compress_numel=0, compile=False)
+    model, state = _int8_hooked()
     for step in range(2):
         _backward(model, rank, step)
     if rank == 1:
