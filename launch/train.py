@@ -321,6 +321,12 @@ class HookSetup:
             self.state.__setstate__(sd)
             self.state.process_group = group
 
+    def close(self) -> None:
+        """Finish the hook's work in flight and join its threads (before the process groups go)."""
+        close = getattr(self.state, "close", None)
+        if close is not None:
+            close()
+
 
 class OverlapTracer:
     """Timestamps of one backward pass: when DDP hands each bucket to the hook, when it is done, the end.
@@ -966,9 +972,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         stream=sys.stdout,
     )
     init_distributed(args)
+    job = None
     try:
-        Job(args).run()
+        job = Job(args)
+        job.run()
     finally:
+        if job is not None:
+            job.hook.close()
         dist.destroy_process_group()
     return 0
 

@@ -461,3 +461,32 @@ def test_config_object_is_accepted(world1):
         gradcomp.QuantizedAllReduceState(config={"bits": 4})
     with pytest.raises(ValueError, match="chunk_numel must be >= block_size=256, got 100"):
         gradcomp.HookConfig(chunk_numel=100)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _busy_at_exit_worker(rank, world_size):
+    import time
+
+    model, state = _hooked(8, error_feedback=True)
+    for step in range(3):  # past the warm-up: the communication thread runs
+        _backward(model, rank, step)
+    thread = state._thread._thread
+    t = torch.ones(1 << 16)
+    if rank == 0:
+        # leave the thread inside a collective (GIL released in C++) as this process exits: the
+        # state's exit finalizer must join it, else taking the GIL back during interpreter teardown
+        # aborts with "terminate called without an active exception"
+        state._thread.submit(lambda: dist.all_reduce(t, group=state._comm_group), torch.futures.Future())
+    else:
+        time.sleep(1.0)  # rank 0 is exiting by now
+        dist.all_reduce(t, group=state._comm_group)
+        state.close()
+        assert not thread.is_alive(), "close() must join the communication thread"
+        state.close()  # twice is harmless
+
+
+@pytest.mark.slow
+def test_comm_thread_busy_at_exit_does_not_abort(tmp_path):
+    spawn(_busy_at_exit_worker, 2, tmp_path)

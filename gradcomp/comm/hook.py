@@ -38,6 +38,7 @@ import logging
 import math
 import queue
 import threading
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -139,11 +140,19 @@ _PENDING = object()  # a submitted function that completes its future later (the
 
 
 class _CommThread:
-    """One thread that runs submitted exchanges in submission order and completes their futures."""
+    """One thread that runs submitted exchanges in submission order and completes their futures.
+
+    The thread must not outlive the interpreter's teardown: a daemon thread that is still inside
+    torch (returning from ``Future.set_result``, a collective's ``wait``) when Python finalizes is
+    killed as it takes the GIL back, and the C++ frames it unwinds through call ``std::terminate``
+    ("terminate called without an active exception"). So the owner stops and joins it in
+    ``close()``, when it is garbage-collected and at interpreter exit (``weakref.finalize``).
+    """
 
     def __init__(self, on_error=None):
         self._queue: "queue.Queue" = queue.Queue()
-        self._on_error = on_error
+        # a weak reference: the thread must not keep its state (and the state's groups) alive
+        self._on_error = weakref.WeakMethod(on_error) if on_error is not None else None
         self._thread = threading.Thread(target=self._loop, name="gradcomp-comm", daemon=True)
         self._thread.start()
 
@@ -156,6 +165,7 @@ class _CommThread:
             if item is None:
                 return
             fn, fut = item
+            item = None
             try:
                 result = fn()
                 if result is not _PENDING:
@@ -163,11 +173,20 @@ class _CommThread:
             except BaseException as exc:  # the training loop re-raises it from DDP's wait
                 if not fut.done():
                     fut.set_exception(exc)
-                if self._on_error is not None:
-                    self._on_error(exc)
+                on_error = self._on_error() if self._on_error is not None else None
+                if on_error is not None:
+                    on_error(exc)
+            # drop the closure (buckets, the state) and the future before waiting for the next item
+            fn = fut = result = None
 
-    def stop(self) -> None:
+    def stop(self, timeout: Optional[float] = 60.0) -> None:
+        """Finish the submitted work, end the thread and wait for it (at most ``timeout`` s: a peer that
+        died can leave a collective waiting for its own timeout)."""
         self._queue.put(None)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.warning("gradcomp: the communication thread did not end within %s s", timeout)
 
 
 class QuantizedAllReduceState:
@@ -503,12 +522,21 @@ class QuantizedAllReduceState:
         guard.check_alive(self)
 
     def close(self) -> None:
-        """Stop the communication thread (it is a daemon; this is only for tidy shutdowns) and any compilation."""
+        """Finish the work in flight, then stop and join the communication thread and any compilation.
+
+        Call it before ``dist.destroy_process_group()``. A state that is not closed is closed when it
+        is garbage-collected or at interpreter exit, so that no thread of it is inside torch while
+        Python tears down (which aborts the process). Closing twice is harmless; a closed state
+        starts a new thread if it is used again.
+        """
         if self._compiler is not None:
             self._compiler.stop()
-        if self._thread is not None:
-            self._thread.stop()
-            self._thread = None
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.submit(self._flush, torch.futures.Future())  # chunks still in the pipeline, in order
+            thread.stop()
+        self._pipe = None
+        self._inflight = []
 
     # ---- statistics
 
@@ -906,6 +934,8 @@ class QuantizedAllReduceState:
             plan = self._plans[index] = self._plan(keys, tuple(p.numel() for p in params), bits)
         if self._thread is None:
             self._thread = _CommThread(self._on_thread_error)
+            # stop and join it when the state goes away, and at interpreter exit at the latest
+            weakref.finalize(self, self._thread.stop)
         ready = None
         if buf.is_cuda:
             ready = torch.cuda.Event()
