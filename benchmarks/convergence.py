@@ -25,15 +25,17 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-ROOT = Path(__file__).resolve().parent.parent
-LAUNCH = ROOT / "launch"
+from benchmark import HOOK_ARGS, LAUNCH, ROOT  # the sibling script: one table of train.py arguments per hook
 
 RUNS = {
-    "fp32 all-reduce": ["--hook", "allreduce"],
-    "int8 + EF": ["--hook", "int8"],
-    "int4 + EF": ["--hook", "int4"],
-    "int4 without EF": ["--hook", "int4", "--no-error-feedback"],
-    "PowerSGD rank 4": ["--hook", "powersgd", "--powersgd-rank", "4"],
+    label: HOOK_ARGS[hook]
+    for label, hook in (
+        ("fp32 all-reduce", "allreduce"),
+        ("int8 + EF", "int8"),
+        ("int4 + EF", "int4"),
+        ("int4 without EF", "int4-noef"),
+        ("PowerSGD rank 4", "powersgd"),
+    )
 }
 TARGETS = {"int8 + EF": 0.01, "int4 + EF": 0.03}
 

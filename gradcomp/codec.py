@@ -198,14 +198,17 @@ def _pack_kernel(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return out
 
 
+def _split_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Split uint8 bytes of ``8 // bits`` codes each (bits in (2, 4)) into a trailing axis, first code lowest."""
+    mask = (1 << bits) - 1
+    return torch.stack([(packed >> (bits * i)) & mask for i in range(8 // bits)], dim=-1)
+
+
 def _unpack_kernel(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Unpack uint8 bytes into uint8 codes for bits in (2, 4, 8)."""
     if bits == 8:
         return packed
-    per = 8 // bits
-    mask = (1 << bits) - 1
-    parts = [(packed >> (bits * i)) & mask for i in range(per)]
-    return torch.stack(parts, dim=-1).reshape(-1)
+    return _split_codes(packed, bits).reshape(-1)
 
 
 def _sym_dequantize_kernel(packed: torch.Tensor, scale: torch.Tensor, bits: int, offset: int):
@@ -245,10 +248,7 @@ def _unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Unpack (rows, bytes) into uint8 codes (rows, bytes * 8 / bits)."""
     if bits == 8:
         return packed
-    per = 8 // bits
-    mask = (1 << bits) - 1
-    parts = [(packed >> (bits * i)) & mask for i in range(per)]
-    return torch.stack(parts, dim=-1).reshape(packed.shape[0], -1)
+    return _split_codes(packed, bits).reshape(packed.shape[0], -1)
 
 
 def _quantize_into(c, res_out, codes_out, noise, qmax: int, bits: int) -> torch.Tensor:

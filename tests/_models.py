@@ -71,3 +71,17 @@ def check_resume_bit_identical(rank: int, opts: dict, split: int, end: int):
         assert torch.equal(a, b.detach()), f"{opts}: resumed run diverged from the uninterrupted one"
     assert _all_identical(torch.cat([p.detach().reshape(-1) for p in model2.parameters()]))
     return state2
+
+
+def check_nonfinite_step_skipped(model, state, before: dict, rank: int, next_step: int) -> dict:
+    """Assert that a non-finite step left every bucket's residuals as ``before`` held them (not only the
+    non-finite bucket's) and was counted, and that step ``next_step`` is finite again. Return the hook
+    state dict taken after the non-finite step."""
+    after = state.state_dict()
+    for key in ("worker_residuals", "server_residuals"):
+        for idx, r in before[key].items():
+            assert torch.equal(r, after[key][idx]), f"{key}[{idx}] changed on a non-finite step"
+    assert state.stats()["nonfinite_steps"] == 1
+    _backward(model, rank, next_step)
+    assert torch.isfinite(_grads(model)).all()
+    return after

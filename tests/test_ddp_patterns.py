@@ -67,6 +67,19 @@ def test_join_uneven_inputs_with_and_without_throw(tmp_path):
     spawn(_join_worker, 2, tmp_path)
 
 
+def _check_steps_against(ref, model, ddp, rank, what=""):
+    """Run 3 steps on ``ref`` (plain DDP) and ``model``; assert ``ddp``'s gradients agree on every rank
+    and stay within the int8 step tolerance of ``ref``'s."""
+    for step in range(3):
+        for m in (ref, model):
+            x, y = _batch(rank, step)
+            m.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+        got, exact = _grads(ddp), _grads(ref)
+        assert _all_identical(got), what
+        assert float((got - exact).norm() / exact.norm()) < STEP_TOL[8], what
+
+
 def _buffers_buckets_compile_worker(rank, world_size):
     # BatchNorm: DDP broadcasts rank 0's buffers before each forward; the hook leaves them alone
     def bn_model():
@@ -92,14 +105,7 @@ def _buffers_buckets_compile_worker(rank, world_size):
 
     ref, model = DDP(big(), bucket_cap_mb=1), DDP(big(), bucket_cap_mb=1)
     state = gradcomp.register(model, **EXACT)
-    for step in range(3):
-        for m in (ref, model):
-            x, y = _batch(rank, step)
-            m.zero_grad()
-            nn.functional.cross_entropy(m(x), y).backward()
-        got, exact = _grads(model), _grads(ref)
-        assert _all_identical(got)
-        assert float((got - exact).norm() / exact.norm()) < STEP_TOL[8]
+    _check_steps_against(ref, model, model, rank)
     assert state.stats()["buckets_step"] >= 2, state.stats()
 
     # torch.compile inside DDP and around it (Dynamo's DDPOptimizer splits graphs at bucket boundaries;
@@ -112,14 +118,7 @@ def _buffers_buckets_compile_worker(rank, world_size):
         ddp = build()
         gradcomp.register(ddp, **EXACT)
         model = ddp if name == "compile inside DDP" else torch.compile(ddp, backend="aot_eager")
-        for step in range(3):
-            for m in (ref, model):
-                x, y = _batch(rank, step)
-                m.zero_grad()
-                nn.functional.cross_entropy(m(x), y).backward()
-            got, exact = _grads(ddp), _grads(ref)
-            assert _all_identical(got), name
-            assert float((got - exact).norm() / exact.norm()) < STEP_TOL[8], name
+        _check_steps_against(ref, model, ddp, rank, name)
 
 
 @pytest.mark.slow

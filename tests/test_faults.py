@@ -178,6 +178,17 @@ def _refused_up_front(rank, made):
 # 2. timeouts like PyTorch's; 3. failure poisons nothing
 
 
+def _failing_step_3(model, rank):
+    """Run step 3, which must fail with gradcomp's error naming the step; return (message, seconds taken)."""
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError) as info:
+        _backward(model, rank, 3)
+    elapsed = time.monotonic() - t0
+    msg = str(info.value)
+    assert "gradcomp" in msg and "at step 3, bucket" in msg, msg
+    return msg, elapsed
+
+
 def _stall_worker(rank, world_size):
     model, state = _hooked(_user_group())
     assert abs(state._timeout.total_seconds() - PG_TIMEOUT) < 1e-6  # the user's group timeout reached the hook
@@ -185,12 +196,7 @@ def _stall_worker(rank, world_size):
         _backward(model, rank, step)
     if rank == 1:  # stalls inside backward (a gradient hook sleeps), longer than the timeout
         h = next(model.module.parameters()).register_hook(lambda g: (time.sleep(PG_TIMEOUT + 2), g)[1])
-    t0 = time.monotonic()
-    with pytest.raises(RuntimeError) as info:
-        _backward(model, rank, 3)
-    elapsed = time.monotonic() - t0
-    msg = str(info.value)
-    assert "gradcomp" in msg and "at step 3, bucket" in msg, msg
+    msg, elapsed = _failing_step_3(model, rank)
     if rank == 0:
         assert "timed out" in msg and "exchange" in msg, msg
         assert elapsed < PG_TIMEOUT + SLACK, f"the survivor waited {elapsed:.1f} s"
@@ -208,12 +214,7 @@ def _death_worker(rank, world_size):
     dist.barrier()
     if rank == 1:  # dies between steps, without a word
         os._exit(0)
-    t0 = time.monotonic()
-    with pytest.raises(RuntimeError) as info:
-        _backward(model, rank, 3)
-    elapsed = time.monotonic() - t0
-    msg = str(info.value)
-    assert "gradcomp" in msg and "at step 3, bucket" in msg, msg
+    msg, elapsed = _failing_step_3(model, rank)
     assert elapsed < PG_TIMEOUT + SLACK, f"the survivor waited {elapsed:.1f} s"
     with pytest.raises(HookFailedError):
         state.synchronize()

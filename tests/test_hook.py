@@ -16,7 +16,7 @@ from gradcomp.comm.exchange import HEADER_BYTES
 
 from _dist import init_gloo, spawn
 
-from _models import STEP_TOL, _all_identical, _backward, _batch, _grads, _model, check_resume_bit_identical
+from _models import STEP_TOL, _all_identical, _backward, _batch, _grads, _model, check_nonfinite_step_skipped, check_resume_bit_identical
 
 
 def _hooked(bits, error_feedback, **ddp_kwargs):
@@ -24,6 +24,13 @@ def _hooked(bits, error_feedback, **ddp_kwargs):
     state = gradcomp.register(
         model, bits=bits, error_feedback=error_feedback, warmup_steps=2, min_compress_numel=0, log_every=1, compile=False
     )
+    return model, state
+
+
+def _int8_hooked(**options):
+    """A DDP model with the int8 hook compressing every bucket from step 1 on (eager kernels)."""
+    model = DDP(_model(), bucket_cap_mb=0.05)
+    state = gradcomp.register(model, bits=8, warmup_steps=1, min_compress_numel=0, compile=False, **options)
     return model, state
 
 
@@ -197,8 +204,7 @@ def test_static_graph_unused_parameters_bucket_view_and_no_sync(tmp_path):
 
 
 def _grad_scaler_worker(rank, world_size):
-    model = DDP(_model(), bucket_cap_mb=0.05)
-    state = gradcomp.register(model, bits=8, warmup_steps=1, min_compress_numel=0, compile=False)
+    model, state = _int8_hooked()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     losses = []
@@ -381,8 +387,7 @@ def test_chunked_pipeline_matches_one_chunk_bit_for_bit(tmp_path, world_size):
 
 
 def _nonfinite_one_bucket_worker(rank, world_size):
-    model = DDP(_model(), bucket_cap_mb=0.05)
-    state = gradcomp.register(model, bits=8, warmup_steps=1, min_compress_numel=0, compile=False, chunk_numel=1024)
+    model, state = _int8_hooked(chunk_numel=1024)
     for step in range(3):
         _backward(model, rank, step)
     before = state.state_dict()
@@ -395,14 +400,7 @@ def _nonfinite_one_bucket_worker(rank, world_size):
     g = _grads(model)
     assert not torch.isfinite(first.grad).all() and torch.isfinite(model.module[4].weight.grad).all()
     assert _all_identical(torch.nan_to_num(g, nan=0.0))
-    after = state.state_dict()
-    # every bucket's residuals stay as they were, not only the non-finite bucket's
-    for key in ("worker_residuals", "server_residuals"):
-        for idx, r in before[key].items():
-            assert torch.equal(r, after[key][idx]), f"{key}[{idx}] changed on a non-finite step"
-    assert state.stats()["nonfinite_steps"] == 1
-    _backward(model, rank, 4)
-    assert torch.isfinite(_grads(model)).all()
+    after = check_nonfinite_step_skipped(model, state, before, rank, 4)
     assert any(not torch.equal(r, state.state_dict()["worker_residuals"][i]) for i, r in after["worker_residuals"].items())
 
 
@@ -412,8 +410,7 @@ def test_nonfinite_in_one_bucket_keeps_every_buckets_residuals(tmp_path):
 
 
 def _out_of_step_worker(rank, world_size):
-    model = DDP(_model(), bucket_cap_mb=0.05)
-    state = gradcomp.register(model, bits=8, warmup_steps=1, min_compress_numel=0, compile=False)
+    model, state = _int8_hooked()
     for step in range(2):
         _backward(model, rank, step)
     if rank == 1:

@@ -312,21 +312,20 @@ class FSDPCompressState:
 
     # ---- statistics
 
+    def _add_totals(self, kind: str, sent: int, fp32: int, default: int) -> None:
+        """Add one exchange's bytes to the ``{kind}_sent/_fp32/_default`` totals (the caller holds the lock)."""
+        for key, n in (("sent", sent), ("fp32", fp32), ("default", default)):
+            self._totals[f"{kind}_{key}"] += n
+
     def _account_grad(self, mod: _ModuleComm, sent: int, fp32: int, default: int) -> None:
         with self._lock:
-            t = self._totals
-            t["grad_sent"] += sent
-            t["grad_fp32"] += fp32
-            t["grad_default"] += default
+            self._add_totals("grad", sent, fp32, default)
             mod.last_grad = (sent, fp32)
             mod.last_weight, mod.pending_weight = mod.pending_weight, (0, 0)
 
     def _account_weight(self, mod: _ModuleComm, sent: int, fp32: int, default: int) -> None:
         with self._lock:
-            t = self._totals
-            t["weight_sent"] += sent
-            t["weight_fp32"] += fp32
-            t["weight_default"] += default
+            self._add_totals("weight", sent, fp32, default)
             s, f = mod.pending_weight
             mod.pending_weight = (s + sent, f + fp32)
 

@@ -1,11 +1,13 @@
-"""What the framework integrations share: the metrics they log and the import of an optional extra."""
+"""What the framework integrations share: the metrics they log, the import of an optional extra, finding the DDP model."""
 
 from __future__ import annotations
 
 import importlib
 import math
 from types import ModuleType
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
+
+import torch
 
 from gradcomp.comm.hook import HookConfig, QuantizedAllReduceState
 
@@ -54,3 +56,22 @@ def check_options(bits: int, options: Dict[str, Any]) -> None:
     if unknown:
         raise TypeError(f"unknown option(s) {sorted(unknown)}; expected some of {sorted(known)}")
     HookConfig(bits=bits, **{k: v for k, v in options.items() if k != "process_group"})
+
+
+def ddp_model(model: Any, world_size: int, refusal: Callable[[Any], str]) -> Optional[torch.nn.parallel.DistributedDataParallel]:
+    """Return the DDP model a framework trains (inside torch.compile's wrapper, if any), or None on one process.
+
+    Args:
+        model: what the framework holds: a DDP model, a compiled one, or (on one process) a plain module.
+        world_size: the processes training.
+        refusal: builds the error message from the model found, for several processes without DDP.
+
+    Raises:
+        ValueError: ``world_size > 1`` and the model is no DDP model (FSDP, DeepSpeed, not wrapped).
+    """
+    ddp = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule keeps the DDP model here
+    if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+        return ddp
+    if world_size > 1:
+        raise ValueError(refusal(ddp))
+    return None

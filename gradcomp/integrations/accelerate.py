@@ -24,7 +24,7 @@ import torch
 from gradcomp.comm.checkpoint import gather_state_dict, load_gathered_state_dict
 from gradcomp.comm.hook import QuantizedAllReduceState
 from gradcomp.comm.hook import register as _register
-from gradcomp.integrations._common import metrics, require
+from gradcomp.integrations._common import ddp_model, metrics, require
 
 accelerate = require("accelerate", "accelerate", "HF accelerate")
 logger = logging.getLogger(__name__)
@@ -86,14 +86,12 @@ def register(accelerator: "accelerate.Accelerator", model: torch.nn.Module, bits
     """
     if not isinstance(accelerator, accelerate.Accelerator):
         raise TypeError(f"accelerator must be an accelerate.Accelerator, got {type(accelerator).__name__}")
-    ddp = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule keeps the DDP model here
-    if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
-        if accelerator.num_processes > 1:
-            raise ValueError(
-                "expected the model that accelerator.prepare returned, a torch DistributedDataParallel on "
-                f"{accelerator.num_processes} processes; got a {type(ddp).__name__} (distributed type "
-                f"{accelerator.distributed_type}); gradcomp's hook needs DDP (not FSDP or DeepSpeed)"
-            )
+    ddp = ddp_model(model, accelerator.num_processes, lambda found: (
+        "expected the model that accelerator.prepare returned, a torch DistributedDataParallel on "
+        f"{accelerator.num_processes} processes; got a {type(found).__name__} (distributed type "
+        f"{accelerator.distributed_type}); gradcomp's hook needs DDP (not FSDP or DeepSpeed)"
+    ))
+    if ddp is None:
         logger.info("gradcomp: one process, no DDP model: nothing to compress")
         return None
     state = _register(ddp, bits=bits, **options)

@@ -31,7 +31,7 @@ import torch
 from gradcomp.comm.checkpoint import gather_state_dict, load_gathered_state_dict
 from gradcomp.comm.hook import QuantizedAllReduceState
 from gradcomp.comm.hook import register as _register
-from gradcomp.integrations._common import check_options, metrics, require
+from gradcomp.integrations._common import check_options, ddp_model, metrics, require
 
 transformers = require("transformers", "hf", "HF transformers")
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # noqa: E402
@@ -79,13 +79,11 @@ class GradcompTrainerCallback(transformers.TrainerCallback):
         trainer = self._trainer()
         if trainer is None:
             raise ValueError("the Trainer this callback was registered with no longer exists")
-        model = getattr(trainer.model_wrapped, "_orig_mod", trainer.model_wrapped)  # torch.compile's wrapper
-        if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            if args.world_size > 1:
-                raise ValueError(
-                    f"gradcomp needs the Trainer to wrap the model in DistributedDataParallel on {args.world_size} "
-                    f"processes; it is a {type(model).__name__} (FSDP and DeepSpeed are not supported)"
-                )
+        model = ddp_model(trainer.model_wrapped, args.world_size, lambda found: (
+            f"gradcomp needs the Trainer to wrap the model in DistributedDataParallel on {args.world_size} "
+            f"processes; it is a {type(found).__name__} (FSDP and DeepSpeed are not supported)"
+        ))
+        if model is None:
             logger.info("gradcomp: one process, no DDP model: nothing to compress")
             return
         if model is not self._ddp:

@@ -25,7 +25,7 @@ import torch
 
 from gradcomp.comm.checkpoint import gather_state_dict, load_gathered_state_dict
 from gradcomp.comm.hook import QuantizedAllReduceState, register
-from gradcomp.integrations._common import check_options, metrics, require
+from gradcomp.integrations._common import check_options, ddp_model, metrics, require
 
 
 def _import_lightning():
@@ -40,10 +40,6 @@ pl = _import_lightning()
 logger = logging.getLogger(__name__)
 
 __all__ = ["GradcompCallback"]
-
-
-def _unwrap_compiled(model: Any) -> Any:
-    return getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule keeps the DDP model here
 
 
 class GradcompCallback(pl.Callback):
@@ -92,14 +88,12 @@ class GradcompCallback(pl.Callback):
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Register the hook on the strategy's DDP model (and apply a restored checkpoint entry)."""
-        model = _unwrap_compiled(trainer.strategy.model)
-        if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            if trainer.world_size > 1:
-                raise ValueError(
-                    "GradcompCallback needs a DDP strategy (strategy='ddp' or DDPStrategy(...)) when training on "
-                    f"several processes; the strategy is {type(trainer.strategy).__name__} and its model is a "
-                    f"{type(model).__name__}"
-                )
+        model = ddp_model(trainer.strategy.model, trainer.world_size, lambda found: (
+            "GradcompCallback needs a DDP strategy (strategy='ddp' or DDPStrategy(...)) when training on "
+            f"several processes; the strategy is {type(trainer.strategy).__name__} and its model is a "
+            f"{type(found).__name__}"
+        ))
+        if model is None:
             logger.info("gradcomp: one process, no DDP model: nothing to compress")
             self._pending = None
             return

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gradcomp.quant.algorithms.common import QuantResult, column_qparams, matrix_view, quantize_columns, stored_qparams
+from gradcomp.quant.algorithms.common import QuantResult, column_qparams, hessian_matrix_view, quantize_columns, stored_qparams
 from gradcomp.quant.configs import WeightQuantConfig
 
 __all__ = ["ActivationAwareClip", "clip_search_quantize"]
@@ -75,12 +75,8 @@ def clip_search_quantize(
     Returns:
         A :class:`QuantResult` in the stored layout.
     """
-    if not isinstance(config, WeightQuantConfig):
-        raise TypeError(f"config must be a WeightQuantConfig, got {type(config).__name__}")
-    w, lay = matrix_view(weight, config)
+    w, lay = hessian_matrix_view(weight, hessian, config)
     rows, cols = w.shape
-    if hessian.shape != (cols, cols):
-        raise ValueError(f"hessian must be ({cols}, {cols}) for a weight of shape {tuple(weight.shape)}, got {tuple(hessian.shape)}")
     h = hessian.to(device=w.device, dtype=torch.float32).clone()
     # inputs never seen in calibration still count as weights (as round-to-nearest weighs them): a
     # floor on the diagonal keeps the search from clipping them for free

@@ -69,6 +69,22 @@ def matrix_view(weight: torch.Tensor, config: WeightQuantConfig) -> Tuple[torch.
     return weight.detach().float().clone(), _layout(weight.shape, config)
 
 
+def hessian_matrix_view(weight: torch.Tensor, hessian: torch.Tensor, config: WeightQuantConfig) -> Tuple[torch.Tensor, _Layout]:
+    """Check a weight, its input Hessian ``X^T X`` and the config; return :func:`matrix_view` of the weight.
+
+    Raises:
+        TypeError: ``config`` is not a :class:`WeightQuantConfig`.
+        ValueError: the weight is not 2-D, or the Hessian is not ``(in, in)`` for it.
+    """
+    if not isinstance(config, WeightQuantConfig):
+        raise TypeError(f"config must be a WeightQuantConfig, got {type(config).__name__}")
+    w, lay = matrix_view(weight, config)
+    cols = w.shape[1]
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"hessian must be ({cols}, {cols}) for a weight of shape {tuple(weight.shape)}, got {tuple(hessian.shape)}")
+    return w, lay
+
+
 def group_bounds(lay: _Layout, cols: int, config: WeightQuantConfig):
     """Return ``[(start, stop)]`` column ranges that share a scale in each output row."""
     if config.granularity == "per_group":

@@ -35,7 +35,7 @@ from gradcomp.quant.algorithms.common import (
     QuantResult,
     column_qparams,
     group_bounds,
-    matrix_view,
+    hessian_matrix_view,
     quantize_columns,
     stored_qparams,
 )
@@ -111,12 +111,8 @@ def gptq_quantize(
     Returns:
         A :class:`QuantResult` in the layout that :func:`gradcomp.quant.quantize_` stores.
     """
-    if not isinstance(config, WeightQuantConfig):
-        raise TypeError(f"config must be a WeightQuantConfig, got {type(config).__name__}")
-    w, lay = matrix_view(weight, config)
+    w, lay = hessian_matrix_view(weight, hessian, config)
     rows, cols = w.shape
-    if hessian.shape != (cols, cols):
-        raise ValueError(f"hessian must be ({cols}, {cols}) for a weight of shape {tuple(weight.shape)}, got {tuple(hessian.shape)}")
     if not bool(torch.isfinite(hessian).all()):
         raise ValueError("the input Hessian holds inf or nan; the calibration inputs are not finite")
     h = hessian.to(device=w.device, dtype=torch.float64).clone()
