@@ -22,6 +22,9 @@ def _entry(rank: int, fn, world_size: int, init_file: str, args: tuple, backend:
     init_gloo(rank, world_size, init_file, backend)
     try:
         fn(rank, world_size, *args)
+        # every rank is done before any tears its groups down: FSDP2 on gloo can abort at exit
+        # ("terminate called without an active exception") when a peer is still in a collective
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
