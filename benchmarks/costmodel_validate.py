@@ -116,21 +116,24 @@ def _step_times(numel: int, routes, warm: int, repeats: int, torch, dist) -> dic
             step()
         if state is not None and state.config.compile:
             # the fused kernels compile in the background: time the path the hook settles on
-            deadline = time.monotonic() + 300
+            deadline = time.monotonic() + 600
             while True:
-                ready = torch.tensor([float(state._compiled_now())])
-                dist.all_reduce(ready, op=dist.ReduceOp.MIN)
-                if ready.item() or time.monotonic() > deadline:
+                # (not ready, past the deadline) agreed over the ranks, so that all stop stepping together
+                flags = torch.tensor([float(not state._compiled_now()), float(time.monotonic() > deadline)])
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                if flags[0].item() == 0 or flags[1].item() == 1:
                     break
                 step()
     times = {r: [] for r in routes}
     for _ in range(repeats):
         for r, (step, _) in jobs.items():
             times[r].append(step())
+    fused = {}
     for r, (_, state) in jobs.items():
         if state is not None:
             assert state.stats()["compressed_buckets_step"] == 1, "the timed steps must be compressed"
-    return {r: _median_max(t, dist, torch) for r, t in times.items()}
+            fused[r] = bool(state._compiled_now())
+    return {r: _median_max(t, dist, torch) for r, t in times.items()}, fused
 
 
 def worker(args) -> int:
@@ -156,7 +159,7 @@ def worker(args) -> int:
     codec = {}
     for bits in (8, 4):
         dist.barrier()
-        tp = measure_hook_codec(bits, 256, 1 << 22, P, repeats=3, compiled=compiled)
+        tp = measure_hook_codec(bits, 256, 1 << 22, P, repeats=3, compiled=compiled, chunk_numel=chunk)
         speeds = torch.tensor([tp.quantize_eps, tp.dequantize_eps], dtype=torch.float64)
         dist.all_reduce(speeds, op=dist.ReduceOp.MIN)  # the slowest rank sets the pace
         codec[bits] = {"quantize_eps": float(speeds[0]), "dequantize_eps": float(speeds[1]), "source": tp.source}
@@ -193,11 +196,12 @@ def worker(args) -> int:
             results["timings"].append({"kind": kind, "numel": n, "median_s": _median_max(times, dist, torch)})
         # step communication of the real hook: step with the route minus step without communication
         warm = 5  # gradcomp: 2 plain warm-up steps, then compressed ones before timing
-        steps = _step_times(n, ("local", "plain", "int8", "int4"), warm, args.repeats, torch, dist)
+        steps, fused = _step_times(n, ("local", "plain", "int8", "int4"), warm, args.repeats, torch, dist)
         base = steps["local"]
         for kind, route in (("hook-plain", "plain"), ("hook-int8", "int8"), ("hook-int4", "int4")):
             ops_run[kind] += warm + args.repeats
-            results["timings"].append({"kind": kind, "numel": n, "median_s": steps[route] - base, "step_s": steps[route], "local_step_s": base})
+            results["timings"].append({"kind": kind, "numel": n, "median_s": steps[route] - base, "step_s": steps[route], "local_step_s": base,
+                                       "fused_kernels": fused.get(route)})
     results["ops_run"] = ops_run
     dist.barrier()
     if rank == 0:

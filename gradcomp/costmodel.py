@@ -54,6 +54,7 @@ __all__ = [
     "estimate",
     "compare",
     "break_even_bandwidth",
+    "pipeline_chunks",
     "sweep",
 ]
 
@@ -289,6 +290,30 @@ class Estimate:
 # the model
 
 
+def pipeline_chunks(numel: int, workers: int, block_size: int = 256, chunk_numel: Optional[int] = None) -> int:
+    """Return how many chunks the hook cuts a bucket of ``numel`` values into (1 without ``chunk_numel``).
+
+    The same rule as :meth:`gradcomp.comm.exchange.ExchangePlan.build` (tested equal): a chunk holds
+    ``max(P, floor(chunk_numel / B / P) * P)`` blocks, and a last chunk of fewer than ``2 P`` blocks
+    joins the previous one.
+
+    Example: 4,000,000 values (15625 blocks of 256) with chunks of 1,048,576 values on 4 ranks:
+    4096 blocks per chunk, so 4 chunks (the last one of 3337 blocks).
+    """
+    check_int("numel", numel)
+    check_int("workers", workers)
+    check_int("block_size", block_size)
+    if chunk_numel is None:
+        return 1
+    check_int("chunk_numel", chunk_numel)
+    blocks = max(1, -(-numel // block_size))
+    per_chunk = max(workers, (chunk_numel // block_size) // workers * workers)
+    k = -(-blocks // per_chunk)
+    if k > 1 and blocks - (k - 1) * per_chunk < 2 * workers:
+        k -= 1
+    return k
+
+
 def _shard_message_bytes(numel: int, world: int, bits: int, block_size: int) -> int:
     """Bytes of one shard message of the two-phase exchange (codes + fp32 scales), as the hook pads it."""
     blocks = -(-numel // block_size)
@@ -321,8 +346,9 @@ def estimate(
        ``2 (ceil(log2 M) alpha + (L-1) alpha_intra)``; a node that is interior in one tree receives
        ``N b`` and sends ``N b`` in each phase, so its port sends ``2 N b`` (``N b`` when ``M = 2``).
        Every rank sends ``2 (P-1)/P N b`` on average, like the ring.
-    3. ``twophase``: all-to-all of ``P-1`` shard messages then all-gather of ``P-1``:
-       latency ``2 (P-1) alpha`` (pairwise all-to-all, ring all-gather); every rank sends
+    3. ``twophase``: all-to-all of ``P-1`` shard messages then all-gather of ``P-1``, once per
+       chunk (``k`` chunks, :func:`pipeline_chunks`; 1 without ``chunk_numel``): latency
+       ``2 (P-1) k alpha`` (pairwise all-to-all, ring all-gather); every rank sends
        ``2 (P-1) s``. A node's port sends ``L (P-L) s`` in the all-to-all (each of its ranks
        sends ``P-L`` shards off the node) plus ``(P-1) s`` in the ring all-gather: ``2 (P-1) s``
        with one worker per node, but ``L`` times more all-to-all traffic with ``L`` workers per
@@ -403,7 +429,8 @@ def estimate(
         # all-gather carries P - 1 shards over each inter-node edge of the ring
         wire = (L * (P - L) + (P - 1)) * s
         intra = (L - 1) * s / bw_i
-        latency = 2 * (P - 1) * a
+        # every chunk is an all-to-all and an all-gather of its own: P - 1 messages each, per rank
+        latency = 2 * (P - 1) * a * pipeline_chunks(params, P, block_size, chunk_numel)
         if q is not None:
             compute = q.seconds(N + N / P, 2 * N)
     elif sch.algorithm == "allgather":
@@ -428,8 +455,10 @@ def estimate(
     wire_s = wire / cluster.bandwidth
     overlap = 0.0
     if chunk_numel is not None and sch.quantized and compute > 0:
-        n = N if sch.algorithm != "hier" else N / L
-        k = max(1, math.ceil(n / chunk_numel))
+        if sch.algorithm == "twophase":
+            k = pipeline_chunks(params, P, block_size, chunk_numel)
+        else:
+            k = max(1, math.ceil(N / L / chunk_numel))
         transfer = wire_s + intra
         overlap = min(transfer, compute) * (1.0 - 1.0 / k)
     total = latency + wire_s + intra + compute - overlap

@@ -279,3 +279,31 @@ def test_pipelined_exchange_overlaps_codec_and_wire():
     at = cm.Cluster(2, be_p, 0.0)
     assert cm.estimate(cm.Scheme.exchange(8), n, at, tp, chunk_numel=1_000_000).total_s == pytest.approx(
         cm.estimate(cm.Scheme.plain(), n, at).total_s, rel=1e-6)
+
+
+@pytest.mark.parametrize("workers", [2, 3, 4, 8])
+@pytest.mark.parametrize("numel", [1, 255, 9 * 256, 300_000, (1 << 20) + 256 * 7])
+@pytest.mark.parametrize("chunk_numel", [None, 4096, 1 << 18, 1 << 20])
+def test_pipeline_chunks_is_the_hooks_chunk_count(workers, numel, chunk_numel):
+    from gradcomp.comm.exchange import ExchangePlan
+
+    plan = ExchangePlan.build([numel], workers, 8, 256, chunk_numel)
+    assert cm.pipeline_chunks(numel, workers, 256, chunk_numel) == len(plan.chunks)
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_chunked_exchange_pays_its_latency_per_chunk_and_per_peer(workers):
+    """Every chunk is an all-to-all and an all-gather of P - 1 messages each: 2 (P-1) k alpha in all."""
+    alpha = 1e-3
+    c = cm.Cluster(workers, 125e6, alpha)
+    tp = cm.CodecThroughput(1e8, 1e8)
+    n = 4_000_000
+    one = cm.estimate(cm.Scheme.exchange(8), n, c, tp)
+    assert one.latency_s == pytest.approx(2 * (workers - 1) * alpha)
+    for chunk, k in ((1 << 20, 4), (1 << 18, 16)):
+        piped = cm.estimate(cm.Scheme.exchange(8), n, c, tp, chunk_numel=chunk)
+        assert piped.latency_s == pytest.approx(2 * (workers - 1) * k * alpha)
+        assert piped.wire_bytes == one.wire_bytes and piped.compute_s == one.compute_s
+    # smaller chunks: more messages, so a latency-bound link prefers the bigger ones
+    assert cm.estimate(cm.Scheme.exchange(8), n, c, tp, chunk_numel=1 << 18).total_s > cm.estimate(
+        cm.Scheme.exchange(8), n, c, tp, chunk_numel=1 << 20).total_s

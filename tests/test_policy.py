@@ -108,6 +108,25 @@ def test_decision_matches_the_cost_model_and_its_break_even():
     assert CommPolicy(cfg, _fit(20e-6, (be + be_serial) / 2), workers=4, chunk_numel=None).choose(numel) == PLAIN
 
 
+def test_prediction_follows_the_hooks_chunks_and_world_size():
+    """The policy predicts the exchange the hook runs: its chunk count, 2 (P-1) messages per chunk."""
+    from gradcomp.costmodel import Cluster, Scheme, estimate, pipeline_chunks
+
+    n = 4_000_000
+    for workers in (2, 4):
+        times = {}
+        for chunk in (1 << 18, 1 << 20, None):
+            policy = CommPolicy(PolicyConfig(), _fit(1e-3, 125e6), workers=workers, chunk_numel=chunk)
+            want = estimate(Scheme.exchange(8), n, Cluster(workers, 125e6, 1e-3), CODEC[0][1], 256, chunk)
+            assert policy.predict(n)[8] == pytest.approx(want.total_s)
+            k = pipeline_chunks(n, workers, 256, chunk)
+            assert want.latency_s == pytest.approx(2 * (workers - 1) * k * 1e-3)
+            times[chunk] = policy.predict(n)[8]
+        assert times[1 << 18] > times[1 << 20]  # 16 chunks pay 12 more message rounds than 4
+    # the hierarchical exchange cuts no chunks: the hook builds its policy without them
+    assert CommPolicy(PolicyConfig(), _fit(1e-3, 125e6, intra=LinkFit(1e-5, 2e9)), workers=4, nodes=2, chunk_numel=None).chunk_numel is None
+
+
 def test_hierarchical_policy_uses_the_hierarchical_scheme():
     fit = _fit(50e-6, 125e6, intra=LinkFit(10e-6, 2e9))
     policy = CommPolicy(PolicyConfig(), fit, workers=4, nodes=2)
@@ -203,6 +222,7 @@ def _hook_worker(rank, world_size):
         compile=False,
     )
     f = probed._policy.fit
+    assert probed._policy.chunk_numel is None  # the hierarchical exchange is not chunked
     assert f.link.samples == 3 and f.intra is not None and f.link.bandwidth > 0
     mine = torch.tensor([f.link.latency, f.link.bandwidth, f.intra.bandwidth, f.codec_for(4).quantize_eps], dtype=torch.float64)
     every = [torch.empty_like(mine) for _ in range(world_size)]
@@ -234,3 +254,25 @@ def test_end_to_end_time_scales_the_codec_figure_until_the_model_reproduces_it()
         assert "measured end to end" in tp.source
     # faster than the wire alone: the model cannot reproduce it, the local figure stays
     assert _codec_matching(policy, 8, n, local, 1e-6) is None
+
+
+def _flat_probe_worker(rank, world_size):
+    state = gradcomp.QuantizedAllReduceState(
+        bits=8, chunk_numel=2048, compile=False, log_every=0,
+        policy=PolicyConfig(probe_numels=(64, 4096, 16384), probe_repeats=2, codec_numel=1 << 14),
+    )
+    policy = state._policy
+    # the policy models the hook's own chunks, and its probe timed the exchange cut into them
+    assert policy.chunk_numel == 2048
+    for _, tp in policy.fit.codec:
+        assert "in chunks of 2048" in tp.source, tp.source
+    assert state._probe_state == {}  # the probe's buffers are gone
+    mine = torch.tensor([policy.predict(1 << 16)[8], policy.predict(1 << 16)[4]], dtype=torch.float64)
+    every = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(every, mine)
+    assert all(torch.equal(every[0], e) for e in every), f"ranks predicted differently: {every}"
+
+
+@pytest.mark.slow
+def test_probe_times_the_hooks_chunked_exchange(tmp_path):
+    spawn(_flat_probe_worker, 2, tmp_path, timeout=120.0)

@@ -133,6 +133,7 @@ def measure_hook_codec(
     repeats: int = 3,
     compiled: Optional[bool] = False,
     device="cpu",
+    chunk_numel: Optional[int] = DEFAULT_CHUNK_NUMEL,
 ) -> CodecThroughput:
     """Time the hook's local work on a bucket (:func:`hook_local_work`) and return it as a codec throughput.
 
@@ -154,16 +155,22 @@ def measure_hook_codec(
         repeats: timed calls of each step (median kept), after one warm-up (which compiles).
         compiled: the hook's ``compile`` option.
         device: where the buffers live.
+        chunk_numel: the hook's ``chunk_numel`` (its chunks are the kernels' shapes).
+
+    Time a bucket of the size the hook sees (several chunks): a bucket small enough to stay in the
+    CPU's cache between the timed calls is coded several times faster than one the hook reads from
+    memory (here 1M values took 2 ms for int8, 4M values 37 ms).
 
     Returns:
         A :class:`~gradcomp.costmodel.CodecThroughput` whose ``source`` describes the measurement.
     """
-    t = hook_local_work(bits, block_size, numel, world_size, repeats, compiled, device)
+    t = hook_local_work(bits, block_size, numel, world_size, repeats, compiled, device, chunk_numel=chunk_numel)
     n = float(numel)
     e = (3 * n + n / world_size) / t["total_s"]
     mode = "compiled" if compiled else "eager"
     src = (
-        f"measured: int{bits} hook steps on {int(n)} elements, {world_size} ranks, {torch.device(device).type}, {mode} "
+        f"measured: int{bits} hook steps on {int(n)} elements in chunks of {chunk_numel}, {world_size} ranks, "
+        f"{torch.device(device).type}, {mode} "
         f"(encode {t['encode_s'] * 1e3:.2f} ms, reduce shard {t['reduce_shard_s'] * 1e3:.2f} ms, decode {t['decode_s'] * 1e3:.2f} ms)"
     )
     return CodecThroughput(e, e, src)

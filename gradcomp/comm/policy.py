@@ -138,17 +138,21 @@ class PolicyConfig:
     Attributes:
         candidates: what a bucket may use: 32 (plain fp32 all-reduce), 8, 4 or 2 (quantized).
         min_bits: accuracy floor: quantized candidates below it are never chosen (8: never int4).
-        probe_numels: fp32 elements of the probing all-reduces, growing.
+        probe_numels: fp32 elements of the probing all-reduces, growing; up to the size of a DDP
+            bucket, so that the fit does not extrapolate far (it costs a few seconds at 1 Gbit/s).
         probe_repeats: timed repeats per size (median kept), after one warm-up.
-        codec_numel: elements of the codec timing.
+        codec_numel: elements of the codec timing and of the end-to-end exchange: several of the
+            hook's chunks (so the pipeline's overlap is in the timing) and more than a CPU cache
+            holds (the hook reads its buckets from memory; a bucket that stays in the cache between
+            timed calls is coded several times faster).
         fit: injected figures; when given, nothing is probed or timed.
     """
 
     candidates: Tuple[int, ...] = (PLAIN, 8, 4)
     min_bits: int = 4
-    probe_numels: Tuple[int, ...] = (256, 4096, 65536, 262144, 1048576)
+    probe_numels: Tuple[int, ...] = (256, 4096, 65536, 262144, 1048576, 4194304)
     probe_repeats: int = 3
-    codec_numel: int = 1 << 20
+    codec_numel: int = 1 << 22
     fit: Optional[NetworkFit] = None
 
     def __post_init__(self) -> None:
@@ -268,10 +272,13 @@ def probe_network(
     number's maximum over the ranks of ``group``; fit each link with :func:`fit_latency_bandwidth`.
 
     With ``exchange`` (``exchange(bits, x)`` runs the hook's whole quantized exchange of ``x`` on
-    the real groups), the exchange of ``codec_numel`` elements is also timed end to end (maximum
-    over ranks); where the model (links + local timing, pipelined by ``chunk_numel``) predicts
-    another time, the codec figure is scaled until it reproduces the measured one: what the local
-    timing cannot see (contention for the cores, traffic inside the node) is then included.
+    the real groups as a step runs it: its chunks pipelined with async collectives, its kernels,
+    persistent buffers and residuals), the exchange of ``codec_numel`` elements is also timed end
+    to end (maximum over ranks); where the model (links + local timing, pipelined by
+    ``chunk_numel``, ``2 (P-1)`` messages per chunk) predicts another time, the codec figure is
+    scaled until it reproduces the measured one: what the local timing cannot see (contention for
+    the cores between the ranks, gloo's threads and the codec, an overlap the pipeline does not
+    reach, traffic inside the node) is then included.
 
     Args:
         config: the :class:`PolicyConfig` (sizes, repeats, candidates).
@@ -296,7 +303,7 @@ def probe_network(
     n = config.codec_numel
     # the quantized exchange runs over the nodes in hierarchical mode, over every rank otherwise
     ranks = nodes if nodes is not None and 1 < nodes < P else P
-    measured = [measure_hook_codec(b, block_size, n, ranks, config.probe_repeats, compiled, device) for b in widths]
+    measured = [measure_hook_codec(b, block_size, n, ranks, config.probe_repeats, compiled, device, chunk_numel) for b in widths]
     # seconds, so that the max over ranks is the slowest rank's pace
     codec_times = [t for tp in measured for t in (n / tp.quantize_eps, n / tp.dequantize_eps)]
     agreed = _agree_max(times + intra_times + codec_times, group)
