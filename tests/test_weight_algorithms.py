@@ -9,10 +9,12 @@ import torch.nn as nn
 import gradcomp.quant as q
 from gradcomp.quant.algorithms import (
     GPTQ,
+    HQQ,
     ActivationAwareClip,
     clip_search_quantize,
     collect_input_hessians,
     gptq_quantize,
+    hqq_quantize,
     layer_output_error,
     resolve_method,
 )
@@ -155,3 +157,76 @@ def test_inputs_absent_from_calibration_keep_their_weights(method):
     rtn = q.fake_quantize_weight(w, cfg)
     assert float(got[:, 5:].abs().min()) > 0 or float(w[:, 5:].abs().min()) < float(rtn[:, 5:].abs().max()) / 16
     assert float(((got[:, 5:] - w[:, 5:]) ** 2).mean()) <= float(((rtn[:, 5:] - w[:, 5:]) ** 2).mean()) * 1.01
+
+
+@pytest.mark.parametrize("config", [G32, q.WeightQuantConfig(bits=3, granularity="per_group", group_size=32, symmetric=False),
+                                    q.WeightQuantConfig(bits=4)], ids=lambda c: c.name)
+def test_hqq_beats_round_to_nearest_on_held_out_layer_output(trained, config):
+    model, calib, held_out = trained
+    layers = _linears(model)
+    h_test = collect_input_hessians(model, layers, held_out)
+    tot_rtn = tot_hqq = 0.0
+    for name, m in layers.items():
+        w = m.weight.detach()
+        rtn = layer_output_error(w, q.fake_quantize_weight(w, config), h_test[name])
+        got = layer_output_error(w, HQQ().quantize(w, None, config).dequantize(config.bits), h_test[name])   # no data
+        assert got < 1.1 * rtn, (name, got, rtn)   # data-free: it fits the weights, not the inputs
+        tot_rtn, tot_hqq = tot_rtn + rtn, tot_hqq + got
+    assert tot_hqq < 0.95 * tot_rtn, (tot_hqq, tot_rtn)
+
+
+def test_hqq_worked_example_and_needs_no_data():
+    # docstring of gradcomp.quant.algorithms.hqq: the fitted step clips the outlier 1.0
+    w = torch.tensor([[1.0, 0.6, 0.55, -0.5]])
+    cfg = q.WeightQuantConfig(bits=2, scale_dtype="fp32")
+    assert q.fake_quantize_weight(w, cfg).tolist() == [[1.0, 1.0, 1.0, 0.0]]
+    got = hqq_quantize(w, cfg, p=2.0).dequantize(2)
+    assert torch.allclose(got, torch.tensor([[0.6625, 0.6625, 0.6625, -0.6625]]))
+    model = nn.Sequential(nn.Embedding(10, 64), nn.Linear(64, 8))
+    q.quantize_(model, G32, method="hqq")     # data-free: no calibration needed, Embedding included
+    assert isinstance(model[0], q.QuantizedEmbedding) and isinstance(model[1], q.QuantizedLinear)
+    with pytest.raises(ValueError, match="iters"):
+        HQQ(iters=-1)
+
+
+class _Chain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def test_sequential_collects_each_hessian_on_the_quantized_prefix():
+    import copy
+
+    model = _Chain()
+    x = torch.randn(64, 16) @ torch.randn(16, 16)
+    calib = [x[:32], x[32:]]
+    cfg = q.WeightQuantConfig(bits=4, granularity="per_group", group_size=16)
+    seq = q.quantize_(copy.deepcopy(model), cfg, method=GPTQ(damp=0.1), calibration=calib, sequential=True)
+    # by hand: a on the fp32 inputs; b with a quantized; c with a and b quantized
+    ref = copy.deepcopy(model)
+    for name in ("a", "b", "c"):
+        lin = getattr(model, name)
+        h = collect_input_hessians(ref, {name: getattr(ref, name)}, calib)[name]
+        r = GPTQ(damp=0.1).quantize(lin.weight, h, cfg)
+        setattr(ref, name, q.QuantizedLinear(q.PackedWeight.from_codes(r.codes, r.scale, r.zero_point, cfg, lin.weight.shape), lin.bias))
+        assert torch.equal(getattr(seq, name).packed.qweight, getattr(ref, name).packed.qweight), name
+    # one stage is the plain (non-sequential) mode; with two stages c sees a and b quantized
+    plain = q.quantize_(copy.deepcopy(model), cfg, method=GPTQ(damp=0.1), calibration=calib)
+    one = q.quantize_(copy.deepcopy(model), cfg, method=GPTQ(damp=0.1), calibration=calib, sequential=1)
+    assert all(torch.equal(getattr(plain, n).packed.qweight, getattr(one, n).packed.qweight) for n in "abc")
+    assert not torch.equal(plain.c.packed.qweight, seq.c.packed.qweight)
+    with pytest.raises(ValueError, match="sequential"):
+        q.quantize_(copy.deepcopy(model), cfg, sequential=True)
+    with pytest.raises(ValueError, match="sequential"):
+        q.quantize_(copy.deepcopy(model), cfg, method="gptq", calibration=calib, sequential=0)
+    bad = copy.deepcopy(model)
+    with torch.no_grad():
+        bad.c.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError):
+        q.quantize_(bad, cfg, method="gptq", calibration=calib, sequential=True)
+    assert all(type(getattr(bad, n)) is nn.Linear for n in "abc")    # put back: nothing changed

@@ -488,6 +488,7 @@ def quantize_(
     forward: Optional[Callable[[nn.Module, Any], Any]] = None,
     num_batches: Optional[int] = None,
     progress: bool = False,
+    sequential: Any = False,
 ) -> nn.Module:
     """Swap the model's Linear, Embedding and Conv2d layers for packed quantized ones, in place.
 
@@ -496,7 +497,10 @@ def quantize_(
            config, or the first rule whose pattern matches (a None config or no match leaves the layer
            as it is); drop layers for which ``filter_fn(module, fqn)`` is False.
         2. With a data-aware ``method``: run the calibration batches once through the unquantized
-           model and sum each selected Linear's input Hessian ``X^T X``.
+           model and sum each selected Linear's input Hessian ``X^T X``. With ``sequential``, the
+           Linear layers are taken in execution order, in stages: the Hessians of a stage are
+           collected with every earlier stage already quantized (GPTQ's sequential mode), so each
+           layer compensates the error its quantized inputs carry; one calibration pass per stage.
         3. Quantize every selected weight (round-to-nearest, or the method on the Linear layers) and
            pack it (nothing is changed yet, so a bad weight or config leaves the model untouched).
            Layers sharing one weight with the same config share one :class:`PackedWeight`.
@@ -507,8 +511,10 @@ def quantize_(
         config_or_rules: one config for every supported layer, or an ordered list (or dict) of
             ``(pattern, config or None)``.
         filter_fn: optional ``(module, fqn) -> bool``; False keeps that layer in full precision.
-        method: ``None``/``"rtn"`` (round-to-nearest), ``"gptq"``, ``"awq_clip"``, or a configured
-            :class:`gradcomp.quant.algorithms.GPTQ` / :class:`~gradcomp.quant.algorithms.ActivationAwareClip`.
+        method: ``None``/``"rtn"`` (round-to-nearest), ``"gptq"``, ``"awq_clip"``, ``"hqq"``, or a configured
+            :class:`gradcomp.quant.algorithms.GPTQ` / :class:`~gradcomp.quant.algorithms.ActivationAwareClip`
+            / :class:`~gradcomp.quant.algorithms.HQQ` (data-free: calibration optional; it also fits
+            Embedding tables).
             Same packed modules and files whichever method; Embedding and Conv2d layers and cast
             configs use round-to-nearest.
         calibration: batches for the data-aware methods (required by them).
@@ -516,6 +522,8 @@ def quantize_(
             ``model(*batch)`` for tuples, ``model(**batch)`` for dicts).
         num_batches: use at most this many calibration batches.
         progress: tqdm progress bars over the calibration batches and the layers.
+        sequential: False (Hessians from the unquantized model), True (one stage per Linear layer)
+            or the number of stages (one calibration pass each).
 
     Returns:
         ``model`` itself.
@@ -528,18 +536,33 @@ def quantize_(
 
     plan = _plan(model, config_or_rules, filter_fn)
     algorithm = resolve_method(method)
+    if isinstance(sequential, bool):
+        stages = 0 if not sequential else -1
+    elif isinstance(sequential, int) and sequential >= 1:
+        stages = sequential
+    else:
+        raise ValueError(f"sequential must be a bool or a positive int (number of stages), got {sequential!r}")
     hessians: Dict[str, torch.Tensor] = {}
-    if algorithm is not None:
-        if calibration is None:
-            raise ValueError(f"method {algorithm.name!r} needs calibration batches (calibration=...); use method='rtn' without data")
+    done: Dict[str, PackedWeight] = {}
+    data_free = algorithm is not None and not getattr(algorithm, "needs_data", True)
+    if algorithm is not None and calibration is None and not data_free:
+        raise ValueError(f"method {algorithm.name!r} needs calibration batches (calibration=...); use method='rtn' without data")
+    if stages and (algorithm is None or calibration is None):
+        raise ValueError("sequential=... needs a data-aware method and calibration batches")
+    if algorithm is not None and calibration is not None:
         from gradcomp.quant.algorithms import collect_input_hessians
 
         aware = {fqn: m for fqn, m, cfg in plan if isinstance(m, nn.Linear) and not isinstance(cfg, CastConfig)}
         skipped = sorted({fqn for fqn, m, cfg in plan if fqn not in aware and not isinstance(cfg, CastConfig)})
         if skipped:
             logger.info("%s covers Linear layers; round-to-nearest for %s", algorithm.name, skipped[:8])
-        if aware:
+        if aware and not stages:
             hessians = collect_input_hessians(model, aware, calibration, forward=forward, num_batches=num_batches, progress=progress)
+        elif aware:
+            from gradcomp.quant.algorithms.sequential import sequential_quantize
+
+            done = sequential_quantize(model, plan, aware, algorithm, calibration, stages, forward=forward,
+                               num_batches=num_batches, progress=progress)
     shared: Dict[Tuple[int, Config], PackedWeight] = {}
     new: Dict[str, _QuantizedLayer] = {}
     configs_of_weight: Dict[int, set] = {}
@@ -555,8 +578,11 @@ def quantize_(
         packed = shared.get(key)
         if packed is None:
             try:
-                if fqn in hessians:
-                    r = algorithm.quantize(w, hessians[fqn], cfg)
+                if fqn in done:
+                    packed = done[fqn]
+                elif fqn in hessians or (data_free and w.dim() == 2 and isinstance(m, (nn.Linear, nn.Embedding))
+                                         and not isinstance(cfg, CastConfig)):
+                    r = algorithm.quantize(w, hessians.get(fqn), cfg)
                     packed = PackedWeight.from_codes(r.codes, r.scale, r.zero_point, cfg, w.shape, w.dtype)
                 else:
                     packed = PackedWeight.from_weight(w, cfg)
