@@ -145,8 +145,10 @@ def extra_calibration(base_calib: List[Any], test_names: set, n_compounds: int, 
 
 
 def calib_forward(model, graphs):
-    """Energies only: the Linear layers see the same inputs, and no force or stress backward pass is needed."""
-    return model(list(graphs), task="e")["e"]
+    """Energies and magnetic moments: every Linear layer runs on the same inputs, and no force or stress
+    backward pass is needed."""
+    out = model(list(graphs), task="em")
+    return out["e"]
 
 
 def forward(model, graphs) -> Dict[str, torch.Tensor]:
@@ -263,15 +265,21 @@ def section0(base, cal_batches, int8, g32, results) -> None:
     """(0) the weight report with data: output SNR per layer, flags where SQNR looks safe."""
     from gradcomp.weights import analyze_weights
 
-    wr = analyze_weights(base, [int8, g32], calibration=cal_batches, forward=forward)
-    print("\n## Weight report with calibration data (flags: SQNR looks safe, output SNR does not)\n")
-    print("| layer | config | weight SQNR dB | output SNR dB |\n|---|---|---:|---:|")
+    t = time.time()
+    # propagate: each layer quantized alone, its share of the model-output error (2 batches: 12 structures)
+    wr = analyze_weights(base, [int8, g32], calibration=cal_batches[:2], forward=forward, propagate=True, progress=True)
+    print(f"\n## Weight report with calibration data ({time.time() - t:.0f} s)\n")
+    print(f"model-output rel. MSE with every layer quantized: {wr.model_rel_mse}")
+    print("| flag | layer | config | weight SQNR dB | output SNR dB | share of the model-output error |\n|---|---|---|---:|---:|---:|")
     for f in wr.flags:
-        print(f"| {f['layer']} | {f['config']} | {f['sqnr_db']:.1f} | {f['output_snr_db']:.1f} |")
+        print(f"| {f['kind']} | {f['layer']} | {f['config']} | {f['sqnr_db']:.1f} | {f['output_snr_db']:.1f} | "
+              f"{f.get('model_error_share', float('nan')):.2f} |")
+    top = sorted(((lq.model_error_share, n, c) for n, d in wr.quality.items() for c, lq in d.items()), reverse=True)[:8]
+    print("largest shares: " + ", ".join(f"{n} [{c}] {s:.2f}" for s, n, c in top))
     comp = wr.quality.get("composition_model.fc", {})
     for c, lq in comp.items():
         print(f"composition_model.fc [{c}]: SQNR {lq.sqnr_db:.1f} dB, output SNR {lq.output_snr_db:.1f} dB, "
-              f"output RMS error {lq.output_rms_error:.4g} eV")
+              f"output RMS error {lq.output_rms_error:.4g} eV, share of the model-output error {lq.model_error_share:.2f}")
     results["flags"] = wr.flags
 
 
