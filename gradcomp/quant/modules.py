@@ -51,6 +51,12 @@ class PackedWeight(nn.Module):
     ``scale`` (``(rows, groups)`` in ``scale_dtype``) and, when asymmetric, ``zero_point`` (flat uint8,
     zero points packed at ``bits`` bits). Two layers that share a weight (tied embeddings) share one
     ``PackedWeight``.
+
+    Optionally (activation-aware scaling, :class:`gradcomp.quant.algorithms.AWQScale`) ``input_scale``:
+    a positive fp32/fp16 vector ``s`` over the input dim of a 2-D weight. The codes then hold
+    ``W diag(s)`` and the weight is ``W_hat = Q diag(1/s)``: :meth:`dequantize` returns ``W_hat``,
+    and a kernel that multiplies by ``Q`` directly is fed ``x / s``. It is stored, checksummed and
+    counted like the other buffers.
     """
 
     def __init__(
@@ -61,6 +67,7 @@ class PackedWeight(nn.Module):
         config: Config,
         shape: Sequence[int],
         dtype: torch.dtype,
+        input_scale: Optional[torch.Tensor] = None,
     ) -> None:
         super().__init__()
         _check_config(config)
@@ -68,9 +75,12 @@ class PackedWeight(nn.Module):
         self.shape = tuple(int(s) for s in shape)
         self.dtype = dtype
         self._check(qweight, scale, zero_point)
+        if input_scale is not None:
+            self._check_input_scale(input_scale)
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zero_point)
+        self.register_buffer("input_scale", input_scale)
         self._layout = None if isinstance(config, CastConfig) else _layout(self.shape, config)
 
     def _check(self, qweight: torch.Tensor, scale: Optional[torch.Tensor], zp: Optional[torch.Tensor]) -> None:
@@ -99,6 +109,14 @@ class PackedWeight(nn.Module):
             if zp is None or zp.dtype != torch.uint8 or tuple(zp.shape) != (need_zp,):
                 got = "None" if zp is None else f"{zp.dtype} of shape {tuple(zp.shape)}"
                 raise ValueError(f"zero_point must be flat uint8 of {need_zp} bytes for {cfg.name}, got {got}")
+
+    def _check_input_scale(self, s: torch.Tensor) -> None:
+        if isinstance(self.config, CastConfig) or len(self.shape) != 2:
+            raise ValueError(f"an input_scale belongs to an integer-coded 2-D weight, got {config_name(self.config)} of shape {self.shape}")
+        if s.dtype not in (torch.float32, torch.float16) or tuple(s.shape) != (self.shape[1],):
+            raise ValueError(f"input_scale must be float32 or float16 of shape ({self.shape[1]},), got {s.dtype} of shape {tuple(s.shape)}")
+        if s.device.type != "meta" and not bool((torch.isfinite(s) & (s > 0)).all()):
+            raise ValueError("input_scale must hold finite positive values")
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, config: Config) -> "PackedWeight":
@@ -133,6 +151,7 @@ class PackedWeight(nn.Module):
         config: Config,
         shape: Sequence[int],
         dtype: torch.dtype = torch.float32,
+        input_scale: Optional[torch.Tensor] = None,
     ) -> "PackedWeight":
         """Pack codes and scales chosen elsewhere (GPTQ, clipping search) into the stored format.
 
@@ -143,9 +162,10 @@ class PackedWeight(nn.Module):
             zero_point: ``rows * groups`` integral zero points (asymmetric), or None.
             config: the :class:`WeightQuantConfig` the codes follow.
             shape, dtype: the original weight's shape and dtype.
+            input_scale: optional per-input-channel scale the codes were made with (see the class).
 
         Returns:
-            A :class:`PackedWeight`, identical in form to one from :meth:`from_weight`.
+            A :class:`PackedWeight`, identical in form to one from :meth:`from_weight` (plus ``input_scale``).
         """
         _check_config(config)
         if isinstance(config, CastConfig):
@@ -157,7 +177,7 @@ class PackedWeight(nn.Module):
             raise ValueError(f"codes must be below 2**{config.bits}, got a maximum of {int(codes.max())}")
         packed = pack_codes(codes.contiguous(), config.bits)
         pzp = None if zero_point is None else pack_codes(zero_point.reshape(-1).to(torch.uint8), config.bits)
-        return cls(packed, scale.reshape(lay.rows, lay.groups).contiguous(), pzp, config, shape, dtype)
+        return cls(packed, scale.reshape(lay.rows, lay.groups).contiguous(), pzp, config, shape, dtype, input_scale)
 
     def _apply(self, fn, recurse: bool = True):
         # Moves between devices apply as usual, but a dtype conversion (model.half(), .to(bf16))
@@ -177,8 +197,8 @@ class PackedWeight(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the buffers (codes, scales, zero points)."""
-        return sum(b.numel() * b.element_size() for b in (self.qweight, self.scale, self.zero_point) if b is not None)
+        """Bytes held by the buffers (codes, scales, zero points, input scale)."""
+        return sum(b.numel() * b.element_size() for b in (self.qweight, self.scale, self.zero_point, self.input_scale) if b is not None)
 
     def _zero_points(self) -> Optional[torch.Tensor]:
         if self.zero_point is None:
@@ -194,7 +214,10 @@ class PackedWeight(nn.Module):
         lay = self._layout
         codes = unpack_codes(self.qweight, self.config.bits, lay.numel).view(lay.rows, lay.row_len)
         out = _dequantize_rows(codes, self.scale, self._zero_points(), lay, self.config.bits)
-        return out.reshape(self.shape).to(dtype)
+        out = out.reshape(self.shape)
+        if self.input_scale is not None:
+            out = out / self.input_scale.float()
+        return out.to(dtype)
 
     def dequantize_rows(self, index: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Return rows ``index`` (any integer shape) of a 2-D weight without dequantizing the others.
@@ -208,6 +231,8 @@ class PackedWeight(nn.Module):
         cfg = self.config
         if isinstance(cfg, CastConfig):
             return F.embedding(index, self.qweight).to(dtype)
+        if self.input_scale is not None:
+            return F.embedding(index, self.dequantize(dtype))
         lay = self._layout
         row_bits = lay.row_len * cfg.bits
         aligned = lay.rows == self.shape[0] and row_bits % (24 if cfg.bits == 3 else 8) == 0
@@ -222,7 +247,8 @@ class PackedWeight(nn.Module):
         return out.reshape(*index.shape, lay.row_len).to(dtype)
 
     def extra_repr(self) -> str:
-        return f"shape={self.shape}, config={config_name(self.config)}, nbytes={self.nbytes}"
+        extra = ", input_scale" if self.input_scale is not None else ""
+        return f"shape={self.shape}, config={config_name(self.config)}{extra}, nbytes={self.nbytes}"
 
 
 class _QuantizedLayer(nn.Module):
@@ -306,6 +332,8 @@ class QuantizedLinear(_QuantizedLayer):
             return False
         if getattr(quantizer, "track_error", False) or getattr(quantizer, "passthrough", False):
             return False
+        if self.packed.input_scale is not None:   # the fake-quant path quantizes x, not x / s
+            return False
         return kernels.w8a8_kernel_fits(self.packed.config, getattr(quantizer, "config", None), self.packed.shape)
 
     def _weight_kernel_applies(self, x: torch.Tensor) -> bool:
@@ -328,6 +356,8 @@ class QuantizedLinear(_QuantizedLayer):
             from gradcomp.quant.kernels import kernel_linear
 
             kind, ops = self._operands("weight")
+            if self.packed.input_scale is not None:   # the kernel multiplies by the codes of W diag(s)
+                x = x / self.packed.input_scale.to(x.dtype)
             return kernel_linear(x, kind, ops, self.bias)
         return F.linear(x, self.packed.dequantize(x.dtype), self._bias_for(x))
 
@@ -583,7 +613,7 @@ def quantize_(
                 elif fqn in hessians or (data_free and w.dim() == 2 and isinstance(m, (nn.Linear, nn.Embedding))
                                          and not isinstance(cfg, CastConfig)):
                     r = algorithm.quantize(w, hessians.get(fqn), cfg)
-                    packed = PackedWeight.from_codes(r.codes, r.scale, r.zero_point, cfg, w.shape, w.dtype)
+                    packed = PackedWeight.from_codes(r.codes, r.scale, r.zero_point, cfg, w.shape, w.dtype, r.input_scale)
                 else:
                     packed = PackedWeight.from_weight(w, cfg)
             except ValueError as exc:

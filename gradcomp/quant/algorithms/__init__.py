@@ -4,6 +4,8 @@
   from its min and max, each weight rounded on its own. Data-free.
 * ``gptq`` (:class:`GPTQ`): column-wise rounding with error compensation against the input Hessian.
 * ``awq_clip`` (:class:`ActivationAwareClip`): per-group clipping range searched on the input Hessian.
+* ``awq_scale`` (:class:`AWQScale`): AWQ's per-input-channel scaling by activation magnitude (stored
+  as ``input_scale``, divided out of the input at run time), then the clipping search.
 * ``hqq`` (:class:`HQQ`): half-quadratic fit of each group's scale and zero point; data-free (the input
   Hessian's diagonal weighs the columns when calibration data is given).
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Union
 
+from gradcomp.quant.algorithms.awq import AWQScale, awq_scale_quantize
 from gradcomp.quant.algorithms.calibration import collect_input_hessians
 from gradcomp.quant.algorithms.clip import ActivationAwareClip, clip_search_quantize
 from gradcomp.quant.algorithms.common import QuantResult, input_hessian_of, layer_output_error
@@ -28,6 +31,8 @@ __all__ = [
     "GPTQ",
     "ActivationAwareClip",
     "HQQ",
+    "AWQScale",
+    "awq_scale_quantize",
     "hqq_quantize",
     "QuantResult",
     "collect_input_hessians",
@@ -38,24 +43,26 @@ __all__ = [
     "resolve_method",
 ]
 
-METHODS = ("rtn", "gptq", "awq_clip", "hqq")
+METHODS = ("rtn", "gptq", "awq_clip", "awq_scale", "hqq")
 
-Method = Union[None, str, GPTQ, ActivationAwareClip, HQQ]
+Method = Union[None, str, GPTQ, ActivationAwareClip, AWQScale, HQQ]
 
 
-def resolve_method(method: Any) -> Union[None, GPTQ, ActivationAwareClip, HQQ]:
+def resolve_method(method: Any) -> Union[None, GPTQ, ActivationAwareClip, AWQScale, HQQ]:
     """Return the algorithm object for ``method`` (None or ``"rtn"``: round-to-nearest, returned as None).
 
     Example: ``resolve_method("gptq") == GPTQ()``; ``resolve_method(GPTQ(act_order=True))`` is itself.
     """
     if method is None or method == "rtn":
         return None
-    if isinstance(method, (GPTQ, ActivationAwareClip, HQQ)):
+    if isinstance(method, (GPTQ, ActivationAwareClip, AWQScale, HQQ)):
         return method
     if method == "gptq":
         return GPTQ()
     if method in ("awq_clip", "awq"):
         return ActivationAwareClip()
+    if method == "awq_scale":
+        return AWQScale()
     if method == "hqq":
         return HQQ()
-    raise ValueError(f"method must be one of {METHODS} or a GPTQ / ActivationAwareClip / HQQ instance, got {method!r}")
+    raise ValueError(f"method must be one of {METHODS} or a GPTQ / ActivationAwareClip / AWQScale / HQQ instance, got {method!r}")

@@ -43,7 +43,8 @@ def sequential_quantize(model, plan, aware, algorithm, calibration, stages: int,
                 m = aware[fqn]
                 try:
                     r = algorithm.quantize(m.weight, hs[fqn], cfg_of[fqn])
-                    done[fqn] = PackedWeight.from_codes(r.codes, r.scale, r.zero_point, cfg_of[fqn], m.weight.shape, m.weight.dtype)
+                    done[fqn] = PackedWeight.from_codes(r.codes, r.scale, r.zero_point, cfg_of[fqn], m.weight.shape, m.weight.dtype,
+                                                          r.input_scale)
                 except ValueError as exc:
                     raise ValueError(f"layer {fqn!r}: {exc}") from exc
             for fqn in names:
