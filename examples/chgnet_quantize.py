@@ -181,7 +181,7 @@ def main() -> None:
     ap.add_argument("--sensitivity-batches", type=int, default=1, help="calibration batches (of 6 structures) for the sensitivity run")
     ap.add_argument("--extra-compounds", type=int, default=150, help="extra calibration compounds (section 1b)")
     ap.add_argument("--extra-variants", type=int, default=2, help="strained/perturbed copies of each calibration structure (section 1b)")
-    ap.add_argument("--sections", default="0,1,1b,1c,2,3", help="sections to run, comma-separated")
+    ap.add_argument("--sections", default="0,1,1b,1c,1d,2,3", help="sections to run, comma-separated")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -212,7 +212,7 @@ def main() -> None:
     head = " | ".join(f"{n} MAE ({u})" for n, u, _ in OUTPUTS.values())
     sections = set(args.sections.split(","))
     big_batches = cal_batches
-    if sections & {"1b", "1c"}:
+    if sections & {"1b", "1c", "1d"}:
         t = time.time()
         test_names = {n for i, (n, _) in enumerate(named) if i % 3 != 0}
         base_cal = [(n, s) for i, (n, s) in enumerate(named) if i % 3 == 0]
@@ -250,6 +250,15 @@ def main() -> None:
         section1(variant, bits, evaluate, test_batches, ref, head, int8, g32, keep8, results)
     if "1b" in sections:
         section1b(variant, bits, test_batches, ref, head, g32, keep8, big_batches, results)
+    if "1d" in sections:
+        n = sum(len(b) for b in big_batches)
+        rows = [
+            (f"int4 g32, awq_scale ({n})", lambda: variant(g32, "awq_scale", cal=big_batches)),
+            (f"int4 g32 + composition_model.fc int8, awq_scale ({n})", lambda: variant(keep8, "awq_scale", cal=big_batches)),
+            ("int4 g32 + composition_model.fc int8, awq_scale (33)", lambda: variant(keep8, "awq_scale")),
+        ]
+        _rows("AWQ channel scaling (input_scale stored, counted in bits/weight)", rows, variant, bits, test_batches, ref, head,
+              results, "awq_scale")
     if "1c" in sections:
         section1c(base, variant, bits, test_batches, ref, head, int8, g32, big_batches, results)
     if "2" in sections:
