@@ -181,7 +181,7 @@ def main() -> None:
     ap.add_argument("--sensitivity-batches", type=int, default=1, help="calibration batches (of 6 structures) for the sensitivity run")
     ap.add_argument("--extra-compounds", type=int, default=150, help="extra calibration compounds (section 1b)")
     ap.add_argument("--extra-variants", type=int, default=2, help="strained/perturbed copies of each calibration structure (section 1b)")
-    ap.add_argument("--sections", default="0,1,1b,1c,1d,2,3", help="sections to run, comma-separated")
+    ap.add_argument("--sections", default="0,1,1b,1c,1d,1e,2,3", help="sections to run, comma-separated")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -212,7 +212,7 @@ def main() -> None:
     head = " | ".join(f"{n} MAE ({u})" for n, u, _ in OUTPUTS.values())
     sections = set(args.sections.split(","))
     big_batches = cal_batches
-    if sections & {"1b", "1c", "1d"}:
+    if sections & {"1b", "1c", "1d", "1e"}:
         t = time.time()
         test_names = {n for i, (n, _) in enumerate(named) if i % 3 != 0}
         base_cal = [(n, s) for i, (n, s) in enumerate(named) if i % 3 == 0]
@@ -250,6 +250,8 @@ def main() -> None:
         section1(variant, bits, evaluate, test_batches, ref, head, int8, g32, keep8, results)
     if "1b" in sections:
         section1b(variant, bits, test_batches, ref, head, g32, keep8, big_batches, results)
+    if "1e" in sections:
+        section1e(variant, bits, test_batches, ref, head, g32, keep8, big_batches, results)
     if "1d" in sections:
         n = sum(len(b) for b in big_batches)
         rows = [
@@ -275,8 +277,8 @@ def section0(base, cal_batches, int8, g32, results) -> None:
     from gradcomp.weights import analyze_weights
 
     t = time.time()
-    # propagate: each layer quantized alone, its share of the model-output error (2 batches: 12 structures)
-    wr = analyze_weights(base, [int8, g32], calibration=cal_batches[:2], forward=forward, propagate=True, progress=True)
+    # propagate: each layer quantized alone, its share of the model-output error (1 batch: 6 structures)
+    wr = analyze_weights(base, [int8, g32], calibration=cal_batches[:1], forward=forward, propagate=True, progress=True)
     print(f"\n## Weight report with calibration data ({time.time() - t:.0f} s)\n")
     print(f"model-output rel. MSE with every layer quantized: {wr.model_rel_mse}")
     print("| flag | layer | config | weight SQNR dB | output SNR dB | share of the model-output error |\n|---|---|---|---:|---:|---:|")
@@ -339,15 +341,24 @@ def section1b(variant, bits, test_batches, ref, head, g32, keep8, big, results) 
         (f"int4 g32, GPTQ damp 0.01 ({n})", lambda: variant(g32, GPTQ(), cal=big)),
         (f"int4 g32, GPTQ damp 0.1 ({n})", lambda: variant(g32, GPTQ(damp=0.1), cal=big)),
         (f"int4 g32, GPTQ act-order damp 0.1 ({n})", lambda: variant(g32, GPTQ(damp=0.1, act_order=True), cal=big)),
-        (f"int4 g32, GPTQ damp 0.1, sequential 8 stages ({n})", lambda: variant(g32, GPTQ(damp=0.1), cal=big, sequential=8)),
-        (f"int4 g32, GPTQ damp 0.01, sequential 8 stages ({n})", lambda: variant(g32, GPTQ(), cal=big, sequential=8)),
-        (f"int4 g32, awq_clip, sequential 8 stages ({n})", lambda: variant(g32, "awq_clip", cal=big, sequential=8)),
-        ("int4 g32 + composition_model.fc int8, HQQ (no data)", lambda: variant(keep8, "hqq")),
-        (f"int4 g32 + composition_model.fc int8, awq_clip ({n})", lambda: variant(keep8, "awq_clip", cal=big)),
-        (f"int4 g32 + composition_model.fc int8, GPTQ damp 0.1, sequential 8 stages ({n})",
-         lambda: variant(keep8, GPTQ(damp=0.1), cal=big, sequential=8)),
     ]
     _rows(f"Uniform int4 with {n} calibration structures", rows, variant, bits, test_batches, ref, head, results, "weight_only_big_calibration")
+
+
+def section1e(variant, bits, test_batches, ref, head, g32, keep8, big, results) -> None:
+    """(1e) sequential calibration (each stage on the quantized earlier ones) and the reference layer kept at int8."""
+    n = sum(len(b) for b in big)
+    rows = [
+        (f"int4 g32 + composition_model.fc int8, awq_clip ({n})", lambda: variant(keep8, "awq_clip", cal=big)),
+        (f"int4 g32 + composition_model.fc int8, GPTQ damp 0.1 ({n})", lambda: variant(keep8, GPTQ(damp=0.1), cal=big)),
+        (f"int4 g32 + composition_model.fc int8, GPTQ damp 0.1, sequential 4 stages ({n})",
+         lambda: variant(keep8, GPTQ(damp=0.1), cal=big, sequential=4)),
+        (f"int4 g32 + composition_model.fc int8, awq_clip, sequential 4 stages ({n})",
+         lambda: variant(keep8, "awq_clip", cal=big, sequential=4)),
+        ("int4 g32 + composition_model.fc int8, HQQ (no data)", lambda: variant(keep8, "hqq")),
+    ]
+    _rows(f"int4 with the reference layer at int8, {n} calibration structures", rows, variant, bits, test_batches, ref, head,
+          results, "weight_only_keep8")
 
 
 def section1c(base, variant, bits, test_batches, ref, head, int8, g32, big, results) -> None:
