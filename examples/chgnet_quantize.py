@@ -280,17 +280,18 @@ def section0(base, cal_batches, int8, g32, results) -> None:
     # propagate: each layer quantized alone, its share of the model-output error (1 batch: 6 structures)
     wr = analyze_weights(base, [int8, g32], calibration=cal_batches[:1], forward=forward, propagate=True, progress=True)
     print(f"\n## Weight report with calibration data ({time.time() - t:.0f} s)\n")
-    print(f"model-output rel. MSE with every layer quantized: {wr.model_rel_mse}")
-    print("| flag | layer | config | weight SQNR dB | output SNR dB | share of the model-output error |\n|---|---|---|---:|---:|---:|")
+    print(f"model-output rel. MSE with every layer quantized, per output: {wr.model_rel_mse_per_output}")
+    print("| flag | layer | config | weight SQNR dB | output SNR dB | output | share of that output's error |\n|---|---|---|---:|---:|---|---:|")
     for f in wr.flags:
         print(f"| {f['kind']} | {f['layer']} | {f['config']} | {f['sqnr_db']:.1f} | {f['output_snr_db']:.1f} | "
-              f"{f.get('model_error_share', float('nan')):.2f} |")
-    top = sorted(((lq.model_error_share, n, c) for n, d in wr.quality.items() for c, lq in d.items()), reverse=True)[:8]
-    print("largest shares: " + ", ".join(f"{n} [{c}] {s:.2f}" for s, n, c in top))
+              f"{f.get('model_output', '')} | {f.get('model_error_share', float('nan')):.2f} |")
+    top = sorted(((lq.model_error_share, n, c, lq.model_error_output) for n, d in wr.quality.items() for c, lq in d.items()), reverse=True)[:10]
+    print("largest shares: " + ", ".join(f"{n} [{c}] {s:.2f} of {o}" for s, n, c, o in top))
     comp = wr.quality.get("composition_model.fc", {})
     for c, lq in comp.items():
         print(f"composition_model.fc [{c}]: SQNR {lq.sqnr_db:.1f} dB, output SNR {lq.output_snr_db:.1f} dB, "
-              f"output RMS error {lq.output_rms_error:.4g} eV, share of the model-output error {lq.model_error_share:.2f}")
+              f"output RMS error {lq.output_rms_error:.4g} eV, share of the model-output error {lq.model_error_share:.2f} "
+              f"(of output {lq.model_error_output!r})")
     results["flags"] = wr.flags
 
 

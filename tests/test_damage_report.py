@@ -115,7 +115,7 @@ def test_model_output_share_flags_the_reference_energy_layer_that_output_snr_mis
         alone = torch.cat([model(*b) for b in batches]).double()
         model.comp.weight.copy_(w)
     by_hand = float(((alone - ref) ** 2).mean() / (ref ** 2).mean())
-    assert abs(comp.model_rel_mse - by_hand) <= 1e-9 * max(by_hand, 1e-30)
+    assert abs(comp.model_rel_mse - by_hand) <= 1e-9 * max(by_hand, 1e-30) and comp.model_error_output == "output"
     assert torch.equal(model.comp.weight, w)                 # weights put back
     assert report.propagated and "model_share[int8-channel]" in report.rows()[0]
     assert "model_output" in report.note and json.dumps(report.to_json())
@@ -128,3 +128,28 @@ def test_propagate_needs_data_and_a_valid_share():
         analyze_weights(RefEnergy(), [INT8], propagate=True)
     with pytest.raises(ValueError, match="flag_share"):
         analyze_weights(RefEnergy(), [INT8], calibration=_structures(1), propagate=True, flag_share=2.0)
+
+
+class TwoHeads(RefEnergy):
+    """Energy (big offset from the reference layer) and a second head whose relative error is much larger."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, feats, frac):
+        h = torch.tanh(self.body1(feats))
+        return {"e": 0.1 * self.body2(h) + self.comp(frac), "m": self.head(h)}
+
+
+def test_share_is_per_output_so_a_second_head_does_not_hide_the_energy_layer():
+    torch.manual_seed(0)
+    report = analyze_weights(TwoHeads(), [INT8], calibration=_structures(), propagate=True)
+    comp = report.quality["comp"]["int8-channel"]
+    per = report.model_rel_mse_per_output["int8-channel"]
+    assert per["m"] > per["e"]
+    # a share of the error summed over the outputs would stay under the flag (the second head dominates) ...
+    assert comp.model_rel_mse / report.model_rel_mse["int8-channel"] < 0.25
+    # ... while on the energy this layer causes nearly all of it
+    assert comp.model_error_output == "e" and comp.model_error_share > 0.8
+    assert "comp" in {f["layer"] for f in report.flags if f["kind"] == "model_output"}

@@ -41,8 +41,10 @@ class LayerQuality:
         model_rel_mse: with ``propagate=True``, the model-output error with only this layer quantized:
             the MSE of each model output against the unquantized model's, divided by that output's mean
             square, averaged over the outputs (NaN otherwise).
-        model_error_share: ``model_rel_mse`` over the same error with every analysed layer quantized
-            with this config: the share of the whole model's damage this one layer causes.
+        model_error_share: per model output, this layer's error over the error with every analysed
+            layer quantized with this config; the largest over the outputs (the share of the whole
+            model's damage this one layer causes on the output it hurts most).
+        model_error_output: the output of that largest share.
     """
 
     name: str
@@ -56,6 +58,7 @@ class LayerQuality:
     output_rms_error: float = math.nan
     model_rel_mse: float = math.nan
     model_error_share: float = math.nan
+    model_error_output: str = ""
 
     def to_dict(self) -> Dict[str, Any]:
         """Return the fields as a JSON-friendly dict."""
@@ -196,6 +199,7 @@ class WeightReport:
     flags: List[Dict[str, Any]] = field(default_factory=list)
     propagated: bool = False
     model_rel_mse: Dict[str, float] = field(default_factory=dict)
+    model_rel_mse_per_output: Dict[str, Dict[str, float]] = field(default_factory=dict)
 
     @property
     def note(self) -> str:
@@ -258,6 +262,7 @@ class WeightReport:
             "flags": list(self.flags),
             "propagated": self.propagated,
             "model_rel_mse": dict(self.model_rel_mse),
+            "model_rel_mse_per_output": {c: dict(v) for c, v in self.model_rel_mse_per_output.items()},
             "summary": self.summary(),
             "layers": [
                 {"stats": s.to_dict(histogram), "quality": {c: self.quality[s.name][c].to_dict() for c in self.configs}}
@@ -292,9 +297,11 @@ def analyze_weights(
     of per-element reference energies (values up to 16 eV, one int8 scale) has an output SNR as good
     as its SQNR, yet its absolute error is the whole model's. With ``propagate=True`` the report
     measures the damage where it lands, at the model's outputs: for each config, the model-output
-    error (``rel_mse``, each output normalised by its own power) with every analysed layer quantized,
-    and with each layer quantized alone; a layer whose share is at least ``flag_share`` is flagged
-    (kind ``model_output``). Cost: ``(layers + 1) * configs`` passes over the calibration batches.
+    error (``rel_mse``: each output's MSE over its own power) with every analysed layer quantized, and
+    with each layer quantized alone; per output the ratio is the layer's share, and a layer whose
+    share on some output is at least ``flag_share`` is flagged (kind ``model_output``). Shares are per
+    output because a sum over outputs hides an output whose error is small next to its power (an
+    energy with a large offset) while one layer causes all of it. Cost: ``(layers + 1) * configs`` passes over the calibration batches.
 
     Example: a weight ``[[1.0, 0.01]]`` whose second input is always 1000x the first loses almost
     nothing in SQNR if only ``0.01`` is rounded badly, but its output SNR drops by ~60 dB.
@@ -384,14 +391,14 @@ def _model_outputs(model: nn.Module, batches: Sequence[Any], forward) -> List[Di
         model.train(was)
 
 
-def _rel_mse(got: Sequence[Mapping[str, torch.Tensor]], ref: Sequence[Mapping[str, torch.Tensor]], power: Mapping[str, float]) -> float:
-    """MSE of each output over all batches divided by its power, averaged over the outputs."""
-    total = 0.0
+def _rel_mse(got: Sequence[Mapping[str, torch.Tensor]], ref: Sequence[Mapping[str, torch.Tensor]], power: Mapping[str, float]) -> Dict[str, float]:
+    """Per output: its MSE over all batches divided by its power (mean square)."""
+    out = {}
     for k, p in power.items():
         se = sum(float(((g[k] - r[k]) ** 2).sum()) for g, r in zip(got, ref))
         n = sum(r[k].numel() for r in ref)
-        total += (se / max(n, 1)) / (p if p > 0 else 1.0)
-    return total / max(len(power), 1)
+        out[k] = (se / max(n, 1)) / (p if p > 0 else 1.0)
+    return out
 
 
 def _propagate(report: WeightReport, model: nn.Module, configs: Mapping[str, Optional[Config]], batches, forward,
@@ -411,7 +418,7 @@ def _propagate(report: WeightReport, model: nn.Module, configs: Mapping[str, Opt
     power = {k: sum(float((r[k] ** 2).sum()) for r in ref) / max(sum(r[k].numel() for r in ref), 1) for k in ref[0]}
     originals = {n: w.detach().clone() for n, w in params.items()}
 
-    def run_with(quantized: Mapping[str, Optional[Config]]) -> float:
+    def run_with(quantized: Mapping[str, Optional[Config]]) -> Dict[str, float]:
         try:
             with torch.no_grad():
                 for n, c in quantized.items():
@@ -423,29 +430,35 @@ def _propagate(report: WeightReport, model: nn.Module, configs: Mapping[str, Opt
                     params[n].copy_(originals[n])
 
     steps = [(c, None) for c in configs] + [(c, n) for c in configs for n in params]
-    totals: Dict[str, float] = {}
+    totals: Dict[str, Dict[str, float]] = {}
     for cname, layer in progress_bar(steps, progress, "propagate", unit="trial"):
         cfg = configs[cname]
         if layer is None:
             totals[cname] = run_with({n: cfg for n in params})
             continue
-        err = run_with({layer: cfg})
-        share = err / totals[cname] if totals[cname] > 0 else math.nan
-        lq = replace(report.quality[layer][cname], model_rel_mse=err, model_error_share=share)
+        per = run_with({layer: cfg})
+        err = sum(per.values()) / len(per)
+        # the share per output: an output whose error is small next to its power (an energy with a
+        # large offset) would vanish in a sum over outputs, yet this layer may cause all of it
+        shares = {k: per[k] / totals[cname][k] if totals[cname][k] > 0 else math.nan for k in per}
+        key = max(shares, key=lambda k: -math.inf if math.isnan(shares[k]) else shares[k])
+        share = shares[key]
+        lq = replace(report.quality[layer][cname], model_rel_mse=err, model_error_share=share, model_error_output=key)
         report.quality[layer][cname] = lq
         if share >= flag_share:
             median = statistics.median(q[cname].sqnr_db for q in report.quality.values())
             looks = "look safe" if lq.sqnr_db >= median else "are low too"
             report.flags.append({
                 "kind": "model_output", "layer": layer, "config": cname, "sqnr_db": lq.sqnr_db, "output_snr_db": lq.output_snr_db,
-                "output_rms_error": lq.output_rms_error, "model_rel_mse": err, "model_error_share": share,
-                "why": (f"quantized alone, this layer causes {share:.0%} of the model-output error of quantizing every layer "
-                        f"({err:.3g} vs {totals[cname]:.3g} rel. MSE), while its weight SQNR ({lq.sqnr_db:.1f} dB) and output "
-                        f"SNR ({lq.output_snr_db:.1f} dB) {looks}: its output feeds the result with little "
-                        "averaging (e.g. per-element reference values), so its absolute error is the model's error"),
+                "output_rms_error": lq.output_rms_error, "model_rel_mse": err, "model_error_share": share, "model_output": key,
+                "why": (f"quantized alone, this layer causes {share:.0%} of the error of output {key!r} with every layer "
+                        f"quantized ({per[key]:.3g} vs {totals[cname][key]:.3g} rel. MSE), while its weight SQNR "
+                        f"({lq.sqnr_db:.1f} dB) and output SNR ({lq.output_snr_db:.1f} dB) {looks}: its output feeds the "
+                        "result with little averaging (e.g. per-element reference values), so its absolute error is the model's error"),
             })
     report.propagated = True
-    report.model_rel_mse = totals
+    report.model_rel_mse = {c: sum(t.values()) / len(t) for c, t in totals.items()}
+    report.model_rel_mse_per_output = totals
 
 
 def _with_output_error(lq: LayerQuality, w: torch.Tensor, config: Optional[Config], h: torch.Tensor, rows: int) -> LayerQuality:
