@@ -181,7 +181,7 @@ def main() -> None:
     ap.add_argument("--sensitivity-batches", type=int, default=1, help="calibration batches (of 6 structures) for the sensitivity run")
     ap.add_argument("--extra-compounds", type=int, default=150, help="extra calibration compounds (section 1b)")
     ap.add_argument("--extra-variants", type=int, default=2, help="strained/perturbed copies of each calibration structure (section 1b)")
-    ap.add_argument("--sections", default="0,1,1b,1c,1d,1e,2,3", help="sections to run, comma-separated")
+    ap.add_argument("--sections", default="0,1,1b,1c,1d,1e,1f,2,3", help="sections to run, comma-separated")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -212,7 +212,8 @@ def main() -> None:
     head = " | ".join(f"{n} MAE ({u})" for n, u, _ in OUTPUTS.values())
     sections = set(args.sections.split(","))
     big_batches = cal_batches
-    if sections & {"1b", "1c", "1d", "1e"}:
+    extra_graphs, big = [], calib
+    if sections & {"1b", "1c", "1d", "1e", "1f"}:
         t = time.time()
         test_names = {n for i, (n, _) in enumerate(named) if i % 3 != 0}
         base_cal = [(n, s) for i, (n, s) in enumerate(named) if i % 3 == 0]
@@ -252,6 +253,14 @@ def main() -> None:
         section1b(variant, bits, test_batches, ref, head, g32, keep8, big_batches, results)
     if "1e" in sections:
         section1e(variant, bits, test_batches, ref, head, g32, keep8, big_batches, results)
+    if "1f" in sections:
+        # which calibration structures hurt GPTQ: the 33 alone, plus their strained copies, plus the generated compounds
+        n_var = len(extra_graphs) and min(len(extra_graphs), args.extra_variants * len(calib))
+        sets = {"33": cal_batches, f"33 + {n_var} strained copies": [
+            (calib + extra_graphs[:n_var])[i:i + batch] for i in range(0, len(calib) + n_var, batch)], f"{len(big)}": big_batches}
+        rows = [(f"int4 g32 + composition_model.fc int8, GPTQ damp 0.1 ({k})", (lambda c: lambda: variant(keep8, GPTQ(damp=0.1), cal=c))(c))
+                for k, c in sets.items()]
+        _rows("GPTQ and the calibration set", rows, variant, bits, test_batches, ref, head, results, "gptq_calibration_sets")
     if "1d" in sections:
         n = sum(len(b) for b in big_batches)
         rows = [
