@@ -85,6 +85,11 @@ class QuantizedLinear(_QuantizedLayer):
        ``compute_dtype`` is ``torch.bfloat16`` (fp32 inputs are then computed in bf16);
     3. otherwise the weight is dequantized to ``x.dtype`` and ``F.linear`` runs (exact, differentiable).
 
+    A weight with an ``input_scale`` ``s`` (activation-aware scaling) holds the codes of ``W diag(s)``:
+    route 2 divides the input by ``s`` (in fp32) before the kernel, route 3 folds ``1/s`` into the
+    dequantized weight, and route 1 is not taken (it would quantize ``x / s`` where the fake-quant
+    path quantizes ``x``).
+
     Attributes:
         compute_dtype: None (compute in the input's dtype) or ``torch.bfloat16`` (run the bf16 kernels
             for fp32 inputs too: faster, at bf16 precision of the activations).
@@ -149,7 +154,7 @@ class QuantizedLinear(_QuantizedLayer):
 
             kind, ops = self._operands("weight")
             if self.packed.input_scale is not None:   # the kernel multiplies by the codes of W diag(s)
-                x = x / self.packed.input_scale.to(x.dtype)
+                x = (x.float() / self.packed.input_scale.float()).to(x.dtype)
             return kernel_linear(x, kind, ops, self.bias)
         return F.linear(x, self.packed.dequantize(x.dtype), self._bias_for(x))
 
