@@ -70,6 +70,7 @@ __all__ = [
     "encode_blocks",
     "reduce_blocks",
     "decode_blocks",
+    "decode_sum_blocks",
     "BackgroundCompiler",
 ]
 
@@ -280,14 +281,18 @@ def _encode_kernel(x, res_in, res_out, codes_out, noise, qmax: int, bits: int) -
     return _quantize_into(c, res_out, codes_out, noise, qmax, bits)
 
 
-def _reduce_kernel(codes, scale, res_in, res_out, codes_out, noise, qmax: int, bits: int) -> torch.Tensor:
-    """Dequantize P messages (P, rows, bytes), sum them in order 0..P-1, divide by P, requantize (+ res_in)."""
-    p = codes.shape[0]
+def _sum_rows(codes, scale, qmax: int, bits: int) -> torch.Tensor:
+    """Dequantize P messages (P, rows, bytes) with scales (P, rows) and sum them in order 0..P-1 (fp32 rows)."""
     off = qmax + 1
     acc = (_unpack_rows(codes[0], bits).float() - off) * scale[0].unsqueeze(1)
-    for i in range(1, p):  # a fixed order: every owner sums its blocks the same way
+    for i in range(1, codes.shape[0]):  # a fixed order: every owner sums its blocks the same way
         acc = acc + (_unpack_rows(codes[i], bits).float() - off) * scale[i].unsqueeze(1)
-    acc = acc / p
+    return acc
+
+
+def _reduce_kernel(codes, scale, res_in, res_out, codes_out, noise, qmax: int, bits: int) -> torch.Tensor:
+    """Dequantize P messages (P, rows, bytes), sum them in order 0..P-1, divide by P, requantize (+ res_in)."""
+    acc = _sum_rows(codes, scale, qmax, bits) / codes.shape[0]
     if res_in is not None:
         acc = acc + res_in
     return _quantize_into(acc, res_out, codes_out, noise, qmax, bits)
@@ -296,6 +301,16 @@ def _reduce_kernel(codes, scale, res_in, res_out, codes_out, noise, qmax: int, b
 def _decode_kernel(codes, scale, out, qmax: int, bits: int) -> None:
     """Dequantize packed rows (rows, bytes) with scales (rows,) into ``out`` (rows, block) of any float dtype."""
     out.copy_((_unpack_rows(codes, bits).float() - (qmax + 1)) * scale.unsqueeze(1))
+
+
+def _decode_sum_kernel(codes, scale, out, divide: int, factor, qmax: int, bits: int) -> None:
+    """Sum P messages (P, rows, bytes) in order 0..P-1, divide by ``divide``, times ``factor``, into ``out``."""
+    acc = _sum_rows(codes, scale, qmax, bits)
+    if divide != 1:
+        acc = acc / divide
+    if factor is not None:
+        acc = acc * factor
+    out.copy_(acc)
 
 
 _COMPILE_LOCK = threading.Lock()
@@ -815,6 +830,49 @@ def decode_blocks(
     return out
 
 
+def decode_sum_blocks(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    bits: int,
+    *,
+    out: Optional[torch.Tensor] = None,
+    divide: int = 1,
+    factor: Optional[torch.Tensor] = None,
+    compiled: bool = False,
+) -> torch.Tensor:
+    """Dequantize P quantized copies of the same blocks and sum them in rank order, without requantizing.
+
+    Steps: dequantize copy ``p`` (``(code - 2**(bits-1)) * scale``) in fp32, sum the copies in the
+    order ``p = 0..P-1`` (the order :func:`reduce_blocks` sums them in), divide by ``divide``,
+    multiply by ``factor``, write into ``out`` (cast to its dtype once, at the end).
+
+    Example (8 bits, P = 2, ``divide=2``): codes ``[[138], [118]]`` with scales ``[[0.5], [0.25]]``
+    are ``5.0`` and ``-2.5``; their mean ``1.25`` is written.
+
+    Args:
+        codes: uint8 ``(P, rows, block * bits / 8)``; rows of a received buffer (strided views are fine).
+        scale: fp32 ``(P, rows)``.
+        bits: 2, 4 or 8.
+        out: ``(rows, block)`` of any float dtype (e.g. a view of an output shard; fp32 if None).
+        divide: a positive int the sum is divided by (``P`` for a mean).
+        factor: an fp32 0-dim tensor the result is multiplied by (FSDP's pre-multiplied sum), or None.
+        compiled: run the fused ``torch.compile`` kernel (bit-identical to the eager one).
+
+    Returns:
+        ``out``. Rows with a non-finite scale in any copy come back non-finite.
+    """
+    qmax = _check_hook_bits(bits)
+    if isinstance(divide, bool) or not isinstance(divide, int) or divide < 1:
+        raise ValueError(f"divide must be a positive int, got {divide!r}")
+    if factor is not None and (not isinstance(factor, torch.Tensor) or factor.dim() != 0 or factor.dtype != torch.float32):
+        raise TypeError(f"factor must be a 0-dim float32 tensor or None, got {factor!r}")
+    p, rows, nbytes = codes.shape
+    if out is None:
+        out = torch.empty(rows, nbytes * 8 // bits, dtype=torch.float32, device=codes.device)
+    _run(_decode_sum_kernel, compiled, codes, scale, out, divide, factor, qmax, bits)
+    return out
+
+
 class BackgroundCompiler:
     """Compile kernels with ``torch.compile`` on a background thread; say when they are ready.
 
@@ -862,7 +920,7 @@ class BackgroundCompiler:
     def _work(self, warmup: Callable[[threading.Event], None]) -> None:
         try:
             warmup(self._stop)
-            failed = [fn.__name__ for fn in (_encode_kernel, _reduce_kernel, _decode_kernel) if fn in _COMPILE_FAILED]
+            failed = [fn.__name__ for fn in (_encode_kernel, _reduce_kernel, _decode_kernel, _decode_sum_kernel) if fn in _COMPILE_FAILED]
             if failed:
                 raise RuntimeError(f"compilation of {', '.join(failed)} failed")
             self.ready = not self._stop.is_set()

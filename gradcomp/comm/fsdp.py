@@ -21,9 +21,9 @@ with the exchange's own steps (:mod:`gradcomp.comm.exchange`):
    whole gradient (+ its residual) straight into the P messages and leaves the new residual.
 2. All-to-all: message k (row k's codes, fp32 scales and a header of step and module) goes to rank k;
    the headers are checked (CPU tensors; on an accelerator the check would stall the backward pass).
-3. Rank k decodes the P copies of its row (``codec.decode_blocks``), sums them in rank order 0..P-1
-   in fp32, applies FSDP's op (AVG: / P, SUM, PREMUL_SUM: * factor) and writes its output shard in
-   FSDP's reduce dtype.
+3. ``exchange.decode_sum``: rank k dequantizes the P copies of its row, sums them in rank order
+   0..P-1 in fp32, applies FSDP's op (AVG: / P, SUM, PREMUL_SUM: * factor) and writes its output
+   shard in FSDP's reduce dtype, in one pass, without requantizing.
 
 Bytes each rank sends: ``(P - 1) * message_bytes``, a message being the aligned row's codes
 (``aligned_row * bits / 8``), its scales (``4 * aligned_row / block_size``) and a 16-byte header,
@@ -32,11 +32,12 @@ with ``block_size=256`` (a little more where parameters are padded to whole bloc
 
 Memory passes of a reduce-scatter, int8, fp32 gradients, in units of one pass over the module's whole
 fp32 gradient: encode 3.25 (read the gradient and the residual, write the new residual and the
-codes), decode of the P received copies of the row 1.5 (copy the codes out of the messages, read
-them, write fp32), the rank-order sum 1 + 1/P, the op and the copy into FSDP's output about 3/P:
-about 8 at P = 2, 6.5 at P = 8 (three more on an accelerator, where the new residual is committed
+codes), decode_sum 0.25 + 1/P (read the P received copies of the row's codes, write the output
+row): 4 at P = 2, 3.6 at P = 8 (three more on an accelerator, where the new residual is committed
 with ``torch.where`` to avoid a host sync). ``encode`` reads whole blocks straight from FSDP's
-buffer and stages only each parameter's ragged last block.
+buffer and ``decode_sum`` writes them straight into FSDP's output; only each parameter's ragged
+last block is staged. Nothing of module size is allocated per call: the residual is double-buffered
+and the messages persist per module.
 
 All-gather of a module's parameters (``weight_bits=8``): each rank encodes its shard alone (int8, one
 fp32 scale per block, blocks aligned per parameter), the messages are all-gathered, and every rank
@@ -77,7 +78,6 @@ import torch
 import torch.distributed as dist
 
 from gradcomp.checks import GRADIENT_BITS, check_is_int
-from gradcomp import codec
 from gradcomp.comm import exchange
 from gradcomp.comm.collectives import all_gather_into
 from gradcomp.comm.fsdp_plan import _FLOAT, _ModuleComm, _op_scale
@@ -193,6 +193,10 @@ class FSDPCompressState:
 
     # ---- the two collectives
 
+    def _compiled(self) -> bool:
+        """Whether to run the fused codec kernels now."""
+        return self.config.compile
+
     def _reduce_scatter(self, mod: _ModuleComm, output: torch.Tensor, inp: torch.Tensor, group, op, async_op: bool):
         cfg = self.config
         P = group.size() if group is not None else dist.get_world_size()
@@ -227,15 +231,12 @@ class FSDPCompressState:
         e = mod.entry("rs", row, P, bits, B, inp.device)
         plan, bufs = e.plan, e.bufs
         header = (step, mod.index)
+        rank = dist.get_rank(group)
         # 1. encode: the rank's whole gradient (+ residual) straight into the P messages
         res = res_new = None
         if cfg.error_feedback:
-            res = mod.residual
-            if res is None or res.numel() != plan.padded_numel:
-                res = torch.zeros(plan.padded_numel, dtype=torch.float32, device=inp.device)
-            res = res.to(inp.device)
-            res_new = torch.empty_like(res)  # committed below only if every rank was finite
-        send = exchange.encode(plan, bufs, 0, inp.view(-1), residual=res, residual_out=res_new, header=header, compiled=cfg.compile)
+            res, res_new = mod.residuals(plan.padded_numel, inp.device)  # the new one is committed only if all were finite
+        send = exchange.encode(plan, bufs, 0, inp.view(-1), residual=res, residual_out=res_new, header=header, compiled=self._compiled())
         # a non-finite value anywhere poisons every scale this rank sends, so every rank sees it
         # (the plan has no padding blocks: every scale is rewritten by the next encode)
         _, scales, _ = bufs.to_views(0, send, P)
@@ -244,27 +245,14 @@ class FSDPCompressState:
         dist.all_to_all_single(bufs.recv[0], send, group=group)
         if inp.device.type == "cpu":  # on an accelerator the check would stall the backward pass
             exchange.check_header(plan, 0, bufs.recv[0], step, mod.index, "FSDP reduce-scatter")
-        # 3. decode the P copies of my row, sum them in rank order, scale by the op
-        codes, rscales, _ = bufs.to_views(0, bufs.recv[0], P)
-        s = plan.chunks[0].shard_blocks
-        deq = codec.decode_blocks(codes.reshape(P * s, -1), rscales.reshape(P * s), bits, compiled=cfg.compile).view(P, -1)
-        acc = deq[0].clone()
-        for k in range(1, P):  # a fixed order, as the DDP exchange sums
-            acc.add_(deq[k])
-        if scale[0] == "div":
-            acc.div_(scale[1])
-        elif scale[1] != 1.0:
-            acc.mul_(scale[1])
-        output.view(1, row).copy_(e.row.unalign(acc.view(1, -1)))
-        finite = torch.isfinite(rscales).all()
+        # 3. decode the P copies of my row, sum them in rank order, apply the op, straight into the output
+        kind, f = scale
+        finite = exchange.decode_sum(
+            plan, bufs, 0, rank, output.view(-1), offset=rank * row,
+            divide=int(f) if kind == "div" else 1, factor=None if kind == "div" or f == 1.0 else f, compiled=self._compiled(),
+        )
         if cfg.error_feedback:
-            # keep the old residual on a non-finite step (the same decision on every rank): on the CPU
-            # by swapping buffers; on an accelerator without a host sync, at the cost of three passes
-            if res.device.type == "cpu":
-                mod.residual = res_new if bool(finite) else res
-            else:
-                torch.where(finite, res_new, res, out=res)
-                mod.residual = res
+            mod.commit_residual(finite)
         with self._lock:
             bad = (~finite).to(torch.int64)
             self._nonfinite = bad if self._nonfinite is None else self._nonfinite.to(bad.device) + bad
@@ -294,7 +282,7 @@ class FSDPCompressState:
         e = mod.entry("ag", n, P, cfg.weight_bits, cfg.block_size, inp.device)
         header = (mod.step, mod.index)
         # the input is this rank's slot of the output: encode reads it before decode writes the output
-        mine = exchange.encode(e.plan1, e.bufs1, 0, inp.view(-1), header=header, compiled=cfg.compile)
+        mine = exchange.encode(e.plan1, e.bufs1, 0, inp.view(-1), header=header, compiled=self._compiled())
         gathered = e.bufs.gathered[0]
         all_gather_into(gathered, mine, group)
         if inp.device.type == "cpu":
@@ -306,7 +294,7 @@ class FSDPCompressState:
                     f"this rank expected {want.tolist()} (step, module, bits, numel)"
                 )
         # every rank decodes every shard, its own too: all ranks compute with identical weights
-        exchange.decode(e.plan, e.bufs, 0, output.view(-1), compiled=cfg.compile)
+        exchange.decode(e.plan, e.bufs, 0, output.view(-1), compiled=self._compiled())
         self._account_weight(mod, (P - 1) * e.plan.chunks[0].message_bytes, fp32, default)
         return None
 
