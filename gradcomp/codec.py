@@ -345,14 +345,25 @@ def _kernel_context():
 
     Dynamo hands every graph it compiles during a DDP forward to its DDPOptimizer (which splits
     graphs at DDP's bucket boundaries and refuses small ``bucket_cap_mb``); the kernels have no
-    parameters, so it is turned off for them (config patches are thread-local).
+    parameters, so it is turned off for them. Duck sizing is turned off too: the kernels get views
+    at many storage offsets, and an offset that happens to equal another (an int8 code byte offset
+    equals its fp32 residual's element offset) would otherwise become a guard, and every new
+    offset a recompilation (config patches are thread-local).
     """
-    try:
-        return torch._dynamo.config.patch(optimize_ddp=False)
-    except Exception:  # pragma: no cover - a torch without the option
-        import contextlib
+    import contextlib
 
-        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(torch._dynamo.config.patch(optimize_ddp=False))
+    except Exception:  # pragma: no cover - a torch without the option
+        pass
+    try:
+        import torch.fx.experimental._config as fx_config
+
+        stack.enter_context(fx_config.patch(use_duck_shape=False))
+    except Exception:  # pragma: no cover - a torch without the option
+        pass
+    return stack
 
 
 def _run(fn: Callable, compiled: bool, *args):

@@ -50,7 +50,7 @@ Hooks:
 FSDP2 (``--fsdp``, no DDP hook): ``gradcomp.fsdp.compress_`` with ``--grad-bits 8|4`` (quantized
 reduce-scatter) and ``--weight-bits 8`` (quantized parameter all-gather); 32 keeps FSDP2's own
 collective (still counted). ``--quant-block``, ``--no-error-feedback``, ``--warmup-steps``,
-``--min-compress-numel`` and ``--compile`` apply. Checkpoints hold full (unsharded) model and
+``--min-compress-numel`` and ``--no-compile`` apply. Checkpoints hold full (unsharded) model and
 optimizer state dicts and every rank's residuals; ``--resume`` works as with DDP. The default
 run directory is ``runs/fsdp_g<bits>_w<bits>[_bf16]``.
 """
@@ -526,7 +526,7 @@ def setup_fsdp_comm(args: argparse.Namespace, model: torch.nn.Module) -> HookSet
         error_feedback=not args.no_error_feedback,
         warmup_steps=args.warmup_steps,
         min_compress_numel=args.min_compress_numel,
-        compile=args.compile,
+        compile=not args.no_compile,
     )
 
     def stats() -> Dict[str, Any]:
@@ -867,12 +867,20 @@ class Job:
         gradcomp compiles them in the background and uses the eager ones meanwhile; a benchmark that
         wants the steady state waits here before its timed steps. The ranks agree with a MIN.
         """
-        ready_now = getattr(getattr(self.hook, "state", None), "_compiled_now", None)
-        if ready_now is None or not self.hook.state.config.compile:
+        state = getattr(self.hook, "state", None)
+        ready_now = getattr(state, "_compiled_now", None)
+        if ready_now is None or not state.config.compile:
             return
+        if self.args.fsdp and self.args.grad_bits == 32 and self.args.weight_bits == 32:
+            return  # FSDP2's own collectives: nothing to compile
+
+        def settled() -> bool:  # ready, or failed (eager for good): nothing more to wait for
+            compiler = getattr(state, "_compiler", None)
+            return bool(ready_now()) or (compiler is not None and compiler.failed)
+
         t0 = time.perf_counter()
         while True:
-            flag = torch.tensor([float(ready_now())])
+            flag = torch.tensor([float(settled())])
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             if flag.item() or time.perf_counter() - t0 > limit_s:
                 break

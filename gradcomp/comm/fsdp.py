@@ -45,6 +45,10 @@ decodes every shard (``exchange.decode``), its own included, so all ranks comput
 weights. The sharded parameters the optimizer updates stay in full precision; only the gathered copy
 is quantized.
 
+Codec kernels: as in the DDP hook, fused ``torch.compile`` kernels are compiled on a background
+thread from the first collective on (during the warm-up steps), checked bit-identical to the eager
+ones on sample calls of both routes, and used once ready; the eager kernels run until then.
+
 Guarantees, as in the DDP hook: plain collectives for the first ``warmup_steps`` steps of each module
 and for modules under ``min_compress_numel`` elements (the same decision on every rank: it depends on
 sizes, the step and the op only); a non-finite gradient on any rank makes every scale that rank sends
@@ -70,6 +74,7 @@ parameter for the reduce-scatter (send and receive) and ``1 + 1 / P`` for the in
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -78,6 +83,7 @@ import torch
 import torch.distributed as dist
 
 from gradcomp.checks import GRADIENT_BITS, check_is_int
+from gradcomp import codec
 from gradcomp.comm import exchange
 from gradcomp.comm.collectives import all_gather_into
 from gradcomp.comm.fsdp_plan import _FLOAT, _ModuleComm, _op_scale
@@ -104,7 +110,10 @@ class FSDPCompressConfig:
             a step is one reduce-scatter of the module).
         min_compress_numel: modules with fewer (unsharded) elements use FSDP's own collectives
             (with ``replicate_group``: the replicate all-reduce compares its shard's size).
-        compile: fuse the codec kernels with ``torch.compile`` (eager fallback where unavailable).
+        compile: fuse the codec kernels with ``torch.compile``, as the DDP hook does: they are
+            compiled on a background thread from the first collective on, checked bit-identical to
+            the eager ones on sample data of the same routes, and used once ready (eager until then,
+            and for good if compiling fails). ``False``: always eager.
     """
 
     grad_bits: Optional[int] = 8
@@ -113,7 +122,7 @@ class FSDPCompressConfig:
     error_feedback: bool = True
     warmup_steps: int = 10
     min_compress_numel: int = 16384
-    compile: bool = False
+    compile: bool = True
 
     def __post_init__(self):
         if self.grad_bits is not None:
@@ -190,12 +199,84 @@ class FSDPCompressState:
         self._totals = {"grad_sent": 0, "grad_fp32": 0, "grad_default": 0, "weight_sent": 0, "weight_fp32": 0, "weight_default": 0,
                         "replicate_sent": 0, "replicate_fp32": 0}
         self._nonfinite: Optional[torch.Tensor] = None  # steps x modules seen non-finite, counted on the device
+        self._compiler: Optional[codec.BackgroundCompiler] = None
+        self._dtypes: Dict[torch.dtype, None] = {}  # what the collectives carry (compress_ fills it): compiled for
 
-    # ---- the two collectives
+    # ---- fused kernels
 
     def _compiled(self) -> bool:
-        """Whether to run the fused codec kernels now."""
-        return self.config.compile
+        """Whether to run the fused codec kernels now (once compiled and checked; never with ``compile=False``)."""
+        return self._compiler is not None and self._compiler.ready
+
+    _compiled_now = _compiled  # the name launch/train.py's --wait-fused-kernels asks for
+
+    def _start_compile(self, world_size: int, dtypes: Sequence[torch.dtype], device: torch.device) -> None:
+        """Compile the codec kernels of both routes on a background thread, on samples shaped like FSDP's calls.
+
+        The sample module has a parameter of whole blocks, a ragged one and a one-block one; its
+        reduce-scatter runs with every op kind (a mean, a sum times a factor) into outputs of the
+        dtypes ``dtypes`` and the all-gather in those dtypes. The fused kernels are used only if
+        every output, residual and message is bit-identical to the eager kernels'.
+        """
+        if self._compiler is not None or not self.config.compile:
+            return
+        cfg = self.config
+        P = max(world_size, 2)
+        B = cfg.block_size
+        dtypes = tuple(dict.fromkeys((torch.float32, *self._dtypes, *dtypes)))
+
+        def one_route(mod: _ModuleComm, row: int, dtype: torch.dtype, compiled: bool) -> List[torch.Tensor]:
+            g = torch.Generator().manual_seed(P)
+            inputs = [(torch.randn(P * row, generator=g) * 3).to(device=device, dtype=dtype) for _ in range(P)]
+            results: List[torch.Tensor] = []
+            if cfg.grad_bits is not None:
+                e = mod.entry("rs", row, P, cfg.grad_bits, B, device)
+                sent = []
+                for r in range(P):
+                    res = torch.rand(e.plan.padded_numel, generator=g).to(device) * 1e-2 if cfg.error_feedback else None
+                    res_out = torch.full_like(res, math.nan) if res is not None else None
+                    sent.append(exchange.encode(e.plan, e.bufs, 0, inputs[r], residual=res, residual_out=res_out, compiled=compiled).clone())
+                    results += [sent[-1]] + ([res_out] if res_out is not None else [])
+                m = e.plan.chunks[0].message_bytes
+                for k in range(P):
+                    e.bufs.recv[0].view(P, m).copy_(torch.stack([x.view(P, m)[k] for x in sent]))
+                    for divide, factor in ((P, None), (1, 1.0 / (P + 1))):
+                        out = torch.full((row,), math.nan, dtype=dtype, device=device)
+                        exchange.decode_sum(e.plan, e.bufs, 0, k, out, offset=k * row, divide=divide, factor=factor, compiled=compiled)
+                        results.append(out)
+            if cfg.weight_bits is not None:
+                e = mod.entry("ag", row, P, cfg.weight_bits, B, device)
+                gathered = e.bufs.gathered[0].view(P, -1)
+                for r in range(P):
+                    gathered[r].copy_(exchange.encode(e.plan1, e.bufs1, 0, inputs[r][:row], compiled=compiled))
+                out = torch.full((P * row,), math.nan, dtype=dtype, device=device)
+                exchange.decode(e.plan, e.bufs, 0, out, compiled=compiled)
+                results += [gathered.clone(), out]
+            if self.replicas and cfg.grad_bits is not None:  # HSDP's all-reduce across replicas: the DDP exchange
+                plan = exchange.ExchangePlan.build(mod.segments, 2, cfg.grad_bits, B)
+                xs = [x[: plan.numel].float() for x in inputs[:2]]
+                res = [torch.rand(plan.padded_numel, generator=g).to(device) * 1e-2 for _ in xs] if cfg.error_feedback else None
+                sres = [torch.rand(plan.server_numel, generator=g).to(device) * 1e-2 for _ in xs] if cfg.error_feedback else None
+                out, _ = exchange.exchange_local(plan, xs, residuals=res, server_residuals=sres, compiled=compiled)
+                results += [out] + (res + sres if res is not None else [])
+            return results
+
+        def warmup(stop: threading.Event) -> None:
+            segments = (5 * B, 7 * B + 3, B, 11 * B)
+            mod = _ModuleComm("<compile sample>", 0, segments)
+            for dtype in dtypes:
+                if stop.is_set():
+                    return
+                runs = [one_route(mod, sum(segments), dtype, compiled) for compiled in (False, True)]
+                for a, b in zip(*runs):
+                    same_nan = a.isnan().any() and torch.equal(a.isnan(), b.isnan())
+                    if not torch.equal(a.view(torch.uint8), b.view(torch.uint8)) and not same_nan:
+                        raise RuntimeError(f"the compiled FSDP codec kernels disagree with the eager ones on sample data ({dtype})")
+
+        self._compiler = codec.BackgroundCompiler()
+        self._compiler.start(warmup)
+
+    # ---- the two collectives
 
     def _reduce_scatter(self, mod: _ModuleComm, output: torch.Tensor, inp: torch.Tensor, group, op, async_op: bool):
         cfg = self.config
@@ -216,6 +297,8 @@ class FSDPCompressState:
         )
         fp32 = (P - 1) * row * 4
         default = (P - 1) * row * inp.element_size()
+        if cfg.compile and self._compiler is None and cfg.grad_bits is not None and P > 1 and output.dtype in _FLOAT:
+            self._start_compile(P, (output.dtype, inp.dtype), inp.device)  # during the warm-up steps
         if not compress:
             fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
             if getattr(op, "op", op) == dist.ReduceOp.PREMUL_SUM and scale is not None and dist.get_backend(group) == "gloo":
@@ -274,6 +357,8 @@ class FSDPCompressState:
         )
         fp32 = (P - 1) * n * 4
         default = (P - 1) * n * inp.element_size()
+        if cfg.compile and self._compiler is None and cfg.weight_bits is not None and P > 1 and inp.dtype in _FLOAT:
+            self._start_compile(P, (inp.dtype,), inp.device)
         if not compress:
             fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
             work = fn(output, inp, group=group, async_op=async_op)
@@ -295,7 +380,8 @@ class FSDPCompressState:
                 )
         # every rank decodes every shard, its own too: all ranks compute with identical weights
         exchange.decode(e.plan, e.bufs, 0, output.view(-1), compiled=self._compiled())
-        self._account_weight(mod, (P - 1) * e.plan.chunks[0].message_bytes, fp32, default)
+        sent = (P - 1) * e.plan.chunks[0].message_bytes
+        self._account_weight(mod, sent, fp32, default)
         return None
 
     # ---- statistics
@@ -442,6 +528,17 @@ def _fsdp_module_class():
     return FSDPModule
 
 
+def _collective_dtypes(module: torch.nn.Module, groups: Any) -> List[torch.dtype]:
+    """The float dtypes FSDP's collectives of ``module`` will carry: its parameters' and its mixed-precision policy's."""
+    found = [p.dtype for p in module.parameters() if p.dtype in _FLOAT]
+    policy = getattr(groups[0], "mp_policy", None) if groups else None
+    for name in ("param_dtype", "reduce_dtype"):
+        dtype = getattr(policy, name, None)
+        if dtype in _FLOAT:
+            found.append(dtype)
+    return found
+
+
 def _param_segments(module: torch.nn.Module) -> Tuple[int, ...]:
     """Per-parameter lengths of one rank's row of the module's flat buffers (FSDP's padded shards).
 
@@ -531,6 +628,7 @@ def compress_(
                 "replace it); shard on mesh['shard'] and pass replicate_group= to compress it", name or "<root>",
             )
         installed.append((name, m, _ModuleComm(name, len(installed), _param_segments(m))))
+        state._dtypes.update(dict.fromkeys(_collective_dtypes(m, groups)))
     for name, m, mod in installed:  # validated all first: either every module is changed or none
         state.modules[name] = mod
         # installed even for None widths: FSDP's own collective then runs, counted in the statistics
