@@ -49,7 +49,7 @@ Hooks:
 
 FSDP2 (``--fsdp``, no DDP hook): ``gradcomp.fsdp.compress_`` with ``--grad-bits 8|4`` (quantized
 reduce-scatter) and ``--weight-bits 8`` (quantized parameter all-gather); 32 keeps FSDP2's own
-collective (still counted). ``--quant-block``, ``--no-error-feedback``, ``--warmup-steps``,
+collective (still counted). ``--quant-block``, ``--no-error-feedback``, ``--quantize-1d-weights``, ``--warmup-steps``,
 ``--min-compress-numel`` and ``--no-compile`` apply. Checkpoints hold full (unsharded) model and
 optimizer state dicts and every rank's residuals; ``--resume`` works as with DDP. The default
 run directory is ``runs/fsdp_g<bits>_w<bits>[_bf16]``.
@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-bits", type=int, choices=(32, 8, 4), default=32, help="--fsdp: gradient reduce-scatter width (32: FSDP2's own)")
     g.add_argument("--weight-bits", type=int, choices=(32, 8), default=32, help="--fsdp: parameter all-gather width (32: FSDP2's own)")
     g.add_argument("--reduce-dtype", choices=("fp32", "bf16"), default="fp32", help="--fsdp: MixedPrecisionPolicy reduce_dtype")
+    g.add_argument("--quantize-1d-weights", action="store_true",
+                   help="--fsdp --weight-bits 8: quantize 1-D parameters (norms, biases) too (default: sent unquantized)")
 
     g = p.add_argument_group("system")
     g.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto", help="auto: nccl with CUDA, else gloo")
@@ -524,6 +526,7 @@ def setup_fsdp_comm(args: argparse.Namespace, model: torch.nn.Module) -> HookSet
         weight_bits=None if args.weight_bits == 32 else args.weight_bits,
         block_size=args.quant_block,
         error_feedback=not args.no_error_feedback,
+        exact_1d_weights=not args.quantize_1d_weights,
         warmup_steps=args.warmup_steps,
         min_compress_numel=args.min_compress_numel,
         compile=not args.no_compile,

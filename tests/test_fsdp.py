@@ -154,6 +154,20 @@ def _comms(rank, world_size):
             assert err <= shards[r].float().abs().max() / 127 / 2 * 1.01 + 1e-2 * (dtype == torch.bfloat16)
     assert mod.pending_weight[0] == 2 * (P - 1) * (plan.aligned + 4 * plan.aligned // B + HEADER_BYTES)
 
+    # 1-D parameters (exact_1d_weights, the default) arrive unquantized, the others as before
+    mod = _ModuleComm("m", 0, segments, (False, True, False))
+    ag = _QuantizedAllGather(state, mod)
+    shards = [torch.randn(row, generator=torch.Generator().manual_seed(60 + r)) for r in range(P)]
+    out = ag.allocate((P * row,), dtype=torch.float32, device=torch.device("cpu"))
+    out[rank * row : (rank + 1) * row].copy_(shards[rank])
+    ag(out, out[rank * row : (rank + 1) * row], group)
+    exact = slice(300, 320)
+    for r in range(P):
+        slot = out[r * row : (r + 1) * row]
+        assert torch.equal(slot[exact], shards[r][exact]), "a 1-D parameter was quantized"
+        assert not torch.equal(slot[:300], shards[r][:300]) and (slot - shards[r]).abs().max() < 0.05
+    assert mod.pending_weight[0] == (P - 1) * (plan.aligned + 4 * plan.aligned // B + HEADER_BYTES + 20 * 4)
+
 
 @pytest.mark.slow
 def test_comms_match_the_reference(tmp_path):
@@ -219,7 +233,7 @@ def _expected_grad_bytes(net, P, bits, B):
 
     total = 0
     for m in (net.a, net.b, net.c, net):
-        segs = _param_segments(m)
+        segs = _param_segments(m)[0]
         aligned = sum(-(-s // B) * B for s in segs)
         total += (P - 1) * (aligned * bits // 8 + 4 * aligned // B + HEADER_BYTES)
     return total

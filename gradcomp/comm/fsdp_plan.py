@@ -99,10 +99,12 @@ class _Entry:
 class _ModuleComm:
     """Per-module, per-rank data: the residual, the step, the cached exchanges and the byte counts."""
 
-    def __init__(self, fqn: str, index: int, segments: Tuple[int, ...]):
+    def __init__(self, fqn: str, index: int, segments: Tuple[int, ...], exact: Tuple[bool, ...] = ()):
         self.fqn = fqn
         self.index = index  # the module's position: in every message header, with the step
         self.segments = segments
+        self.exact = exact  # per segment: sent unquantized in the weight all-gather (1-D parameters)
+        self._exact_index: Dict[Tuple[int, str], Optional[torch.Tensor]] = {}
         self.step = 0
         self.residual: Optional[torch.Tensor] = None
         self._spare: Optional[torch.Tensor] = None  # where the next residual is written (double buffering)
@@ -110,6 +112,20 @@ class _ModuleComm:
         self.pending_weight: Tuple[int, int] = (0, 0)  # (sent, fp32) of the all-gathers since the last reduce-scatter
         self.last_grad: Tuple[int, int] = (0, 0)
         self.last_weight: Tuple[int, int] = (0, 0)
+
+    def exact_index(self, row: int, device: torch.device) -> Optional[torch.Tensor]:
+        """Positions in a row of the segments sent unquantized, or None (none, or the split is unknown)."""
+        key = (row, str(device))
+        if key not in self._exact_index:
+            idx = None
+            if self.exact and any(self.exact) and len(self.exact) == len(self.segments) and sum(self.segments) == row:
+                starts = [0]
+                for n in self.segments[:-1]:
+                    starts.append(starts[-1] + n)
+                parts = [torch.arange(s0, s0 + n) for s0, n, e in zip(starts, self.segments, self.exact) if e and n > 0]
+                idx = torch.cat(parts).to(device) if parts else None
+            self._exact_index[key] = idx
+        return self._exact_index[key]
 
     def residuals(self, numel: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(residual, spare)``: the error-feedback residual (zeros at first) and where the new one goes.
