@@ -348,13 +348,22 @@ def _kernel_context():
     parameters, so it is turned off for them. Duck sizing is turned off too: the kernels get views
     at many storage offsets, and an offset that happens to equal another (an int8 code byte offset
     equals its fp32 residual's element offset) would otherwise become a guard, and every new
-    offset a recompilation (config patches are thread-local).
+    offset a recompilation (config patches are thread-local). The kernels run without autograd
+    (they write into given buffers): otherwise a call from a forward pass (grad mode on) and one
+    from a backward hook (grad mode off) each need their own graph, and a training step ends up
+    recompiling. A few graphs per kernel remain (with and without a residual, per dtype, offset 0
+    or not), more than Dynamo's default limit of 8 allows, so the limit is raised for them.
     """
     import contextlib
 
     stack = contextlib.ExitStack()
+    stack.enter_context(torch.no_grad())
     try:
         stack.enter_context(torch._dynamo.config.patch(optimize_ddp=False))
+    except Exception:  # pragma: no cover - a torch without the option
+        pass
+    try:
+        stack.enter_context(torch._dynamo.config.patch(recompile_limit=64))
     except Exception:  # pragma: no cover - a torch without the option
         pass
     try:
