@@ -837,6 +837,11 @@ class BackgroundCompiler:
         """Whether :meth:`start` was called."""
         return self._thread is not None
 
+    @property
+    def done(self) -> bool:
+        """Whether compiling has ended: ready, failed (or rejected by the self-check) or stopped."""
+        return self._done.is_set()
+
     def start(self, warmup: Callable[[threading.Event], None]) -> None:
         """Start compiling (once); return at once.
 
