@@ -280,17 +280,55 @@ def _encode_kernel(x, res_in, res_out, codes_out, noise, qmax: int, bits: int) -
     return _quantize_into(c, res_out, codes_out, noise, qmax, bits)
 
 
-def _reduce_kernel(codes, scale, res_in, res_out, codes_out, noise, qmax: int, bits: int) -> torch.Tensor:
-    """Dequantize P messages (P, rows, bytes), sum them in order 0..P-1, divide by P, requantize (+ res_in)."""
+def _encode_kernel_inplace(x, res, codes_out, noise, qmax: int, bits: int) -> torch.Tensor:
+    """:func:`_encode_kernel` with the residual updated in place (``res_in is res_out``)."""
+    return _quantize_into(x.float() + res, res, codes_out, noise, qmax, bits)
+
+
+def _mean_of_copies(codes, scale, qmax: int, bits: int) -> torch.Tensor:
+    """Dequantize P messages (P, rows, bytes), sum them in order 0..P-1 and divide by P."""
     p = codes.shape[0]
     off = qmax + 1
     acc = (_unpack_rows(codes[0], bits).float() - off) * scale[0].unsqueeze(1)
     for i in range(1, p):  # a fixed order: every owner sums its blocks the same way
         acc = acc + (_unpack_rows(codes[i], bits).float() - off) * scale[i].unsqueeze(1)
-    acc = acc / p
+    return acc / p
+
+
+def _reduce_kernel(codes, scale, res_in, res_out, codes_out, noise, qmax: int, bits: int) -> torch.Tensor:
+    """Average P messages (:func:`_mean_of_copies`), add ``res_in`` and requantize into the outputs."""
+    acc = _mean_of_copies(codes, scale, qmax, bits)
     if res_in is not None:
         acc = acc + res_in
     return _quantize_into(acc, res_out, codes_out, noise, qmax, bits)
+
+
+def _reduce_kernel_inplace(codes, scale, res, codes_out, noise, qmax: int, bits: int) -> torch.Tensor:
+    """:func:`_reduce_kernel` with the residual updated in place (``res_in is res_out``)."""
+    return _quantize_into(_mean_of_copies(codes, scale, qmax, bits) + res, res, codes_out, noise, qmax, bits)
+
+
+def _residual_route(residual: Optional[torch.Tensor], residual_out: Optional[torch.Tensor]) -> str:
+    """How a kernel must treat its residuals: ``"none"``, ``"inplace"``, ``"apart"`` or ``"overlap"``.
+
+    A compiled kernel never gets two arguments that share memory: with an in-place update
+    (``residual_out`` the very same view as ``residual``) the in-place variant gets the residual once;
+    torch 2.13's Dynamo, after recompiling a kernel for another width with aliased residuals, reused
+    that graph for residuals apart and wrote the new residual into the input instead of the output
+    (one OpenMP thread, 4 bits). Other overlaps run eagerly (the eager kernels read the residual
+    before they write any of it).
+    """
+    if residual is None or residual_out is None:
+        return "none"
+    if residual.untyped_storage().data_ptr() != residual_out.untyped_storage().data_ptr():
+        return "apart"
+    same = (
+        residual.data_ptr() == residual_out.data_ptr()
+        and residual.shape == residual_out.shape
+        and residual.stride() == residual_out.stride()
+        and residual.dtype == residual_out.dtype
+    )
+    return "inplace" if same else "overlap"
 
 
 def _decode_kernel(codes, scale, out, qmax: int, bits: int) -> None:
@@ -760,7 +798,12 @@ def encode_blocks(
         codes_out = torch.empty(rows, block * bits // 8, dtype=torch.uint8, device=x.device)
     if scale_out is None:
         scale_out = torch.empty(rows, dtype=torch.float32, device=x.device)
-    scale_out.copy_(_run(_encode_kernel, compiled, x, residual, residual_out, codes_out, noise, qmax, bits))
+    route = _residual_route(residual, residual_out)
+    if route == "inplace":
+        scale = _run(_encode_kernel_inplace, compiled, x, residual, codes_out, noise, qmax, bits)
+    else:
+        scale = _run(_encode_kernel, compiled and route != "overlap", x, residual, residual_out, codes_out, noise, qmax, bits)
+    scale_out.copy_(scale)
     return codes_out, scale_out
 
 
@@ -796,7 +839,12 @@ def reduce_blocks(
         codes_out = torch.empty(rows, nbytes, dtype=torch.uint8, device=codes.device)
     if scale_out is None:
         scale_out = torch.empty(rows, dtype=torch.float32, device=codes.device)
-    scale_out.copy_(_run(_reduce_kernel, compiled, codes, scale, residual, residual_out, codes_out, noise, qmax, bits))
+    route = _residual_route(residual, residual_out)
+    if route == "inplace":
+        mean_scale = _run(_reduce_kernel_inplace, compiled, codes, scale, residual, codes_out, noise, qmax, bits)
+    else:
+        mean_scale = _run(_reduce_kernel, compiled and route != "overlap", codes, scale, residual, residual_out, codes_out, noise, qmax, bits)
+    scale_out.copy_(mean_scale)
     return codes_out, scale_out
 
 
@@ -867,7 +915,8 @@ class BackgroundCompiler:
     def _work(self, warmup: Callable[[threading.Event], None]) -> None:
         try:
             warmup(self._stop)
-            failed = [fn.__name__ for fn in (_encode_kernel, _reduce_kernel, _decode_kernel) if fn in _COMPILE_FAILED]
+            kernels = (_encode_kernel, _encode_kernel_inplace, _reduce_kernel, _reduce_kernel_inplace, _decode_kernel)
+            failed = [fn.__name__ for fn in kernels if fn in _COMPILE_FAILED]
             if failed:
                 raise RuntimeError(f"compilation of {', '.join(failed)} failed")
             self.ready = not self._stop.is_set()
