@@ -97,6 +97,8 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=0, help="run only the first N variants of the shuffled order")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # every variant gets its own graph here (past Dynamo's default limit of 8 a kernel would quietly run eagerly)
+    torch._dynamo.config.recompile_limit = 256
     todo = variants(args.bits, args.rows)
     random.Random(args.seed).shuffle(todo)
     if args.limit:
