@@ -338,56 +338,50 @@ def _scratch(slot: int, shape: Tuple[int, ...], dtype: torch.dtype, device) -> t
 def _pack_into(codes: torch.Tensor, out: torch.Tensor, bits: int) -> None:
     """Pack contiguous uint8 codes ``(..., block)`` (values below ``2**bits``) into ``out`` ``(..., block * bits / 8)``.
 
-    Little-endian machines read ``8 // bits`` neighbouring codes as one integer and fold them
-    with shift-or-mask passes over the whole tensor. 4 bits, per pair ``v = c0 | c1 << 8`` (int16):
-    ``(v | v >> 4) & 0xFF = c0 | c1 << 4``. 2 bits, per quad ``v = c0 | c1 << 8 | c2 << 16 | c3 << 24``
-    (int32): ``a = (v | v >> 6) & 0x000F000F`` puts ``c0 | c1 << 2`` at bit 0 and ``c2 | c3 << 2``
-    at bit 16, then ``(a | a >> 12) & 0xFF = c0 | c1 << 2 | c2 << 4 | c3 << 6``: the wire format of
-    :func:`pack_codes`, first code lowest.
+    Little-endian machines read neighbouring codes as one wider integer and fold them with a shift
+    and a scaled subtraction (exact integer arithmetic, no value ever over 255 at the narrowing copy).
+    4 bits, per pair ``v = c0 + 256 c1`` (int16): ``t = v >> 4 = 16 c1`` and ``v - 15 t = c0 + 16 c1``.
+    2 bits, per pair of bytes ``v = c0 + 256 c1``: ``v - 63 (v >> 6) = c0 + 4 c1`` (< 16), then per
+    pair of those ``w = p0 + 65536 p1`` (int32): ``w - 4095 (w >> 12) = p0 + 16 p1``. That is the wire
+    format of :func:`pack_codes`, first code lowest.
     """
     if not _LITTLE_ENDIAN:  # pragma: no cover - no big-endian machine to test on
         out.copy_(_pack_rows(codes.reshape(-1, codes.shape[-1]), bits).view(out.shape))
         return
-    if bits == 4:
-        v = codes.view(torch.int16)
-        t = _scratch(1, tuple(v.shape), torch.int16, codes.device)
-        torch.bitwise_right_shift(v, 4, out=t)
-        t.bitwise_or_(v).bitwise_and_(0xFF)
-    else:
-        v = codes.view(torch.int32)
-        t = _scratch(1, tuple(v.shape), torch.int32, codes.device)
-        u = _scratch(2, tuple(v.shape), torch.int32, codes.device)
-        torch.bitwise_right_shift(v, 6, out=t)
-        t.bitwise_or_(v).bitwise_and_(0x000F000F)
-        torch.bitwise_right_shift(t, 12, out=u)
-        t.bitwise_or_(u).bitwise_and_(0xFF)
-    out.copy_(t)  # every value is below 256: the narrowing copy is exact
+    v = codes.view(torch.int16)
+    t = _scratch(1, tuple(v.shape), torch.int16, codes.device)
+    torch.bitwise_right_shift(v, 4 if bits == 4 else 6, out=t)
+    torch.add(v, t, alpha=-15 if bits == 4 else -63, out=t)
+    if bits == 2:
+        w = t.view(torch.int32)
+        u = _scratch(2, tuple(w.shape), torch.int32, codes.device)
+        torch.bitwise_right_shift(w, 12, out=u)
+        torch.add(w, u, alpha=-4095, out=u)
+        t = u
+    out.copy_(t)
 
 
 def _unpack_into(packed: torch.Tensor, codes: torch.Tensor, bits: int) -> None:
     """Unpack ``(..., bytes)`` of 2- or 4-bit codes into contiguous uint8 ``codes`` ``(..., bytes * 8 / bits)``.
 
-    The inverse of :func:`_pack_into`: every byte widened to int16 (int32), then 4 bits:
-    ``(w | w << 4) & 0x0F0F``; 2 bits: ``a = (w | w << 12) & 0x000F000F``, ``(a | a << 6) & 0x03030303``;
-    read back as bytes, those are the codes in order.
+    The inverse of :func:`_pack_into`. 4 bits: every byte ``w = c0 + 16 c1`` widened to int16,
+    ``w + 240 (w >> 4) = c0 + 256 c1``. 2 bits: every byte ``w = p0 + 16 p1`` (``p = c + 4 c'``)
+    widened to int32, ``w + 65520 (w >> 4) = p0 + 65536 p1``; then per int16 ``x = c0 + 4 c1``:
+    ``x + 252 (x >> 2) = c0 + 256 c1``. Read back as bytes, those are the codes in order.
     """
     if not _LITTLE_ENDIAN:  # pragma: no cover - no big-endian machine to test on
         codes.copy_(_split_codes(packed, bits).reshape(codes.shape))
         return
-    if bits == 4:
-        w = codes.view(torch.int16)
-        w.copy_(packed)
-        t = _scratch(1, tuple(w.shape), torch.int16, codes.device)
-        torch.bitwise_left_shift(w, 4, out=t)
-        w.bitwise_or_(t).bitwise_and_(0x0F0F)
-    else:
-        w = codes.view(torch.int32)
-        w.copy_(packed)
-        t = _scratch(1, tuple(w.shape), torch.int32, codes.device)
-        torch.bitwise_left_shift(w, 12, out=t)
-        w.bitwise_or_(t).bitwise_and_(0x000F000F)
-        torch.bitwise_left_shift(w, 6, out=t)
-        w.bitwise_or_(t).bitwise_and_(0x03030303)
+    w = codes.view(torch.int16 if bits == 4 else torch.int32)
+    w.copy_(packed)
+    t = _scratch(1, tuple(w.shape), w.dtype, codes.device)
+    torch.bitwise_right_shift(w, 4, out=t)
+    w.add_(t, alpha=240 if bits == 4 else 65520)
+    if bits == 2:
+        x = codes.view(torch.int16)
+        t = _scratch(1, tuple(x.shape), torch.int16, codes.device)
+        torch.bitwise_right_shift(x, 2, out=t)
+        x.add_(t, alpha=252)
 
 
 def _residual_route(residual: Optional[torch.Tensor], residual_out: Optional[torch.Tensor]) -> str:
