@@ -29,7 +29,7 @@ import torch
 import gradcomp.quant as q
 from gradcomp.mixed_precision import allocate_bits, uniform_plan
 from gradcomp.quant.activation_quant import prepare_activation_quant_
-from gradcomp.quant.algorithms import GPTQ
+from gradcomp.quant.algorithms import GPTQ, HQQ
 from gradcomp.quant.configs import ActQuantConfig
 from gradcomp.sensitivity import SensitivityConfig, measure_sensitivity
 
@@ -89,6 +89,68 @@ def structures(seed: int = 0) -> List[Any]:
     return result
 
 
+ANIONS = ("O", "F", "Cl", "N", "S", "Se", "P", "As", "Br", "I", "C", "Te", "Sb", "H", "B")
+
+
+def _supercell_and_perturb(s, rng, seed: int, strain: float = 0.0):
+    s = s.copy()
+    if strain:
+        s.apply_strain(rng.uniform(-strain, strain, size=3).tolist())
+    reps = [1, 1, 1]
+    while len(s) * reps[0] * reps[1] * reps[2] < 8:
+        k = int(np.argmin([s.lattice.abc[j] * reps[j] for j in range(3)]))
+        reps[k] += 1
+    s.make_supercell(reps)
+    s.perturb(0.05 + 0.1 * rng.random(), seed=seed)
+    return s
+
+
+def extra_calibration(base_calib: List[Any], test_names: set, n_compounds: int, n_variants: int, seed: int = 1) -> List[Any]:
+    """More calibration structures, disjoint from the test set.
+
+    1. ``n_variants`` strained (up to 3% per axis) and perturbed (0.05-0.15 A) copies of each
+       calibration structure;
+    2. ``n_compounds`` binary compounds in the same four prototypes (rocksalt, zincblende, CsCl,
+       fluorite) from random (metal, anion) pairs over the elements of the data set, the lattice
+       constant from the atomic radii; formulas of the test set are skipped.
+    """
+    from pymatgen.core import Element
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, (name, s) in enumerate(base_calib):
+        for v in range(n_variants):
+            out.append((f"{name}~{v}", _supercell_and_perturb(s, rng, seed=1000 + 31 * i + v, strain=0.03)))
+    from ase.collections import dcdft
+
+    metals = sorted({n for n in dcdft.names if Element(n).is_metal and Element(n).atomic_radius is not None})
+    anions = [a for a in ANIONS if Element(a).atomic_radius is not None]
+    protos = ("rocksalt", "zincblende", "cscl", "fluorite")
+    tries = 0
+    while len(out) < n_variants * len(base_calib) + n_compounds and tries < 20 * max(n_compounds, 1):
+        tries += 1
+        m, a = str(rng.choice(metals)), str(rng.choice(anions))
+        proto = protos[int(rng.integers(4))]
+        formula = f"{m}{a}2" if proto == "fluorite" else f"{m}{a}"
+        if formula in test_names:
+            continue
+        d = float(Element(m).atomic_radius) + float(Element(a).atomic_radius)   # bond length, A
+        lat = {"rocksalt": 2 * d, "zincblende": 4 * d / 3 ** 0.5, "cscl": 2 * d / 3 ** 0.5, "fluorite": 4 * d / 3 ** 0.5}[proto]
+        try:
+            st = compound(formula, proto, lat)
+        except Exception:   # pymatgen refuses some odd combinations
+            continue
+        out.append((f"{formula}-{proto}", _supercell_and_perturb(st, rng, seed=int(rng.integers(1 << 30)), strain=0.02)))
+    return out
+
+
+def calib_forward(model, graphs):
+    """Energies and magnetic moments: every Linear layer runs on the same inputs, and no force or stress
+    backward pass is needed."""
+    out = model(list(graphs), task="em")
+    return out["e"]
+
+
 def forward(model, graphs) -> Dict[str, torch.Tensor]:
     """The adapter: CHGNet takes a list of CrystalGraphs and needs autograd for forces and stress."""
     with torch.enable_grad():
@@ -117,6 +179,9 @@ def main() -> None:
     ap.add_argument("--out", default="chgnet_results.json")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sensitivity-batches", type=int, default=1, help="calibration batches (of 6 structures) for the sensitivity run")
+    ap.add_argument("--extra-compounds", type=int, default=150, help="extra calibration compounds (section 1b)")
+    ap.add_argument("--extra-variants", type=int, default=2, help="strained/perturbed copies of each calibration structure (section 1b)")
+    ap.add_argument("--sections", default="0,1,1b,1c,1d,1e,1f,2,3", help="sections to run, comma-separated")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -145,35 +210,104 @@ def main() -> None:
           f"setup {time.time() - t0:.0f} s", flush=True)
     results: Dict[str, Any] = {"structures": len(named), "calibration": len(calib), "test": len(test)}
     head = " | ".join(f"{n} MAE ({u})" for n, u, _ in OUTPUTS.values())
+    sections = set(args.sections.split(","))
+    big_batches = cal_batches
+    extra_graphs, big = [], calib
+    if sections & {"1b", "1c", "1d", "1e", "1f"}:
+        t = time.time()
+        test_names = {n for i, (n, _) in enumerate(named) if i % 3 != 0}
+        base_cal = [(n, s) for i, (n, s) in enumerate(named) if i % 3 == 0]
+        scale = 4 if args.quick else 1
+        extra = extra_calibration(base_cal, test_names, args.extra_compounds // scale, args.extra_variants)
+        extra_graphs = []
+        for n, s in extra:
+            try:
+                extra_graphs.append(conv(s, graph_id=n))
+            except Exception as exc:   # an odd generated compound the converter refuses
+                logging.warning("skipped calibration structure %s: %s", n, exc)
+        big = calib + extra_graphs
+        big_batches = [big[i:i + batch] for i in range(0, len(big), batch)]
+        print(f"extended calibration: {len(big)} structures ({len(calib)} + {len(extra_graphs)} generated, "
+              f"{sum(len(g.atomic_number) for g in big)} atoms, {len({int(z) for g in big for z in g.atomic_number})} elements; "
+              f"test set: {len({int(z) for g in test for z in g.atomic_number})} elements); {time.time() - t:.0f} s", flush=True)
+        results["extended_calibration"] = len(big)
 
-    def variant(rules, method=None, **kw):
+    def variant(rules, method=None, cal=None, **kw):
         m = copy.deepcopy(base)
-        q.quantize_(m, rules, method=method, calibration=cal_batches if method else None, forward=forward, **kw)
+        cal = cal_batches if cal is None else cal
+        q.quantize_(m, rules, method=method, calibration=cal if method not in (None, "hqq") else None,
+                    forward=calib_forward, **kw)
         return m
 
     bits = lambda m: 8.0 * sum(p.packed.nbytes if hasattr(p, "packed") else 0 for p in m.modules()) / sum(
         p.packed.shape[0] * int(np.prod(p.packed.shape[1:])) for p in m.modules() if hasattr(p, "packed"))
 
-    # (0) the weight report with data: output SNR per layer, flags where SQNR looks safe
-    from gradcomp.weights import analyze_weights
-
     int8 = q.WeightQuantConfig(bits=8)
     g32 = q.WeightQuantConfig(bits=4, granularity="per_group", group_size=32)
-    wr = analyze_weights(base, [int8, g32], calibration=cal_batches, forward=forward)
-    print("\n## Weight report with calibration data (flags: SQNR looks safe, output SNR does not)\n")
-    print("| layer | config | weight SQNR dB | output SNR dB |\n|---|---|---:|---:|")
+    keep8 = [("composition_model.fc", int8), ("*", g32)]   # the per-element reference energies at int8
+    if "0" in sections:
+        section0(base, cal_batches, int8, g32, results)
+    if "1" in sections:
+        section1(variant, bits, evaluate, test_batches, ref, head, int8, g32, keep8, results)
+    if "1b" in sections:
+        section1b(variant, bits, test_batches, ref, head, g32, keep8, big_batches, results)
+    if "1e" in sections:
+        section1e(variant, bits, test_batches, ref, head, g32, keep8, big_batches, results)
+    if "1f" in sections:
+        # which calibration structures hurt GPTQ: the 33 alone, plus their strained copies, plus the generated compounds
+        n_var = len(extra_graphs) and min(len(extra_graphs), args.extra_variants * len(calib))
+        sets = {"33": cal_batches, f"33 + {n_var} strained copies": [
+            (calib + extra_graphs[:n_var])[i:i + batch] for i in range(0, len(calib) + n_var, batch)], f"{len(big)}": big_batches}
+        rows = [(f"int4 g32 + composition_model.fc int8, GPTQ damp 0.1 ({k})", (lambda c: lambda: variant(keep8, GPTQ(damp=0.1), cal=c))(c))
+                for k, c in sets.items()]
+        _rows("GPTQ and the calibration set", rows, variant, bits, test_batches, ref, head, results, "gptq_calibration_sets")
+    if "1d" in sections:
+        n = sum(len(b) for b in big_batches)
+        rows = [
+            (f"int4 g32, awq_scale ({n})", lambda: variant(g32, "awq_scale", cal=big_batches)),
+            (f"int4 g32 + composition_model.fc int8, awq_scale ({n})", lambda: variant(keep8, "awq_scale", cal=big_batches)),
+            ("int4 g32 + composition_model.fc int8, awq_scale (33)", lambda: variant(keep8, "awq_scale")),
+        ]
+        _rows("AWQ channel scaling (input_scale stored, counted in bits/weight)", rows, variant, bits, test_batches, ref, head,
+              results, "awq_scale")
+    if "1c" in sections:
+        section1c(base, variant, bits, test_batches, ref, head, int8, g32, big_batches, results)
+    if "2" in sections:
+        section2(base, variant, cal_batches, test_batches, ref, head, g32, int8, args, results)
+    if "3" in sections:
+        section3(variant, test_batches, ref, head, int8, results)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\ntotal {time.time() - t0:.0f} s; results in {args.out}")
+
+
+def section0(base, cal_batches, int8, g32, results) -> None:
+    """(0) the weight report with data: output SNR per layer, flags where SQNR looks safe."""
+    from gradcomp.weights import analyze_weights
+
+    t = time.time()
+    # propagate: each layer quantized alone, its share of the model-output error (1 batch: 6 structures)
+    wr = analyze_weights(base, [int8, g32], calibration=cal_batches[:1], forward=forward, propagate=True, progress=True)
+    print(f"\n## Weight report with calibration data ({time.time() - t:.0f} s)\n")
+    print(f"model-output rel. MSE with every layer quantized, per output: {wr.model_rel_mse_per_output}")
+    print("| flag | layer | config | weight SQNR dB | output SNR dB | output | share of that output's error |\n|---|---|---|---:|---:|---|---:|")
     for f in wr.flags:
-        print(f"| {f['layer']} | {f['config']} | {f['sqnr_db']:.1f} | {f['output_snr_db']:.1f} |")
+        print(f"| {f['kind']} | {f['layer']} | {f['config']} | {f['sqnr_db']:.1f} | {f['output_snr_db']:.1f} | "
+              f"{f.get('model_output', '')} | {f.get('model_error_share', float('nan')):.2f} |")
+    top = sorted(((lq.model_error_share, n, c, lq.model_error_output) for n, d in wr.quality.items() for c, lq in d.items()), reverse=True)[:10]
+    print("largest shares: " + ", ".join(f"{n} [{c}] {s:.2f} of {o}" for s, n, c, o in top))
     comp = wr.quality.get("composition_model.fc", {})
     for c, lq in comp.items():
         print(f"composition_model.fc [{c}]: SQNR {lq.sqnr_db:.1f} dB, output SNR {lq.output_snr_db:.1f} dB, "
-              f"output RMS error {lq.output_rms_error:.4g} eV")
+              f"output RMS error {lq.output_rms_error:.4g} eV, share of the model-output error {lq.model_error_share:.2f} "
+              f"(of output {lq.model_error_output!r})")
     results["flags"] = wr.flags
 
-    # (1) weight-only: RTN vs data-aware
+
+def section1(variant, bits, evaluate, test_batches, ref, head, int8, g32, keep8, results) -> None:
+    """(1) weight-only: RTN vs data-aware, calibrated on the 33 calibration structures."""
     print(f"\n## Weight-only quantization of every Linear and the Embedding\n\n| variant | bits/weight | {head} |\n|---|---:|---:|---:|---:|---:|")
     table1 = {}
-    keep8 = [("composition_model.fc", int8), ("*", g32)]   # the layer the damage report flags, at int8
     for label, rules, method in [
         ("int8 per channel, RTN", int8, None),
         ("int4 g32, RTN", g32, None),
@@ -192,7 +326,72 @@ def main() -> None:
         print(f"| {label} | {bits(m):.4f} | {fmt(r)} |", flush=True)
     results["weight_only"] = table1
 
-    # (2) sensitivity over every output, knapsack plan at 4.5 bits vs uniform int4
+
+def _rows(title, rows, variant, bits, test_batches, ref, head, results, key) -> None:
+    print(f"\n## {title}\n\n| variant | bits/weight | {head} | seconds |\n|---|---:|---:|---:|---:|---:|---:|")
+    table = {}
+    for label, make in rows:
+        t = time.time()
+        m = make()
+        r = evaluate(m, test_batches, ref)
+        table[label] = dict(r, bits=bits(m), seconds=time.time() - t)
+        print(f"| {label} | {bits(m):.4f} | {fmt(r)} | {time.time() - t:.0f} |", flush=True)
+        del m
+    results[key] = table
+
+
+def section1b(variant, bits, test_batches, ref, head, g32, keep8, big, results) -> None:
+    """(1b) more calibration data: GPTQ (damping, act-order, sequential), awq_clip and HQQ at uniform int4."""
+    n = sum(len(b) for b in big)
+    rows = [
+        ("int4 g32, RTN", lambda: variant(g32)),
+        ("int4 g32, HQQ (no data)", lambda: variant(g32, "hqq")),
+        (f"int4 g32, HQQ weighted by data ({n})", lambda: variant(g32, HQQ(), cal=big)),
+        (f"int4 g32, awq_clip ({n})", lambda: variant(g32, "awq_clip", cal=big)),
+        (f"int4 g32, GPTQ damp 0.01 ({n})", lambda: variant(g32, GPTQ(), cal=big)),
+        (f"int4 g32, GPTQ damp 0.1 ({n})", lambda: variant(g32, GPTQ(damp=0.1), cal=big)),
+        (f"int4 g32, GPTQ act-order damp 0.1 ({n})", lambda: variant(g32, GPTQ(damp=0.1, act_order=True), cal=big)),
+    ]
+    _rows(f"Uniform int4 with {n} calibration structures", rows, variant, bits, test_batches, ref, head, results, "weight_only_big_calibration")
+
+
+def section1e(variant, bits, test_batches, ref, head, g32, keep8, big, results) -> None:
+    """(1e) sequential calibration (each stage on the quantized earlier ones) and the reference layer kept at int8."""
+    n = sum(len(b) for b in big)
+    rows = [
+        (f"int4 g32 + composition_model.fc int8, awq_clip ({n})", lambda: variant(keep8, "awq_clip", cal=big)),
+        (f"int4 g32 + composition_model.fc int8, GPTQ damp 0.1 ({n})", lambda: variant(keep8, GPTQ(damp=0.1), cal=big)),
+        (f"int4 g32 + composition_model.fc int8, GPTQ damp 0.1, sequential 4 stages ({n})",
+         lambda: variant(keep8, GPTQ(damp=0.1), cal=big, sequential=4)),
+        (f"int4 g32 + composition_model.fc int8, awq_clip, sequential 4 stages ({n})",
+         lambda: variant(keep8, "awq_clip", cal=big, sequential=4)),
+        ("int4 g32 + composition_model.fc int8, HQQ (no data)", lambda: variant(keep8, "hqq")),
+    ]
+    _rows(f"int4 with the reference layer at int8, {n} calibration structures", rows, variant, bits, test_batches, ref, head,
+          results, "weight_only_keep8")
+
+
+def section1c(base, variant, bits, test_batches, ref, head, int8, g32, big, results) -> None:
+    """(1c) the per-element reference energies alone: composition_model.fc quantized, everything else fp32."""
+    w = base.composition_model.fc.weight.detach()
+    g = w.reshape(-1)[: (w.numel() // 32) * 32].reshape(-1, 32)
+    print(f"\ncomposition_model.fc: weight {tuple(w.shape)}, values {float(w.min()):.3g} .. {float(w.max()):.3g} eV; "
+          f"int4 g32 step per group (symmetric, absmax / 7): {[round(float(x), 3) for x in g.abs().amax(1) / 7]} eV", flush=True)
+    only = lambda cfg: [("composition_model.fc", cfg)]
+    n = sum(len(b) for b in big)
+    rows = [
+        ("composition_model.fc only, int8 per channel", lambda: variant(only(int8))),
+        ("composition_model.fc only, int4 g32 RTN", lambda: variant(only(g32))),
+        ("composition_model.fc only, int4 g32 HQQ (no data)", lambda: variant(only(g32), "hqq")),
+        (f"composition_model.fc only, int4 g32 awq_clip ({n})", lambda: variant(only(g32), "awq_clip", cal=big)),
+        (f"composition_model.fc only, int4 g32 GPTQ damp 0.1 ({n})", lambda: variant(only(g32), GPTQ(damp=0.1), cal=big)),
+        ("everything but composition_model.fc, int4 g32 RTN", lambda: variant([("composition_model.fc", None), ("*", g32)])),
+    ]
+    _rows("The reference-energy layer alone (the rest fp32)", rows, variant, bits, test_batches, ref, head, results, "composition_layer")
+
+
+def section2(base, variant, cal_batches, test_batches, ref, head, g32, int8, args, results) -> None:
+    """(2) sensitivity over every output, knapsack plan at 4.5 bits vs uniform int4."""
     t = time.time()
     cands = (q.WeightQuantConfig(bits=2, granularity="per_group", group_size=32), g32, int8)
     report = measure_sensitivity(base, cal_batches[:args.sensitivity_batches], SensitivityConfig(candidates=cands, metrics=("rel_mse",)), forward=forward)
@@ -211,7 +410,9 @@ def main() -> None:
     results["plans"] = table2
     results["plan_bits"] = plan.bits_by_layer()
 
-    # (3) dynamic W8A8: int8 weights and per-token int8 activations on every Linear input
+
+def section3(variant, test_batches, ref, head, int8, results) -> None:
+    """(3) dynamic W8A8: int8 weights and per-token int8 activations on every Linear input."""
     print(f"\n## Dynamic W8A8 (int8 per-channel weights, per-token int8 activations)\n\n| variant | {head} |\n|---|---:|---:|---:|---:|")
     table3 = {}
     act = ActQuantConfig(bits=8, dynamic=True, granularity="per_token")
@@ -241,9 +442,6 @@ def main() -> None:
         table3[label] = r
         print(f"| {label} | {fmt(r)} |", flush=True)
     results["w8a8"] = table3
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"\ntotal {time.time() - t0:.0f} s; results in {args.out}")
 
 
 if __name__ == "__main__":

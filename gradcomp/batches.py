@@ -32,7 +32,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
+import dataclasses
+from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, TypeVar
 
 import torch
 import torch.nn as nn
@@ -44,6 +45,7 @@ __all__ = [
     "Forward",
     "call_model",
     "output_tensor",
+    "output_tensors",
     "output_loss",
     "default_loss",
     "run_batches",
@@ -92,6 +94,48 @@ def output_tensor(out: Any) -> torch.Tensor:
         f"the model output must be a tensor, a tuple starting with one, or hold .logits, got {type(out).__name__}; "
         "pass forward(model, batch) that returns a tensor"
     )
+
+
+def output_tensors(output: Any) -> Dict[str, torch.Tensor]:
+    """Return the floating tensors of a model output by name, detached.
+
+    The main tensor of the output (:func:`gradcomp.batches.output_tensor`: a tensor, the first of a
+    tuple, ``logits``) when it has one, as ``{"output": t}``; otherwise every floating tensor of a
+    dict, dataclass or named tuple, walked recursively (names joined by dots: ``{"energy": e,
+    "forces": f}``); lists of tensors inside are concatenated per name (per-structure lists).
+
+    Raises:
+        TypeError: when the output holds no floating tensor.
+    """
+    try:
+        return {"output": output_tensor(output).detach()}
+    except TypeError:
+        pass
+    found: Dict[str, torch.Tensor] = {}
+
+    def walk(obj: Any, name: str) -> None:
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point():
+                found[name or "output"] = obj.detach()
+        elif isinstance(obj, Mapping):
+            for k, v in obj.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            for f in dataclasses.fields(obj):
+                walk(getattr(obj, f.name), f"{name}.{f.name}" if name else f.name)
+        elif isinstance(obj, tuple) and hasattr(obj, "_fields"):
+            for k in obj._fields:
+                walk(getattr(obj, k), f"{name}.{k}" if name else k)
+        elif isinstance(obj, (tuple, list)) and obj and all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in obj):
+            found[name or "output"] = torch.cat([t.detach().reshape(-1) for t in obj])
+
+    walk(output, "")
+    if not found:
+        raise TypeError(
+            f"the model output must hold at least one floating tensor (a tensor, or a dict/dataclass of them), "
+            f"got {type(output).__name__}; pass forward(model, batch) that returns one"
+        )
+    return found
 
 
 def output_loss(out: Any) -> Optional[torch.Tensor]:

@@ -66,7 +66,6 @@ Example::
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import logging
@@ -80,7 +79,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gradcomp.batches import Batch, call_model, default_loss, output_loss, output_tensor, progress_bar
+from gradcomp.batches import Batch, call_model, default_loss, output_loss, output_tensors, progress_bar
 from gradcomp.checks import check_int
 from gradcomp.quant import (
     CastConfig,
@@ -584,48 +583,6 @@ class quantized_layer:
 
 # --------------------------------------------------------------------------------------------
 # forward / loss conventions
-
-
-def output_tensors(output: Any) -> Dict[str, torch.Tensor]:
-    """Return the floating tensors of a model output by name, detached.
-
-    The main tensor of the output (:func:`gradcomp.batches.output_tensor`: a tensor, the first of a
-    tuple, ``logits``) when it has one, as ``{"output": t}``; otherwise every floating tensor of a
-    dict, dataclass or named tuple, walked recursively (names joined by dots: ``{"energy": e,
-    "forces": f}``); lists of tensors inside are concatenated per name (per-structure lists).
-
-    Raises:
-        TypeError: when the output holds no floating tensor.
-    """
-    try:
-        return {"output": output_tensor(output).detach()}
-    except TypeError:
-        pass
-    found: Dict[str, torch.Tensor] = {}
-
-    def walk(obj: Any, name: str) -> None:
-        if isinstance(obj, torch.Tensor):
-            if obj.is_floating_point():
-                found[name or "output"] = obj.detach()
-        elif isinstance(obj, Mapping):
-            for k, v in obj.items():
-                walk(v, f"{name}.{k}" if name else str(k))
-        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            for f in dataclasses.fields(obj):
-                walk(getattr(obj, f.name), f"{name}.{f.name}" if name else f.name)
-        elif isinstance(obj, tuple) and hasattr(obj, "_fields"):
-            for k in obj._fields:
-                walk(getattr(obj, k), f"{name}.{k}" if name else k)
-        elif isinstance(obj, (tuple, list)) and obj and all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in obj):
-            found[name or "output"] = torch.cat([t.detach().reshape(-1) for t in obj])
-
-    walk(output, "")
-    if not found:
-        raise TypeError(
-            f"the model output must hold at least one floating tensor (a tensor, or a dict/dataclass of them), "
-            f"got {type(output).__name__}; pass forward(model, batch) that returns one"
-        )
-    return found
 
 
 def _output_and_loss(model: nn.Module, batch: Batch, forward, loss_fn, need_loss: bool) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:

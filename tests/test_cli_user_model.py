@@ -172,3 +172,22 @@ def test_plan_evaluate_with_a_user_metric(user_dir, capsys):
     ev = json.loads(capsys.readouterr().out)["evaluation"]
     assert ev["base_loss"] == 0.0 and ev["loss"] > 0.0 and ev["bytes"] < ev["base_bytes"]
     assert main(["plan", "--scores", str(scores), "--avg-bits", "5", "--evaluate"]) == 2   # own model, no --model/--eval
+
+
+def test_cli_hqq_without_data_and_awq_scale_sequential(user_dir, capsys):
+    sd_file = user_dir / "m.pt"
+    torch.save(_model().state_dict(), sd_file)
+    common = ["--bits", "4", "--granularity", "per_group", "--group-size", "32", "--json", "--no-progress"]
+    assert main(["weights", "quantize", str(sd_file), "rtn.safetensors", *common]) == 0
+    rtn = json.loads(capsys.readouterr().out)["summary"]
+    assert main(["weights", "quantize", str(sd_file), "hqq.safetensors", *common, "--method", "hqq", "--model", "user_model_cli:build"]) == 0
+    hqq = json.loads(capsys.readouterr().out)["summary"]
+    assert hqq["output_tensor_bytes"] == rtn["output_tensor_bytes"]       # same format, other scale values
+    assert main(["weights", "quantize", str(sd_file), "awq.safetensors", *common, "--method", "awq_scale", "--sequential", "2",
+                 "--model", "user_model_cli:build", "--data", "user_model_cli:batches"]) == 0
+    awq = json.loads(capsys.readouterr().out)["summary"]
+    assert awq["output_tensor_bytes"] >= rtn["output_tensor_bytes"]       # plus 4 bytes per input channel of scaled layers
+    for name in ("hqq", "awq"):
+        sd, configs = load_quantized_state_dict(user_dir / f"{name}.safetensors")
+        assert set(configs) and all(torch.isfinite(t).all() for t in sd.values() if t.is_floating_point())
+    assert main(["weights", "quantize", str(sd_file), "z.safetensors", "--method", "awq_scale", "--model", "user_model_cli:build"]) == 2

@@ -9,10 +9,13 @@ import torch.nn as nn
 import gradcomp.quant as q
 from gradcomp.quant.algorithms import (
     GPTQ,
+    HQQ,
+    AWQScale,
     ActivationAwareClip,
     clip_search_quantize,
     collect_input_hessians,
     gptq_quantize,
+    hqq_quantize,
     layer_output_error,
     resolve_method,
 )
@@ -46,7 +49,8 @@ def _linears(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
 
 
-@pytest.mark.parametrize("method", [GPTQ(), GPTQ(act_order=True), ActivationAwareClip()], ids=["gptq", "gptq-act-order", "awq_clip"])
+@pytest.mark.parametrize("method", [GPTQ(), GPTQ(act_order=True), ActivationAwareClip(), AWQScale()],
+                         ids=["gptq", "gptq-act-order", "awq_clip", "awq_scale"])
 @pytest.mark.parametrize("config", [G32, q.WeightQuantConfig(bits=3, granularity="per_group", group_size=32, symmetric=False)], ids=lambda c: c.name)
 def test_each_method_beats_round_to_nearest_on_held_out_layer_output(trained, method, config):
     model, calib, held_out = trained
@@ -155,3 +159,127 @@ def test_inputs_absent_from_calibration_keep_their_weights(method):
     rtn = q.fake_quantize_weight(w, cfg)
     assert float(got[:, 5:].abs().min()) > 0 or float(w[:, 5:].abs().min()) < float(rtn[:, 5:].abs().max()) / 16
     assert float(((got[:, 5:] - w[:, 5:]) ** 2).mean()) <= float(((rtn[:, 5:] - w[:, 5:]) ** 2).mean()) * 1.01
+
+
+@pytest.mark.parametrize("config", [G32, q.WeightQuantConfig(bits=3, granularity="per_group", group_size=32, symmetric=False),
+                                    q.WeightQuantConfig(bits=4)], ids=lambda c: c.name)
+def test_hqq_beats_round_to_nearest_on_held_out_layer_output(trained, config):
+    model, calib, held_out = trained
+    layers = _linears(model)
+    h_test = collect_input_hessians(model, layers, held_out)
+    tot_rtn = tot_hqq = 0.0
+    for name, m in layers.items():
+        w = m.weight.detach()
+        rtn = layer_output_error(w, q.fake_quantize_weight(w, config), h_test[name])
+        got = layer_output_error(w, HQQ().quantize(w, None, config).dequantize(config.bits), h_test[name])   # no data
+        assert got < 1.1 * rtn, (name, got, rtn)   # data-free: it fits the weights, not the inputs
+        tot_rtn, tot_hqq = tot_rtn + rtn, tot_hqq + got
+    assert tot_hqq < 0.95 * tot_rtn, (tot_hqq, tot_rtn)
+
+
+def test_hqq_worked_example_and_needs_no_data():
+    # docstring of gradcomp.quant.algorithms.hqq: the fitted step clips the outlier 1.0
+    w = torch.tensor([[1.0, 0.6, 0.55, -0.5]])
+    cfg = q.WeightQuantConfig(bits=2, scale_dtype="fp32")
+    assert q.fake_quantize_weight(w, cfg).tolist() == [[1.0, 1.0, 1.0, 0.0]]
+    got = hqq_quantize(w, cfg, p=2.0).dequantize(2)
+    assert torch.allclose(got, torch.tensor([[0.6625, 0.6625, 0.6625, -0.6625]]))
+    model = nn.Sequential(nn.Embedding(10, 64), nn.Linear(64, 8))
+    q.quantize_(model, G32, method="hqq")     # data-free: no calibration needed, Embedding included
+    assert isinstance(model[0], q.QuantizedEmbedding) and isinstance(model[1], q.QuantizedLinear)
+    with pytest.raises(ValueError, match="iters"):
+        HQQ(iters=-1)
+
+
+class _Chain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def test_sequential_collects_each_hessian_on_the_quantized_prefix():
+    import copy
+
+    model = _Chain()
+    x = torch.randn(64, 16) @ torch.randn(16, 16)
+    calib = [x[:32], x[32:]]
+    cfg = q.WeightQuantConfig(bits=4, granularity="per_group", group_size=16)
+    seq = q.quantize_(copy.deepcopy(model), cfg, method=GPTQ(damp=0.1), calibration=calib, sequential=True)
+    # by hand: a on the fp32 inputs; b with a quantized; c with a and b quantized
+    ref = copy.deepcopy(model)
+    for name in ("a", "b", "c"):
+        lin = getattr(model, name)
+        h = collect_input_hessians(ref, {name: getattr(ref, name)}, calib)[name]
+        r = GPTQ(damp=0.1).quantize(lin.weight, h, cfg)
+        setattr(ref, name, q.QuantizedLinear(q.PackedWeight.from_codes(r.codes, r.scale, r.zero_point, cfg, lin.weight.shape), lin.bias))
+        assert torch.equal(getattr(seq, name).packed.qweight, getattr(ref, name).packed.qweight), name
+    # one stage is the plain (non-sequential) mode; with two stages c sees a and b quantized
+    plain = q.quantize_(copy.deepcopy(model), cfg, method=GPTQ(damp=0.1), calibration=calib)
+    one = q.quantize_(copy.deepcopy(model), cfg, method=GPTQ(damp=0.1), calibration=calib, sequential=1)
+    assert all(torch.equal(getattr(plain, n).packed.qweight, getattr(one, n).packed.qweight) for n in "abc")
+    assert not torch.equal(plain.c.packed.qweight, seq.c.packed.qweight)
+    with pytest.raises(ValueError, match="sequential"):
+        q.quantize_(copy.deepcopy(model), cfg, sequential=True)
+    with pytest.raises(ValueError, match="sequential"):
+        q.quantize_(copy.deepcopy(model), cfg, method="gptq", calibration=calib, sequential=0)
+    bad = copy.deepcopy(model)
+    with torch.no_grad():
+        bad.c.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError):
+        q.quantize_(bad, cfg, method="gptq", calibration=calib, sequential=True)
+    assert all(type(getattr(bad, n)) is nn.Linear for n in "abc")    # put back: nothing changed
+
+
+def test_awq_scale_beats_rtn_and_stores_its_input_scale(tmp_path, trained):
+    import copy
+
+    model, calib, held_out = trained
+    layers = _linears(model)
+    h_cal = collect_input_hessians(model, layers, calib)
+    h_test = collect_input_hessians(model, layers, held_out)
+    scaled = total_scale = total_rtn = 0
+    for name, m in layers.items():
+        w = m.weight.detach()
+        r = AWQScale(clip=False).quantize(w, h_cal[name], G32)
+        scaled += r.input_scale is not None
+        rtn = layer_output_error(w, q.fake_quantize_weight(w, G32), h_test[name])
+        assert layer_output_error(w, r.dequantize(4), h_test[name]) < rtn, name      # scaling alone beats RTN
+        total_scale += layer_output_error(w, r.dequantize(4), h_test[name])
+        total_rtn += rtn
+    assert scaled >= len(layers) // 2 and total_scale < 0.95 * total_rtn   # scaling alone; with clip see above
+    # the packed layer: input_scale stored, counted in the size, applied, saved and loaded bit-exactly
+    sel = lambda m, n: n != "lm_head"
+    aq = q.quantize_(copy.deepcopy(model), G32, filter_fn=sel, method="awq_scale", calibration=calib)
+    rtn = q.quantize_(copy.deepcopy(model), G32, filter_fn=sel)
+    with_s = [m for m in aq.modules() if isinstance(m, q.QuantizedLinear) and m.packed.input_scale is not None]
+    assert with_s
+    assert q.model_size_bytes(aq) == q.model_size_bytes(rtn) + sum(4 * m.in_features for m in with_s)
+    lin = with_s[0]
+    x = torch.randn(5, lin.in_features)
+    want = x @ lin.packed.dequantize().T + lin.bias
+    assert torch.allclose(lin(x), want, atol=1e-5)
+    lin.compute_dtype = torch.bfloat16          # the bf16 kernel multiplies by the codes of W diag(s): x / s first
+    with torch.no_grad():
+        got = lin(x)
+    lin.compute_dtype = None
+    assert float((got - want).norm() / want.norm()) < 0.02
+    q.save_quantized(aq, tmp_path / "a.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        assert f.metadata()["format_version"] == "3" and any(k.endswith(".input_scale") for k in f.keys())
+    q.save_quantized(rtn, tmp_path / "r.safetensors")
+    with safe_open(str(tmp_path / "r.safetensors"), "pt") as f:
+        assert f.metadata()["format_version"] == "2"          # files without input scales stay readable by older code
+    again = q.load_quantized(copy.deepcopy(model), tmp_path / "a.safetensors")
+    for (n, a), (_, b) in zip(aq.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+    with torch.no_grad():
+        assert all(torch.equal(again(t)[0], aq(t)[0]) for t in held_out)
+    with pytest.raises(ValueError, match="input_scale must hold finite positive"):
+        q.PackedWeight.from_codes(torch.zeros(lin.out_features, lin.in_features, dtype=torch.uint8), lin.packed.scale, None,
+                                  G32, lin.packed.shape, input_scale=-torch.ones(lin.in_features))

@@ -65,10 +65,13 @@ def register(subparsers) -> None:
                         "(fp32 keeps the layer; exact name, glob or re:<regex>; first match wins; repeatable)")
     q.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="keep matching layers in full precision (repeatable)")
     q.add_argument("--plan", metavar="PLAN.json", help="per-layer configs from `gradcomp plan --out` (layers not in it stay as they are)")
-    q.add_argument("--method", default="rtn", choices=("rtn", "gptq", "awq_clip"),
-                   help="how codes are chosen: round-to-nearest (default, no data) or data-aware (needs --model and --data)")
-    q.add_argument("--model", metavar="MODULE:FN", help="FN() builds the model IN belongs to (for --method gptq/awq_clip)")
-    q.add_argument("--data", metavar="MODULE:FN", help="FN() returns the calibration batches (for --method gptq/awq_clip)")
+    q.add_argument("--method", default="rtn", choices=("rtn", "gptq", "awq_clip", "awq_scale", "hqq"),
+                   help="how codes are chosen: round-to-nearest (default, no data), hqq (fitted scales; needs --model, "
+                        "--data optional) or data-aware (gptq, awq_clip, awq_scale: need --model and --data)")
+    q.add_argument("--model", metavar="MODULE:FN", help="FN() builds the model IN belongs to (for --method other than rtn)")
+    q.add_argument("--data", metavar="MODULE:FN", help="FN() returns the calibration batches (for gptq/awq_clip/awq_scale)")
+    q.add_argument("--sequential", type=int, default=0, metavar="STAGES",
+                   help="calibrate in this many stages, each on the output of the already-quantized earlier ones (0: off)")
     q.add_argument("--forward", metavar="MODULE:FN", help="FN(model, batch) runs one batch (default model(batch))")
     q.add_argument("--batches", type=int, default=None, help="use at most this many calibration batches")
     q.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
@@ -240,15 +243,17 @@ def _quantize_with_data(args, sd, rules):
     from gradcomp.cli._common import load_callable as import_spec
     from gradcomp.weights import quantize_
 
-    if not args.model or not args.data:
+    if not args.model or (not args.data and args.method != "hqq"):
         raise CliError(f"--method {args.method} needs --model MODULE:FN (the model) and --data MODULE:FN (calibration batches)")
+    if args.sequential < 0 or (args.sequential and not args.data):
+        raise CliError(f"--sequential takes a number of stages >= 0 and needs --data, got {args.sequential}")
     model = _user_model(args, sd)
-    batches = import_spec(args.data, "--data")()
+    batches = import_spec(args.data, "--data")() if args.data else None
     forward = import_spec(args.forward, "--forward") if args.forward else None
     quantize_(model, rules, method=args.method, calibration=batches, forward=forward, num_batches=args.batches,
-              progress=not args.no_progress)
+              progress=not args.no_progress, sequential=args.sequential or False)
     packed = {n: m.packed for n, m in model.named_modules() if hasattr(m, "packed")}
-    held = {f"{n}.{k}" for n in packed for k in ("packed.qweight", "packed.scale", "packed.zero_point")}
+    held = {f"{n}.{k}" for n in packed for k in ("packed.qweight", "packed.scale", "packed.zero_point", "packed.input_scale")}
     plain = {k: v for k, v in model.state_dict().items() if k not in held and k in sd}
     return packed, plain
 

@@ -45,7 +45,7 @@ from gradcomp.quant.observers import *  # noqa: F401,F403
 from gradcomp.quant.activation_quant import *  # noqa: F401,F403
 from gradcomp.quant.activation_report import *  # noqa: F401,F403
 from gradcomp.quant import algorithms, kernels
-from gradcomp.quant.algorithms import GPTQ, ActivationAwareClip, layer_output_error
+from gradcomp.quant.algorithms import GPTQ, HQQ, ActivationAwareClip, AWQScale, layer_output_error
 
 __all__ = [
     *configs.__all__,
@@ -61,5 +61,7 @@ __all__ = [
     *activation_report.__all__,
     "GPTQ",
     "ActivationAwareClip",
+    "AWQScale",
+    "HQQ",
     "layer_output_error",
 ]

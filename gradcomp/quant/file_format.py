@@ -1,9 +1,12 @@
 """The on-disk format of quantized weights: safetensors tensors plus a verified JSON quantization map.
 
 A file holds plain tensors (no pickled objects) and three metadata strings: ``format =
-"gradcomp.weights"``, ``format_version = "2"`` and ``quantization_map``, a JSON object:
+"gradcomp.weights"``, ``format_version`` (``"3"`` when a layer holds an input scale, else ``"2"``, so
+files without one read in older versions too) and ``quantization_map``, a JSON object:
 
-* ``layers``: ``{layer: {"kind", "config", "weight_shape", "weight_dtype", ["tied_to"]}}``;
+* ``layers``: ``{layer: {"kind", "config", "weight_shape", "weight_dtype", ["tied_to"], ["input_scale"]}}``
+  (``"input_scale": true``, version 3: the layer also stores ``<layer>.input_scale``, a per-input-channel
+  scale of activation-aware scaling);
 * ``aliases``: ``{state_dict name: stored tensor name}`` for entries that share one tensor;
 * ``tensors``: ``{name: {"shape", "dtype", ["sha256"]}}`` for every stored tensor (with the
   SHA-256 of its bytes) and every alias (the shape and dtype it must have).
@@ -33,8 +36,8 @@ from typing import Any, Dict, Mapping, Tuple, Union
 import torch
 
 FORMAT = "gradcomp.weights"
-FORMAT_VERSION = "2"
-_READABLE = ("1", "2")
+FORMAT_VERSION = "3"
+_READABLE = ("1", "2", "3")
 _KINDS = ("linear", "embedding", "conv2d", "tensor")
 _PART = r"[^.\s/\\\x00]+"
 _NAME = re.compile(rf"{_PART}(?:\.{_PART})*")
@@ -100,6 +103,8 @@ def _check_map(qmap: Any, where: str, version: str) -> Tuple[Dict[str, Any], Dic
         _shape(rec["weight_shape"], f"{at}['weight_shape']")
         if not isinstance(rec["weight_dtype"], str):
             raise ValueError(f"{at}['weight_dtype'] must be a str, got {rec['weight_dtype']!r}")
+        if "input_scale" in rec and (rec["input_scale"] is not True or version in ("1", "2")):
+            raise ValueError(f"{at}['input_scale'] must be true and needs format_version 3, got {rec['input_scale']!r} in version {version}")
         if "tied_to" in rec:
             target = rec["tied_to"]
             if not isinstance(target, str) or target not in layers or "tied_to" in layers[target]:
@@ -141,7 +146,8 @@ def write_file(path: Union[str, os.PathLike], layers: Dict[str, Dict[str, Any]],
         out[name] = t.to("cpu").contiguous()
         records[name]["sha256"] = digest(out[name])
     qmap = {"layers": layers, "aliases": aliases, "tensors": records}
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "quantization_map": json.dumps(qmap, sort_keys=True)}
+    version = FORMAT_VERSION if any(rec.get("input_scale") for rec in layers.values()) else "2"
+    meta = {"format": FORMAT, "format_version": version, "quantization_map": json.dumps(qmap, sort_keys=True)}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:

@@ -27,9 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gradcomp.batches import progress_bar
-from gradcomp.codec import pack_codes, packed_nbytes, unpack_codes
-from gradcomp.quant.configs import CAST_DTYPES, SCALE_DTYPES, CastConfig, Config, Rules, _check_config, config_name
-from gradcomp.quant.layout import _dequantize_rows, _layout, _quantize_weight
+from gradcomp.quant.configs import CastConfig, Config, Rules, config_name
+from gradcomp.quant.packed import PackedWeight
 from gradcomp.quant.rules import _config_rules, first_match
 
 logger = logging.getLogger(__name__)
@@ -42,187 +41,6 @@ __all__ = [
     "quantize_",
     "quantizable_layers",
 ]
-
-
-class PackedWeight(nn.Module):
-    """A weight held as packed integer codes plus scales (and zero points), or as a 16-bit cast.
-
-    Buffers: ``qweight`` (flat uint8 packed codes, or the fp16/bf16 weight for a :class:`CastConfig`),
-    ``scale`` (``(rows, groups)`` in ``scale_dtype``) and, when asymmetric, ``zero_point`` (flat uint8,
-    zero points packed at ``bits`` bits). Two layers that share a weight (tied embeddings) share one
-    ``PackedWeight``.
-    """
-
-    def __init__(
-        self,
-        qweight: torch.Tensor,
-        scale: Optional[torch.Tensor],
-        zero_point: Optional[torch.Tensor],
-        config: Config,
-        shape: Sequence[int],
-        dtype: torch.dtype,
-    ) -> None:
-        super().__init__()
-        _check_config(config)
-        self.config = config
-        self.shape = tuple(int(s) for s in shape)
-        self.dtype = dtype
-        self._check(qweight, scale, zero_point)
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("scale", scale)
-        self.register_buffer("zero_point", zero_point)
-        self._layout = None if isinstance(config, CastConfig) else _layout(self.shape, config)
-
-    def _check(self, qweight: torch.Tensor, scale: Optional[torch.Tensor], zp: Optional[torch.Tensor]) -> None:
-        cfg = self.config
-        if isinstance(cfg, CastConfig):
-            want = CAST_DTYPES[cfg.dtype]
-            if qweight.dtype != want or tuple(qweight.shape) != self.shape:
-                raise ValueError(f"qweight must be {want} of shape {self.shape}, got {qweight.dtype} of shape {tuple(qweight.shape)}")
-            if scale is not None or zp is not None:
-                raise ValueError("a cast weight holds no scale or zero_point")
-            return
-        lay = _layout(self.shape, cfg)
-        need = packed_nbytes(lay.numel, cfg.bits)
-        if qweight.dtype != torch.uint8 or qweight.dim() != 1 or qweight.numel() != need:
-            raise ValueError(f"qweight must be flat uint8 of {need} bytes for shape {self.shape} and {cfg.name}, "
-                             f"got {qweight.dtype} of shape {tuple(qweight.shape)}")
-        sdt = SCALE_DTYPES[cfg.scale_dtype]
-        if scale is None or scale.dtype != sdt or tuple(scale.shape) != (lay.rows, lay.groups):
-            got = "None" if scale is None else f"{scale.dtype} of shape {tuple(scale.shape)}"
-            raise ValueError(f"scale must be {sdt} of shape {(lay.rows, lay.groups)} for {cfg.name}, got {got}")
-        if cfg.symmetric:
-            if zp is not None:
-                raise ValueError(f"a symmetric config ({cfg.name}) holds no zero_point")
-        else:
-            need_zp = packed_nbytes(lay.rows * lay.groups, cfg.bits)
-            if zp is None or zp.dtype != torch.uint8 or tuple(zp.shape) != (need_zp,):
-                got = "None" if zp is None else f"{zp.dtype} of shape {tuple(zp.shape)}"
-                raise ValueError(f"zero_point must be flat uint8 of {need_zp} bytes for {cfg.name}, got {got}")
-
-    @classmethod
-    def from_weight(cls, weight: torch.Tensor, config: Config) -> "PackedWeight":
-        """Quantize ``weight`` with ``config`` and pack it.
-
-        Args:
-            weight: floating tensor of any shape with at least one element.
-            config: a :class:`WeightQuantConfig` or :class:`CastConfig`.
-
-        Returns:
-            A :class:`PackedWeight` on ``weight``'s device.
-        """
-        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-            raise TypeError(f"weight must be a floating torch.Tensor, got {type(weight).__name__}")
-        _check_config(config)
-        w = weight.detach()
-        if isinstance(config, CastConfig):
-            return cls(w.to(CAST_DTYPES[config.dtype]).clone(), None, None, config, w.shape, w.dtype)
-        codes, scale, zp, lay = _quantize_weight(w, config)
-        if lay.padded:
-            codes = codes[:, : lay.row_len]
-        packed = pack_codes(codes.contiguous(), config.bits)
-        pzp = None if zp is None else pack_codes(zp.to(torch.uint8), config.bits)
-        return cls(packed, scale.reshape(lay.rows, lay.groups).contiguous(), pzp, config, w.shape, w.dtype)
-
-    @classmethod
-    def from_codes(
-        cls,
-        codes: torch.Tensor,
-        scale: torch.Tensor,
-        zero_point: Optional[torch.Tensor],
-        config: Config,
-        shape: Sequence[int],
-        dtype: torch.dtype = torch.float32,
-    ) -> "PackedWeight":
-        """Pack codes and scales chosen elsewhere (GPTQ, clipping search) into the stored format.
-
-        Args:
-            codes: uint8 stored codes, ``(rows, row_len)`` of the weight's layout (symmetric codes with
-                the ``2**(bits-1)`` offset, as :func:`gradcomp.codec.quantize_codes_with_qparams` makes them).
-            scale: ``rows * groups`` scales in the config's ``scale_dtype``.
-            zero_point: ``rows * groups`` integral zero points (asymmetric), or None.
-            config: the :class:`WeightQuantConfig` the codes follow.
-            shape, dtype: the original weight's shape and dtype.
-
-        Returns:
-            A :class:`PackedWeight`, identical in form to one from :meth:`from_weight`.
-        """
-        _check_config(config)
-        if isinstance(config, CastConfig):
-            raise TypeError("from_codes takes integer codes; a CastConfig weight is made by from_weight")
-        lay = _layout(shape, config)
-        if codes.dtype != torch.uint8 or tuple(codes.shape) != (lay.rows, lay.row_len):
-            raise ValueError(f"codes must be uint8 of shape {(lay.rows, lay.row_len)}, got {codes.dtype} of shape {tuple(codes.shape)}")
-        if int(codes.max()) >= (1 << config.bits):
-            raise ValueError(f"codes must be below 2**{config.bits}, got a maximum of {int(codes.max())}")
-        packed = pack_codes(codes.contiguous(), config.bits)
-        pzp = None if zero_point is None else pack_codes(zero_point.reshape(-1).to(torch.uint8), config.bits)
-        return cls(packed, scale.reshape(lay.rows, lay.groups).contiguous(), pzp, config, shape, dtype)
-
-    def _apply(self, fn, recurse: bool = True):
-        # Moves between devices apply as usual, but a dtype conversion (model.half(), .to(bf16))
-        # must not touch the stored representation: the scales stay in scale_dtype and a cast weight
-        # stays in its dtype. Only the dtype that dequantization returns by default follows.
-        probe = fn(torch.zeros(1, dtype=self.dtype))
-        if probe.is_floating_point():
-            self.dtype = probe.dtype
-        for key, buf in self._buffers.items():
-            if buf is None:
-                continue
-            out = fn(buf)
-            if out.dtype != buf.dtype:
-                out = buf.to(device=out.device)
-            self._buffers[key] = out
-        return self
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the buffers (codes, scales, zero points)."""
-        return sum(b.numel() * b.element_size() for b in (self.qweight, self.scale, self.zero_point) if b is not None)
-
-    def _zero_points(self) -> Optional[torch.Tensor]:
-        if self.zero_point is None:
-            return None
-        lay = self._layout
-        return unpack_codes(self.zero_point, self.config.bits, lay.rows * lay.groups).view(lay.rows, lay.groups)
-
-    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """Return the weight reconstructed in ``dtype`` (default: the original weight's dtype)."""
-        dtype = self.dtype if dtype is None else dtype
-        if isinstance(self.config, CastConfig):
-            return self.qweight.to(dtype)
-        lay = self._layout
-        codes = unpack_codes(self.qweight, self.config.bits, lay.numel).view(lay.rows, lay.row_len)
-        out = _dequantize_rows(codes, self.scale, self._zero_points(), lay, self.config.bits)
-        return out.reshape(self.shape).to(dtype)
-
-    def dequantize_rows(self, index: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """Return rows ``index`` (any integer shape) of a 2-D weight without dequantizing the others.
-
-        Used by :class:`QuantizedEmbedding`: only the looked-up rows are unpacked when a row fills a
-        whole number of bytes; otherwise the full weight is dequantized and indexed.
-        """
-        dtype = self.dtype if dtype is None else dtype
-        if len(self.shape) != 2:
-            raise ValueError(f"dequantize_rows needs a 2-D weight, this one has shape {self.shape}")
-        cfg = self.config
-        if isinstance(cfg, CastConfig):
-            return F.embedding(index, self.qweight).to(dtype)
-        lay = self._layout
-        row_bits = lay.row_len * cfg.bits
-        aligned = lay.rows == self.shape[0] and row_bits % (24 if cfg.bits == 3 else 8) == 0
-        if not aligned:
-            return F.embedding(index, self.dequantize(dtype))
-        flat = index.reshape(-1)
-        row_bytes = row_bits // 8
-        packed = self.qweight.view(lay.rows, row_bytes)[flat].reshape(-1)
-        codes = unpack_codes(packed, cfg.bits, flat.numel() * lay.row_len).view(flat.numel(), lay.row_len)
-        zp = self._zero_points()
-        out = _dequantize_rows(codes, self.scale[flat], None if zp is None else zp[flat], lay, cfg.bits)
-        return out.reshape(*index.shape, lay.row_len).to(dtype)
-
-    def extra_repr(self) -> str:
-        return f"shape={self.shape}, config={config_name(self.config)}, nbytes={self.nbytes}"
 
 
 class _QuantizedLayer(nn.Module):
@@ -267,6 +85,11 @@ class QuantizedLinear(_QuantizedLayer):
        ``compute_dtype`` is ``torch.bfloat16`` (fp32 inputs are then computed in bf16);
     3. otherwise the weight is dequantized to ``x.dtype`` and ``F.linear`` runs (exact, differentiable).
 
+    A weight with an ``input_scale`` ``s`` (activation-aware scaling) holds the codes of ``W diag(s)``:
+    route 2 divides the input by ``s`` (in fp32) before the kernel, route 3 folds ``1/s`` into the
+    dequantized weight, and route 1 is not taken (it would quantize ``x / s`` where the fake-quant
+    path quantizes ``x``).
+
     Attributes:
         compute_dtype: None (compute in the input's dtype) or ``torch.bfloat16`` (run the bf16 kernels
             for fp32 inputs too: faster, at bf16 precision of the activations).
@@ -306,6 +129,8 @@ class QuantizedLinear(_QuantizedLayer):
             return False
         if getattr(quantizer, "track_error", False) or getattr(quantizer, "passthrough", False):
             return False
+        if self.packed.input_scale is not None:   # the fake-quant path quantizes x, not x / s
+            return False
         return kernels.w8a8_kernel_fits(self.packed.config, getattr(quantizer, "config", None), self.packed.shape)
 
     def _weight_kernel_applies(self, x: torch.Tensor) -> bool:
@@ -328,6 +153,8 @@ class QuantizedLinear(_QuantizedLayer):
             from gradcomp.quant.kernels import kernel_linear
 
             kind, ops = self._operands("weight")
+            if self.packed.input_scale is not None:   # the kernel multiplies by the codes of W diag(s)
+                x = (x.float() / self.packed.input_scale.float()).to(x.dtype)
             return kernel_linear(x, kind, ops, self.bias)
         return F.linear(x, self.packed.dequantize(x.dtype), self._bias_for(x))
 
@@ -488,6 +315,7 @@ def quantize_(
     forward: Optional[Callable[[nn.Module, Any], Any]] = None,
     num_batches: Optional[int] = None,
     progress: bool = False,
+    sequential: Any = False,
 ) -> nn.Module:
     """Swap the model's Linear, Embedding and Conv2d layers for packed quantized ones, in place.
 
@@ -496,7 +324,10 @@ def quantize_(
            config, or the first rule whose pattern matches (a None config or no match leaves the layer
            as it is); drop layers for which ``filter_fn(module, fqn)`` is False.
         2. With a data-aware ``method``: run the calibration batches once through the unquantized
-           model and sum each selected Linear's input Hessian ``X^T X``.
+           model and sum each selected Linear's input Hessian ``X^T X``. With ``sequential``, the
+           Linear layers are taken in execution order, in stages: the Hessians of a stage are
+           collected with every earlier stage already quantized (GPTQ's sequential mode), so each
+           layer compensates the error its quantized inputs carry; one calibration pass per stage.
         3. Quantize every selected weight (round-to-nearest, or the method on the Linear layers) and
            pack it (nothing is changed yet, so a bad weight or config leaves the model untouched).
            Layers sharing one weight with the same config share one :class:`PackedWeight`.
@@ -507,8 +338,10 @@ def quantize_(
         config_or_rules: one config for every supported layer, or an ordered list (or dict) of
             ``(pattern, config or None)``.
         filter_fn: optional ``(module, fqn) -> bool``; False keeps that layer in full precision.
-        method: ``None``/``"rtn"`` (round-to-nearest), ``"gptq"``, ``"awq_clip"``, or a configured
-            :class:`gradcomp.quant.algorithms.GPTQ` / :class:`~gradcomp.quant.algorithms.ActivationAwareClip`.
+        method: ``None``/``"rtn"`` (round-to-nearest), ``"gptq"``, ``"awq_clip"``, ``"hqq"``, or a configured
+            :class:`gradcomp.quant.algorithms.GPTQ` / :class:`~gradcomp.quant.algorithms.ActivationAwareClip`
+            / :class:`~gradcomp.quant.algorithms.HQQ` (data-free: calibration optional; it also fits
+            Embedding tables).
             Same packed modules and files whichever method; Embedding and Conv2d layers and cast
             configs use round-to-nearest.
         calibration: batches for the data-aware methods (required by them).
@@ -516,6 +349,8 @@ def quantize_(
             ``model(*batch)`` for tuples, ``model(**batch)`` for dicts).
         num_batches: use at most this many calibration batches.
         progress: tqdm progress bars over the calibration batches and the layers.
+        sequential: False (Hessians from the unquantized model), True (one stage per Linear layer)
+            or the number of stages (one calibration pass each).
 
     Returns:
         ``model`` itself.
@@ -528,18 +363,33 @@ def quantize_(
 
     plan = _plan(model, config_or_rules, filter_fn)
     algorithm = resolve_method(method)
+    if isinstance(sequential, bool):
+        stages = 0 if not sequential else -1
+    elif isinstance(sequential, int) and sequential >= 1:
+        stages = sequential
+    else:
+        raise ValueError(f"sequential must be a bool or a positive int (number of stages), got {sequential!r}")
     hessians: Dict[str, torch.Tensor] = {}
-    if algorithm is not None:
-        if calibration is None:
-            raise ValueError(f"method {algorithm.name!r} needs calibration batches (calibration=...); use method='rtn' without data")
+    done: Dict[str, PackedWeight] = {}
+    data_free = algorithm is not None and not getattr(algorithm, "needs_data", True)
+    if algorithm is not None and calibration is None and not data_free:
+        raise ValueError(f"method {algorithm.name!r} needs calibration batches (calibration=...); use method='rtn' without data")
+    if stages and (algorithm is None or calibration is None):
+        raise ValueError("sequential=... needs a data-aware method and calibration batches")
+    if algorithm is not None and calibration is not None:
         from gradcomp.quant.algorithms import collect_input_hessians
 
         aware = {fqn: m for fqn, m, cfg in plan if isinstance(m, nn.Linear) and not isinstance(cfg, CastConfig)}
         skipped = sorted({fqn for fqn, m, cfg in plan if fqn not in aware and not isinstance(cfg, CastConfig)})
         if skipped:
             logger.info("%s covers Linear layers; round-to-nearest for %s", algorithm.name, skipped[:8])
-        if aware:
+        if aware and not stages:
             hessians = collect_input_hessians(model, aware, calibration, forward=forward, num_batches=num_batches, progress=progress)
+        elif aware:
+            from gradcomp.quant.algorithms.sequential import sequential_quantize
+
+            done = sequential_quantize(model, plan, aware, algorithm, calibration, stages, forward=forward,
+                               num_batches=num_batches, progress=progress)
     shared: Dict[Tuple[int, Config], PackedWeight] = {}
     new: Dict[str, _QuantizedLayer] = {}
     configs_of_weight: Dict[int, set] = {}
@@ -555,9 +405,12 @@ def quantize_(
         packed = shared.get(key)
         if packed is None:
             try:
-                if fqn in hessians:
-                    r = algorithm.quantize(w, hessians[fqn], cfg)
-                    packed = PackedWeight.from_codes(r.codes, r.scale, r.zero_point, cfg, w.shape, w.dtype)
+                if fqn in done:
+                    packed = done[fqn]
+                elif fqn in hessians or (data_free and w.dim() == 2 and isinstance(m, (nn.Linear, nn.Embedding))
+                                         and not isinstance(cfg, CastConfig)):
+                    r = algorithm.quantize(w, hessians.get(fqn), cfg)
+                    packed = PackedWeight.from_codes(r.codes, r.scale, r.zero_point, cfg, w.shape, w.dtype, r.input_scale)
                 else:
                     packed = PackedWeight.from_weight(w, cfg)
             except ValueError as exc:

@@ -52,12 +52,15 @@ def _quantized_entries(model: nn.Module) -> Dict[str, _QuantizedLayer]:
 
 
 def _layer_record(kind: str, packed: PackedWeight) -> Dict[str, Any]:
-    return {
+    rec = {
         "kind": kind,
         "config": _config_to_dict(packed.config),
         "weight_shape": list(packed.shape),
         "weight_dtype": _DTYPE_NAMES.get(packed.dtype, str(packed.dtype)),
     }
+    if packed.input_scale is not None:
+        rec["input_scale"] = True
+    return rec
 
 
 def _packed_tensors(fqn: str, packed: PackedWeight) -> Dict[str, torch.Tensor]:
@@ -66,6 +69,8 @@ def _packed_tensors(fqn: str, packed: PackedWeight) -> Dict[str, torch.Tensor]:
         out[f"{fqn}.scale"] = packed.scale
     if packed.zero_point is not None:
         out[f"{fqn}.zero_point"] = packed.zero_point
+    if packed.input_scale is not None:
+        out[f"{fqn}.input_scale"] = packed.input_scale
     return out
 
 
@@ -73,7 +78,8 @@ def save_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     """Save a (partly) quantized model as plain tensors plus a JSON quantization map in safetensors.
 
     Quantized layer ``L`` stores ``L.qweight`` (packed uint8 codes, or the fp16/bf16 cast),
-    ``L.scale``, ``L.zero_point`` (asymmetric only) and ``L.bias``; every other tensor of the
+    ``L.scale``, ``L.zero_point`` (asymmetric only), ``L.input_scale`` (activation-aware scaling only)
+    and ``L.bias``; every other tensor of the
     state_dict is stored under its own name. The file's metadata holds ``quantization_map``: per
     layer its kind, config, weight shape and dtype (``tied_to`` for a layer that shares another
     layer's packed weight), and ``aliases`` for state_dict entries that share one tensor. The file
@@ -118,7 +124,7 @@ def _packed_from_file(fqn: str, rec: Mapping[str, Any], tensors: Dict[str, torch
     try:
         packed = PackedWeight(
             tensors[f"{fqn}.qweight"], tensors.get(f"{fqn}.scale"), tensors.get(f"{fqn}.zero_point"),
-            cfg, rec["weight_shape"], dtype,
+            cfg, rec["weight_shape"], dtype, tensors[f"{fqn}.input_scale"] if rec.get("input_scale") else None,
         )
     except KeyError as exc:
         raise ValueError(f"{where}: missing tensor {exc}") from exc
@@ -326,7 +332,7 @@ def load_quantized_state_dict(path: Union[str, os.PathLike]) -> Tuple[Dict[str, 
     for fqn, rec in layers.items():
         if "tied_to" not in rec:
             continue
-        stray = sorted(n for n in tensors if n.startswith(f"{fqn}.") and n[len(fqn) + 1:] in ("qweight", "scale", "zero_point"))
+        stray = sorted(n for n in tensors if n.startswith(f"{fqn}.") and n[len(fqn) + 1:] in ("qweight", "scale", "zero_point", "input_scale"))
         if stray:
             raise ValueError(f"{path}: layer {fqn!r} is tied to {rec['tied_to']!r} but the file holds its own {stray}")
     plain = {name: t for name, t in tensors.items() if name not in quant_names}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -38,6 +38,13 @@ class LayerQuality:
             signal-to-noise ratio of the layer's output on real inputs (NaN without data).
         output_rms_error: with calibration data, the RMS of the layer output's error, in the output's
             own units (NaN without data).
+        model_rel_mse: with ``propagate=True``, the model-output error with only this layer quantized:
+            the MSE of each model output against the unquantized model's, divided by that output's mean
+            square, averaged over the outputs (NaN otherwise).
+        model_error_share: per model output, this layer's error over the error with every analysed
+            layer quantized with this config; the largest over the outputs (the share of the whole
+            model's damage this one layer causes on the output it hurts most).
+        model_error_output: the output of that largest share.
     """
 
     name: str
@@ -49,6 +56,9 @@ class LayerQuality:
     bits_per_weight: float
     output_snr_db: float = math.nan
     output_rms_error: float = math.nan
+    model_rel_mse: float = math.nan
+    model_error_share: float = math.nan
+    model_error_output: str = ""
 
     def to_dict(self) -> Dict[str, Any]:
         """Return the fields as a JSON-friendly dict."""
@@ -187,6 +197,9 @@ class WeightReport:
     quality: Dict[str, Dict[str, LayerQuality]]
     data_driven: bool = False
     flags: List[Dict[str, Any]] = field(default_factory=list)
+    propagated: bool = False
+    model_rel_mse: Dict[str, float] = field(default_factory=dict)
+    model_rel_mse_per_output: Dict[str, Dict[str, float]] = field(default_factory=dict)
 
     @property
     def note(self) -> str:
@@ -195,8 +208,16 @@ class WeightReport:
             return ("SQNR measures each weight alone and is a proxy for damage: a layer whose few inputs are large "
                     "(or whose output feeds the result directly) can be hurt badly at a high SQNR. Give calibration "
                     "data (a model and batches) for each layer's output error on real inputs.")
-        return (f"output_snr is the layer's output signal-to-noise ratio on the calibration inputs; {len(self.flags)} "
-                "layer/config pairs look safe by weight SQNR but lose much more on their outputs (flags).")
+        text = (f"output_snr is the layer's output signal-to-noise ratio on the calibration inputs; "
+                f"{sum(f['kind'] == 'output_snr' for f in self.flags)} layer/config pairs look safe by weight SQNR but "
+                "lose much more on their outputs (flags of kind 'output_snr').")
+        if not self.propagated:
+            return text + (" A relative output error does not show a layer whose output feeds the result directly "
+                           "(per-element reference energies): propagate=True measures each layer's share of the "
+                           "model-output error.")
+        return text + (f" model_share is the model-output error with only that layer quantized over the error with "
+                       f"every layer quantized; {sum(f['kind'] == 'model_output' for f in self.flags)} layer/config "
+                       "pairs cause a large share of it alone (flags of kind 'model_output').")
 
     def summary(self) -> List[Dict[str, Any]]:
         """Per config: median / min / mean SQNR over layers, worst layer, and bits per weight over all layers."""
@@ -227,6 +248,8 @@ class WeightReport:
                 r[f"sqnr[{c}]"] = self.quality[s.name][c].sqnr_db
                 if self.data_driven:
                     r[f"out_snr[{c}]"] = self.quality[s.name][c].output_snr_db
+                if self.propagated:
+                    r[f"model_share[{c}]"] = self.quality[s.name][c].model_error_share
             out.append(r)
         return out
 
@@ -237,6 +260,9 @@ class WeightReport:
             "data_driven": self.data_driven,
             "note": self.note,
             "flags": list(self.flags),
+            "propagated": self.propagated,
+            "model_rel_mse": dict(self.model_rel_mse),
+            "model_rel_mse_per_output": {c: dict(v) for c, v in self.model_rel_mse_per_output.items()},
             "summary": self.summary(),
             "layers": [
                 {"stats": s.to_dict(histogram), "quality": {c: self.quality[s.name][c].to_dict() for c in self.configs}}
@@ -255,6 +281,8 @@ def analyze_weights(
     forward: Optional[Callable[[nn.Module, Any], Any]] = None,
     num_batches: Optional[int] = None,
     flag_gap_db: float = 10.0,
+    propagate: bool = False,
+    flag_share: float = 0.25,
 ) -> WeightReport:
     """Compute statistics and the quality of each config for every layer weight of a model or state_dict.
 
@@ -264,6 +292,16 @@ def analyze_weights(
     SQNR is at least the median over layers (it looks safe) but its output SNR is more than
     ``flag_gap_db`` below its SQNR: its error lands on the inputs that matter (a few large input
     features, as per-element reference energies have), which SQNR, weighing every weight alike, misses.
+
+    A relative output error still misses a layer whose output goes straight into the result: a lookup
+    of per-element reference energies (values up to 16 eV, one int8 scale) has an output SNR as good
+    as its SQNR, yet its absolute error is the whole model's. With ``propagate=True`` the report
+    measures the damage where it lands, at the model's outputs: for each config, the model-output
+    error (``rel_mse``: each output's MSE over its own power) with every analysed layer quantized, and
+    with each layer quantized alone; per output the ratio is the layer's share, and a layer whose
+    share on some output is at least ``flag_share`` is flagged (kind ``model_output``). Shares are per
+    output because a sum over outputs hides an output whose error is small next to its power (an
+    energy with a large offset) while one layer causes all of it. Cost: ``(layers + 1) * configs`` passes over the calibration batches.
 
     Example: a weight ``[[1.0, 0.01]]`` whose second input is always 1000x the first loses almost
     nothing in SQNR if only ``0.01`` is rounded badly, but its output SNR drops by ~60 dB.
@@ -277,6 +315,8 @@ def analyze_weights(
         forward: ``forward(model, batch)`` for the batches (default ``model(batch)``).
         num_batches: use at most this many batches.
         flag_gap_db: SQNR minus output SNR above which a safe-looking layer is flagged.
+        propagate: measure each layer's share of the model-output error (needs a model and data).
+        flag_share: the share of the model-output error above which a layer is flagged.
 
     Returns:
         A :class:`WeightReport`.
@@ -291,6 +331,11 @@ def analyze_weights(
         raise ValueError(f"configs must be distinct, got {names}")
     if calibration is not None and not isinstance(source, nn.Module):
         raise TypeError(f"the output error needs the model (an nn.Module) with calibration data, got {type(source).__name__}")
+    check_number("flag_share", flag_share, low=0.0, high=1.0)
+    if propagate and calibration is None:
+        raise ValueError("propagate=True measures model outputs: give the model and calibration batches")
+    if calibration is not None:
+        calibration = list(calibration)[: num_batches if num_batches is not None else None]
     weights = weight_tensors(source)
     if not weights:
         raise ValueError("found no layer weights to analyse (Linear/Embedding/Conv2d, or '*.weight' tensors with 2+ dims)")
@@ -322,12 +367,98 @@ def analyze_weights(
                 lq = quality[s.name][n]
                 if s.name in hessians and lq.sqnr_db >= median and lq.sqnr_db - lq.output_snr_db > flag_gap_db:
                     report.flags.append({
-                        "layer": s.name, "config": n, "sqnr_db": lq.sqnr_db, "output_snr_db": lq.output_snr_db,
+                        "kind": "output_snr", "layer": s.name, "config": n, "sqnr_db": lq.sqnr_db, "output_snr_db": lq.output_snr_db,
                         "output_rms_error": lq.output_rms_error,
                         "why": (f"weight SQNR {lq.sqnr_db:.1f} dB (median {median:.1f}) looks safe, but the output SNR on real "
                                 f"inputs is {lq.output_snr_db:.1f} dB: the error sits on the inputs that carry the signal"),
                     })
+    if propagate:
+        _propagate(report, source, dict(zip(names, configs)), calibration, forward, flag_share, progress)
     return report
+
+
+def _model_outputs(model: nn.Module, batches: Sequence[Any], forward) -> List[Dict[str, torch.Tensor]]:
+    """Run the batches (eval mode, no autograd unless ``forward`` turns it on); return each one's outputs."""
+    from gradcomp.batches import call_model, output_tensors
+
+    call = forward or call_model
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return [{k: v.double() for k, v in output_tensors(call(model, b)).items()} for b in batches]
+    finally:
+        model.train(was)
+
+
+def _rel_mse(got: Sequence[Mapping[str, torch.Tensor]], ref: Sequence[Mapping[str, torch.Tensor]], power: Mapping[str, float]) -> Dict[str, float]:
+    """Per output: its MSE over all batches divided by its power (mean square)."""
+    out = {}
+    for k, p in power.items():
+        se = sum(float(((g[k] - r[k]) ** 2).sum()) for g, r in zip(got, ref))
+        n = sum(r[k].numel() for r in ref)
+        out[k] = (se / max(n, 1)) / (p if p > 0 else 1.0)
+    return out
+
+
+def _propagate(report: WeightReport, model: nn.Module, configs: Mapping[str, Optional[Config]], batches, forward,
+               flag_share: float, progress: bool) -> None:
+    """Fill ``model_rel_mse`` / ``model_error_share`` and add the ``model_output`` flags (see :func:`analyze_weights`)."""
+    from dataclasses import replace
+
+    params = {}
+    for s in report.stats:
+        try:
+            m = model.get_submodule(s.name)
+        except AttributeError:
+            continue
+        if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.is_floating_point():
+            params[s.name] = m.weight
+    ref = _model_outputs(model, batches, forward)
+    power = {k: sum(float((r[k] ** 2).sum()) for r in ref) / max(sum(r[k].numel() for r in ref), 1) for k in ref[0]}
+    originals = {n: w.detach().clone() for n, w in params.items()}
+
+    def run_with(quantized: Mapping[str, Optional[Config]]) -> Dict[str, float]:
+        try:
+            with torch.no_grad():
+                for n, c in quantized.items():
+                    params[n].copy_(fake_quantize_weight(originals[n], c).to(params[n].dtype))
+            return _rel_mse(_model_outputs(model, batches, forward), ref, power)
+        finally:
+            with torch.no_grad():
+                for n in quantized:
+                    params[n].copy_(originals[n])
+
+    steps = [(c, None) for c in configs] + [(c, n) for c in configs for n in params]
+    totals: Dict[str, Dict[str, float]] = {}
+    for cname, layer in progress_bar(steps, progress, "propagate", unit="trial"):
+        cfg = configs[cname]
+        if layer is None:
+            totals[cname] = run_with({n: cfg for n in params})
+            continue
+        per = run_with({layer: cfg})
+        err = sum(per.values()) / len(per)
+        # the share per output: an output whose error is small next to its power (an energy with a
+        # large offset) would vanish in a sum over outputs, yet this layer may cause all of it
+        shares = {k: per[k] / totals[cname][k] if totals[cname][k] > 0 else math.nan for k in per}
+        key = max(shares, key=lambda k: -math.inf if math.isnan(shares[k]) else shares[k])
+        share = shares[key]
+        lq = replace(report.quality[layer][cname], model_rel_mse=err, model_error_share=share, model_error_output=key)
+        report.quality[layer][cname] = lq
+        if share >= flag_share:
+            median = statistics.median(q[cname].sqnr_db for q in report.quality.values())
+            looks = "look safe" if lq.sqnr_db >= median else "are low too"
+            report.flags.append({
+                "kind": "model_output", "layer": layer, "config": cname, "sqnr_db": lq.sqnr_db, "output_snr_db": lq.output_snr_db,
+                "output_rms_error": lq.output_rms_error, "model_rel_mse": err, "model_error_share": share, "model_output": key,
+                "why": (f"quantized alone, this layer causes {share:.0%} of the error of output {key!r} with every layer "
+                        f"quantized ({per[key]:.3g} vs {totals[cname][key]:.3g} rel. MSE), while its weight SQNR "
+                        f"({lq.sqnr_db:.1f} dB) and output SNR ({lq.output_snr_db:.1f} dB) {looks}: its output feeds the "
+                        "result with little averaging (e.g. per-element reference values), so its absolute error is the model's error"),
+            })
+    report.propagated = True
+    report.model_rel_mse = {c: sum(t.values()) / len(t) for c, t in totals.items()}
+    report.model_rel_mse_per_output = totals
 
 
 def _with_output_error(lq: LayerQuality, w: torch.Tensor, config: Optional[Config], h: torch.Tensor, rows: int) -> LayerQuality:

@@ -4,8 +4,12 @@
   from its min and max, each weight rounded on its own. Data-free.
 * ``gptq`` (:class:`GPTQ`): column-wise rounding with error compensation against the input Hessian.
 * ``awq_clip`` (:class:`ActivationAwareClip`): per-group clipping range searched on the input Hessian.
+* ``awq_scale`` (:class:`AWQScale`): AWQ's per-input-channel scaling by activation magnitude (stored
+  as ``input_scale``, divided out of the input at run time), then the clipping search.
+* ``hqq`` (:class:`HQQ`): half-quadratic fit of each group's scale and zero point; data-free (the input
+  Hessian's diagonal weighs the columns when calibration data is given).
 
-The data-aware methods need calibration batches: :func:`collect_input_hessians` runs them once through
+GPTQ and awq_clip need calibration batches: :func:`collect_input_hessians` runs them once through
 the unquantized model and sums ``X^T X`` of every selected Linear's input. Layers they cannot handle
 (Embedding, Conv2d) fall back to round-to-nearest, with a log line. The result is packed by
 :meth:`gradcomp.quant.modules.PackedWeight.from_codes` into the same modules and files.
@@ -15,15 +19,21 @@ from __future__ import annotations
 
 from typing import Any, Union
 
+from gradcomp.quant.algorithms.awq import AWQScale, awq_scale_quantize
 from gradcomp.quant.algorithms.calibration import collect_input_hessians
 from gradcomp.quant.algorithms.clip import ActivationAwareClip, clip_search_quantize
 from gradcomp.quant.algorithms.common import QuantResult, input_hessian_of, layer_output_error
 from gradcomp.quant.algorithms.gptq import GPTQ, gptq_quantize
+from gradcomp.quant.algorithms.hqq import HQQ, hqq_quantize
 
 __all__ = [
     "METHODS",
     "GPTQ",
     "ActivationAwareClip",
+    "HQQ",
+    "AWQScale",
+    "awq_scale_quantize",
+    "hqq_quantize",
     "QuantResult",
     "collect_input_hessians",
     "gptq_quantize",
@@ -33,22 +43,26 @@ __all__ = [
     "resolve_method",
 ]
 
-METHODS = ("rtn", "gptq", "awq_clip")
+METHODS = ("rtn", "gptq", "awq_clip", "awq_scale", "hqq")
 
-Method = Union[None, str, GPTQ, ActivationAwareClip]
+Method = Union[None, str, GPTQ, ActivationAwareClip, AWQScale, HQQ]
 
 
-def resolve_method(method: Any) -> Union[None, GPTQ, ActivationAwareClip]:
+def resolve_method(method: Any) -> Union[None, GPTQ, ActivationAwareClip, AWQScale, HQQ]:
     """Return the algorithm object for ``method`` (None or ``"rtn"``: round-to-nearest, returned as None).
 
     Example: ``resolve_method("gptq") == GPTQ()``; ``resolve_method(GPTQ(act_order=True))`` is itself.
     """
     if method is None or method == "rtn":
         return None
-    if isinstance(method, (GPTQ, ActivationAwareClip)):
+    if isinstance(method, (GPTQ, ActivationAwareClip, AWQScale, HQQ)):
         return method
     if method == "gptq":
         return GPTQ()
     if method in ("awq_clip", "awq"):
         return ActivationAwareClip()
-    raise ValueError(f"method must be one of {METHODS} or a GPTQ / ActivationAwareClip instance, got {method!r}")
+    if method == "awq_scale":
+        return AWQScale()
+    if method == "hqq":
+        return HQQ()
+    raise ValueError(f"method must be one of {METHODS} or a GPTQ / ActivationAwareClip / AWQScale / HQQ instance, got {method!r}")

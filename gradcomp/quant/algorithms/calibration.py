@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,7 @@ def collect_input_hessians(
     num_batches: Optional[int] = None,
     progress: bool = False,
     counts: Optional[Dict[str, int]] = None,
+    order: Optional[List[str]] = None,
 ) -> Dict[str, torch.Tensor]:
     """Run calibration batches through ``model`` and return ``{name: X^T X}`` (fp64) for each Linear.
 
@@ -36,6 +37,7 @@ def collect_input_hessians(
         num_batches: stop after this many.
         progress: tqdm progress bar.
         counts: if given, filled with ``{name: rows of X}`` (input rows seen per layer).
+        order: if given, filled with the layer names in the order of their first call (execution order).
 
     Raises:
         ValueError: no batch came, a layer never ran, or an input held inf/nan.
@@ -49,6 +51,8 @@ def collect_input_hessians(
                 return None
             x = args[0].detach().reshape(-1, in_features).double()
             xtx = x.T @ x
+            if order is not None and name not in sums:
+                order.append(name)
             sums[name] = sums[name] + xtx if name in sums else xtx
             if counts is not None:
                 counts[name] = counts.get(name, 0) + x.shape[0]

@@ -29,16 +29,20 @@ class QuantResult:
         scale: ``(layout.rows * layout.groups,)`` scales in the config's ``scale_dtype``.
         zero_point: ``(layout.rows * layout.groups,)`` fp32 integral zero points, or None (symmetric).
         layout: the weight's layout.
+        input_scale: None, or the per-input-channel scale ``s`` the codes were made with (they hold
+            ``W diag(s)``; see :class:`gradcomp.quant.modules.PackedWeight`).
     """
 
     codes: torch.Tensor
     scale: torch.Tensor
     zero_point: Optional[torch.Tensor]
     layout: _Layout
+    input_scale: Optional[torch.Tensor] = None
 
     def dequantize(self, bits: int) -> torch.Tensor:
-        """Return the reconstructed weight, fp32, shaped ``layout.shape``."""
-        return _dequantize_rows(self.codes, self.scale, self.zero_point, self.layout, bits).reshape(self.layout.shape)
+        """Return the reconstructed weight (divided by ``input_scale`` when there is one), fp32, shaped ``layout.shape``."""
+        out = _dequantize_rows(self.codes, self.scale, self.zero_point, self.layout, bits).reshape(self.layout.shape)
+        return out if self.input_scale is None else out / self.input_scale.float()
 
 
 def column_qparams(cols: torch.Tensor, config: WeightQuantConfig, shrink: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
