@@ -70,7 +70,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -572,6 +572,21 @@ def read_netdev(dev: Optional[str]) -> Optional[Dict[str, int]]:
 # the job
 
 
+def fused_kernel_status(state: Any) -> Tuple[bool, bool]:
+    """Return ``(ready, gave_up)`` of a gradcomp hook state's background compilation on this rank.
+
+    ``ready``: the fused kernels are in use. ``gave_up``: they never will be on this rank: the compiler
+    failed or was stopped, the self-check rejected the compiled kernels, or no compilation was started
+    (a state that compresses nothing, e.g. one rank or a non-float bucket).
+    """
+    comp = getattr(state, "_compiler", None)
+    if comp is None:
+        return False, True
+    if comp.ready:
+        return True, False
+    return False, bool(comp.failed or comp.done)
+
+
 class Job:
     """One rank of a training run: model, optimizer, hook, data stream, checkpoints and metrics."""
 
@@ -864,32 +879,44 @@ class Job:
         summary = self._summarise(step_times, sent_hook, wire_start, wire_end, recent, val_loss, time.perf_counter() - t_run, first_timed, stopped_at)
         return summary
 
-    def _wait_fused_kernels(self, limit_s: float = 600.0) -> None:
+    def _wait_fused_kernels(self, limit_s: float = 600.0, poll_s: float = 1.0) -> bool:
         """Wait (untimed) until every rank's gradcomp hook runs its fused kernels, at most ``limit_s`` seconds.
 
         gradcomp compiles them in the background and uses the eager ones meanwhile; a benchmark that
-        wants the steady state waits here before its timed steps. The ranks agree with a MIN.
+        wants the steady state waits here before its timed steps. Each poll the ranks agree (one
+        all-reduce MAX of ``(not ready, given up)``) on whether all are ready and whether any gave up:
+        a compiler that failed, was stopped, or whose kernels the self-check rejected, or no compiler
+        at all. Then waiting stops at once on every rank and the run goes on with the eager kernels.
+        Returns whether the fused kernels are ready on every rank.
         """
         state = getattr(self.hook, "state", None)
-        ready_now = getattr(state, "_compiled_now", None)
-        if ready_now is None or not state.config.compile:
-            return
-        if self.args.fsdp and self.args.grad_bits == 32 and self.args.weight_bits == 32:
-            return  # FSDP2's own collectives: nothing to compile
-
-        def settled() -> bool:  # ready, or failed (eager for good): nothing more to wait for
-            compiler = getattr(state, "_compiler", None)
-            return bool(ready_now()) or (compiler is not None and compiler.failed)
-
+        if state is None or not hasattr(state, "_compiled_now") or not state.config.compile:
+            return False
         t0 = time.perf_counter()
         while True:
-            flag = torch.tensor([float(settled())])
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            if flag.item() or time.perf_counter() - t0 > limit_s:
+            ready, gave_up = fused_kernel_status(state)
+            flags = torch.tensor([float(not ready), float(gave_up)])
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            all_ready, any_gave_up = flags[0].item() == 0, flags[1].item() > 0
+            waited = time.perf_counter() - t0
+            if all_ready or any_gave_up or waited > limit_s:
                 break
-            time.sleep(1.0)
+            time.sleep(poll_s)
         if self.rank == 0:
-            logger.info("fused kernels %s after waiting %.1f s", "ready" if flag.item() else "NOT ready", time.perf_counter() - t0)
+            if all_ready:
+                logger.info("fused kernels ready on every rank after waiting %.1f s", waited)
+            elif any_gave_up:
+                logger.warning(
+                    "fused kernels unavailable on at least one rank (compilation failed, was rejected by the "
+                    "self-check, or never started) after %.1f s: the run continues on the eager kernels "
+                    "(identical results, slower)", waited,
+                )
+            else:
+                logger.warning(
+                    "fused kernels NOT ready after waiting %.1f s (limit %.0f s): the timed steps start on the eager "
+                    "kernels and switch when compilation ends", waited, limit_s,
+                )
+        return all_ready
 
     def _log_progress(self, rec: Dict[str, Any], stats: Dict[str, Any]) -> None:
         sent, fp32 = rec["bytes_sent_step"], rec["fp32_bytes_step"]

@@ -237,6 +237,35 @@ def test_compiled_kernels_match_eager_bitwise(bits):
         assert _same_bits(*sums), f"decode_sum differs ({bits} bits, {out.dtype})"
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.skipif(not codec.compile_available(), reason="torch.compile unavailable")
+def test_compiled_reduce_after_in_place_calls_of_two_widths_writes_residual_out(monkeypatch):
+    # the policy's probe runs the kernels with in-place residuals at 8 then 4 bits; the hook then runs
+    # them with residuals apart. torch 2.13 reused the aliased 4-bit graph for that call and wrote the
+    # new residual into the input (the self-check rejected the 4-bit kernels); fresh kernels here
+    monkeypatch.setattr(codec, "_COMPILED", {})
+    torch._dynamo.reset()
+    P, rows = 4, 6
+
+    def call(bits, in_place, compiled):
+        g = torch.Generator().manual_seed(bits)
+        codes = torch.randint(0, 256, (P, rows, B * bits // 8), dtype=torch.uint8, generator=g)
+        scale = torch.rand(P, rows, generator=g)
+        base = torch.rand(rows * B, generator=g) * 1e-2
+        if in_place:  # two views of one buffer, as exchange.reduce_shard passes an in-place residual
+            rin, rout = base.view(-1, B)[:rows], base.view(-1, B)[:rows]
+        else:
+            rin, rout = base.view(-1, B), torch.full((rows, B), float("nan"))
+        c, s = codec.reduce_blocks(codes, scale, bits, residual=rin, residual_out=rout, compiled=compiled)
+        return c, s, rout, base
+
+    for bits, in_place in ((8, True), (4, True), (4, False)):
+        want, got = call(bits, in_place, False), call(bits, in_place, True)
+        names = ("codes", "scale", "residual_out", "residual_in")
+        assert [n for n, a, b in zip(names, want, got) if not _same_bits(a, b)] == [], f"{bits} bits, in place {in_place}"
+
+
 def test_background_compile_failure_falls_back_with_one_warning(monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")
