@@ -37,8 +37,9 @@ RUNS = {
     "int8 grads": ["--grad-bits", "8"],
     "int4 grads": ["--grad-bits", "4"],
     "int8 grads + int8 weights": ["--grad-bits", "8", "--weight-bits", "8"],
+    "int8 grads + int8 weights incl. 1-D": ["--grad-bits", "8", "--weight-bits", "8", "--quantize-1d-weights"],
 }
-TARGETS = {"int8 grads": 0.01, "int4 grads": 0.03, "int8 grads + int8 weights": 0.02}
+TARGETS = {"int8 grads": 0.01, "int4 grads": 0.03, "int8 grads + int8 weights": 0.02, "int8 grads + int8 weights incl. 1-D": 0.02}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,31 +55,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=10, help="plain collectives first")
     p.add_argument("--seed", type=int, default=0, help="model init and data seed")
     p.add_argument("--time-after", type=int, default=14, help="cluster: steps excluded from timing")
-    p.add_argument("--compile", action="store_true", help="fuse the codec with torch.compile")
-    p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {list(RUNS)}")
+    p.add_argument("--no-compile", action="store_true", help="eager codec kernels (default: fused kernels, compiled in the background)")
+    p.add_argument("--compile", action="store_true", help="(the default; kept for older command lines)")
+    p.add_argument("--runs", default=",".join(list(RUNS)[:5]), help=f"comma-separated subset of {list(RUNS)}")
+    p.add_argument("--floor-rate", default=None,
+                   help="cluster: also run FSDP2 fp32 and int8 grads + int8 weights at this link rate (e.g. 40gbit): "
+                        "the step without the wire (compute, FSDP and the codec), in the same invocation")
     p.add_argument("--out-dir", default=None, help="default runs/fsdp-<mode>")
     p.add_argument("--timeout", type=int, default=1200, help="cluster: seconds per run before it is stopped")
     p.add_argument("--python", default=sys.executable)
     return p
 
 
-def run_one(args: argparse.Namespace, label: str, out: Path) -> Dict[str, Any]:
-    """Train one configuration; return its summary (plus the netsim report in cluster mode)."""
+def run_one(args: argparse.Namespace, label: str, out: Path, rate: str | None = None) -> Dict[str, Any]:
+    """Train one configuration (cluster mode: at ``rate``, default ``--rate``); return its summary (plus the netsim report)."""
     out.mkdir(parents=True, exist_ok=True)
+    rate = rate or args.rate
     train = [
         "--fsdp", "--model", args.model, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
         "--warmup-steps", str(args.warmup_steps), "--seed", str(args.seed), "--log-every", "50", "--out-dir", str(out),
-    ] + RUNS[label] + (["--compile"] if args.compile else [])
+    ] + RUNS[label] + (["--no-compile"] if args.no_compile else [])
     env = dict(os.environ, PYTHON=args.python)
     if args.mode == "convergence":
         cmd = ["bash", str(LAUNCH / "run.sh"), *train, "--eval-every", "50", "--netdev", "none"]
         env["NPROC"] = str(args.nproc)
     else:
         cmd = [
-            "bash", str(LAUNCH / "netsim.sh"), "--hosts", str(args.hosts), "--rate", args.rate,
+            "bash", str(LAUNCH / "netsim.sh"), "--hosts", str(args.hosts), "--rate", rate,
             "--report", str(out / "netsim.json"), "--timeout", str(args.timeout), "--grace", "20", "--",
             "bash", str(LAUNCH / "multinode.sh"), *train, "--time-after", str(args.time_after), "--eval-batches", "4", "--netdev", "auto",
-        ]
+        ] + ([] if args.no_compile else ["--wait-fused-kernels"])  # time the steady state: fused kernels in use
         env.update(NPROC="1", RDZV_ID=f"fsdp-{abs(hash(label)) % 10**6}")
     print(f"== {label}: {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
@@ -144,6 +150,13 @@ def main(argv: List[str] | None = None) -> int:
             results[label] = run_one(args, label, out / slug)
         except RuntimeError as exc:  # one failed run must not hide the others
             print(f"   FAILED: {exc}", flush=True)
+    if not conv and args.floor_rate:
+        for label in ("FSDP2 fp32", "int8 grads + int8 weights"):
+            slug = label.lower().replace(" + ", "_").replace(" ", "_") + "_floor"
+            try:
+                results[f"{label} @ {args.floor_rate} (floor)"] = run_one(args, label, out / slug, rate=args.floor_rate)
+            except RuntimeError as exc:
+                print(f"   FAILED: {exc}", flush=True)
     if not results:
         return 1
     ranks = args.nproc if conv else args.hosts
@@ -151,7 +164,7 @@ def main(argv: List[str] | None = None) -> int:
     header = (
         f"TinyGPT '{args.model}' ({next(iter(results.values()))['parameters'] / 1e6:.2f}M parameters), FSDP2, {where}, "
         f"batch {args.batch_size} x 64 bytes per rank, {args.steps} steps, warm-up {args.warmup_steps}, seed {args.seed}, "
-        f"codec {'torch.compile' if args.compile else 'eager'}"
+        f"codec {'eager' if args.no_compile else 'fused (torch.compile, waited for before the timed steps)'}"
     )
     md = table(results, args)
     print()

@@ -3,6 +3,7 @@
 Run:
     python benchmarks/hook_path.py                     # 16M fp32 values, one thread, P = 2, int8 and int4
     python benchmarks/hook_path.py --world-size 4 --bits 8 --repeats 7 --json
+    python benchmarks/hook_path.py --clock thread      # CPU time of the one thread: steadier on a loaded machine
 
 One rank's CPU work for one bucket, phase by phase, exactly as the hook runs it
 (:mod:`gradcomp.comm.exchange`): ``encode`` (bucket + worker residual -> send buffers, every chunk),
@@ -36,13 +37,16 @@ from gradcomp.comm import exchange
 from gradcomp.comm.exchange import ExchangeBuffers, ExchangePlan
 
 
+_CLOCK = time.perf_counter
+
+
 def _times(fn, repeats: int):
     fn()  # warm-up
     out = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = _CLOCK()
         fn()
-        out.append(time.perf_counter() - t0)
+        out.append(_CLOCK() - t0)
     return out
 
 
@@ -104,8 +108,16 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--chunk-numel", type=int, default=exchange.DEFAULT_CHUNK_NUMEL)
     p.add_argument("--no-compile", action="store_true", help="measure the eager kernels only")
+    p.add_argument(
+        "--clock", choices=("wall", "thread"), default="wall",
+        help="wall: perf_counter; thread: CPU time of this thread (steadier on a shared, loaded machine; one thread only)",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if args.clock == "thread" and args.threads != 1:
+        p.error(f"--clock thread counts one thread's CPU time: it needs --threads 1, got --threads {args.threads}")
+    global _CLOCK
+    _CLOCK = time.thread_time if args.clock == "thread" else time.perf_counter
 
     torch.set_num_threads(args.threads)
     x = torch.randn(args.numel)
@@ -145,7 +157,7 @@ def main(argv=None) -> int:
         row["total_x_floor_by_copy"] = row["total_x_copy"] / row["floor_x_clone"]
         out.append(row)
     result = {
-        "numel": args.numel, "world_size": args.world_size, "threads": args.threads, "repeats": args.repeats,
+        "numel": args.numel, "world_size": args.world_size, "threads": args.threads, "repeats": args.repeats, "clock": args.clock,
         "chunk_numel": args.chunk_numel, "clone_ms_median": 1e3 * clone_med, "clone_ms_min": 1e3 * clone_min, "copy_ms_median": 1e3 * copy_med, "rows": out,
     }
     if args.json:
@@ -153,7 +165,7 @@ def main(argv=None) -> int:
         print()
         return 0
     print(
-        f"{args.numel} fp32 values, P = {args.world_size}, {args.threads} thread(s), chunks of {args.chunk_numel}: "
+        f"{args.numel} fp32 values, P = {args.world_size}, {args.threads} thread(s), chunks of {args.chunk_numel}, {args.clock} clock: "
         f"clone() {1e3 * clone_med:.2f} ms (median), {1e3 * clone_min:.2f} ms (min); copy_() into a warm buffer "
         f"{1e3 * copy_med:.2f} ms (median)"
     )

@@ -35,6 +35,7 @@ from __future__ import annotations
 import atexit
 import logging
 import math
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
@@ -70,6 +71,7 @@ __all__ = [
     "encode_blocks",
     "reduce_blocks",
     "decode_blocks",
+    "decode_sum_blocks",
     "BackgroundCompiler",
 ]
 
@@ -244,18 +246,11 @@ def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return out
 
 
-def _unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unpack (rows, bytes) into uint8 codes (rows, bytes * 8 / bits)."""
-    if bits == 8:
-        return packed
-    return _split_codes(packed, bits).reshape(packed.shape[0], -1)
+def _quantize_into(c, res_out, codes_out, noise, qmax: int) -> torch.Tensor:
+    """Quantize fp32 rows ``c`` symmetrically into uint8 codes ``codes_out`` (one per value); ``res_out = c - dequantized``.
 
-
-def _quantize_into(c, res_out, codes_out, noise, qmax: int, bits: int) -> torch.Tensor:
-    """Quantize fp32 rows ``c`` symmetrically into ``codes_out``; ``res_out = c - dequantized``; return the scales.
-
-    The scales are returned, not written: they live in a byte buffer, and a compiled kernel cannot
-    write through a view of another dtype.
+    Returns the scales. They are returned, not written: they live in a byte buffer, and a compiled
+    kernel cannot write through a view of another dtype.
     """
     scale = c.abs().amax(dim=1, keepdim=True) / qmax
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
@@ -263,39 +258,168 @@ def _quantize_into(c, res_out, codes_out, noise, qmax: int, bits: int) -> torch.
     y = torch.round(y) if noise is None else torch.floor(y + noise)
     # a nan row (non-finite scale) gets code 0 deterministically, whichever kernel ran
     q = torch.nan_to_num(torch.clamp(y, -qmax, qmax), nan=0.0)
-    # the residual is stored before the packed codes: in the other order Inductor (torch 2.13, one
-    # OpenMP thread, 2/4 bits) dropped the residual store; the background compiler also checks the
+    # the residual is stored before the codes: in the other order Inductor (torch 2.13, one OpenMP
+    # thread, 2/4 bits) once dropped the residual store; the background compiler also checks the
     # fused kernels against the eager ones before using them
     if res_out is not None:
         res_out.copy_(c - q * scale)
-    codes_out.copy_(_pack_rows((q + (qmax + 1)).to(torch.uint8), bits))
+    codes_out.copy_((q + (qmax + 1)).to(torch.uint8))
     return scale.squeeze(1)
 
 
-def _encode_kernel(x, res_in, res_out, codes_out, noise, qmax: int, bits: int) -> torch.Tensor:
+# The kernels below see one uint8 code per value, stored contiguously: 2- and 4-bit codes are packed
+# and unpacked around them by :func:`_pack_into` / :func:`_unpack_into`, whole rows at a time with a
+# few vectorised integer passes. Packing inside a compiled kernel made Inductor gather every pair of
+# values with scalar, strided loads (int4 encode cost 1.8x the int8 one, decode 4x).
+
+
+def _encode_kernel(x, res_in, res_out, codes_out, noise, qmax: int) -> torch.Tensor:
     """Error-feedback quantize rows of ``x`` (+ ``res_in``) straight into the given outputs; return the scales."""
     c = x.float()
     if res_in is not None:
         c = c + res_in
-    return _quantize_into(c, res_out, codes_out, noise, qmax, bits)
+    return _quantize_into(c, res_out, codes_out, noise, qmax)
 
 
-def _reduce_kernel(codes, scale, res_in, res_out, codes_out, noise, qmax: int, bits: int) -> torch.Tensor:
-    """Dequantize P messages (P, rows, bytes), sum them in order 0..P-1, divide by P, requantize (+ res_in)."""
-    p = codes.shape[0]
+def _encode_kernel_inplace(x, res, codes_out, noise, qmax: int) -> torch.Tensor:
+    """:func:`_encode_kernel` with the residual updated in place (``res_in is res_out``)."""
+    return _quantize_into(x.float() + res, res, codes_out, noise, qmax)
+
+
+def _sum_copies(codes, scale, qmax: int) -> torch.Tensor:
+    """Dequantize P code copies (P, rows, block) with scales (P, rows) and sum them in order 0..P-1 (fp32)."""
     off = qmax + 1
-    acc = (_unpack_rows(codes[0], bits).float() - off) * scale[0].unsqueeze(1)
-    for i in range(1, p):  # a fixed order: every owner sums its blocks the same way
-        acc = acc + (_unpack_rows(codes[i], bits).float() - off) * scale[i].unsqueeze(1)
-    acc = acc / p
+    acc = (codes[0].float() - off) * scale[0].unsqueeze(1)
+    for i in range(1, codes.shape[0]):  # a fixed order: every owner sums its blocks the same way
+        acc = acc + (codes[i].float() - off) * scale[i].unsqueeze(1)
+    return acc
+
+
+def _mean_of_copies(codes, scale, qmax: int) -> torch.Tensor:
+    """:func:`_sum_copies` divided by P."""
+    return _sum_copies(codes, scale, qmax) / codes.shape[0]
+
+
+def _reduce_kernel(codes, scale, res_in, res_out, codes_out, noise, qmax: int) -> torch.Tensor:
+    """Average P copies (:func:`_mean_of_copies`), add ``res_in`` and requantize into the outputs."""
+    acc = _mean_of_copies(codes, scale, qmax)
     if res_in is not None:
         acc = acc + res_in
-    return _quantize_into(acc, res_out, codes_out, noise, qmax, bits)
+    return _quantize_into(acc, res_out, codes_out, noise, qmax)
 
 
-def _decode_kernel(codes, scale, out, qmax: int, bits: int) -> None:
-    """Dequantize packed rows (rows, bytes) with scales (rows,) into ``out`` (rows, block) of any float dtype."""
-    out.copy_((_unpack_rows(codes, bits).float() - (qmax + 1)) * scale.unsqueeze(1))
+def _reduce_kernel_inplace(codes, scale, res, codes_out, noise, qmax: int) -> torch.Tensor:
+    """:func:`_reduce_kernel` with the residual updated in place (``res_in is res_out``)."""
+    return _quantize_into(_mean_of_copies(codes, scale, qmax) + res, res, codes_out, noise, qmax)
+
+
+def _decode_kernel(codes, scale, out, qmax: int) -> None:
+    """Dequantize uint8 codes (rows, block) with scales (rows,) into ``out`` (rows, block) of any float dtype."""
+    out.copy_((codes.float() - (qmax + 1)) * scale.unsqueeze(1))
+
+
+_LITTLE_ENDIAN = sys.byteorder == "little"
+_LOCAL = threading.local()
+
+
+def _scratch(slot: int, shape: Tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """A contiguous tensor of ``shape`` from this thread's reusable buffer ``slot`` (grown, never shrunk).
+
+    The hook calls the kernels chunk after chunk with the same sizes: after the first chunk nothing
+    is allocated. Per thread, so that the communication thread, the training thread and the
+    background compiler never share one.
+    """
+    bufs = getattr(_LOCAL, "bufs", None)
+    if bufs is None:
+        bufs = _LOCAL.bufs = {}
+    nbytes = math.prod(shape) * dtype.itemsize
+    key = (slot, torch.device(device))
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < nbytes:
+        buf = bufs[key] = torch.empty(max(nbytes, 64), dtype=torch.uint8, device=device)
+    return buf[:nbytes].view(dtype).view(shape)
+
+
+def _pack_into(codes: torch.Tensor, out: torch.Tensor, bits: int) -> None:
+    """Pack contiguous uint8 codes ``(..., block)`` (values below ``2**bits``) into ``out`` ``(..., block * bits / 8)``.
+
+    Little-endian machines read neighbouring codes as one wider integer and fold them with a shift
+    and a scaled subtraction (exact integer arithmetic, no value ever over 255 at the narrowing copy).
+    4 bits, per pair ``v = c0 + 256 c1`` (int16): ``t = v >> 4 = 16 c1`` and ``v - 15 t = c0 + 16 c1``.
+    2 bits, per pair of bytes ``v = c0 + 256 c1``: ``v - 63 (v >> 6) = c0 + 4 c1`` (< 16), then per
+    pair of those ``w = p0 + 65536 p1`` (int32): ``w - 4095 (w >> 12) = p0 + 16 p1``. That is the wire
+    format of :func:`pack_codes`, first code lowest.
+    """
+    if not _LITTLE_ENDIAN:  # pragma: no cover - no big-endian machine to test on
+        out.copy_(_pack_rows(codes.reshape(-1, codes.shape[-1]), bits).view(out.shape))
+        return
+    v = codes.view(torch.int16)
+    t = _scratch(1, tuple(v.shape), torch.int16, codes.device)
+    torch.bitwise_right_shift(v, 4 if bits == 4 else 6, out=t)
+    torch.add(v, t, alpha=-15 if bits == 4 else -63, out=t)
+    if bits == 2:
+        w = t.view(torch.int32)
+        u = _scratch(2, tuple(w.shape), torch.int32, codes.device)
+        torch.bitwise_right_shift(w, 12, out=u)
+        torch.add(w, u, alpha=-4095, out=u)
+        t = u
+    out.copy_(t)
+
+
+def _unpack_into(packed: torch.Tensor, codes: torch.Tensor, bits: int) -> None:
+    """Unpack ``(..., bytes)`` of 2- or 4-bit codes into contiguous uint8 ``codes`` ``(..., bytes * 8 / bits)``.
+
+    The inverse of :func:`_pack_into`. 4 bits: every byte ``w = c0 + 16 c1`` widened to int16,
+    ``w + 240 (w >> 4) = c0 + 256 c1``. 2 bits: every byte ``w = p0 + 16 p1`` (``p = c + 4 c'``)
+    widened to int32, ``w + 65520 (w >> 4) = p0 + 65536 p1``; then per int16 ``x = c0 + 4 c1``:
+    ``x + 252 (x >> 2) = c0 + 256 c1``. Read back as bytes, those are the codes in order.
+    """
+    if not _LITTLE_ENDIAN:  # pragma: no cover - no big-endian machine to test on
+        codes.copy_(_split_codes(packed, bits).reshape(codes.shape))
+        return
+    w = codes.view(torch.int16 if bits == 4 else torch.int32)
+    w.copy_(packed)
+    t = _scratch(1, tuple(w.shape), w.dtype, codes.device)
+    torch.bitwise_right_shift(w, 4, out=t)
+    w.add_(t, alpha=240 if bits == 4 else 65520)
+    if bits == 2:
+        x = codes.view(torch.int16)
+        t = _scratch(1, tuple(x.shape), torch.int16, codes.device)
+        torch.bitwise_right_shift(x, 2, out=t)
+        x.add_(t, alpha=252)
+
+
+def _residual_route(residual: Optional[torch.Tensor], residual_out: Optional[torch.Tensor]) -> str:
+    """How a kernel must treat its residuals: ``"none"``, ``"inplace"``, ``"apart"`` or ``"overlap"``.
+
+    A compiled kernel never gets two arguments that share memory: with an in-place update
+    (``residual_out`` the very same view as ``residual``) the in-place variant gets the residual once;
+    torch 2.13's Dynamo, after recompiling a kernel for another width with aliased residuals, reused
+    that graph for residuals apart and wrote the new residual into the input instead of the output
+    (one OpenMP thread, 4 bits). Other overlaps run eagerly (the eager kernels read the residual
+    before they write any of it).
+    """
+    if residual is None or residual_out is None:
+        return "none"
+    if residual.untyped_storage().data_ptr() != residual_out.untyped_storage().data_ptr():
+        return "apart"
+    same = (
+        residual.data_ptr() == residual_out.data_ptr()
+        and residual.shape == residual_out.shape
+        and residual.stride() == residual_out.stride()
+        and residual.dtype == residual_out.dtype
+    )
+    return "inplace" if same else "overlap"
+
+
+def _decode_sum_kernel(codes, scale, out, divide: int, factor, qmax: int) -> None:
+    """Sum P code copies (P, rows, block) in order 0..P-1, divide by ``divide``, times ``factor``, into ``out``."""
+    acc = _sum_copies(codes, scale, qmax)
+    if divide != 1:
+        acc = acc / divide
+    if factor is not None:
+        acc = acc * factor
+    out.copy_(acc)
 
 
 _COMPILE_LOCK = threading.Lock()
@@ -330,14 +454,34 @@ def _kernel_context():
 
     Dynamo hands every graph it compiles during a DDP forward to its DDPOptimizer (which splits
     graphs at DDP's bucket boundaries and refuses small ``bucket_cap_mb``); the kernels have no
-    parameters, so it is turned off for them (config patches are thread-local).
+    parameters, so it is turned off for them. Duck sizing is turned off too: the kernels get views
+    at many storage offsets, and an offset that happens to equal another (an int8 code byte offset
+    equals its fp32 residual's element offset) would otherwise become a guard, and every new
+    offset a recompilation (config patches are thread-local). The kernels run without autograd
+    (they write into given buffers): otherwise a call from a forward pass (grad mode on) and one
+    from a backward hook (grad mode off) each need their own graph, and a training step ends up
+    recompiling. A few graphs per kernel remain (with and without a residual, per dtype, offset 0
+    or not), more than Dynamo's default limit of 8 allows, so the limit is raised for them.
     """
-    try:
-        return torch._dynamo.config.patch(optimize_ddp=False)
-    except Exception:  # pragma: no cover - a torch without the option
-        import contextlib
+    import contextlib
 
-        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.no_grad())
+    try:
+        stack.enter_context(torch._dynamo.config.patch(optimize_ddp=False))
+    except Exception:  # pragma: no cover - a torch without the option
+        pass
+    try:
+        stack.enter_context(torch._dynamo.config.patch(recompile_limit=64))
+    except Exception:  # pragma: no cover - a torch without the option
+        pass
+    try:
+        import torch.fx.experimental._config as fx_config
+
+        stack.enter_context(fx_config.patch(use_duck_shape=False))
+    except Exception:  # pragma: no cover - a torch without the option
+        pass
+    return stack
 
 
 def _run(fn: Callable, compiled: bool, *args):
@@ -760,7 +904,15 @@ def encode_blocks(
         codes_out = torch.empty(rows, block * bits // 8, dtype=torch.uint8, device=x.device)
     if scale_out is None:
         scale_out = torch.empty(rows, dtype=torch.float32, device=x.device)
-    scale_out.copy_(_run(_encode_kernel, compiled, x, residual, residual_out, codes_out, noise, qmax, bits))
+    codes8 = codes_out if bits == 8 else _scratch(0, (rows, block), torch.uint8, x.device)
+    route = _residual_route(residual, residual_out)
+    if route == "inplace":
+        scale = _run(_encode_kernel_inplace, compiled, x, residual, codes8, noise, qmax)
+    else:
+        scale = _run(_encode_kernel, compiled and route != "overlap", x, residual, residual_out, codes8, noise, qmax)
+    if bits != 8:
+        _pack_into(codes8, codes_out, bits)
+    scale_out.copy_(scale)
     return codes_out, scale_out
 
 
@@ -796,7 +948,21 @@ def reduce_blocks(
         codes_out = torch.empty(rows, nbytes, dtype=torch.uint8, device=codes.device)
     if scale_out is None:
         scale_out = torch.empty(rows, dtype=torch.float32, device=codes.device)
-    scale_out.copy_(_run(_reduce_kernel, compiled, codes, scale, residual, residual_out, codes_out, noise, qmax, bits))
+    if bits == 8:
+        copies, codes8 = codes, codes_out
+    else:
+        block = nbytes * 8 // bits
+        copies = _scratch(3, (p, rows, block), torch.uint8, codes.device)
+        _unpack_into(codes, copies, bits)
+        codes8 = _scratch(0, (rows, block), torch.uint8, codes.device)
+    route = _residual_route(residual, residual_out)
+    if route == "inplace":
+        mean_scale = _run(_reduce_kernel_inplace, compiled, copies, scale, residual, codes8, noise, qmax)
+    else:
+        mean_scale = _run(_reduce_kernel, compiled and route != "overlap", copies, scale, residual, residual_out, codes8, noise, qmax)
+    if bits != 8:
+        _pack_into(codes8, codes_out, bits)
+    scale_out.copy_(mean_scale)
     return codes_out, scale_out
 
 
@@ -811,7 +977,58 @@ def decode_blocks(
     qmax = _check_hook_bits(bits)
     if out is None:
         out = torch.empty(codes.shape[0], codes.shape[1] * 8 // bits, dtype=torch.float32, device=codes.device)
-    _run(_decode_kernel, compiled, codes, scale, out, qmax, bits)
+    if bits != 8:
+        unpacked = _scratch(0, (codes.shape[0], codes.shape[1] * 8 // bits), torch.uint8, codes.device)
+        _unpack_into(codes, unpacked, bits)
+        codes = unpacked
+    _run(_decode_kernel, compiled, codes, scale, out, qmax)
+    return out
+
+
+def decode_sum_blocks(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    bits: int,
+    *,
+    out: Optional[torch.Tensor] = None,
+    divide: int = 1,
+    factor: Optional[torch.Tensor] = None,
+    compiled: bool = False,
+) -> torch.Tensor:
+    """Dequantize P quantized copies of the same blocks and sum them in rank order, without requantizing.
+
+    Steps: dequantize copy ``p`` (``(code - 2**(bits-1)) * scale``) in fp32, sum the copies in the
+    order ``p = 0..P-1`` (the order :func:`reduce_blocks` sums them in), divide by ``divide``,
+    multiply by ``factor``, write into ``out`` (cast to its dtype once, at the end).
+
+    Example (8 bits, P = 2, ``divide=2``): codes ``[[138], [118]]`` with scales ``[[0.5], [0.25]]``
+    are ``5.0`` and ``-2.5``; their mean ``1.25`` is written.
+
+    Args:
+        codes: uint8 ``(P, rows, block * bits / 8)``; rows of a received buffer (strided views are fine).
+        scale: fp32 ``(P, rows)``.
+        bits: 2, 4 or 8.
+        out: ``(rows, block)`` of any float dtype (e.g. a view of an output shard; fp32 if None).
+        divide: a positive int the sum is divided by (``P`` for a mean).
+        factor: an fp32 0-dim tensor the result is multiplied by (FSDP's pre-multiplied sum), or None.
+        compiled: run the fused ``torch.compile`` kernel (bit-identical to the eager one).
+
+    Returns:
+        ``out``. Rows with a non-finite scale in any copy come back non-finite.
+    """
+    qmax = _check_hook_bits(bits)
+    if isinstance(divide, bool) or not isinstance(divide, int) or divide < 1:
+        raise ValueError(f"divide must be a positive int, got {divide!r}")
+    if factor is not None and (not isinstance(factor, torch.Tensor) or factor.dim() != 0 or factor.dtype != torch.float32):
+        raise TypeError(f"factor must be a 0-dim float32 tensor or None, got {factor!r}")
+    p, rows, nbytes = codes.shape
+    if out is None:
+        out = torch.empty(rows, nbytes * 8 // bits, dtype=torch.float32, device=codes.device)
+    if bits != 8:
+        copies = _scratch(3, (p, rows, nbytes * 8 // bits), torch.uint8, codes.device)
+        _unpack_into(codes, copies, bits)
+        codes = copies
+    _run(_decode_sum_kernel, compiled, codes, scale, out, divide, factor, qmax)
     return out
 
 
@@ -836,6 +1053,11 @@ class BackgroundCompiler:
     def started(self) -> bool:
         """Whether :meth:`start` was called."""
         return self._thread is not None
+
+    @property
+    def done(self) -> bool:
+        """Whether compiling has ended: ready, failed (or rejected by the self-check) or stopped."""
+        return self._done.is_set()
 
     def start(self, warmup: Callable[[threading.Event], None]) -> None:
         """Start compiling (once); return at once.
@@ -862,7 +1084,8 @@ class BackgroundCompiler:
     def _work(self, warmup: Callable[[threading.Event], None]) -> None:
         try:
             warmup(self._stop)
-            failed = [fn.__name__ for fn in (_encode_kernel, _reduce_kernel, _decode_kernel) if fn in _COMPILE_FAILED]
+            kernels = (_encode_kernel, _encode_kernel_inplace, _reduce_kernel, _reduce_kernel_inplace, _decode_kernel, _decode_sum_kernel)
+            failed = [fn.__name__ for fn in kernels if fn in _COMPILE_FAILED]
             if failed:
                 raise RuntimeError(f"compilation of {', '.join(failed)} failed")
             self.ready = not self._stop.is_set()

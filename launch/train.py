@@ -49,8 +49,8 @@ Hooks:
 
 FSDP2 (``--fsdp``, no DDP hook): ``gradcomp.fsdp.compress_`` with ``--grad-bits 8|4`` (quantized
 reduce-scatter) and ``--weight-bits 8`` (quantized parameter all-gather); 32 keeps FSDP2's own
-collective (still counted). ``--quant-block``, ``--no-error-feedback``, ``--warmup-steps``,
-``--min-compress-numel`` and ``--compile`` apply. Checkpoints hold full (unsharded) model and
+collective (still counted). ``--quant-block``, ``--no-error-feedback``, ``--quantize-1d-weights``, ``--warmup-steps``,
+``--min-compress-numel`` and ``--no-compile`` apply. Checkpoints hold full (unsharded) model and
 optimizer state dicts and every rank's residuals; ``--resume`` works as with DDP. The default
 run directory is ``runs/fsdp_g<bits>_w<bits>[_bf16]``.
 """
@@ -70,7 +70,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-bits", type=int, choices=(32, 8, 4), default=32, help="--fsdp: gradient reduce-scatter width (32: FSDP2's own)")
     g.add_argument("--weight-bits", type=int, choices=(32, 8), default=32, help="--fsdp: parameter all-gather width (32: FSDP2's own)")
     g.add_argument("--reduce-dtype", choices=("fp32", "bf16"), default="fp32", help="--fsdp: MixedPrecisionPolicy reduce_dtype")
+    g.add_argument("--quantize-1d-weights", action="store_true",
+                   help="--fsdp --weight-bits 8: quantize 1-D parameters (norms, biases) too (default: sent unquantized)")
 
     g = p.add_argument_group("system")
     g.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto", help="auto: nccl with CUDA, else gloo")
@@ -524,9 +526,10 @@ def setup_fsdp_comm(args: argparse.Namespace, model: torch.nn.Module) -> HookSet
         weight_bits=None if args.weight_bits == 32 else args.weight_bits,
         block_size=args.quant_block,
         error_feedback=not args.no_error_feedback,
+        exact_1d_weights=not args.quantize_1d_weights,
         warmup_steps=args.warmup_steps,
         min_compress_numel=args.min_compress_numel,
-        compile=args.compile,
+        compile=not args.no_compile,
     )
 
     def stats() -> Dict[str, Any]:
@@ -567,6 +570,21 @@ def read_netdev(dev: Optional[str]) -> Optional[Dict[str, int]]:
 
 # --------------------------------------------------------------------------------------------
 # the job
+
+
+def fused_kernel_status(state: Any) -> Tuple[bool, bool]:
+    """Return ``(ready, gave_up)`` of a gradcomp hook state's background compilation on this rank.
+
+    ``ready``: the fused kernels are in use. ``gave_up``: they never will be on this rank: the compiler
+    failed or was stopped, the self-check rejected the compiled kernels, or no compilation was started
+    (a state that compresses nothing, e.g. one rank or a non-float bucket).
+    """
+    comp = getattr(state, "_compiler", None)
+    if comp is None:
+        return False, True
+    if comp.ready:
+        return True, False
+    return False, bool(comp.failed or comp.done)
 
 
 class Job:
@@ -861,24 +879,44 @@ class Job:
         summary = self._summarise(step_times, sent_hook, wire_start, wire_end, recent, val_loss, time.perf_counter() - t_run, first_timed, stopped_at)
         return summary
 
-    def _wait_fused_kernels(self, limit_s: float = 600.0) -> None:
+    def _wait_fused_kernels(self, limit_s: float = 600.0, poll_s: float = 1.0) -> bool:
         """Wait (untimed) until every rank's gradcomp hook runs its fused kernels, at most ``limit_s`` seconds.
 
         gradcomp compiles them in the background and uses the eager ones meanwhile; a benchmark that
-        wants the steady state waits here before its timed steps. The ranks agree with a MIN.
+        wants the steady state waits here before its timed steps. Each poll the ranks agree (one
+        all-reduce MAX of ``(not ready, given up)``) on whether all are ready and whether any gave up:
+        a compiler that failed, was stopped, or whose kernels the self-check rejected, or no compiler
+        at all. Then waiting stops at once on every rank and the run goes on with the eager kernels.
+        Returns whether the fused kernels are ready on every rank.
         """
-        ready_now = getattr(getattr(self.hook, "state", None), "_compiled_now", None)
-        if ready_now is None or not self.hook.state.config.compile:
-            return
+        state = getattr(self.hook, "state", None)
+        if state is None or not hasattr(state, "_compiled_now") or not state.config.compile:
+            return False
         t0 = time.perf_counter()
         while True:
-            flag = torch.tensor([float(ready_now())])
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            if flag.item() or time.perf_counter() - t0 > limit_s:
+            ready, gave_up = fused_kernel_status(state)
+            flags = torch.tensor([float(not ready), float(gave_up)])
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            all_ready, any_gave_up = flags[0].item() == 0, flags[1].item() > 0
+            waited = time.perf_counter() - t0
+            if all_ready or any_gave_up or waited > limit_s:
                 break
-            time.sleep(1.0)
+            time.sleep(poll_s)
         if self.rank == 0:
-            logger.info("fused kernels %s after waiting %.1f s", "ready" if flag.item() else "NOT ready", time.perf_counter() - t0)
+            if all_ready:
+                logger.info("fused kernels ready on every rank after waiting %.1f s", waited)
+            elif any_gave_up:
+                logger.warning(
+                    "fused kernels unavailable on at least one rank (compilation failed, was rejected by the "
+                    "self-check, or never started) after %.1f s: the run continues on the eager kernels "
+                    "(identical results, slower)", waited,
+                )
+            else:
+                logger.warning(
+                    "fused kernels NOT ready after waiting %.1f s (limit %.0f s): the timed steps start on the eager "
+                    "kernels and switch when compilation ends", waited, limit_s,
+                )
+        return all_ready
 
     def _log_progress(self, rec: Dict[str, Any], stats: Dict[str, Any]) -> None:
         sent, fp32 = rec["bytes_sent_step"], rec["fp32_bytes_step"]

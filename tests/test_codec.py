@@ -86,6 +86,24 @@ def test_int4_packs_two_per_byte_low_nibble_first():
     assert codec.pack_codes(torch.tensor([1, 2, 3, 0], dtype=torch.uint8), 2).tolist() == [0b00111001]
 
 
+@pytest.mark.parametrize("bits", [4, 2])
+def test_hook_packing_writes_the_wire_format_into_strided_views(bits):
+    # the exchange kernels pack whole rows with integer folds; the bytes must be pack_codes' bytes
+    g = torch.Generator().manual_seed(bits)
+    rows, block, per = 37, 256, 8 // bits
+    codes = torch.randint(0, 2**bits, (rows, block), generator=g, dtype=torch.uint8)
+    codes[0] = 2**bits - 1  # every field full
+    codes[1] = 0
+    buf = torch.full((rows, block // per + 8), 0xAB, dtype=torch.uint8)  # a row of a message: strided
+    out = buf[:, 3 : 3 + block // per]
+    codec._pack_into(codes, out, bits)
+    assert torch.equal(out.reshape(-1), codec.pack_codes(codes.reshape(-1), bits))
+    assert (buf[:, :3] == 0xAB).all() and (buf[:, 3 + block // per :] == 0xAB).all()  # nothing else written
+    back = torch.full((2, rows, block), 0xCD, dtype=torch.uint8)
+    codec._unpack_into(torch.stack([out, out.flip(0)]), back, bits)  # (P, rows, bytes) of strided rows
+    assert torch.equal(back[0], codes) and torch.equal(back[1], codes.flip(0))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_half_precision_inputs(dtype, bits):

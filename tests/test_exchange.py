@@ -14,7 +14,10 @@ from gradcomp.comm.exchange import (
     ExchangeBuffers,
     ExchangePlan,
     HeaderMismatch,
+    ROUTE_REDUCE_SCATTER,
     check_header,
+    decode,
+    decode_sum,
     encode,
     exchange_local,
 )
@@ -38,6 +41,49 @@ def _run(plan, xs, ef=True, noise=False, compiled=False, seed=0):
     res_in = [r.clone() for r in res] if ef else None
     out, finite = exchange_local(plan, xs, residuals=res, server_residuals=sres, noises=nz, server_noises=snz, compiled=compiled)
     return out, finite, res_in, res, sres
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_sum_is_the_rank_order_sum_of_the_decoded_copies(dtype):
+    """decode_sum writes exactly shard k's values: sum over p of rank p's decoded gradient, in order, scaled."""
+    P, bits = 3, 8
+    plan = ExchangePlan.build(NUMELS, P, bits, B, chunk_numel=None)
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(plan.numel, generator=g) for _ in range(P)]
+    sent = []
+    for x in xs:
+        bufs = ExchangeBuffers.allocate(plan, need=ROUTE_REDUCE_SCATTER)
+        assert bufs.gathered == [] and bufs.mine == []  # a reduce-scatter has no all-gather buffers
+        sent.append(encode(plan, bufs, 0, x).clone())
+    m = plan.chunks[0].message_bytes
+    # every value's shard: its aligned block over the blocks per shard
+    shard_of = (plan.to_aligned(torch.arange(plan.numel, dtype=torch.float32) + 1).long() - 1).view(-1, B)
+    owner = torch.empty(plan.numel, dtype=torch.long)
+    blocks = torch.arange(shard_of.shape[0]).unsqueeze(1).expand_as(shard_of)
+    keep = shard_of >= 0
+    owner[shard_of[keep]] = blocks[keep] // plan.chunks[0].shard_blocks
+    for divide, factor in ((P, None), (1, 0.3)):
+        ref = torch.zeros(plan.numel)
+        for p in range(P):  # rank p's whole gradient as its codes say, summed in rank order
+            mine_p = torch.empty(plan.numel)
+            decode(plan, bufs, 0, mine_p, gathered=sent[p])
+            ref = ref + mine_p
+        ref = ref / divide if factor is None else ref * torch.tensor(factor)
+        for k in range(P):
+            bufs = ExchangeBuffers.allocate(plan, need=ROUTE_REDUCE_SCATTER)
+            bufs.recv[0].view(P, m).copy_(torch.stack([s.view(P, m)[k] for s in sent]))  # the all-to-all
+            out = torch.full((plan.numel,), float("nan"), dtype=dtype)
+            finite = decode_sum(plan, bufs, 0, k, out, divide=divide, factor=factor)
+            mine = owner == k
+            assert bool(finite) and torch.equal(out[mine], ref[mine].to(dtype)), f"shard {k} differs"
+            assert out[~mine].isnan().all(), "decode_sum wrote outside its shard"
+            # an offset output: just the shard's positions
+            lo, hi = int(mine.nonzero().min()), int(mine.nonzero().max()) + 1
+            part = torch.full((hi - lo,), float("nan"), dtype=dtype)
+            decode_sum(plan, bufs, 0, k, part, offset=lo, divide=divide, factor=factor)
+            assert torch.equal(part, out[lo:hi])
+    with pytest.raises(ValueError, match="rank must be"):
+        decode_sum(plan, bufs, 0, P, out)
 
 
 @pytest.mark.parametrize("P", [2, 3])
@@ -186,6 +232,38 @@ def test_compiled_kernels_match_eager_bitwise(bits):
     assert all(_same_bits(a, b) for a, b in zip(*outs)), f"reduce differs ({bits} bits)"
     bad = ~torch.isfinite(scales).all(0)  # a row with a non-finite copy reduces to a non-finite scale
     assert torch.equal(~torch.isfinite(outs[0][1]), bad)
+    for out, divide, factor in ((torch.empty(rows, B), 3, None), (half, 1, torch.tensor(0.3))):
+        sums = [codec.decode_sum_blocks(codes_v, scales_v, bits, out=out.clone(), divide=divide, factor=factor, compiled=c) for c in (False, True)]
+        assert _same_bits(*sums), f"decode_sum differs ({bits} bits, {out.dtype})"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.skipif(not codec.compile_available(), reason="torch.compile unavailable")
+def test_compiled_reduce_after_in_place_calls_of_two_widths_writes_residual_out(monkeypatch):
+    # the policy's probe runs the kernels with in-place residuals at 8 then 4 bits; the hook then runs
+    # them with residuals apart. torch 2.13 reused the aliased 4-bit graph for that call and wrote the
+    # new residual into the input (the self-check rejected the 4-bit kernels); fresh kernels here
+    monkeypatch.setattr(codec, "_COMPILED", {})
+    torch._dynamo.reset()
+    P, rows = 4, 6
+
+    def call(bits, in_place, compiled):
+        g = torch.Generator().manual_seed(bits)
+        codes = torch.randint(0, 256, (P, rows, B * bits // 8), dtype=torch.uint8, generator=g)
+        scale = torch.rand(P, rows, generator=g)
+        base = torch.rand(rows * B, generator=g) * 1e-2
+        if in_place:  # two views of one buffer, as exchange.reduce_shard passes an in-place residual
+            rin, rout = base.view(-1, B)[:rows], base.view(-1, B)[:rows]
+        else:
+            rin, rout = base.view(-1, B), torch.full((rows, B), float("nan"))
+        c, s = codec.reduce_blocks(codes, scale, bits, residual=rin, residual_out=rout, compiled=compiled)
+        return c, s, rout, base
+
+    for bits, in_place in ((8, True), (4, True), (4, False)):
+        want, got = call(bits, in_place, False), call(bits, in_place, True)
+        names = ("codes", "scale", "residual_out", "residual_in")
+        assert [n for n, a, b in zip(names, want, got) if not _same_bits(a, b)] == [], f"{bits} bits, in place {in_place}"
 
 
 def test_background_compile_failure_falls_back_with_one_warning(monkeypatch, caplog):

@@ -100,7 +100,7 @@ def _comms(rank, world_size):
     for bits in (8, 4):
         for dtype in (torch.float32, torch.bfloat16):
             for op, factor in ops:
-                state = FSDPCompressState(FSDPCompressConfig(grad_bits=bits, warmup_steps=0, min_compress_numel=0))
+                state = FSDPCompressState(FSDPCompressConfig(grad_bits=bits, warmup_steps=0, min_compress_numel=0, compile=False))
                 mod = _ModuleComm("m", 0, segments)
                 rs = _QuantizedReduceScatter(state, mod)
                 plan = _RowPlan.build(row, segments, B)
@@ -119,7 +119,7 @@ def _comms(rank, world_size):
                     assert mod.last_grad == ((P - 1) * (plan.aligned * bits // 8 + 4 * plan.aligned // B + HEADER_BYTES), (P - 1) * row * 4)
 
     # a non-finite value on one rank: every rank's shard is non-finite, every residual stays
-    state = FSDPCompressState(FSDPCompressConfig(grad_bits=8, warmup_steps=0, min_compress_numel=0))
+    state = FSDPCompressState(FSDPCompressConfig(grad_bits=8, warmup_steps=0, min_compress_numel=0, compile=False))
     mod = _ModuleComm("m", 0, segments)
     rs = _QuantizedReduceScatter(state, mod)
     x = torch.randn(P, row, generator=torch.Generator().manual_seed(rank))
@@ -135,7 +135,7 @@ def _comms(rank, world_size):
     assert state.stats()["nonfinite_steps"] == 1
 
     # the all-gather: int8 codes of each rank's shard, every rank dequantizes every shard (its own too)
-    state = FSDPCompressState(FSDPCompressConfig(grad_bits=None, weight_bits=8, warmup_steps=0, min_compress_numel=0))
+    state = FSDPCompressState(FSDPCompressConfig(grad_bits=None, weight_bits=8, warmup_steps=0, min_compress_numel=0, compile=False))
     mod = _ModuleComm("m", 0, segments)
     ag = _QuantizedAllGather(state, mod)
     plan = _RowPlan.build(row, segments, B)
@@ -153,6 +153,20 @@ def _comms(rank, world_size):
             err = (out[r * row : (r + 1) * row].float() - shards[r].float()).abs().max()
             assert err <= shards[r].float().abs().max() / 127 / 2 * 1.01 + 1e-2 * (dtype == torch.bfloat16)
     assert mod.pending_weight[0] == 2 * (P - 1) * (plan.aligned + 4 * plan.aligned // B + HEADER_BYTES)
+
+    # 1-D parameters (exact_1d_weights, the default) arrive unquantized, the others as before
+    mod = _ModuleComm("m", 0, segments, (False, True, False))
+    ag = _QuantizedAllGather(state, mod)
+    shards = [torch.randn(row, generator=torch.Generator().manual_seed(60 + r)) for r in range(P)]
+    out = ag.allocate((P * row,), dtype=torch.float32, device=torch.device("cpu"))
+    out[rank * row : (rank + 1) * row].copy_(shards[rank])
+    ag(out, out[rank * row : (rank + 1) * row], group)
+    exact = slice(300, 320)
+    for r in range(P):
+        slot = out[r * row : (r + 1) * row]
+        assert torch.equal(slot[exact], shards[r][exact]), "a 1-D parameter was quantized"
+        assert not torch.equal(slot[:300], shards[r][:300]) and (slot - shards[r]).abs().max() < 0.05
+    assert mod.pending_weight[0] == (P - 1) * (plan.aligned + 4 * plan.aligned // B + HEADER_BYTES + 20 * 4)
 
 
 @pytest.mark.slow
@@ -219,7 +233,7 @@ def _expected_grad_bytes(net, P, bits, B):
 
     total = 0
     for m in (net.a, net.b, net.c, net):
-        segs = _param_segments(m)
+        segs = _param_segments(m)[0]
         aligned = sum(-(-s // B) * B for s in segs)
         total += (P - 1) * (aligned * bits // 8 + 4 * aligned // B + HEADER_BYTES)
     return total
@@ -229,7 +243,7 @@ def _fsdp(rank, world_size):
     import gradcomp
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    P, opts = world_size, {"warmup_steps": 1, "min_compress_numel": 0}
+    P, opts = world_size, {"warmup_steps": 1, "min_compress_numel": 0, "compile": False}
 
     def run(bits=None, wbits=None, mp=None, divide=None, force_sum=False, lr=0.1, **o):
         net = _build(mp, divide, force_sum)
@@ -292,6 +306,31 @@ def test_fsdp_training_parity_ops_mixed_precision_resume(tmp_path):
     spawn(_fsdp, 2, tmp_path, timeout=300)
 
 
+def _fsdp_compiled(rank, world_size):
+    # the defaults: fused kernels compiled in the background, checked, used once ready, bit-identical to eager
+    import gradcomp
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    results = []
+    for compile_ in (True, False):
+        net = _build(MixedPrecisionPolicy(reduce_dtype=torch.bfloat16))
+        state = gradcomp.fsdp.compress_(net, grad_bits=8, weight_bits=8, warmup_steps=1, min_compress_numel=0, compile=compile_)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        _train(net, opt, rank, range(1))  # a plain step: the compilation starts
+        if compile_:
+            assert state._compiler is not None and state._compiler.wait(timeout=600), "compilation did not finish or failed"
+        assert state._compiled_now() == compile_
+        _train(net, opt, rank, range(1, 4))
+        results.append(_full(net))
+    assert torch.equal(results[0], results[1]), "compiled and eager kernels gave different bits"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not codec.compile_available(), reason="torch.compile unavailable")
+def test_default_compiled_kernels_are_bit_identical_to_eager(tmp_path):
+    spawn(_fsdp_compiled, 2, tmp_path, timeout=900)
+
+
 # ---------------------------------------------------------------- HSDP: quantized all-reduce across replicas
 
 
@@ -315,7 +354,7 @@ def _hsdp(rank, world_size):
         _train(net, opt, rank, range(4))
         return _full(net), state, net, opt
 
-    opts = {"warmup_steps": 1, "min_compress_numel": 0}
+    opts = {"warmup_steps": 1, "min_compress_numel": 0, "compile": False}
     ref, _, _, _ = run(False)  # native HSDP, fp32
     got, state, net, opt = run(True)
     assert _rel(got, ref) < PARITY_TOL[8], f"HSDP int8: {_rel(got, ref):.3g} from native HSDP"
@@ -408,7 +447,8 @@ def test_train_py_fsdp_resumes_exactly(tmp_path):
     import json
     import shutil
 
-    args = ["--grad-bits", "4", "--weight-bits", "8", "--warmup-steps", "2", "--min-compress-numel", "1024", "--steps", "6", "--ckpt-every", "3"]
+    args = ["--grad-bits", "4", "--weight-bits", "8", "--warmup-steps", "2", "--min-compress-numel", "1024", "--steps", "6", "--ckpt-every", "3",
+            "--no-compile"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     _train_py(args, full)
     shutil.copytree(full, resumed)

@@ -430,6 +430,7 @@ def _default_compile_worker(rank, world_size):
     for compile_ in (True, False):
         model = DDP(_model(), bucket_cap_mb=0.05)
         state = gradcomp.register(model, bits=4, warmup_steps=1, min_compress_numel=0, **({} if compile_ else {"compile": False}))
+        assert (state._compiler is not None) == compile_  # compiling starts at register, before any step
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         _backward(model, rank, 0)
         opt.step()

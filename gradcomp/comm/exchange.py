@@ -1,8 +1,10 @@
-"""THE quantized exchange of a gradient bucket, as pure steps: encode, reduce_shard, decode.
+"""THE quantized exchange of a gradient bucket, as pure steps: encode, reduce_shard, decode_sum, decode.
 
 Every user of the two-phase exchange calls these steps, never a copy of them: the DDP hook (pipelined,
 :mod:`gradcomp.comm.pipeline`), the hierarchical exchange between nodes (:mod:`gradcomp.comm.hierarchical`),
-the blocking :func:`allreduce` and the offline replay of captured gradients (:func:`exchange_local`).
+the blocking :func:`allreduce`, the offline replay of captured gradients (:func:`exchange_local`) and
+FSDP2's collectives (:mod:`gradcomp.comm.fsdp`: a reduce-scatter is encode, all-to-all,
+:func:`decode_sum`; a weight all-gather is encode of the rank's shard, all-gather, decode).
 
 How a bucket travels (``P`` ranks, blocks of ``B`` values, one fp32 scale per block):
 
@@ -17,6 +19,8 @@ How a bucket travels (``P`` ranks, blocks of ``B`` values, one fp32 scale per bl
 3. all-to-all: shard ``k`` of the chunk goes to rank ``k``.
 4. **reduce_shard**: the ``P`` received copies of the owned shard are dequantized, summed in rank order
    ``0..P-1``, divided by ``P``, requantized (``+ server residual``) straight into the all-gather message.
+   (A reduce-scatter stops before requantizing: **decode_sum** writes the sum, divided or scaled as
+   the caller's reduce op says, straight into the owned shard of an output.)
 5. all-gather of the reduced shards.
 6. **decode**: the gathered codes are dequantized straight into the bucket.
 
@@ -34,13 +38,19 @@ the fp32 bucket (4 bytes per value; codes are 1/4 of that):
 * reduce_shard (the owned 1/P of the chunk): read P codes 1/4, read + write server
   residual 2/P, write codes 1/(4P)                                                      = 0.25 + 2.25/P
 * decode: read codes 1/4 + write bucket 1                                               = 1.25
+* decode_sum instead of reduce_shard and decode (a reduce-scatter): read P codes 1/4,
+  write the owned shard 1/P                                                              = 0.25 + 1/P
 
 Total 4.75 + 2.25/P passes: 5.9 at P=2, i.e. 23.5 bytes per value (19 + 9/P) with error feedback;
-without error feedback encode is 1.25 and the total 2.75 + 0.25/P. The staging of ragged blocks and
+without error feedback encode is 1.25 and the total 2.75 + 0.25/P. At 4 and 2 bits the fused kernels
+read and write one byte per code in a per-thread scratch, and the codes are packed (encode, reduce)
+or unpacked (reduce, decode) by a few whole-row integer passes (:func:`gradcomp.codec._pack_into`):
+about 6.5 bytes per value to pack 4-bit codes and 4.5 to unpack them, on top of the fp32 traffic. The staging of ragged blocks and
 the message headers add a negligible amount; ``benchmarks/hook_path.py`` measures all of it against a
 ``clone()`` (2 passes). The eager kernels (used until the fused ones are compiled) make several times
 more passes (each torch op reads and writes its operands). Nothing of bucket size is allocated per step: the buffers
-(:class:`ExchangeBuffers`) persist per bucket.
+(:class:`ExchangeBuffers`) persist per bucket, and a route allocates only the message buffers its
+steps touch (``need=``: a reduce-scatter has no all-gather buffers).
 
 Every rank decodes the same gathered bytes with the same code, so all ranks end bit-identical; a
 non-finite value anywhere makes its block's reduced scale non-finite, which every rank receives, so
@@ -68,7 +78,12 @@ __all__ = [
     "HeaderMismatch",
     "encode",
     "reduce_shard",
+    "decode_sum",
     "decode",
+    "ROUTE_ALLREDUCE",
+    "ROUTE_REDUCE_SCATTER",
+    "ROUTE_GATHER_SEND",
+    "ROUTE_GATHER_RECV",
     "check_header",
     "header_of",
     "allreduce",
@@ -78,6 +93,10 @@ __all__ = [
 
 HEADER_BYTES = 16
 DEFAULT_CHUNK_NUMEL = 1 << 20  # 4 MB of fp32 per chunk
+ROUTE_ALLREDUCE = ("send", "recv", "mine", "gathered")  # the message buffers each route needs
+ROUTE_REDUCE_SCATTER = ("send", "recv")
+ROUTE_GATHER_SEND = ("send",)
+ROUTE_GATHER_RECV = ("gathered",)
 
 
 class HeaderMismatch(RuntimeError):
@@ -324,6 +343,39 @@ class _Staging:
     codes: torch.Tensor
     scale: torch.Tensor
     out: torch.Tensor
+    picks: dict = field(default_factory=dict)  # shard k -> _ShardPick (decode_sum), built on first use
+
+
+@dataclass
+class _ShardPick:
+    """The staged blocks of one shard, for :func:`decode_sum`: their rows in the shard and their values."""
+
+    rows: torch.Tensor  # row inside the shard of each staged block of shard k
+    src: torch.Tensor  # bucket indices of their values
+    dst: torch.Tensor  # indices into out (rows * B)
+    codes: torch.Tensor  # (P, max(m, 2), bytes): the P received copies of those blocks
+    scale: torch.Tensor  # (P, max(m, 2))
+    out: torch.Tensor  # fp32 (max(m, 2), B)
+
+
+def _shard_pick(plan: ExchangePlan, c: Chunk, st: _Staging, k: int) -> Optional[_ShardPick]:
+    pick = st.picks.get(k)
+    if pick is None and k not in st.picks:
+        B, s, P = plan.block_size, c.shard_blocks, plan.world_size
+        mine = [(sr, b, n) for sr, b, n in c.staged if b // s == k]
+        if mine:
+            device = st.x.device
+            m = max(len(mine), 2)  # at least two rows: the fused kernels are compiled for rows >= 2
+            pick = _ShardPick(
+                rows=torch.tensor([b - k * s for _, b, _ in mine], dtype=torch.long, device=device),
+                src=torch.cat([torch.arange(sr, sr + n) for sr, _, n in mine]).to(device),
+                dst=torch.cat([torch.arange(i * B, i * B + n) for i, (_, _, n) in enumerate(mine)]).to(device),
+                codes=torch.zeros(P, m, B * plan.bits // 8, dtype=torch.uint8, device=device),
+                scale=torch.zeros(P, m, dtype=torch.float32, device=device),
+                out=torch.zeros(m, B, dtype=torch.float32, device=device),
+            )
+        st.picks[k] = pick
+    return pick
 
 
 @dataclass
@@ -333,6 +385,7 @@ class ExchangeBuffers:
     Attributes:
         send, recv, gathered: per chunk, uint8 ``(P * message_bytes,)``: the all-to-all's input and
             output and the all-gather's output; ``mine``: per chunk, this rank's reduced message.
+            A buffer the route does not need (:meth:`allocate`'s ``need``) is an empty list.
     """
 
     plan: ExchangePlan
@@ -343,8 +396,18 @@ class ExchangeBuffers:
     staging: List[Optional[_Staging]] = field(default_factory=list)
 
     @staticmethod
-    def allocate(plan: ExchangePlan, device=None) -> "ExchangeBuffers":
-        """Allocate the buffers of ``plan`` on ``device``; padding blocks are written once (code 0, scale 0)."""
+    def allocate(plan: ExchangePlan, device=None, need: Sequence[str] = ROUTE_ALLREDUCE) -> "ExchangeBuffers":
+        """Allocate the message buffers ``need`` names on ``device`` (the others stay empty lists).
+
+        A route allocates only what its steps touch: the all-reduce (:data:`ROUTE_ALLREDUCE`) all
+        four, a reduce-scatter (:data:`ROUTE_REDUCE_SCATTER`: encode, all-to-all, :func:`decode_sum`)
+        ``send`` and ``recv``, an all-gather's sending side ``send`` and its receiving side
+        (:func:`decode`) ``gathered``. The staging of ragged blocks (a few blocks) is always there.
+        Padding blocks of ``send`` are written once (code 0, scale 0).
+        """
+        unknown = set(need) - set(ROUTE_ALLREDUCE)
+        if unknown or isinstance(need, str):
+            raise ValueError(f"need must name some of {ROUTE_ALLREDUCE}, got {need!r}")
         device = torch.device("cpu") if device is None else torch.device(device)
         P, bits = plan.world_size, plan.bits
         zero_code = 0
@@ -354,13 +417,17 @@ class ExchangeBuffers:
         bufs = ExchangeBuffers(plan, [], [], [], [])
         for c in plan.chunks:
             m = c.message_bytes
-            send = torch.zeros(P * m, dtype=torch.uint8, device=device)
-            sv = send.view(P, m)
-            sv[:, : c.code_bytes] = zero_code  # padding blocks stay code "0" with scale 0 forever
-            bufs.send.append(send)
-            bufs.recv.append(torch.zeros(P * m, dtype=torch.uint8, device=device))
-            bufs.mine.append(torch.zeros(m, dtype=torch.uint8, device=device))
-            bufs.gathered.append(torch.zeros(P * m, dtype=torch.uint8, device=device))
+            if "send" in need:
+                send = torch.zeros(P * m, dtype=torch.uint8, device=device)
+                sv = send.view(P, m)
+                sv[:, : c.code_bytes] = zero_code  # padding blocks stay code "0" with scale 0 forever
+                bufs.send.append(send)
+            if "recv" in need:
+                bufs.recv.append(torch.zeros(P * m, dtype=torch.uint8, device=device))
+            if "mine" in need:
+                bufs.mine.append(torch.zeros(m, dtype=torch.uint8, device=device))
+            if "gathered" in need:
+                bufs.gathered.append(torch.zeros(P * m, dtype=torch.uint8, device=device))
             bufs.staging.append(_make_staging(plan, c, device))
         return bufs
 
@@ -537,6 +604,76 @@ def reduce_shard(
     )
     mhdr.copy_(torch.tensor(header_of(plan, c, *header), dtype=torch.int32).view(1, 4))
     return bufs.mine[c]
+
+
+def decode_sum(
+    plan: ExchangePlan,
+    bufs: ExchangeBuffers,
+    c: int,
+    rank: int,
+    out: torch.Tensor,
+    *,
+    offset: int = 0,
+    received: Optional[torch.Tensor] = None,
+    divide: int = 1,
+    factor: Optional[float] = None,
+    compiled: bool = False,
+) -> torch.Tensor:
+    """Decode the ``P`` received copies of shard ``rank`` of chunk ``c`` and sum them, without requantizing.
+
+    The reduce-scatter's last step (FSDP's gradient reduce-scatter ends here; :func:`reduce_shard`
+    goes on to requantize for an all-gather, with the same sum in its fused kernel):
+
+    1. copy ``p`` of the shard (codes and fp32 scales of message ``p`` of the all-to-all's output) is
+       dequantized in fp32;
+    2. the copies are summed in rank order ``0..P-1``, divided by ``divide`` and multiplied by
+       ``factor``;
+    3. each value is written, cast to ``out``'s dtype, at its bucket position minus ``offset``: the
+       runs of whole blocks straight into ``out``, a parameter's ragged last block through a small
+       staging buffer. Only shard ``rank``'s values are written.
+
+    Example: FSDP's buffer of ``P`` rows of ``row`` values is planned as ``P`` copies of the row's
+    parameters, so shard ``k`` is bucket positions ``k * row .. (k + 1) * row``; with
+    ``out = output_row`` and ``offset = k * row`` rank ``k`` writes its output row.
+
+    Args:
+        plan, bufs: the bucket's plan and buffers (``recv`` is read unless ``received`` is given).
+        c: chunk index.
+        rank: the shard to decode (this rank's index in the exchange's group).
+        out: flat tensor of any float dtype covering the shard's bucket positions minus ``offset``.
+        offset: bucket position of ``out[0]``.
+        received: the ``P`` messages of the all-to-all (default ``bufs.recv[c]``).
+        divide: the sum is divided by this positive int (``P`` for a mean).
+        factor: the result is multiplied by it (in fp32, before the cast), or None.
+        compiled: use the fused kernels.
+
+    Returns:
+        A 0-dim bool tensor: whether every received scale is finite. A non-finite value in any copy
+        makes its block non-finite in ``out``.
+    """
+    ch = plan.chunks[c]
+    B, bits, s, P = plan.block_size, plan.bits, ch.shard_blocks, plan.world_size
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < P:
+        raise ValueError(f"rank must be an int in [0, {P}), got {rank!r}")
+    codes, scales, _ = _message_views(plan, ch, bufs.recv[c] if received is None else received, P)
+    f = None if factor is None else torch.tensor(float(factor), dtype=torch.float32, device=codes.device)
+    lo = rank * s
+    for src, blk, nb in ch.full:
+        if lo <= blk < lo + s:
+            r, o = blk - lo, src - offset
+            codec.decode_sum_blocks(
+                codes[:, r : r + nb], scales[:, r : r + nb], bits, out=out[o : o + nb * B].view(nb, B),
+                divide=divide, factor=f, compiled=compiled,
+            )
+    st = bufs.staging[c]
+    pick = None if st is None else _shard_pick(plan, ch, st, rank)
+    if pick is not None:
+        m = pick.rows.numel()
+        pick.codes[:, :m] = codes[:, pick.rows]
+        pick.scale[:, :m] = scales[:, pick.rows]
+        codec.decode_sum_blocks(pick.codes, pick.scale, bits, out=pick.out, divide=divide, factor=f, compiled=compiled)
+        out[pick.src - offset] = pick.out.view(-1)[pick.dst].to(out.dtype)
+    return torch.isfinite(scales).all()
 
 
 def decode(

@@ -21,9 +21,9 @@ with the exchange's own steps (:mod:`gradcomp.comm.exchange`):
    whole gradient (+ its residual) straight into the P messages and leaves the new residual.
 2. All-to-all: message k (row k's codes, fp32 scales and a header of step and module) goes to rank k;
    the headers are checked (CPU tensors; on an accelerator the check would stall the backward pass).
-3. Rank k decodes the P copies of its row (``codec.decode_blocks``), sums them in rank order 0..P-1
-   in fp32, applies FSDP's op (AVG: / P, SUM, PREMUL_SUM: * factor) and writes its output shard in
-   FSDP's reduce dtype.
+3. ``exchange.decode_sum``: rank k dequantizes the P copies of its row, sums them in rank order
+   0..P-1 in fp32, applies FSDP's op (AVG: / P, SUM, PREMUL_SUM: * factor) and writes its output
+   shard in FSDP's reduce dtype, in one pass, without requantizing.
 
 Bytes each rank sends: ``(P - 1) * message_bytes``, a message being the aligned row's codes
 (``aligned_row * bits / 8``), its scales (``4 * aligned_row / block_size``) and a 16-byte header,
@@ -32,17 +32,23 @@ with ``block_size=256`` (a little more where parameters are padded to whole bloc
 
 Memory passes of a reduce-scatter, int8, fp32 gradients, in units of one pass over the module's whole
 fp32 gradient: encode 3.25 (read the gradient and the residual, write the new residual and the
-codes), decode of the P received copies of the row 1.5 (copy the codes out of the messages, read
-them, write fp32), the rank-order sum 1 + 1/P, the op and the copy into FSDP's output about 3/P:
-about 8 at P = 2, 6.5 at P = 8 (three more on an accelerator, where the new residual is committed
+codes), decode_sum 0.25 + 1/P (read the P received copies of the row's codes, write the output
+row): 4 at P = 2, 3.6 at P = 8 (three more on an accelerator, where the new residual is committed
 with ``torch.where`` to avoid a host sync). ``encode`` reads whole blocks straight from FSDP's
-buffer and stages only each parameter's ragged last block.
+buffer and ``decode_sum`` writes them straight into FSDP's output; only each parameter's ragged
+last block is staged. Nothing of module size is allocated per call: the residual is double-buffered
+and the messages persist per module.
 
 All-gather of a module's parameters (``weight_bits=8``): each rank encodes its shard alone (int8, one
 fp32 scale per block, blocks aligned per parameter), the messages are all-gathered, and every rank
 decodes every shard (``exchange.decode``), its own included, so all ranks compute with identical
 weights. The sharded parameters the optimizer updates stay in full precision; only the gathered copy
-is quantized.
+is quantized. 1-D parameters (norm gains, biases) are sent unquantized by default
+(``exact_1d_weights``): a second, small all-gather of their values overwrites their decoded slots.
+
+Codec kernels: as in the DDP hook, fused ``torch.compile`` kernels are compiled on a background
+thread from the first collective on (during the warm-up steps), checked bit-identical to the eager
+ones on sample calls of both routes, and used once ready; the eager kernels run until then.
 
 Guarantees, as in the DDP hook: plain collectives for the first ``warmup_steps`` steps of each module
 and for modules under ``min_compress_numel`` elements (the same decision on every rank: it depends on
@@ -69,6 +75,7 @@ parameter for the reduce-scatter (send and receive) and ``1 + 1 / P`` for the in
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -102,18 +109,27 @@ class FSDPCompressConfig:
         error_feedback: keep what gradient quantization left behind and add it the next step.
         warmup_steps: steps of plain collectives first, for gradients and weights alike (per module;
             a step is one reduce-scatter of the module).
+        exact_1d_weights: in the weight all-gather, send 1-D parameters (norm gains, biases)
+            unquantized, in their own dtype, by a second small all-gather: they are a small share
+            of the parameters (0.8% of TinyGPT 'small', 0.02% of the comm-bound preset) and the
+            most sensitive to a fixed quantization step (a norm gain near 1 moves by less than
+            one int8 step per optimizer step).
         min_compress_numel: modules with fewer (unsharded) elements use FSDP's own collectives
             (with ``replicate_group``: the replicate all-reduce compares its shard's size).
-        compile: fuse the codec kernels with ``torch.compile`` (eager fallback where unavailable).
+        compile: fuse the codec kernels with ``torch.compile``, as the DDP hook does: they are
+            compiled on a background thread from the first collective on, checked bit-identical to
+            the eager ones on sample data of the same routes, and used once ready (eager until then,
+            and for good if compiling fails). ``False``: always eager.
     """
 
     grad_bits: Optional[int] = 8
     weight_bits: Optional[int] = None
     block_size: int = 256
     error_feedback: bool = True
+    exact_1d_weights: bool = True
     warmup_steps: int = 10
     min_compress_numel: int = 16384
-    compile: bool = False
+    compile: bool = True
 
     def __post_init__(self):
         if self.grad_bits is not None:
@@ -131,7 +147,7 @@ class FSDPCompressConfig:
             check_is_int(name, getattr(self, name))
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("error_feedback", "compile"):
+        for name in ("error_feedback", "exact_1d_weights", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} {getattr(self, name)!r}")
 
@@ -190,6 +206,82 @@ class FSDPCompressState:
         self._totals = {"grad_sent": 0, "grad_fp32": 0, "grad_default": 0, "weight_sent": 0, "weight_fp32": 0, "weight_default": 0,
                         "replicate_sent": 0, "replicate_fp32": 0}
         self._nonfinite: Optional[torch.Tensor] = None  # steps x modules seen non-finite, counted on the device
+        self._compiler: Optional[codec.BackgroundCompiler] = None
+        self._dtypes: Dict[torch.dtype, None] = {}  # what the collectives carry (compress_ fills it): compiled for
+
+    # ---- fused kernels
+
+    def _compiled(self) -> bool:
+        """Whether to run the fused codec kernels now (once compiled and checked; never with ``compile=False``)."""
+        return self._compiler is not None and self._compiler.ready
+
+    _compiled_now = _compiled  # the name launch/train.py's --wait-fused-kernels asks for
+
+    def _start_compile(self, world_size: int, dtypes: Sequence[torch.dtype], device: torch.device) -> None:
+        """Compile the codec kernels of both routes on a background thread, on samples shaped like FSDP's calls.
+
+        The sample module has a parameter of whole blocks, a ragged one and a one-block one; its
+        reduce-scatter runs with every op kind (a mean, a sum times a factor) into outputs of the
+        dtypes ``dtypes`` and the all-gather in those dtypes. The fused kernels are used only if
+        every output, residual and message is bit-identical to the eager kernels'.
+        """
+        if self._compiler is not None or not self.config.compile:
+            return
+        cfg = self.config
+        P = max(world_size, 2)
+        B = cfg.block_size
+        dtypes = tuple(dict.fromkeys((torch.float32, *self._dtypes, *dtypes)))
+
+        def one_route(mod: _ModuleComm, row: int, dtype: torch.dtype, compiled: bool) -> List[torch.Tensor]:
+            g = torch.Generator().manual_seed(P)
+            inputs = [(torch.randn(P * row, generator=g) * 3).to(device=device, dtype=dtype) for _ in range(P)]
+            results: List[torch.Tensor] = []
+            if cfg.grad_bits is not None:
+                e = mod.entry("rs", row, P, cfg.grad_bits, B, device)
+                sent = []
+                for r in range(P):
+                    res = torch.rand(e.plan.padded_numel, generator=g).to(device) * 1e-2 if cfg.error_feedback else None
+                    res_out = torch.full_like(res, math.nan) if res is not None else None
+                    sent.append(exchange.encode(e.plan, e.bufs, 0, inputs[r], residual=res, residual_out=res_out, compiled=compiled).clone())
+                    results += [sent[-1]] + ([res_out] if res_out is not None else [])
+                m = e.plan.chunks[0].message_bytes
+                for k in range(P):
+                    e.bufs.recv[0].view(P, m).copy_(torch.stack([x.view(P, m)[k] for x in sent]))
+                    for divide, factor in ((P, None), (1, 1.0 / (P + 1))):
+                        out = torch.full((row,), math.nan, dtype=dtype, device=device)
+                        exchange.decode_sum(e.plan, e.bufs, 0, k, out, offset=k * row, divide=divide, factor=factor, compiled=compiled)
+                        results.append(out)
+            if cfg.weight_bits is not None:
+                e = mod.entry("ag", row, P, cfg.weight_bits, B, device)
+                gathered = e.bufs.gathered[0].view(P, -1)
+                for r in range(P):
+                    gathered[r].copy_(exchange.encode(e.plan1, e.bufs1, 0, inputs[r][:row], compiled=compiled))
+                out = torch.full((P * row,), math.nan, dtype=dtype, device=device)
+                exchange.decode(e.plan, e.bufs, 0, out, compiled=compiled)
+                results += [gathered.clone(), out]
+            if self.replicas and cfg.grad_bits is not None:  # HSDP's all-reduce across replicas: the DDP exchange
+                plan = exchange.ExchangePlan.build(mod.segments, 2, cfg.grad_bits, B)
+                xs = [x[: plan.numel].float() for x in inputs[:2]]
+                res = [torch.rand(plan.padded_numel, generator=g).to(device) * 1e-2 for _ in xs] if cfg.error_feedback else None
+                sres = [torch.rand(plan.server_numel, generator=g).to(device) * 1e-2 for _ in xs] if cfg.error_feedback else None
+                out, _ = exchange.exchange_local(plan, xs, residuals=res, server_residuals=sres, compiled=compiled)
+                results += [out] + (res + sres if res is not None else [])
+            return results
+
+        def warmup(stop: threading.Event) -> None:
+            segments = (5 * B, 7 * B + 3, B, 11 * B)
+            mod = _ModuleComm("<compile sample>", 0, segments)
+            for dtype in dtypes:
+                if stop.is_set():
+                    return
+                runs = [one_route(mod, sum(segments), dtype, compiled) for compiled in (False, True)]
+                for a, b in zip(*runs):
+                    same_nan = a.isnan().any() and torch.equal(a.isnan(), b.isnan())
+                    if not torch.equal(a.view(torch.uint8), b.view(torch.uint8)) and not same_nan:
+                        raise RuntimeError(f"the compiled FSDP codec kernels disagree with the eager ones on sample data ({dtype})")
+
+        self._compiler = codec.BackgroundCompiler()
+        self._compiler.start(warmup)
 
     # ---- the two collectives
 
@@ -212,6 +304,8 @@ class FSDPCompressState:
         )
         fp32 = (P - 1) * row * 4
         default = (P - 1) * row * inp.element_size()
+        if cfg.compile and self._compiler is None and cfg.grad_bits is not None and P > 1 and output.dtype in _FLOAT:
+            self._start_compile(P, (output.dtype, inp.dtype), inp.device)  # during the warm-up steps
         if not compress:
             fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
             if getattr(op, "op", op) == dist.ReduceOp.PREMUL_SUM and scale is not None and dist.get_backend(group) == "gloo":
@@ -227,15 +321,12 @@ class FSDPCompressState:
         e = mod.entry("rs", row, P, bits, B, inp.device)
         plan, bufs = e.plan, e.bufs
         header = (step, mod.index)
+        rank = dist.get_rank(group)
         # 1. encode: the rank's whole gradient (+ residual) straight into the P messages
         res = res_new = None
         if cfg.error_feedback:
-            res = mod.residual
-            if res is None or res.numel() != plan.padded_numel:
-                res = torch.zeros(plan.padded_numel, dtype=torch.float32, device=inp.device)
-            res = res.to(inp.device)
-            res_new = torch.empty_like(res)  # committed below only if every rank was finite
-        send = exchange.encode(plan, bufs, 0, inp.view(-1), residual=res, residual_out=res_new, header=header, compiled=cfg.compile)
+            res, res_new = mod.residuals(plan.padded_numel, inp.device)  # the new one is committed only if all were finite
+        send = exchange.encode(plan, bufs, 0, inp.view(-1), residual=res, residual_out=res_new, header=header, compiled=self._compiled())
         # a non-finite value anywhere poisons every scale this rank sends, so every rank sees it
         # (the plan has no padding blocks: every scale is rewritten by the next encode)
         _, scales, _ = bufs.to_views(0, send, P)
@@ -244,27 +335,14 @@ class FSDPCompressState:
         dist.all_to_all_single(bufs.recv[0], send, group=group)
         if inp.device.type == "cpu":  # on an accelerator the check would stall the backward pass
             exchange.check_header(plan, 0, bufs.recv[0], step, mod.index, "FSDP reduce-scatter")
-        # 3. decode the P copies of my row, sum them in rank order, scale by the op
-        codes, rscales, _ = bufs.to_views(0, bufs.recv[0], P)
-        s = plan.chunks[0].shard_blocks
-        deq = codec.decode_blocks(codes.reshape(P * s, -1), rscales.reshape(P * s), bits, compiled=cfg.compile).view(P, -1)
-        acc = deq[0].clone()
-        for k in range(1, P):  # a fixed order, as the DDP exchange sums
-            acc.add_(deq[k])
-        if scale[0] == "div":
-            acc.div_(scale[1])
-        elif scale[1] != 1.0:
-            acc.mul_(scale[1])
-        output.view(1, row).copy_(e.row.unalign(acc.view(1, -1)))
-        finite = torch.isfinite(rscales).all()
+        # 3. decode the P copies of my row, sum them in rank order, apply the op, straight into the output
+        kind, f = scale
+        finite = exchange.decode_sum(
+            plan, bufs, 0, rank, output.view(-1), offset=rank * row,
+            divide=int(f) if kind == "div" else 1, factor=None if kind == "div" or f == 1.0 else f, compiled=self._compiled(),
+        )
         if cfg.error_feedback:
-            # keep the old residual on a non-finite step (the same decision on every rank): on the CPU
-            # by swapping buffers; on an accelerator without a host sync, at the cost of three passes
-            if res.device.type == "cpu":
-                mod.residual = res_new if bool(finite) else res
-            else:
-                torch.where(finite, res_new, res, out=res)
-                mod.residual = res
+            mod.commit_residual(finite)
         with self._lock:
             bad = (~finite).to(torch.int64)
             self._nonfinite = bad if self._nonfinite is None else self._nonfinite.to(bad.device) + bad
@@ -286,6 +364,8 @@ class FSDPCompressState:
         )
         fp32 = (P - 1) * n * 4
         default = (P - 1) * n * inp.element_size()
+        if cfg.compile and self._compiler is None and cfg.weight_bits is not None and P > 1 and inp.dtype in _FLOAT:
+            self._start_compile(P, (inp.dtype,), inp.device)
         if not compress:
             fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
             work = fn(output, inp, group=group, async_op=async_op)
@@ -294,9 +374,13 @@ class FSDPCompressState:
         e = mod.entry("ag", n, P, cfg.weight_bits, cfg.block_size, inp.device)
         header = (mod.step, mod.index)
         # the input is this rank's slot of the output: encode reads it before decode writes the output
-        mine = exchange.encode(e.plan1, e.bufs1, 0, inp.view(-1), header=header, compiled=cfg.compile)
+        mine = exchange.encode(e.plan1, e.bufs1, 0, inp.view(-1), header=header, compiled=self._compiled())
         gathered = e.bufs.gathered[0]
         all_gather_into(gathered, mine, group)
+        exact = mod.exact_index(n, inp.device) if cfg.exact_1d_weights else None
+        if exact is not None:  # read before decode overwrites this rank's slot
+            exact_all = torch.empty(P * exact.numel(), dtype=inp.dtype, device=inp.device)
+            all_gather_into(exact_all, inp.view(-1).index_select(0, exact), group)
         if inp.device.type == "cpu":
             _, _, hdr = e.bufs.to_views(0, gathered, P)
             want = torch.tensor(exchange.header_of(e.plan1, 0, *header), dtype=torch.int32)
@@ -306,8 +390,12 @@ class FSDPCompressState:
                     f"this rank expected {want.tolist()} (step, module, bits, numel)"
                 )
         # every rank decodes every shard, its own too: all ranks compute with identical weights
-        exchange.decode(e.plan, e.bufs, 0, output.view(-1), compiled=cfg.compile)
-        self._account_weight(mod, (P - 1) * e.plan.chunks[0].message_bytes, fp32, default)
+        exchange.decode(e.plan, e.bufs, 0, output.view(-1), compiled=self._compiled())
+        sent = (P - 1) * e.plan.chunks[0].message_bytes
+        if exact is not None:
+            output.view(P, n).index_copy_(1, exact, exact_all.view(P, -1))
+            sent += (P - 1) * exact.numel() * exact_all.element_size()
+        self._account_weight(mod, sent, fp32, default)
         return None
 
     # ---- statistics
@@ -454,18 +542,35 @@ def _fsdp_module_class():
     return FSDPModule
 
 
-def _param_segments(module: torch.nn.Module) -> Tuple[int, ...]:
-    """Per-parameter lengths of one rank's row of the module's flat buffers (FSDP's padded shards).
+def _collective_dtypes(module: torch.nn.Module, groups: Any) -> List[torch.dtype]:
+    """The float dtypes FSDP's collectives of ``module`` will carry: its parameters' and its mixed-precision policy's."""
+    found = [p.dtype for p in module.parameters() if p.dtype in _FLOAT]
+    policy = getattr(groups[0], "mp_policy", None) if groups else None
+    for name in ("param_dtype", "reduce_dtype"):
+        dtype = getattr(policy, name, None)
+        if dtype in _FLOAT:
+            found.append(dtype)
+    return found
 
-    Read from FSDP's parameter group; an empty tuple when that is not available (the row is then
-    quantized as one segment, which is correct but lets blocks straddle parameters).
+
+def _param_segments(module: torch.nn.Module) -> Tuple[Tuple[int, ...], Tuple[bool, ...]]:
+    """Per-parameter lengths of one rank's row of the module's flat buffers (FSDP's padded shards), and which are 1-D.
+
+    Read from FSDP's parameter group; empty tuples when that is not available (the row is then
+    quantized as one segment, which is correct but lets blocks straddle parameters, and every
+    parameter is quantized in the all-gather).
     """
     try:
         groups = module._get_fsdp_state()._fsdp_param_groups
         params = groups[0].fsdp_params if groups else []
-        return tuple(int(torch.Size(fp.padded_sharded_param_size).numel()) for fp in params)
+        sizes = tuple(int(torch.Size(fp.padded_sharded_param_size).numel()) for fp in params)
     except Exception:  # private FSDP internals moved: fall back to one segment
-        return ()
+        return (), ()
+    try:
+        one_d = tuple(len(fp._orig_size) <= 1 for fp in params)
+    except Exception:
+        one_d = ()
+    return sizes, one_d
 
 
 def compress_(
@@ -542,7 +647,8 @@ def compress_(
                 "FSDP module %r is native HSDP: its replicate all-reduce stays uncompressed (FSDP2 has no hook to "
                 "replace it); shard on mesh['shard'] and pass replicate_group= to compress it", name or "<root>",
             )
-        installed.append((name, m, _ModuleComm(name, len(installed), _param_segments(m))))
+        installed.append((name, m, _ModuleComm(name, len(installed), *_param_segments(m))))
+        state._dtypes.update(dict.fromkeys(_collective_dtypes(m, groups)))
     for name, m, mod in installed:  # validated all first: either every module is changed or none
         state.modules[name] = mod
         # installed even for None widths: FSDP's own collective then runs, counted in the statistics

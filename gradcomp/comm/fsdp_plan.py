@@ -85,14 +85,6 @@ def _op_scale(op: Any, world_size: int) -> Optional[Tuple[str, float]]:
     return None
 
 
-def _trim(bufs: exchange.ExchangeBuffers, keep: Tuple[str, ...]) -> exchange.ExchangeBuffers:
-    """Drop the message buffers this use of the exchange never touches (they are of module size)."""
-    for name in ("send", "recv", "mine", "gathered"):
-        if name not in keep:
-            setattr(bufs, name, [torch.empty(0, dtype=torch.uint8, device=t.device) for t in getattr(bufs, name)])
-    return bufs
-
-
 @dataclass
 class _Entry:
     """A cached exchange of one module for one (row, world size, width, device)."""
@@ -107,16 +99,60 @@ class _Entry:
 class _ModuleComm:
     """Per-module, per-rank data: the residual, the step, the cached exchanges and the byte counts."""
 
-    def __init__(self, fqn: str, index: int, segments: Tuple[int, ...]):
+    def __init__(self, fqn: str, index: int, segments: Tuple[int, ...], exact: Tuple[bool, ...] = ()):
         self.fqn = fqn
         self.index = index  # the module's position: in every message header, with the step
         self.segments = segments
+        self.exact = exact  # per segment: sent unquantized in the weight all-gather (1-D parameters)
+        self._exact_index: Dict[Tuple[int, str], Optional[torch.Tensor]] = {}
         self.step = 0
         self.residual: Optional[torch.Tensor] = None
+        self._spare: Optional[torch.Tensor] = None  # where the next residual is written (double buffering)
         self.entries: Dict[Tuple[str, int, int, int, str], _Entry] = {}
         self.pending_weight: Tuple[int, int] = (0, 0)  # (sent, fp32) of the all-gathers since the last reduce-scatter
         self.last_grad: Tuple[int, int] = (0, 0)
         self.last_weight: Tuple[int, int] = (0, 0)
+
+    def exact_index(self, row: int, device: torch.device) -> Optional[torch.Tensor]:
+        """Positions in a row of the segments sent unquantized, or None (none, or the split is unknown)."""
+        key = (row, str(device))
+        if key not in self._exact_index:
+            idx = None
+            if self.exact and any(self.exact) and len(self.exact) == len(self.segments) and sum(self.segments) == row:
+                starts = [0]
+                for n in self.segments[:-1]:
+                    starts.append(starts[-1] + n)
+                parts = [torch.arange(s0, s0 + n) for s0, n, e in zip(starts, self.segments, self.exact) if e and n > 0]
+                idx = torch.cat(parts).to(device) if parts else None
+            self._exact_index[key] = idx
+        return self._exact_index[key]
+
+    def residuals(self, numel: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(residual, spare)``: the error-feedback residual (zeros at first) and where the new one goes.
+
+        Both persist: a reduce-scatter allocates nothing of module size (:meth:`commit_residual` swaps them).
+        """
+        res = self.residual
+        if res is None or res.numel() != numel:
+            res = torch.zeros(numel, dtype=torch.float32, device=device)
+        elif res.device != torch.device(device):
+            res = res.to(device)
+        self.residual = res
+        if self._spare is None or self._spare.numel() != numel or self._spare.device != res.device:
+            self._spare = torch.empty_like(res)
+        return res, self._spare
+
+    def commit_residual(self, finite: torch.Tensor) -> None:
+        """Make the spare the residual if every rank was finite; keep the old one otherwise (the same on every rank).
+
+        On the CPU by swapping the buffers; on an accelerator without a host sync, by copying with
+        ``torch.where`` (three passes).
+        """
+        if self.residual.device.type == "cpu":
+            if bool(finite):
+                self.residual, self._spare = self._spare, self.residual
+        else:
+            torch.where(finite, self._spare, self.residual, out=self.residual)
 
     def entry(self, kind: str, row: int, world_size: int, bits: int, block_size: int, device: torch.device) -> _Entry:
         """Return the plan and buffers of a reduce-scatter (``"rs"``) or all-gather (``"ag"``), built once."""
@@ -128,14 +164,16 @@ class _ModuleComm:
         plan = exchange.ExchangePlan.build(rp.segments * world_size, world_size, bits, block_size, chunk_numel=None)
         if plan.layout.shard_numel != rp.aligned or len(plan.chunks) != 1:
             raise AssertionError(f"internal error: the exchange's shards ({plan.layout.shard_numel}) are not FSDP's rows ({rp.aligned})")
-        bufs = exchange.ExchangeBuffers.allocate(plan, device)
-        if kind == "rs":
-            e = _Entry(rp, plan, _trim(bufs, ("send", "recv")))
-        else:
+        if kind == "rs":  # encode, all-to-all, decode_sum
+            e = _Entry(rp, plan, exchange.ExchangeBuffers.allocate(plan, device, need=exchange.ROUTE_REDUCE_SCATTER))
+        else:  # encode this rank's row alone (plan1), all-gather, decode every row (plan)
             plan1 = exchange.ExchangePlan.build(rp.segments, 1, bits, block_size, chunk_numel=None)
             c1, cp = plan1.chunks[0], plan.chunks[0]
             if (c1.code_bytes, c1.scale_offset, c1.message_bytes) != (cp.code_bytes, cp.scale_offset, cp.message_bytes):
                 raise AssertionError("internal error: a rank's message and a shard's message differ in layout")
-            e = _Entry(rp, plan, _trim(bufs, ("gathered",)), plan1, _trim(exchange.ExchangeBuffers.allocate(plan1, device), ("send",)))
+            e = _Entry(
+                rp, plan, exchange.ExchangeBuffers.allocate(plan, device, need=exchange.ROUTE_GATHER_RECV),
+                plan1, exchange.ExchangeBuffers.allocate(plan1, device, need=exchange.ROUTE_GATHER_SEND),
+            )
         self.entries[key] = e
         return e

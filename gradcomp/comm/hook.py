@@ -18,8 +18,8 @@ send buffer, all-to-all'd, the owned shard dequantized, summed in rank order and
 (+ server residual) straight into the all-gather message, all-gathered and dequantized straight back
 into the bucket. Chunks are pipelined with async collectives (:mod:`gradcomp.comm.pipeline`): chunk
 ``c + 1`` is coded while chunk ``c`` is on the wire, and the next bucket starts while the previous one
-finishes. The fused kernels are compiled on a background thread during the warm-up steps and used
-once ready (``compile=False``: always eager). Buckets that are not compressed (warm-up, small
+finishes. The fused kernels are compiled on a background thread from :func:`register` on (during the
+warm-up steps) and used once ready (``compile=False``: always eager). Buckets that are not compressed (warm-up, small
 buckets, the policy's plain choice) go straight to ``dist.all_reduce`` on DDP's group, not through
 the hook's thread. With ``topology=Topology(local_world_size=L)`` the hierarchical exchange
 runs instead (fp32 inside nodes, quantized only between nodes; :mod:`gradcomp.comm.hierarchical`),
@@ -76,8 +76,8 @@ class HookConfig:
         min_compress_numel: buckets with fewer elements go through plain all-reduce.
         stochastic_rounding: unbiased stochastic rounding instead of round-to-nearest.
         seed: seed of the stochastic rounding noise (combined with rank, step and bucket).
-        compile: fuse the codec kernels with ``torch.compile``, compiled on a background thread during
-            the warm-up steps and used once ready (bit-identical to the eager kernels, which run until
+        compile: fuse the codec kernels with ``torch.compile``, compiled on a background thread from
+            :func:`register` on (or the first bucket) and used once ready (bit-identical to the eager kernels, which run until
             then and wherever compiling fails). False: always eager.
         chunk_numel: values per chunk of the pipelined exchange (about 4 MB of fp32 by default);
             chunks are exchanged one after another with the wire and the CPU busy at the same time.
@@ -567,6 +567,11 @@ class QuantizedAllReduceState:
         params = list(module.parameters())
         self._param_keys = {id(p): i for i, p in enumerate(params)}
         self._param_numels = [p.numel() for p in params]
+        # compile now, not at the first bucket: DDP's buckets have their parameters' dtype and device,
+        # so the fused kernels are usually ready before the warm-up steps end
+        grads = [p for p in params if p.requires_grad and p.dtype in (torch.float32, torch.float16, torch.bfloat16)]
+        if self.config.compile and self._compiler is None and self.world_size > 1 and grads:
+            self._start_compile(grads[0].dtype, grads[0].device)
 
     def synchronize(self) -> None:
         """Wait until every submitted bucket is done (DDP already waits at the end of backward)."""
