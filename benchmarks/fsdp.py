@@ -144,11 +144,13 @@ def main(argv: List[str] | None = None) -> int:
         return 3
     out = Path(args.out_dir or f"runs/fsdp-{args.mode}")
     results: Dict[str, Dict[str, Any]] = {}
+    failed: List[str] = []
     for label in labels:
         slug = label.lower().replace(" + ", "_").replace(" ", "_")
         try:
             results[label] = run_one(args, label, out / slug)
         except RuntimeError as exc:  # one failed run must not hide the others
+            failed.append(label)
             print(f"   FAILED: {exc}", flush=True)
     if not conv and args.floor_rate:
         for label in ("FSDP2 fp32", "int8 grads + int8 weights"):
@@ -156,6 +158,7 @@ def main(argv: List[str] | None = None) -> int:
             try:
                 results[f"{label} @ {args.floor_rate} (floor)"] = run_one(args, label, out / slug, rate=args.floor_rate)
             except RuntimeError as exc:
+                failed.append(f"{label} @ {args.floor_rate}")
                 print(f"   FAILED: {exc}", flush=True)
     if not results:
         return 1
@@ -173,7 +176,7 @@ def main(argv: List[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(header + "\n\n" + md + "\n")
     (out / "results.json").write_text(json.dumps({"config": vars(args), "results": results}, indent=2, default=str))
-    return 0 if len(results) == len(labels) else 1
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

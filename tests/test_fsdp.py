@@ -334,6 +334,23 @@ def test_default_compiled_kernels_are_bit_identical_to_eager(tmp_path):
 # ---------------------------------------------------------------- HSDP: quantized all-reduce across replicas
 
 
+def _disagree(rank, world_size):
+    import gradcomp
+
+    net = _build()
+    with pytest.raises(ValueError, match=r"grad_bits \(rank 0: 8; rank 1: 4\)"):
+        gradcomp.fsdp.compress_(net, grad_bits=8 if rank == 0 else 4, compile=False)
+    with pytest.raises(ValueError, match=r"fsdp_modules"):  # a different model on one rank
+        gradcomp.fsdp.compress_(net if rank == 0 else net.a, grad_bits=8, compile=False)
+    state = gradcomp.fsdp.compress_(net, grad_bits=8, compile=False)  # agreeing ranks: installed
+    assert sorted(state.modules) == ["", "a", "b", "c"]
+
+
+@pytest.mark.slow
+def test_ranks_with_different_options_raise_on_every_rank(tmp_path):
+    spawn(_disagree, 2, tmp_path, timeout=120)
+
+
 def _hsdp(rank, world_size):
     import gradcomp
     from torch.distributed.device_mesh import init_device_mesh

@@ -573,6 +573,31 @@ def _param_segments(module: torch.nn.Module) -> Tuple[Tuple[int, ...], Tuple[boo
     return sizes, one_d
 
 
+def _check_ranks_agree(config: FSDPCompressConfig, installed, targets, replicate_group) -> None:
+    """Raise the same ``ValueError`` on every rank when the ranks passed different options or models.
+
+    Compares (one ``all_gather_object`` over the FSDP modules' shard group, before anything is
+    installed) every option except ``compile`` (the fused and eager kernels give the same bits), the
+    FSDP modules with their parameter sizes, and whether a replicate group was given: a difference in
+    any of them would make the ranks' collectives disagree in size or meaning, and hang or corrupt.
+    """
+    from gradcomp.comm import guard
+
+    mine = guard.wire_config(config, dist.get_world_size())
+    mine.update({k: v for k, v in asdict(config).items() if k != "compile"})
+    mine["fsdp_modules"] = [(name, [int(n) for n in mod.segments], [bool(e) for e in mod.exact]) for name, _, mod in installed]
+    mine["replicate_group"] = replicate_group is not None
+    group = None
+    for _, m in targets:
+        groups = getattr(m._get_fsdp_state(), "_fsdp_param_groups", None) or []
+        info = getattr(groups[0], "mesh_info", None) if groups else None
+        group = getattr(info, "shard_process_group", None)
+        if group is not None:
+            break
+    timeout = guard.group_timeout(group, dist.get_backend(group), None)
+    guard.check_agreement(mine, group, timeout)
+
+
 def compress_(
     model: torch.nn.Module,
     grad_bits: Optional[int] = 8,
@@ -649,6 +674,7 @@ def compress_(
             )
         installed.append((name, m, _ModuleComm(name, len(installed), *_param_segments(m))))
         state._dtypes.update(dict.fromkeys(_collective_dtypes(m, groups)))
+    _check_ranks_agree(config, installed, targets, replicate_group)
     for name, m, mod in installed:  # validated all first: either every module is changed or none
         state.modules[name] = mod
         # installed even for None widths: FSDP's own collective then runs, counted in the statistics
