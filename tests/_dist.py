@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import torch.distributed as dist
@@ -27,6 +28,12 @@ def _entry(rank: int, fn, world_size: int, init_file: str, args: tuple, backend:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # FSDP2 on gloo (torch 2.13) sometimes aborts in the interpreter's teardown after a clean run
+    # ("terminate called without an active exception", seen without gradcomp too): a worker that
+    # finished and left its group exits at once, skipping that teardown. Failures still raise above.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(fn, world_size: int, tmp_path, *args, timeout: float = 120.0, backend: str = "gloo") -> None:
