@@ -464,23 +464,17 @@ def _kernel_context():
     or not), more than Dynamo's default limit of 8 allows, so the limit is raised for them.
     """
     import contextlib
+    import importlib
 
     stack = contextlib.ExitStack()
     stack.enter_context(torch.no_grad())
-    try:
-        stack.enter_context(torch._dynamo.config.patch(optimize_ddp=False))
-    except Exception:  # pragma: no cover - a torch without the option
-        pass
-    try:
-        stack.enter_context(torch._dynamo.config.patch(recompile_limit=64))
-    except Exception:  # pragma: no cover - a torch without the option
-        pass
-    try:
-        import torch.fx.experimental._config as fx_config
-
-        stack.enter_context(fx_config.patch(use_duck_shape=False))
-    except Exception:  # pragma: no cover - a torch without the option
-        pass
+    options = (("torch._dynamo.config", "optimize_ddp", False), ("torch._dynamo.config", "recompile_limit", 64),
+               ("torch.fx.experimental._config", "use_duck_shape", False))
+    for module, name, value in options:
+        try:
+            stack.enter_context(importlib.import_module(module).patch(**{name: value}))
+        except Exception:  # pragma: no cover - a torch without the option
+            pass
     return stack
 
 
