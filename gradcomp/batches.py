@@ -96,8 +96,8 @@ def output_tensor(out: Any) -> torch.Tensor:
     )
 
 
-def output_tensors(output: Any) -> Dict[str, torch.Tensor]:
-    """Return the floating tensors of a model output by name, detached.
+def output_tensors(output: Any, *, detach: bool = True) -> Dict[str, torch.Tensor]:
+    """Return the floating tensors of a model output by name, detached (unless ``detach=False``).
 
     The main tensor of the output (:func:`gradcomp.batches.output_tensor`: a tensor, the first of a
     tuple, ``logits``) when it has one, as ``{"output": t}``; otherwise every floating tensor of a
@@ -107,8 +107,9 @@ def output_tensors(output: Any) -> Dict[str, torch.Tensor]:
     Raises:
         TypeError: when the output holds no floating tensor.
     """
+    cut = (lambda t: t.detach()) if detach else (lambda t: t)
     try:
-        return {"output": output_tensor(output).detach()}
+        return {"output": cut(output_tensor(output))}
     except TypeError:
         pass
     found: Dict[str, torch.Tensor] = {}
@@ -116,7 +117,7 @@ def output_tensors(output: Any) -> Dict[str, torch.Tensor]:
     def walk(obj: Any, name: str) -> None:
         if isinstance(obj, torch.Tensor):
             if obj.is_floating_point():
-                found[name or "output"] = obj.detach()
+                found[name or "output"] = cut(obj)
         elif isinstance(obj, Mapping):
             for k, v in obj.items():
                 walk(v, f"{name}.{k}" if name else str(k))
@@ -127,7 +128,7 @@ def output_tensors(output: Any) -> Dict[str, torch.Tensor]:
             for k in obj._fields:
                 walk(getattr(obj, k), f"{name}.{k}" if name else k)
         elif isinstance(obj, (tuple, list)) and obj and all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in obj):
-            found[name or "output"] = torch.cat([t.detach().reshape(-1) for t in obj])
+            found[name or "output"] = torch.cat([cut(t).reshape(-1) for t in obj])
 
     walk(output, "")
     if not found:

@@ -259,6 +259,38 @@ def _swap(module: nn.Module, packed: PackedWeight, fqn: str) -> _QuantizedLayer:
 # --------------------------------------------------------------------------------------------
 
 
+def _whole_model(model, plan, algorithm, calibration, *, forward, num_batches, progress) -> Dict[str, PackedWeight]:
+    """Run a method that trains every integer-coded layer of ``plan`` at once (AutoRound); return ``{fqn: PackedWeight}``."""
+    from gradcomp.quant.algorithms import autoround_quantize, collect_input_hessians
+
+    batches = list(calibration)[: num_batches if num_batches is not None else None]
+    if not batches:
+        raise ValueError(f"method {algorithm.name!r} needs at least one calibration batch, got none")
+    groups: Dict[Tuple[int, Config], List[Tuple[str, nn.Module]]] = {}
+    for fqn, m, cfg in plan:
+        if isinstance(cfg, CastConfig):
+            continue
+        w = m.weight
+        if not w.is_floating_point():
+            raise TypeError(f"layer {fqn!r}: weight must be floating point, got {w.dtype}")
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(f"layer {fqn!r}: the weight holds inf or nan values; refusing to quantize it")
+        groups.setdefault((id(w), cfg), []).append((fqn, m))
+    layers = [(mods, key[1]) for key, mods in groups.items()]
+    hessians = None
+    if algorithm.init == "awq_clip":
+        linear = {mods[0][0]: mods[0][1] for mods, _ in layers if isinstance(mods[0][1], nn.Linear)}
+        train = batches[: len(batches) - algorithm.holdout] if len(batches) > algorithm.holdout else batches
+        hessians = collect_input_hessians(model, linear, train, forward=forward, progress=progress) if linear else {}
+    try:
+        res = autoround_quantize(model, layers, batches, algorithm, forward=forward, hessians=hessians, progress=progress)
+    except ValueError as exc:
+        raise ValueError(f"method {algorithm.name!r}: {exc}") from exc
+    logger.info("%s: %d weights; selection loss %.4g -> %.4g (step %d of %d kept)", algorithm.name, len(layers),
+                res.history[0][1], min(h[1] for h in res.history), res.best_step, algorithm.steps)
+    return res.packed
+
+
 def quantizable_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     """Return ``(fqn, module)`` for every ``nn.Linear``, ``nn.Embedding`` and ``nn.Conv2d`` of ``model``.
 
@@ -338,12 +370,14 @@ def quantize_(
         config_or_rules: one config for every supported layer, or an ordered list (or dict) of
             ``(pattern, config or None)``.
         filter_fn: optional ``(module, fqn) -> bool``; False keeps that layer in full precision.
-        method: ``None``/``"rtn"`` (round-to-nearest), ``"gptq"``, ``"awq_clip"``, ``"hqq"``, or a configured
-            :class:`gradcomp.quant.algorithms.GPTQ` / :class:`~gradcomp.quant.algorithms.ActivationAwareClip`
-            / :class:`~gradcomp.quant.algorithms.HQQ` (data-free: calibration optional; it also fits
-            Embedding tables).
-            Same packed modules and files whichever method; Embedding and Conv2d layers and cast
-            configs use round-to-nearest.
+        method: ``None``/``"rtn"`` (round-to-nearest), ``"gptq"``, ``"awq_clip"``, ``"hqq"``, ``"autoround"``,
+            or a configured :class:`gradcomp.quant.algorithms.GPTQ` /
+            :class:`~gradcomp.quant.algorithms.ActivationAwareClip` / :class:`~gradcomp.quant.algorithms.HQQ`
+            (data-free: calibration optional; it also fits Embedding tables) /
+            :class:`~gradcomp.quant.algorithms.AutoRound` (trained against the model's outputs:
+            ``forward`` must return them differentiably; it covers Embedding and Conv2d layers too).
+            Same packed modules and files whichever method; for the other methods Embedding and Conv2d
+            layers use round-to-nearest; cast configs always do.
         calibration: batches for the data-aware methods (required by them).
         forward: ``forward(model, batch)`` for the calibration batches (default ``model(batch)``,
             ``model(*batch)`` for tuples, ``model(**batch)`` for dicts).
@@ -376,7 +410,12 @@ def quantize_(
         raise ValueError(f"method {algorithm.name!r} needs calibration batches (calibration=...); use method='rtn' without data")
     if stages and (algorithm is None or calibration is None):
         raise ValueError("sequential=... needs a data-aware method and calibration batches")
-    if algorithm is not None and calibration is not None:
+    if getattr(algorithm, "whole_model", False):
+        if stages:
+            raise ValueError(f"method {algorithm.name!r} trains every layer at once against the model's outputs; "
+                             "it takes no sequential=... stages")
+        done = _whole_model(model, plan, algorithm, calibration, forward=forward, num_batches=num_batches, progress=progress)
+    elif algorithm is not None and calibration is not None:
         from gradcomp.quant.algorithms import collect_input_hessians
 
         aware = {fqn: m for fqn, m, cfg in plan if isinstance(m, nn.Linear) and not isinstance(cfg, CastConfig)}

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from gradcomp.quant.algorithms.common import QuantResult, column_qparams, hessian_matrix_view, quantize_columns, stored_qparams
 from gradcomp.quant.configs import WeightQuantConfig
 
-__all__ = ["ActivationAwareClip", "clip_search_quantize"]
+__all__ = ["ActivationAwareClip", "clip_search_quantize", "clip_search_ratios"]
 
 
 @dataclass(frozen=True)
@@ -61,20 +61,8 @@ class ActivationAwareClip:
         return clip_search_quantize(weight, hessian, config, grid=self.grid, min_ratio=self.min_ratio)
 
 
-def clip_search_quantize(
-    weight: torch.Tensor, hessian: torch.Tensor, config: WeightQuantConfig, *, grid: int = 20, min_ratio: float = 0.5
-) -> QuantResult:
-    """Quantize a 2-D ``(out, in)`` weight with the per-group range that minimises the output error.
-
-    Args:
-        weight: the Linear weight.
-        hessian: ``X^T X`` (in, in) over calibration inputs.
-        config: the target format.
-        grid, min_ratio: see :class:`ActivationAwareClip`.
-
-    Returns:
-        A :class:`QuantResult` in the stored layout.
-    """
+def _search(weight: torch.Tensor, hessian: torch.Tensor, config: WeightQuantConfig, grid: int, min_ratio: float):
+    """Run the search; return (blocks (n_rows * groups, block), best ratio per block, layout, n_rows, n_groups, block)."""
     w, lay = hessian_matrix_view(weight, hessian, config)
     rows, cols = w.shape
     h = hessian.to(device=w.device, dtype=torch.float32).clone()
@@ -110,6 +98,36 @@ def clip_search_quantize(
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_ratio = torch.where(better, ratio, best_ratio)
+    return blocks, best_ratio, lay, n_rows, n_groups, block
+
+
+def clip_search_ratios(
+    weight: torch.Tensor, hessian: torch.Tensor, config: WeightQuantConfig, *, grid: int = 20, min_ratio: float = 0.5
+) -> torch.Tensor:
+    """Return the clipping ratio the search picks for every block of the weight's layout, ``(rows * groups,)``.
+
+    The range of block ``i`` is ``[ratio[i] * min, ratio[i] * max]`` (one block for per-tensor scales);
+    :class:`gradcomp.quant.algorithms.AutoRound` starts from these ranges with ``init="awq_clip"``.
+    """
+    return _search(weight, hessian, config, grid, min_ratio)[1]
+
+
+def clip_search_quantize(
+    weight: torch.Tensor, hessian: torch.Tensor, config: WeightQuantConfig, *, grid: int = 20, min_ratio: float = 0.5
+) -> QuantResult:
+    """Quantize a 2-D ``(out, in)`` weight with the per-group range that minimises the output error.
+
+    Args:
+        weight: the Linear weight.
+        hessian: ``X^T X`` (in, in) over calibration inputs.
+        config: the target format.
+        grid, min_ratio: see :class:`ActivationAwareClip`.
+
+    Returns:
+        A :class:`QuantResult` in the stored layout.
+    """
+    blocks, best_ratio, lay, n_rows, n_groups, block = _search(weight, hessian, config, grid, min_ratio)
+    rows, cols = weight.shape
     s, z = column_qparams(blocks, config, best_ratio)
     codes, _ = quantize_columns(blocks, s, z, config.bits)
     if config.granularity != "per_tensor":
