@@ -11,7 +11,8 @@ stress, magnetic moments), on structures not used for calibration.
 
 Sections: (1) weight-only int8 and int4 with round-to-nearest vs GPTQ vs activation-aware clipping;
 (2) the knapsack plan at 4.5 bits vs uniform int4, from a sensitivity run that scores every output;
-(3) dynamic W8A8 with the straight-through estimator (forces and stress are gradients of the energy).
+(3) dynamic W8A8 with the straight-through estimator (forces and stress are gradients of the energy);
+(1g) AutoRound, trained against all four outputs, vs round-to-nearest and awq_clip.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 import gradcomp.quant as q
 from gradcomp.mixed_precision import allocate_bits, uniform_plan
 from gradcomp.quant.activation_quant import prepare_activation_quant_
-from gradcomp.quant.algorithms import GPTQ, HQQ
+from gradcomp.quant.algorithms import GPTQ, HQQ, AutoRound
 from gradcomp.quant.configs import ActQuantConfig
 from gradcomp.sensitivity import SensitivityConfig, measure_sensitivity
 
@@ -151,12 +152,20 @@ def calib_forward(model, graphs):
     return out["e"]
 
 
-def forward(model, graphs) -> Dict[str, torch.Tensor]:
-    """The adapter: CHGNet takes a list of CrystalGraphs and needs autograd for forces and stress."""
+def train_forward(model, graphs) -> Dict[str, torch.Tensor]:
+    """The adapter: CHGNet takes a list of CrystalGraphs and needs autograd for forces and stress.
+
+    The outputs stay attached to the graph (forces and stress come from ``create_graph=True``), so
+    AutoRound can train through all four of them."""
     with torch.enable_grad():
         out = model(list(graphs), task="efsm")
-    return {k: (torch.cat([t.reshape(-1) for t in out[k]]) if isinstance(out[k], (list, tuple)) else out[k].reshape(-1)).detach()
+    return {k: (torch.cat([t.reshape(-1) for t in out[k]]) if isinstance(out[k], (list, tuple)) else out[k].reshape(-1))
             for k in ("e", "f", "s", "m")}
+
+
+def forward(model, graphs) -> Dict[str, torch.Tensor]:
+    """The adapter for evaluation and analysis: :func:`train_forward`, detached."""
+    return {k: v.detach() for k, v in train_forward(model, graphs).items()}
 
 
 def evaluate(model, batches, ref) -> Dict[str, float]:
@@ -181,7 +190,8 @@ def main() -> None:
     ap.add_argument("--sensitivity-batches", type=int, default=1, help="calibration batches (of 6 structures) for the sensitivity run")
     ap.add_argument("--extra-compounds", type=int, default=150, help="extra calibration compounds (section 1b)")
     ap.add_argument("--extra-variants", type=int, default=2, help="strained/perturbed copies of each calibration structure (section 1b)")
-    ap.add_argument("--sections", default="0,1,1b,1c,1d,1e,1f,2,3", help="sections to run, comma-separated")
+    ap.add_argument("--sections", default="0,1,1b,1c,1d,1e,1f,1g,2,3", help="sections to run, comma-separated")
+    ap.add_argument("--autoround-steps", type=int, default=200, help="AutoRound steps (section 1g)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -232,11 +242,11 @@ def main() -> None:
               f"test set: {len({int(z) for g in test for z in g.atomic_number})} elements); {time.time() - t:.0f} s", flush=True)
         results["extended_calibration"] = len(big)
 
-    def variant(rules, method=None, cal=None, **kw):
+    def variant(rules, method=None, cal=None, fwd=calib_forward, **kw):
         m = copy.deepcopy(base)
         cal = cal_batches if cal is None else cal
         q.quantize_(m, rules, method=method, calibration=cal if method not in (None, "hqq") else None,
-                    forward=calib_forward, **kw)
+                    forward=fwd, **kw)
         return m
 
     bits = lambda m: 8.0 * sum(p.packed.nbytes if hasattr(p, "packed") else 0 for p in m.modules()) / sum(
@@ -270,6 +280,8 @@ def main() -> None:
         ]
         _rows("AWQ channel scaling (input_scale stored, counted in bits/weight)", rows, variant, bits, test_batches, ref, head,
               results, "awq_scale")
+    if "1g" in sections:
+        section1g(variant, bits, test_batches, ref, head, g32, keep8, args, results)
     if "1c" in sections:
         section1c(base, variant, bits, test_batches, ref, head, int8, g32, big_batches, results)
     if "2" in sections:
@@ -369,6 +381,31 @@ def section1e(variant, bits, test_batches, ref, head, g32, keep8, big, results) 
     ]
     _rows(f"int4 with the reference layer at int8, {n} calibration structures", rows, variant, bits, test_batches, ref, head,
           results, "weight_only_keep8")
+
+
+def section1g(variant, bits, test_batches, ref, head, g32, keep8, args, results) -> None:
+    """(1g) AutoRound: rounding offsets and ranges trained against the four outputs, vs RTN and awq_clip."""
+    n = args.autoround_steps
+    ar = lambda **kw: AutoRound(steps=n, **kw)
+    rows = [
+        ("int4 g32, RTN", lambda: variant(g32)),
+        ("int4 g32, awq_clip (33)", lambda: variant(g32, "awq_clip")),
+        (f"int4 g32, autoround {n} steps (33)", lambda: variant(g32, ar(), fwd=train_forward, progress=True)),
+        (f"int4 g32, autoround {n} steps, normalize=initial (33)", lambda: variant(g32, ar(normalize="initial"), fwd=train_forward,
+                                                                                   progress=True)),
+        ("int4 g32 + composition_model.fc int8, RTN", lambda: variant(keep8)),
+        ("int4 g32 + composition_model.fc int8, awq_clip (33)", lambda: variant(keep8, "awq_clip")),
+        (f"int4 g32 + composition_model.fc int8, autoround {n} steps (33)",
+         lambda: variant(keep8, ar(), fwd=train_forward, progress=True)),
+        (f"int4 g32 + composition_model.fc int8, autoround {n} steps, normalize=initial (33)",
+         lambda: variant(keep8, ar(normalize="initial"), fwd=train_forward, progress=True)),
+        (f"int4 g32 + composition_model.fc int8, autoround {n} steps, normalize=initial, init=awq_clip (33)",
+         lambda: variant(keep8, ar(normalize="initial", init="awq_clip"), fwd=train_forward, progress=True)),
+        (f"int4 g32 + composition_model.fc int8, autoround {n} steps, normalize=initial, holdout 1 batch (27 + 6)",
+         lambda: variant(keep8, ar(normalize="initial", holdout=1), fwd=train_forward, progress=True)),
+    ]
+    _rows(f"AutoRound against the model's outputs ({n} steps of one 6-structure batch; selection every {max(1, n // 10)} steps)",
+          rows, variant, bits, test_batches, ref, head, results, "autoround")
 
 
 def section1c(base, variant, bits, test_batches, ref, head, int8, g32, big, results) -> None:

@@ -11,6 +11,8 @@ from gradcomp.quant.algorithms import (
     GPTQ,
     HQQ,
     AWQScale,
+    AutoRound,
+    autoround_quantize,
     ActivationAwareClip,
     clip_search_quantize,
     collect_input_hessians,
@@ -283,3 +285,100 @@ def test_awq_scale_beats_rtn_and_stores_its_input_scale(tmp_path, trained):
     with pytest.raises(ValueError, match="input_scale must hold finite positive"):
         q.PackedWeight.from_codes(torch.zeros(lin.out_features, lin.in_features, dtype=torch.uint8), lin.packed.scale, None,
                                   G32, lin.packed.shape, input_scale=-torch.ones(lin.in_features))
+
+
+def _model_rel_mse(model, quantized, batches):
+    """Mean over batches of the logits' squared error over their power: the output error AutoRound trains on."""
+    with torch.no_grad():
+        errs = [float(((quantized(x)[0] - model(x)[0]) ** 2).sum() / (model(x)[0] ** 2).sum()) for x in batches]
+    return sum(errs) / len(errs)
+
+
+@pytest.mark.parametrize("config", [G32, q.WeightQuantConfig(bits=3, granularity="per_group", group_size=32, symmetric=False)], ids=lambda c: c.name)
+def test_autoround_beats_round_to_nearest_on_held_out_model_output(trained, config):
+    import copy
+
+    model, calib, held_out = trained
+    rtn = q.quantize_(copy.deepcopy(model), config)
+    ar = q.quantize_(copy.deepcopy(model), config, method=AutoRound(steps=40), calibration=calib)
+    assert ar.wte.packed is ar.lm_head.packed   # tied weights: one offset tensor, one packed weight
+    # judged on batches the method never saw, against the fp32 model's logits
+    assert _model_rel_mse(model, ar, held_out) < 0.6 * _model_rel_mse(model, rtn, held_out)
+
+
+@pytest.mark.parametrize("config", CONFIGS + [q.WeightQuantConfig(bits=4, granularity="per_group", group_size=5, scale_dtype="bf16")],
+                         ids=lambda c: c.name)
+def test_autoround_without_steps_is_round_to_nearest_bit_for_bit(config):
+    # v = 0 and full ranges are round-to-nearest: the packing path must reproduce its codes and scales exactly
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 64), nn.Linear(64, 40), nn.Tanh(), nn.Linear(40, 7))
+    model[1].weight.data[3, :8] = 0.0   # an all-zero group: zero scale
+    import copy
+
+    rtn = q.quantize_(copy.deepcopy(model), config)
+    ar = q.quantize_(copy.deepcopy(model), config, method=AutoRound(steps=0), calibration=[torch.randint(0, 10, (4, 3))])
+    for (n, a), (_, b) in zip(rtn.state_dict().items(), ar.state_dict().items()):
+        assert a.dtype == b.dtype and torch.equal(a, b), n
+
+
+def test_autoround_keeps_the_best_step_and_packs_what_it_scored():
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 48), nn.GELU(), nn.Linear(48, 16))
+    batches = [torch.randn(32, 16) for _ in range(4)]
+    cfg = q.WeightQuantConfig(bits=3, granularity="per_group", group_size=16)
+    work = copy.deepcopy(model)
+    layers = [([(n, m)], cfg) for n, m in work.named_children() if isinstance(m, nn.Linear)]
+    res = autoround_quantize(work, layers, batches, AutoRound(steps=30, holdout=1, eval_every=5))
+    assert [s for s, _ in res.history] == [0, 5, 10, 15, 20, 25, 30] and len(res.train_loss) == 30
+    best = min(loss for _, loss in res.history)
+    assert best < res.history[0][1] and dict(res.history)[res.best_step] == best
+    got = copy.deepcopy(model)
+    for n, p in res.packed.items():
+        setattr(got, n, q.QuantizedLinear(p, getattr(model, n).bias))
+    with torch.no_grad():   # the selection loss: the packed weights' error on the held-out batch over the training power
+        out, ref = got(batches[-1]), model(batches[-1])
+        power = sum(float((model(x) ** 2).sum()) for x in batches[:3]) / 3
+    assert float(((out - ref) ** 2).sum()) / power == pytest.approx(best, rel=1e-5)
+    assert all(p.requires_grad for p in work.parameters()) and not hasattr(work[0], "parametrizations")
+
+
+def test_autoround_saves_and_loads_bit_identical(tmp_path, trained):
+    import copy
+
+    model, calib, _ = trained
+    ar = q.quantize_(copy.deepcopy(model), G32, method="autoround", calibration=calib[:2],
+                     forward=lambda m, x: m(x)[0], num_batches=2)
+    rtn = q.quantize_(copy.deepcopy(model), G32)
+    assert q.model_size_bytes(ar) == q.model_size_bytes(rtn)
+    q.save_quantized(ar, tmp_path / "a.safetensors")
+    again = q.load_quantized(copy.deepcopy(model), tmp_path / "a.safetensors")
+    for (n, a), (_, b) in zip(ar.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+    with torch.no_grad():
+        assert torch.equal(ar(calib[3])[0], again(calib[3])[0])
+
+
+def test_autoround_bad_options_and_inputs_change_nothing():
+    for kw, match in [({"steps": -1}, "steps"), ({"steps": 2.0}, "steps"), ({"lr": 0.0}, "lr"), ({"lr": float("nan")}, "lr"),
+                      ({"optimizer": "sgd"}, "optimizer"), ({"min_ratio": 1.5}, "min_ratio"), ({"init": "gptq"}, "init"),
+                      ({"holdout": -1}, "holdout"), ({"eval_every": 0}, "eval_every"), ({"normalize": "max"}, "normalize")]:
+        with pytest.raises(ValueError, match=match):
+            AutoRound(**kw)
+    assert resolve_method("autoround") == AutoRound()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cal = [torch.randn(4, 8) for _ in range(2)]
+    with pytest.raises(ValueError, match="needs calibration batches"):
+        q.quantize_(model, G32, method="autoround")
+    with pytest.raises(ValueError, match="holdout=2 needs at least 3"):
+        q.quantize_(model, G32, method=AutoRound(steps=2, holdout=2), calibration=cal)
+    with pytest.raises(ValueError, match="do not depend on the quantized weights"):
+        q.quantize_(model, G32, method=AutoRound(steps=2), calibration=cal, forward=lambda m, x: m(x).detach())
+    with pytest.raises(ValueError, match="sequential"):
+        q.quantize_(model, G32, method="autoround", calibration=cal, sequential=2)
+    assert all(type(m) in (nn.Linear, nn.Tanh) for m in model) and not hasattr(model[0], "parametrizations")
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
