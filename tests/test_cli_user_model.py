@@ -191,3 +191,32 @@ def test_cli_hqq_without_data_and_awq_scale_sequential(user_dir, capsys):
         sd, configs = load_quantized_state_dict(user_dir / f"{name}.safetensors")
         assert set(configs) and all(torch.isfinite(t).all() for t in sd.values() if t.is_floating_point())
     assert main(["weights", "quantize", str(sd_file), "z.safetensors", "--method", "awq_scale", "--model", "user_model_cli:build"]) == 2
+
+
+def test_cli_autoround_trains_against_the_model_output(user_dir, capsys):
+    import importlib
+
+    sd_file = user_dir / "m.pt"
+    torch.save(_model().state_dict(), sd_file)
+    common = ["--bits", "3", "--granularity", "per_group", "--group-size", "32", "--json", "--no-progress"]
+    data = ["--model", "user_model_cli:build", "--data", "user_model_cli:batches"]
+    assert main(["weights", "quantize", str(sd_file), "rtn.safetensors", *common]) == 0
+    rtn = json.loads(capsys.readouterr().out)["summary"]
+    assert main(["weights", "quantize", str(sd_file), "ar.safetensors", *common, "--method", "autoround", "--steps", "30",
+                 "--holdout", "1", *data]) == 0
+    ar = json.loads(capsys.readouterr().out)["summary"]
+    assert ar["output_tensor_bytes"] == rtn["output_tensor_bytes"]
+    user = importlib.import_module("user_model_cli")
+    x = user.batches()[-1]   # the held-out batch: it only picked the best step
+    err = {}
+    with torch.no_grad():
+        ref = user.build()(x)
+        for name in ("rtn", "ar"):
+            m = user.build()
+            m.load_state_dict(load_quantized_state_dict(user_dir / f"{name}.safetensors")[0])
+            err[name] = float(((m(x) - ref) ** 2).mean())
+    assert err["ar"] < err["rtn"]
+    assert main(["weights", "quantize", str(sd_file), "y.safetensors", *common, "--steps", "5"]) == 2      # not autoround
+    assert main(["weights", "quantize", str(sd_file), "y.safetensors", *common, "--method", "autoround", "--steps", "-1", *data]) == 2
+    assert main(["weights", "quantize", str(sd_file), "y.safetensors", *common, "--method", "autoround", "--holdout", "4", *data]) == 2
+    assert not (user_dir / "y.safetensors").exists()

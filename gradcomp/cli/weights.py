@@ -7,6 +7,8 @@ Subcommands::
     gradcomp weights quantize IN OUT.safetensors --plan plan.json
     gradcomp weights quantize IN OUT.safetensors --bits 4 --granularity per_group --group-size 32 \
         --method gptq --model mymodel:build --data mymodel:calibration_batches [--forward mymodel:forward]
+    gradcomp weights quantize IN OUT.safetensors --bits 4 --granularity per_group --group-size 32 \
+        --method autoround --steps 200 --holdout 1 --model mymodel:build --data mymodel:calibration_batches
     gradcomp weights size --params 7e9 [--json]
     gradcomp weights size FILE [--config ...] [--json]
 
@@ -65,9 +67,16 @@ def register(subparsers) -> None:
                         "(fp32 keeps the layer; exact name, glob or re:<regex>; first match wins; repeatable)")
     q.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="keep matching layers in full precision (repeatable)")
     q.add_argument("--plan", metavar="PLAN.json", help="per-layer configs from `gradcomp plan --out` (layers not in it stay as they are)")
-    q.add_argument("--method", default="rtn", choices=("rtn", "gptq", "awq_clip", "awq_scale", "hqq"),
+    q.add_argument("--method", default="rtn", choices=("rtn", "gptq", "awq_clip", "awq_scale", "hqq", "autoround"),
                    help="how codes are chosen: round-to-nearest (default, no data), hqq (fitted scales; needs --model, "
-                        "--data optional) or data-aware (gptq, awq_clip, awq_scale: need --model and --data)")
+                        "--data optional) or data-aware (gptq, awq_clip, awq_scale, autoround: need --model and --data; "
+                        "autoround trains rounding and ranges against the model's outputs, which --forward must return)")
+    q.add_argument("--steps", type=int_in(0), default=None, help="autoround: optimisation steps, one batch each (default 100)")
+    q.add_argument("--lr", type=float_in(0, 1e3, lo_open=True), default=None,
+                   help="autoround: learning rate at step 0, decayed linearly (default 1/steps)")
+    q.add_argument("--holdout", type=int_in(0), default=None,
+                   help="autoround: calibration batches (the last ones) kept out of training to pick the best step (default 0)")
+    q.add_argument("--init", choices=("rtn", "awq_clip"), default=None, help="autoround: the starting ranges (default rtn)")
     q.add_argument("--model", metavar="MODULE:FN", help="FN() builds the model IN belongs to (for --method other than rtn)")
     q.add_argument("--data", metavar="MODULE:FN", help="FN() returns the calibration batches (for gptq/awq_clip/awq_scale)")
     q.add_argument("--sequential", type=int, default=0, metavar="STAGES",
@@ -207,6 +216,9 @@ def _quantize(args) -> int:
     if Path(args.input).resolve() == out.resolve():
         raise CliError("IN and OUT must be different files")
     rules = _rules(args)
+    stray = [f"--{k}" for k in ("steps", "lr", "holdout", "init") if getattr(args, k, None) is not None]
+    if stray and args.method != "autoround":
+        raise CliError(f"{', '.join(stray)} belong to --method autoround, got --method {args.method}")
     sd = _load(args, args.input)
     if args.method == "rtn":
         packed, plain = quantize_state_dict(sd, rules, progress=_progress(args, "quantize"))
@@ -247,10 +259,18 @@ def _quantize_with_data(args, sd, rules):
         raise CliError(f"--method {args.method} needs --model MODULE:FN (the model) and --data MODULE:FN (calibration batches)")
     if args.sequential < 0 or (args.sequential and not args.data):
         raise CliError(f"--sequential takes a number of stages >= 0 and needs --data, got {args.sequential}")
+    given = {k: getattr(args, k) for k in ("steps", "lr", "holdout", "init") if getattr(args, k, None) is not None}
+    method: Any = args.method
+    if args.method == "autoround":
+        from gradcomp.quant.algorithms import AutoRound
+
+        if args.sequential:
+            raise CliError("--method autoround trains every layer at once; it takes no --sequential")
+        method = AutoRound(**given)
     model = _user_model(args, sd)
     batches = import_spec(args.data, "--data")() if args.data else None
     forward = import_spec(args.forward, "--forward") if args.forward else None
-    quantize_(model, rules, method=args.method, calibration=batches, forward=forward, num_batches=args.batches,
+    quantize_(model, rules, method=method, calibration=batches, forward=forward, num_batches=args.batches,
               progress=not args.no_progress, sequential=args.sequential or False)
     packed = {n: m.packed for n, m in model.named_modules() if hasattr(m, "packed")}
     held = {f"{n}.{k}" for n in packed for k in ("packed.qweight", "packed.scale", "packed.zero_point", "packed.input_scale")}
