@@ -191,7 +191,8 @@ def main() -> None:
     ap.add_argument("--extra-compounds", type=int, default=150, help="extra calibration compounds (section 1b)")
     ap.add_argument("--extra-variants", type=int, default=2, help="strained/perturbed copies of each calibration structure (section 1b)")
     ap.add_argument("--sections", default="0,1,1b,1c,1d,1e,1f,1g,2,3", help="sections to run, comma-separated")
-    ap.add_argument("--autoround-steps", type=int, default=200, help="AutoRound steps (section 1g)")
+    ap.add_argument("--autoround-steps", type=int, default=100, help="AutoRound steps with 33 structures (twice as many with the "
+                                                                   "extended set; section 1g)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -223,7 +224,7 @@ def main() -> None:
     sections = set(args.sections.split(","))
     big_batches = cal_batches
     extra_graphs, big = [], calib
-    if sections & {"1b", "1c", "1d", "1e", "1f"}:
+    if sections & {"1b", "1c", "1d", "1e", "1f", "1g"}:
         t = time.time()
         test_names = {n for i, (n, _) in enumerate(named) if i % 3 != 0}
         base_cal = [(n, s) for i, (n, s) in enumerate(named) if i % 3 == 0]
@@ -281,7 +282,7 @@ def main() -> None:
         _rows("AWQ channel scaling (input_scale stored, counted in bits/weight)", rows, variant, bits, test_batches, ref, head,
               results, "awq_scale")
     if "1g" in sections:
-        section1g(variant, bits, test_batches, ref, head, g32, keep8, args, results)
+        section1g(variant, bits, test_batches, ref, head, g32, keep8, big_batches, args, results)
     if "1c" in sections:
         section1c(base, variant, bits, test_batches, ref, head, int8, g32, big_batches, results)
     if "2" in sections:
@@ -383,28 +384,35 @@ def section1e(variant, bits, test_batches, ref, head, g32, keep8, big, results) 
           results, "weight_only_keep8")
 
 
-def section1g(variant, bits, test_batches, ref, head, g32, keep8, args, results) -> None:
-    """(1g) AutoRound: rounding offsets and ranges trained against the four outputs, vs RTN and awq_clip."""
+def section1g(variant, bits, test_batches, ref, head, g32, keep8, big, args, results) -> None:
+    """(1g) AutoRound: rounding offsets trained against the four outputs, vs RTN and awq_clip in the same run."""
     n = args.autoround_steps
-    ar = lambda **kw: AutoRound(steps=n, **kw)
+    ar = lambda **kw: AutoRound(steps=n, holdout=1, **kw)   # the last batch (3 structures) picks the best step
+    # the extended set in a seeded random order, so that the 6 held-out batches mix every kind of structure
+    flat = [g for b in big for g in b]
+    order = np.random.default_rng(0).permutation(len(flat))
+    mixed = [[flat[j] for j in order[i:i + 6]] for i in range(0, len(flat), 6)]
+    nb = len(flat)
+    fc8 = "int4 g32 + composition_model.fc int8"
     rows = [
         ("int4 g32, RTN", lambda: variant(g32)),
         ("int4 g32, awq_clip (33)", lambda: variant(g32, "awq_clip")),
         (f"int4 g32, autoround {n} steps (33)", lambda: variant(g32, ar(), fwd=train_forward, progress=True)),
-        (f"int4 g32, autoround {n} steps, normalize=initial (33)", lambda: variant(g32, ar(normalize="initial"), fwd=train_forward,
-                                                                                   progress=True)),
-        ("int4 g32 + composition_model.fc int8, RTN", lambda: variant(keep8)),
-        ("int4 g32 + composition_model.fc int8, awq_clip (33)", lambda: variant(keep8, "awq_clip")),
-        (f"int4 g32 + composition_model.fc int8, autoround {n} steps (33)",
-         lambda: variant(keep8, ar(), fwd=train_forward, progress=True)),
-        (f"int4 g32 + composition_model.fc int8, autoround {n} steps, normalize=initial (33)",
-         lambda: variant(keep8, ar(normalize="initial"), fwd=train_forward, progress=True)),
-        (f"int4 g32 + composition_model.fc int8, autoround {n} steps, normalize=initial, init=awq_clip (33)",
-         lambda: variant(keep8, ar(normalize="initial", init="awq_clip"), fwd=train_forward, progress=True)),
-        (f"int4 g32 + composition_model.fc int8, autoround {n} steps, normalize=initial, holdout 1 batch (27 + 6)",
-         lambda: variant(keep8, ar(normalize="initial", holdout=1), fwd=train_forward, progress=True)),
+        (f"{fc8}, RTN", lambda: variant(keep8)),
+        (f"{fc8}, awq_clip (33)", lambda: variant(keep8, "awq_clip")),
+        (f"{fc8}, autoround {n} steps (33)", lambda: variant(keep8, ar(), fwd=train_forward, progress=True)),
+        (f"{fc8}, autoround {n} steps, ranges learnt too (33)", lambda: variant(keep8, ar(ranges=True), fwd=train_forward,
+                                                                                 progress=True)),
+        (f"{fc8}, autoround {n} steps, normalize=power (33)", lambda: variant(keep8, ar(normalize="power"), fwd=train_forward,
+                                                                               progress=True)),
+        (f"int4 g32, awq_clip ({nb})", lambda: variant(g32, "awq_clip", cal=big)),
+        (f"int4 g32, autoround {2 * n} steps ({nb}, 6 batches held out)",
+         lambda: variant(g32, AutoRound(steps=2 * n, holdout=6), cal=mixed, fwd=train_forward, progress=True)),
+        (f"{fc8}, awq_clip ({nb})", lambda: variant(keep8, "awq_clip", cal=big)),
+        (f"{fc8}, autoround {2 * n} steps ({nb}, 6 batches held out)",
+         lambda: variant(keep8, AutoRound(steps=2 * n, holdout=6), cal=mixed, fwd=train_forward, progress=True)),
     ]
-    _rows(f"AutoRound against the model's outputs ({n} steps of one 6-structure batch; selection every {max(1, n // 10)} steps)",
+    _rows(f"AutoRound against the model's outputs (one 6-structure batch per step; selection every {max(1, n // 10)} steps)",
           rows, variant, bits, test_batches, ref, head, results, "autoround")
 
 

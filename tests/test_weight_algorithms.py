@@ -308,17 +308,20 @@ def test_autoround_beats_round_to_nearest_on_held_out_model_output(trained, conf
 
 @pytest.mark.parametrize("config", CONFIGS + [q.WeightQuantConfig(bits=4, granularity="per_group", group_size=5, scale_dtype="bf16")],
                          ids=lambda c: c.name)
-def test_autoround_without_steps_is_round_to_nearest_bit_for_bit(config):
-    # v = 0 and full ranges are round-to-nearest: the packing path must reproduce its codes and scales exactly
+def test_autoround_without_steps_is_its_starting_point_bit_for_bit(config):
+    # v = 0 is round-to-nearest on the starting ranges: the packing path must reproduce the codes and scales
+    # of round-to-nearest (init="rtn") and of awq_clip (init="awq_clip", the default) exactly
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(10, 64), nn.Linear(64, 40), nn.Tanh(), nn.Linear(40, 7))
     model[1].weight.data[3, :8] = 0.0   # an all-zero group: zero scale
+    cal = [torch.randint(0, 10, (4, 3)) for _ in range(2)]
     import copy
 
-    rtn = q.quantize_(copy.deepcopy(model), config)
-    ar = q.quantize_(copy.deepcopy(model), config, method=AutoRound(steps=0), calibration=[torch.randint(0, 10, (4, 3))])
-    for (n, a), (_, b) in zip(rtn.state_dict().items(), ar.state_dict().items()):
-        assert a.dtype == b.dtype and torch.equal(a, b), n
+    for start, method in (("rtn", None), ("awq_clip", "awq_clip")):
+        want = q.quantize_(copy.deepcopy(model), config, method=method, calibration=cal if method else None)
+        ar = q.quantize_(copy.deepcopy(model), config, method=AutoRound(steps=0, init=start), calibration=cal)
+        for (n, a), (_, b) in zip(want.state_dict().items(), ar.state_dict().items()):
+            assert a.dtype == b.dtype and torch.equal(a, b), (start, n)
 
 
 def test_autoround_keeps_the_best_step_and_packs_what_it_scored():
@@ -330,7 +333,8 @@ def test_autoround_keeps_the_best_step_and_packs_what_it_scored():
     cfg = q.WeightQuantConfig(bits=3, granularity="per_group", group_size=16)
     work = copy.deepcopy(model)
     layers = [([(n, m)], cfg) for n, m in work.named_children() if isinstance(m, nn.Linear)]
-    res = autoround_quantize(work, layers, batches, AutoRound(steps=30, holdout=1, eval_every=5))
+    res = autoround_quantize(work, layers, batches, AutoRound(steps=30, holdout=1, eval_every=5, init="rtn", ranges=True,
+                                                                normalize="power"))
     assert [s for s, _ in res.history] == [0, 5, 10, 15, 20, 25, 30] and len(res.train_loss) == 30
     best = min(loss for _, loss in res.history)
     assert best < res.history[0][1] and dict(res.history)[res.best_step] == best
@@ -366,6 +370,8 @@ def test_autoround_bad_options_and_inputs_change_nothing():
                       ({"holdout": -1}, "holdout"), ({"eval_every": 0}, "eval_every"), ({"normalize": "max"}, "normalize")]:
         with pytest.raises(ValueError, match=match):
             AutoRound(**kw)
+    with pytest.raises(TypeError, match="ranges"):
+        AutoRound(ranges=1)
     assert resolve_method("autoround") == AutoRound()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))

@@ -17,18 +17,18 @@ Parameters (per quantized weight, in its layout of ``rows * groups`` blocks of `
 Steps:
     1. Run the fp32 model on every calibration batch through ``forward(model, batch)`` and keep its
        outputs (a tensor, or a dict / tuple of tensors: one per head).
-    2. Start from round-to-nearest (``v = 0``, ``r = 1``), or from awq_clip's ranges
-       (``init="awq_clip"``: ``r`` from the clipping search on the input Hessians).
+    2. Start from ``v = 0`` and awq_clip's ranges (``init="awq_clip"``: ``r`` from the clipping
+       search on the input Hessians), or round-to-nearest (``init="rtn"``: ``r = 1``).
     3. For ``steps`` steps, one training batch each (in turn): put the fake-quantized weights
        ``s(r) * clamp(round(w / s(r) + v))`` into the model (straight-through estimator for the
        rounding; the scale rounded to its storage dtype the same way), run ``forward``, and take the
-       loss ``mean_k ||y_k - y_k^fp32||^2 / N_k`` over the outputs ``k``. ``N_k`` is each output's own
+       loss ``mean_k ||y_k - y_k^fp32||^2 / N_k`` over the outputs ``k``. ``N_k`` is the error of
+       output ``k`` at the starting point (``normalize="initial"``: every output starts at 1, so an
+       output with a large constant offset, like an energy, is not drowned by the others) or its
        fp32 power ``||y_k^fp32||^2`` (``normalize="power"``, the ``rel_mse`` of the sensitivity
-       module), or the error of the starting point (``normalize="initial"``: every output starts at
-       1, so an output with a large constant offset, like a total energy, is not drowned by the
-       others). Step ``v`` and ``r`` by the sign of their gradient (``optimizer="sign"``, AutoRound's
-       signed gradient descent) or by Adam, with a learning rate that decays linearly to 0, and clip
-       them to their bounds.
+       module). Step ``v`` (and ``r`` with ``ranges=True``) by the sign of the gradient
+       (``optimizer="sign"``, AutoRound's signed gradient descent) or by Adam, with a learning rate
+       that decays linearly to 0, and clip them to their bounds.
     4. Every ``eval_every`` steps (and at 0 and the end) score the selection batches (the last
        ``holdout`` calibration batches, which are never trained on; all training batches when
        ``holdout=0``) and keep the parameters of the best score. The starting point is scored too, so
@@ -79,17 +79,22 @@ class AutoRound:
 
     Attributes:
         steps: optimisation steps, one calibration batch each (0: the starting point, packed).
-        lr: learning rate at step 0, decayed linearly to 0; None: ``1 / steps`` for ``"sign"`` (so the
-            offsets can cross their whole range once, AutoRound's default) and ``0.005`` for ``"adam"``.
+        lr: learning rate at step 0, decayed linearly to 0; None: ``0.5 / steps`` for ``"sign"`` (the
+            offsets can move a quarter of their range; AutoRound's ``1 / steps`` overfitted the 33
+            structures of the CHGNet example) and ``0.005`` for ``"adam"``.
         optimizer: ``"sign"`` (signed gradient descent) or ``"adam"``.
         min_ratio: the strongest clipping of a group's range, in (0, 1].
-        init: ``"rtn"`` (round-to-nearest) or ``"awq_clip"`` (ranges from the clipping search on the
-            input Hessians of the Linear layers; one more calibration pass).
+        init: ``"awq_clip"`` (ranges from the clipping search on the input Hessians of the Linear
+            layers; one more calibration pass; other layers start from round-to-nearest) or ``"rtn"``.
         holdout: calibration batches (the last ones) kept out of training and used to pick the best
             step; 0 picks it on the training batches.
         eval_every: steps between selection passes; None: ``max(1, steps // 10)``.
-        normalize: ``"power"`` (each output's squared error over its fp32 power) or ``"initial"``
-            (over its error at the starting point).
+        normalize: ``"initial"`` (each output's squared error over its error at the starting point)
+            or ``"power"`` (over its fp32 power, the sensitivity module's ``rel_mse``; an output with a
+            large constant offset, like CHGNet's energy, then weighs almost nothing).
+        ranges: learn the group ranges ``r`` too (default False: only the rounding offsets move and
+            the ranges stay those of the starting point; on CHGNet learning them made training
+            unstable and the result worse on every output).
 
     The method is deterministic: training batches are taken in turn, no random draw is made.
     """
@@ -98,10 +103,11 @@ class AutoRound:
     lr: Optional[float] = None
     optimizer: str = "sign"
     min_ratio: float = 0.5
-    init: str = "rtn"
+    init: str = "awq_clip"
     holdout: int = 0
     eval_every: Optional[int] = None
-    normalize: str = "power"
+    normalize: str = "initial"
+    ranges: bool = False
 
     name = "autoround"
     needs_data = True
@@ -126,13 +132,15 @@ class AutoRound:
             raise ValueError(f"eval_every must be None or a positive int, got {self.eval_every!r}")
         if self.normalize not in NORMALIZE:
             raise ValueError(f"normalize must be one of {NORMALIZE}, got {self.normalize!r}")
+        if not isinstance(self.ranges, bool):
+            raise TypeError(f"ranges must be a bool, got {type(self.ranges).__name__}")
 
     @property
     def learning_rate(self) -> float:
         """The learning rate at step 0 (``lr``, or its default for the optimizer and ``steps``)."""
         if self.lr is not None:
             return float(self.lr)
-        return 1.0 / max(self.steps, 1) if self.optimizer == "sign" else 0.005
+        return 0.5 / max(self.steps, 1) if self.optimizer == "sign" else 0.005
 
 
 @dataclass
@@ -304,7 +312,9 @@ def autoround_quantize(
             for fqn, m in mods:
                 parametrize.register_parametrization(m, "weight", fq, unsafe=True)
                 done.append((m, fqn))
-        params = [p for fq in fqs for p in (fq.v, fq.r)]
+        for fq in fqs:
+            fq.r.requires_grad_(options.ranges)
+        params = [p for fq in fqs for p in ((fq.v, fq.r) if options.ranges else (fq.v,))]
 
         def errors(batch_ids) -> Dict[str, float]:
             tot: Dict[str, float] = {k: 0.0 for k in ref[0]}
