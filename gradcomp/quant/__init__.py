@@ -18,7 +18,7 @@ The package is split the way torchao splits it; read it top-down:
 * :mod:`~gradcomp.quant.activation_quant`: prepare, calibrate and convert fake quantization of layer
   inputs.
 * :mod:`~gradcomp.quant.algorithms`: how codes are chosen: round-to-nearest, GPTQ, activation-aware
-  clipping (data-aware, same packed format).
+  clipping and scaling, HQQ, AutoRound (data-aware or data-free, same packed format).
 * :mod:`~gradcomp.quant.kernels`: PyTorch's int8/int4 CPU kernels behind :class:`QuantizedLinear`.
 * :mod:`~gradcomp.quant.weight_report` and :mod:`~gradcomp.quant.activation_report`: the analyses
   (weight statistics and per-config quality; activation capture and dynamics).
@@ -45,7 +45,7 @@ from gradcomp.quant.observers import *  # noqa: F401,F403
 from gradcomp.quant.activation_quant import *  # noqa: F401,F403
 from gradcomp.quant.activation_report import *  # noqa: F401,F403
 from gradcomp.quant import algorithms, kernels
-from gradcomp.quant.algorithms import GPTQ, HQQ, ActivationAwareClip, AWQScale, layer_output_error
+from gradcomp.quant.algorithms import GPTQ, HQQ, ActivationAwareClip, AutoRound, AWQScale, layer_output_error
 
 __all__ = [
     *configs.__all__,
@@ -63,5 +63,6 @@ __all__ = [
     "ActivationAwareClip",
     "AWQScale",
     "HQQ",
+    "AutoRound",
     "layer_output_error",
 ]
