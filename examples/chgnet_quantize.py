@@ -191,8 +191,8 @@ def main() -> None:
     ap.add_argument("--extra-compounds", type=int, default=150, help="extra calibration compounds (section 1b)")
     ap.add_argument("--extra-variants", type=int, default=2, help="strained/perturbed copies of each calibration structure (section 1b)")
     ap.add_argument("--sections", default="0,1,1b,1c,1d,1e,1f,1g,2,3", help="sections to run, comma-separated")
-    ap.add_argument("--autoround-steps", type=int, default=100, help="AutoRound steps with 33 structures (twice as many with the "
-                                                                   "extended set; section 1g)")
+    ap.add_argument("--autoround-steps", type=int, default=100, help="AutoRound steps with 33 structures (4 times as many with "
+                                                                   "the extended set; section 1g)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -406,11 +406,11 @@ def section1g(variant, bits, test_batches, ref, head, g32, keep8, big, args, res
         (f"{fc8}, autoround {n} steps, normalize=power (33)", lambda: variant(keep8, ar(normalize="power"), fwd=train_forward,
                                                                                progress=True)),
         (f"int4 g32, awq_clip ({nb})", lambda: variant(g32, "awq_clip", cal=big)),
-        (f"int4 g32, autoround {2 * n} steps ({nb}, 6 batches held out)",
-         lambda: variant(g32, AutoRound(steps=2 * n, holdout=6), cal=mixed, fwd=train_forward, progress=True)),
+        (f"int4 g32, autoround {4 * n} steps, lr 0.005 ({nb}, 6 batches held out)",
+         lambda: variant(g32, AutoRound(steps=4 * n, lr=0.005, holdout=6), cal=mixed, fwd=train_forward, progress=True)),
         (f"{fc8}, awq_clip ({nb})", lambda: variant(keep8, "awq_clip", cal=big)),
-        (f"{fc8}, autoround {2 * n} steps ({nb}, 6 batches held out)",
-         lambda: variant(keep8, AutoRound(steps=2 * n, holdout=6), cal=mixed, fwd=train_forward, progress=True)),
+        (f"{fc8}, autoround {4 * n} steps, lr 0.005 ({nb}, 6 batches held out)",
+         lambda: variant(keep8, AutoRound(steps=4 * n, lr=0.005, holdout=6), cal=mixed, fwd=train_forward, progress=True)),
     ]
     _rows(f"AutoRound against the model's outputs (one 6-structure batch per step; selection every {max(1, n // 10)} steps)",
           rows, variant, bits, test_batches, ref, head, results, "autoround")
