@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -44,6 +45,27 @@ def test_fit_recovers_latency_and_bandwidth(workers):
     fit = fit_latency_bandwidth(numels, noisy, workers)
     assert fit.latency == pytest.approx(alpha, rel=0.2) and fit.bandwidth == pytest.approx(beta, rel=0.1)
     assert 0.01 < fit.rel_rmse < 0.05
+
+
+def test_fit_takes_the_sustained_rate_from_the_largest_probes():
+    # a rate limiter lets mid-sized probes through at twice the rate (its burst, socket buffers):
+    # the bandwidth must still be the sustained one, or every bucket-sized transfer is under-predicted
+    alpha, beta, workers = 250e-6, 118e6, 2
+    numels = [256, 4096, 65536, 262144, 1048576, 4194304]
+    fast = {65536: 2.0, 262144: 1.6}
+    times = [2 * alpha + 4 * n / (beta * fast.get(n, 1.0)) for n in numels]
+    fit = fit_latency_bandwidth(numels, times, workers)
+    assert fit.bandwidth == pytest.approx(beta, rel=0.05)
+    assert fit.latency == pytest.approx(alpha, rel=0.1)
+    largest = 2 * fit.latency + 4 * numels[-1] / fit.bandwidth
+    assert largest == pytest.approx(times[-1], rel=0.03)
+    assert fit.probes == tuple(zip(numels, times))
+    # the probes travel with the fit through a JSON round trip
+    nf = NetworkFit(link=fit, codec=CODEC)
+    back = NetworkFit.from_dict(json.loads(json.dumps(nf.to_dict())))
+    assert back == nf
+    with pytest.raises(TypeError, match="probes must hold"):
+        LinkFit(1e-4, 1e8, probes=(1, 2))
 
 
 def test_fit_clamps_negative_latency_and_rejects_bad_input():

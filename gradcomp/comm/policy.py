@@ -70,17 +70,24 @@ class LinkFit:
         bandwidth: bytes per second each way (beta).
         rel_rmse: root mean square relative error of the fit over the probes (0 when given).
         samples: probes the fit used (0 when given).
+        probes: the measured ``(elements, seconds)`` pairs behind the fit (empty when given).
     """
 
     latency: float
     bandwidth: float
     rel_rmse: float = 0.0
     samples: int = 0
+    probes: Tuple[Tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         check_positive("latency", self.latency, allow_zero=True)
         check_positive("bandwidth", self.bandwidth)
         check_positive("rel_rmse", self.rel_rmse, allow_zero=True)
+        try:  # a fit read back from JSON holds lists
+            probes = tuple((int(n), float(t)) for n, t in self.probes)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"probes must hold (elements, seconds) pairs, got {self.probes!r}") from exc
+        object.__setattr__(self, "probes", probes)
 
 
 @dataclass(frozen=True)
@@ -199,12 +206,19 @@ def fit_latency_bandwidth(numels: Sequence[int], times: Sequence[float], workers
     """Fit ``alpha`` and ``beta`` of the cost model's fp32 ring all-reduce to measured times.
 
     The model is ``t(n) = k alpha + w(n) / beta`` with ``k = 2 (P-1)`` and ``w(n) = 2 (P-1)/P * 4 n``
-    (:func:`gradcomp.costmodel.estimate` of ``ring-fp32``). Each probe is weighted by ``1 / t`` so
-    small and large probes count alike (relative least squares); ``alpha`` is clamped at 0 and
-    ``beta`` kept positive.
+    (:func:`gradcomp.costmodel.estimate` of ``ring-fp32``). Each term is taken where it dominates:
 
-    Example: on 2 ranks (``k = 2``, ``w = 4 n``) times 1.1 ms for 1e4 elements and 4.1 ms for 1e5
-    give ``1 / beta = 3 ms / 360000 B``, i.e. ``beta = 120 MB/s``, and ``alpha = (1.1 - 0.333) / 2 ms``.
+    1. ``1 / beta`` by least squares through ``(0, k alpha0)`` over every probe, unweighted, so the
+       largest probes (the sustained rate) set it; ``alpha0`` is the smallest probe's time over ``k``.
+       Mid-sized probes often run faster than the sustained rate (a rate limiter's burst, socket
+       buffers): a fit that weighs every probe alike then reports a link faster than it is, and
+       under-predicts every bucket-sized transfer.
+    2. ``alpha`` from the latency-bound probes (the bandwidth term under 10% of the time: their
+       median of ``(t - w / beta) / k``), clamped at 0; 0 when no probe is latency-bound.
+    3. ``1 / beta`` again with that ``alpha``; steps 2 and 3 repeat until ``alpha`` settles.
+
+    Example: on 2 ranks (``k = 2``, ``w = 4 n``) times 1.0 ms for 256 elements, 4.0 ms for 1e5 and
+    34.0 ms for 1e6 give ``alpha`` about 0.5 ms and ``beta`` about 120 MB/s.
 
     Args:
         numels: fp32 elements of each probe.
@@ -212,7 +226,7 @@ def fit_latency_bandwidth(numels: Sequence[int], times: Sequence[float], workers
         workers: ranks of the probed group (P >= 2).
 
     Returns:
-        A :class:`LinkFit`.
+        A :class:`LinkFit` (with the probes it was fitted on).
     """
     if len(numels) != len(times) or len(numels) < 2:
         raise ValueError(f"numels and times must have the same length >= 2, got {len(numels)} and {len(times)}")
@@ -220,25 +234,34 @@ def fit_latency_bandwidth(numels: Sequence[int], times: Sequence[float], workers
         raise ValueError(f"workers must be an int >= 2 (a link needs two ends), got {workers!r}")
     if any(not (t > 0 and math.isfinite(t)) for t in times):
         raise ValueError(f"times must be positive finite seconds, got {list(times)}")
-    # plain float arithmetic (2x2 normal equations): bit-identical on every rank, which a LAPACK
-    # solver does not promise (its results may depend on memory alignment)
+    # plain float arithmetic: bit-identical on every rank, which a LAPACK solver does not promise
     terms = [_ring_terms(int(n), workers) for n in numels]
     t = [float(x) for x in times]
-    a1 = [k / ti for (k, _), ti in zip(terms, t)]  # rows weighted by 1 / t
-    a2 = [w / ti for (_, w), ti in zip(terms, t)]
-    s11, s12, s22 = sum(x * x for x in a1), sum(x * y for x, y in zip(a1, a2)), sum(y * y for y in a2)
-    r1, r2 = sum(a1), sum(a2)
-    det = s11 * s22 - s12 * s12
-    alpha, inv_beta = ((r1 * s22 - r2 * s12) / det, (s11 * r2 - s12 * r1) / det) if det > 0 else (-1.0, 0.0)
-    if alpha < 0:  # refit the bandwidth alone through the origin
-        alpha = 0.0
-        inv_beta = r2 / s22
+    ks, ws = [k for k, _ in terms], [w for _, w in terms]
+    sww = sum(w * w for w in ws)
+
+    def slope(alpha: float) -> float:
+        return sum(w * (ti - k * alpha) for k, w, ti in zip(ks, ws, t)) / sww
+
+    small = min(range(len(t)), key=lambda i: ws[i])
+    alpha = t[small] / ks[small]
+    inv_beta = slope(alpha)
+    for _ in range(50):  # steps 2 and 3 to a fixed point (each moves alpha by a factor w_small / w_large)
+        if inv_beta <= 0:
+            break
+        bound = sorted((ti - w * inv_beta) / k for k, w, ti in zip(ks, ws, t) if w * inv_beta < 0.1 * ti)
+        new_alpha = max(0.0, bound[len(bound) // 2]) if bound else 0.0
+        converged = abs(new_alpha - alpha) <= 1e-12 * max(alpha, 1e-30)
+        alpha, inv_beta = new_alpha, slope(new_alpha)
+        if converged:
+            break
     if inv_beta <= 0:  # times did not grow with size: latency-bound; take the largest probe's slope as a floor
-        inv_beta = max(t) / max(w for _, w in terms)
+        inv_beta = max(t) / max(ws)
         alpha = 0.0
     pred = [k * alpha + w * inv_beta for k, w in terms]
     rel_rmse = math.sqrt(sum(((p - ti) / ti) ** 2 for p, ti in zip(pred, t)) / len(t))
-    return LinkFit(latency=alpha, bandwidth=1.0 / inv_beta, rel_rmse=rel_rmse, samples=len(numels))
+    return LinkFit(latency=alpha, bandwidth=1.0 / inv_beta, rel_rmse=rel_rmse, samples=len(numels),
+                   probes=tuple((int(n), ti) for n, ti in zip(numels, t)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,7 +345,8 @@ def probe_network(
         ex_times = []
         for b in widths:
             # the warm-up call compiles the kernels when compiled
-            ex_times.append(timed(lambda: exchange(b, x), config.probe_repeats, device=device, before=lambda: dist.barrier(group=group)))
+            # at least 5 repeats: the median must not follow one slow pass (the ranks share the cores)
+            ex_times.append(timed(lambda: exchange(b, x), max(5, config.probe_repeats), device=device, before=lambda: dist.barrier(group=group)))
         ex_times = _agree_max(ex_times, group)
         probe_policy = CommPolicy(config, NetworkFit(link=link, intra=intra, codec=tuple(tps)), P, nodes, block_size, chunk_numel)
         for i, b in enumerate(widths):
