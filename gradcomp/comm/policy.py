@@ -214,7 +214,8 @@ def fit_latency_bandwidth(numels: Sequence[int], times: Sequence[float], workers
        buffers): a fit that weighs every probe alike then reports a link faster than it is, and
        under-predicts every bucket-sized transfer.
     2. ``alpha`` from the latency-bound probes (the bandwidth term under 10% of the time: their
-       median of ``(t - w / beta) / k``), clamped at 0; 0 when no probe is latency-bound.
+       lower median of ``(t - w / beta) / k``: scheduling delays only add), clamped at 0; 0 when no
+       probe is latency-bound.
     3. ``1 / beta`` again with that ``alpha``; steps 2 and 3 repeat until ``alpha`` settles.
 
     Example: on 2 ranks (``k = 2``, ``w = 4 n``) times 1.0 ms for 256 elements, 4.0 ms for 1e5 and
@@ -250,7 +251,7 @@ def fit_latency_bandwidth(numels: Sequence[int], times: Sequence[float], workers
         if inv_beta <= 0:
             break
         bound = sorted((ti - w * inv_beta) / k for k, w, ti in zip(ks, ws, t) if w * inv_beta < 0.1 * ti)
-        new_alpha = max(0.0, bound[len(bound) // 2]) if bound else 0.0
+        new_alpha = max(0.0, bound[(len(bound) - 1) // 2]) if bound else 0.0  # lower median: delays only add
         converged = abs(new_alpha - alpha) <= 1e-12 * max(alpha, 1e-30)
         alpha, inv_beta = new_alpha, slope(new_alpha)
         if converged:
