@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -343,18 +344,34 @@ def probe_network(
         # predicts from the links and the local timing (contention, the collectives' own copies),
         # the codec figure is scaled until the model reproduces it
         x = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(device)
-        ex_times = []
-        for b in widths:
-            # the warm-up call compiles the kernels when compiled
-            # at least 5 repeats: the median must not follow one slow pass (the ranks share the cores)
-            ex_times.append(timed(lambda: exchange(b, x), max(5, config.probe_repeats), device=device, before=lambda: dist.barrier(group=group)))
-        ex_times = _agree_max(ex_times, group)
+        ex_times = _time_exchanges(exchange, widths, x, max(7, config.probe_repeats), group, device)
         probe_policy = CommPolicy(config, NetworkFit(link=link, intra=intra, codec=tuple(tps)), P, nodes, block_size, chunk_numel)
         for i, b in enumerate(widths):
             scaled = _codec_matching(probe_policy, b, n, tps[i][1], ex_times[i])
             if scaled is not None:
                 tps[i] = (b, scaled)
     return NetworkFit(link=link, intra=intra, codec=tuple(tps), source=f"measured on {P} ranks, max over ranks, sizes {numels}")
+
+
+def _time_exchanges(exchange: Callable[[int, torch.Tensor], None], widths: Sequence[int], x: torch.Tensor, repeats: int,
+                    group, device) -> List[float]:
+    """Time ``exchange(bits, x)`` for every width; return per width the median over repeats of the slowest rank (collective).
+
+    One warm-up call per width, then ``repeats`` rounds that take the widths in turn (so a change
+    of load hits every width alike), each call after a barrier. Every call's time is agreed as its
+    maximum over the ranks (an exchange ends when its slowest rank does) before the median is taken,
+    as a step's communication is measured.
+    """
+    for b in widths:
+        dist.barrier(group=group)
+        exchange(b, x)
+    samples = []
+    for _ in range(repeats):
+        for b in widths:
+            samples.append(timed(lambda: exchange(b, x), 1, warmup=0, device=device, before=lambda: dist.barrier(group=group)))
+    agreed = _agree_max(samples, group)
+    k = len(widths)
+    return [statistics.median(agreed[i::k]) for i in range(k)]
 
 
 def _codec_matching(policy: "CommPolicy", bits: int, numel: int, local: CodecThroughput, measured_s: float) -> Optional[CodecThroughput]:
