@@ -100,12 +100,16 @@ class NetworkFit:
         intra: the links inside a node (hierarchical mode), or None.
         codec: ``((bits, CodecThroughput), ...)`` for every quantized candidate.
         source: ``given`` or a description of the measurement.
+        overhead: ``((bits, seconds), ...)``: a fixed cost of every quantized bucket exchange that
+            the model of links and codec does not hold (per-bucket work, a pipeline's fill and
+            drain), found by timing the hook's exchange end to end at two bucket sizes; none: 0.
     """
 
     link: LinkFit
     intra: Optional[LinkFit] = None
     codec: Tuple[Tuple[int, CodecThroughput], ...] = ()
     source: str = "given"
+    overhead: Tuple[Tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.link, LinkFit):
@@ -115,6 +119,17 @@ class NetworkFit:
         for item in self.codec:
             if not (isinstance(item, tuple) and len(item) == 2 and item[0] in _CANDIDATES[1:] and isinstance(item[1], CodecThroughput)):
                 raise TypeError(f"codec must hold (bits, CodecThroughput) pairs with bits in (8, 4, 2), got {item!r}")
+        try:  # a fit read back from JSON holds lists
+            overhead = tuple((int(b), float(t)) for b, t in self.overhead)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"overhead must hold (bits, seconds) pairs, got {self.overhead!r}") from exc
+        if any(b not in _CANDIDATES[1:] or not (t >= 0 and math.isfinite(t)) for b, t in overhead):
+            raise ValueError(f"overhead must hold (bits in (8, 4, 2), seconds >= 0) pairs, got {self.overhead!r}")
+        object.__setattr__(self, "overhead", overhead)
+
+    def overhead_for(self, bits: int) -> float:
+        """Return the fixed seconds per bucket of ``bits`` that the end-to-end probe found (0 when none)."""
+        return next((t for b, t in self.overhead if b == bits), 0.0)
 
     def codec_for(self, bits: int) -> CodecThroughput:
         """Return the codec throughput of ``bits``."""
@@ -136,6 +151,7 @@ class NetworkFit:
             intra=LinkFit(**intra) if intra is not None else None,
             codec=tuple((int(b), CodecThroughput(**tp)) for b, tp in d.get("codec", ())),
             source=str(d.get("source", "given")),
+            overhead=tuple(d.get("overhead", ())),
         )
 
 
@@ -298,12 +314,13 @@ def probe_network(
 
     With ``exchange`` (``exchange(bits, x)`` runs the hook's whole quantized exchange of ``x`` on
     the real groups as a step runs it: its chunks pipelined with async collectives, its kernels,
-    persistent buffers and residuals), the exchange of ``codec_numel`` elements is also timed end
-    to end (maximum over ranks); where the model (links + local timing, pipelined by
-    ``chunk_numel``, ``2 (P-1)`` messages per chunk) predicts another time, the codec figure is
-    scaled until it reproduces the measured one: what the local timing cannot see (contention for
-    the cores between the ranks, gloo's threads and the codec, an overlap the pipeline does not
-    reach, traffic inside the node) is then included.
+    persistent buffers and residuals), the exchange is also timed end to end (the slowest rank) on
+    a bucket of ``codec_numel`` elements and on one of a single chunk; where the model (links +
+    local timing, pipelined by ``chunk_numel``, ``2 (P-1)`` messages per chunk) predicts other
+    times, the codec figure is scaled and a fixed cost per bucket added until it reproduces both
+    (:func:`_codec_matching`): what the local timing cannot see (contention for the cores between
+    the ranks, gloo's threads and the codec, an overlap the pipeline does not reach, traffic inside
+    the node, per-bucket work) is then included.
 
     Args:
         config: the :class:`PolicyConfig` (sizes, repeats, candidates).
@@ -343,13 +360,22 @@ def probe_network(
         # the whole exchange on the real groups: where it takes longer (or shorter) than the model
         # predicts from the links and the local timing (contention, the collectives' own copies),
         # the codec figure is scaled until the model reproduces it
+        # and at a bucket of one chunk as well: the two sizes separate a fixed cost per bucket from
+        # the part that grows with the bucket
         x = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(device)
-        ex_times = _time_exchanges(exchange, widths, x, max(7, config.probe_repeats), group, device)
+        small = max(1, min(chunk_numel or n // 4, n // 2))
+        reps = max(7, config.probe_repeats)
+        ex_big = _time_exchanges(exchange, widths, x, reps, group, device)
+        ex_small = _time_exchanges(exchange, widths, x[:small], reps, group, device)
         probe_policy = CommPolicy(config, NetworkFit(link=link, intra=intra, codec=tuple(tps)), P, nodes, block_size, chunk_numel)
+        overhead = []
         for i, b in enumerate(widths):
-            scaled = _codec_matching(probe_policy, b, n, tps[i][1], ex_times[i])
+            scaled = _codec_matching(probe_policy, b, (small, ex_small[i]), (n, ex_big[i]), tps[i][1])
             if scaled is not None:
-                tps[i] = (b, scaled)
+                tps[i] = (b, scaled[0])
+                overhead.append((b, scaled[1]))
+        return NetworkFit(link=link, intra=intra, codec=tuple(tps), source=f"measured on {P} ranks, max over ranks, sizes {numels}",
+                          overhead=tuple(overhead))
     return NetworkFit(link=link, intra=intra, codec=tuple(tps), source=f"measured on {P} ranks, max over ranks, sizes {numels}")
 
 
@@ -374,26 +400,44 @@ def _time_exchanges(exchange: Callable[[int, torch.Tensor], None], widths: Seque
     return [statistics.median(agreed[i::k]) for i in range(k)]
 
 
-def _codec_matching(policy: "CommPolicy", bits: int, numel: int, local: CodecThroughput, measured_s: float) -> Optional[CodecThroughput]:
-    """Scale ``local`` so the policy's model of a ``numel`` exchange at ``bits`` takes ``measured_s``; None if it cannot.
+def _codec_matching(policy: "CommPolicy", bits: int, small: Tuple[int, float], big: Tuple[int, float],
+                    local: CodecThroughput) -> Optional[Tuple[CodecThroughput, float]]:
+    """Scale ``local`` and find a fixed cost so the policy's model reproduces two measured exchanges at ``bits``.
 
-    The predicted time grows with the codec time, so the scale is found by bisection (factor
-    ``1e-2`` to ``1e4``); None when even no codec time at all predicts more than was measured.
+    ``small`` and ``big`` are ``(elements, seconds)`` of the hook's whole exchange of a bucket. The
+    model's time ``T(n, m)`` with the codec ``m`` times slower than ``local`` grows with ``m``, and
+    faster for the bigger bucket, so ``m`` is found by bisection (``1e-2`` to ``1e4``) on
+    ``T(big, m) - T(small, m) = t_big - t_small``; the fixed cost is ``a = t_small - T(small, m)``.
+    When that has no solution or gives ``a < 0``, ``a = 0`` and ``m`` matches the big bucket alone.
+
+    Returns:
+        ``(scaled codec throughput, a seconds)``, or None when even no codec time at all predicts
+        more than the big bucket took.
     """
 
-    def predicted(m: float) -> float:
+    def predicted(numel: int, m: float) -> float:
         tp = CodecThroughput(local.quantize_eps / m, local.dequantize_eps / m)
         return estimate(policy.scheme(bits), numel, policy.cluster, tp, policy.block_size, policy.chunk_numel).total_s
 
-    lo, hi = 1e-2, 1e4
-    if not (predicted(lo) < measured_s < predicted(hi)):
-        return None
-    for _ in range(60):
-        mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if predicted(mid) < measured_s else (lo, mid)
-    m = math.sqrt(lo * hi)
-    src = f"{local.source}; scaled {m:.2f}x to the int{bits} exchange of {numel} elements measured end to end, {measured_s * 1e3:.2f} ms"
-    return CodecThroughput(local.quantize_eps / m, local.dequantize_eps / m, src)
+    def solve(f: Callable[[float], float], target: float) -> Optional[float]:
+        lo, hi = 1e-2, 1e4
+        if not (f(lo) < target < f(hi)):
+            return None
+        for _ in range(60):
+            mid = math.sqrt(lo * hi)
+            lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+        return math.sqrt(lo * hi)
+
+    (ns, ts), (nb, tb) = small, big
+    m = solve(lambda m: predicted(nb, m) - predicted(ns, m), tb - ts) if nb > ns else None
+    a = ts - predicted(ns, m) if m is not None else -1.0
+    if a < 0:
+        m, a = solve(lambda m: predicted(nb, m), tb), 0.0
+        if m is None:
+            return None
+    src = (f"{local.source}; scaled {m:.2f}x, plus {a * 1e3:.2f} ms per bucket, to the int{bits} exchanges measured end to end "
+           f"({ns} elements {ts * 1e3:.2f} ms, {nb} elements {tb * 1e3:.2f} ms)")
+    return CodecThroughput(local.quantize_eps / m, local.dequantize_eps / m, src), a
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,6 +496,8 @@ class CommPolicy:
         for b in self.config.allowed:
             tp = None if b == PLAIN else self.fit.codec_for(b)
             out[b] = estimate(self.scheme(b), max(1, int(numel)), self.cluster, tp, self.block_size, self.chunk_numel).total_s
+            if b != PLAIN:
+                out[b] += self.fit.overhead_for(b)
         return out
 
     def choose(self, numel: int) -> int:
@@ -470,7 +516,8 @@ class CommPolicy:
         if f.intra is not None:
             parts.append(f"intra alpha {f.intra.latency * 1e6:.1f} us, beta {f.intra.bandwidth / 1e6:.1f} MB/s (rmse {f.intra.rel_rmse:.2f})")
         for b, tp in f.codec:
-            parts.append(f"int{b} codec {tp.quantize_eps / 1e6:.0f}/{tp.dequantize_eps / 1e6:.0f} Melem/s (quantize/dequantize)")
+            extra = f" + {f.overhead_for(b) * 1e3:.2f} ms per bucket" if f.overhead_for(b) else ""
+            parts.append(f"int{b} codec {tp.quantize_eps / 1e6:.0f}/{tp.dequantize_eps / 1e6:.0f} Melem/s (quantize/dequantize){extra}")
         return "; ".join(parts) + f" [{f.source}]"
 
     def describe_choice(self, numel: int) -> str:
