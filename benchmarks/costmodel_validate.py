@@ -287,7 +287,7 @@ def main(argv=None) -> int:
     p.add_argument("--settings", default="2x1gbit,4x1gbit,2x100mbit,4x100mbit",
                    help="comma-separated HOSTSxRATE[+DELAY]; the first is the one gloo's constants are fitted on")
     p.add_argument("--sizes", default="1000000,4000000", help="fp32 elements per collective")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--quick", action="store_true", help="settings 2x1gbit,4x1gbit and one size")
     p.add_argument("--out", default=str(ROOT / "runs" / "costmodel_validate"))
     p.add_argument("--reuse", action="store_true", help="analyse the results already in --out without running")

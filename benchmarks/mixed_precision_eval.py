@@ -267,7 +267,9 @@ def main(argv=None) -> int:
         "fp16 (cast)": ("rules", [("*", parse_config("fp16"))]),
         "int8 weights (per channel)": ("rules", [("*", parse_config("int8-channel"))]),
         "int8 weights + int8 activations": ("w8a8", [("*", parse_config("int8-channel"))]),
+        "int8 weights, bf16 kernel": ("bf16", [("*", parse_config("int8-channel"))]),
         "int4 weights (g128)": ("rules", [("*", parse_config("int4-g128"))]),
+        "int4 weights (g128), bf16 kernel": ("bf16", [("*", parse_config("int4-g128"))]),
         "int3 weights (g128)": ("rules", [("*", parse_config("int3-g128"))]),
     }
     for b in (3.5, 4.5, 6.0):
@@ -281,6 +283,12 @@ def main(argv=None) -> int:
             apply_plan(q, obj)
         else:
             quantize_(q, obj)
+            if kind == "bf16":  # the weight-only CPU kernels: fp32 activations computed in bf16
+                from gradcomp.weights import QuantizedLinear
+
+                for m in q.modules():
+                    if isinstance(m, QuantizedLinear):
+                        m.compute_dtype = torch.bfloat16
             if kind == "w8a8":
                 quantize_activations_(q, ActQuantConfig(bits=8, dynamic=True, granularity="per_token"))
         built.append((name, q, ev.loss_of(q)["loss"]))

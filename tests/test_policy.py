@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -44,6 +45,27 @@ def test_fit_recovers_latency_and_bandwidth(workers):
     fit = fit_latency_bandwidth(numels, noisy, workers)
     assert fit.latency == pytest.approx(alpha, rel=0.2) and fit.bandwidth == pytest.approx(beta, rel=0.1)
     assert 0.01 < fit.rel_rmse < 0.05
+
+
+def test_fit_takes_the_sustained_rate_from_the_largest_probes():
+    # a rate limiter lets mid-sized probes through at twice the rate (its burst, socket buffers):
+    # the bandwidth must still be the sustained one, or every bucket-sized transfer is under-predicted
+    alpha, beta, workers = 250e-6, 118e6, 2
+    numels = [256, 4096, 65536, 262144, 1048576, 4194304]
+    fast = {65536: 2.0, 262144: 1.6}
+    times = [2 * alpha + 4 * n / (beta * fast.get(n, 1.0)) for n in numels]
+    fit = fit_latency_bandwidth(numels, times, workers)
+    assert fit.bandwidth == pytest.approx(beta, rel=0.05)
+    assert fit.latency == pytest.approx(alpha, rel=0.1)
+    largest = 2 * fit.latency + 4 * numels[-1] / fit.bandwidth
+    assert largest == pytest.approx(times[-1], rel=0.03)
+    assert fit.probes == tuple(zip(numels, times))
+    # the probes travel with the fit through a JSON round trip
+    nf = NetworkFit(link=fit, codec=CODEC)
+    back = NetworkFit.from_dict(json.loads(json.dumps(nf.to_dict())))
+    assert back == nf
+    with pytest.raises(TypeError, match="probes must hold"):
+        LinkFit(1e-4, 1e8, probes=(1, 2))
 
 
 def test_fit_clamps_negative_latency_and_rejects_bad_input():
@@ -232,7 +254,7 @@ def _hook_worker(rank, world_size):
     every = [torch.empty_like(picks) for _ in range(world_size)]
     dist.all_gather(every, picks)
     assert all(torch.equal(every[0], e) for e in every), "ranks decided differently"
-    assert set(probed.recalibrate()) == {"link", "intra", "codec", "source"}
+    assert set(probed.recalibrate()) == {"link", "intra", "codec", "source", "overhead"}
 
 
 @pytest.mark.slow
@@ -240,20 +262,39 @@ def test_hook_follows_policy_identically_on_every_rank(tmp_path):
     spawn(_hook_worker, 4, tmp_path, timeout=180.0)
 
 
-def test_end_to_end_time_scales_the_codec_figure_until_the_model_reproduces_it():
+def test_end_to_end_times_at_two_sizes_give_the_codec_scale_and_a_fixed_cost_per_bucket():
     from gradcomp.comm.policy import _codec_matching
+    from gradcomp.costmodel import CodecThroughput, estimate
 
     policy = CommPolicy(PolicyConfig(candidates=(PLAIN, 8)), _fit(20e-6, 125e6), workers=2)
     local = CODEC[0][1]
-    n = 1 << 22
-    predicted = policy.predict(n)[8]
-    for measured in (1.7 * predicted, 0.9 * predicted):
-        tp = _codec_matching(policy, 8, n, local, measured)
-        refit = CommPolicy(policy.config, NetworkFit(policy.fit.link, codec=((8, tp),)), workers=2)
-        assert refit.predict(n)[8] == pytest.approx(measured, rel=1e-6)
+    ns, nb = 1 << 20, 1 << 22
+
+    def model(n, m):
+        tp = CodecThroughput(local.quantize_eps / m, local.dequantize_eps / m)
+        return estimate(policy.scheme(8), n, policy.cluster, tp, policy.block_size, policy.chunk_numel).total_s
+
+    for m_true, a_true in ((2.0, 5e-3), (0.7, 0.0), (3.0, 12e-3)):
+        ts, tb = model(ns, m_true) + a_true, model(nb, m_true) + a_true
+        tp, a = _codec_matching(policy, 8, (ns, ts), (nb, tb), local)
+        assert local.quantize_eps / tp.quantize_eps == pytest.approx(m_true, rel=1e-4)
+        assert a == pytest.approx(a_true, abs=1e-6)
+        refit = CommPolicy(policy.config, NetworkFit(policy.fit.link, codec=((8, tp),), overhead=((8, a),)), workers=2)
+        assert refit.predict(ns)[8] == pytest.approx(ts, rel=1e-5) and refit.predict(nb)[8] == pytest.approx(tb, rel=1e-5)
         assert "measured end to end" in tp.source
+    # the small bucket faster than any codec scale explains: no fixed cost, the big bucket alone is matched
+    tb = 1.7 * model(nb, 1.0)
+    tp, a = _codec_matching(policy, 8, (ns, 0.2 * model(ns, 1.0)), (nb, tb), local)
+    assert a == 0.0
+    refit = CommPolicy(policy.config, NetworkFit(policy.fit.link, codec=((8, tp),)), workers=2)
+    assert refit.predict(nb)[8] == pytest.approx(tb, rel=1e-6)
     # faster than the wire alone: the model cannot reproduce it, the local figure stays
-    assert _codec_matching(policy, 8, n, local, 1e-6) is None
+    assert _codec_matching(policy, 8, (ns, 1e-7), (nb, 1e-6), local) is None
+    # the fixed cost travels with the fit and is checked
+    fit = NetworkFit(policy.fit.link, codec=((8, tp),), overhead=((8, 3e-3),))
+    assert NetworkFit.from_dict(json.loads(json.dumps(fit.to_dict()))) == fit
+    with pytest.raises(ValueError, match="overhead must hold"):
+        NetworkFit(policy.fit.link, codec=((8, tp),), overhead=((8, -1.0),))
 
 
 def _flat_probe_worker(rank, world_size):

@@ -260,6 +260,11 @@ def test_awq_scale_beats_rtn_and_stores_its_input_scale(tmp_path, trained):
     with_s = [m for m in aq.modules() if isinstance(m, q.QuantizedLinear) and m.packed.input_scale is not None]
     assert with_s
     assert q.model_size_bytes(aq) == q.model_size_bytes(rtn) + sum(4 * m.in_features for m in with_s)
+    # predicted before quantizing: exact for round-to-nearest, an upper bound (every Linear scaled) for awq_scale
+    every = sum(4 * m.in_features for m in aq.modules() if isinstance(m, q.QuantizedLinear))
+    assert q.predict_model_size_bytes(model, G32, filter_fn=sel) == q.model_size_bytes(rtn)
+    bound = q.predict_model_size_bytes(model, G32, filter_fn=sel, method="awq_scale")
+    assert bound == q.model_size_bytes(rtn) + every and q.model_size_bytes(aq) <= bound
     lin = with_s[0]
     x = torch.randn(5, lin.in_features)
     want = x @ lin.packed.dequantize().T + lin.bias

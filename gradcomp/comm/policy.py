@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -70,17 +71,24 @@ class LinkFit:
         bandwidth: bytes per second each way (beta).
         rel_rmse: root mean square relative error of the fit over the probes (0 when given).
         samples: probes the fit used (0 when given).
+        probes: the measured ``(elements, seconds)`` pairs behind the fit (empty when given).
     """
 
     latency: float
     bandwidth: float
     rel_rmse: float = 0.0
     samples: int = 0
+    probes: Tuple[Tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         check_positive("latency", self.latency, allow_zero=True)
         check_positive("bandwidth", self.bandwidth)
         check_positive("rel_rmse", self.rel_rmse, allow_zero=True)
+        try:  # a fit read back from JSON holds lists
+            probes = tuple((int(n), float(t)) for n, t in self.probes)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"probes must hold (elements, seconds) pairs, got {self.probes!r}") from exc
+        object.__setattr__(self, "probes", probes)
 
 
 @dataclass(frozen=True)
@@ -92,12 +100,16 @@ class NetworkFit:
         intra: the links inside a node (hierarchical mode), or None.
         codec: ``((bits, CodecThroughput), ...)`` for every quantized candidate.
         source: ``given`` or a description of the measurement.
+        overhead: ``((bits, seconds), ...)``: a fixed cost of every quantized bucket exchange that
+            the model of links and codec does not hold (per-bucket work, a pipeline's fill and
+            drain), found by timing the hook's exchange end to end at two bucket sizes; none: 0.
     """
 
     link: LinkFit
     intra: Optional[LinkFit] = None
     codec: Tuple[Tuple[int, CodecThroughput], ...] = ()
     source: str = "given"
+    overhead: Tuple[Tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.link, LinkFit):
@@ -107,6 +119,17 @@ class NetworkFit:
         for item in self.codec:
             if not (isinstance(item, tuple) and len(item) == 2 and item[0] in _CANDIDATES[1:] and isinstance(item[1], CodecThroughput)):
                 raise TypeError(f"codec must hold (bits, CodecThroughput) pairs with bits in (8, 4, 2), got {item!r}")
+        try:  # a fit read back from JSON holds lists
+            overhead = tuple((int(b), float(t)) for b, t in self.overhead)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"overhead must hold (bits, seconds) pairs, got {self.overhead!r}") from exc
+        if any(b not in _CANDIDATES[1:] or not (t >= 0 and math.isfinite(t)) for b, t in overhead):
+            raise ValueError(f"overhead must hold (bits in (8, 4, 2), seconds >= 0) pairs, got {self.overhead!r}")
+        object.__setattr__(self, "overhead", overhead)
+
+    def overhead_for(self, bits: int) -> float:
+        """Return the fixed seconds per bucket of ``bits`` that the end-to-end probe found (0 when none)."""
+        return next((t for b, t in self.overhead if b == bits), 0.0)
 
     def codec_for(self, bits: int) -> CodecThroughput:
         """Return the codec throughput of ``bits``."""
@@ -128,6 +151,7 @@ class NetworkFit:
             intra=LinkFit(**intra) if intra is not None else None,
             codec=tuple((int(b), CodecThroughput(**tp)) for b, tp in d.get("codec", ())),
             source=str(d.get("source", "given")),
+            overhead=tuple(d.get("overhead", ())),
         )
 
 
@@ -199,12 +223,20 @@ def fit_latency_bandwidth(numels: Sequence[int], times: Sequence[float], workers
     """Fit ``alpha`` and ``beta`` of the cost model's fp32 ring all-reduce to measured times.
 
     The model is ``t(n) = k alpha + w(n) / beta`` with ``k = 2 (P-1)`` and ``w(n) = 2 (P-1)/P * 4 n``
-    (:func:`gradcomp.costmodel.estimate` of ``ring-fp32``). Each probe is weighted by ``1 / t`` so
-    small and large probes count alike (relative least squares); ``alpha`` is clamped at 0 and
-    ``beta`` kept positive.
+    (:func:`gradcomp.costmodel.estimate` of ``ring-fp32``). Each term is taken where it dominates:
 
-    Example: on 2 ranks (``k = 2``, ``w = 4 n``) times 1.1 ms for 1e4 elements and 4.1 ms for 1e5
-    give ``1 / beta = 3 ms / 360000 B``, i.e. ``beta = 120 MB/s``, and ``alpha = (1.1 - 0.333) / 2 ms``.
+    1. ``1 / beta`` by least squares through ``(0, k alpha0)`` over every probe, unweighted, so the
+       largest probes (the sustained rate) set it; ``alpha0`` is the smallest probe's time over ``k``.
+       Mid-sized probes often run faster than the sustained rate (a rate limiter's burst, socket
+       buffers): a fit that weighs every probe alike then reports a link faster than it is, and
+       under-predicts every bucket-sized transfer.
+    2. ``alpha`` from the latency-bound probes (the bandwidth term under 10% of the time: their
+       lower median of ``(t - w / beta) / k``: scheduling delays only add), clamped at 0; 0 when no
+       probe is latency-bound.
+    3. ``1 / beta`` again with that ``alpha``; steps 2 and 3 repeat until ``alpha`` settles.
+
+    Example: on 2 ranks (``k = 2``, ``w = 4 n``) times 1.0 ms for 256 elements, 4.0 ms for 1e5 and
+    34.0 ms for 1e6 give ``alpha`` about 0.5 ms and ``beta`` about 120 MB/s.
 
     Args:
         numels: fp32 elements of each probe.
@@ -212,7 +244,7 @@ def fit_latency_bandwidth(numels: Sequence[int], times: Sequence[float], workers
         workers: ranks of the probed group (P >= 2).
 
     Returns:
-        A :class:`LinkFit`.
+        A :class:`LinkFit` (with the probes it was fitted on).
     """
     if len(numels) != len(times) or len(numels) < 2:
         raise ValueError(f"numels and times must have the same length >= 2, got {len(numels)} and {len(times)}")
@@ -220,25 +252,34 @@ def fit_latency_bandwidth(numels: Sequence[int], times: Sequence[float], workers
         raise ValueError(f"workers must be an int >= 2 (a link needs two ends), got {workers!r}")
     if any(not (t > 0 and math.isfinite(t)) for t in times):
         raise ValueError(f"times must be positive finite seconds, got {list(times)}")
-    # plain float arithmetic (2x2 normal equations): bit-identical on every rank, which a LAPACK
-    # solver does not promise (its results may depend on memory alignment)
+    # plain float arithmetic: bit-identical on every rank, which a LAPACK solver does not promise
     terms = [_ring_terms(int(n), workers) for n in numels]
     t = [float(x) for x in times]
-    a1 = [k / ti for (k, _), ti in zip(terms, t)]  # rows weighted by 1 / t
-    a2 = [w / ti for (_, w), ti in zip(terms, t)]
-    s11, s12, s22 = sum(x * x for x in a1), sum(x * y for x, y in zip(a1, a2)), sum(y * y for y in a2)
-    r1, r2 = sum(a1), sum(a2)
-    det = s11 * s22 - s12 * s12
-    alpha, inv_beta = ((r1 * s22 - r2 * s12) / det, (s11 * r2 - s12 * r1) / det) if det > 0 else (-1.0, 0.0)
-    if alpha < 0:  # refit the bandwidth alone through the origin
-        alpha = 0.0
-        inv_beta = r2 / s22
+    ks, ws = [k for k, _ in terms], [w for _, w in terms]
+    sww = sum(w * w for w in ws)
+
+    def slope(alpha: float) -> float:
+        return sum(w * (ti - k * alpha) for k, w, ti in zip(ks, ws, t)) / sww
+
+    small = min(range(len(t)), key=lambda i: ws[i])
+    alpha = t[small] / ks[small]
+    inv_beta = slope(alpha)
+    for _ in range(50):  # steps 2 and 3 to a fixed point (each moves alpha by a factor w_small / w_large)
+        if inv_beta <= 0:
+            break
+        bound = sorted((ti - w * inv_beta) / k for k, w, ti in zip(ks, ws, t) if w * inv_beta < 0.1 * ti)
+        new_alpha = max(0.0, bound[(len(bound) - 1) // 2]) if bound else 0.0  # lower median: delays only add
+        converged = abs(new_alpha - alpha) <= 1e-12 * max(alpha, 1e-30)
+        alpha, inv_beta = new_alpha, slope(new_alpha)
+        if converged:
+            break
     if inv_beta <= 0:  # times did not grow with size: latency-bound; take the largest probe's slope as a floor
-        inv_beta = max(t) / max(w for _, w in terms)
+        inv_beta = max(t) / max(ws)
         alpha = 0.0
     pred = [k * alpha + w * inv_beta for k, w in terms]
     rel_rmse = math.sqrt(sum(((p - ti) / ti) ** 2 for p, ti in zip(pred, t)) / len(t))
-    return LinkFit(latency=alpha, bandwidth=1.0 / inv_beta, rel_rmse=rel_rmse, samples=len(numels))
+    return LinkFit(latency=alpha, bandwidth=1.0 / inv_beta, rel_rmse=rel_rmse, samples=len(numels),
+                   probes=tuple((int(n), ti) for n, ti in zip(numels, t)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,12 +314,13 @@ def probe_network(
 
     With ``exchange`` (``exchange(bits, x)`` runs the hook's whole quantized exchange of ``x`` on
     the real groups as a step runs it: its chunks pipelined with async collectives, its kernels,
-    persistent buffers and residuals), the exchange of ``codec_numel`` elements is also timed end
-    to end (maximum over ranks); where the model (links + local timing, pipelined by
-    ``chunk_numel``, ``2 (P-1)`` messages per chunk) predicts another time, the codec figure is
-    scaled until it reproduces the measured one: what the local timing cannot see (contention for
-    the cores between the ranks, gloo's threads and the codec, an overlap the pipeline does not
-    reach, traffic inside the node) is then included.
+    persistent buffers and residuals), the exchange is also timed end to end (the slowest rank) on
+    a bucket of ``codec_numel`` elements and on one of a single chunk; where the model (links +
+    local timing, pipelined by ``chunk_numel``, ``2 (P-1)`` messages per chunk) predicts other
+    times, the codec figure is scaled and a fixed cost per bucket added until it reproduces both
+    (:func:`_codec_matching`): what the local timing cannot see (contention for the cores between
+    the ranks, gloo's threads and the codec, an overlap the pipeline does not reach, traffic inside
+    the node, per-bucket work) is then included.
 
     Args:
         config: the :class:`PolicyConfig` (sizes, repeats, candidates).
@@ -318,40 +360,84 @@ def probe_network(
         # the whole exchange on the real groups: where it takes longer (or shorter) than the model
         # predicts from the links and the local timing (contention, the collectives' own copies),
         # the codec figure is scaled until the model reproduces it
+        # and at a bucket of one chunk as well: the two sizes separate a fixed cost per bucket from
+        # the part that grows with the bucket
         x = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(device)
-        ex_times = []
-        for b in widths:
-            # the warm-up call compiles the kernels when compiled
-            ex_times.append(timed(lambda: exchange(b, x), config.probe_repeats, device=device, before=lambda: dist.barrier(group=group)))
-        ex_times = _agree_max(ex_times, group)
+        small = max(1, min(chunk_numel or n // 4, n // 2))
+        reps = max(7, config.probe_repeats)
+        ex_big = _time_exchanges(exchange, widths, x, reps, group, device)
+        ex_small = _time_exchanges(exchange, widths, x[:small], reps, group, device)
         probe_policy = CommPolicy(config, NetworkFit(link=link, intra=intra, codec=tuple(tps)), P, nodes, block_size, chunk_numel)
+        overhead = []
         for i, b in enumerate(widths):
-            scaled = _codec_matching(probe_policy, b, n, tps[i][1], ex_times[i])
+            scaled = _codec_matching(probe_policy, b, (small, ex_small[i]), (n, ex_big[i]), tps[i][1])
             if scaled is not None:
-                tps[i] = (b, scaled)
+                tps[i] = (b, scaled[0])
+                overhead.append((b, scaled[1]))
+        return NetworkFit(link=link, intra=intra, codec=tuple(tps), source=f"measured on {P} ranks, max over ranks, sizes {numels}",
+                          overhead=tuple(overhead))
     return NetworkFit(link=link, intra=intra, codec=tuple(tps), source=f"measured on {P} ranks, max over ranks, sizes {numels}")
 
 
-def _codec_matching(policy: "CommPolicy", bits: int, numel: int, local: CodecThroughput, measured_s: float) -> Optional[CodecThroughput]:
-    """Scale ``local`` so the policy's model of a ``numel`` exchange at ``bits`` takes ``measured_s``; None if it cannot.
+def _time_exchanges(exchange: Callable[[int, torch.Tensor], None], widths: Sequence[int], x: torch.Tensor, repeats: int,
+                    group, device) -> List[float]:
+    """Time ``exchange(bits, x)`` for every width; return per width the median over repeats of the slowest rank (collective).
 
-    The predicted time grows with the codec time, so the scale is found by bisection (factor
-    ``1e-2`` to ``1e4``); None when even no codec time at all predicts more than was measured.
+    One warm-up call per width, then ``repeats`` rounds that take the widths in turn (so a change
+    of load hits every width alike), each call after a barrier. Every call's time is agreed as its
+    maximum over the ranks (an exchange ends when its slowest rank does) before the median is taken,
+    as a step's communication is measured.
+    """
+    for b in widths:
+        dist.barrier(group=group)
+        exchange(b, x)
+    samples = []
+    for _ in range(repeats):
+        for b in widths:
+            samples.append(timed(lambda: exchange(b, x), 1, warmup=0, device=device, before=lambda: dist.barrier(group=group)))
+    agreed = _agree_max(samples, group)
+    k = len(widths)
+    return [statistics.median(agreed[i::k]) for i in range(k)]
+
+
+def _codec_matching(policy: "CommPolicy", bits: int, small: Tuple[int, float], big: Tuple[int, float],
+                    local: CodecThroughput) -> Optional[Tuple[CodecThroughput, float]]:
+    """Scale ``local`` and find a fixed cost so the policy's model reproduces two measured exchanges at ``bits``.
+
+    ``small`` and ``big`` are ``(elements, seconds)`` of the hook's whole exchange of a bucket. The
+    model's time ``T(n, m)`` with the codec ``m`` times slower than ``local`` grows with ``m``, and
+    faster for the bigger bucket, so ``m`` is found by bisection (``1e-2`` to ``1e4``) on
+    ``T(big, m) - T(small, m) = t_big - t_small``; the fixed cost is ``a = t_small - T(small, m)``.
+    When that has no solution or gives ``a < 0``, ``a = 0`` and ``m`` matches the big bucket alone.
+
+    Returns:
+        ``(scaled codec throughput, a seconds)``, or None when even no codec time at all predicts
+        more than the big bucket took.
     """
 
-    def predicted(m: float) -> float:
+    def predicted(numel: int, m: float) -> float:
         tp = CodecThroughput(local.quantize_eps / m, local.dequantize_eps / m)
         return estimate(policy.scheme(bits), numel, policy.cluster, tp, policy.block_size, policy.chunk_numel).total_s
 
-    lo, hi = 1e-2, 1e4
-    if not (predicted(lo) < measured_s < predicted(hi)):
-        return None
-    for _ in range(60):
-        mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if predicted(mid) < measured_s else (lo, mid)
-    m = math.sqrt(lo * hi)
-    src = f"{local.source}; scaled {m:.2f}x to the int{bits} exchange of {numel} elements measured end to end, {measured_s * 1e3:.2f} ms"
-    return CodecThroughput(local.quantize_eps / m, local.dequantize_eps / m, src)
+    def solve(f: Callable[[float], float], target: float) -> Optional[float]:
+        lo, hi = 1e-2, 1e4
+        if not (f(lo) < target < f(hi)):
+            return None
+        for _ in range(60):
+            mid = math.sqrt(lo * hi)
+            lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+        return math.sqrt(lo * hi)
+
+    (ns, ts), (nb, tb) = small, big
+    m = solve(lambda m: predicted(nb, m) - predicted(ns, m), tb - ts) if nb > ns else None
+    a = ts - predicted(ns, m) if m is not None else -1.0
+    if a < 0:
+        m, a = solve(lambda m: predicted(nb, m), tb), 0.0
+        if m is None:
+            return None
+    src = (f"{local.source}; scaled {m:.2f}x, plus {a * 1e3:.2f} ms per bucket, to the int{bits} exchanges measured end to end "
+           f"({ns} elements {ts * 1e3:.2f} ms, {nb} elements {tb * 1e3:.2f} ms)")
+    return CodecThroughput(local.quantize_eps / m, local.dequantize_eps / m, src), a
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,6 +496,8 @@ class CommPolicy:
         for b in self.config.allowed:
             tp = None if b == PLAIN else self.fit.codec_for(b)
             out[b] = estimate(self.scheme(b), max(1, int(numel)), self.cluster, tp, self.block_size, self.chunk_numel).total_s
+            if b != PLAIN:
+                out[b] += self.fit.overhead_for(b)
         return out
 
     def choose(self, numel: int) -> int:
@@ -428,7 +516,8 @@ class CommPolicy:
         if f.intra is not None:
             parts.append(f"intra alpha {f.intra.latency * 1e6:.1f} us, beta {f.intra.bandwidth / 1e6:.1f} MB/s (rmse {f.intra.rel_rmse:.2f})")
         for b, tp in f.codec:
-            parts.append(f"int{b} codec {tp.quantize_eps / 1e6:.0f}/{tp.dequantize_eps / 1e6:.0f} Melem/s (quantize/dequantize)")
+            extra = f" + {f.overhead_for(b) * 1e3:.2f} ms per bucket" if f.overhead_for(b) else ""
+            parts.append(f"int{b} codec {tp.quantize_eps / 1e6:.0f}/{tp.dequantize_eps / 1e6:.0f} Melem/s (quantize/dequantize){extra}")
         return "; ".join(parts) + f" [{f.source}]"
 
     def describe_choice(self, numel: int) -> str:

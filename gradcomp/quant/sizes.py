@@ -81,13 +81,22 @@ def model_size_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in _unique_tensors(model))
 
 
-def predict_model_size_bytes(model: nn.Module, config_or_rules: Rules, *, filter_fn=None) -> int:
+def predict_model_size_bytes(model: nn.Module, config_or_rules: Rules, *, filter_fn=None, method=None) -> int:
     """Return what :func:`model_size_bytes` will give after ``quantize_(model, config_or_rules)``, without quantizing.
 
     The arithmetic is :func:`weight_nbytes` per selected layer; a weight that another, unselected
     module still holds stays counted, and layers sharing a weight and a config count it once.
+
+    ``method`` is the one ``quantize_`` will use. Every method but ``awq_scale`` stores exactly
+    what round-to-nearest stores, so the prediction is exact. ``awq_scale`` also stores a per-input
+    fp32 scale (4 bytes per input channel) for each integer-coded Linear where its search picks a
+    scale, which depends on the calibration data: the prediction then counts it for every such
+    layer, an upper bound that the result meets or undercuts.
     """
+    from gradcomp.quant.algorithms import AWQScale, resolve_method
+
     plan = _plan(model, config_or_rules, filter_fn)
+    scaled = isinstance(resolve_method(method), AWQScale)
     swapped = {id(m) for _, m, _ in plan}
     held: Dict[int, torch.Tensor] = {}
     for m in model.modules():
@@ -96,7 +105,9 @@ def predict_model_size_bytes(model: nn.Module, config_or_rules: Rules, *, filter
                 continue
             held[id(t)] = t
     total = sum(t.numel() * t.element_size() for t in held.values())
-    packed = {(id(m.weight), cfg): weight_nbytes(cfg, m.weight.shape) for _, m, cfg in plan}
+    packed = {(id(m.weight), cfg): weight_nbytes(cfg, m.weight.shape)
+              + (4 * m.weight.shape[1] if scaled and isinstance(m, nn.Linear) and isinstance(cfg, WeightQuantConfig) else 0)
+              for _, m, cfg in plan}
     return total + sum(packed.values())
 
 
