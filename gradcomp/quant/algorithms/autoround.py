@@ -80,8 +80,9 @@ class AutoRound:
     Attributes:
         steps: optimisation steps, one calibration batch each (0: the starting point, packed).
         lr: learning rate at step 0, decayed linearly to 0; None: ``0.5 / steps`` for ``"sign"`` (the
-            offsets can move a quarter of their range; AutoRound's ``1 / steps`` overfitted the 33
-            structures of the CHGNet example) and ``0.005`` for ``"adam"``.
+            offsets can move a quarter of their range; AutoRound's ``1 / steps``, tried with the
+            ranges learnt too, fitted the calibration structures of the CHGNet example at the cost of
+            the test set) and ``0.005`` for ``"adam"``.
         optimizer: ``"sign"`` (signed gradient descent) or ``"adam"``.
         min_ratio: the strongest clipping of a group's range, in (0, 1].
         init: ``"awq_clip"`` (ranges from the clipping search on the input Hessians of the Linear
