@@ -42,9 +42,12 @@ Worked example (int4 symmetric, one group, ``s = 0.1``): ``w = 0.26`` rounds to 
 or 1: the result stays within one step of round-to-nearest, which bounds how far it can overfit the
 calibration data.
 
-Cost: ``steps`` forward and backward passes over one batch each, plus the selection passes
-(``(steps / eval_every + 2)`` times the selection batches, forward only). Outputs that are gradients
-(forces from ``autograd.grad(..., create_graph=True)``) are trained through (a double backward).
+Cost: ``steps`` forward and backward passes over one batch each; forward passes over every batch
+for the fp32 outputs, over the training batches for ``normalize="initial"`` and for the Hessians of
+``init="awq_clip"``, and over the selection batches about ``steps / eval_every + 1`` times. Outputs
+that are gradients (forces from ``autograd.grad(..., create_graph=True)``) are trained through (a
+double backward). On CHGNet (412k weights, 6 structures a batch, all four outputs) 100 steps take
+about a minute on one CPU thread.
 """
 
 from __future__ import annotations
