@@ -73,10 +73,10 @@ def register(subparsers) -> None:
                         "autoround trains rounding and ranges against the model's outputs, which --forward must return)")
     q.add_argument("--steps", type=int_in(0), default=None, help="autoround: optimisation steps, one batch each (default 100)")
     q.add_argument("--lr", type=float_in(0, 1e3, lo_open=True), default=None,
-                   help="autoround: learning rate at step 0, decayed linearly (default 1/steps)")
+                   help="autoround: learning rate at step 0, decayed linearly (default 0.5/steps)")
     q.add_argument("--holdout", type=int_in(0), default=None,
                    help="autoround: calibration batches (the last ones) kept out of training to pick the best step (default 0)")
-    q.add_argument("--init", choices=("rtn", "awq_clip"), default=None, help="autoround: the starting ranges (default rtn)")
+    q.add_argument("--init", choices=("rtn", "awq_clip"), default=None, help="autoround: the starting ranges (default awq_clip)")
     q.add_argument("--model", metavar="MODULE:FN", help="FN() builds the model IN belongs to (for --method other than rtn)")
     q.add_argument("--data", metavar="MODULE:FN", help="FN() returns the calibration batches (for gptq/awq_clip/awq_scale)")
     q.add_argument("--sequential", type=int, default=0, metavar="STAGES",
