@@ -288,6 +288,15 @@ def test_end_to_end_times_at_two_sizes_give_the_codec_scale_and_a_fixed_cost_per
     assert a == 0.0
     refit = CommPolicy(policy.config, NetworkFit(policy.fit.link, codec=((8, tp),)), workers=2)
     assert refit.predict(nb)[8] == pytest.approx(tb, rel=1e-6)
+    # the small bucket slower than the big one's slope explains (a fixed cost the difference cannot
+    # show): the big bucket stays exact and a fixed cost brings the small one closer than none
+    ts, tb = model(ns, 1.0) + 8e-3, model(nb, 1.0) + 2e-3
+    tp, a = _codec_matching(policy, 8, (ns, ts), (nb, tb), local)
+    refit = CommPolicy(policy.config, NetworkFit(policy.fit.link, codec=((8, tp),), overhead=((8, a),)), workers=2)
+    assert a > 0 and refit.predict(nb)[8] == pytest.approx(tb, rel=1e-6)
+    m0 = _codec_matching(policy, 8, (ns, 0.2 * model(ns, 1.0)), (nb, tb), local)[0]   # a = 0, big matched
+    none = CommPolicy(policy.config, NetworkFit(policy.fit.link, codec=((8, m0),)), workers=2)
+    assert abs(refit.predict(ns)[8] - ts) < abs(none.predict(ns)[8] - ts)
     # faster than the wire alone: the model cannot reproduce it, the local figure stays
     assert _codec_matching(policy, 8, (ns, 1e-7), (nb, 1e-6), local) is None
     # the fixed cost travels with the fit and is checked

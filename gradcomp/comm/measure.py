@@ -53,14 +53,17 @@ def timed(fn: Callable[[], object], repeats: int = 3, warmup: int = 1, device=No
 def probe_allreduce(group, numels: Sequence[int], repeats: int = 3, device="cpu") -> List[float]:
     """Time fp32 all-reduces of each size on ``group`` (median of ``repeats`` after a warm-up); collective.
 
-    Every repeat starts after a barrier, so the ranks start together. Returns this rank's times in
-    seconds; agree on them with a max over ranks before fitting.
+    Every repeat starts after a barrier, so the ranks start together. Sizes up to 64K elements take
+    at least 9 repeats: they cost a few milliseconds each, and a scheduling delay of that size (the
+    ranks share cores with each other and with the network stack) would otherwise set the latency.
+    Returns this rank's times in seconds; agree on them with a max over ranks before fitting.
     """
     times = []
     for n in numels:
         buf = torch.ones(int(n), dtype=torch.float32, device=device)
+        reps = max(repeats, 9) if int(n) <= 65536 else repeats
         # the warm-up call opens the connections and allocates the buffers
-        times.append(timed(lambda: dist.all_reduce(buf, group=group), repeats, device=device, before=lambda: dist.barrier(group=group)))
+        times.append(timed(lambda: dist.all_reduce(buf, group=group), reps, device=device, before=lambda: dist.barrier(group=group)))
     return times
 
 

@@ -230,8 +230,8 @@ def fit_latency_bandwidth(numels: Sequence[int], times: Sequence[float], workers
        Mid-sized probes often run faster than the sustained rate (a rate limiter's burst, socket
        buffers): a fit that weighs every probe alike then reports a link faster than it is, and
        under-predicts every bucket-sized transfer.
-    2. ``alpha`` from the latency-bound probes (the bandwidth term under 10% of the time: their
-       lower median of ``(t - w / beta) / k``: scheduling delays only add), clamped at 0; 0 when no
+    2. ``alpha`` from the latency-bound probes (the bandwidth term under 10% of the time: the least
+       of their ``(t - w / beta) / k``, as scheduling delays only add), clamped at 0; 0 when no
        probe is latency-bound.
     3. ``1 / beta`` again with that ``alpha``; steps 2 and 3 repeat until ``alpha`` settles.
 
@@ -268,7 +268,7 @@ def fit_latency_bandwidth(numels: Sequence[int], times: Sequence[float], workers
         if inv_beta <= 0:
             break
         bound = sorted((ti - w * inv_beta) / k for k, w, ti in zip(ks, ws, t) if w * inv_beta < 0.1 * ti)
-        new_alpha = max(0.0, bound[(len(bound) - 1) // 2]) if bound else 0.0  # lower median: delays only add
+        new_alpha = max(0.0, bound[0]) if bound else 0.0  # the least: scheduling delays only add
         converged = abs(new_alpha - alpha) <= 1e-12 * max(alpha, 1e-30)
         alpha, inv_beta = new_alpha, slope(new_alpha)
         if converged:
@@ -408,7 +408,8 @@ def _codec_matching(policy: "CommPolicy", bits: int, small: Tuple[int, float], b
     model's time ``T(n, m)`` with the codec ``m`` times slower than ``local`` grows with ``m``, and
     faster for the bigger bucket, so ``m`` is found by bisection (``1e-2`` to ``1e4``) on
     ``T(big, m) - T(small, m) = t_big - t_small``; the fixed cost is ``a = t_small - T(small, m)``.
-    When that has no solution or gives ``a < 0``, ``a = 0`` and ``m`` matches the big bucket alone.
+    When that has no solution or gives ``a < 0``, ``m`` matches the big bucket exactly with the
+    ``a`` in ``[0, t_small]`` (65 steps) that brings the small bucket closest.
 
     Returns:
         ``(scaled codec throughput, a seconds)``, or None when even no codec time at all predicts
@@ -431,10 +432,23 @@ def _codec_matching(policy: "CommPolicy", bits: int, small: Tuple[int, float], b
     (ns, ts), (nb, tb) = small, big
     m = solve(lambda m: predicted(nb, m) - predicted(ns, m), tb - ts) if nb > ns else None
     a = ts - predicted(ns, m) if m is not None else -1.0
+    if -1e-6 * ts <= a < 0:  # exact up to the bisection's rounding
+        a = 0.0
     if a < 0:
-        m, a = solve(lambda m: predicted(nb, m), tb), 0.0
-        if m is None:
+        # no exact fit: the big bucket matched exactly, and the fixed cost in [0, t_small] that
+        # brings the small one closest (a = 0 when none helps)
+        best = None
+        for k in range(65):
+            ak = ts * k / 64
+            mk = solve(lambda m: predicted(nb, m), tb - ak)
+            if mk is None:
+                continue
+            err = abs(predicted(ns, mk) + ak - ts)
+            if best is None or err < best[0] - 1e-6 * ts:  # ties keep the smaller fixed cost
+                best = (err, mk, ak)
+        if best is None:
             return None
+        _, m, a = best
     src = (f"{local.source}; scaled {m:.2f}x, plus {a * 1e3:.2f} ms per bucket, to the int{bits} exchanges measured end to end "
            f"({ns} elements {ts * 1e3:.2f} ms, {nb} elements {tb * 1e3:.2f} ms)")
     return CodecThroughput(local.quantize_eps / m, local.dequantize_eps / m, src), a
