@@ -356,6 +356,7 @@ def probe_network(
         (b, CodecThroughput(n / codec_times[2 * i], n / codec_times[2 * i + 1], measured[i].source + ", slowest rank"))
         for i, b in enumerate(widths)
     ]
+    overhead = []
     if exchange is not None and widths:
         # the whole exchange on the real groups: where it takes longer (or shorter) than the model
         # predicts from the links and the local timing (contention, the collectives' own copies),
@@ -368,15 +369,13 @@ def probe_network(
         ex_big = _time_exchanges(exchange, widths, x, reps, group, device)
         ex_small = _time_exchanges(exchange, widths, x[:small], reps, group, device)
         probe_policy = CommPolicy(config, NetworkFit(link=link, intra=intra, codec=tuple(tps)), P, nodes, block_size, chunk_numel)
-        overhead = []
         for i, b in enumerate(widths):
             scaled = _codec_matching(probe_policy, b, (small, ex_small[i]), (n, ex_big[i]), tps[i][1])
             if scaled is not None:
                 tps[i] = (b, scaled[0])
                 overhead.append((b, scaled[1]))
-        return NetworkFit(link=link, intra=intra, codec=tuple(tps), source=f"measured on {P} ranks, max over ranks, sizes {numels}",
-                          overhead=tuple(overhead))
-    return NetworkFit(link=link, intra=intra, codec=tuple(tps), source=f"measured on {P} ranks, max over ranks, sizes {numels}")
+    return NetworkFit(link=link, intra=intra, codec=tuple(tps), source=f"measured on {P} ranks, max over ranks, sizes {numels}",
+                      overhead=tuple(overhead))
 
 
 def _time_exchanges(exchange: Callable[[int, torch.Tensor], None], widths: Sequence[int], x: torch.Tensor, repeats: int,

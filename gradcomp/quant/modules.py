@@ -259,6 +259,14 @@ def _swap(module: nn.Module, packed: PackedWeight, fqn: str) -> _QuantizedLayer:
 # --------------------------------------------------------------------------------------------
 
 
+def _check_weight(fqn: str, w: torch.Tensor) -> None:
+    """Refuse a weight that is not floating point or holds inf or nan (a meta weight has no values to check)."""
+    if not w.is_floating_point():
+        raise TypeError(f"layer {fqn!r}: weight must be floating point, got {w.dtype}")
+    if w.device.type != "meta" and not bool(torch.isfinite(w).all()):
+        raise ValueError(f"layer {fqn!r}: the weight holds inf or nan values; refusing to quantize it")
+
+
 def _whole_model(model, plan, algorithm, calibration, *, forward, num_batches, progress) -> Dict[str, PackedWeight]:
     """Run a method that trains every integer-coded layer of ``plan`` at once (AutoRound); return ``{fqn: PackedWeight}``."""
     from gradcomp.quant.algorithms import autoround_quantize, collect_input_hessians
@@ -270,12 +278,8 @@ def _whole_model(model, plan, algorithm, calibration, *, forward, num_batches, p
     for fqn, m, cfg in plan:
         if isinstance(cfg, CastConfig):
             continue
-        w = m.weight
-        if not w.is_floating_point():
-            raise TypeError(f"layer {fqn!r}: weight must be floating point, got {w.dtype}")
-        if not bool(torch.isfinite(w).all()):
-            raise ValueError(f"layer {fqn!r}: the weight holds inf or nan values; refusing to quantize it")
-        groups.setdefault((id(w), cfg), []).append((fqn, m))
+        _check_weight(fqn, m.weight)
+        groups.setdefault((id(m.weight), cfg), []).append((fqn, m))
     layers = [(mods, key[1]) for key, mods in groups.items()]
     hessians = None
     if algorithm.init == "awq_clip":
@@ -436,10 +440,7 @@ def quantize_(
                          total=len(plan), unit="layer")
     for fqn, m, cfg in steps:
         w = m.weight
-        if not w.is_floating_point():
-            raise TypeError(f"layer {fqn!r}: weight must be floating point, got {w.dtype}")
-        if w.device.type != "meta" and not bool(torch.isfinite(w).all()):
-            raise ValueError(f"layer {fqn!r}: the weight holds inf or nan values; refusing to quantize it")
+        _check_weight(fqn, w)
         key = (id(w), cfg)
         packed = shared.get(key)
         if packed is None:
