@@ -106,14 +106,18 @@ def _supercell_and_perturb(s, rng, seed: int, strain: float = 0.0):
     return s
 
 
-def extra_calibration(base_calib: List[Any], test_names: set, n_compounds: int, n_variants: int, seed: int = 1) -> List[Any]:
+def extra_calibration(base_calib: List[Any], test_names: set, n_compounds: int, n_variants: int, seed: int = 1,
+                      n_alloys: int = 0) -> List[Any]:
     """More calibration structures, disjoint from the test set.
 
     1. ``n_variants`` strained (up to 3% per axis) and perturbed (0.05-0.15 A) copies of each
        calibration structure;
     2. ``n_compounds`` binary compounds in the same four prototypes (rocksalt, zincblende, CsCl,
        fluorite) from random (metal, anion) pairs over the elements of the data set, the lattice
-       constant from the atomic radii; formulas of the test set are skipped.
+       constant from the atomic radii; formulas of the test set are skipped;
+    3. ``n_alloys`` binary intermetallics (CsCl or rocksalt) from random pairs of two different
+       metals of the data set, the lattice constant from the atomic radii; formulas of the test set
+       are skipped.
     """
     from pymatgen.core import Element
 
@@ -140,6 +144,22 @@ def extra_calibration(base_calib: List[Any], test_names: set, n_compounds: int, 
         try:
             st = compound(formula, proto, lat)
         except Exception:   # pymatgen refuses some odd combinations
+            continue
+        out.append((f"{formula}-{proto}", _supercell_and_perturb(st, rng, seed=int(rng.integers(1 << 30)), strain=0.02)))
+    want = len(out) + n_alloys
+    tries = 0
+    while len(out) < want and tries < 20 * max(n_alloys, 1):
+        tries += 1
+        m1, m2 = (str(x) for x in rng.choice(metals, size=2, replace=False))
+        proto = ("cscl", "rocksalt")[int(rng.integers(2))]
+        formula = f"{m1}{m2}"
+        if formula in test_names or f"{m2}{m1}" in test_names:
+            continue
+        d = float(Element(m1).atomic_radius) + float(Element(m2).atomic_radius)
+        lat = {"rocksalt": 2 * d, "cscl": 2 * d / 3 ** 0.5}[proto]
+        try:
+            st = compound(formula, proto, lat)
+        except Exception:
             continue
         out.append((f"{formula}-{proto}", _supercell_and_perturb(st, rng, seed=int(rng.integers(1 << 30)), strain=0.02)))
     return out

@@ -393,3 +393,53 @@ def test_autoround_bad_options_and_inputs_change_nothing():
     assert all(type(m) in (nn.Linear, nn.Tanh) for m in model) and not hasattr(model[0], "parametrizations")
     assert all(p.requires_grad for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class _TwoHeads(nn.Module):
+    """Two outputs of different size: AutoRound's loss takes both unless weights say otherwise."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 4), nn.Linear(32, 12)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        return {"a": self.a(h), "b": self.b(h)}
+
+
+def test_autoround_output_weights_scale_each_output_in_loss_and_score():
+    import copy
+
+    torch.manual_seed(0)
+    model = _TwoHeads()
+    batches = [torch.randn(16, 16) for _ in range(3)]
+    cfg = q.WeightQuantConfig(bits=3, granularity="per_group", group_size=16)
+    opts = dict(steps=12, holdout=1, eval_every=3, init="rtn")
+
+    def run(options, forward=None):
+        work = copy.deepcopy(model)
+        layers = [([(n, m)], cfg) for n, m in work.named_children()]
+        return autoround_quantize(work, layers, batches, options, forward=forward)
+
+    # weight 0 on "b": exactly the run that never sees "b" (same losses, same scores, same codes)
+    only_a = run(AutoRound(**opts), forward=lambda m, x: {"a": m(x)["a"]})
+    zero_b = run(AutoRound(weights={"b": 0.0}, **opts))
+    both = run(AutoRound(**opts))
+    assert zero_b.train_loss == only_a.train_loss and zero_b.history == only_a.history
+    assert all(torch.equal(zero_b.packed[n].qweight, only_a.packed[n].qweight) for n in only_a.packed)
+    assert both.train_loss != only_a.train_loss
+    # weights {a: 3, b: 1}: the score is (3 e_a + e_b) / 4 of the normalised errors (of the same starting point)
+    only_b = run(AutoRound(**opts), forward=lambda m, x: {"b": m(x)["b"]})
+    w31 = run(AutoRound(weights={"a": 3, "b": 1}, **opts))
+    assert w31.history[0][1] == pytest.approx((3 * only_a.history[0][1] + only_b.history[0][1]) / 4, rel=1e-6)
+    assert both.history[0][1] == pytest.approx((only_a.history[0][1] + only_b.history[0][1]) / 2, rel=1e-6)
+    assert AutoRound(weights={"b": 0, "a": 2}).weights == (("a", 2.0), ("b", 0.0))
+    assert AutoRound(weights={"a": 1}) == AutoRound(weights=[("a", 1.0)])
+    with pytest.raises(ValueError, match=r"weights name outputs \['c'\]"):
+        run(AutoRound(weights={"c": 1.0}, **opts))
+    with pytest.raises(ValueError, match="every output weight 0"):
+        run(AutoRound(weights={"a": 0, "b": 0}, **opts))
+    for bad, err in [({"a": -1.0}, ValueError), ({"a": float("inf")}, ValueError), ({"a": True}, ValueError),
+                     ({1: 1.0}, TypeError), (3.0, TypeError)]:
+        with pytest.raises(err, match="weight"):
+            AutoRound(weights=bad)

@@ -99,6 +99,10 @@ class AutoRound:
         ranges: learn the group ranges ``r`` too (default False: only the rounding offsets move and
             the ranges stay those of the starting point; on CHGNet learning them made training
             unstable and the result worse on every output).
+        weights: ``{output name: weight >= 0}``: each output's normalised error is multiplied by its
+            weight in the loss and the selection score (outputs not named weigh 1; the sum is divided
+            by the total weight). Use it to favour the output the task is judged on (CHGNet's energy).
+            Given as a dict, stored as sorted ``(name, weight)`` pairs.
 
     The method is deterministic: training batches are taken in turn, no random draw is made.
     """
@@ -112,6 +116,7 @@ class AutoRound:
     eval_every: Optional[int] = None
     normalize: str = "initial"
     ranges: bool = False
+    weights: Optional[Any] = None
 
     name = "autoround"
     needs_data = True
@@ -138,6 +143,38 @@ class AutoRound:
             raise ValueError(f"normalize must be one of {NORMALIZE}, got {self.normalize!r}")
         if not isinstance(self.ranges, bool):
             raise TypeError(f"ranges must be a bool, got {type(self.ranges).__name__}")
+        if self.weights is not None:
+            items = list(self.weights.items()) if isinstance(self.weights, Mapping) else None
+            if items is None:
+                try:
+                    items = [tuple(p) for p in self.weights]
+                except TypeError:
+                    items = None
+            if items is None or not all(len(p) == 2 for p in items):
+                raise TypeError(f"weights must be a dict {{output name: weight}}, got {self.weights!r}")
+            for k, w in items:
+                if not isinstance(k, str):
+                    raise TypeError(f"weights: output names must be str, got {k!r}")
+                if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                    raise ValueError(f"weights: output {k!r} must have a finite weight >= 0, got {w!r}")
+            if len({k for k, _ in items}) != len(items):
+                raise ValueError(f"weights names an output twice: {self.weights!r}")
+            object.__setattr__(self, "weights", tuple(sorted((k, float(w)) for k, w in items)))
+
+    def output_weights(self, names: Sequence[str]) -> Dict[str, float]:
+        """Return ``{name: weight}`` for the outputs ``names`` (1 where ``weights`` does not name one).
+
+        Raises:
+            ValueError: ``weights`` names an output the model does not return, or every weight is 0.
+        """
+        given = dict(self.weights or ())
+        stray = sorted(set(given) - set(names))
+        if stray:
+            raise ValueError(f"weights name outputs {stray} that forward does not return (it returns {sorted(names)})")
+        out = {k: given.get(k, 1.0) for k in names}
+        if not any(w > 0 for w in out.values()):
+            raise ValueError(f"weights give every output weight 0: {out}")
+        return out
 
     @property
     def learning_rate(self) -> float:
@@ -335,7 +372,9 @@ def autoround_quantize(
             norm = {k: (start[k] if start[k] > 0 else (power[k] if power[k] > 0 else 1.0)) for k in ref[0]}
         else:
             norm = {k: (power[k] if power[k] > 0 else 1.0) for k in ref[0]}
-        score = lambda errs: sum(errs[k] / norm[k] for k in errs) / len(errs)
+        wts = options.output_weights(list(ref[0]))
+        wsum = sum(wts.values())
+        score = lambda errs: sum(wts[k] * errs[k] / norm[k] for k in errs) / wsum
 
         result = AutoRoundResult(packed={})
         best = score(errors(sel_ids))
@@ -349,7 +388,7 @@ def autoround_quantize(
             lr = lr0 * (1.0 - step / options.steps)
             with parametrize.cached():
                 errs = _mse(_outputs(call(model, batches[i])), ref[i])
-                loss = sum(e / norm[k] for k, e in errs.items()) / len(errs)
+                loss = sum(wts[k] * e / norm[k] for k, e in errs.items()) / wsum
             if not loss.requires_grad:
                 raise ValueError("the outputs of forward(model, batch) do not depend on the quantized weights (detached, or "
                                  "computed under torch.no_grad); AutoRound needs outputs it can differentiate")
