@@ -219,4 +219,14 @@ def test_cli_autoround_trains_against_the_model_output(user_dir, capsys):
     assert main(["weights", "quantize", str(sd_file), "y.safetensors", *common, "--steps", "5"]) == 2      # not autoround
     assert main(["weights", "quantize", str(sd_file), "y.safetensors", *common, "--method", "autoround", "--steps", "-1", *data]) == 2
     assert main(["weights", "quantize", str(sd_file), "y.safetensors", *common, "--method", "autoround", "--holdout", "4", *data]) == 2
+    # --output-weights: autoround only, NAME=W with W >= 0, names the model's outputs (a plain tensor is "output")
+    assert main(["weights", "quantize", str(sd_file), "y.safetensors", *common, "--output-weights", "output=2"]) == 2
+    for bad in ("output", "output=-1", "output=x", "output=1,output=2"):
+        assert main(["weights", "quantize", str(sd_file), "y.safetensors", *common, "--method", "autoround", "--steps", "2",
+                     "--output-weights", bad, *data]) == 2, bad
+    assert main(["weights", "quantize", str(sd_file), "y.safetensors", *common, "--method", "autoround", "--steps", "2",
+                 "--output-weights", "energy=2", *data]) == 2
+    capsys.readouterr()
+    assert main(["weights", "quantize", str(sd_file), "w.safetensors", *common, "--method", "autoround", "--steps", "2",
+                 "--output-weights", "output=2", *data]) == 0
     assert not (user_dir / "y.safetensors").exists()

@@ -77,6 +77,9 @@ def register(subparsers) -> None:
     q.add_argument("--holdout", type=int_in(0), default=None,
                    help="autoround: calibration batches (the last ones) kept out of training to pick the best step (default 0)")
     q.add_argument("--init", choices=("rtn", "awq_clip"), default=None, help="autoround: the starting ranges (default awq_clip)")
+    q.add_argument("--output-weights", type=_output_weights, default=None, metavar="NAME=W[,NAME=W...]",
+                   help="autoround: weight of each named output in the loss, e.g. 'e=4' to favour the output the task is "
+                        "judged on (outputs not named weigh 1)")
     q.add_argument("--model", metavar="MODULE:FN", help="FN() builds the model IN belongs to (for --method other than rtn)")
     q.add_argument("--data", metavar="MODULE:FN", help="FN() returns the calibration batches (for gptq/awq_clip/awq_scale)")
     q.add_argument("--sequential", type=int, default=0, metavar="STAGES",
@@ -216,7 +219,8 @@ def _quantize(args) -> int:
     if Path(args.input).resolve() == out.resolve():
         raise CliError("IN and OUT must be different files")
     rules = _rules(args)
-    stray = [f"--{k}" for k in ("steps", "lr", "holdout", "init") if getattr(args, k, None) is not None]
+    stray = [f"--{k.replace('_', '-')}" for k in ("steps", "lr", "holdout", "init", "output_weights")
+             if getattr(args, k, None) is not None]
     if stray and args.method != "autoround":
         raise CliError(f"{', '.join(stray)} belong to --method autoround, got --method {args.method}")
     sd = _load(args, args.input)
@@ -260,6 +264,8 @@ def _quantize_with_data(args, sd, rules):
     if args.sequential < 0 or (args.sequential and not args.data):
         raise CliError(f"--sequential takes a number of stages >= 0 and needs --data, got {args.sequential}")
     given = {k: getattr(args, k) for k in ("steps", "lr", "holdout", "init") if getattr(args, k, None) is not None}
+    if getattr(args, "output_weights", None) is not None:
+        given["weights"] = args.output_weights
     method: Any = args.method
     if args.method == "autoround":
         from gradcomp.quant.algorithms import AutoRound
@@ -276,6 +282,26 @@ def _quantize_with_data(args, sd, rules):
     held = {f"{n}.{k}" for n in packed for k in ("packed.qweight", "packed.scale", "packed.zero_point", "packed.input_scale")}
     plain = {k: v for k, v in model.state_dict().items() if k not in held and k in sd}
     return packed, plain
+
+
+def _output_weights(text: str) -> Dict[str, float]:
+    """Parse ``NAME=W[,NAME=W...]`` (``--output-weights``) into ``{name: weight}``, weights finite and >= 0."""
+    import argparse
+    import math
+
+    out: Dict[str, float] = {}
+    for part in text.split(","):
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        try:
+            w = float(value)
+        except ValueError:
+            w = float("nan")
+        if not eq or not name or not math.isfinite(w) or w < 0 or name in out:
+            raise argparse.ArgumentTypeError(f"expected NAME=W[,NAME=W...] with distinct names and finite weights >= 0, "
+                                             f"got {text!r}")
+        out[name] = w
+    return out
 
 
 def _user_model(args, sd):
