@@ -443,3 +443,26 @@ def test_autoround_output_weights_scale_each_output_in_loss_and_score():
                      ({1: 1.0}, TypeError), (3.0, TypeError)]:
         with pytest.raises(err, match="weight"):
             AutoRound(weights=bad)
+
+
+def test_autoround_counts_passes_over_the_training_batches_and_warns_on_reuse(caplog):
+    import copy
+    import logging
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+    batches = [torch.randn(8, 16) for _ in range(5)]
+    cfg = q.WeightQuantConfig(bits=4, granularity="per_group", group_size=16)
+
+    def run(steps):
+        work = copy.deepcopy(model)
+        layers = [([(n, m)], cfg) for n, m in work.named_children() if isinstance(m, nn.Linear)]
+        with caplog.at_level(logging.WARNING, logger="gradcomp.quant.algorithms.autoround"):
+            caplog.clear()
+            res = autoround_quantize(work, layers, batches, AutoRound(steps=steps, holdout=1, init="rtn"))
+        return res, [r.getMessage() for r in caplog.records]
+
+    res, msgs = run(8)   # 4 training batches, each used twice: no warning
+    assert res.passes == 2.0 and not msgs
+    res, msgs = run(9)
+    assert res.passes == 2.25 and len(msgs) == 1 and "9 steps over 4 training batches" in msgs[0]

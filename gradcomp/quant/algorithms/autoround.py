@@ -193,12 +193,17 @@ class AutoRoundResult:
         history: ``(step, selection loss)`` at every selection pass.
         best_step: the step whose parameters were packed (0: the starting point).
         train_loss: the training loss of each step.
+        passes: how many times training used each training batch on average (``steps`` over the
+            number of training batches). Above 2 a warning is logged: the offsets then fit the
+            calibration data more than the task (on CHGNet, 400 steps over 35 batches gave 80.5
+            meV/atom, 400 steps over 440 batches 55.3).
     """
 
     packed: Dict[str, Any]
     history: List[Tuple[int, float]] = field(default_factory=list)
     best_step: int = 0
     train_loss: List[float] = field(default_factory=list)
+    passes: float = 0.0
 
 
 class _FakeQuant(nn.Module):
@@ -376,7 +381,11 @@ def autoround_quantize(
         wsum = sum(wts.values())
         score = lambda errs: sum(wts[k] * errs[k] / norm[k] for k in errs) / wsum
 
-        result = AutoRoundResult(packed={})
+        result = AutoRoundResult(packed={}, passes=options.steps / len(train_ids))
+        if result.passes > 2:
+            logger.warning("autoround: %d steps over %d training batches use each batch %.1f times; rounding offsets fitted "
+                           "on few batches follow them rather than the task: give more calibration batches (about one "
+                           "per step), fewer steps or a smaller lr", options.steps, len(train_ids), result.passes)
         best = score(errors(sel_ids))
         result.history.append((0, best))
         best_state = [p.detach().clone() for p in params]
