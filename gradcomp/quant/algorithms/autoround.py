@@ -22,7 +22,8 @@ Steps:
     3. For ``steps`` steps, one training batch each (in turn): put the fake-quantized weights
        ``s(r) * clamp(round(w / s(r) + v))`` into the model (straight-through estimator for the
        rounding; the scale rounded to its storage dtype the same way), run ``forward``, and take the
-       loss ``mean_k ||y_k - y_k^fp32||^2 / N_k`` over the outputs ``k``. ``N_k`` is the error of
+       loss ``sum_k a_k ||y_k - y_k^fp32||^2 / N_k / sum_k a_k`` over the outputs ``k`` (``a_k``: the
+       ``weights`` option, 1 by default: the mean). ``N_k`` is the error of
        output ``k`` at the starting point (``normalize="initial"``: every output starts at 1, so an
        output with a large constant offset, like an energy, is not drowned by the others) or its
        fp32 power ``||y_k^fp32||^2`` (``normalize="power"``, the ``rel_mse`` of the sensitivity
@@ -41,6 +42,12 @@ Worked example (int4 symmetric, one group, ``s = 0.1``): ``w = 0.26`` rounds to 
 ``v = -0.2`` the code is ``round(2.6 - 0.2) = 2`` (0.20). No ``v`` in ``[-0.5, 0.5]`` can give code 4
 or 1: the result stays within one step of round-to-nearest, which bounds how far it can overfit the
 calibration data.
+
+Calibration data: each training batch should be used about once or twice (``steps`` up to twice the
+number of training batches; :attr:`AutoRoundResult.passes`, a warning above 2). With the labels
+being the fp32 model's own outputs, more batches cost only their forward passes; on CHGNet going from
+35 to 441 training batches for the same 400 steps took the energy error from 80.5 to 55.3 meV/atom,
+where more steps over the 35 batches made it worse.
 
 Cost: ``steps`` forward and backward passes over one batch each; forward passes over every batch
 for the fp32 outputs, over the training batches for ``normalize="initial"`` and for the Hessians of
