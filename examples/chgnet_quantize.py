@@ -244,8 +244,9 @@ def main() -> None:
     ap.add_argument("--pool-cache", default=None, help="section 1h: a pickle of the generated pool's graphs (written if missing, "
                                                          "read if present: generating them takes about 10 minutes)")
     ap.add_argument("--pool-steps", type=int, default=400, help="section 1h: AutoRound steps on the large pool")
-    ap.add_argument("--pool-uncompensated", action="store_true",
-                    help="section 1h: also the row with the reference layer at int8 and nothing paid back (4.5012 bits/weight)")
+    ap.add_argument("--pool-rows", default="rtn,exact,fc8",
+                    help="section 1h rows: rtn and exact (the reference layer at int8, one layer at group 64: 4.4986 bits/weight; "
+                         "RTN and AutoRound), fc8 (the reference layer at int8, nothing paid back: 4.5012)")
     ap.add_argument("--autoround-steps", type=int, default=100, help="AutoRound steps with 33 structures (4 times as many with "
                                                                    "the extended set; section 1g)")
     args = ap.parse_args()
@@ -491,12 +492,16 @@ def section1h(variant, bits, test_batches, ref, head, g32, big, pool, args, resu
     ar = lambda **kw: AutoRound(steps=steps, lr=0.005, holdout=6, **kw)
     fc8 = "int4 g32 + composition_model.fc int8"
     ex = f"{fc8} + bond_conv_layers.2.mlp_out.layers.1 g64"
-    rows = [
-        (f"{ex}, RTN", lambda: variant(exact)),
-        (f"{ex}, autoround {steps} steps, lr 0.005 ({n}, 6 batches held out)",
-         lambda: variant(exact, ar(), cal=mixed, fwd=train_forward, progress=True)),
-    ]
-    if args.pool_uncompensated:
+    want = set(args.pool_rows.split(","))
+    if not want <= {"rtn", "exact", "fc8"}:
+        raise SystemExit(f"--pool-rows takes rtn, exact and fc8, got {args.pool_rows!r}")
+    rows = []
+    if "rtn" in want:
+        rows.append((f"{ex}, RTN", lambda: variant(exact)))
+    if "exact" in want:
+        rows.append((f"{ex}, autoround {steps} steps, lr 0.005 ({n}, 6 batches held out)",
+                     lambda: variant(exact, ar(), cal=mixed, fwd=train_forward, progress=True)))
+    if "fc8" in want:
         rows.append((f"{fc8}, autoround {steps} steps, lr 0.005 ({n}, 6 batches held out)",
                      lambda: variant(keep8, ar(), cal=mixed, fwd=train_forward, progress=True)))
     _rows(f"AutoRound on {n} calibration structures ({len(mixed) - 6} training batches for {steps} steps)", rows, variant, bits,
