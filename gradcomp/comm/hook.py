@@ -79,8 +79,10 @@ class HookConfig:
         compile: fuse the codec kernels with ``torch.compile``, compiled on a background thread from
             :func:`register` on (or the first bucket) and used once ready (bit-identical to the eager kernels, which run until
             then and wherever compiling fails). False: always eager.
-        chunk_numel: values per chunk of the pipelined exchange (about 4 MB of fp32 by default);
-            chunks are exchanged one after another with the wire and the CPU busy at the same time.
+        chunk_numel: values per chunk of the pipelined exchange; chunks are exchanged one after
+            another with the wire and the CPU busy at the same time. None (default): ``2**20``
+            values per rank, ``P * 2**20`` in all (:func:`~gradcomp.comm.exchange.chunk_numel_for`),
+            so that each collective's messages stay large as P grows.
         log_every: log the statistics every this many steps from the group's first rank (0: never).
         topology: ranks per node (:class:`~gradcomp.comm.topology.Topology`) for the hierarchical
             exchange: fp32 inside each node, the quantized two-phase exchange only between nodes
@@ -101,7 +103,7 @@ class HookConfig:
     stochastic_rounding: bool = False
     seed: int = 0
     compile: bool = True
-    chunk_numel: int = exchange.DEFAULT_CHUNK_NUMEL
+    chunk_numel: Optional[int] = None
     log_every: int = 100
     topology: Optional[Topology] = None
     policy: Optional[PolicyConfig] = None
@@ -113,8 +115,9 @@ class HookConfig:
         check_is_int("block_size", self.block_size)
         if self.block_size < 8 or self.block_size % 8:
             raise ValueError(f"block_size must be a positive multiple of 8 (e.g. 64, 128, 256), got {self.block_size}")
-        check_is_int("chunk_numel", self.chunk_numel)
-        if self.chunk_numel < self.block_size:
+        if self.chunk_numel is not None:
+            check_is_int("chunk_numel", self.chunk_numel)
+        if self.chunk_numel is not None and self.chunk_numel < self.block_size:
             raise ValueError(f"chunk_numel must be >= block_size={self.block_size}, got {self.chunk_numel}")
         for name in ("warmup_steps", "min_compress_numel", "seed", "log_every"):
             check_is_int(name, getattr(self, name))
@@ -308,7 +311,12 @@ class QuantizedAllReduceState:
 
     def _policy_chunk_numel(self) -> Optional[int]:
         """The chunk size the hook pipelines with: its ``chunk_numel`` flat, None hierarchical (no chunks)."""
-        return None if self._hier is not None else self.config.chunk_numel
+        return None if self._hier is not None else self.chunk_numel
+
+    @property
+    def chunk_numel(self) -> int:
+        """Values per chunk of the flat exchange: ``config.chunk_numel``, or ``P * 2**20`` when it is None."""
+        return self.config.chunk_numel if self.config.chunk_numel is not None else exchange.chunk_numel_for(self.world_size)
 
     def _make_policy(self, fit: Optional[NetworkFit]) -> CommPolicy:
         """Build the policy from ``fit``, or probe the network first when None (collective).
@@ -365,7 +373,7 @@ class QuantizedAllReduceState:
         key = (bits, x.numel(), x.device)
         held = self._probe_state.get(key)
         if held is None:  # persistent across the timed calls, as the hook's per-bucket buffers are
-            plan = ExchangePlan.build((x.numel(),), self.world_size, bits, cfg.block_size, cfg.chunk_numel)
+            plan = ExchangePlan.build((x.numel(),), self.world_size, bits, cfg.block_size, self.chunk_numel)
             z = lambda n: torch.zeros(n, device=x.device)  # noqa: E731
             held = self._probe_state[key] = (
                 plan, ExchangeBuffers.allocate(plan, x.device), z(plan.padded_numel), z(plan.padded_numel),
@@ -688,7 +696,7 @@ class QuantizedAllReduceState:
 
     def _plan(self, keys, numels, bits: int) -> ExchangePlan:
         """The exchange plan of a bucket; the hierarchical exchange cuts no chunks."""
-        chunk = None if self._hier is not None else self.config.chunk_numel
+        chunk = None if self._hier is not None else self.chunk_numel
         return ExchangePlan.build(numels, self.world_size, bits, self.config.block_size, chunk, keys=keys)
 
     def _relocate(self, device) -> None:
