@@ -142,7 +142,7 @@ def worker(args) -> int:
 
     from gradcomp.comm import PolicyConfig, QuantizedAllReduceState
     from gradcomp.comm.collectives import ShardLayout, all_gather_into
-    from gradcomp.comm.exchange import DEFAULT_CHUNK_NUMEL
+    from gradcomp.comm.exchange import chunk_numel_for
     from gradcomp.comm.hook import HookConfig
     from gradcomp.comm.measure import measure_hook_codec
 
@@ -154,7 +154,7 @@ def worker(args) -> int:
     )
     defaults = HookConfig()
     compiled = defaults.compile
-    chunk = getattr(defaults, "chunk_numel", DEFAULT_CHUNK_NUMEL)
+    chunk = defaults.chunk_numel if defaults.chunk_numel is not None else chunk_numel_for(P)  # what the hook uses
     # the hook's local work under the same contention as in the exchange: every rank measures at once
     codec = {}
     for bits in (8, 4):

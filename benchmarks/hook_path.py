@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     p.add_argument("--bits", type=int, nargs="+", default=[8, 4])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--chunk-numel", type=int, default=exchange.DEFAULT_CHUNK_NUMEL)
+    p.add_argument("--chunk-numel", type=int, default=None, help="values per chunk (default: the hook's, 2**20 per rank)")
     p.add_argument("--no-compile", action="store_true", help="measure the eager kernels only")
     p.add_argument(
         "--clock", choices=("wall", "thread"), default="wall",
@@ -114,6 +114,8 @@ def main(argv=None) -> int:
     )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if args.chunk_numel is None:
+        args.chunk_numel = exchange.chunk_numel_for(args.world_size)
     if args.clock == "thread" and args.threads != 1:
         p.error(f"--clock thread counts one thread's CPU time: it needs --threads 1, got --threads {args.threads}")
     global _CLOCK

@@ -464,6 +464,24 @@ def test_config_object_is_accepted(world1):
         gradcomp.HookConfig(chunk_numel=100)
 
 
+def test_default_chunk_size_grows_with_the_group(world1):
+    # None: 2**20 values per rank of every chunk, so each collective's messages stay large as P grows
+    assert gradcomp.HookConfig().chunk_numel is None
+    assert [exchange.chunk_numel_for(p) for p in (1, 2, 4, 8)] == [1 << 21, 1 << 21, 1 << 22, 1 << 23]
+    with pytest.raises(ValueError, match="world_size must be >= 1, got 0"):
+        exchange.chunk_numel_for(0)
+    state = gradcomp.QuantizedAllReduceState(bits=8)
+    assert state.chunk_numel == exchange.chunk_numel_for(1)
+    # the plan of a bucket of 5M values: chunks of 2M (the last one shorter), not of the old 1M
+    assert len(state._plan((0,), (5_000_000,), 8).chunks) == 3
+    assert gradcomp.QuantizedAllReduceState(bits=8, chunk_numel=1 << 20).chunk_numel == 1 << 20
+    # a rank that spells the default out agrees with one that leaves it to the hook
+    from gradcomp.comm.guard import wire_config
+
+    assert wire_config(gradcomp.HookConfig(), 4) == wire_config(gradcomp.HookConfig(chunk_numel=1 << 22), 4)
+    assert wire_config(gradcomp.HookConfig(), 4) != wire_config(gradcomp.HookConfig(chunk_numel=1 << 20), 4)
+
+
 # ---------------------------------------------------------------------------------------------
 
 

@@ -178,6 +178,19 @@ def test_config_validation_and_round_trip():
         gradcomp.HookConfig(policy="auto")
     fit = _fit(1e-5, 1e9, intra=LinkFit(1e-6, 1e10, 0.02, 5))
     assert NetworkFit.from_dict(fit.to_dict()) == fit
+    with pytest.raises(ValueError, match="codec_numel must be a positive int, got 0"):
+        PolicyConfig(codec_numel=0)
+
+
+def test_probe_bucket_spans_two_of_the_hooks_chunks():
+    from gradcomp.comm.exchange import chunk_numel_for
+    from gradcomp.comm.policy import probe_bucket_numel
+
+    assert PolicyConfig().codec_numel is None
+    assert probe_bucket_numel(PolicyConfig(), chunk_numel_for(2)) == 1 << 22
+    assert probe_bucket_numel(PolicyConfig(), chunk_numel_for(4)) == 1 << 23
+    assert probe_bucket_numel(PolicyConfig(), None) == 1 << 22  # hierarchical: no chunks
+    assert probe_bucket_numel(PolicyConfig(codec_numel=1 << 14), 1 << 23) == 1 << 14
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from gradcomp.comm.exchange import chunk_numel_for
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -135,6 +137,8 @@ def wire_config(config: Any, world_size: int) -> Dict[str, Any]:
         if not hasattr(config, name):  # an option this version does not have
             continue
         value = getattr(config, name)
+        if name == "chunk_numel" and value is None:  # the default: the size the hook picks for P ranks
+            value = chunk_numel_for(world_size)
         out[name] = asdict(value) if hasattr(value, "__dataclass_fields__") else value
     return out
 

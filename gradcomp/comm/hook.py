@@ -79,8 +79,10 @@ class HookConfig:
         compile: fuse the codec kernels with ``torch.compile``, compiled on a background thread from
             :func:`register` on (or the first bucket) and used once ready (bit-identical to the eager kernels, which run until
             then and wherever compiling fails). False: always eager.
-        chunk_numel: values per chunk of the pipelined exchange (about 4 MB of fp32 by default);
-            chunks are exchanged one after another with the wire and the CPU busy at the same time.
+        chunk_numel: values per chunk of the pipelined exchange; chunks are exchanged one after
+            another with the wire and the CPU busy at the same time. None (default): ``2**20``
+            values per rank, ``P * 2**20`` in all (:func:`~gradcomp.comm.exchange.chunk_numel_for`),
+            so that each collective's messages stay large as P grows.
         log_every: log the statistics every this many steps from the group's first rank (0: never).
         topology: ranks per node (:class:`~gradcomp.comm.topology.Topology`) for the hierarchical
             exchange: fp32 inside each node, the quantized two-phase exchange only between nodes
@@ -101,7 +103,7 @@ class HookConfig:
     stochastic_rounding: bool = False
     seed: int = 0
     compile: bool = True
-    chunk_numel: int = exchange.DEFAULT_CHUNK_NUMEL
+    chunk_numel: Optional[int] = None
     log_every: int = 100
     topology: Optional[Topology] = None
     policy: Optional[PolicyConfig] = None
@@ -113,8 +115,9 @@ class HookConfig:
         check_is_int("block_size", self.block_size)
         if self.block_size < 8 or self.block_size % 8:
             raise ValueError(f"block_size must be a positive multiple of 8 (e.g. 64, 128, 256), got {self.block_size}")
-        check_is_int("chunk_numel", self.chunk_numel)
-        if self.chunk_numel < self.block_size:
+        if self.chunk_numel is not None:
+            check_is_int("chunk_numel", self.chunk_numel)
+        if self.chunk_numel is not None and self.chunk_numel < self.block_size:
             raise ValueError(f"chunk_numel must be >= block_size={self.block_size}, got {self.chunk_numel}")
         for name in ("warmup_steps", "min_compress_numel", "seed", "log_every"):
             check_is_int(name, getattr(self, name))
@@ -308,7 +311,12 @@ class QuantizedAllReduceState:
 
     def _policy_chunk_numel(self) -> Optional[int]:
         """The chunk size the hook pipelines with: its ``chunk_numel`` flat, None hierarchical (no chunks)."""
-        return None if self._hier is not None else self.config.chunk_numel
+        return None if self._hier is not None else self.chunk_numel
+
+    @property
+    def chunk_numel(self) -> int:
+        """Values per chunk of the flat exchange: ``config.chunk_numel``, or ``P * 2**20`` when it is None."""
+        return self.config.chunk_numel if self.config.chunk_numel is not None else exchange.chunk_numel_for(self.world_size)
 
     def _make_policy(self, fit: Optional[NetworkFit]) -> CommPolicy:
         """Build the policy from ``fit``, or probe the network first when None (collective).
@@ -365,7 +373,7 @@ class QuantizedAllReduceState:
         key = (bits, x.numel(), x.device)
         held = self._probe_state.get(key)
         if held is None:  # persistent across the timed calls, as the hook's per-bucket buffers are
-            plan = ExchangePlan.build((x.numel(),), self.world_size, bits, cfg.block_size, cfg.chunk_numel)
+            plan = ExchangePlan.build((x.numel(),), self.world_size, bits, cfg.block_size, self.chunk_numel)
             z = lambda n: torch.zeros(n, device=x.device)  # noqa: E731
             held = self._probe_state[key] = (
                 plan, ExchangeBuffers.allocate(plan, x.device), z(plan.padded_numel), z(plan.padded_numel),
@@ -374,18 +382,9 @@ class QuantizedAllReduceState:
         # the bucket is decoded into in place, as DDP's is; the next call encodes the mean (same work)
         plan, bufs, w_in, w_out, s_in, s_out, bucket = held
 
-        def job(c: int) -> ChunkJob:
-            return ChunkJob(
-                lambda: exchange.encode(plan, bufs, c, bucket, residual=w_in, residual_out=w_out, compiled=compiled),
-                bufs.send[c], bufs.recv[c],
-                lambda: exchange.reduce_shard(plan, bufs, c, residual=s_in, residual_out=s_out, compiled=compiled),
-                bufs.gathered[c],
-                lambda: exchange.decode(plan, bufs, c, bucket, compiled=compiled),
-            )
-
         pipe = ChunkPipeline(self._comm_group)
         for c in range(len(plan.chunks)):
-            pipe.push(job(c))
+            pipe.push(_chunk_job(plan, bufs, c, bucket, (w_in, s_in, w_out, s_out), (None, None), (0, 0), lambda: compiled))
         pipe.flush()
 
     def recalibrate(self) -> Dict[str, Any]:
@@ -688,7 +687,7 @@ class QuantizedAllReduceState:
 
     def _plan(self, keys, numels, bits: int) -> ExchangePlan:
         """The exchange plan of a bucket; the hierarchical exchange cuts no chunks."""
-        chunk = None if self._hier is not None else self.config.chunk_numel
+        chunk = None if self._hier is not None else self.chunk_numel
         return ExchangePlan.build(numels, self.world_size, bits, self.config.block_size, chunk, keys=keys)
 
     def _relocate(self, device) -> None:
@@ -767,8 +766,8 @@ class QuantizedAllReduceState:
 
     def _push_chunks(self, buf, index, step, plan, bufs, res, noise, fut, last, fp32_bytes) -> None:
         """Hand every chunk of the bucket to the pipeline; the last decoded chunk completes ``fut``."""
-        w_in, s_in, w_out, s_out = res
-        n0, n1 = noise
+        w_in = res[0]
+        w_out = res[2]
         header = (step, index)
         left = [len(plan.chunks)]
         finite = [torch.ones((), dtype=torch.bool, device=buf.device)]
@@ -777,38 +776,27 @@ class QuantizedAllReduceState:
         if self._pipe is None:
             self._pipe = ChunkPipeline(self._comm_group)
 
-        def job(c: int) -> ChunkJob:
-            def enc():
-                if measure and c == 0:  # before any chunk of this bucket is decoded into it
-                    denom[0] = float((plan.to_aligned(buf) + w_in).norm())
-                exchange.encode(plan, bufs, c, buf, residual=w_in, residual_out=w_out, noise=n0, header=header, compiled=self._compiled_now())
+        def before_encode(c: int) -> None:
+            if measure and c == 0:  # before any chunk of this bucket is decoded into it
+                denom[0] = float((plan.to_aligned(buf) + w_in).norm())
 
-            def red():
-                exchange.check_header(plan, c, bufs.recv[c], step, index)
-                return exchange.reduce_shard(
-                    plan, bufs, c, residual=s_in, residual_out=s_out, noise=n1, header=header, compiled=self._compiled_now()
-                )
-
-            def dec():
-                exchange.check_header(plan, c, bufs.gathered[c], step, index, "all-gather")
-                finite[0] &= exchange.decode(plan, bufs, c, buf, compiled=self._compiled_now())
-                left[0] -= 1
-                if left[0] == 0:
-                    ok = bool(finite[0])
-                    self._step_finite &= ok
-                    rel = None
-                    if measure:
-                        rel = float(w_out.norm()) / denom[0] if denom[0] > 0 else 0.0
-                    self._account(plan.bytes_sent, fp32_bytes, True, ok, rel, step, False)
-                    if not last:
-                        if buf.is_cuda:
-                            torch.cuda.current_stream(buf.device).synchronize()
-                        fut.set_result(buf)
-
-            return ChunkJob(enc, bufs.send[c], bufs.recv[c], red, bufs.gathered[c], dec)
+        def decoded(chunk_finite: torch.Tensor) -> None:
+            finite[0] &= chunk_finite
+            left[0] -= 1
+            if left[0] == 0:
+                ok = bool(finite[0])
+                self._step_finite &= ok
+                rel = None
+                if measure:
+                    rel = float(w_out.norm()) / denom[0] if denom[0] > 0 else 0.0
+                self._account(plan.bytes_sent, fp32_bytes, True, ok, rel, step, False)
+                if not last:
+                    if buf.is_cuda:
+                        torch.cuda.current_stream(buf.device).synchronize()
+                    fut.set_result(buf)
 
         for c in range(len(plan.chunks)):
-            self._pipe.push(job(c))
+            self._pipe.push(_chunk_job(plan, bufs, c, buf, res, noise, header, self._compiled_now, before_encode, decoded))
 
     def _run_hier(self, buf, plan, w_in, s_in, w_out, s_out, n0, n1, step, fp32_bytes) -> None:
         """The hierarchical exchange of one bucket, blocking (fp32 inside nodes, quantized between them)."""
@@ -1058,6 +1046,38 @@ class QuantizedAllReduceState:
 
         self._thread.submit(guard.guarded(self, end, step=step, bucket=index, what="end of step (residual commit)"), done)
         return guard.for_ddp(done)
+
+
+def _chunk_job(plan: ExchangePlan, bufs: ExchangeBuffers, c: int, bucket: torch.Tensor, residuals, noise, header, compiled,
+               before_encode=None, decoded=None) -> ChunkJob:
+    """Chunk ``c`` of ``bucket``'s exchange as the pipeline runs it: encode, check and reduce, check and decode.
+
+    The one job builder of the step and of the policy's probe. ``residuals`` is ``(worker in,
+    server in, worker out, server out)`` (None each without error feedback), ``noise`` the two
+    phases' stochastic rounding noise (None each), ``header`` the messages' ``(step, bucket)``,
+    ``compiled()`` whether the fused kernels run now; ``before_encode(c)`` runs before the encode and
+    ``decoded(finite)`` after the decode, with whether the chunk's values were all finite.
+    """
+    w_in, s_in, w_out, s_out = residuals
+    n0, n1 = noise
+    step, index = header
+
+    def enc() -> None:
+        if before_encode is not None:
+            before_encode(c)
+        exchange.encode(plan, bufs, c, bucket, residual=w_in, residual_out=w_out, noise=n0, header=header, compiled=compiled())
+
+    def red() -> torch.Tensor:
+        exchange.check_header(plan, c, bufs.recv[c], step, index)
+        return exchange.reduce_shard(plan, bufs, c, residual=s_in, residual_out=s_out, noise=n1, header=header, compiled=compiled())
+
+    def dec() -> None:
+        exchange.check_header(plan, c, bufs.gathered[c], step, index, "all-gather")
+        finite = exchange.decode(plan, bufs, c, bucket, compiled=compiled())
+        if decoded is not None:
+            decoded(finite)
+
+    return ChunkJob(enc, bufs.send[c], bufs.recv[c], red, bufs.gathered[c], dec)
 
 
 _SIDE_STREAMS: Dict[Any, Any] = {}

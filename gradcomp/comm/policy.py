@@ -54,6 +54,7 @@ __all__ = [
     "PolicyConfig",
     "CommPolicy",
     "fit_latency_bandwidth",
+    "probe_bucket_numel",
     "probe_network",
 ]
 
@@ -168,7 +169,8 @@ class PolicyConfig:
         codec_numel: elements of the codec timing and of the end-to-end exchange: several of the
             hook's chunks (so the pipeline's overlap is in the timing) and more than a CPU cache
             holds (the hook reads its buckets from memory; a bucket that stays in the cache between
-            timed calls is coded several times faster).
+            timed calls is coded several times faster). None (default): two of the hook's chunks,
+            at least ``2**22`` (4M at 2 ranks, 8M at 4).
         fit: injected figures; when given, nothing is probed or timed.
     """
 
@@ -176,7 +178,7 @@ class PolicyConfig:
     min_bits: int = 4
     probe_numels: Tuple[int, ...] = (256, 4096, 65536, 262144, 1048576, 4194304)
     probe_repeats: int = 3
-    codec_numel: int = 1 << 22
+    codec_numel: Optional[int] = None
     fit: Optional[NetworkFit] = None
 
     def __post_init__(self) -> None:
@@ -198,6 +200,8 @@ class PolicyConfig:
             raise ValueError(f"probe_numels must be a tuple of at least 2 distinct positive ints, got {self.probe_numels!r}")
         for name in ("probe_repeats", "codec_numel"):
             v = getattr(self, name)
+            if name == "codec_numel" and v is None:
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if self.fit is not None and not isinstance(self.fit, NetworkFit):
@@ -293,6 +297,13 @@ def _agree_max(values: List[float], group) -> List[float]:
     return [float(v) for v in t]
 
 
+def probe_bucket_numel(config: PolicyConfig, chunk_numel: Optional[int]) -> int:
+    """Values of the probe's bucket: ``config.codec_numel``, else two of the hook's chunks and at least ``2**22``."""
+    if config.codec_numel is not None:
+        return config.codec_numel
+    return max(1 << 22, 2 * (chunk_numel or 0))
+
+
 def probe_network(
     config: PolicyConfig,
     group,
@@ -342,7 +353,7 @@ def probe_network(
     L = dist.get_world_size(intra_group) if intra_group is not None else 1
     intra_times = probe_allreduce(intra_group, numels, config.probe_repeats, device) if L > 1 else []
     widths = [b for b in config.candidates if b != PLAIN]
-    n = config.codec_numel
+    n = probe_bucket_numel(config, chunk_numel)
     # the quantized exchange runs over the nodes in hierarchical mode, over every rank otherwise
     ranks = nodes if nodes is not None and 1 < nodes < P else P
     measured = [measure_hook_codec(b, block_size, n, ranks, config.probe_repeats, compiled, device, chunk_numel) for b in widths]
