@@ -244,8 +244,9 @@ def main() -> None:
     ap.add_argument("--pool-alloys", type=int, default=900, help="section 1h: generated two-metal compounds")
     ap.add_argument("--pool-cache", default=None, help="section 1h: a pickle of the generated pool's graphs (written if missing, "
                                                          "read if present: generating them takes about 10 minutes)")
-    ap.add_argument("--pool-g64", default="bond_conv_layers.2.mlp_out.layers.1",
-                    help="section 1h: the layer put at group 64 to pay back the reference layer's int8 bits")
+    ap.add_argument("--pool-g64", default="angle_layers.2.twoBody_bond.mlp_core.layers.1",
+                    help="section 1h: the layer put at group 64 to pay back the reference layer's int8 bits (the default's "
+                         "output is never read by CHGNet's forward; bond_conv_layers.2.mlp_out.layers.1 is a live one)")
     ap.add_argument("--pool-steps", type=int, default=400, help="section 1h: AutoRound steps on the large pool")
     ap.add_argument("--pool-rows", default="rtn,exact,fc8",
                     help="section 1h rows: rtn and exact (the reference layer at int8, one layer at group 64: 4.4986 bits/weight; "
