@@ -118,7 +118,7 @@ def test_decision_matches_the_cost_model_and_its_break_even():
     from gradcomp.costmodel import Scheme
 
     numel = 4_000_000
-    cfg = PolicyConfig(candidates=(PLAIN, 8))
+    cfg = PolicyConfig(candidates=(PLAIN, 8), min_gain=0.0)
     # the hook pipelines chunks of 1M values: the policy's model overlaps codec and wire like it
     be = break_even_bandwidth(Scheme.exchange(8), numel, Cluster(4, 1e9, 20e-6), CODEC[0][1], chunk_numel=1 << 20)
     assert 0 < be < math.inf
@@ -128,6 +128,26 @@ def test_decision_matches_the_cost_model_and_its_break_even():
     be_serial = break_even_bandwidth(Scheme.exchange(8), numel, Cluster(4, 1e9, 20e-6), CODEC[0][1])
     assert be_serial < be
     assert CommPolicy(cfg, _fit(20e-6, (be + be_serial) / 2), workers=4, chunk_numel=None).choose(numel) == PLAIN
+
+
+def test_compression_must_win_by_the_margin():
+    """Near a tie plain all-reduce (exact) is kept; a clear gain still picks compression."""
+    from gradcomp.costmodel import Cluster, Scheme, break_even_bandwidth
+
+    numel = 4_000_000
+    be = break_even_bandwidth(Scheme.exchange(8), numel, Cluster(4, 1e9, 20e-6), CODEC[0][1], chunk_numel=1 << 20)
+    assert PolicyConfig().min_gain == 0.2
+    just_below = CommPolicy(PolicyConfig(candidates=(PLAIN, 8)), _fit(20e-6, be * 0.9), workers=4)
+    pred = just_below.predict(numel)
+    assert pred[8] < pred[PLAIN] < pred[8] / 0.8  # int8 is faster, by less than 20%
+    assert just_below.choose(numel) == PLAIN
+    slow = CommPolicy(PolicyConfig(candidates=(PLAIN, 8)), _fit(20e-6, be * 0.2), workers=4)
+    assert slow.predict(numel)[8] < 0.8 * slow.predict(numel)[PLAIN] and slow.choose(numel) == 8
+    # without plain among the candidates the fastest width is taken, margin or not
+    assert CommPolicy(PolicyConfig(candidates=(8, 4)), _fit(20e-6, be * 0.9), workers=4).choose(numel) in (8, 4)
+    for bad in (-0.1, 1.0, True, "0.2"):
+        with pytest.raises(ValueError, match="min_gain must be a number in"):
+            PolicyConfig(min_gain=bad)
 
 
 def test_prediction_follows_the_hooks_chunks_and_world_size():
