@@ -180,17 +180,23 @@ def calibration_pool(conv, base_cal, test_names, args) -> List[Any]:
     scale = 8 if args.quick else 1
     extra = extra_calibration(base_cal, test_names, args.pool_compounds // scale, args.pool_variants // scale, seed=7,
                               n_alloys=args.pool_alloys // scale)
-    pool = []
-    for n, s in extra:
-        try:
-            pool.append(conv(s, graph_id=n))
-        except Exception as exc:   # an odd generated compound the converter refuses
-            logging.warning("skipped calibration structure %s: %s", n, exc)
+    pool = to_graphs(conv, extra)
     print(f"calibration pool: {len(pool)} structures generated in {time.time() - t:.0f} s", flush=True)
     if args.pool_cache:
         with open(args.pool_cache, "wb") as f:
             pickle.dump(pool, f)
     return pool
+
+
+def to_graphs(conv, named) -> List[Any]:
+    """Convert ``(name, structure)`` pairs to CHGNet graphs, skipping (with a warning) any the converter refuses."""
+    out = []
+    for n, s in named:
+        try:
+            out.append(conv(s, graph_id=n))
+        except Exception as exc:   # an odd generated compound the converter refuses
+            logging.warning("skipped calibration structure %s: %s", n, exc)
+    return out
 
 
 def calib_forward(model, graphs):
@@ -290,12 +296,7 @@ def main() -> None:
         base_cal = [(n, s) for i, (n, s) in enumerate(named) if i % 3 == 0]
         scale = 4 if args.quick else 1
         extra = extra_calibration(base_cal, test_names, args.extra_compounds // scale, args.extra_variants)
-        extra_graphs = []
-        for n, s in extra:
-            try:
-                extra_graphs.append(conv(s, graph_id=n))
-            except Exception as exc:   # an odd generated compound the converter refuses
-                logging.warning("skipped calibration structure %s: %s", n, exc)
+        extra_graphs = to_graphs(conv, extra)
         big = calib + extra_graphs
         big_batches = [big[i:i + batch] for i in range(0, len(big), batch)]
         print(f"extended calibration: {len(big)} structures ({len(calib)} + {len(extra_graphs)} generated, "
