@@ -96,6 +96,11 @@ __all__ = [
 
 HEADER_BYTES = 16
 DEFAULT_CHUNK_NUMEL = 1 << 20  # 4 MB of fp32 per chunk
+ROUTE_ALLREDUCE = ("send", "recv", "mine", "gathered")  # the message buffers each route needs
+ROUTE_REDUCE_SCATTER = ("send", "recv")
+ROUTE_GATHER_SEND = ("send",)
+ROUTE_GATHER_RECV = ("gathered",)
+
 SHARD_NUMEL = 1 << 20  # values each rank owns of a chunk when the hook picks the chunk size
 
 
@@ -105,18 +110,14 @@ def chunk_numel_for(world_size: int) -> int:
     Every chunk costs two collectives, each with a fixed cost (latency, the wake-ups of every rank's
     threads) on top of its bytes. Keeping what each rank sends every peer at about 2**20 codes keeps
     that cost a small part of a message as P grows. On the emulated 1 Gbit/s cluster, the whole
-    exchange of a 17.6M-value bucket in int4 at 4 hosts took 230 ms with 4M-value chunks and
-    345 ms with 1M-value chunks (the wire alone 109 ms); 2 hosts were as fast or faster with 2M
-    than with 1M (docs/launch.md, "Chunk size").
+    exchange of a 17.6M-value bucket in int4 at 4 hosts took 232 ms with 4M-value chunks and
+    331 ms with 1M-value chunks (the wire alone 109 ms); at 2 hosts int4 took 102 ms with 2M and
+    121 ms with 1M, while int8 was 5% slower with 2M (docs/launch.md, "Chunk size").
     """
     check_is_int("world_size", world_size)
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     return SHARD_NUMEL * max(2, world_size)
-ROUTE_ALLREDUCE = ("send", "recv", "mine", "gathered")  # the message buffers each route needs
-ROUTE_REDUCE_SCATTER = ("send", "recv")
-ROUTE_GATHER_SEND = ("send",)
-ROUTE_GATHER_RECV = ("gathered",)
 
 
 class HeaderMismatch(RuntimeError):

@@ -115,10 +115,10 @@ class HookConfig:
         check_is_int("block_size", self.block_size)
         if self.block_size < 8 or self.block_size % 8:
             raise ValueError(f"block_size must be a positive multiple of 8 (e.g. 64, 128, 256), got {self.block_size}")
-        if self.chunk_numel is not None:
+        if self.chunk_numel is not None:  # None: the hook picks P * 2**20
             check_is_int("chunk_numel", self.chunk_numel)
-        if self.chunk_numel is not None and self.chunk_numel < self.block_size:
-            raise ValueError(f"chunk_numel must be >= block_size={self.block_size}, got {self.chunk_numel}")
+            if self.chunk_numel < self.block_size:
+                raise ValueError(f"chunk_numel must be >= block_size={self.block_size}, got {self.chunk_numel}")
         for name in ("warmup_steps", "min_compress_numel", "seed", "log_every"):
             check_is_int(name, getattr(self, name))
             if getattr(self, name) < 0:

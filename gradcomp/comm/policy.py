@@ -380,8 +380,8 @@ def probe_network(
         # the whole exchange on the real groups: where it takes longer (or shorter) than the model
         # predicts from the links and the local timing (contention, the collectives' own copies),
         # the codec figure is scaled until the model reproduces it
-        # and at a bucket of one chunk as well: the two sizes separate a fixed cost per bucket from
-        # the part that grows with the bucket
+        # and at a quarter of that bucket as well: the two sizes separate a fixed cost per bucket
+        # from the part that grows with the bucket
         x = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(device)
         # a quarter of the big one: sizes 4x apart separate the fixed cost from the per-value one
         # (2x apart, the fit followed the noise: at 2 hosts with 2M-value chunks and no rate limit it
