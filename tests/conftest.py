@@ -14,8 +14,14 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
+
+# tests/ holds the helpers every test folder imports (_dist, _models); the test folders mirror gradcomp/
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ default) that re-bins when a batch falls outside the current range: the old coun
 the new, wider bins by linear interpolation of the cumulative counts (mass assumed uniform within a
 bin). A percentile read from it is exact up to the position inside one bin, so its error is at most
 one final bin width ``(max - min) / bins`` plus the smearing of the re-binnings, each of which moves
-mass by less than one old bin width (also less than one final bin width). ``tests/test_activations.py``
+mass by less than one old bin width (also less than one final bin width). ``tests/quant/test_activations.py``
 checks the bound against ``torch.quantile`` over the concatenated data.
 
 :func:`mse_clip_range` and :func:`kl_threshold` search the range that a quantizer should cover.

@@ -437,7 +437,7 @@ def _train_py(args, out, extra_env=None):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHON=sys.executable, NPROC="2", **(extra_env or {}))
     cmd = ["bash", str(root / "launch" / "run.sh"), "--fsdp", *args, "--out-dir", str(out), "--netdev", "none",
            "--batch-size", "4", "--corpus-bytes", str(1 << 18), "--eval-batches", "1", "--log-every", "0"]
@@ -449,7 +449,7 @@ def test_train_py_fsdp_arguments(tmp_path, capsys):
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("gradcomp_launch_train_fsdp", Path(__file__).resolve().parents[1] / "launch" / "train.py")
+    spec = importlib.util.spec_from_file_location("gradcomp_launch_train_fsdp", Path(__file__).resolve().parents[2] / "launch" / "train.py")
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
     assert train.main(["--fsdp", "--hook", "int8", "--out-dir", str(tmp_path / "run")]) == 2
