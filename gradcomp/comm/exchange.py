@@ -44,7 +44,7 @@ the fp32 bucket (4 bytes per value; codes are 1/4 of that):
 Total 4.75 + 2.25/P passes: 5.9 at P=2, i.e. 23.5 bytes per value (19 + 9/P) with error feedback;
 without error feedback encode is 1.25 and the total 2.75 + 0.25/P. At 4 and 2 bits the fused kernels
 read and write one byte per code in a per-thread scratch, and the codes are packed (encode, reduce)
-or unpacked (reduce, decode) by a few whole-row integer passes (:func:`gradcomp.codec._pack_into`):
+or unpacked (reduce, decode) by a few whole-row integer passes (:func:`gradcomp.codec.packing.pack_rows_into`):
 about 6.5 bytes per value to pack 4-bit codes and 4.5 to unpack them, on top of the fp32 traffic. The staging of ragged blocks and
 the message headers add a negligible amount; ``benchmarks/hook_path.py`` measures all of it against a
 ``clone()`` (2 passes). The eager kernels (used until the fused ones are compiled) make several times

@@ -84,7 +84,8 @@ import torch
 import torch.distributed as dist
 
 from gradcomp.checks import GRADIENT_BITS, check_is_int
-from gradcomp import codec
+from gradcomp.codec import kernels
+from gradcomp.codec.compiling import BackgroundCompiler
 from gradcomp.comm import exchange
 from gradcomp.comm.collectives import all_gather_into
 from gradcomp.comm.fsdp_plan import _FLOAT, _ModuleComm, _op_scale
@@ -206,7 +207,7 @@ class FSDPCompressState:
         self._totals = {"grad_sent": 0, "grad_fp32": 0, "grad_default": 0, "weight_sent": 0, "weight_fp32": 0, "weight_default": 0,
                         "replicate_sent": 0, "replicate_fp32": 0}
         self._nonfinite: Optional[torch.Tensor] = None  # steps x modules seen non-finite, counted on the device
-        self._compiler: Optional[codec.BackgroundCompiler] = None
+        self._compiler: Optional[BackgroundCompiler] = None
         self._dtypes: Dict[torch.dtype, None] = {}  # what the collectives carry (compress_ fills it): compiled for
 
     # ---- fused kernels
@@ -280,7 +281,7 @@ class FSDPCompressState:
                     if not torch.equal(a.view(torch.uint8), b.view(torch.uint8)) and not same_nan:
                         raise RuntimeError(f"the compiled FSDP codec kernels disagree with the eager ones on sample data ({dtype})")
 
-        self._compiler = codec.BackgroundCompiler()
+        self._compiler = kernels.background_compiler()
         self._compiler.start(warmup)
 
     # ---- the two collectives

@@ -45,7 +45,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from gradcomp import codec
+from gradcomp.codec import kernels
+from gradcomp.codec.compiling import BackgroundCompiler
 from gradcomp.checks import GRADIENT_BITS, check_bits, check_is_int
 from gradcomp.comm import exchange, guard
 from gradcomp.comm.collectives import all_gather_into
@@ -275,7 +276,7 @@ class QuantizedAllReduceState:
         self._thread_buckets = 0  # buckets of the current step handed to the thread
         self._pipe: Optional[ChunkPipeline] = None
         self._inflight: List[torch.futures.Future] = []  # futures of buckets still in the pipeline
-        self._compiler: Optional[codec.BackgroundCompiler] = None
+        self._compiler: Optional[BackgroundCompiler] = None
         self._probe_state: Dict[tuple, tuple] = {}  # the policy probe's buffers, while it runs
         self._probe_compiled_now = False
         if self.config.topology is not None:
@@ -934,7 +935,7 @@ class QuantizedAllReduceState:
                     if not torch.equal(a.view(torch.uint8), b.view(torch.uint8)) and not (a.isnan().any() and torch.equal(a.isnan(), b.isnan())):
                         raise RuntimeError(f"the compiled {bits}-bit exchange kernels disagree with the eager ones on sample data")
 
-        self._compiler = codec.BackgroundCompiler()
+        self._compiler = kernels.background_compiler()
         self._compiler.start(warmup)
 
     def _reduce(self, bucket: dist.GradBucket) -> torch.futures.Future:

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradcomp import codec
+from gradcomp.codec import packing
 
 BITS = (2, 3, 4, 8)
 
@@ -96,11 +97,11 @@ def test_hook_packing_writes_the_wire_format_into_strided_views(bits):
     codes[1] = 0
     buf = torch.full((rows, block // per + 8), 0xAB, dtype=torch.uint8)  # a row of a message: strided
     out = buf[:, 3 : 3 + block // per]
-    codec._pack_into(codes, out, bits)
+    packing.pack_rows_into(codes, out, bits)
     assert torch.equal(out.reshape(-1), codec.pack_codes(codes.reshape(-1), bits))
     assert (buf[:, :3] == 0xAB).all() and (buf[:, 3 + block // per :] == 0xAB).all()  # nothing else written
     back = torch.full((2, rows, block), 0xCD, dtype=torch.uint8)
-    codec._unpack_into(torch.stack([out, out.flip(0)]), back, bits)  # (P, rows, bytes) of strided rows
+    packing.unpack_rows_into(torch.stack([out, out.flip(0)]), back, bits)  # (P, rows, bytes) of strided rows
     assert torch.equal(back[0], codes) and torch.equal(back[1], codes.flip(0))
 
 
@@ -137,13 +138,15 @@ def test_nonfinite_block_dequantizes_nonfinite_and_leaves_other_blocks(bad, bits
 
 
 def test_error_feedback_invariant():
+    """original == transmitted + residual, for the exchange's own encode and decode kernels."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, 64, generator=g)
     residual = torch.randn(40, 64, generator=g) * 0.01
     for bits in (2, 4, 8):
-        packed, scale, new_res = codec.error_feedback_step(x, residual, bits, 64)
-        sent = codec.dequantize_packed(packed, scale, bits)
-        # original == transmitted + residual (up to fp32 rounding of one subtraction)
+        new_res = torch.empty_like(residual)
+        codes, scale = codec.encode_blocks(x, bits, residual=residual, residual_out=new_res)
+        sent = codec.decode_blocks(codes, scale, bits)
+        # up to fp32 rounding of one subtraction
         torch.testing.assert_close(sent + new_res, x + residual, rtol=0, atol=1e-6)
         assert new_res.abs().max() <= scale.max() / 2 * (1 + 1e-5)
 
@@ -156,9 +159,9 @@ def test_error_feedback_accumulates_to_the_truth():
     sent_sum = torch.zeros(8, 64)
     for _ in range(200):
         x = torch.randn(8, 64, generator=g)
-        packed, scale, residual = codec.error_feedback_step(x, residual, 2, 64)
+        codes, scale = codec.encode_blocks(x, 2, residual=residual, residual_out=residual)  # in place
         true_sum += x
-        sent_sum += codec.dequantize_packed(packed, scale, 2)
+        sent_sum += codec.decode_blocks(codes, scale, 2)
     torch.testing.assert_close(sent_sum + residual, true_sum, rtol=0, atol=1e-3)
 
 

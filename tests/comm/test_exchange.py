@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gradcomp import codec
+from gradcomp.codec import compiling, kernels
 from gradcomp.comm.collectives import ShardLayout
 from gradcomp.comm.exchange import (
     HEADER_BYTES,
@@ -244,7 +245,7 @@ def test_compiled_reduce_after_in_place_calls_of_two_widths_writes_residual_out(
     # the policy's probe runs the kernels with in-place residuals at 8 then 4 bits; the hook then runs
     # them with residuals apart. torch 2.13 reused the aliased 4-bit graph for that call and wrote the
     # new residual into the input (the self-check rejected the 4-bit kernels); fresh kernels here
-    monkeypatch.setattr(codec, "_COMPILED", {})
+    monkeypatch.setattr(compiling, "_COMPILED", {})
     torch._dynamo.reset()
     P, rows = 4, 6
 
@@ -271,9 +272,9 @@ def test_background_compile_failure_falls_back_with_one_warning(monkeypatch, cap
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(torch, "compile", broken)
-    monkeypatch.setattr(codec, "_COMPILED", {})
-    monkeypatch.setattr(codec, "_COMPILE_FAILED", set())
-    monkeypatch.setattr(codec, "_WARNED", [])
+    monkeypatch.setattr(compiling, "_COMPILED", {})
+    monkeypatch.setattr(compiling, "_COMPILE_FAILED", set())
+    monkeypatch.setattr(compiling, "_WARNED", [])
     plan = ExchangePlan.build(NUMELS, 2, 8, B, chunk_numel=4 * B)
     xs = [torch.randn(plan.numel) for _ in range(2)]
     want, _, *_ = _run(plan, xs)
@@ -281,7 +282,7 @@ def test_background_compile_failure_falls_back_with_one_warning(monkeypatch, cap
     def warmup(stop):
         _run(plan, xs, compiled=True)
 
-    comp = codec.BackgroundCompiler()
+    comp = kernels.background_compiler()
     with caplog.at_level(logging.WARNING, logger="gradcomp.codec"):
         comp.start(warmup)
         assert comp.wait(timeout=120) is False

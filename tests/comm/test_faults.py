@@ -458,7 +458,7 @@ def test_timeout_option_and_the_groups_timeout(world1):
 
 
 def test_train_dist_timeout_reaches_the_hook(world1):
-    from test_launch import train
+    from _launch import train
 
     args = train.build_parser().parse_args(["--hook", "int8", "--dist-timeout", "7"])
     setup = train.setup_hook(args, DDP(nn.Linear(4, 4)), 1, None)
@@ -485,7 +485,7 @@ class _Payload:
 
 
 def test_resume_refuses_a_crafted_pickle(tmp_path):
-    from test_launch import train
+    from _launch import train
 
     marker = tmp_path / "pwned"
     out = tmp_path / "run"
@@ -506,7 +506,7 @@ def test_resume_refuses_a_crafted_pickle(tmp_path):
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("hook", ["int8", "powersgd"])
 def test_train_checkpoints_load_as_data_and_resume(tmp_path, hook):
-    from test_launch import train
+    from _launch import train
 
     out = tmp_path / "run"
     common = ["--hook", hook, "--batch-size", "2", "--corpus-bytes", str(1 << 16), "--eval-batches", "1", "--log-every", "0",

@@ -16,19 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-LAUNCH = ROOT / "launch"
+from _launch import LAUNCH, ROOT, train
+
 PYTHON = sys.executable
-
-
-def _load_train():
-    spec = importlib.util.spec_from_file_location("gradcomp_launch_train", LAUNCH / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train = _load_train()
 
 
 def _env(**extra):
@@ -111,7 +101,7 @@ def _fake_all_reduce(job):
 
 @pytest.mark.parametrize("who", ["this rank", "a peer", "self-check", "no compiler"])
 def test_wait_for_fused_kernels_stops_at_once_when_any_rank_gave_up(who, monkeypatch, caplog):
-    from gradcomp.codec import BackgroundCompiler
+    from gradcomp.codec.compiling import BackgroundCompiler
 
     comp = BackgroundCompiler()
     if who == "this rank":
@@ -130,7 +120,7 @@ def test_wait_for_fused_kernels_stops_at_once_when_any_rank_gave_up(who, monkeyp
 
 
 def test_wait_for_fused_kernels_needs_every_rank_ready(monkeypatch, caplog):
-    from gradcomp.codec import BackgroundCompiler
+    from gradcomp.codec.compiling import BackgroundCompiler
 
     comp = BackgroundCompiler()
     comp.ready = True  # this rank is ready; the peer becomes ready at its third poll
