@@ -114,16 +114,6 @@ def _step_times(numel: int, routes, warm: int, repeats: int, torch, dist) -> dic
     for step, state in jobs.values():
         for _ in range(warm):
             step()
-        if state is not None and state.config.compile:
-            # the fused kernels compile in the background: time the path the hook settles on
-            deadline = time.monotonic() + 600
-            while True:
-                # (not ready, past the deadline) agreed over the ranks, so that all stop stepping together
-                flags = torch.tensor([float(not state._compiled_now()), float(time.monotonic() > deadline)])
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                if flags[0].item() == 0 or flags[1].item() == 1:
-                    break
-                step()
     times = {r: [] for r in routes}
     for _ in range(repeats):
         for r, (step, _) in jobs.items():
@@ -132,7 +122,7 @@ def _step_times(numel: int, routes, warm: int, repeats: int, torch, dist) -> dic
     for r, (_, state) in jobs.items():
         if state is not None:
             assert state.stats()["compressed_buckets_step"] == 1, "the timed steps must be compressed"
-            fused[r] = bool(state._compiled_now())
+            fused[r] = state.kernels
     return {r: _median_max(t, dist, torch) for r, t in times.items()}, fused
 
 
@@ -153,20 +143,20 @@ def worker(args) -> int:
         rank=rank, world_size=P, timeout=timedelta(seconds=600),
     )
     defaults = HookConfig()
-    compiled = defaults.compile
+    fused = defaults.fused
     chunk = defaults.chunk_numel if defaults.chunk_numel is not None else chunk_numel_for(P)  # what the hook uses
     # the hook's local work under the same contention as in the exchange: every rank measures at once
     codec = {}
     for bits in (8, 4):
         dist.barrier()
-        tp = measure_hook_codec(bits, 256, 1 << 22, P, repeats=3, compiled=compiled, chunk_numel=chunk)
+        tp = measure_hook_codec(bits, 256, 1 << 22, P, repeats=3, fused=fused, chunk_numel=chunk)
         speeds = torch.tensor([tp.quantize_eps, tp.dequantize_eps], dtype=torch.float64)
         dist.all_reduce(speeds, op=dist.ReduceOp.MIN)  # the slowest rank sets the pace
         codec[bits] = {"quantize_eps": float(speeds[0]), "dequantize_eps": float(speeds[1]), "source": tp.source}
     # the policy as the hook builds it: probe, time its exchange, fit
     state = QuantizedAllReduceState(bits=8, policy=PolicyConfig(), log_every=0)
     policy = state._policy
-    results = {"world_size": P, "codec": codec, "chunk_numel": chunk, "compiled": compiled, "repeats": args.repeats,
+    results = {"world_size": P, "codec": codec, "chunk_numel": chunk, "fused": fused, "repeats": args.repeats,
                "policy_fit": policy.fit.to_dict(), "policy": {}, "timings": []}
     ops_run = {k: 0 for k in KINDS}
     gen = torch.Generator().manual_seed(rank)

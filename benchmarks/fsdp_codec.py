@@ -4,7 +4,7 @@ The root module of TinyGPT 'comm17m' holds 17.2M of its 17.6M parameters. On P =
 step runs, per rank: the reduce-scatter's ``exchange.encode`` (the whole gradient plus the
 residual) and ``exchange.decode_sum`` (this rank's row), the weight all-gather's ``exchange.encode``
 (this rank's shard) and ``exchange.decode`` (every shard). One process, one thread, no
-communication; median of 5 calls after one untimed call (which compiles the fused kernels)::
+communication; median of 5 calls after one untimed call::
 
     python benchmarks/fsdp_codec.py
 
@@ -47,17 +47,17 @@ def main() -> None:
         return 1e3 * sorted(ts)[n // 2]
 
     result = {}
-    for compiled in (False, True):
+    for fused in (False, True):
         r = {
             "reduce-scatter encode (whole gradient + residual)": timed(
-                lambda: exchange.encode(rs.plan, rs.bufs, 0, grad, residual=res, residual_out=spare, compiled=compiled)),
+                lambda: exchange.encode(rs.plan, rs.bufs, 0, grad, residual=res, residual_out=spare, fused=fused)),
             "reduce-scatter decode_sum (this rank's row)": timed(
-                lambda: exchange.decode_sum(rs.plan, rs.bufs, 0, 0, out, divide=P, compiled=compiled)),
-            "all-gather encode (this rank's shard)": timed(lambda: exchange.encode(ag.plan1, ag.bufs1, 0, weights, compiled=compiled)),
-            "all-gather decode (every shard)": timed(lambda: exchange.decode(ag.plan, ag.bufs, 0, full, compiled=compiled)),
+                lambda: exchange.decode_sum(rs.plan, rs.bufs, 0, 0, out, divide=P, fused=fused)),
+            "all-gather encode (this rank's shard)": timed(lambda: exchange.encode(ag.plan1, ag.bufs1, 0, weights, fused=fused)),
+            "all-gather decode (every shard)": timed(lambda: exchange.decode(ag.plan, ag.bufs, 0, full, fused=fused)),
         }
         r["total"] = sum(r.values())
-        result["fused" if compiled else "eager"] = r
+        result["fused" if fused else "eager"] = r
     result["clone() of the fp32 gradient"] = timed(lambda: grad.clone())
     result["copy_() of the fp32 gradient"] = timed(lambda: full.copy_(grad))
     print(json.dumps({k: (round(v, 1) if isinstance(v, float) else {a: round(b, 1) for a, b in v.items()}) for k, v in result.items()}, indent=1))

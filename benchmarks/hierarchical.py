@@ -74,7 +74,7 @@ def worker(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = TinyGPT.from_config(GPT_PRESETS[args.model])
     ddp = DDP(model)
-    opts = dict(warmup_steps=args.hook_warmup, log_every=0, compile=args.compile)
+    opts = dict(warmup_steps=args.hook_warmup, log_every=0, fused=not args.no_fused)
     state = None
     mode = args.mode
     if mode in ("flat-int8", "flat-int4"):
@@ -161,7 +161,7 @@ def run_config(rate: str, mode: str, args: argparse.Namespace, workdir: Path) ->
         f"MASTER_PORT={args.port}", "bash", str(ROOT / "launch/multinode.sh"),
         "--worker", "--mode", mode, "--steps", str(args.steps), "--model", args.model, "--batch-size", str(args.batch_size),
         "--hook-warmup", str(args.hook_warmup), "--out", str(out),
-    ] + (["--compile"] if args.compile else [])
+    ] + (["--no-fused"] if args.no_fused else [])
     with open(LOCK, "w") as lock:
         if not args.no_lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # other benchmarks share the 2 cores
@@ -240,7 +240,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compile", action="store_true", help="fused codec kernels (slow first step)")
+    p.add_argument("--no-fused", action="store_true", help="eager reference codec kernels (default: the fused ones)")
     p.add_argument("--out", default="result.json", help="worker: where rank 0 writes its result")
     p.add_argument("--workdir", default=None, help="driver: where the results and logs go")
     p.add_argument("--timeout", type=int, default=600, help="driver: seconds per job")

@@ -43,14 +43,14 @@ Hooks:
     ``fp16``       PyTorch's ``fp16_compress_hook``;
     ``powersgd``   PyTorch's PowerSGD (``--powersgd-rank``, ``--powersgd-start-iter``);
     ``int8``/``int4`` gradcomp's quantized all-reduce (``--quant-block``, ``--no-error-feedback``,
-                   ``--warmup-steps``, ``--stochastic-rounding``, ``--no-compile``);
+                   ``--warmup-steps``, ``--stochastic-rounding``, ``--no-fused``);
     ``local``      no communication at all: every rank keeps its own gradient (the ranks drift
                    apart). Not training: the benchmark's floor, the step time without the network.
 
 FSDP2 (``--fsdp``, no DDP hook): ``gradcomp.fsdp.compress_`` with ``--grad-bits 8|4`` (quantized
 reduce-scatter) and ``--weight-bits 8`` (quantized parameter all-gather); 32 keeps FSDP2's own
 collective (still counted). ``--quant-block``, ``--no-error-feedback``, ``--quantize-1d-weights``, ``--warmup-steps``,
-``--min-compress-numel`` and ``--no-compile`` apply. Checkpoints hold full (unsharded) model and
+``--min-compress-numel`` and ``--no-fused`` apply. Checkpoints hold full (unsharded) model and
 optimizer state dicts and every rank's residuals; ``--resume`` works as with DDP. The default
 run directory is ``runs/fsdp_g<bits>_w<bits>[_bf16]``.
 """
@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int, default=10, help="int8/int4: plain all-reduce steps first")
     g.add_argument("--min-compress-numel", type=int, default=16384, help="int8/int4: smaller buckets go uncompressed")
     g.add_argument("--stochastic-rounding", action="store_true", help="int8/int4: stochastic instead of nearest rounding")
-    g.add_argument("--compile", action="store_true", help="int8/int4: fused kernels (the default; kept for older command lines)")
-    g.add_argument("--no-compile", action="store_true", help="int8/int4: always run the eager kernels (default: fused kernels compiled in the background)")
+    g.add_argument("--no-fused", "--no-compile", dest="no_fused", action="store_true",
+                   help="int8/int4: run the eager reference kernels (default: the fused ones, native on CPU)")
     g.add_argument(
         "--hierarchical", action="store_true",
         help="int8/int4: fp32 inside a node, quantized between nodes (node layout from torchrun's LOCAL_WORLD_SIZE)",
@@ -149,8 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--netdev", default="auto", help="network interface whose counters give wire bytes ('auto', a name, or 'none')")
     g.add_argument("--time-after", type=int, default=None, help="steps excluded from the timing summary (default: hook warm-up + 3)")
     g.add_argument("--trace-overlap", action="store_true", help="time the hook calls against the backward pass")
-    g.add_argument("--wait-fused-kernels", action="store_true",
-                   help="int8/int4: before the first timed step, wait (untimed) until gradcomp's background compilation is done")
     return p
 
 
@@ -167,8 +165,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--schedule-steps must be >= 1, got {args.schedule_steps}")
     if args.target_val_loss is not None and not (math.isfinite(args.target_val_loss) and args.target_val_loss > 0):
         raise ValueError(f"--target-val-loss must be a positive finite loss, got {args.target_val_loss}")
-    if args.compile and args.no_compile:
-        raise ValueError("--compile and --no-compile contradict each other; give at most one")
     if args.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     if not math.isfinite(args.dist_timeout) or args.dist_timeout <= 0:
@@ -438,7 +434,7 @@ def setup_hook(args: argparse.Namespace, ddp: DDP, world_size: int, tracer: Opti
             min_compress_numel=args.min_compress_numel,
             stochastic_rounding=args.stochastic_rounding,
             seed=args.seed,
-            compile=not args.no_compile,
+            fused=not args.no_fused,
             log_every=0,
             topology=topology,
             policy=policy,
@@ -529,7 +525,7 @@ def setup_fsdp_comm(args: argparse.Namespace, model: torch.nn.Module) -> HookSet
         exact_1d_weights=not args.quantize_1d_weights,
         warmup_steps=args.warmup_steps,
         min_compress_numel=args.min_compress_numel,
-        compile=not args.no_compile,
+        fused=not args.no_fused,
     )
 
     def stats() -> Dict[str, Any]:
@@ -570,21 +566,6 @@ def read_netdev(dev: Optional[str]) -> Optional[Dict[str, int]]:
 
 # --------------------------------------------------------------------------------------------
 # the job
-
-
-def fused_kernel_status(state: Any) -> Tuple[bool, bool]:
-    """Return ``(ready, gave_up)`` of a gradcomp hook state's background compilation on this rank.
-
-    ``ready``: the fused kernels are in use. ``gave_up``: they never will be on this rank: the compiler
-    failed or was stopped, the self-check rejected the compiled kernels, or no compilation was started
-    (a state that compresses nothing, e.g. one rank or a non-float bucket).
-    """
-    comp = getattr(state, "_compiler", None)
-    if comp is None:
-        return False, True
-    if comp.ready:
-        return True, False
-    return False, bool(comp.failed or comp.done)
 
 
 class Job:
@@ -810,8 +791,6 @@ class Job:
         try:
             for step in range(self.start_step, args.steps):
                 if step == first_timed:
-                    if args.wait_fused_kernels:
-                        self._wait_fused_kernels()
                     wire_start = read_netdev(self.netdev)
                 t0 = time.perf_counter()
                 x, y = get_batch(self.train_data, args.batch_size, self.cfg.block_size, self.gen)
@@ -879,45 +858,6 @@ class Job:
         summary = self._summarise(step_times, sent_hook, wire_start, wire_end, recent, val_loss, time.perf_counter() - t_run, first_timed, stopped_at)
         return summary
 
-    def _wait_fused_kernels(self, limit_s: float = 600.0, poll_s: float = 1.0) -> bool:
-        """Wait (untimed) until every rank's gradcomp hook runs its fused kernels, at most ``limit_s`` seconds.
-
-        gradcomp compiles them in the background and uses the eager ones meanwhile; a benchmark that
-        wants the steady state waits here before its timed steps. Each poll the ranks agree (one
-        all-reduce MAX of ``(not ready, given up)``) on whether all are ready and whether any gave up:
-        a compiler that failed, was stopped, or whose kernels the self-check rejected, or no compiler
-        at all. Then waiting stops at once on every rank and the run goes on with the eager kernels.
-        Returns whether the fused kernels are ready on every rank.
-        """
-        state = getattr(self.hook, "state", None)
-        if state is None or not hasattr(state, "_compiled_now") or not state.config.compile:
-            return False
-        t0 = time.perf_counter()
-        while True:
-            ready, gave_up = fused_kernel_status(state)
-            flags = torch.tensor([float(not ready), float(gave_up)])
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            all_ready, any_gave_up = flags[0].item() == 0, flags[1].item() > 0
-            waited = time.perf_counter() - t0
-            if all_ready or any_gave_up or waited > limit_s:
-                break
-            time.sleep(poll_s)
-        if self.rank == 0:
-            if all_ready:
-                logger.info("fused kernels ready on every rank after waiting %.1f s", waited)
-            elif any_gave_up:
-                logger.warning(
-                    "fused kernels unavailable on at least one rank (compilation failed, was rejected by the "
-                    "self-check, or never started) after %.1f s: the run continues on the eager kernels "
-                    "(identical results, slower)", waited,
-                )
-            else:
-                logger.warning(
-                    "fused kernels NOT ready after waiting %.1f s (limit %.0f s): the timed steps start on the eager "
-                    "kernels and switch when compilation ends", waited, limit_s,
-                )
-        return all_ready
-
     def _log_progress(self, rec: Dict[str, Any], stats: Dict[str, Any]) -> None:
         sent, fp32 = rec["bytes_sent_step"], rec["fp32_bytes_step"]
         if sent and sent != fp32:
@@ -959,8 +899,8 @@ class Job:
             "mean_step_time_s": statistics.fmean(step_times) if step_times else float("nan"),
             "hook_bytes_per_step": statistics.fmean(sent_hook) if sent_hook else float("nan"),
             "hook_stats": {k: v for k, v in self.hook.stats().items() if isinstance(v, (int, float))},
-            # gradcomp compiles its fused kernels in the background; were they in use by the end?
-            "fused_kernels_ready": bool(getattr(getattr(self.hook, "state", None), "_compiled_now", lambda: False)()) if args.hook in ("int8", "int4") else None,
+            # the kernels gradcomp's exchange ran: "native (avx512)", "compiled" or "eager"
+            "kernels": getattr(getattr(self.hook, "state", None), "kernels", None),
             "wire_per_step": gathered,
             "wall_s": wall,
             "overlap": self.tracer.summary() if self.tracer is not None else None,

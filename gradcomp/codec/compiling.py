@@ -7,14 +7,13 @@ need (:func:`_kernel_context`); a failure to compile is logged once and the eage
 
 from __future__ import annotations
 
-import atexit
 import logging
 import threading
 from typing import Callable, Optional
 
 import torch
 
-__all__ = ["compile_available", "run", "BackgroundCompiler", "compile_failed"]
+__all__ = ["compile_available", "run", "compile_failed", "warn_compile_failure"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +36,7 @@ def compile_available() -> bool:
 _WARNED = []
 
 
-def _warn_compile_failure(what: str, exc: BaseException) -> None:
+def warn_compile_failure(what: str, exc: BaseException) -> None:
     """Log a compilation failure once per process (later failures are logged at debug level)."""
     if _WARNED:
         logger.debug("torch.compile of %s failed (%s: %s)", what, type(exc).__name__, exc)
@@ -96,82 +95,8 @@ def run(fn: Callable, compiled: bool, *args):
             return cfn(*args)
     except Exception as exc:  # compilation problems surface at the first call
         _COMPILE_FAILED.add(fn)
-        _warn_compile_failure(fn.__name__, exc)
+        warn_compile_failure(fn.__name__, exc)
         return fn(*args)
-
-
-
-class BackgroundCompiler:
-    """Compile kernels with ``torch.compile`` on a background thread; say when they are ready.
-
-    ``start(warmup)`` runs ``warmup()`` (which calls the kernels with ``compiled=True`` on sample data
-    shaped like the real calls) on a daemon thread. Until it has finished, :attr:`ready` is False
-    and callers run the eager kernels, so that no step waits for a compilation. If compiling fails
-    (no C++ compiler, an unsupported platform), one warning is logged, :attr:`failed` is set and the
-    eager kernels stay in use; results are bit-identical either way.
-    """
-
-    def __init__(self, kernels=()) -> None:
-        self._kernels = tuple(kernels)  # the kernels whose compilation must have succeeded
-        self._thread: Optional[threading.Thread] = None
-        self._done = threading.Event()
-        self._stop = threading.Event()
-        self.ready = False
-        self.failed = False
-
-    @property
-    def started(self) -> bool:
-        """Whether :meth:`start` was called."""
-        return self._thread is not None
-
-    @property
-    def done(self) -> bool:
-        """Whether compiling has ended: ready, failed (or rejected by the self-check) or stopped."""
-        return self._done.is_set()
-
-    def start(self, warmup: Callable[[threading.Event], None]) -> None:
-        """Start compiling (once); return at once.
-
-        ``warmup(stop)`` should return early once the event ``stop`` is set (checked between kernels).
-        At interpreter exit the compilation is stopped and waited for (a thread inside the compiler
-        at exit would abort the process).
-        """
-        if self._thread is not None:
-            return
-        if not compile_available():
-            self._fail(RuntimeError("torch.compile is unavailable in this torch build"))
-            return
-        self._thread = threading.Thread(target=self._work, args=(warmup,), name="gradcomp-compile", daemon=True)
-        atexit.register(self.stop)
-        self._thread.start()
-
-    def stop(self, timeout: float = 300.0) -> None:
-        """Ask the compilation to stop after the kernel in progress and wait for it (at most ``timeout`` s)."""
-        self._stop.set()
-        if self._thread is not None and self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def _work(self, warmup: Callable[[threading.Event], None]) -> None:
-        try:
-            warmup(self._stop)
-            failed = [fn.__name__ for fn in self._kernels if fn in _COMPILE_FAILED]
-            if failed:
-                raise RuntimeError(f"compilation of {', '.join(failed)} failed")
-            self.ready = not self._stop.is_set()
-        except Exception as exc:  # a failure to compile never stops training
-            self._fail(exc)
-        finally:
-            self._done.set()
-
-    def _fail(self, exc: BaseException) -> None:
-        self.failed = True
-        self._done.set()
-        _warn_compile_failure("the exchange kernels", exc)
-
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        """Wait until compilation finished or failed; return :attr:`ready`."""
-        self._done.wait(timeout)
-        return self.ready
 
 
 

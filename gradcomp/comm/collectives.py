@@ -120,7 +120,7 @@ def quantized_allreduce(
     error_feedback: bool = True,
     noise: Optional[Callable[[int, tuple], torch.Tensor]] = None,
     measure_error: bool = False,
-    compiled: bool = False,
+    fused: bool = True,
     dequantize_out: bool = True,
 ) -> ExchangeResult:
     """Average ``x`` over the ranks of ``group`` with the two-phase quantized exchange.
@@ -135,7 +135,7 @@ def quantized_allreduce(
         error_feedback: return the new residuals (else they are None).
         noise: ``noise(phase, shape)`` gives ``U[0, 1)`` noise for stochastic rounding (phase 0 or 1).
         measure_error: compute ``rel_error`` (costs two extra reductions).
-        compiled: use the fused codec kernels.
+        fused: run the fused codec kernels (bit-identical to the eager reference).
         dequantize_out: dequantize the gathered shards into ``out``; False returns them as
             ``messages`` instead (the hierarchical exchange forwards them inside the node first).
 
@@ -163,7 +163,7 @@ def quantized_allreduce(
     out = torch.empty(x.numel(), dtype=torch.float32, device=x.device) if dequantize_out else None
     finite = exchange.allreduce(
         plan, bufs, x, group, residual=wres, residual_out=wnew, server_residual=sres, server_residual_out=snew,
-        noise=n0, server_noise=n1, compiled=compiled, out=out, keep_messages=not dequantize_out,
+        noise=n0, server_noise=n1, fused=fused, out=out, keep_messages=not dequantize_out,
     )
     rel_error = None
     if measure_error:
@@ -171,7 +171,7 @@ def quantized_allreduce(
         if err is None:
             deq = torch.empty(x.numel(), dtype=torch.float32, device=x.device)
             for c in range(len(plan.chunks)):
-                exchange.decode(plan, bufs, c, deq, gathered=bufs.send[c], compiled=compiled)
+                exchange.decode(plan, bufs, c, deq, gathered=bufs.send[c], fused=fused)
             err_norm = float((x.float() - deq).norm())
             denom = float(x.float().norm())
         else:

@@ -47,7 +47,7 @@ read and write one byte per code in a per-thread scratch, and the codes are pack
 or unpacked (reduce, decode) by a few whole-row integer passes (:func:`gradcomp.codec.packing.pack_rows_into`):
 about 6.5 bytes per value to pack 4-bit codes and 4.5 to unpack them, on top of the fp32 traffic. The staging of ragged blocks and
 the message headers add a negligible amount; ``benchmarks/hook_path.py`` measures all of it against a
-``clone()`` (2 passes). The eager kernels (used until the fused ones are compiled) make several times
+``clone()`` (2 passes). The eager reference kernels (``fused=False``) make several times
 more passes (each torch op reads and writes its operands). Nothing of bucket size is allocated per step: the buffers
 (:class:`ExchangeBuffers`) persist per bucket, and a route allocates only the message buffers its
 steps touch (``need=``: a reduce-scatter has no all-gather buffers).
@@ -386,7 +386,7 @@ def _shard_pick(plan: ExchangePlan, c: Chunk, st: _Staging, k: int) -> Optional[
         mine = [(sr, b, n) for sr, b, n in c.staged if b // s == k]
         if mine:
             device = st.x.device
-            m = max(len(mine), 2)  # at least two rows: the fused kernels are compiled for rows >= 2
+            m = max(len(mine), 2)  # at least two rows: the compiled (CUDA) kernels are built for rows >= 2
             pick = _ShardPick(
                 rows=torch.tensor([b - k * s for _, b, _ in mine], dtype=torch.long, device=device),
                 src=torch.cat([torch.arange(sr, sr + n) for sr, _, n in mine]).to(device),
@@ -467,7 +467,7 @@ def _make_staging(plan: ExchangePlan, c: Chunk, device) -> Optional[_Staging]:
         src.append(torch.arange(sr, sr + n))
         dst.append(torch.arange(i * B, i * B + n))
     blocks = torch.tensor([b for _, b, _ in c.staged], dtype=torch.long)
-    rows = max(nt, 2)  # at least two rows: the fused kernels are compiled for rows >= 2
+    rows = max(nt, 2)  # at least two rows: the compiled (CUDA) kernels are built for rows >= 2
     f32 = dict(dtype=torch.float32, device=device)
     return _Staging(
         nt=nt,
@@ -511,7 +511,7 @@ def encode(
     residual_out: Optional[torch.Tensor] = None,
     noise: Optional[torch.Tensor] = None,
     header: Tuple[int, int] = (0, 0),
-    compiled: bool = False,
+    fused: bool = True,
 ) -> torch.Tensor:
     """Quantize chunk ``c`` of ``bucket`` (+ worker residual) straight into ``bufs.send[c]``.
 
@@ -525,7 +525,7 @@ def encode(
             ``residual`` for an in-place update, or a second buffer to commit later).
         noise: fp32 ``U[0, 1)`` ``(plan.padded_numel,)`` in the aligned layout for stochastic rounding.
         header: ``(step, bucket index)`` written into every message's header.
-        compiled: use the fused kernels.
+        fused: run the fused kernels (native on CPU, compiled on CUDA; bit-identical to the eager reference).
 
     Returns:
         ``bufs.send[c]``: ``P`` messages, message ``k`` for rank ``k``.
@@ -545,7 +545,7 @@ def encode(
             residual=None if rin is None else rin[g : g + nb],
             residual_out=None if rin is None else rout[g : g + nb],
             noise=None if nz is None else nz[g : g + nb],
-            codes_out=codes[k, r : r + nb], scale_out=scales[k, r : r + nb], compiled=compiled,
+            codes_out=codes[k, r : r + nb], scale_out=scales[k, r : r + nb], fused=fused,
         )
     st = bufs.staging[c]
     if st is not None:
@@ -558,7 +558,7 @@ def encode(
         codec.encode_blocks(
             st.x, bits,
             residual=None if rin is None else st.res_in, residual_out=None if rin is None else st.res_out,
-            noise=None if nz is None else st.noise, codes_out=st.codes, scale_out=st.scale, compiled=compiled,
+            noise=None if nz is None else st.noise, codes_out=st.codes, scale_out=st.scale, fused=fused,
         )
         if rin is not None:
             rout.index_copy_(0, st.rows, st.res_out[:nt])
@@ -597,7 +597,7 @@ def reduce_shard(
     residual_out: Optional[torch.Tensor] = None,
     noise: Optional[torch.Tensor] = None,
     header: Tuple[int, int] = (0, 0),
-    compiled: bool = False,
+    fused: bool = True,
 ) -> torch.Tensor:
     """Average the ``P`` received copies of this rank's shard of chunk ``c`` into ``bufs.mine[c]``.
 
@@ -621,7 +621,7 @@ def reduce_shard(
     codec.reduce_blocks(
         codes, scales, plan.bits,
         residual=None if rin is None else rin[r0 : r0 + s], residual_out=None if rin is None else rout[r0 : r0 + s],
-        noise=None if nz is None else nz[r0 : r0 + s], codes_out=mcodes[0], scale_out=mscales[0], compiled=compiled,
+        noise=None if nz is None else nz[r0 : r0 + s], codes_out=mcodes[0], scale_out=mscales[0], fused=fused,
     )
     mhdr.copy_(torch.tensor(header_of(plan, c, *header), dtype=torch.int32).view(1, 4))
     return bufs.mine[c]
@@ -638,7 +638,7 @@ def decode_sum(
     received: Optional[torch.Tensor] = None,
     divide: int = 1,
     factor: Optional[float] = None,
-    compiled: bool = False,
+    fused: bool = True,
 ) -> torch.Tensor:
     """Decode the ``P`` received copies of shard ``rank`` of chunk ``c`` and sum them, without requantizing.
 
@@ -666,7 +666,7 @@ def decode_sum(
         received: the ``P`` messages of the all-to-all (default ``bufs.recv[c]``).
         divide: the sum is divided by this positive int (``P`` for a mean).
         factor: the result is multiplied by it (in fp32, before the cast), or None.
-        compiled: use the fused kernels.
+        fused: run the fused kernels (native on CPU, compiled on CUDA; bit-identical to the eager reference).
 
     Returns:
         A 0-dim bool tensor: whether every received scale is finite. A non-finite value in any copy
@@ -684,7 +684,7 @@ def decode_sum(
             r, o = blk - lo, src - offset
             codec.decode_sum_blocks(
                 codes[:, r : r + nb], scales[:, r : r + nb], bits, out=out[o : o + nb * B].view(nb, B),
-                divide=divide, factor=f, compiled=compiled,
+                divide=divide, factor=f, fused=fused,
             )
     st = bufs.staging[c]
     pick = None if st is None else _shard_pick(plan, ch, st, rank)
@@ -692,7 +692,7 @@ def decode_sum(
         m = pick.rows.numel()
         pick.codes[:, :m] = codes[:, pick.rows]
         pick.scale[:, :m] = scales[:, pick.rows]
-        codec.decode_sum_blocks(pick.codes, pick.scale, bits, out=pick.out, divide=divide, factor=f, compiled=compiled)
+        codec.decode_sum_blocks(pick.codes, pick.scale, bits, out=pick.out, divide=divide, factor=f, fused=fused)
         out[pick.src - offset] = pick.out.view(-1)[pick.dst].to(out.dtype)
     return torch.isfinite(scales).all()
 
@@ -704,7 +704,7 @@ def decode(
     bucket: torch.Tensor,
     *,
     gathered: Optional[torch.Tensor] = None,
-    compiled: bool = False,
+    fused: bool = True,
 ) -> torch.Tensor:
     """Dequantize the gathered messages of chunk ``c`` straight into ``bucket`` (in place).
 
@@ -720,13 +720,13 @@ def decode(
     codes, scales, _ = _message_views(plan, ch, bufs.gathered[c] if gathered is None else gathered, plan.world_size)
     for src, blk, nb in ch.full:
         k, r = divmod(blk, s)
-        codec.decode_blocks(codes[k, r : r + nb], scales[k, r : r + nb], bits, out=bucket[src : src + nb * B].view(nb, B), compiled=compiled)
+        codec.decode_blocks(codes[k, r : r + nb], scales[k, r : r + nb], bits, out=bucket[src : src + nb * B].view(nb, B), fused=fused)
     st = bufs.staging[c]
     if st is not None:
         nt = st.nt
         st.codes[:nt] = codes[st.shard, st.row]
         st.scale[:nt] = scales[st.shard, st.row]
-        codec.decode_blocks(st.codes, st.scale, bits, out=st.out, compiled=compiled)
+        codec.decode_blocks(st.codes, st.scale, bits, out=st.out, fused=fused)
         bucket[st.src] = st.out.view(-1)[st.dst].to(bucket.dtype)
     return torch.isfinite(scales).all()
 
@@ -748,7 +748,7 @@ def allreduce(
     noise: Optional[torch.Tensor] = None,
     server_noise: Optional[torch.Tensor] = None,
     header: Tuple[int, int] = (0, 0),
-    compiled: bool = False,
+    fused: bool = True,
     out: Optional[torch.Tensor] = None,
     keep_messages: bool = False,
 ) -> bool:
@@ -761,17 +761,17 @@ def allreduce(
     finite = torch.ones((), dtype=torch.bool, device=bucket.device)
     step, index = header
     for c in range(len(plan.chunks)):
-        send = encode(plan, bufs, c, bucket, residual=residual, residual_out=residual_out, noise=noise, header=header, compiled=compiled)
+        send = encode(plan, bufs, c, bucket, residual=residual, residual_out=residual_out, noise=noise, header=header, fused=fused)
         dist.all_to_all_single(bufs.recv[c], send, group=group)
         check_header(plan, c, bufs.recv[c], step, index)
         mine = reduce_shard(
             plan, bufs, c, residual=server_residual, residual_out=server_residual_out, noise=server_noise,
-            header=header, compiled=compiled,
+            header=header, fused=fused,
         )
         all_gather_into(bufs.gathered[c], mine, group)
         check_header(plan, c, bufs.gathered[c], step, index, "all-gather")
         if not keep_messages:
-            finite &= decode(plan, bufs, c, bucket if out is None else out, compiled=compiled)
+            finite &= decode(plan, bufs, c, bucket if out is None else out, fused=fused)
         else:
             finite &= torch.isfinite(_message_views(plan, plan.chunks[c], bufs.gathered[c], plan.world_size)[1]).all()
     return bool(finite)
@@ -788,7 +788,7 @@ def exchange_local(
     residuals_out: Optional[Sequence[torch.Tensor]] = None,
     server_residuals_out: Optional[Sequence[torch.Tensor]] = None,
     bufs: Optional[Sequence[ExchangeBuffers]] = None,
-    compiled: bool = False,
+    fused: bool = True,
     out: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, bool]:
     """Run the exchange of ``P`` ranks' buckets in one process, with the very steps the hook runs.
@@ -817,7 +817,7 @@ def exchange_local(
         for r in range(P):
             res = pick(residuals, r)
             res_out = res if residuals_out is None else residuals_out[r]
-            encode(plan, bufs[r], c, buckets[r], residual=res, residual_out=res_out, noise=pick(noises, r), compiled=compiled)
+            encode(plan, bufs[r], c, buckets[r], residual=res, residual_out=res_out, noise=pick(noises, r), fused=fused)
         for k in range(P):  # the all-to-all
             recv = bufs[k].recv[c].view(P, m)
             for r in range(P):
@@ -825,9 +825,9 @@ def exchange_local(
         for k in range(P):
             sres = pick(server_residuals, k)
             sres_out = sres if server_residuals_out is None else server_residuals_out[k]
-            reduce_shard(plan, bufs[k], c, residual=sres, residual_out=sres_out, noise=pick(server_noises, k), compiled=compiled)
+            reduce_shard(plan, bufs[k], c, residual=sres, residual_out=sres_out, noise=pick(server_noises, k), fused=fused)
         gathered = torch.stack([bufs[k].mine[c] for k in range(P)]).view(-1)  # the all-gather
-        finite &= bool(decode(plan, bufs[0], c, out, gathered=gathered, compiled=compiled))
+        finite &= bool(decode(plan, bufs[0], c, out, gathered=gathered, fused=fused))
     return out, finite
 
 

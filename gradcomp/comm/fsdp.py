@@ -46,9 +46,10 @@ weights. The sharded parameters the optimizer updates stay in full precision; on
 is quantized. 1-D parameters (norm gains, biases) are sent unquantized by default
 (``exact_1d_weights``): a second, small all-gather of their values overwrites their decoded slots.
 
-Codec kernels: as in the DDP hook, fused ``torch.compile`` kernels are compiled on a background
-thread from the first collective on (during the warm-up steps), checked bit-identical to the eager
-ones on sample calls of both routes, and used once ready; the eager kernels run until then.
+Codec kernels: as in the DDP hook, the fused kernels run from the first compressed collective: the
+native C++ kernels on CPU (built at install), on CUDA the ``torch.compile`` ones, compiled and checked
+bit-identical to the eager ones by :func:`compress_` before training starts (nothing compiles beside
+the training).
 
 Guarantees, as in the DDP hook: plain collectives for the first ``warmup_steps`` steps of each module
 and for modules under ``min_compress_numel`` elements (the same decision on every rank: it depends on
@@ -77,6 +78,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -85,7 +87,6 @@ import torch.distributed as dist
 
 from gradcomp.checks import GRADIENT_BITS, check_is_int
 from gradcomp.codec import kernels
-from gradcomp.codec.compiling import BackgroundCompiler
 from gradcomp.comm import exchange
 from gradcomp.comm.collectives import all_gather_into
 from gradcomp.comm.fsdp_plan import _FLOAT, _ModuleComm, _op_scale
@@ -117,10 +118,10 @@ class FSDPCompressConfig:
             one int8 step per optimizer step).
         min_compress_numel: modules with fewer (unsharded) elements use FSDP's own collectives
             (with ``replicate_group``: the replicate all-reduce compares its shard's size).
-        compile: fuse the codec kernels with ``torch.compile``, as the DDP hook does: they are
-            compiled on a background thread from the first collective on, checked bit-identical to
-            the eager ones on sample data of the same routes, and used once ready (eager until then,
-            and for good if compiling fails). ``False``: always eager.
+        fused: run the fused codec kernels, as the DDP hook does: native C++ on CPU, ``torch.compile``
+            on CUDA (compiled by :func:`compress_`); bit-identical to the eager reference kernels,
+            which ``False`` runs instead (slower; for debugging).
+        compile: deprecated name of ``fused``.
     """
 
     grad_bits: Optional[int] = 8
@@ -130,9 +131,14 @@ class FSDPCompressConfig:
     exact_1d_weights: bool = True
     warmup_steps: int = 10
     min_compress_numel: int = 16384
-    compile: bool = True
+    fused: bool = True
+    compile: Optional[bool] = None
 
     def __post_init__(self):
+        if self.compile is not None:
+            warnings.warn("FSDPCompressConfig(compile=...) is deprecated; use fused=...", DeprecationWarning, stacklevel=3)
+            object.__setattr__(self, "fused", self.compile)
+            object.__setattr__(self, "compile", None)
         if self.grad_bits is not None:
             check_is_int("grad_bits", self.grad_bits)
             if self.grad_bits not in GRAD_BITS:
@@ -148,7 +154,7 @@ class FSDPCompressConfig:
             check_is_int(name, getattr(self, name))
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("error_feedback", "exact_1d_weights", "compile"):
+        for name in ("error_feedback", "exact_1d_weights", "fused"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} {getattr(self, name)!r}")
 
@@ -207,82 +213,8 @@ class FSDPCompressState:
         self._totals = {"grad_sent": 0, "grad_fp32": 0, "grad_default": 0, "weight_sent": 0, "weight_fp32": 0, "weight_default": 0,
                         "replicate_sent": 0, "replicate_fp32": 0}
         self._nonfinite: Optional[torch.Tensor] = None  # steps x modules seen non-finite, counted on the device
-        self._compiler: Optional[BackgroundCompiler] = None
-        self._dtypes: Dict[torch.dtype, None] = {}  # what the collectives carry (compress_ fills it): compiled for
-
-    # ---- fused kernels
-
-    def _compiled(self) -> bool:
-        """Whether to run the fused codec kernels now (once compiled and checked; never with ``compile=False``)."""
-        return self._compiler is not None and self._compiler.ready
-
-    _compiled_now = _compiled  # the name launch/train.py's --wait-fused-kernels asks for
-
-    def _start_compile(self, world_size: int, dtypes: Sequence[torch.dtype], device: torch.device) -> None:
-        """Compile the codec kernels of both routes on a background thread, on samples shaped like FSDP's calls.
-
-        The sample module has a parameter of whole blocks, a ragged one and a one-block one; its
-        reduce-scatter runs with every op kind (a mean, a sum times a factor) into outputs of the
-        dtypes ``dtypes`` and the all-gather in those dtypes. The fused kernels are used only if
-        every output, residual and message is bit-identical to the eager kernels'.
-        """
-        if self._compiler is not None or not self.config.compile:
-            return
-        cfg = self.config
-        P = max(world_size, 2)
-        B = cfg.block_size
-        dtypes = tuple(dict.fromkeys((torch.float32, *self._dtypes, *dtypes)))
-
-        def one_route(mod: _ModuleComm, row: int, dtype: torch.dtype, compiled: bool) -> List[torch.Tensor]:
-            g = torch.Generator().manual_seed(P)
-            inputs = [(torch.randn(P * row, generator=g) * 3).to(device=device, dtype=dtype) for _ in range(P)]
-            results: List[torch.Tensor] = []
-            if cfg.grad_bits is not None:
-                e = mod.entry("rs", row, P, cfg.grad_bits, B, device)
-                sent = []
-                for r in range(P):
-                    res = torch.rand(e.plan.padded_numel, generator=g).to(device) * 1e-2 if cfg.error_feedback else None
-                    res_out = torch.full_like(res, math.nan) if res is not None else None
-                    sent.append(exchange.encode(e.plan, e.bufs, 0, inputs[r], residual=res, residual_out=res_out, compiled=compiled).clone())
-                    results += [sent[-1]] + ([res_out] if res_out is not None else [])
-                m = e.plan.chunks[0].message_bytes
-                for k in range(P):
-                    e.bufs.recv[0].view(P, m).copy_(torch.stack([x.view(P, m)[k] for x in sent]))
-                    for divide, factor in ((P, None), (1, 1.0 / (P + 1))):
-                        out = torch.full((row,), math.nan, dtype=dtype, device=device)
-                        exchange.decode_sum(e.plan, e.bufs, 0, k, out, offset=k * row, divide=divide, factor=factor, compiled=compiled)
-                        results.append(out)
-            if cfg.weight_bits is not None:
-                e = mod.entry("ag", row, P, cfg.weight_bits, B, device)
-                gathered = e.bufs.gathered[0].view(P, -1)
-                for r in range(P):
-                    gathered[r].copy_(exchange.encode(e.plan1, e.bufs1, 0, inputs[r][:row], compiled=compiled))
-                out = torch.full((P * row,), math.nan, dtype=dtype, device=device)
-                exchange.decode(e.plan, e.bufs, 0, out, compiled=compiled)
-                results += [gathered.clone(), out]
-            if self.replicas and cfg.grad_bits is not None:  # HSDP's all-reduce across replicas: the DDP exchange
-                plan = exchange.ExchangePlan.build(mod.segments, 2, cfg.grad_bits, B)
-                xs = [x[: plan.numel].float() for x in inputs[:2]]
-                res = [torch.rand(plan.padded_numel, generator=g).to(device) * 1e-2 for _ in xs] if cfg.error_feedback else None
-                sres = [torch.rand(plan.server_numel, generator=g).to(device) * 1e-2 for _ in xs] if cfg.error_feedback else None
-                out, _ = exchange.exchange_local(plan, xs, residuals=res, server_residuals=sres, compiled=compiled)
-                results += [out] + (res + sres if res is not None else [])
-            return results
-
-        def warmup(stop: threading.Event) -> None:
-            segments = (5 * B, 7 * B + 3, B, 11 * B)
-            mod = _ModuleComm("<compile sample>", 0, segments)
-            for dtype in dtypes:
-                if stop.is_set():
-                    return
-                runs = [one_route(mod, sum(segments), dtype, compiled) for compiled in (False, True)]
-                for a, b in zip(*runs):
-                    same_nan = a.isnan().any() and torch.equal(a.isnan(), b.isnan())
-                    if not torch.equal(a.view(torch.uint8), b.view(torch.uint8)) and not same_nan:
-                        raise RuntimeError(f"the compiled FSDP codec kernels disagree with the eager ones on sample data ({dtype})")
-
-        self._compiler = kernels.background_compiler()
-        self._compiler.start(warmup)
+        self._dtypes: Dict[torch.dtype, None] = {}  # what the collectives carry (compress_ fills it)
+        self.kernels = kernels.backend("cpu", config.fused)  # set by compress_ for the model's device
 
     # ---- the two collectives
 
@@ -305,8 +237,6 @@ class FSDPCompressState:
         )
         fp32 = (P - 1) * row * 4
         default = (P - 1) * row * inp.element_size()
-        if cfg.compile and self._compiler is None and cfg.grad_bits is not None and P > 1 and output.dtype in _FLOAT:
-            self._start_compile(P, (output.dtype, inp.dtype), inp.device)  # during the warm-up steps
         if not compress:
             fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
             if getattr(op, "op", op) == dist.ReduceOp.PREMUL_SUM and scale is not None and dist.get_backend(group) == "gloo":
@@ -327,7 +257,7 @@ class FSDPCompressState:
         res = res_new = None
         if cfg.error_feedback:
             res, res_new = mod.residuals(plan.padded_numel, inp.device)  # the new one is committed only if all were finite
-        send = exchange.encode(plan, bufs, 0, inp.view(-1), residual=res, residual_out=res_new, header=header, compiled=self._compiled())
+        send = exchange.encode(plan, bufs, 0, inp.view(-1), residual=res, residual_out=res_new, header=header, fused=self.config.fused)
         # a non-finite value anywhere poisons every scale this rank sends, so every rank sees it
         # (the plan has no padding blocks: every scale is rewritten by the next encode)
         _, scales, _ = bufs.to_views(0, send, P)
@@ -340,7 +270,7 @@ class FSDPCompressState:
         kind, f = scale
         finite = exchange.decode_sum(
             plan, bufs, 0, rank, output.view(-1), offset=rank * row,
-            divide=int(f) if kind == "div" else 1, factor=None if kind == "div" or f == 1.0 else f, compiled=self._compiled(),
+            divide=int(f) if kind == "div" else 1, factor=None if kind == "div" or f == 1.0 else f, fused=self.config.fused,
         )
         if cfg.error_feedback:
             mod.commit_residual(finite)
@@ -365,8 +295,6 @@ class FSDPCompressState:
         )
         fp32 = (P - 1) * n * 4
         default = (P - 1) * n * inp.element_size()
-        if cfg.compile and self._compiler is None and cfg.weight_bits is not None and P > 1 and inp.dtype in _FLOAT:
-            self._start_compile(P, (inp.dtype,), inp.device)
         if not compress:
             fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
             work = fn(output, inp, group=group, async_op=async_op)
@@ -375,7 +303,7 @@ class FSDPCompressState:
         e = mod.entry("ag", n, P, cfg.weight_bits, cfg.block_size, inp.device)
         header = (mod.step, mod.index)
         # the input is this rank's slot of the output: encode reads it before decode writes the output
-        mine = exchange.encode(e.plan1, e.bufs1, 0, inp.view(-1), header=header, compiled=self._compiled())
+        mine = exchange.encode(e.plan1, e.bufs1, 0, inp.view(-1), header=header, fused=self.config.fused)
         gathered = e.bufs.gathered[0]
         all_gather_into(gathered, mine, group)
         exact = mod.exact_index(n, inp.device) if cfg.exact_1d_weights else None
@@ -391,7 +319,7 @@ class FSDPCompressState:
                     f"this rank expected {want.tolist()} (step, module, bits, numel)"
                 )
         # every rank decodes every shard, its own too: all ranks compute with identical weights
-        exchange.decode(e.plan, e.bufs, 0, output.view(-1), compiled=self._compiled())
+        exchange.decode(e.plan, e.bufs, 0, output.view(-1), fused=self.config.fused)
         sent = (P - 1) * e.plan.chunks[0].message_bytes
         if exact is not None:
             output.view(P, n).index_copy_(1, exact, exact_all.view(P, -1))
@@ -578,14 +506,14 @@ def _check_ranks_agree(config: FSDPCompressConfig, installed, targets, replicate
     """Raise the same ``ValueError`` on every rank when the ranks passed different options or models.
 
     Compares (one ``all_gather_object`` over the FSDP modules' shard group, before anything is
-    installed) every option except ``compile`` (the fused and eager kernels give the same bits), the
+    installed) every option except ``fused`` (the fused and eager kernels give the same bits), the
     FSDP modules with their parameter sizes, and whether a replicate group was given: a difference in
     any of them would make the ranks' collectives disagree in size or meaning, and hang or corrupt.
     """
     from gradcomp.comm import guard
 
     mine = guard.wire_config(config, dist.get_world_size())
-    mine.update({k: v for k, v in asdict(config).items() if k != "compile"})
+    mine.update({k: v for k, v in asdict(config).items() if k not in ("fused", "compile")})
     mine["fsdp_modules"] = [(name, [int(n) for n in mod.segments], [bool(e) for e in mod.exact]) for name, _, mod in installed]
     mine["replicate_group"] = replicate_group is not None
     group = None
@@ -621,7 +549,7 @@ def compress_(
             used for both exchanges. FSDP2's native HSDP (a 2-D mesh) cannot be compressed: its
             replicate all-reduce has no hook, and it is refused together with ``replicate_group``.
         **options: the other fields of :class:`FSDPCompressConfig` (``block_size``, ``error_feedback``,
-            ``warmup_steps``, ``min_compress_numel``, ``compile``).
+            ``warmup_steps``, ``min_compress_numel``, ``fused``).
 
     Returns:
         The :class:`FSDPCompressState` (``stats()``, ``state_dict()``, ``load_state_dict()``).
@@ -686,6 +614,11 @@ def compress_(
 
             state.replicas[name] = ReplicateAllReduce(state, mod, replicate_group)
             m.set_all_reduce_hook(state.replicas[name])
-    logger.info("gradcomp FSDP2: %s on %d modules, %d ranks", config, len(installed), state.world_size)
+    device = next((p.device for _, m, _ in installed for p in m.parameters()), torch.device("cpu"))
+    formats = [b for b in (config.grad_bits, config.weight_bits) if b is not None]
+    dtypes = tuple(dict.fromkeys((torch.float32, *state._dtypes)))
+    # before any training step: on CUDA the kernels compile here, never beside the training
+    state.kernels = kernels.prepare(device, dtypes, formats, config.block_size, fused=config.fused)
+    logger.info("gradcomp FSDP2: %s on %d modules, %d ranks, %s kernels", config, len(installed), state.world_size, state.kernels)
     return state
 

@@ -87,7 +87,7 @@ class ReplicateAllReduce:
         finite = exchange.allreduce(
             plan, bufs, out.view(-1), self.group,
             residual=wres, residual_out=wnew, server_residual=sres, server_residual_out=snew,
-            header=(step, self.mod.index), compiled=self.state._compiled(),
+            header=(step, self.mod.index), fused=self.state.config.fused,
         )
         if cfg.error_feedback and finite:  # a non-finite step leaves the residuals as they were, on every rank
             self.residual, self.server_residual = wnew, snew

@@ -205,7 +205,7 @@ def hierarchical_allreduce(
     error_feedback: bool = True,
     noise: Optional[Callable[[int, tuple], torch.Tensor]] = None,
     measure_error: bool = False,
-    compiled: bool = False,
+    fused: bool = True,
 ) -> ExchangeResult:
     """Average ``x`` over every rank: fp32 inside nodes, the two-phase quantized exchange between them.
 
@@ -219,7 +219,7 @@ def hierarchical_allreduce(
         noise: ``noise(phase, shape)`` gives ``U[0, 1)`` noise for stochastic rounding of the chunk
             (phase 0, shape ``(chunk_numel / B, B)``) and of the owned shard (phase 1).
         measure_error: compute ``rel_error`` of this rank's chunk quantization.
-        compiled: use the fused codec kernels.
+        fused: run the fused codec kernels (bit-identical to the eager reference).
 
     Returns:
         An :class:`~gradcomp.comm.collectives.ExchangeResult`: ``out`` has ``padded_numel`` elements,
@@ -259,7 +259,7 @@ def hierarchical_allreduce(
         n1 = noise(1, (plan.server_numel // B, B)).reshape(-1) if noise is not None else None
         exchange.allreduce(
             plan, bufs, mine, groups.inter, residual=w_in, residual_out=wres, server_residual=s_in,
-            server_residual_out=sres, noise=n0, server_noise=n1, compiled=compiled, keep_messages=True,
+            server_residual_out=sres, noise=n0, server_noise=n1, fused=fused, keep_messages=True,
         )
         rel = None
         if measure_error and error_feedback:
@@ -278,7 +278,7 @@ def hierarchical_allreduce(
         finite_t = torch.ones((), dtype=torch.bool, device=x.device)
         for l in range(L):
             # a non-finite value anywhere made its block's scale non-finite, and every rank has every scale
-            finite_t &= exchange.decode(plan, bufs, 0, out[l * chunk : (l + 1) * chunk], gathered=node_msgs[l * per : (l + 1) * per], compiled=compiled)
+            finite_t &= exchange.decode(plan, bufs, 0, out[l * chunk : (l + 1) * chunk], gathered=node_msgs[l * per : (l + 1) * per], fused=fused)
         finite = bool(finite_t)
     else:  # one node: nothing crosses a slow link, nothing is quantized
         wres, sres, rel = None, None, None

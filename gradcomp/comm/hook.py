@@ -18,8 +18,9 @@ send buffer, all-to-all'd, the owned shard dequantized, summed in rank order and
 (+ server residual) straight into the all-gather message, all-gathered and dequantized straight back
 into the bucket. Chunks are pipelined with async collectives (:mod:`gradcomp.comm.pipeline`): chunk
 ``c + 1`` is coded while chunk ``c`` is on the wire, and the next bucket starts while the previous one
-finishes. The fused kernels are compiled on a background thread from :func:`register` on (during the
-warm-up steps) and used once ready (``compile=False``: always eager). Buckets that are not compressed (warm-up, small
+finishes. The fused kernels run from the first compressed step: native C++ on CPU (built at install),
+on CUDA ``torch.compile``'d kernels compiled when the state meets the model (:func:`register`), before
+any step (``fused=False``: the eager reference kernels). Buckets that are not compressed (warm-up, small
 buckets, the policy's plain choice) go straight to ``dist.all_reduce`` on DDP's group, not through
 the hook's thread. With ``topology=Topology(local_world_size=L)`` the hierarchical exchange
 runs instead (fp32 inside nodes, quantized only between nodes; :mod:`gradcomp.comm.hierarchical`),
@@ -38,6 +39,7 @@ import logging
 import math
 import queue
 import threading
+import warnings
 import weakref
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -46,7 +48,6 @@ import torch
 import torch.distributed as dist
 
 from gradcomp.codec import kernels
-from gradcomp.codec.compiling import BackgroundCompiler
 from gradcomp.checks import GRADIENT_BITS, check_bits, check_is_int
 from gradcomp.comm import exchange, guard
 from gradcomp.comm.collectives import all_gather_into
@@ -77,9 +78,12 @@ class HookConfig:
         min_compress_numel: buckets with fewer elements go through plain all-reduce.
         stochastic_rounding: unbiased stochastic rounding instead of round-to-nearest.
         seed: seed of the stochastic rounding noise (combined with rank, step and bucket).
-        compile: fuse the codec kernels with ``torch.compile``, compiled on a background thread from
-            :func:`register` on (or the first bucket) and used once ready (bit-identical to the eager kernels, which run until
-            then and wherever compiling fails). False: always eager.
+        fused: run the fused codec kernels: native C++ on CPU (built at install, one pass over memory,
+            ready at the first step), ``torch.compile`` on CUDA (compiled by :func:`register`, or at
+            the first bucket, before any exchange; never on a thread beside the training). They are
+            bit-identical to the eager reference kernels, which ``False`` runs instead (several
+            times slower; for debugging) and which answer wherever the fused ones cannot run.
+        compile: deprecated name of ``fused``.
         chunk_numel: values per chunk of the pipelined exchange; chunks are exchanged one after
             another with the wire and the CPU busy at the same time. None (default): ``2**20``
             values per rank, ``P * 2**20`` in all (:func:`~gradcomp.comm.exchange.chunk_numel_for`),
@@ -103,14 +107,19 @@ class HookConfig:
     min_compress_numel: int = 16384
     stochastic_rounding: bool = False
     seed: int = 0
-    compile: bool = True
+    fused: bool = True
     chunk_numel: Optional[int] = None
     log_every: int = 100
     topology: Optional[Topology] = None
     policy: Optional[PolicyConfig] = None
     timeout: Optional[float] = None
+    compile: Optional[bool] = None
 
     def __post_init__(self):
+        if self.compile is not None:
+            warnings.warn("HookConfig(compile=...) is deprecated; use fused=...", DeprecationWarning, stacklevel=3)
+            object.__setattr__(self, "fused", self.compile)
+            object.__setattr__(self, "compile", None)
         object.__setattr__(self, "timeout", guard.seconds(self.timeout))
         check_bits(self.bits, GRADIENT_BITS)
         check_is_int("block_size", self.block_size)
@@ -124,7 +133,7 @@ class HookConfig:
             check_is_int(name, getattr(self, name))
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("error_feedback", "stochastic_rounding", "compile"):
+        for name in ("error_feedback", "stochastic_rounding", "fused"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} {getattr(self, name)!r}")
         if self.topology is not None and not isinstance(self.topology, Topology):
@@ -207,7 +216,7 @@ class QuantizedAllReduceState:
     Args:
         process_group: the group to average over (default: the default group).
         bits, block_size, error_feedback, warmup_steps, min_compress_numel, stochastic_rounding,
-        seed, compile, chunk_numel, log_every, topology, policy: see :class:`HookConfig`.
+        seed, fused, chunk_numel, log_every, topology, policy: see :class:`HookConfig`.
         config: a whole :class:`HookConfig` instead of ``bits`` and the options. With a topology the
         intra- and inter-node groups are created here; with a policy and no injected figures the
         network and the codec are probed here (collective calls: every rank constructs the state).
@@ -276,9 +285,8 @@ class QuantizedAllReduceState:
         self._thread_buckets = 0  # buckets of the current step handed to the thread
         self._pipe: Optional[ChunkPipeline] = None
         self._inflight: List[torch.futures.Future] = []  # futures of buckets still in the pipeline
-        self._compiler: Optional[BackgroundCompiler] = None
+        self.kernels: Optional[str] = None  # the kernels the exchange runs (kernels.backend), once known
         self._probe_state: Dict[tuple, tuple] = {}  # the policy probe's buffers, while it runs
-        self._probe_compiled_now = False
         if self.config.topology is not None:
             self.config.topology.num_nodes(self.world_size)  # refuse a topology that does not fit, before any group exists
         if self.world_size > 1:
@@ -322,20 +330,18 @@ class QuantizedAllReduceState:
     def _make_policy(self, fit: Optional[NetworkFit]) -> CommPolicy:
         """Build the policy from ``fit``, or probe the network first when None (collective).
 
-        The probe times the kernels the hook will run: with ``compile`` it first waits for the
-        background compilation (and its check against the eager kernels) that the hook uses, and
-        times the fused kernels only if that succeeded on every rank.
+        The probe times the kernels the hook will run (:meth:`_prepare_kernels` makes them ready first).
         """
         cfg = self.config
         nodes = self._hier.nodes if self._hier is not None else None
         chunk = self._policy_chunk_numel()
         if fit is None:
             intra = self._hier.intra if self._hier is not None else None
-            self._probe_compiled_now = self._probe_compiled()
+            self._prepare_kernels(self._device(), torch.float32)
             self._probe_state = {}
             try:
                 fit = probe_network(
-                    cfg.policy, self._comm_group, intra, block_size=cfg.block_size, compiled=self._probe_compiled_now,
+                    cfg.policy, self._comm_group, intra, block_size=cfg.block_size, fused=cfg.fused,
                     device=self._device(), exchange=self._probe_exchange, nodes=nodes, chunk_numel=chunk,
                 )
             finally:
@@ -345,15 +351,16 @@ class QuantizedAllReduceState:
             logger.info("gradcomp policy (%s): %s", "hierarchical" if policy.hierarchical else "flat", policy.describe())
         return policy
 
-    def _probe_compiled(self) -> bool:
-        """Whether the hook will run the fused kernels: compile them now (as the hook does) and agree (collective)."""
-        if not self.config.compile:
-            return False
-        if self._compiler is None:
-            self._start_compile(torch.float32, self._device())
-        ok = torch.tensor([1.0 if self._compiler.wait() else 0.0], device=self._device())
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self._comm_group)
-        return bool(ok.item())
+    def _prepare_kernels(self, device, dtype: torch.dtype) -> str:
+        """Make the fused kernels ready for buckets of ``dtype`` on ``device`` (once): on CUDA they compile
+        now, on this thread, before any exchange. Sets and returns :attr:`kernels`."""
+        if self.kernels is None:
+            cfg = self.config
+            widths = {cfg.bits}
+            if cfg.policy is not None:
+                widths = {b for b in cfg.policy.candidates if b != PLAIN} or widths
+            self.kernels = kernels.prepare(device, {torch.float32, dtype}, sorted(widths), cfg.block_size, fused=cfg.fused)
+        return self.kernels
 
     def _probe_exchange(self, bits: int, x: torch.Tensor) -> None:
         """Do what a bucket ``x`` costs the hook with ``bits``: its whole exchange with error feedback, as a step runs it.
@@ -364,11 +371,11 @@ class QuantizedAllReduceState:
         hierarchical exchange the hook runs.
         """
         cfg = self.config
-        compiled = self._probe_compiled_now
+        fused = cfg.fused
         if self._hier is not None:
             plan = ExchangePlan.build((x.numel(),), self.world_size, bits, cfg.block_size, chunk_numel=None)
             padded = plan.to_aligned(x)
-            res = hierarchical_allreduce(padded, self._hier.layout(x.numel(), bits, cfg.block_size), self._hier, compiled=compiled)
+            res = hierarchical_allreduce(padded, self._hier.layout(x.numel(), bits, cfg.block_size), self._hier, fused=fused)
             torch.empty_like(x).copy_(res.out[: x.numel()])
             return
         key = (bits, x.numel(), x.device)
@@ -385,7 +392,7 @@ class QuantizedAllReduceState:
 
         pipe = ChunkPipeline(self._comm_group)
         for c in range(len(plan.chunks)):
-            pipe.push(_chunk_job(plan, bufs, c, bucket, (w_in, s_in, w_out, s_out), (None, None), (0, 0), lambda: compiled))
+            pipe.push(_chunk_job(plan, bufs, c, bucket, (w_in, s_in, w_out, s_out), (None, None), (0, 0), fused))
         pipe.flush()
 
     def recalibrate(self) -> Dict[str, Any]:
@@ -427,7 +434,7 @@ class QuantizedAllReduceState:
         """Drop the process groups, the thread and the lock so the state can be pickled."""
         drop = (
             "process_group", "_comm_group", "_hier", "_thread", "_lock", "_param_keys", "_param_numels", "_plans", "_buffers",
-            "_spares", "_pending", "_step_plain", "_pipe", "_compiler", "_inflight", "_probe_state",
+            "_spares", "_pending", "_step_plain", "_pipe", "_inflight", "_probe_state",
         )
         return {k: v for k, v in self.__dict__.items() if k not in drop}
 
@@ -445,7 +452,6 @@ class QuantizedAllReduceState:
         self._step_finite, self._thread_buckets = True, 0
         self._pipe = None
         self._inflight = []
-        self._compiler = None
         self._probe_state = {}
         self._verify_pending = True
         self.__dict__.setdefault("_failure", None)
@@ -567,11 +573,11 @@ class QuantizedAllReduceState:
         params = list(module.parameters())
         self._param_keys = {id(p): i for i, p in enumerate(params)}
         self._param_numels = [p.numel() for p in params]
-        # compile now, not at the first bucket: DDP's buckets have their parameters' dtype and device,
-        # so the fused kernels are usually ready before the warm-up steps end
+        # the kernels are made ready now, before the first step: DDP's buckets have their parameters'
+        # dtype and device (on CUDA they compile here, never beside the training)
         grads = [p for p in params if p.requires_grad and p.dtype in (torch.float32, torch.float16, torch.bfloat16)]
-        if self.config.compile and self._compiler is None and self.world_size > 1 and grads:
-            self._start_compile(grads[0].dtype, grads[0].device)
+        if self.world_size > 1 and grads:
+            self._prepare_kernels(grads[0].device, grads[0].dtype)
 
     def synchronize(self) -> None:
         """Wait until every submitted bucket is done (DDP already waits at the end of backward)."""
@@ -582,15 +588,13 @@ class QuantizedAllReduceState:
         guard.check_alive(self)
 
     def close(self) -> None:
-        """Finish the work in flight, then stop and join the communication thread and any compilation.
+        """Finish the work in flight, then stop and join the communication thread.
 
         Call it before ``dist.destroy_process_group()``. A state that is not closed is closed when it
         is garbage-collected or at interpreter exit, so that no thread of it is inside torch while
         Python tears down (which aborts the process). Closing twice is harmless; a closed state
         starts a new thread if it is used again.
         """
-        if self._compiler is not None:
-            self._compiler.stop()
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.submit(self._flush, torch.futures.Future())  # chunks still in the pipeline, in order
@@ -727,10 +731,6 @@ class QuantizedAllReduceState:
 
     # ---- on the communication thread
 
-    def _compiled_now(self) -> bool:
-        """Whether the fused kernels are ready (they never are with ``compile=False``)."""
-        return self._compiler is not None and self._compiler.ready
-
     def _run_bucket(self, buf: torch.Tensor, index: int, step: int, last: bool, plan: ExchangePlan, ready_event, fut, plain_checks) -> Any:
         """Run on the communication thread: start ``buf``'s exchange in the pipeline; the pipeline completes ``fut``."""
         cfg = self.config
@@ -797,7 +797,7 @@ class QuantizedAllReduceState:
                     fut.set_result(buf)
 
         for c in range(len(plan.chunks)):
-            self._pipe.push(_chunk_job(plan, bufs, c, buf, res, noise, header, self._compiled_now, before_encode, decoded))
+            self._pipe.push(_chunk_job(plan, bufs, c, buf, res, noise, header, self.config.fused, before_encode, decoded))
 
     def _run_hier(self, buf, plan, w_in, s_in, w_out, s_out, n0, n1, step, fp32_bytes) -> None:
         """The hierarchical exchange of one bucket, blocking (fp32 inside nodes, quantized between them)."""
@@ -810,7 +810,7 @@ class QuantizedAllReduceState:
         result = hierarchical_allreduce(
             padded, hlayout, self._hier,
             worker_residual=w_in, server_residual=s_in, error_feedback=cfg.error_feedback,
-            noise=noise, measure_error=measure, compiled=self._compiled_now(),
+            noise=noise, measure_error=measure, fused=cfg.fused,
         )
         plan.from_aligned(result.out, buf)
         if cfg.error_feedback:
@@ -895,49 +895,6 @@ class QuantizedAllReduceState:
 
     # ---- on the training thread
 
-    def _start_compile(self, dtype: torch.dtype, device) -> None:
-        """Compile the fused kernels in the background, on sample buckets shaped like the real calls."""
-        cfg = self.config
-        widths = {cfg.bits}
-        if cfg.policy is not None:
-            widths = {b for b in cfg.policy.candidates if b != PLAIN} or widths
-        P = self.world_size if self._hier is None else self._hier.nodes
-        stochastic, ef = cfg.stochastic_rounding, cfg.error_feedback
-        B = cfg.block_size
-
-        def warmup(stop) -> None:
-            for bits, numels in itertools.product(sorted(widths), ((5 * B, 7 * B + 3, B, 11 * B), (B - 3,))):
-                if stop.is_set():
-                    return
-                # runs of whole blocks, a ragged parameter, a one-block parameter, three chunks; and a
-                # bucket of one block (one block per shard): the shapes the hook's calls have
-                plan = ExchangePlan.build(numels, max(P, 2), bits, B, chunk_numel=(5 * max(P, 2)) * B)
-                g = torch.Generator().manual_seed(bits)
-                xs = [torch.randn(plan.numel, generator=g).to(device=device, dtype=dtype) for _ in range(plan.world_size)]
-                runs = []
-                for compiled in (False, True):
-                    res = [torch.rand(plan.padded_numel, generator=g).to(device) * 1e-2 for _ in xs] if ef else None
-                    sres = [torch.rand(plan.server_numel, generator=g).to(device) * 1e-2 for _ in xs] if ef else None
-                    nz = [torch.rand(plan.padded_numel, generator=g).to(device) for _ in xs] if stochastic else None
-                    snz = [torch.rand(plan.server_numel, generator=g).to(device) for _ in xs] if stochastic else None
-                    res_out = [torch.full_like(r, math.nan) for r in res] if ef else []  # out of place, like the hook
-                    sres_out = [torch.full_like(r, math.nan) for r in sres] if ef else []
-                    out = torch.full((plan.numel,), math.nan, dtype=dtype, device=device)
-                    exchange.exchange_local(
-                        plan, xs, residuals=res, server_residuals=sres, noises=nz, server_noises=snz,
-                        residuals_out=res_out or None, server_residuals_out=sres_out or None, compiled=compiled, out=out,
-                    )
-                    runs.append([out] + res_out + sres_out)
-                    g = torch.Generator().manual_seed(bits)  # the same residuals and noise for both runs
-                    _ = [torch.randn(plan.numel, generator=g) for _ in xs]
-                # use the fused kernels only if they reproduce the eager ones bit for bit here
-                for a, b in zip(*runs):
-                    if not torch.equal(a.view(torch.uint8), b.view(torch.uint8)) and not (a.isnan().any() and torch.equal(a.isnan(), b.isnan())):
-                        raise RuntimeError(f"the compiled {bits}-bit exchange kernels disagree with the eager ones on sample data")
-
-        self._compiler = kernels.background_compiler()
-        self._compiler.start(warmup)
-
     def _reduce(self, bucket: dist.GradBucket) -> torch.futures.Future:
         guard.check_alive(self)
         buf = bucket.buffer()
@@ -955,8 +912,8 @@ class QuantizedAllReduceState:
             return fut
         cfg = self.config
         floating = buf.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        if cfg.compile and self._compiler is None and floating:
-            self._start_compile(buf.dtype, buf.device)
+        if floating and self.kernels is None:  # registered without register(): ready them before the first exchange
+            self._prepare_kernels(buf.device, buf.dtype)
         compress = step >= cfg.warmup_steps and buf.numel() >= cfg.min_compress_numel and floating
         bits = cfg.bits
         if compress and self._policy is not None:
@@ -1049,14 +1006,14 @@ class QuantizedAllReduceState:
         return guard.for_ddp(done)
 
 
-def _chunk_job(plan: ExchangePlan, bufs: ExchangeBuffers, c: int, bucket: torch.Tensor, residuals, noise, header, compiled,
+def _chunk_job(plan: ExchangePlan, bufs: ExchangeBuffers, c: int, bucket: torch.Tensor, residuals, noise, header, fused: bool,
                before_encode=None, decoded=None) -> ChunkJob:
     """Chunk ``c`` of ``bucket``'s exchange as the pipeline runs it: encode, check and reduce, check and decode.
 
     The one job builder of the step and of the policy's probe. ``residuals`` is ``(worker in,
     server in, worker out, server out)`` (None each without error feedback), ``noise`` the two
     phases' stochastic rounding noise (None each), ``header`` the messages' ``(step, bucket)``,
-    ``compiled()`` whether the fused kernels run now; ``before_encode(c)`` runs before the encode and
+    ``fused`` whether the fused kernels run; ``before_encode(c)`` runs before the encode and
     ``decoded(finite)`` after the decode, with whether the chunk's values were all finite.
     """
     w_in, s_in, w_out, s_out = residuals
@@ -1066,15 +1023,15 @@ def _chunk_job(plan: ExchangePlan, bufs: ExchangeBuffers, c: int, bucket: torch.
     def enc() -> None:
         if before_encode is not None:
             before_encode(c)
-        exchange.encode(plan, bufs, c, bucket, residual=w_in, residual_out=w_out, noise=n0, header=header, compiled=compiled())
+        exchange.encode(plan, bufs, c, bucket, residual=w_in, residual_out=w_out, noise=n0, header=header, fused=fused)
 
     def red() -> torch.Tensor:
         exchange.check_header(plan, c, bufs.recv[c], step, index)
-        return exchange.reduce_shard(plan, bufs, c, residual=s_in, residual_out=s_out, noise=n1, header=header, compiled=compiled())
+        return exchange.reduce_shard(plan, bufs, c, residual=s_in, residual_out=s_out, noise=n1, header=header, fused=fused)
 
     def dec() -> None:
         exchange.check_header(plan, c, bufs.gathered[c], step, index, "all-gather")
-        finite = exchange.decode(plan, bufs, c, bucket, compiled=compiled())
+        finite = exchange.decode(plan, bufs, c, bucket, fused=fused)
         if decoded is not None:
             decoded(finite)
 

@@ -15,6 +15,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from gradcomp.codec import kernels
+
 from gradcomp.comm.exchange import DEFAULT_CHUNK_NUMEL
 from gradcomp.costmodel import CodecThroughput
 
@@ -73,7 +75,7 @@ def hook_local_work(
     numel: int = 1 << 20,
     world_size: int = 2,
     repeats: int = 3,
-    compiled: Optional[bool] = False,
+    fused: bool = True,
     device="cpu",
     error_feedback: bool = True,
     chunk_numel: Optional[int] = DEFAULT_CHUNK_NUMEL,
@@ -89,7 +91,7 @@ def hook_local_work(
 
     Returns:
         ``{"encode_s", "reduce_shard_s", "decode_s", "total_s"}``: median seconds of each step over
-        the whole bucket (``repeats`` runs after a warm-up, which compiles the kernels when ``compiled``).
+        the whole bucket (``repeats`` runs after a warm-up).
     """
     from gradcomp.comm import exchange as ex
 
@@ -100,20 +102,20 @@ def hook_local_work(
     out = torch.empty_like(bucket)
     wres = torch.zeros(plan.padded_numel, device=device) if error_feedback else None
     sres = torch.zeros(plan.server_numel, device=device) if error_feedback else None
-    c = bool(compiled)
+    c = bool(fused)
     chunks = range(len(plan.chunks))
 
     def encode() -> None:
         for k in chunks:
-            ex.encode(plan, bufs, k, bucket, residual=wres, residual_out=wres, compiled=c)
+            ex.encode(plan, bufs, k, bucket, residual=wres, residual_out=wres, fused=c)
 
     def reduce_shard() -> None:
         for k in chunks:
-            ex.reduce_shard(plan, bufs, k, residual=sres, residual_out=sres, compiled=c)
+            ex.reduce_shard(plan, bufs, k, residual=sres, residual_out=sres, fused=c)
 
     def decode() -> None:
         for k in chunks:
-            ex.decode(plan, bufs, k, out, compiled=c)
+            ex.decode(plan, bufs, k, out, fused=c)
 
     encode()
     for k in chunks:  # what the all-to-all and the all-gather would deliver: messages of the same sizes
@@ -134,14 +136,14 @@ def measure_hook_codec(
     numel: int = 1 << 20,
     world_size: int = 2,
     repeats: int = 3,
-    compiled: Optional[bool] = False,
+    fused: bool = True,
     device="cpu",
     chunk_numel: Optional[int] = DEFAULT_CHUNK_NUMEL,
 ) -> CodecThroughput:
     """Time the hook's local work on a bucket (:func:`hook_local_work`) and return it as a codec throughput.
 
     What is timed is what the hook runs: error feedback, the copies into and out of the messages,
-    the chunked route, the hook's kernels (fused when ``compiled``), not a bare ``quantize``.
+    the chunked route, the hook's kernels (fused unless ``fused=False``), not a bare ``quantize``.
 
     The cost model charges a two-phase exchange of ``N`` values on ``P`` ranks
     ``(N + N/P) / quantize_eps + 2 N / dequantize_eps`` seconds of codec work. Both figures are set
@@ -155,8 +157,8 @@ def measure_hook_codec(
         block_size: elements per scale.
         numel: elements of the timed bucket.
         world_size: ranks the exchange runs on (P: the size of the owned shard).
-        repeats: timed calls of each step (median kept), after one warm-up (which compiles).
-        compiled: the hook's ``compile`` option.
+        repeats: timed calls of each step (median kept), after one warm-up.
+        fused: the hook's ``fused`` option.
         device: where the buffers live.
         chunk_numel: the hook's ``chunk_numel`` (its chunks are the kernels' shapes).
 
@@ -167,10 +169,10 @@ def measure_hook_codec(
     Returns:
         A :class:`~gradcomp.costmodel.CodecThroughput` whose ``source`` describes the measurement.
     """
-    t = hook_local_work(bits, block_size, numel, world_size, repeats, compiled, device, chunk_numel=chunk_numel)
+    t = hook_local_work(bits, block_size, numel, world_size, repeats, fused, device, chunk_numel=chunk_numel)
     n = float(numel)
     e = (3 * n + n / world_size) / t["total_s"]
-    mode = "compiled" if compiled else "eager"
+    mode = kernels.backend(device, fused)
     src = (
         f"measured: int{bits} hook steps on {int(n)} elements in chunks of {chunk_numel}, {world_size} ranks, "
         f"{torch.device(device).type}, {mode} "

@@ -318,7 +318,7 @@ def probe_network(
     intra_group=None,
     *,
     block_size: int = 256,
-    compiled: bool = False,
+    fused: bool = True,
     device="cpu",
     exchange: Optional[Callable[[int, torch.Tensor], None]] = None,
     nodes: Optional[int] = None,
@@ -346,7 +346,7 @@ def probe_network(
         group: the group the hook averages over.
         intra_group: this rank's node group (hierarchical mode), or None.
         block_size: the hook's block size (the codec timing uses it).
-        compiled: time the fused codec kernels (as the hook will run them).
+        fused: time the fused codec kernels (as the hook will run them).
         device: where the buffers live.
         exchange: the hook's whole exchange, for the end-to-end timing (optional).
         nodes: nodes in hierarchical mode (M), or None.
@@ -364,7 +364,7 @@ def probe_network(
     n = probe_bucket_numel(config, chunk_numel)
     # the quantized exchange runs over the nodes in hierarchical mode, over every rank otherwise
     ranks = nodes if nodes is not None and 1 < nodes < P else P
-    measured = [measure_hook_codec(b, block_size, n, ranks, config.probe_repeats, compiled, device, chunk_numel) for b in widths]
+    measured = [measure_hook_codec(b, block_size, n, ranks, config.probe_repeats, fused, device, chunk_numel) for b in widths]
     # seconds, so that the max over ranks is the slowest rank's pace
     codec_times = [t for tp in measured for t in (n / tp.quantize_eps, n / tp.dequantize_eps)]
     agreed = _agree_max(times + intra_times + codec_times, group)

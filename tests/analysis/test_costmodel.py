@@ -193,9 +193,12 @@ def test_sweep_over_workers_and_bandwidth_match_estimate():
 
 
 def test_measure_hook_codec_is_positive_and_described():
-    tp = measure_hook_codec(4, 256, 1 << 14, world_size=2, repeats=2)
+    from gradcomp.codec import kernels
+
+    tp = measure_hook_codec(4, 256, 1 << 14, world_size=2, repeats=2)  # the hook's default: fused kernels
     assert tp.quantize_eps > 0 and tp.dequantize_eps > 0
-    assert "int4" in tp.source and "eager" in tp.source
+    assert "int4" in tp.source and kernels.backend("cpu") in tp.source
+    assert "eager" in measure_hook_codec(4, 256, 1 << 14, world_size=2, repeats=2, fused=False).source
 
 
 def test_schemes_are_objects_and_names_are_only_for_people():

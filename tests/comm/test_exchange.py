@@ -1,4 +1,4 @@
-"""The exchange's steps in one process: plans, chunks, bytes, error feedback, headers, and compiled == eager."""
+"""The exchange's steps in one process: plans, chunks, bytes, error feedback, headers, and fused == eager."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ B = 256
 NUMELS = (300, 512, 256, 1000, 2048, 7, 9 * B)  # ragged tails, one-block runs, runs that merge
 
 
-def _run(plan, xs, ef=True, noise=False, compiled=False, seed=0):
+def _run(plan, xs, ef=True, noise=False, fused=True, seed=0):
     g = torch.Generator().manual_seed(seed)
     P = plan.world_size
     res = [torch.randn(plan.padded_numel, generator=g) * 0.01 for _ in range(P)] if ef else None
@@ -40,7 +40,7 @@ def _run(plan, xs, ef=True, noise=False, compiled=False, seed=0):
     nz = [torch.rand(plan.padded_numel, generator=g) for _ in range(P)] if noise else None
     snz = [torch.rand(plan.server_numel, generator=g) for _ in range(P)] if noise else None
     res_in = [r.clone() for r in res] if ef else None
-    out, finite = exchange_local(plan, xs, residuals=res, server_residuals=sres, noises=nz, server_noises=snz, compiled=compiled)
+    out, finite = exchange_local(plan, xs, residuals=res, server_residuals=sres, noises=nz, server_noises=snz, fused=fused)
     return out, finite, res_in, res, sres
 
 
@@ -162,7 +162,7 @@ def test_header_names_the_step_and_bucket_of_a_rank_out_of_step():
 
 
 # ---------------------------------------------------------------------------------------------
-# compiled == eager, bit for bit, for every kernel the hook runs
+# every backend == eager, bit for bit, for every kernel the hook runs
 
 
 def _edge_rows(rows: int, block: int, qmax: int) -> torch.Tensor:
@@ -190,33 +190,53 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
-@pytest.mark.slow
-@pytest.mark.usefixtures("one_thread")  # as under torchrun (OMP_NUM_THREADS=1), where a miscompile showed once
-@pytest.mark.skipif(not codec.compile_available(), reason="torch.compile unavailable")
-@pytest.mark.parametrize("bits", [8, 4, 2])
-def test_compiled_kernels_match_eager_bitwise(bits):
+from gradcomp.codec.kernels import native  # noqa: E402
+
+# (backend, instruction set): every native instruction set this CPU runs, and torch.compile
+BACKENDS = [("native", isa) for isa in native.isas()] + [pytest.param(("compiled", None), marks=pytest.mark.slow)]
+
+
+@pytest.fixture
+def on_backend(request):
+    """Force a backend (and a native instruction set) for the test; restore the best one after."""
+    name, isa = request.param
+    if name == "compiled" and not codec.compile_available():
+        pytest.skip("torch.compile unavailable")
+    if isa is not None:
+        native.use_isa(isa)
+    try:
+        yield name
+    finally:
+        if native.available():
+            native.use_isa(native.isas()[0])
+
+
+def _check_backend_matches_eager(name, bits, dtype=torch.float32):
     qmax = codec.qrange(bits, True)[1]
     rows = 9
-    x = _edge_rows(rows, B, qmax)
+    x = _edge_rows(rows, B, qmax).to(dtype)
     res = torch.randn(rows, B) * 1e-3
     res[4:6] = 0
     nbytes = B * bits // 8
 
-    def enc(compiled, noise=None):
-        r_out = torch.full_like(res, 12345.0)  # every value must be written
-        codes, scale = codec.encode_blocks(x, bits, residual=res, residual_out=r_out, noise=noise, compiled=compiled)
+    def enc(backend, noise=None, in_place=False):
+        r_in = res.clone()
+        r_out = r_in if in_place else torch.full_like(res, 12345.0)  # every value must be written
+        with kernels.force(backend):
+            codes, scale = codec.encode_blocks(x, bits, residual=r_in, residual_out=r_out, noise=noise)
         return codes, scale, r_out
 
-    for noise in (None, torch.rand(rows, B, generator=torch.Generator().manual_seed(1))) if bits == 4 else (None,):
-        e, c = enc(False, noise), enc(True, noise)
-        assert all(_same_bits(a, b) for a, b in zip(e, c)), f"encode differs ({bits} bits)"
-    codes, scale, _ = enc(False)
-    assert _same_bits(codec.decode_blocks(codes, scale, bits), codec.decode_blocks(codes, scale, bits, compiled=True))
-    half = torch.empty(rows, B, dtype=torch.bfloat16)
-    assert _same_bits(
-        codec.decode_blocks(codes, scale, bits, out=half.clone()),
-        codec.decode_blocks(codes, scale, bits, out=half.clone(), compiled=True),
-    )
+    for noise in (None, torch.rand(rows, B, generator=torch.Generator().manual_seed(1))):
+        for in_place in (False, True):
+            e, c = enc("eager", noise, in_place), enc(name, noise, in_place)
+            assert all(_same_bits(a, b) for a, b in zip(e, c)), f"encode differs ({bits} bits, {dtype}, in place {in_place})"
+    codes, scale, _ = enc("eager")
+    for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
+        outs = []
+        for backend in ("eager", name):
+            with kernels.force(backend):
+                outs.append(codec.decode_blocks(codes, scale, bits, out=torch.empty(rows, B, dtype=out_dtype)))
+        assert _same_bits(*outs), f"decode differs ({bits} bits, {out_dtype})"
     P = 3
     many = torch.stack([codes, torch.roll(codes, 1, 0), torch.flip(codes, (0,))])  # (P, rows, bytes)
     scales = torch.stack([scale, torch.roll(scale, 1), torch.flip(scale, (0,))])
@@ -227,15 +247,40 @@ def test_compiled_kernels_match_eager_bitwise(bits):
     codes_v = buf[:, : rows * nbytes].view(P, rows, nbytes)
     scales_v = buf[:, rows * nbytes : rows * nbytes + 4 * rows].view(torch.float32)
     outs = []
-    for compiled in (False, True):
+    for backend in ("eager", name):
         r_out = torch.empty(rows, B)
-        outs.append(codec.reduce_blocks(codes_v, scales_v, bits, residual=res, residual_out=r_out, compiled=compiled) + (r_out,))
+        with kernels.force(backend):
+            outs.append(codec.reduce_blocks(codes_v, scales_v, bits, residual=res, residual_out=r_out) + (r_out,))
     assert all(_same_bits(a, b) for a, b in zip(*outs)), f"reduce differs ({bits} bits)"
     bad = ~torch.isfinite(scales).all(0)  # a row with a non-finite copy reduces to a non-finite scale
     assert torch.equal(~torch.isfinite(outs[0][1]), bad)
-    for out, divide, factor in ((torch.empty(rows, B), 3, None), (half, 1, torch.tensor(0.3))):
-        sums = [codec.decode_sum_blocks(codes_v, scales_v, bits, out=out.clone(), divide=divide, factor=factor, compiled=c) for c in (False, True)]
+    for out, divide, factor in ((torch.empty(rows, B), 3, None), (torch.empty(rows, B, dtype=torch.bfloat16), 1, torch.tensor(0.3))):
+        sums = []
+        for backend in ("eager", name):
+            with kernels.force(backend):
+                sums.append(codec.decode_sum_blocks(codes_v, scales_v, bits, out=out.clone(), divide=divide, factor=factor))
         assert _same_bits(*sums), f"decode_sum differs ({bits} bits, {out.dtype})"
+
+
+@pytest.mark.usefixtures("one_thread")  # as under torchrun (OMP_NUM_THREADS=1), where a miscompile showed once
+@pytest.mark.parametrize("on_backend", BACKENDS, indirect=True, ids=lambda b: "-".join(x for x in b if x))
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_fused_kernels_match_eager_bitwise(on_backend, bits):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16) if on_backend == "native" else (torch.float32,):
+        _check_backend_matches_eager(on_backend, bits, dtype)
+
+
+@pytest.mark.parametrize("on_backend", BACKENDS[:-1], indirect=True, ids=lambda b: "-".join(x for x in b if x))
+@pytest.mark.parametrize("P", [2, 3])
+def test_whole_exchange_is_bit_identical_on_every_native_instruction_set(on_backend, P):
+    g = torch.Generator().manual_seed(P)
+    xs = [torch.randn(sum(NUMELS), generator=g) for _ in range(P)]
+    for bits in (8, 4, 2):
+        plan = ExchangePlan.build(NUMELS, P, bits, B, chunk_numel=5 * B)
+        for noise in (False, True):
+            want = _run(plan, xs, noise=noise, fused=False)
+            got = _run(plan, xs, noise=noise)
+            assert all(_same_bits(a, b) for a, b in zip((want[0], *want[3], *want[4]), (got[0], *got[3], *got[4])))
 
 
 @pytest.mark.slow
@@ -258,7 +303,8 @@ def test_compiled_reduce_after_in_place_calls_of_two_widths_writes_residual_out(
             rin, rout = base.view(-1, B)[:rows], base.view(-1, B)[:rows]
         else:
             rin, rout = base.view(-1, B), torch.full((rows, B), float("nan"))
-        c, s = codec.reduce_blocks(codes, scale, bits, residual=rin, residual_out=rout, compiled=compiled)
+        with kernels.force("compiled" if compiled else "eager"):
+            c, s = codec.reduce_blocks(codes, scale, bits, residual=rin, residual_out=rout)
         return c, s, rout, base
 
     for bits, in_place in ((8, True), (4, True), (4, False)):
@@ -267,7 +313,7 @@ def test_compiled_reduce_after_in_place_calls_of_two_widths_writes_residual_out(
         assert [n for n, a, b in zip(names, want, got) if not _same_bits(a, b)] == [], f"{bits} bits, in place {in_place}"
 
 
-def test_background_compile_failure_falls_back_with_one_warning(monkeypatch, caplog):
+def test_compile_failure_falls_back_with_one_warning(monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")
 
@@ -277,17 +323,27 @@ def test_background_compile_failure_falls_back_with_one_warning(monkeypatch, cap
     monkeypatch.setattr(compiling, "_WARNED", [])
     plan = ExchangePlan.build(NUMELS, 2, 8, B, chunk_numel=4 * B)
     xs = [torch.randn(plan.numel) for _ in range(2)]
-    want, _, *_ = _run(plan, xs)
-
-    def warmup(stop):
-        _run(plan, xs, compiled=True)
-
-    comp = kernels.background_compiler()
-    with caplog.at_level(logging.WARNING, logger="gradcomp.codec"):
-        comp.start(warmup)
-        assert comp.wait(timeout=120) is False
-        got, _, *_ = _run(plan, xs, compiled=True)  # asked for compiled: the eager kernels answer
-    assert comp.failed and not comp.ready
-    assert torch.equal(got, want)
+    want, _, *_ = _run(plan, xs, fused=False)
+    with caplog.at_level(logging.WARNING, logger="gradcomp.codec"), kernels.force("compiled"):
+        got, _, *_ = _run(plan, xs)  # compiled asked for: the eager kernels answer
+        again, _, *_ = _run(plan, xs)
+    assert torch.equal(got, want) and torch.equal(again, want)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "no compiler here" in warnings[0].getMessage(), [r.getMessage() for r in warnings]
+
+
+def test_without_native_kernels_the_eager_ones_answer_with_one_warning(monkeypatch, caplog):
+    """A machine where no C++ compiler built the native kernels: one warning, identical results."""
+    plan = ExchangePlan.build(NUMELS, 2, 4, B, chunk_numel=4 * B)
+    xs = [torch.randn(plan.numel) for _ in range(2)]
+    want = _run(plan, xs)
+    monkeypatch.setattr(native, "_native", None)
+    monkeypatch.setattr(native, "IMPORT_ERROR", ImportError("no module named _native"))
+    monkeypatch.setattr(kernels, "_WARNED", __import__("threading").Event())
+    assert kernels.backend("cpu") == "eager"
+    with caplog.at_level(logging.WARNING, logger="gradcomp.codec"):
+        got = _run(plan, xs)
+        _run(plan, xs)
+    assert all(_same_bits(a, b) for a, b in zip((want[0], *want[3], *want[4]), (got[0], *got[3], *got[4])))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "native kernels are not built" in warnings[0] and "no module named _native" in warnings[0], warnings

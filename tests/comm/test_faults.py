@@ -66,7 +66,7 @@ def _user_group():
 
 def _hooked(group=None, **options):
     model = DDP(_model(), bucket_cap_mb=0.05, process_group=group)
-    opts = dict(warmup_steps=1, min_compress_numel=0, log_every=0, compile=False)
+    opts = dict(warmup_steps=1, min_compress_numel=0, log_every=0)
     opts.update(options)
     return model, gradcomp.register(model, **opts)
 
@@ -88,7 +88,7 @@ def _disagree_worker(rank, world_size, tmp):
     for field, opts in cases:
         model = DDP(_model(), bucket_cap_mb=0.05)
         t0 = time.monotonic()
-        kwargs = dict(warmup_steps=1, min_compress_numel=0, log_every=0, compile=False)
+        kwargs = dict(warmup_steps=1, min_compress_numel=0, log_every=0)
         kwargs.update(opts)
         with pytest.raises(ValueError) as info:
             gradcomp.register(model, **kwargs)
@@ -168,7 +168,7 @@ def _refused_up_front(rank, made):
         gradcomp.register(sparse)
     assert len(made) == n
     # ... and at the first bucket when the hook is registered by hand
-    st = gradcomp.QuantizedAllReduceState(warmup_steps=1, min_compress_numel=0, log_every=0, compile=False)
+    st = gradcomp.QuantizedAllReduceState(warmup_steps=1, min_compress_numel=0, log_every=0)
     sparse.register_comm_hook(st, gradcomp.quantized_allreduce_hook)
     with pytest.raises(ValueError, match="sparse gradients"):
         sparse(torch.tensor([[1, 2], [3, 4]]), ).sum().backward()

@@ -24,7 +24,7 @@ def _hooked(bits, error_feedback, local, **opts):
     model = DDP(_model(), bucket_cap_mb=0.05)
     state = gradcomp.register(
         model, bits=bits, error_feedback=error_feedback, warmup_steps=2, min_compress_numel=0, log_every=1,
-        topology=Topology(local_world_size=local), compile=False, **opts,
+        topology=Topology(local_world_size=local), **opts,
     )
     return model, state
 
@@ -84,7 +84,7 @@ def _parity_worker(rank, world_size, local):
         ref = DDP(_model(), bucket_cap_mb=0.05)
         model, state = _hooked(bits, False, local)
         flat = DDP(_model(), bucket_cap_mb=0.05)
-        gradcomp.register(flat, bits=bits, error_feedback=False, warmup_steps=2, min_compress_numel=0, compile=False)
+        gradcomp.register(flat, bits=bits, error_feedback=False, warmup_steps=2, min_compress_numel=0)
         err_h = err_f = 0.0
         for step in range(steps):
             for m in (ref, model, flat):
@@ -160,11 +160,11 @@ def _nonfinite_and_resume_worker(rank, world_size, local):
     # so the residuals are relocated across the node and inter-node groups)
     # round-to-nearest at 2 x 2, stochastic rounding (noise drawn per node and per shard owner) at 2 x 3
     for bits, stochastic in ((8, False),) if local == 2 else ((4, True),):
-        opts = dict(bits=bits, warmup_steps=2, min_compress_numel=0, stochastic_rounding=stochastic, seed=3, topology=Topology(local), compile=False)
+        opts = dict(bits=bits, warmup_steps=2, min_compress_numel=0, stochastic_rounding=stochastic, seed=3, topology=Topology(local))
         check_resume_bit_identical(rank, opts, split=4, end=7)
 
     # a checkpoint of another node layout is refused before anything changes
-    flat_state = gradcomp.QuantizedAllReduceState(bits=state.config.bits, warmup_steps=2, compile=False)
+    flat_state = gradcomp.QuantizedAllReduceState(bits=state.config.bits, warmup_steps=2)
     with pytest.raises(ValueError, match="checkpoint has topology"):
         flat_state.load_state_dict(state.state_dict())
 

@@ -245,7 +245,7 @@ def _hook_worker(rank, world_size):
 
     ref = DDP(_model(), bucket_cap_mb=0.01)
     model = DDP(_model(), bucket_cap_mb=0.01)
-    state = gradcomp.register(model, bits=8, warmup_steps=1, min_compress_numel=0, topology=topo, policy=cfg, compile=False)
+    state = gradcomp.register(model, bits=8, warmup_steps=1, min_compress_numel=0, topology=topo, policy=cfg)
     for step in range(3):
         _step(ref, rank, step)
         _step(model, rank, step)
@@ -266,7 +266,7 @@ def _hook_worker(rank, world_size):
     # the checkpoint carries the figures: a resumed state decides from them, not from a new probe
     sd = copy.deepcopy(state.state_dict())
     assert sd["network_fit"] == fit.to_dict()
-    other = gradcomp.QuantizedAllReduceState(bits=8, warmup_steps=1, topology=topo, policy=PolicyConfig(fit=_fit(5e-6, 12.5e9)), compile=False)
+    other = gradcomp.QuantizedAllReduceState(bits=8, warmup_steps=1, topology=topo, policy=PolicyConfig(fit=_fit(5e-6, 12.5e9)))
     assert other._policy.choose(102800) == PLAIN
     other.load_state_dict(sd)
     assert other._policy.choose(102800) == 4
@@ -274,7 +274,6 @@ def _hook_worker(rank, world_size):
     # measured: a real probe on this group; whatever it finds, every rank finds the same
     probed = gradcomp.QuantizedAllReduceState(
         bits=8, policy=PolicyConfig(probe_numels=(64, 4096, 16384), probe_repeats=2, codec_numel=1 << 14), topology=topo,
-        compile=False,
     )
     f = probed._policy.fit
     assert probed._policy.chunk_numel is None  # the hierarchical exchange is not chunked
@@ -341,7 +340,7 @@ def test_end_to_end_times_at_two_sizes_give_the_codec_scale_and_a_fixed_cost_per
 
 def _flat_probe_worker(rank, world_size):
     state = gradcomp.QuantizedAllReduceState(
-        bits=8, chunk_numel=2048, compile=False, log_every=0,
+        bits=8, chunk_numel=2048, log_every=0,
         policy=PolicyConfig(probe_numels=(64, 4096, 16384), probe_repeats=2, codec_numel=1 << 14),
     )
     policy = state._policy

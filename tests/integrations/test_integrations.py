@@ -25,7 +25,7 @@ from gradcomp.integrations import metrics
 from _dist import init_gloo, spawn
 from _models import _all_identical, _model
 
-HOOK = dict(warmup_steps=1, min_compress_numel=0, compile=False)  # the compiled path has tests of its own
+HOOK = dict(warmup_steps=1, min_compress_numel=0)
 
 
 def _need(module: str, extra: str):

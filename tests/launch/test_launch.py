@@ -82,58 +82,6 @@ def test_bad_arguments_exit_2_without_side_effects(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def _waiting_job(compiler, peer_flags):
-    """A stand-in Job whose hook state holds ``compiler``; the all-reduce MAXes in one peer's (not ready, gave up)."""
-    from types import SimpleNamespace
-
-    state = SimpleNamespace(_compiler=compiler, _compiled_now=lambda: compiler is not None and compiler.ready)
-    state.config = SimpleNamespace(compile=True)
-    return SimpleNamespace(hook=SimpleNamespace(state=state), rank=0, polls=0, peer=peer_flags)
-
-
-def _fake_all_reduce(job):
-    def all_reduce(t, op=None):
-        job.polls += 1
-        t.copy_(torch.maximum(t, torch.tensor(job.peer(job.polls))))
-
-    return all_reduce
-
-
-@pytest.mark.parametrize("who", ["this rank", "a peer", "self-check", "no compiler"])
-def test_wait_for_fused_kernels_stops_at_once_when_any_rank_gave_up(who, monkeypatch, caplog):
-    from gradcomp.codec.compiling import BackgroundCompiler
-
-    comp = BackgroundCompiler()
-    if who == "this rank":
-        comp._fail(RuntimeError("no C++ compiler"))
-    elif who == "self-check":  # the warm-up's bit-for-bit comparison raised: the thread ended, failed
-        comp.start(lambda stop: (_ for _ in ()).throw(RuntimeError("compiled kernels disagree")))
-        comp.wait(30)
-    job = _waiting_job(None if who == "no compiler" else comp, lambda n: [1.0, float(who == "a peer")])
-    monkeypatch.setattr(train.dist, "all_reduce", _fake_all_reduce(job))
-    t0 = time.perf_counter()
-    with caplog.at_level("INFO", logger=train.logger.name):
-        ready = train.Job._wait_fused_kernels(job, limit_s=60.0, poll_s=0.01)
-    assert ready is False and job.polls == 1 and time.perf_counter() - t0 < 5
-    assert any("continues on the eager kernels" in r.getMessage() for r in caplog.records), caplog.text
-    assert train.fused_kernel_status(job.hook.state) == (False, who != "a peer")  # what this rank itself reports
-
-
-def test_wait_for_fused_kernels_needs_every_rank_ready(monkeypatch, caplog):
-    from gradcomp.codec.compiling import BackgroundCompiler
-
-    comp = BackgroundCompiler()
-    comp.ready = True  # this rank is ready; the peer becomes ready at its third poll
-    job = _waiting_job(comp, lambda n: [float(n < 3), 0.0])
-    monkeypatch.setattr(train.dist, "all_reduce", _fake_all_reduce(job))
-    with caplog.at_level("INFO", logger=train.logger.name):
-        assert train.Job._wait_fused_kernels(job, limit_s=60.0, poll_s=0.01) is True
-    assert job.polls == 3 and "ready on every rank" in caplog.text
-    job = _waiting_job(comp, lambda n: [1.0, 0.0])  # the peer never gets there: the limit ends the wait
-    monkeypatch.setattr(train.dist, "all_reduce", _fake_all_reduce(job))
-    assert train.Job._wait_fused_kernels(job, limit_s=0.05, poll_s=0.01) is False and job.polls >= 2
-
-
 @pytest.mark.slow
 def test_target_loss_stops_every_rank_at_the_same_evaluation(tmp_path):
     # the benchmark's time to accuracy: rank 0 evaluates, every rank stops there (no hang, exit 0);

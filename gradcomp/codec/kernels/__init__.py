@@ -1,42 +1,131 @@
 """The exchange's kernels behind one dispatch: encode, reduce, decode, decode-sum of rows of blocks.
 
-The exchange (:mod:`gradcomp.comm.exchange`) calls only the four functions here; each picks a
-backend for its tensors:
+The exchange (:mod:`gradcomp.comm.exchange`) calls only the four functions here; with ``fused=True``
+(the default) each runs the fastest backend its tensors allow, otherwise the eager reference:
 
-* the eager reference (:mod:`~gradcomp.codec.kernels.reference`): plain torch ops, the definition
-  of every result;
-* compiled (:mod:`~gradcomp.codec.compiling`): the same functions through ``torch.compile``,
-  used with ``compiled=True`` (bit-identical; a failure to compile falls back to eager).
+* **native** (:mod:`~gradcomp.codec.kernels.native`): C++ kernels built at install time, for CPU
+  tensors; one pass over memory per kernel, ready from the first call (nothing compiles at run time);
+* **compiled** (:mod:`~gradcomp.codec.kernels.compiled`): the reference through ``torch.compile``,
+  for CUDA tensors, once :func:`prepare` compiled and checked them (before training starts);
+* **eager** (:mod:`~gradcomp.codec.kernels.reference`): plain torch ops, the definition of every
+  result (``fused=False``, and wherever the others cannot run).
 
-Rows are blocks: ``x`` is ``(rows, block)``, one scale per row. 2- and 4-bit codes are packed and
-unpacked around the kernels by :func:`~gradcomp.codec.packing.pack_rows_into`, whole rows at a time.
+All three give bit-identical results (tested). Rows are blocks: ``x`` is ``(rows, block)``, one
+scale per row; codes are packed by the format's width. Where the native kernels should run but are
+not built (no C++ compiler at install), one warning says so and the eager reference runs.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import contextlib
+import logging
+import threading
+from typing import Iterable, Optional, Tuple, Union
 
 import torch
 
-from gradcomp.codec.formats import WireFormat, wire_format
-from gradcomp.codec.kernels import reference as ref
-from gradcomp.codec.compiling import BackgroundCompiler, compile_available
+from gradcomp.codec.compiling import compile_available
 from gradcomp.codec.compiling import run as _run
+from gradcomp.codec.formats import WireFormat, wire_format
+from gradcomp.codec.kernels import compiled as _compiled
+from gradcomp.codec.kernels import native
+from gradcomp.codec.kernels import reference as ref
 from gradcomp.codec.packing import pack_rows_into, scratch, unpack_rows_into
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "encode_blocks",
     "reduce_blocks",
     "decode_blocks",
     "decode_sum_blocks",
+    "backend",
+    "prepare",
+    "force",
     "compile_available",
-    "background_compiler",
 ]
 
+Format = Union[WireFormat, str, int]
+_WARNED = threading.Event()
+_BACKENDS = ("native", "compiled", "eager")
+_FORCED: Optional[str] = None  # force()'s backend, for every thread (the hook's kernels run on its own)
 
-def background_compiler() -> BackgroundCompiler:
-    """A :class:`~gradcomp.codec.compiling.BackgroundCompiler` for the exchange's kernels."""
-    return BackgroundCompiler(ref.KERNELS)
+
+def backend(device: Union[str, torch.device] = "cpu", fused: bool = True) -> str:
+    """The kernels that run for tensors on ``device``: ``"native (avx512)"``, ``"compiled"`` or ``"eager"``.
+
+    Example: ``backend("cpu")`` is ``"native (avx512)"`` on a machine with AVX-512 where gradcomp was
+    installed with a C++ compiler, ``"eager"`` where it was not.
+    """
+    device = torch.device(device)
+    if not fused:
+        return "eager"
+    if device.type == "cpu":
+        return f"native ({native.isa()})" if native.available() else "eager"
+    return "compiled" if _compiled.ready(device) else "eager"
+
+
+def prepare(device: Union[str, torch.device], dtypes: Iterable[torch.dtype] = (torch.float32,),
+            formats: Iterable[Format] = ("int8",), block_size: int = 256, fused: bool = True) -> str:
+    """Make the fused kernels for ``device`` ready before training starts; return :func:`backend`.
+
+    CPU: nothing to compile; where the native kernels are not built, one warning says so. CUDA:
+    compile the kernels with ``torch.compile`` now, on this thread, for the given bucket dtypes and
+    formats, and check them bit for bit against the eager reference on sample blocks; if compiling
+    fails or a result differs, one warning is logged and the eager kernels are used. Nothing ever
+    compiles later, beside the training (a compile running on another thread changes what
+    ``torch.compiler.is_compiling()`` tells the training thread, and with it the optimizer's numerics).
+    """
+    device = torch.device(device)
+    if fused and device.type == "cpu" and not native.available():
+        _warn_native_missing()
+    elif fused and device.type == "cuda":
+        _compiled.prepare(device, tuple(dtypes), tuple(wire_format(f) for f in formats), block_size)
+    return backend(device, fused)
+
+
+def _warn_native_missing() -> None:
+    if not _WARNED.is_set():
+        _WARNED.set()
+        logger.warning(
+            "gradcomp's native kernels are not built here (%s); the exchange runs the eager reference kernels, "
+            "several times slower (identical results). Reinstall gradcomp where a C++ compiler is available "
+            "(pip install --force-reinstall --no-deps .) to build them.", native.IMPORT_ERROR,
+        )
+
+
+@contextlib.contextmanager
+def force(name: str):
+    """Run every kernel call inside the ``with`` block on backend ``name``, whatever ``fused`` says.
+
+    ``"native"`` (needs the built module; layouts it does not take still run eagerly), ``"compiled"``
+    (``torch.compile`` on any device, compiling at the first call) or ``"eager"``. For comparisons
+    and tests: the backends give bit-identical results, which is what the tests check this way.
+    """
+    global _FORCED
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
+    if name == "native" and not native.available():
+        raise RuntimeError(f"the native kernels are not built here ({native.IMPORT_ERROR})")
+    before, _FORCED = _FORCED, name
+    try:
+        yield
+    finally:
+        _FORCED = before
+
+
+def _mode(t: torch.Tensor, fused: bool) -> str:
+    """The backend a call on ``t`` runs: ``"native"``, ``"compiled"`` or ``"eager"``."""
+    if _FORCED is not None:
+        return _FORCED
+    if not fused:
+        return "eager"
+    if t.device.type == "cpu":
+        if native.available():
+            return "native"
+        _warn_native_missing()
+        return "eager"
+    return "compiled" if _compiled.ready(t.device) else "eager"
 
 
 def _format(bits) -> WireFormat:
@@ -45,14 +134,14 @@ def _format(bits) -> WireFormat:
 
 def encode_blocks(
     x: torch.Tensor,
-    bits: int,
+    bits: Format,
     *,
     residual: Optional[torch.Tensor] = None,
     residual_out: Optional[torch.Tensor] = None,
     noise: Optional[torch.Tensor] = None,
     codes_out: Optional[torch.Tensor] = None,
     scale_out: Optional[torch.Tensor] = None,
-    compiled: bool = False,
+    fused: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Quantize rows of blocks (with error feedback) into packed codes and fp32 scales, in place.
 
@@ -70,7 +159,7 @@ def encode_blocks(
         noise: ``U[0, 1)`` ``(rows, block)`` for stochastic rounding, or None (to nearest, ties to even).
         codes_out: uint8 ``(rows, block * bits / 8)``, e.g. a view of a send buffer (allocated if None).
         scale_out: fp32 ``(rows,)`` (allocated if None).
-        compiled: run the fused ``torch.compile`` kernel (bit-identical to the eager one).
+        fused: run the fused kernels (native on CPU, compiled on CUDA; bit-identical to the eager ones).
 
     Returns:
         ``(codes_out, scale_out)``.
@@ -82,6 +171,10 @@ def encode_blocks(
         codes_out = torch.empty(rows, block * bits // 8, dtype=torch.uint8, device=x.device)
     if scale_out is None:
         scale_out = torch.empty(rows, dtype=torch.float32, device=x.device)
+    mode = _mode(x, fused)
+    if mode == "native" and native.encode(x, residual, residual_out, noise, codes_out, scale_out, bits):
+        return codes_out, scale_out
+    compiled = mode == "compiled"
     codes8 = codes_out if bits == 8 else scratch(0, (rows, block), torch.uint8, x.device)
     route = _residual_route(residual, residual_out)
     if route == "inplace":
@@ -97,14 +190,14 @@ def encode_blocks(
 def reduce_blocks(
     codes: torch.Tensor,
     scale: torch.Tensor,
-    bits: int,
+    bits: Format,
     *,
     residual: Optional[torch.Tensor] = None,
     residual_out: Optional[torch.Tensor] = None,
     noise: Optional[torch.Tensor] = None,
     codes_out: Optional[torch.Tensor] = None,
     scale_out: Optional[torch.Tensor] = None,
-    compiled: bool = False,
+    fused: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Average P quantized copies of the same blocks and requantize the mean, in one pass.
 
@@ -115,7 +208,7 @@ def reduce_blocks(
         codes: uint8 ``(P, rows, block * bits / 8)``; rows of a received buffer (strided views are fine).
         scale: fp32 ``(P, rows)``.
         bits: 2, 4 or 8.
-        residual, residual_out, noise, codes_out, scale_out, compiled: as in :func:`encode_blocks`.
+        residual, residual_out, noise, codes_out, scale_out, fused: as in :func:`encode_blocks`.
 
     Returns:
         ``(codes_out, scale_out)`` of the mean.
@@ -127,6 +220,10 @@ def reduce_blocks(
         codes_out = torch.empty(rows, nbytes, dtype=torch.uint8, device=codes.device)
     if scale_out is None:
         scale_out = torch.empty(rows, dtype=torch.float32, device=codes.device)
+    mode = _mode(codes, fused)
+    if mode == "native" and native.reduce(codes, scale, residual, residual_out, noise, codes_out, scale_out, bits):
+        return codes_out, scale_out
+    compiled = mode == "compiled"
     if bits == 8:
         copies, codes8 = codes, codes_out
     else:
@@ -146,7 +243,7 @@ def reduce_blocks(
 
 
 def decode_blocks(
-    codes: torch.Tensor, scale: torch.Tensor, bits: int, *, out: Optional[torch.Tensor] = None, compiled: bool = False
+    codes: torch.Tensor, scale: torch.Tensor, bits: Format, *, out: Optional[torch.Tensor] = None, fused: bool = True
 ) -> torch.Tensor:
     """Dequantize packed rows ``(rows, block * bits / 8)`` with fp32 scales ``(rows,)`` into ``out``.
 
@@ -157,6 +254,10 @@ def decode_blocks(
     bits, qmax = fmt.bits, fmt.qmax
     if out is None:
         out = torch.empty(codes.shape[0], codes.shape[1] * 8 // bits, dtype=torch.float32, device=codes.device)
+    mode = _mode(codes, fused)
+    if mode == "native" and native.decode(codes, scale, out, bits):
+        return out
+    compiled = mode == "compiled"
     if bits != 8:
         unpacked = scratch(0, (codes.shape[0], codes.shape[1] * 8 // bits), torch.uint8, codes.device)
         unpack_rows_into(codes, unpacked, bits)
@@ -168,12 +269,12 @@ def decode_blocks(
 def decode_sum_blocks(
     codes: torch.Tensor,
     scale: torch.Tensor,
-    bits: int,
+    bits: Format,
     *,
     out: Optional[torch.Tensor] = None,
     divide: int = 1,
     factor: Optional[torch.Tensor] = None,
-    compiled: bool = False,
+    fused: bool = True,
 ) -> torch.Tensor:
     """Dequantize P quantized copies of the same blocks and sum them in rank order, without requantizing.
 
@@ -191,7 +292,7 @@ def decode_sum_blocks(
         out: ``(rows, block)`` of any float dtype (e.g. a view of an output shard; fp32 if None).
         divide: a positive int the sum is divided by (``P`` for a mean).
         factor: an fp32 0-dim tensor the result is multiplied by (FSDP's pre-multiplied sum), or None.
-        compiled: run the fused ``torch.compile`` kernel (bit-identical to the eager one).
+        fused: run the fused kernels (native on CPU, compiled on CUDA; bit-identical to the eager ones).
 
     Returns:
         ``out``. Rows with a non-finite scale in any copy come back non-finite.
@@ -205,6 +306,10 @@ def decode_sum_blocks(
     p, rows, nbytes = codes.shape
     if out is None:
         out = torch.empty(rows, nbytes * 8 // bits, dtype=torch.float32, device=codes.device)
+    mode = _mode(codes, fused)
+    if mode == "native" and native.decode_sum(codes, scale, out, divide, factor, bits):
+        return out
+    compiled = mode == "compiled"
     if bits != 8:
         copies = scratch(3, (p, rows, nbytes * 8 // bits), torch.uint8, codes.device)
         unpack_rows_into(codes, copies, bits)
