@@ -78,7 +78,9 @@ def test_payload_counter_matches_ring_allreduce():
     c.add(400, 800, last=True)  # two buckets of 100 fp32 elements, half precision on the wire
     s = c.stats()
     assert s["bytes_sent_step"] == 2 * 600 and s["fp32_bytes_step"] == 2 * 1200  # 2 (P-1)/P = 1.5
-    assert s["compression_ratio"] == 2.0
+    assert s["compression_ratio"] == 2.0 and s["buckets_step"] == 2
+    c.add(40, 80, last=True)  # the next step: one bucket
+    assert c.stats()["buckets_step"] == 1 and c.stats()["bytes_sent_step"] == 60
 
 
 def test_bad_arguments_exit_2_without_side_effects(tmp_path, capsys):
@@ -144,6 +146,23 @@ def test_wait_for_fused_kernels_needs_every_rank_ready(monkeypatch, caplog):
     assert train.Job._wait_fused_kernels(job, limit_s=0.05, poll_s=0.01) is False and job.polls >= 2
 
 
+def test_fused_kernels_in_use_only_where_the_notion_exists():
+    from types import SimpleNamespace
+
+    def setup(name, compile=True, ready=None):
+        state = SimpleNamespace(config=SimpleNamespace(compile=compile))
+        if ready is not None:
+            state._compiled_now = lambda: ready
+        return train.HookSetup(name, state, dict)
+
+    assert train.fused_kernels_in_use(setup("int8", ready=False)) is False
+    assert train.fused_kernels_in_use(setup("int4", ready=True)) is True
+    assert train.fused_kernels_in_use(setup("int8", compile=False, ready=False)) is None  # --no-compile
+    assert train.fused_kernels_in_use(setup("int8")) is None  # kernels that are never compiled at run time
+    assert train.fused_kernels_in_use(train.HookSetup("fp16", None, dict)) is None
+    assert train.fused_kernels_in_use(setup("fsdp", ready=True)) is None
+
+
 @pytest.mark.slow
 def test_target_loss_stops_every_rank_at_the_same_evaluation(tmp_path):
     # the benchmark's time to accuracy: rank 0 evaluates, every rank stops there (no hang, exit 0);
@@ -158,8 +177,14 @@ def test_target_loss_stops_every_rank_at_the_same_evaluation(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped_at_step"] == 2 and summary["final_val_loss"] <= 100
-    assert [rec["step"] for rec in _read_metrics(out / "metrics.jsonl")] == [1, 2]
+    records = _read_metrics(out / "metrics.jsonl")
+    assert [rec["step"] for rec in records] == [1, 2]
     assert summary["hook_stats"]["bytes_sent_step"] == 0  # nothing communicated
+    assert summary["hook_stats"]["buckets_step"] >= 1  # what DDP handed the hook in the last step
+    # the wall time from the hook's setup grows by at least each step's own time
+    assert 0 <= summary["hook_setup_s"] < records[0]["elapsed_s"] < records[1]["elapsed_s"]
+    assert records[1]["elapsed_s"] - records[0]["elapsed_s"] >= records[1]["step_time_s"]
+    assert summary["steps_before_fused_kernels"] is None and summary["fused_kernels_ready"] is None  # no such notion here
 
 
 # --------------------------------------------------------------------------------------------
