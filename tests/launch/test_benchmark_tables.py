@@ -69,6 +69,8 @@ def test_policy_is_judged_against_the_best_fixed_choice_of_the_same_part():
     # without a rate limit plain all-reduce is usually best, and the policy is held to fp32 too
     nolimit = _part(name="nolimit2", rate="100gbit", allreduce=0.20, int8=0.26, int4=0.25, policy=0.215)
     assert bt.targets("gpt20m", nolimit, "policy", 50) == ["<= 1.05x best fixed (allreduce): NOT met", "<= 1.05x fp32 (no hook): NOT met"]
+    partial = _part(allreduce=1.0, policy=0.5)  # a best of fewer choices says so
+    assert bt.targets("gpt20m", partial, "policy", 50) == ["<= 1.05x best fixed (allreduce, of allreduce only): met"]
     assert bt.best_fixed(_part(fp16=0.5, policy=0.4)["results"]) is None
     assert bt.targets("gpt20m", _part(fp16=0.5, policy=0.4), "policy", 50) == ["<= 1.05x best fixed: no fixed choice ran"]
 
