@@ -24,6 +24,10 @@ Two predictions are compared with each measurement:
 * ``policy``: what the hook's own policy predicts (``PolicyConfig()``: it probes the links, times
   its exchange, fits, and predicts each candidate with the same model): no constant from here.
 
+The "within 25%" counts it prints describe how well the two predict a step's communication; they are
+a diagnostic. What a user feels of the policy, its step against the best fixed choice (plain, int8,
+int4) measured side by side, within 5%, is judged by ``benchmarks/benchmark.py`` in every setting it runs.
+
 Usage (as root, from the repository root)::
 
     python benchmarks/costmodel_validate.py                   # 2 and 4 hosts at 1 Gbit/s and 100 Mbit/s, ~10 minutes

@@ -18,7 +18,9 @@ Run it (always through torchrun, or through the scripts next to this file)::
     NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash launch/multinode.sh --hook int8 --steps 1000
     # elastic: restart the group up to 3 times after a failure, resuming from the latest checkpoint
     MAX_RESTARTS=3 bash launch/run.sh --hook int8 --steps 1000 --ckpt-every 50 --resume
-    # the communication-bound 17.6M-parameter preset, as used by the benchmark
+    # the benchmark's presets: a 19.1M-parameter transformer whose gradient comes in several buckets,
+    # and the communication-bound 17.6M-parameter one with a single big bucket
+    bash launch/run.sh --model gpt20m --batch-size 2 --hook int8 --steps 100
     bash launch/run.sh --model comm17m --batch-size 4 --hook int4 --steps 100
     # FSDP2 (fully_shard per block and the root) instead of DDP: int8 gradients, int8 weights
     bash launch/run.sh --fsdp --grad-bits 8 --weight-bits 8 --steps 200
@@ -26,7 +28,8 @@ Run it (always through torchrun, or through the scripts next to this file)::
     bash launch/run.sh --fsdp --reduce-dtype bf16 --steps 200   # FSDP2 with bf16 gradient reduction
 
 What it writes under ``--out-dir`` (default ``runs/<hook>``):
-    ``metrics.jsonl``   one JSON object per step from rank 0: loss, step time, bytes, lr, val_loss;
+    ``metrics.jsonl``   one JSON object per step from rank 0: loss, step time, wall time since the hook's
+                        setup began (``elapsed_s``), bytes, lr, val_loss;
     ``summary.json``    the run's result: final losses, median step time, bytes per step, overlap trace;
     ``checkpoints/``    ``step_XXXXXXXX/`` directories (model, optimizer, scheduler, every rank's hook
                         state and data-sampler state) and a ``latest`` pointer, every ``--ckpt-every`` steps.
@@ -123,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--policy-candidates", default="32,8,4", help="--policy: widths to choose from (32 = plain fp32 all-reduce)")
     g.add_argument("--powersgd-rank", type=int, default=4, help="powersgd: matrix approximation rank")
     g.add_argument("--powersgd-start-iter", type=int, default=10, help="powersgd: plain all-reduce steps first (>= 2)")
-    g.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket size")
+    g.add_argument("--bucket-cap-mb", type=float, default=None, help="DDP bucket size in MB (default: DDP's own, 25 MB with a 1 MB first bucket)")
 
     g = p.add_argument_group("FSDP2 (instead of DDP)")
     g.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard per block and the root) instead of DDP")
@@ -262,26 +265,33 @@ class PayloadCounter:
 
     A ring all-reduce of ``n`` bytes sends ``2 (P - 1) / P * n`` bytes from every rank; for PowerSGD,
     ``n`` is the size of the low-rank factors plus the tensors it leaves uncompressed.
+    ``buckets_step`` counts the buckets DDP handed to the hook in the last step, as gradcomp's does.
     """
 
     def __init__(self, world_size: int):
         self.world_size = world_size
         self.acc = 0
         self.acc_fp32 = 0
+        self.acc_buckets = 0
         self.bytes_sent_step = 0
         self.fp32_bytes_step = 0
+        self.buckets_step = 0
 
     def add(self, payload_bytes: int, fp32_bytes: int, last: bool) -> None:
         ring = 2 * (self.world_size - 1) / self.world_size
         self.acc += int(payload_bytes * ring)
         self.acc_fp32 += int(fp32_bytes * ring)
+        self.acc_buckets += 1
         if last:
-            self.bytes_sent_step, self.fp32_bytes_step = self.acc, self.acc_fp32
-            self.acc = self.acc_fp32 = 0
+            self.bytes_sent_step, self.fp32_bytes_step, self.buckets_step = self.acc, self.acc_fp32, self.acc_buckets
+            self.acc = self.acc_fp32 = self.acc_buckets = 0
 
     def stats(self) -> Dict[str, Any]:
         ratio = self.fp32_bytes_step / self.bytes_sent_step if self.bytes_sent_step else float("nan")
-        return {"bytes_sent_step": self.bytes_sent_step, "fp32_bytes_step": self.fp32_bytes_step, "compression_ratio": ratio}
+        return {
+            "bytes_sent_step": self.bytes_sent_step, "fp32_bytes_step": self.fp32_bytes_step,
+            "compression_ratio": ratio, "buckets_step": self.buckets_step,
+        }
 
 
 class HookSetup:
@@ -593,14 +603,16 @@ class Job:
             return
         bucket_cap_mb = args.bucket_cap_mb
         model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-        if args.hook == "powersgd" and dist.get_backend() == "gloo" and bucket_cap_mb < model_mb + 1:
+        if args.hook == "powersgd" and dist.get_backend() == "gloo" and (bucket_cap_mb is None or bucket_cap_mb < model_mb + 1):
             # PowerSGD's callback blocks a gloo worker thread on a nested all-reduce; gloo has two,
-            # so two buckets in flight deadlock the step. One bucket cannot.
+            # so two buckets in flight deadlock the step. One bucket cannot (DDP's default has a
+            # small first bucket, so it is replaced too).
             bucket_cap_mb = math.ceil(model_mb + 1)
             if self.rank == 0:
                 logger.warning(
-                    "powersgd on gloo: bucket cap raised from %g MB to %d MB (one bucket) because PyTorch's "
-                    "PowerSGD deadlocks gloo with two or more buckets in flight", args.bucket_cap_mb, bucket_cap_mb,
+                    "powersgd on gloo: bucket cap raised from %s to %d MB (one bucket) because PyTorch's "
+                    "PowerSGD deadlocks gloo with two or more buckets in flight",
+                    "DDP's default" if args.bucket_cap_mb is None else f"{args.bucket_cap_mb:g} MB", bucket_cap_mb,
                 )
         self.ddp = DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None, bucket_cap_mb=bucket_cap_mb)
         self.opt = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
@@ -610,7 +622,10 @@ class Job:
         )
         self.gen = torch.Generator().manual_seed(args.seed * 1_000_003 + self.rank)
         self.tracer = OverlapTracer() if args.trace_overlap else None
+        # the run's wall time counts from here: the hook's registration and whatever it starts
+        self.hook_t0 = time.perf_counter()
         self.hook = setup_hook(args, self.ddp, self.world_size, self.tracer)
+        self.hook_setup_s = time.perf_counter() - self.hook_t0
         self.netdev = resolve_netdev(args.netdev)
         self.start_step = 0
         self.resumed_from: Optional[str] = None
@@ -627,7 +642,9 @@ class Job:
         )
         self.gen = torch.Generator().manual_seed(args.seed * 1_000_003 + self.rank)
         self.tracer = None
+        self.hook_t0 = time.perf_counter()
         self.hook = setup_fsdp_comm(args, self.ddp)
+        self.hook_setup_s = time.perf_counter() - self.hook_t0
         self.netdev = resolve_netdev(args.netdev)
         self.start_step = 0
         self.resumed_from = None
@@ -821,6 +838,7 @@ class Job:
                     "loss": loss_value,
                     "lr": lr,
                     "step_time_s": dt,
+                    "elapsed_s": time.perf_counter() - self.hook_t0,
                     "bytes_sent_step": int(stats["bytes_sent_step"]),
                     "fp32_bytes_step": int(stats["fp32_bytes_step"]),
                 }
@@ -871,7 +889,9 @@ class Job:
             rec["step"], self.args.steps, rec["loss"], val, 1e3 * rec["step_time_s"], sent / 1e6, ratio,
         )
 
-    def _summarise(self, step_times, sent_hook, wire_start, wire_end, recent, val_loss, wall, first_timed, stopped_at=None) -> Dict[str, Any]:
+    def _summarise(
+        self, step_times, sent_hook, wire_start, wire_end, recent, val_loss, wall, first_timed, stopped_at=None,
+    ) -> Dict[str, Any]:
         args = self.args
         wire = None
         if wire_start is not None and wire_end is not None and step_times:
@@ -901,6 +921,7 @@ class Job:
             "hook_stats": {k: v for k, v in self.hook.stats().items() if isinstance(v, (int, float))},
             # the kernels gradcomp's exchange ran: "native (avx512)", "compiled" or "eager"
             "kernels": getattr(getattr(self.hook, "state", None), "kernels", None),
+            "hook_setup_s": self.hook_setup_s,
             "wire_per_step": gathered,
             "wall_s": wall,
             "overlap": self.tracer.summary() if self.tracer is not None else None,

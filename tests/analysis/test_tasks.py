@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gradcomp.examples.tasks import (
+    GPT_20M,
     GPT_COMM17M,
     GPT_PRESETS,
     GPT_SMALL,
@@ -79,17 +80,56 @@ def test_config_validation_and_presets():
         GPTConfig(dropout=1.0)
     with pytest.raises(ValueError, match="n_layer"):
         GPTConfig(n_layer=0)
-    assert set(GPT_PRESETS) == {"small", "comm17m"}
+    assert set(GPT_PRESETS) == {"small", "comm17m", "gpt20m"}
     # count the comm-bound preset analytically: no need to allocate 70 MB here
     c = GPT_COMM17M
     d = c.n_embd
     per_layer = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
     total = c.vocab * d + c.block_size * d + c.bigram_vocab * d + c.n_layer * per_layer + 2 * d
     assert 16_500_000 < total < 18_000_000
+    # the benchmark's headline preset: about 20M parameters, all in the blocks, no big table
+    c = GPT_20M
+    d = c.n_embd
+    per_layer = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
+    total = c.vocab * d + c.block_size * d + c.n_layer * per_layer + 2 * d
+    assert c.bigram_vocab == 0 and total == 19_079_168 and c.n_layer * per_layer > 0.98 * total
     small = TinyGPT.from_config(GPT_SMALL)
     d = GPT_SMALL.n_embd
     per_layer = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
     assert small.num_parameters() == 256 * d + 64 * d + 2 * per_layer + 2 * d
+
+
+def test_gpt20m_reaches_ddp_in_several_buckets_during_backward(tmp_path):
+    # the benchmark's headline preset: with DDP's default buckets (no bucket_cap_mb), after DDP's
+    # rebuild at the first step, the gradient arrives in >= 3 buckets before the last one
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from _dist import init_gloo
+
+    init_gloo(0, 1, str(tmp_path / "init"))
+    try:
+        torch.manual_seed(0)
+        model = TinyGPT.from_config(GPT_20M)
+        ddp = DDP(model)
+        calls = []
+
+        def record(state, bucket):
+            calls.append((bucket.buffer().numel(), bucket.is_last()))
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+
+        ddp.register_comm_hook(None, record)
+        x = torch.zeros(1, GPT_20M.block_size, dtype=torch.long)
+        for _ in range(2):  # DDP rebuilds its buckets in gradient order after the first iteration
+            calls.clear()
+            ddp(x, x)[1].backward()
+    finally:
+        dist.destroy_process_group()
+    assert sum(n for n, _ in calls) == model.num_parameters()
+    assert len(calls) >= 4 and [last for _, last in calls] == [False] * (len(calls) - 1) + [True], calls
+    assert max(n for n, _ in calls) < 0.45 * model.num_parameters()  # no bucket dominates, unlike comm17m's table
 
 
 def test_tinygpt_causal_and_loss():

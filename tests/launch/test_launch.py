@@ -68,7 +68,9 @@ def test_payload_counter_matches_ring_allreduce():
     c.add(400, 800, last=True)  # two buckets of 100 fp32 elements, half precision on the wire
     s = c.stats()
     assert s["bytes_sent_step"] == 2 * 600 and s["fp32_bytes_step"] == 2 * 1200  # 2 (P-1)/P = 1.5
-    assert s["compression_ratio"] == 2.0
+    assert s["compression_ratio"] == 2.0 and s["buckets_step"] == 2
+    c.add(40, 80, last=True)  # the next step: one bucket
+    assert c.stats()["buckets_step"] == 1 and c.stats()["bytes_sent_step"] == 60
 
 
 def test_bad_arguments_exit_2_without_side_effects(tmp_path, capsys):
@@ -96,8 +98,14 @@ def test_target_loss_stops_every_rank_at_the_same_evaluation(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped_at_step"] == 2 and summary["final_val_loss"] <= 100
-    assert [rec["step"] for rec in _read_metrics(out / "metrics.jsonl")] == [1, 2]
+    records = _read_metrics(out / "metrics.jsonl")
+    assert [rec["step"] for rec in records] == [1, 2]
     assert summary["hook_stats"]["bytes_sent_step"] == 0  # nothing communicated
+    assert summary["hook_stats"]["buckets_step"] >= 1  # what DDP handed the hook in the last step
+    # the wall time from the hook's setup grows by at least each step's own time
+    assert 0 <= summary["hook_setup_s"] < records[0]["elapsed_s"] < records[1]["elapsed_s"]
+    assert records[1]["elapsed_s"] - records[0]["elapsed_s"] >= records[1]["step_time_s"]
+    assert summary["kernels"] is None  # no gradcomp hook here
 
 
 # --------------------------------------------------------------------------------------------
