@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -55,14 +54,14 @@ def worker(args: argparse.Namespace) -> int:
     for bits in _ints(args.bits):
         for c in _ints(args.chunks):
             st = QuantizedAllReduceState(bits=bits, chunk_numel=c << 20, log_every=0)
-            st._probe_exchange(bits, x)  # warm-up: buffers, first collectives
+            st.probe_exchange(bits, x)  # warm-up: buffers, first collectives
             states[(bits, c)] = st
     samples = {k: [] for k in states}
     for _ in range(args.repeats):
         for (bits, c), st in states.items():
             dist.barrier()
             t0 = time.perf_counter()
-            st._probe_exchange(bits, x)
+            st.probe_exchange(bits, x)
             samples[(bits, c)].append(time.perf_counter() - t0)
     out = {"hosts": P, "numel": args.numel, "kernels": {f"{b}/{c}": st.kernels for (b, c), st in states.items()},
            "rows": []}
@@ -70,7 +69,7 @@ def worker(args: argparse.Namespace) -> int:
         t = torch.tensor(ts, dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)  # an exchange ends when its slowest rank does
         st = states[(bits, c)]
-        plan = st._plan((0,), (args.numel,), bits)
+        plan = st.plan_for((0,), (args.numel,), bits)
         out["rows"].append({"bits": bits, "chunk_numel": c << 20, "chunks": len(plan.chunks), "bytes_sent": plan.bytes_sent,
                             "median_s": float(t.median()), "min_s": float(t.min())})
     for st in states.values():

@@ -159,7 +159,7 @@ def worker(args) -> int:
         codec[bits] = {"quantize_eps": float(speeds[0]), "dequantize_eps": float(speeds[1]), "source": tp.source}
     # the policy as the hook builds it: probe, time its exchange, fit
     state = QuantizedAllReduceState(bits=8, policy=PolicyConfig(), log_every=0)
-    policy = state._policy
+    policy = state.policy
     results = {"world_size": P, "codec": codec, "chunk_numel": chunk, "fused": fused, "repeats": args.repeats,
                "policy_fit": policy.fit.to_dict(), "policy": {}, "timings": []}
     ops_run = {k: 0 for k in KINDS}

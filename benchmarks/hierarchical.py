@@ -138,11 +138,10 @@ def worker(args: argparse.Namespace) -> int:
             result["hook_bytes_sent_step_rank0"] = s["bytes_sent_step"]
             result["hook_intra_node_bytes_step_rank0"] = s["intra_node_bytes_step"]
             result["compressed_buckets"] = [s["compressed_buckets_step"], s["buckets_step"]]
-            if state._policy is not None:
+            if state.policy is not None:
                 result["policy_probe_s"] = probe_s
-                result["policy_fit"] = state._policy.fit.to_dict()
-                seen = sorted(state._logged_choices)  # the bucket sizes rank 0 decided for
-                result["policy_choice"] = {str(n): state._policy.scheme(state._policy.choose(n)).name for n in seen}
+                result["policy_fit"] = state.policy.fit.to_dict()
+                result["policy_choice"] = {str(n): state.policy.scheme(b).name for n, b in state.policy_choices.items()}
         Path(args.out).write_text(json.dumps(result, indent=1))
     dist.destroy_process_group()
     return 0

@@ -85,3 +85,57 @@ def check_nonfinite_step_skipped(model, state, before: dict, rank: int, next_ste
     _backward(model, rank, next_step)
     assert torch.isfinite(_grads(model)).all()
     return after
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    """37 -> 333 -> 777 -> 10: DDP's default buckets after its first iteration are a small one (the first
+    layer, 12,654 values: under the default min_compress_numel) and a large one (compressed)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(37, 333), nn.ReLU(), nn.Linear(333, 777), nn.ReLU(), nn.Linear(777, 10))
+
+
+def _mlp_step(ddp, opt, rank: int, step: int) -> None:
+    g = torch.Generator().manual_seed(7919 * step + rank)
+    x, y = torch.randn(32, 37, generator=g), torch.randint(0, 10, (32,), generator=g)
+    opt.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(ddp(x), y).backward()
+    opt.step()
+
+
+def check_default_resume(rank: int, opts: dict, split: int, end: int, make_state=None) -> None:
+    """With DDP's and gradcomp's default options and AdamW: train to ``end`` in one go, and again from a
+    checkpoint taken after step ``split`` in a fresh model, DDP, hook state and optimizer (DDP starts from
+    its initial buckets again); assert bit-identical parameters, ranks identical, and the same bytes on
+    the wire, step by step. ``make_state(ddp)`` registers the hook (default: ``gradcomp.register(ddp, **opts)``)."""
+    import gradcomp
+
+    make_state = make_state or (lambda ddp: gradcomp.register(ddp, **opts))
+    ddp = DDP(_mlp())
+    state = make_state(ddp)
+    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
+    sent = {}
+    for step in range(end):
+        if step == split:
+            ckpt = copy.deepcopy({"model": ddp.module.state_dict(), "opt": opt.state_dict(), "hook": state.state_dict()})
+        _mlp_step(ddp, opt, rank, step)
+        sent[step] = state.stats()["bytes_sent_step"]
+    assert state.stats()["compressed_buckets_step"] >= 1, f"{opts}: nothing was compressed after the warm-up"
+    expected = [p.detach().clone() for p in ddp.parameters()]
+    total = state.stats()["bytes_sent_total"]
+    state.close()
+
+    fresh = _mlp(seed=123)
+    fresh.load_state_dict(ckpt["model"])
+    ddp2 = DDP(fresh)
+    state2 = make_state(ddp2)
+    state2.load_state_dict(ckpt["hook"])
+    opt2 = torch.optim.AdamW(ddp2.parameters(), lr=1e-3)
+    opt2.load_state_dict(ckpt["opt"])
+    for step in range(split, end):
+        _mlp_step(ddp2, opt2, rank, step)
+        assert state2.stats()["bytes_sent_step"] == sent[step], f"{opts}: step {step} sent other bytes after the resume"
+    diff = max(float((a - b.detach()).abs().max()) for a, b in zip(expected, ddp2.parameters()))
+    assert diff == 0.0, f"{opts}: the resumed run diverged from the uninterrupted one (max |diff| {diff:.3g})"
+    assert state2.stats()["bytes_sent_total"] == total
+    assert _all_identical(torch.cat([p.detach().reshape(-1) for p in ddp2.parameters()]))
+    state2.close()

@@ -182,11 +182,11 @@ def wire_format(spec: Union[WireFormat, str, int], name: str = "format") -> Wire
         return fmt
     if isinstance(spec, bool) or not isinstance(spec, int):
         raise TypeError(
-            f"{name} must be a format name {format_names()} or bits {gradient_bits()}, got {type(spec).__name__} {spec!r}"
+            f"{name} must be an int, one of {gradient_bits()}, or a format name {format_names()}, got {type(spec).__name__} {spec!r}"
         )
     fmt = _BY_BITS.get(spec)
     if fmt is None:
-        raise ValueError(f"{name} must be one of {gradient_bits()} bits (or a format name {format_names()}), got {spec}")
+        raise ValueError(f"{name} must be one of {gradient_bits()}, got {spec} (or name a format: {format_names()})")
     return fmt
 
 

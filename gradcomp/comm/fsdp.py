@@ -76,7 +76,6 @@ parameter for the reduce-scatter (send and receive) and ``1 + 1 / P`` for the in
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import warnings
 from dataclasses import asdict, dataclass

@@ -31,7 +31,7 @@ import hashlib
 import logging
 import math
 import zlib
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -42,6 +42,8 @@ from gradcomp.comm.exchange import chunk_numel_for
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "FailureLatch",
+    "check_checkpoint_config",
     "HookFailedError",
     "WIRE_FIELDS",
     "check_agreement",
@@ -64,7 +66,7 @@ __all__ = [
 
 #: The options that decide what a rank sends and how it decodes what it receives.
 WIRE_FIELDS = (
-    "bits", "block_size", "error_feedback", "warmup_steps", "min_compress_numel",
+    "bits", "format", "block_size", "error_feedback", "warmup_steps", "min_compress_numel",
     "stochastic_rounding", "seed", "topology", "policy", "chunk_numel",
 )
 
@@ -300,25 +302,54 @@ def _same_type(exc: BaseException, message: str) -> BaseException:
     return new
 
 
-def poison(state: Any, message: str) -> None:
-    """Mark ``state`` as failed: from now on it refuses steps (see :func:`check_alive`)."""
-    if state._failure is None:
-        state._failure = message
-        leave_note(state._failure_tag, state.rank, message)
+@dataclass
+class FailureLatch:
+    """Whether a hook state failed, on this rank or a peer, and where to tell the peers.
+
+    One per hook state (:attr:`QuantizedAllReduceState.failure`). Once :attr:`failure` is set the
+    state refuses every further step (:func:`check_alive`): continuing would pair one rank's step s
+    with another's s + 1.
+
+    Attributes:
+        rank, world_size: this rank in the hook's group, and the group's size.
+        timeout: the hook's collective timeout (named in timeout errors).
+        tag: the hook's group name, the same on every rank: the key of the notes peers leave.
+        failure: the first failure's message, or None.
+    """
+
+    rank: int
+    world_size: int
+    timeout: datetime.timedelta
+    tag: str = ""
+    failure: Optional[str] = None
+
+
+def poison(latch: FailureLatch, message: str) -> None:
+    """Mark the state as failed: from now on it refuses steps (see :func:`check_alive`)."""
+    if latch.failure is None:
+        latch.failure = message
+        leave_note(latch.tag, latch.rank, message)
         logger.error("%s", message)
 
 
-def check_alive(state: Any) -> None:
-    """Raise :class:`HookFailedError` if ``state``'s hook failed before (on this rank or a peer)."""
-    if state._failure is not None:
+def check_alive(latch: FailureLatch) -> None:
+    """Raise :class:`HookFailedError` if the hook failed before (on this rank or a peer)."""
+    if latch.failure is not None:
         raise HookFailedError(
             f"gradcomp: this hook state stopped after a failed exchange and refuses further steps, since "
-            f"continuing would pair different steps across ranks. First failure: {state._failure} "
+            f"continuing would pair different steps across ranks. First failure: {latch.failure} "
             "Restart the job (from its last checkpoint)."
         )
 
 
-def guarded(state: Any, fn: Callable[[], Any], *, step: int, bucket: int, what: str) -> Callable[[], Any]:
+def _failed(latch: FailureLatch, exc: BaseException, *, step: int, bucket: int, what: str) -> BaseException:
+    notes = read_notes(latch.tag, latch.world_size, latch.rank)
+    message = describe_failure(exc, step=step, bucket=bucket, what=what, timeout=latch.timeout, notes=notes)
+    poison(latch, message)
+    return _same_type(exc, message)
+
+
+def guarded(latch: FailureLatch, fn: Callable[[], Any], *, step: int, bucket: int, what: str) -> Callable[[], Any]:
     """Wrap a job of the communication thread: refuse it on a failed state; on an exception, poison the state.
 
     The exception is re-raised with its original type, its message prefixed by where it happened
@@ -326,19 +357,16 @@ def guarded(state: Any, fn: Callable[[], Any], *, step: int, bucket: int, what: 
     """
 
     def job():
-        check_alive(state)
+        check_alive(latch)
         try:
             return fn()
         except BaseException as exc:
-            notes = read_notes(state._failure_tag, state.world_size, state.rank)
-            message = describe_failure(exc, step=step, bucket=bucket, what=what, timeout=state._timeout, notes=notes)
-            poison(state, message)
-            raise _same_type(exc, message) from exc
+            raise _failed(latch, exc, step=step, bucket=bucket, what=what) from exc
 
     return job
 
 
-def plain_result(state: Any, step: int, bucket: int) -> Callable[[torch.futures.Future], torch.Tensor]:
+def plain_result(latch: FailureLatch, step: int, bucket: int) -> Callable[[torch.futures.Future], torch.Tensor]:
     """Return a ``then`` callback for a plain all-reduce on DDP's group: its tensor, or a poisoned state and
     an error naming gradcomp, the collective, the step and the bucket."""
 
@@ -346,11 +374,7 @@ def plain_result(state: Any, step: int, bucket: int) -> Callable[[torch.futures.
         try:
             return fut.value()[0]
         except BaseException as exc:
-            notes = read_notes(state._failure_tag, state.world_size, state.rank)
-            message = describe_failure(exc, step=step, bucket=bucket, what="plain all-reduce (DDP's group)",
-                                       timeout=state._timeout, notes=notes)
-            poison(state, message)
-            raise _same_type(exc, message) from exc
+            raise _failed(latch, exc, step=step, bucket=bucket, what="plain all-reduce (DDP's group)") from exc
 
     return result
 
@@ -421,7 +445,7 @@ def residual_checksum(t: torch.Tensor) -> str:
 
 _REQUIRED = ("config", "world_size", "rank", "step", "param_keys", "bucket_keys", "bucket_numels",
              "worker_residuals", "server_residuals", "network_fit")
-_OPTIONAL = ("checksums", "stats", "format")
+_OPTIONAL = ("checksums", "stats", "format", "layout")
 
 
 def _int(value: Any, what: str, minimum: Optional[int] = None) -> int:
@@ -451,6 +475,26 @@ def _index_dict(value: Any, what: str) -> Dict[int, Any]:
             raise ValueError(f"checkpoint {what} keys must be bucket indices >= 0, got {k!r}")
         out[key] = v
     return out
+
+
+def check_checkpoint_config(saved: Any, config: Any) -> None:
+    """Refuse a checkpoint whose wire options (``saved``, a ``HookConfig`` as a dict) differ from ``config``'s.
+
+    The residuals are laid out for the width, the block size, error feedback, the chunks and the node
+    layout; a checkpoint of other options cannot be resumed. (A malformed ``saved`` is left to
+    :func:`validate_state_dict`.)
+    """
+    if not isinstance(saved, dict):
+        return
+    for name in ("bits", "format", "block_size", "error_feedback", "chunk_numel"):
+        if (name != "format" or name in saved) and saved.get(name) != getattr(config, name):
+            raise ValueError(f"checkpoint has {name}={saved.get(name)!r}, this state has {name}={getattr(config, name)!r}")
+    topo = asdict(config.topology) if config.topology is not None else None
+    if saved.get("topology") != topo:
+        raise ValueError(
+            f"checkpoint has topology={saved.get('topology')!r}, this state has topology={topo!r} "
+            "(the residuals are laid out for the node layout)"
+        )
 
 
 def validate_state_dict(sd: Any, *, world_size: int, rank: int, residual_sizes: Callable[[Tuple[int, ...], Tuple[int, ...]], Tuple[int, int]],
@@ -543,7 +587,32 @@ def validate_state_dict(sd: Any, *, world_size: int, rank: int, residual_sizes: 
                     f"checkpoint {name}[{b}] does not match its checksum (crc32 {residual_checksum(cpu)}, recorded "
                     f"{sums[b]!r}): the file was corrupted or edited"
                 )
-    return {"step": step, "bucket_keys": keys, "bucket_numels": numels, "worker": worker, "server": server}
+    layout = _layout(sd.get("layout"), sd["param_keys"], num_params)
+    return {"step": step, "bucket_keys": keys, "bucket_numels": numels, "worker": worker, "server": server, "layout": layout}
+
+
+def _layout(value: Any, param_keys: str, num_params: Optional[Sequence[int]]) -> Optional[Tuple[Tuple[int, Tuple[int, ...], Tuple[int, ...]], ...]]:
+    """Parse a checkpoint's ``layout``: ``[[bucket index, [keys], [sizes]], ...]`` of DDP's last step, or None."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"checkpoint layout must be a list of [bucket index, keys, sizes], got {type(value).__name__}")
+    out, seen = [], {}
+    for i, entry in enumerate(value):
+        if not isinstance(entry, (list, tuple)) or len(entry) != 3:
+            raise TypeError(f"checkpoint layout[{i}] must be [bucket index, keys, sizes], got {entry!r}")
+        b = _int(entry[0], f"layout[{i}] bucket index", 0)
+        keys, numels = _int_list(entry[1], f"layout[{i}] keys"), _int_list(entry[2], f"layout[{i}] sizes", 1)
+        if len(keys) != len(numels) or not keys:
+            raise ValueError(f"checkpoint layout[{i}] lists {len(keys)} keys and {len(numels)} sizes; expected the same, >= 1")
+        for key, n in zip(keys, numels):
+            if key in seen:
+                raise ValueError(f"checkpoint layout names parameter {key} in buckets {seen[key]} and {b}; a parameter lives in one bucket")
+            seen[key] = b
+            if param_keys == "index" and num_params is not None and not (0 <= key < len(num_params) and num_params[key] == n):
+                raise ValueError(f"checkpoint layout gives parameter {key} {n} elements; the model has no such parameter")
+        out.append((b, keys, numels))
+    return tuple(out)
 
 
 def checksums_of(worker: Dict[int, torch.Tensor], server: Dict[int, torch.Tensor]) -> Dict[str, Dict[int, str]]:

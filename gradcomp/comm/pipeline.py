@@ -16,13 +16,20 @@ chunks, never on timing, so every rank issues the same collectives in the same o
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import queue
+import threading
+import weakref
 from collections import deque
-from typing import Callable, Deque
+from typing import Any, Callable, Deque, Dict, Optional
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["ChunkJob", "ChunkPipeline", "all_gather_async"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["ChunkJob", "ChunkPipeline", "CommThread", "PENDING", "all_gather_async", "comm_stream"]
 
 
 def all_gather_async(output: torch.Tensor, inp: torch.Tensor, group):
@@ -97,3 +104,73 @@ class ChunkPipeline:
         that failed the same way may never issue its side."""
         self._a2a.clear()
         self._ag.clear()
+
+
+PENDING = object()  #: returned by a submitted function that completes its future later (the pipeline does)
+
+
+class CommThread:
+    """One thread that runs submitted exchanges in submission order and completes their futures.
+
+    The thread must not outlive the interpreter's teardown: a daemon thread that is still inside
+    torch (returning from ``Future.set_result``, a collective's ``wait``) when Python finalizes is
+    killed as it takes the GIL back, and the C++ frames it unwinds through call ``std::terminate``
+    ("terminate called without an active exception"). So the owner stops and joins it in
+    ``close()``, when it is garbage-collected and at interpreter exit (``weakref.finalize``).
+    """
+
+    def __init__(self, on_error=None):
+        self._queue: "queue.Queue" = queue.Queue()
+        # a weak reference: the thread must not keep its state (and the state's groups) alive
+        self._on_error = weakref.WeakMethod(on_error) if on_error is not None else None
+        self._thread = threading.Thread(target=self._loop, name="gradcomp-comm", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn, fut: torch.futures.Future) -> None:
+        """Run ``fn()`` on the thread after everything submitted before; complete ``fut`` with its result."""
+        self._queue.put((fn, fut))
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fn, fut = item
+            item = None
+            try:
+                result = fn()
+                if result is not PENDING:
+                    fut.set_result(result)
+            except BaseException as exc:  # the training loop re-raises it from DDP's wait
+                if not fut.done():
+                    fut.set_exception(exc)
+                on_error = self._on_error() if self._on_error is not None else None
+                if on_error is not None:
+                    on_error(exc)
+            # drop the closure (buckets, the state) and the future before waiting for the next item
+            fn = fut = result = None
+
+    def stop(self, timeout: Optional[float] = 60.0) -> None:
+        """Finish the submitted work, end the thread and wait for it (at most ``timeout`` s: a peer that
+        died can leave a collective waiting for its own timeout)."""
+        self._queue.put(None)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.warning("gradcomp: the communication thread did not end within %s s", timeout)
+
+
+_SIDE_STREAMS: Dict[Any, Any] = {}
+
+
+def comm_stream(buf: torch.Tensor, ready_event):
+    """On CUDA: a side stream of the communication thread that first waits for the bucket to be ready."""
+    if not buf.is_cuda:
+        return contextlib.nullcontext()
+    torch.cuda.set_device(buf.device)
+    stream = _SIDE_STREAMS.get(buf.device)
+    if stream is None:
+        stream = _SIDE_STREAMS[buf.device] = torch.cuda.Stream(buf.device)
+    if ready_event is not None:
+        stream.wait_event(ready_event)
+    return torch.cuda.stream(stream)

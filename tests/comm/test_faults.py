@@ -191,7 +191,7 @@ def _failing_step_3(model, rank):
 
 def _stall_worker(rank, world_size):
     model, state = _hooked(_user_group())
-    assert abs(state._timeout.total_seconds() - PG_TIMEOUT) < 1e-6  # the user's group timeout reached the hook
+    assert abs(state.failure.timeout.total_seconds() - PG_TIMEOUT) < 1e-6  # the user's group timeout reached the hook
     for step in range(3):
         _backward(model, rank, step)
     if rank == 1:  # stalls inside backward (a gradient hook sleeps), longer than the timeout
@@ -298,7 +298,7 @@ def _load_mismatch_worker(rank, world_size):
         msg = str(info.value)
         assert "the ranks hold different hook states" in msg and what in msg, msg
         assert "timed out" not in msg and time.monotonic() - t0 < SLACK, "the check must not wait for a timeout"
-        assert state._verify_pending  # the next step checks again
+        assert state.verifies_next_step  # the next step checks again
     # the same checkpoints on every rank: the run goes on
     model, state = _hooked()
     state.load_state_dict(sd)
@@ -347,7 +347,7 @@ def _valid_checkpoint(state, model, step=5):
     }
     g = torch.Generator().manual_seed(step)
     for b, keys in buckets.items():
-        wn, sn = state._residual_sizes(tuple(keys), tuple(numels[k] for k in keys))
+        wn, sn = state.residual_sizes(tuple(keys), tuple(numels[k] for k in keys))
         sd["bucket_keys"][b] = list(keys)
         sd["bucket_numels"][b] = [numels[k] for k in keys]
         sd["worker_residuals"][b] = 1e-3 * torch.randn(wn, generator=g)
@@ -402,13 +402,13 @@ def test_bad_checkpoint_is_refused_and_changes_nothing(world1, what, corrupt, ex
     state.load_state_dict(good)
     before = {k: v for k, v in vars(state).items() if not k.startswith("_lock")}
     snapshot = {k: (dict(v) if isinstance(v, dict) else v) for k, v in before.items()}
-    residuals = {k: v.clone() for k, v in state._worker_residuals.items()}
+    residuals = {k: state.residuals.worker(k).clone() for k in state.residuals.layout}
     with pytest.raises(exc, match=match):
         state.load_state_dict(corrupt(_valid_checkpoint(state, model, step=9)))
     assert state.step == 5
     for k, v in snapshot.items():
         assert vars(state)[k] is before[k] or vars(state)[k] == v, f"{what}: {k} changed by a refused load"
-    assert all(torch.equal(residuals[k], state._worker_residuals[k]) for k in residuals)
+    assert all(torch.equal(residuals[k], state.residuals.worker(k)) for k in residuals)
 
 
 def test_checkpoint_round_trip_through_a_file_with_stats(world1, tmp_path):
@@ -424,7 +424,7 @@ def test_checkpoint_round_trip_through_a_file_with_stats(world1, tmp_path):
     fresh = gradcomp.QuantizedAllReduceState(bits=8, log_every=0)
     fresh.track_parameters(model)
     fresh.load_state_dict(back)  # an optional "stats" entry is accepted
-    assert fresh.step == 5 and all(torch.equal(fresh._worker_residuals[b], sd["worker_residuals"][b]) for b in (0, 1))
+    assert fresh.step == 5 and all(torch.equal(fresh.residuals.worker(b), sd["worker_residuals"][b]) for b in (0, 1))
 
 
 # ---------------------------------------------------------------------------------------------

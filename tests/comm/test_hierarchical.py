@@ -101,7 +101,7 @@ def _parity_worker(rank, world_size, local):
         # quantized once per slow link instead of over all ranks: no worse than the flat exchange
         assert err_h <= err_f * 1.05, f"bits={bits}: hierarchical error {err_h} vs flat {err_f}"
         s = state.stats()
-        plans = list(state._plans.values())
+        plans = list(state.plans.values())
         assert len(plans) >= 2
         nodes = world_size // local
         lays = [HierarchicalLayout(p.layout.numel, nodes, local, bits, 256) for p in plans]
@@ -124,10 +124,10 @@ def _parity_worker(rank, world_size, local):
         drift = float((sent_sum - true_sum).norm() / true_sum.norm())
         assert drift < STEP_TOL[bits] / 4, f"bits={bits}: error feedback drift {drift}"
         # the residuals: one chunk of the node's sum and one inter-node shard per rank
-        for index, plan in state._plans.items():
+        for index, plan in state.plans.items():
             lay = HierarchicalLayout(plan.layout.numel, nodes, local, bits, 256)
-            assert state._worker_residuals[index].numel() == lay.chunk_numel
-            assert state._server_residuals[index].numel() == lay.shard_numel
+            assert state.residuals.worker(index).numel() == lay.chunk_numel
+            assert state.residuals.server(index).numel() == lay.shard_numel
 
     # one node holding every rank: nothing crosses a slow link, so nothing is quantized
     ref = DDP(_model(), bucket_cap_mb=0.05)

@@ -55,7 +55,7 @@ def _parity_worker(rank, world_size):
                 assert rel < STEP_TOL[bits], f"bits={bits} step {step}: rel error {rel} > {STEP_TOL[bits]}"
         # bytes: exactly the formula, per bucket, and the ratio promised
         s = state.stats()
-        plans = list(state._plans.values())
+        plans = list(state.plans.values())
         assert len(plans) >= 2
         # parameters start on block boundaries: the aligned length is the sum of whole blocks
         for plan in plans:
@@ -370,7 +370,7 @@ def _chunked_worker(rank, world_size):
             _backward(model, rank, step)
             assert _all_identical(_grads(model)), f"chunk_numel={chunk} step {step}: ranks differ"
             opt.step()
-        plans = list(state._plans.values())
+        plans = list(state.plans.values())
         assert len(plans) >= 2
         if chunk < 2048:
             assert all(len(p.chunks) >= 3 for p in plans)
@@ -478,7 +478,7 @@ def test_default_chunk_size_grows_with_the_group(world1):
     state = gradcomp.QuantizedAllReduceState(bits=8)
     assert state.chunk_numel == exchange.chunk_numel_for(1)
     # the plan of a bucket of 5M values: chunks of 2M (the last one shorter), not of the old 1M
-    assert len(state._plan((0,), (5_000_000,), 8).chunks) == 3
+    assert len(state.plan_for((0,), (5_000_000,), 8).chunks) == 3
     assert gradcomp.QuantizedAllReduceState(bits=8, chunk_numel=1 << 20).chunk_numel == 1 << 20
     # a rank that spells the default out agrees with one that leaves it to the hook
     from gradcomp.comm.guard import wire_config

@@ -255,7 +255,7 @@ def _hook_worker(rank, world_size):
     dist.all_gather(gathered, got)
     assert all(torch.equal(gathered[0], g) for g in gathered)
     # exactly one bucket compressed, with int4, and its bytes as the hierarchical layout says
-    plans = list(state._plans.values())
+    plans = list(state.plans.values())
     assert [p.layout.bits for p in plans] == [4]
     s = state.stats()
     assert (s["compressed_buckets_step"], s["buckets_step"]) == (1, 2)
@@ -267,22 +267,22 @@ def _hook_worker(rank, world_size):
     sd = copy.deepcopy(state.state_dict())
     assert sd["network_fit"] == fit.to_dict()
     other = gradcomp.QuantizedAllReduceState(bits=8, warmup_steps=1, topology=topo, policy=PolicyConfig(fit=_fit(5e-6, 12.5e9)))
-    assert other._policy.choose(102800) == PLAIN
+    assert other.policy.choose(102800) == PLAIN
     other.load_state_dict(sd)
-    assert other._policy.choose(102800) == 4
+    assert other.policy.choose(102800) == 4
 
     # measured: a real probe on this group; whatever it finds, every rank finds the same
     probed = gradcomp.QuantizedAllReduceState(
         bits=8, policy=PolicyConfig(probe_numels=(64, 4096, 16384), probe_repeats=2, codec_numel=1 << 14), topology=topo,
     )
-    f = probed._policy.fit
-    assert probed._policy.chunk_numel is None  # the hierarchical exchange is not chunked
+    f = probed.policy.fit
+    assert probed.policy.chunk_numel is None  # the hierarchical exchange is not chunked
     assert f.link.samples == 3 and f.intra is not None and f.link.bandwidth > 0
     mine = torch.tensor([f.link.latency, f.link.bandwidth, f.intra.bandwidth, f.codec_for(4).quantize_eps], dtype=torch.float64)
     every = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(every, mine)
     assert all(torch.equal(every[0], e) for e in every), f"ranks fitted different figures: {every}"
-    picks = torch.tensor([probed._policy.choose(n) for n in (1000, 100_000, 10_000_000)])
+    picks = torch.tensor([probed.policy.choose(n) for n in (1000, 100_000, 10_000_000)])
     every = [torch.empty_like(picks) for _ in range(world_size)]
     dist.all_gather(every, picks)
     assert all(torch.equal(every[0], e) for e in every), "ranks decided differently"
@@ -343,12 +343,12 @@ def _flat_probe_worker(rank, world_size):
         bits=8, chunk_numel=2048, log_every=0,
         policy=PolicyConfig(probe_numels=(64, 4096, 16384), probe_repeats=2, codec_numel=1 << 14),
     )
-    policy = state._policy
+    policy = state.policy
     # the policy models the hook's own chunks, and its probe timed the exchange cut into them
     assert policy.chunk_numel == 2048
     for _, tp in policy.fit.codec:
         assert "in chunks of 2048" in tp.source, tp.source
-    assert state._probe_state == {}  # the probe's buffers are gone
+    assert state._probe_held == {}  # the probe's buffers are gone
     mine = torch.tensor([policy.predict(1 << 16)[8], policy.predict(1 << 16)[4]], dtype=torch.float64)
     every = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(every, mine)

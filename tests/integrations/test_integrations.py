@@ -231,7 +231,7 @@ def world1(tmp_path):
 def test_gathered_state_round_trip_keeps_statistics(world1):
     state = gradcomp.QuantizedAllReduceState(bits=8)
     state.step = 5
-    state._stats["bytes_sent_total"] = 1234
+    state.statistics.load({"bytes_sent_total": 1234})
     blob = gather_state_dict(state)
     assert blob["format"] == FORMAT and blob["world_size"] == 1 and blob["ranks"][0]["stats"]["bytes_sent_total"] == 1234
     fresh = gradcomp.QuantizedAllReduceState(bits=8)

@@ -22,7 +22,6 @@ each product rounded first), divides by P and quantizes ``acc + residual`` the s
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 
