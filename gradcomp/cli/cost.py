@@ -114,6 +114,7 @@ def run(args) -> int:
     if args.plot is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
         raise CliError(f"--plot: the folder of {args.plot!r} does not exist")
 
+    device = None
     if args.no_codec:
         tp = None
     elif args.codec_throughput is not None:
@@ -128,6 +129,7 @@ def run(args) -> int:
         from gradcomp.comm.measure import measure_hook_codec
 
         tp = measure_hook_codec(8, args.block_size, 1 << 22, args.workers, repeats=5, compiled=compiled, device=device)
+    codec_origin, codec_lines = codec_provenance(args, tp, device)
 
     if args.chunk_numel < 0:
         raise CliError(f"--chunk-numel must be >= 0 (0: no pipelining), got {args.chunk_numel}")
@@ -174,6 +176,7 @@ def run(args) -> int:
             "block_size": args.block_size,
             "codec": None if tp is None else {
                 "quantize_elements_per_s": tp.quantize_eps, "dequantize_elements_per_s": tp.dequantize_eps, "source": tp.source,
+                "origin": codec_origin,
             },
             "schemes": [
                 dict(e.to_dict(), speedup_vs_ring_fp32=(base.total_s / e.total_s if e.total_s > 0 else None),
@@ -201,11 +204,8 @@ def run(args) -> int:
     nodes = "" if args.nodes is None else f" on {cluster.num_nodes} nodes ({cluster.per_node} per node)"
     print(f"{args.params:.4g} parameters, {cluster.workers} workers{nodes}, "
           f"{format_bandwidth(cluster.bandwidth)}, {format_duration(cluster.latency)} latency")
-    print(f"codec: {'not counted' if tp is None else tp.source}"
-          + ("" if tp is None else f" ({tp.quantize_eps * 4 / 1e9:.3g} GB/s quantize, {tp.dequantize_eps * 4 / 1e9:.3g} GB/s dequantize)"))
-    if tp is not None and tp.source.startswith("measured") and "on cpu" in tp.source:
-        print("note: the codec was timed on this machine's CPU; for GPU training pass the GPU's figure "
-              "with --codec-throughput", file=sys.stderr)
+    for line in codec_lines:
+        print(line)
     print()
     print(format_table(table))
     print()
@@ -217,3 +217,28 @@ def run(args) -> int:
     if args.plot is not None:
         print(f"plot: {args.plot}")
     return EXIT_OK
+
+
+def codec_provenance(args, tp, device):
+    """Say where the codec throughput came from: ``(origin, lines to print)``.
+
+    ``origin`` is ``"none"`` (``--no-codec``), ``"given"`` (``--codec-throughput``: an assumption,
+    not a measurement) or ``"measured-<device>-<eager|compiled>"``. The lines name the figure, its
+    origin and, for a CPU measurement, what it implies: a CPU codec is far slower than a GPU's, so
+    a CPU figure makes compression look slow for GPU training.
+    """
+    if tp is None:
+        return "none", ["codec: not counted (--no-codec): only the wire and the latency are modelled"]
+    rate = f"{tp.quantize_eps * 4 / 1e9:.3g} GB/s quantize, {tp.dequantize_eps * 4 / 1e9:.3g} GB/s dequantize"
+    if args.codec_throughput is not None:
+        return "given", [f"codec: {rate} of fp32 input, ASSUMED (given with --codec-throughput), not measured here"]
+    kernels = args.measure_codec
+    origin = f"measured-{device}-{kernels}"
+    lines = [f"codec: {rate}, MEASURED on this machine's {device.upper()} with the {kernels} kernels [{tp.source}]"]
+    if device == "cpu":
+        if kernels == "eager":
+            lines.append("note: the eager kernels are the hook's fallback; it runs fused kernels once they are compiled "
+                         "(--measure-codec compiled times those, 10-30 s)")
+        lines.append("note: a CPU codec; for GPU training give the GPU's codec throughput with --codec-throughput "
+                     "(e.g. 500GB/s), or compression will look slower than it is there")
+    return origin, lines

@@ -48,6 +48,14 @@ def test_module_entry_point_runs_in_a_fresh_process():
     assert "--bandwidth" in r.stdout and "pays below" not in r.stderr
 
 
+def test_python_dash_m_gradcomp_is_the_command():
+    r = subprocess.run([sys.executable, "-m", "gradcomp", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("usage: gradcomp") and "exit codes" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "gradcomp", "frobnicate"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "invalid choice: 'frobnicate'" in r.stderr and "Traceback" not in r.stderr
+
+
 # --------------------------------------------------------------------------------------------
 # cost
 
@@ -82,6 +90,21 @@ def test_cost_measures_the_codec_by_default(capsys):
                        "--schemes", "ring-fp32,twophase-int4")
     assert code == 0
     assert "measured: int8" in out and "twophase-int4" in out and "tree-fp32" not in out
+    # where the throughput came from is said on stdout, with what a CPU figure means for GPU training
+    device = "CUDA" if torch.cuda.is_available() else "CPU"
+    assert f"MEASURED on this machine's {device} with the eager kernels" in out
+    if device == "CPU":
+        assert "note: a CPU codec; for GPU training give the GPU's codec throughput with --codec-throughput" in out
+
+
+def test_cost_says_a_given_codec_throughput_is_assumed(capsys):
+    code, out, _ = run(capsys, *COST)
+    assert code == 0
+    assert "codec: 200 GB/s quantize, 200 GB/s dequantize of fp32 input, ASSUMED (given with --codec-throughput)" in out
+    code, out, _ = run(capsys, *COST, "--json")
+    assert json.loads(out)["codec"]["origin"] == "given"
+    code, out, _ = run(capsys, "cost", "--params", "7e9", "--workers", "8", "--bandwidth", "10gbit", "--no-codec")
+    assert "codec: not counted (--no-codec)" in out
 
 
 @pytest.mark.parametrize("args,needle", [
