@@ -59,9 +59,9 @@ def register(subparsers) -> None:
                    type=arg_type(lambda s: parse_duration(s, "--intra-latency"), "duration"),
                    help="per-message latency inside a node (default 1us)")
     p.add_argument("--block-size", type=hook_block_size, default=256, metavar="B", help="elements per fp32 scale (default 256)")
-    p.add_argument("--chunk-numel", type=int, default=1 << 20, metavar="N",
-                   help="values per pipelined chunk of the quantized exchange, as the hook cuts buckets "
-                        "(default 1048576); 0: no overlap of codec and wire")
+    p.add_argument("--chunk-numel", type=int, default=None, metavar="N",
+                   help="values per pipelined chunk of the quantized exchange (default: the hook's own, "
+                        "1048576 per worker); 0: no overlap of codec and wire")
     p.add_argument("--schemes", default=None, metavar="LIST",
                    help="comma-separated schemes, e.g. ring-fp32,twophase-int8,hier-int4 (default: all that apply)")
     codec = p.add_mutually_exclusive_group()
@@ -90,6 +90,17 @@ def _parse_schemes(text):
         return [parse_scheme(n) for n in names]
     except ValueError as exc:
         raise CliError(f"--schemes: {exc}") from None
+
+
+def _chunk_numel(args):
+    """The chunk size the model pipelines with: ``--chunk-numel``, else the hook's default for this many workers."""
+    from gradcomp.comm.exchange import chunk_numel_for
+
+    if args.chunk_numel is None:
+        return chunk_numel_for(args.workers)
+    if args.chunk_numel < 0:
+        raise CliError(f"--chunk-numel must be >= 0 (0: no pipelining), got {args.chunk_numel}")
+    return args.chunk_numel or None
 
 
 def run(args) -> int:
@@ -128,12 +139,11 @@ def run(args) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         from gradcomp.comm.measure import measure_hook_codec
 
-        tp = measure_hook_codec(8, args.block_size, 1 << 22, args.workers, repeats=5, compiled=compiled, device=device)
+        tp = measure_hook_codec(8, args.block_size, 1 << 22, args.workers, repeats=5, compiled=compiled, device=device,
+                                chunk_numel=_chunk_numel(args))
     codec_origin, codec_lines = codec_provenance(args, tp, device)
 
-    if args.chunk_numel < 0:
-        raise CliError(f"--chunk-numel must be >= 0 (0: no pipelining), got {args.chunk_numel}")
-    chunk = args.chunk_numel or None
+    chunk = _chunk_numel(args)
     estimates = cm.compare(args.params, cluster, schemes, tp, args.block_size, chunk)
     base = cm.estimate(cm.Scheme.plain(), args.params, cluster, tp, args.block_size)
     rows = []

@@ -97,6 +97,20 @@ def test_cost_measures_the_codec_by_default(capsys):
         assert "note: a CPU codec; for GPU training give the GPU's codec throughput with --codec-throughput" in out
 
 
+def test_cost_pipelines_in_the_hooks_own_chunks_by_default(capsys):
+    from gradcomp.comm.exchange import chunk_numel_for
+
+    def latency(*extra):
+        code, out, _ = run(capsys, "cost", "--params", "7e9", "--workers", "8", "--bandwidth", "10gbit",
+                           "--codec-throughput", "500GB/s", "--schemes", "twophase-int8", "--json", *extra)
+        assert code == 0
+        return json.loads(out)["schemes"][0]["latency_s"]
+
+    chunks = math.ceil(7e9 / chunk_numel_for(8))  # the hook's default: 2**20 values per rank
+    assert latency() == pytest.approx(chunks * 2 * 7 * 5e-6, rel=0.01)
+    assert latency("--chunk-numel", "1048576") == pytest.approx(math.ceil(7e9 / 1048576) * 2 * 7 * 5e-6, rel=0.01)
+
+
 def test_cost_says_a_given_codec_throughput_is_assumed(capsys):
     code, out, _ = run(capsys, *COST)
     assert code == 0
