@@ -20,6 +20,9 @@ The docs mark what is checked with HTML comments (invisible on GitHub) just befo
   Every ``N s wall, M s CPU`` that README.md states must be a row of it; ``--times`` measures the
   rows again (wall clock, and CPU time of the command and its children) and reports the ratios.
 
+Every relative link of README.md and docs/ must point at a file that exists, and an anchor at one
+of its headings.
+
 Exit status: 0 when every sample matches and README's durations are the table's; 1 otherwise
 (with a diff); 2 for bad arguments. Timings never fail the check (the machine may be shared) unless
 ``--strict-times`` is given: then a row off by more than ``--tolerance`` (2x) either way fails it.
@@ -232,6 +235,35 @@ def durations_table(blocks: List[Block]) -> Dict[str, Tuple[str, str]]:
     return rows
 
 
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", ""))
+    return text.replace(" ", "-")
+
+
+def check_links(files: List[Path]) -> List[str]:
+    """Every relative link of README.md and docs/ points at a file that exists, and at a heading of it."""
+    problems = []
+    for f in files:
+        text = re.sub(r"```.*?```", "", f.read_text(), flags=re.S)
+        for target in LINK.findall(text):
+            if re.match(r"^[a-z]+://", target) or target.startswith("mailto:"):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (f.parent / path).resolve() if path else f
+            if not dest.exists():
+                problems.append(f"{f.relative_to(ROOT)}: link to {target}: no such file")
+                continue
+            if anchor and dest.suffix == ".md":
+                heads = {slug(m) for m in re.findall(r"^#+ (.*)$", re.sub(r"```.*?```", "", dest.read_text(), flags=re.S), re.M)}
+                if anchor not in heads:
+                    problems.append(f"{f.relative_to(ROOT)}: link to {target}: no such heading in {dest.relative_to(ROOT)}")
+    return problems
+
+
 def check_readme_durations(rows: Dict[str, Tuple[str, str]]) -> List[str]:
     """Every ``X wall, Y CPU`` in README.md must be a row of the table."""
     pairs = {(w, c) for w, c in rows.values()}
@@ -287,6 +319,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"doc_check: {exc}", file=sys.stderr)
         return 1
     problems += check_readme_durations(rows)
+    problems += check_links(files)
     runs = [b for b in blocks if b.kind == "run"]
     if args.only:
         runs = [b for b in runs if args.only in b.where or args.only in "\n".join(b.lines)]

@@ -40,6 +40,18 @@ def test_a_stale_sample_is_caught(tmp_path):
     assert problem and "-667680 3.92x" in problem and "+667680 3.93x" in problem
 
 
+def test_broken_links_are_caught(tmp_path, monkeypatch):
+    monkeypatch.setattr(doc_check, "ROOT", tmp_path)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "hook.md").write_text("# The DDP hook\n## How a bucket travels\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("[a](docs/hook.md#how-a-bucket-travels) [b](docs/hook.md#gone) [c](docs/nope.md) [d](https://x.org/y)\n")
+    assert doc_check.check_links([readme]) == [
+        "README.md: link to docs/hook.md#gone: no such heading in docs/hook.md",
+        "README.md: link to docs/nope.md: no such file",
+    ]
+
+
 def test_durations_parse_and_format():
     assert doc_check.parse_duration("1 min 15 s") == 75.0 and doc_check.parse_duration("54 s") == 54.0
     assert doc_check.format_duration(75.2) == "1 min 15 s" and doc_check.format_duration(9.3) == "9 s"
