@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--bucket-cap-mb", type=float, default=None, help="DDP bucket size in MB (default: DDP's own, 25 MB with a 1 MB first bucket)")
     p.add_argument("--trace", action="store_true", help="time hook calls against the backward pass (overlap)")
-    p.add_argument("--train-args", default="", help="extra arguments for launch/train.py, e.g. '--no-compile'")
+    p.add_argument("--train-args", default="", help="extra arguments for launch/train.py, e.g. '--no-fused'")
     p.add_argument("--out-dir", default="runs/bench")
     p.add_argument("--timeout", type=int, default=600, help="seconds per run before it is stopped")
     p.add_argument("--python", default=sys.executable, help="interpreter for the training job")
@@ -273,6 +273,7 @@ def measure_memory(numel: int, hosts: List[int], repeats: int = 5) -> Dict[str, 
     """
     import torch
 
+    from gradcomp.comm.exchange import chunk_numel_for
     from gradcomp.comm.hook import HookConfig
     from gradcomp.comm.measure import hook_local_work, timed
 
@@ -287,7 +288,7 @@ def measure_memory(numel: int, hosts: List[int], repeats: int = 5) -> Dict[str, 
     cfg = HookConfig()
     for P in hosts:
         for bits in (8, 4):
-            stages = hook_local_work(bits, cfg.block_size, numel, P, repeats=repeats, compiled=cfg.compile)
+            stages = hook_local_work(bits, cfg.block_size, numel, P, repeats=repeats, fused=cfg.fused, chunk_numel=chunk_numel_for(P))
             out["hook"][f"int{bits}/{P}"] = stages
     return out
 

@@ -28,6 +28,17 @@ RDZV_ID="${RDZV_ID:-gradcomp}"
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 TRAIN="${TRAIN:-$HERE/train.py}"
 
+[[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || { echo "multinode.sh: error: NPROC must be a positive integer (processes per node), got '$NPROC'" >&2; exit 2; }
+[[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || { echo "multinode.sh: error: MAX_RESTARTS must be an integer >= 0, got '$MAX_RESTARTS'" >&2; exit 2; }
+
+# Check the arguments before torchrun starts: one line naming a bad one (exit 2), --help once.
+if [[ "$TRAIN" == "$HERE/train.py" ]]; then
+  for arg in "$@"; do
+    [[ "$arg" == "-h" || "$arg" == "--help" ]] && exec "$PYTHON" "$TRAIN" --help
+  done
+  "$PYTHON" "$TRAIN" --check-only "$@" || exit $?
+fi
+
 # Node 0 hosts the rendezvous store. Say so explicitly: guessing it from the hostname fails where
 # several nodes share one (containers, network namespaces).
 IS_HOST=false

@@ -6,7 +6,8 @@
 #   MAX_RESTARTS=3 bash launch/run.sh --hook int8 --ckpt-every 50 --resume --steps 1000
 #   TRAIN=path/to/other_script.py bash launch/run.sh ...        # another entry point
 #
-# Every argument is passed through to launch/train.py (see `python launch/train.py --help`).
+# Every argument is passed through to launch/train.py (see `bash launch/run.sh --help`); they are
+# checked before torchrun starts (a bad one: one line naming it, exit code 2).
 # Environment: NPROC (2), MAX_RESTARTS (0), PYTHON (python3 on PATH, or the active venv's),
 # TRAIN (launch/train.py), TORCHRUN_ARGS (extra torchrun flags).
 set -euo pipefail
@@ -16,6 +17,18 @@ NPROC="${NPROC:-2}"
 MAX_RESTARTS="${MAX_RESTARTS:-0}"
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 TRAIN="${TRAIN:-$HERE/train.py}"
+
+[[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: error: NPROC must be a positive integer (processes on this node), got '$NPROC'" >&2; exit 2; }
+[[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || { echo "run.sh: error: MAX_RESTARTS must be an integer >= 0, got '$MAX_RESTARTS'" >&2; exit 2; }
+
+# Check the arguments once, here, before torchrun starts a process per rank: a bad value gives one
+# line naming the argument and what is allowed (exit 2), --help prints the options once.
+if [[ "$TRAIN" == "$HERE/train.py" ]]; then
+  for arg in "$@"; do
+    [[ "$arg" == "-h" || "$arg" == "--help" ]] && exec "$PYTHON" "$TRAIN" --help
+  done
+  "$PYTHON" "$TRAIN" --check-only "$@" || exit $?
+fi
 
 # A free port from the kernel; a c10d store on localhost:0 would also pick one, but an explicit
 # port keeps torchrun's log readable and works with older torchrun versions.

@@ -27,7 +27,8 @@ Run it (always through torchrun, or through the scripts next to this file)::
     bash launch/run.sh --fsdp --steps 200                       # FSDP2's own fp32 collectives
     bash launch/run.sh --fsdp --reduce-dtype bf16 --steps 200   # FSDP2 with bf16 gradient reduction
 
-What it writes under ``--out-dir`` (default ``runs/<hook>``):
+What it writes under ``--out-dir`` (default ``runs/<hook>``; when that holds an earlier run, the first free
+``runs/<hook>-2``, ``-3``, ... unless ``--resume`` continues it or ``--overwrite`` replaces it):
     ``metrics.jsonl``   one JSON object per step from rank 0: loss, step time, wall time since the hook's
                         setup began (``elapsed_s``), bytes, lr, val_loss;
     ``summary.json``    the run's result: final losses, median step time, bytes per step, overlap trace;
@@ -73,13 +74,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gradcomp.examples.tasks import GPT_PRESETS, TinyGPT, evaluate, get_batch, make_optimizer, split_corpus, text_corpus
+from gradcomp.files import atomic_write
+from gradcomp.files import atomic_write_text as _atomic_write_text
 
 logger = logging.getLogger("gradcomp.launch.train")
 
@@ -90,9 +93,17 @@ HOOKS = ("allreduce", "fp16", "powersgd", "int8", "int4", "local")
 # arguments
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line: what is wrong and what is allowed, exit code 2."""
+
+    def error(self, message: str):
+        """Print ``train.py: error: MESSAGE`` and exit with code 2 (argparse would print the usage first)."""
+        self.exit(2, f"train.py: error: {message} (see python launch/train.py --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the training job."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog="train.py", description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("task")
     g.add_argument("--model", choices=sorted(GPT_PRESETS), default="small", help="TinyGPT preset")
     g.add_argument("--steps", type=int, default=200, help="total optimizer steps")
@@ -142,7 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist-timeout", type=float, default=300.0, help="seconds before a stuck collective fails")
 
     g = p.add_argument_group("output")
-    g.add_argument("--out-dir", default=None, help="run directory (default runs/<hook>)")
+    g.add_argument("--out-dir", default=None,
+                   help="run directory (default runs/<hook>; when that holds an earlier run, the first free runs/<hook>-2, -3, ...)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the earlier run in the run directory (its metrics, summary and checkpoints) instead of "
+                        "starting a new numbered one")
     g.add_argument("--log-every", type=int, default=10, help="print a progress line every N steps (rank 0)")
     g.add_argument("--eval-every", type=int, default=0, help="validation loss every N steps (0: only at the end)")
     g.add_argument("--eval-batches", type=int, default=8, help="validation batches of --batch-size*2 windows")
@@ -152,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--netdev", default="auto", help="network interface whose counters give wire bytes ('auto', a name, or 'none')")
     g.add_argument("--time-after", type=int, default=None, help="steps excluded from the timing summary (default: hook warm-up + 3)")
     g.add_argument("--trace-overlap", action="store_true", help="time the hook calls against the backward pass")
+    g.add_argument("--check-only", action="store_true",
+                   help="check the arguments and exit (0: valid; 2: one line naming the bad argument) without training; "
+                        "launch/run.sh and multinode.sh run this before starting torchrun")
     return p
 
 
@@ -168,6 +186,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--schedule-steps must be >= 1, got {args.schedule_steps}")
     if args.target_val_loss is not None and not (math.isfinite(args.target_val_loss) and args.target_val_loss > 0):
         raise ValueError(f"--target-val-loss must be a positive finite loss, got {args.target_val_loss}")
+    if args.overwrite and args.resume:
+        raise ValueError("--overwrite and --resume contradict each other: --resume continues the run in the run directory, "
+                         "--overwrite replaces it; give at most one")
     if args.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
     if not math.isfinite(args.dist_timeout) or args.dist_timeout <= 0:
@@ -184,17 +205,6 @@ def check_args(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------------------------
 # files
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint_file(path: Path) -> Any:
@@ -215,34 +225,16 @@ def load_checkpoint_file(path: Path) -> Any:
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """Save ``obj`` so that ``path`` holds either the old file or the complete new one, never a torn one.
 
-    Write to a temporary file in the same directory, fsync it, ``os.replace`` it over ``path`` and
-    fsync the directory, so the rename is durable too.
+    ``gradcomp.files.atomic_write``: a temporary file in the same directory, fsynced, given the
+    umask's mode (mkstemp's 0600 would leave results readable by their owner only), renamed over
+    ``path``, and the directory fsynced so the rename is durable too.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file atomically (temporary file, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    """Write a small text file atomically (temporary file, fsync, the umask's mode, rename)."""
+    _atomic_write_text(path, text)
 
 
 def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
@@ -578,6 +570,41 @@ def read_netdev(dev: Optional[str]) -> Optional[Dict[str, int]]:
 # the job
 
 
+def _holds_run(folder: Path) -> bool:
+    """Whether ``folder`` exists and is not an empty directory (an earlier run, or anything else put there)."""
+    if not folder.exists():
+        return False
+    return not folder.is_dir() or any(folder.iterdir())
+
+
+def choose_out_dir(args: argparse.Namespace, label: str, root: Path = Path("runs")) -> Tuple[Path, str]:
+    """Pick and claim the run directory on one rank; return it and a line for the log ('' when nothing to say).
+
+    ``--out-dir`` is used as given (a warning says when an earlier run there is replaced). By default
+    the directory is ``runs/<label>``, unless it already holds an earlier run: then ``--resume``
+    continues it and ``--overwrite`` replaces it, and otherwise the first free ``runs/<label>-N``
+    (N = 2, 3, ...) is created, so no result is ever overwritten without being asked to. A numbered
+    directory is claimed with an exclusive ``mkdir``, so two runs started together never share one.
+    """
+    if args.out_dir:
+        out = Path(args.out_dir)
+        if not args.resume and not args.overwrite and ((out / "summary.json").exists() or (out / "metrics.jsonl").exists()):
+            return out, (f"--out-dir {out} holds an earlier run: its metrics.jsonl and summary.json are replaced "
+                         "(--resume continues it instead)")
+        return out, ""
+    base = root / label
+    if args.resume or args.overwrite or not _holds_run(base):
+        return base, ""
+    for n in range(2, 100000):
+        candidate = root / f"{label}-{n}"
+        try:
+            candidate.mkdir(parents=True, exist_ok=False)
+        except FileExistsError:
+            continue
+        return candidate, f"{base} holds an earlier run, so this one goes to {candidate} (--overwrite replaces {base} instead)"
+    raise FileExistsError(f"no free run directory {root}/{label}-N; pass --out-dir")  # pragma: no cover
+
+
 class Job:
     """One rank of a training run: model, optimizer, hook, data stream, checkpoints and metrics."""
 
@@ -588,7 +615,7 @@ class Job:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = torch.device(f"cuda:{self.local_rank}") if dist.get_backend() == "nccl" else torch.device("cpu")
         self.label = run_label(args)
-        self.out_dir = Path(args.out_dir or f"runs/{self.label}")
+        self.out_dir = self._agree_out_dir()
         self.ckpt_root = self.out_dir / "checkpoints"
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.cfg = GPT_PRESETS[args.model]
@@ -648,6 +675,22 @@ class Job:
         self.netdev = resolve_netdev(args.netdev)
         self.start_step = 0
         self.resumed_from = None
+
+    def _agree_out_dir(self) -> Path:
+        """Rank 0 picks (and claims) the run directory; every rank gets its choice."""
+        choice: List[Any] = [None, ""]
+        if self.rank == 0:
+            out, note = choose_out_dir(self.args, self.label)
+            if self.args.overwrite:
+                # only what this script writes there: the earlier run's results and checkpoints
+                shutil.rmtree(out / "checkpoints", ignore_errors=True)
+                for name in ("summary.json", "metrics.jsonl"):
+                    (out / name).unlink(missing_ok=True)
+            choice = [str(out), note]
+        dist.broadcast_object_list(choice, src=0)
+        if self.rank == 0 and choice[1]:
+            logger.warning("%s", choice[1])
+        return Path(choice[0])
 
     @property
     def module(self) -> torch.nn.Module:
@@ -963,6 +1006,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as exc:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 2
+    if args.check_only:
+        return 0
     torch.set_num_threads(args.threads)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import textwrap
 
 from gradcomp.cli._common import EXIT_OK, CliError, add_json_flag, arg_type, format_table, hook_block_size, int_in, out_file, print_json
@@ -59,9 +58,9 @@ def register(subparsers) -> None:
                    type=arg_type(lambda s: parse_duration(s, "--intra-latency"), "duration"),
                    help="per-message latency inside a node (default 1us)")
     p.add_argument("--block-size", type=hook_block_size, default=256, metavar="B", help="elements per fp32 scale (default 256)")
-    p.add_argument("--chunk-numel", type=int, default=1 << 20, metavar="N",
-                   help="values per pipelined chunk of the quantized exchange, as the hook cuts buckets "
-                        "(default 1048576); 0: no overlap of codec and wire")
+    p.add_argument("--chunk-numel", type=int, default=None, metavar="N",
+                   help="values per pipelined chunk of the quantized exchange (default: the hook's own, "
+                        "1048576 per worker); 0: no overlap of codec and wire")
     p.add_argument("--schemes", default=None, metavar="LIST",
                    help="comma-separated schemes, e.g. ring-fp32,twophase-int8,hier-int4 (default: all that apply)")
     codec = p.add_mutually_exclusive_group()
@@ -93,6 +92,17 @@ def _parse_schemes(text):
         raise CliError(f"--schemes: {exc}") from None
 
 
+def _chunk_numel(args):
+    """The chunk size the model pipelines with: ``--chunk-numel``, else the hook's default for this many workers."""
+    from gradcomp.comm.exchange import chunk_numel_for
+
+    if args.chunk_numel is None:
+        return chunk_numel_for(args.workers)
+    if args.chunk_numel < 0:
+        raise CliError(f"--chunk-numel must be >= 0 (0: no pipelining), got {args.chunk_numel}")
+    return args.chunk_numel or None
+
+
 def run(args) -> int:
     """Handle ``gradcomp cost``."""
     from gradcomp import costmodel as cm
@@ -115,6 +125,7 @@ def run(args) -> int:
     if args.plot is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
         raise CliError(f"--plot: the folder of {args.plot!r} does not exist")
 
+    device = None
     if args.no_codec:
         tp = None
     elif args.codec_throughput is not None:
@@ -128,11 +139,11 @@ def run(args) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         fused = args.measure_codec == "fused"
         kernels.prepare(device, fused=fused)  # on CUDA the kernels compile first (20-30 s)
-        tp = measure_hook_codec(8, args.block_size, 1 << 22, args.workers, repeats=5, fused=fused, device=device)
+        tp = measure_hook_codec(8, args.block_size, 1 << 22, args.workers, repeats=5, fused=fused, device=device,
+                                chunk_numel=_chunk_numel(args))
+    codec_origin, codec_lines = codec_provenance(args, tp, device)
 
-    if args.chunk_numel < 0:
-        raise CliError(f"--chunk-numel must be >= 0 (0: no pipelining), got {args.chunk_numel}")
-    chunk = args.chunk_numel or None
+    chunk = _chunk_numel(args)
     estimates = cm.compare(args.params, cluster, schemes, tp, args.block_size, chunk)
     base = cm.estimate(cm.Scheme.plain(), args.params, cluster, tp, args.block_size)
     rows = []
@@ -175,6 +186,7 @@ def run(args) -> int:
             "block_size": args.block_size,
             "codec": None if tp is None else {
                 "quantize_elements_per_s": tp.quantize_eps, "dequantize_elements_per_s": tp.dequantize_eps, "source": tp.source,
+                "origin": codec_origin,
             },
             "schemes": [
                 dict(e.to_dict(), speedup_vs_ring_fp32=(base.total_s / e.total_s if e.total_s > 0 else None),
@@ -202,11 +214,8 @@ def run(args) -> int:
     nodes = "" if args.nodes is None else f" on {cluster.num_nodes} nodes ({cluster.per_node} per node)"
     print(f"{args.params:.4g} parameters, {cluster.workers} workers{nodes}, "
           f"{format_bandwidth(cluster.bandwidth)}, {format_duration(cluster.latency)} latency")
-    print(f"codec: {'not counted' if tp is None else tp.source}"
-          + ("" if tp is None else f" ({tp.quantize_eps * 4 / 1e9:.3g} GB/s quantize, {tp.dequantize_eps * 4 / 1e9:.3g} GB/s dequantize)"))
-    if tp is not None and tp.source.startswith("measured") and "on cpu" in tp.source:
-        print("note: the codec was timed on this machine's CPU; for GPU training pass the GPU's figure "
-              "with --codec-throughput", file=sys.stderr)
+    for line in codec_lines:
+        print(line)
     print()
     print(format_table(table))
     print()
@@ -218,3 +227,28 @@ def run(args) -> int:
     if args.plot is not None:
         print(f"plot: {args.plot}")
     return EXIT_OK
+
+
+def codec_provenance(args, tp, device):
+    """Say where the codec throughput came from: ``(origin, lines to print)``.
+
+    ``origin`` is ``"none"`` (``--no-codec``), ``"given"`` (``--codec-throughput``: an assumption,
+    not a measurement) or ``"measured-<device>-<fused|eager>"``. The lines name the figure, its
+    origin and, for a CPU measurement, what it implies: a CPU codec is far slower than a GPU's, so
+    a CPU figure makes compression look slow for GPU training.
+    """
+    if tp is None:
+        return "none", ["codec: not counted (--no-codec): only the wire and the latency are modelled"]
+    rate = f"{tp.quantize_eps * 4 / 1e9:.3g} GB/s quantize, {tp.dequantize_eps * 4 / 1e9:.3g} GB/s dequantize"
+    if args.codec_throughput is not None:
+        return "given", [f"codec: {rate} of fp32 input, ASSUMED (given with --codec-throughput), not measured here"]
+    which = args.measure_codec
+    origin = f"measured-{device}-{which}"
+    lines = [f"codec: {rate}, MEASURED on this machine's {device.upper()} [{tp.source}]"]
+    if device == "cpu":
+        if which == "eager":
+            lines.append("note: the eager kernels are the hook's slow reference (fused=False); it runs the fused ones "
+                         "(the default --measure-codec fused times those)")
+        lines.append("note: a CPU codec; for GPU training give the GPU's codec throughput with --codec-throughput "
+                     "(e.g. 500GB/s), or compression will look slower than it is there")
+    return origin, lines

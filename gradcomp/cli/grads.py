@@ -53,7 +53,7 @@ def register(subparsers) -> None:
     src.add_argument("--loss", default=None, metavar="MODULE:FN", help="fn(model, batch) returning a scalar loss")
     src.add_argument("--preset", choices=("small", "comm17m"), default="small", help="TinyGPT shape when no --model (default small)")
     src.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
-                     help="TinyGPT weights: trained once and cached (about a minute the first time) or random")
+                     help="TinyGPT weights: trained once and cached (1-2 minutes the first time) or random")
     src.add_argument("--cache-dir", default=None, metavar="DIR", type=out_dir, help="where the pretrained TinyGPT is cached (default ~/.cache/gradcomp)")
     src.add_argument("--steps", type=positive_int, metavar="N", default=20, help="training steps to capture (default 20)")
     src.add_argument("--workers", type=positive_int, metavar="P", default=4, help="emulated ranks, each on its own batch (default 4)")
@@ -140,7 +140,7 @@ def _source(args):
     cfg = tasks.GPT_PRESETS[args.preset]
     if args.init == "pretrained":
         cache = Path(args.cache_dir) if args.cache_dir else Path.home() / ".cache" / "gradcomp"
-        print(f"loading the pretrained TinyGPT ({args.preset}) from {cache}; the first run trains it (about a minute)",
+        print(f"loading the pretrained TinyGPT ({args.preset}) from {cache}; the first run trains it (1-2 minutes)",
               file=sys.stderr)
         model, train, _ = tasks.pretrained_tiny_gpt(cache, seed=args.seed, config=cfg)
     else:

@@ -48,6 +48,14 @@ def test_module_entry_point_runs_in_a_fresh_process():
     assert "--bandwidth" in r.stdout and "pays below" not in r.stderr
 
 
+def test_python_dash_m_gradcomp_is_the_command():
+    r = subprocess.run([sys.executable, "-m", "gradcomp", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("usage: gradcomp") and "exit codes" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "gradcomp", "frobnicate"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "invalid choice: 'frobnicate'" in r.stderr and "Traceback" not in r.stderr
+
+
 # --------------------------------------------------------------------------------------------
 # cost
 
@@ -82,6 +90,37 @@ def test_cost_measures_the_codec_by_default(capsys):
                        "--schemes", "ring-fp32,twophase-int4")
     assert code == 0
     assert "measured: int8" in out and "twophase-int4" in out and "tree-fp32" not in out
+    # where the throughput came from is said on stdout, with what a CPU figure means for GPU training
+    from gradcomp.codec import kernels
+
+    device = "CUDA" if torch.cuda.is_available() else "CPU"
+    assert f"MEASURED on this machine's {device} [measured: int8" in out and kernels.backend(device.lower()) in out
+    if device == "CPU":
+        assert "note: a CPU codec; for GPU training give the GPU's codec throughput with --codec-throughput" in out
+
+
+def test_cost_pipelines_in_the_hooks_own_chunks_by_default(capsys):
+    from gradcomp.comm.exchange import chunk_numel_for
+
+    def latency(*extra):
+        code, out, _ = run(capsys, "cost", "--params", "7e9", "--workers", "8", "--bandwidth", "10gbit",
+                           "--codec-throughput", "500GB/s", "--schemes", "twophase-int8", "--json", *extra)
+        assert code == 0
+        return json.loads(out)["schemes"][0]["latency_s"]
+
+    chunks = math.ceil(7e9 / chunk_numel_for(8))  # the hook's default: 2**20 values per rank
+    assert latency() == pytest.approx(chunks * 2 * 7 * 5e-6, rel=0.01)
+    assert latency("--chunk-numel", "1048576") == pytest.approx(math.ceil(7e9 / 1048576) * 2 * 7 * 5e-6, rel=0.01)
+
+
+def test_cost_says_a_given_codec_throughput_is_assumed(capsys):
+    code, out, _ = run(capsys, *COST)
+    assert code == 0
+    assert "codec: 200 GB/s quantize, 200 GB/s dequantize of fp32 input, ASSUMED (given with --codec-throughput)" in out
+    code, out, _ = run(capsys, *COST, "--json")
+    assert json.loads(out)["codec"]["origin"] == "given"
+    code, out, _ = run(capsys, "cost", "--params", "7e9", "--workers", "8", "--bandwidth", "10gbit", "--no-codec")
+    assert "codec: not counted (--no-codec)" in out
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -84,6 +84,58 @@ def test_bad_arguments_exit_2_without_side_effects(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_result_files_get_the_umask_mode(tmp_path):
+    # mkstemp's 0600 must not leak into results: the mode is what open() would give (0644 under umask 022)
+    old = os.umask(0o022)
+    try:
+        train.atomic_write_text(tmp_path / "summary.json", "{}")
+        train.atomic_torch_save({"w": torch.ones(2)}, tmp_path / "ckpt" / "train.pt")
+        assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / "ckpt" / "train.pt").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        train.atomic_write_text(tmp_path / "private.json", "{}")
+        assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "private.json", "summary.json"]  # no temp files
+
+
+def _args(*argv):
+    return train.build_parser().parse_args(list(argv))
+
+
+def test_default_run_directory_is_never_silently_reused(tmp_path):
+    root = tmp_path / "runs"
+    assert train.choose_out_dir(_args("--hook", "int8"), "int8", root) == (root / "int8", "")
+    (root / "int8").mkdir(parents=True)
+    assert train.choose_out_dir(_args("--hook", "int8"), "int8", root) == (root / "int8", "")  # empty: used
+    (root / "int8" / "summary.json").write_text("{}")
+    out, note = train.choose_out_dir(_args("--hook", "int8"), "int8", root)
+    assert out == root / "int8-2" and out.is_dir() and "runs/int8 holds an earlier run" in note and "--overwrite" in note
+    assert train.choose_out_dir(_args("--hook", "int8"), "int8", root)[0] == root / "int8-3"  # -2 is claimed now
+    assert train.choose_out_dir(_args("--hook", "int8", "--overwrite"), "int8", root) == (root / "int8", "")
+    assert train.choose_out_dir(_args("--hook", "int8", "--resume"), "int8", root) == (root / "int8", "")
+    # an explicit --out-dir is used as given, and replacing an earlier run there is said, not silent
+    out, note = train.choose_out_dir(_args("--out-dir", str(root / "int8")), "int8", root)
+    assert out == root / "int8" and "holds an earlier run" in note
+
+
+def test_run_sh_checks_arguments_before_starting_torchrun(tmp_path):
+    for argv, needle in [
+        (["--hook", "int3"], "train.py: error: argument --hook: invalid choice: 'int3' (choose from 'allreduce', 'fp16', 'powersgd', 'int8', 'int4', 'local')"),
+        (["--steps", "0"], "train.py: error: --steps must be >= 1, got 0"),
+        (["--resume", "--overwrite"], "train.py: error: --overwrite and --resume contradict each other"),
+    ]:
+        r = subprocess.run(["bash", str(LAUNCH / "run.sh"), *argv], env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith(needle), r.stderr
+        assert r.stdout == "" and not (tmp_path / "runs").exists()  # torchrun never started
+    r = subprocess.run(["bash", str(LAUNCH / "run.sh")], env=_env(NPROC="two"), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == "run.sh: error: NPROC must be a positive integer (processes on this node), got 'two'"
+    r = subprocess.run(["bash", str(LAUNCH / "run.sh"), "--help"], env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.count("usage: train.py") == 1 and "--overwrite" in r.stdout
+
+
 @pytest.mark.slow
 def test_target_loss_stops_every_rank_at_the_same_evaluation(tmp_path):
     # the benchmark's time to accuracy: rank 0 evaluates, every rank stops there (no hang, exit 0);
@@ -106,6 +158,24 @@ def test_target_loss_stops_every_rank_at_the_same_evaluation(tmp_path):
     assert 0 <= summary["hook_setup_s"] < records[0]["elapsed_s"] < records[1]["elapsed_s"]
     assert records[1]["elapsed_s"] - records[0]["elapsed_s"] >= records[1]["step_time_s"]
     assert summary["kernels"] is None  # no gradcomp hook here
+
+
+@pytest.mark.slow
+def test_second_run_of_a_hook_gets_a_new_folder_with_normal_permissions(tmp_path):
+    cmd = ["bash", str(LAUNCH / "run.sh"), "--hook", "local", "--steps", "2", "--batch-size", "2", "--corpus-bytes", str(1 << 16),
+           "--eval-batches", "1", "--log-every", "0", "--netdev", "none"]
+    old = os.umask(0o022)
+    try:
+        for _ in range(2):
+            r = subprocess.run(cmd, env=_env(NPROC="2"), cwd=tmp_path, capture_output=True, text=True, timeout=180)
+            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["local", "local-2"]
+    assert "runs/local holds an earlier run, so this one goes to runs/local-2" in r.stdout
+    for name in ("local", "local-2"):
+        for f in ("summary.json", "metrics.jsonl"):
+            assert (tmp_path / "runs" / name / f).stat().st_mode & 0o777 == 0o644, (name, f)
 
 
 # --------------------------------------------------------------------------------------------
