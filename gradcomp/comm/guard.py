@@ -37,7 +37,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from gradcomp.comm.exchange import chunk_numel_for
+from gradcomp._version import __version__
+from gradcomp.comm.plan import chunk_numel_for
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ __all__ = [
 
 #: The options that decide what a rank sends and how it decodes what it receives.
 WIRE_FIELDS = (
-    "bits", "block_size", "error_feedback", "warmup_steps", "min_compress_numel",
+    "bits", "format", "block_size", "error_feedback", "warmup_steps", "min_compress_numel",
     "stochastic_rounding", "seed", "topology", "policy", "chunk_numel",
 )
 
@@ -130,8 +131,6 @@ def new_group_or_raise(ranks: List[int], backend, timeout: datetime.timedelta, w
 
 def wire_config(config: Any, world_size: int) -> Dict[str, Any]:
     """Return the fields of ``config`` (a ``HookConfig``) that shape the wire, plus the gradcomp version."""
-    from gradcomp import __version__
-
     out: Dict[str, Any] = {"gradcomp_version": __version__, "world_size": world_size}
     for name in WIRE_FIELDS:
         if not hasattr(config, name):  # an option this version does not have

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from gradcomp import codec
-from gradcomp.activations import (
+from gradcomp.quant import (
     OBSERVERS,
     ActivationCapture,
     ActivationQuantizer,

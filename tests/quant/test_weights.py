@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from gradcomp import codec
 from gradcomp.cli import main as cli_main
-from gradcomp.weights import (
+from gradcomp.quant import (
     CastConfig,
     PackedWeight,
     QuantizedConv2d,
