@@ -197,3 +197,36 @@ def test_tests_are_laid_out_like_the_source():
     # a test file sits next to the others of its package: no test files left at the top but the package-wide ones
     top = {p.name for p in (ROOT / "tests").glob("test_*.py")}
     assert top <= {"test_architecture.py", "test_layout.py"}, top
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/architecture.md is true to the tree
+
+
+def _section(text: str, title: str) -> str:
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end >= 0 else len(text)]
+
+
+def test_the_architecture_page_names_every_module_and_only_real_ones():
+    import re
+
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    named = set(re.findall(r"`(gradcomp/[\w/]+\.py)`", _section(page, "Modules")))
+    tree = {str(p.relative_to(ROOT)) for p in PKG.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    assert not tree - named, f"docs/architecture.md does not describe {sorted(tree - named)}"
+    everywhere = set(re.findall(r"`(gradcomp/[\w/]+\.py)`", page))
+    missing = {p for p in everywhere if not (ROOT / p).exists()}
+    assert not missing, f"docs/architecture.md names modules that do not exist: {sorted(missing)}"
+
+
+def test_the_architecture_page_shows_the_layers_the_test_enforces():
+    import re
+
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    rows = [line for line in _section(page, "Layers").splitlines()
+            if line.startswith("| ") and not line.startswith("| layer") and not line.startswith("|---")]
+    shown = tuple((cells[0], tuple(re.findall(r"`([\w.]+)`", cells[1])))
+                  for cells in ([c.strip() for c in row.strip("|").split("|")] for row in rows))
+    assert shown == LAYERS, f"docs/architecture.md's layer table {shown} is not the enforced one {LAYERS}"
