@@ -181,7 +181,7 @@ def fit_latency_bandwidth(numels: Sequence[int], times: Sequence[float], workers
     """Fit ``alpha`` and ``beta`` of the cost model's fp32 ring all-reduce to measured times.
 
     The model is ``t(n) = k alpha + w(n) / beta`` with ``k = 2 (P-1)`` and ``w(n) = 2 (P-1)/P * 4 n``
-    (:func:`gradcomp.costmodel.estimate` of ``ring-fp32``). Each term is taken where it dominates:
+    (:func:`gradcomp.comm.cost.estimate` of ``ring-fp32``). Each term is taken where it dominates:
 
     1. ``1 / beta`` by least squares through ``(0, k alpha0)`` over every probe, unweighted, so the
        largest probes (the sustained rate) set it; ``alpha0`` is the smallest probe's time over ``k``.
