@@ -230,3 +230,30 @@ def test_the_architecture_page_shows_the_layers_the_test_enforces():
     shown = tuple((cells[0], tuple(re.findall(r"`([\w.]+)`", cells[1])))
                   for cells in ([c.strip() for c in row.strip("|").split("|")] for row in rows))
     assert shown == LAYERS, f"docs/architecture.md's layer table {shown} is not the enforced one {LAYERS}"
+
+
+ALIAS_MODULES = ("gradcomp.sensitivity", "gradcomp.mixed_precision", "gradcomp.costmodel", "gradcomp.gradexp",
+                 "gradcomp.weights", "gradcomp.activations", "gradcomp.fsdp")
+
+
+def test_nothing_of_the_project_uses_an_old_import_path():
+    """The package, the CLI, launch/, benchmarks/, examples/ and tests import the new paths (aliases are for users)."""
+    files = [p for d in ("gradcomp", "launch", "benchmarks", "examples", "tests") for p in (ROOT / d).rglob("*.py")]
+    allowed = {PKG / "__init__.py", ROOT / "tests" / "test_layout.py", ROOT / "tests" / "test_architecture.py"}
+    allowed |= {PKG / (m.split(".")[1] + ".py") for m in ALIAS_MODULES}
+    bad = []
+    for path in files:
+        if path in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "gradcomp":
+                names = [f"gradcomp.{node.attr}"]  # gradcomp.fsdp.compress_(...) after `import gradcomp`
+            used = [n for n in names if n in ALIAS_MODULES]
+            if used:
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {used[0]}")
+    assert not bad, "old import paths (warned aliases) used inside the project:\n" + "\n".join(bad)

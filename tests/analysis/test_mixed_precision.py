@@ -1,4 +1,4 @@
-"""Tests of gradcomp.mixed_precision: the knapsack against brute force, rule precedence, applying plans."""
+"""Tests of gradcomp.analysis.mixed_precision: the knapsack against brute force, rule precedence, applying plans."""
 
 from __future__ import annotations
 

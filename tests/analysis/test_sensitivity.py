@@ -1,4 +1,4 @@
-"""Tests of gradcomp.sensitivity: trials restore the model exactly, scores mean what they say."""
+"""Tests of gradcomp.analysis.sensitivity: trials restore the model exactly, scores mean what they say."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of gradcomp.activations: observers, range searches, capture, fake quantization, STE, CLI."""
+"""Tests of activation quantization (gradcomp.quant): observers, range searches, capture, fake quantization, STE, CLI."""
 
 from __future__ import annotations
 
@@ -478,7 +478,7 @@ def test_quantization_aware_finetuning_steps():
 
 
 def test_w8a8_with_weight_quantization():
-    from gradcomp import weights
+    from gradcomp import quant as weights
 
     model = _tiny_model()
     batches = _tiny_batches()

@@ -1,4 +1,4 @@
-"""Tests of gradcomp.weights: configs, the quantizer on weight layouts, packed modules, quantize_,
+"""Tests of weight quantization (gradcomp.quant): configs, the quantizer on weight layouts, packed modules, quantize_,
 size accounting, save/load, quality metrics, and the ``gradcomp weights`` command."""
 
 from __future__ import annotations
