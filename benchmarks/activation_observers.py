@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from gradcomp.activations import (
+from gradcomp.quant import (
     ActQuantConfig,
     analyze_activation_dynamics,
     measure_activation_sqnr,
@@ -58,7 +58,7 @@ OBSERVER_CONFIGS: List[Tuple[str, Dict[str, Any]]] = [
 
 
 def _weight_configs(group: int):
-    from gradcomp.weights import WeightQuantConfig
+    from gradcomp.quant import WeightQuantConfig
 
     return {
         "fp32": None,
@@ -68,7 +68,7 @@ def _weight_configs(group: int):
 
 
 def _quantized_copy(model: nn.Module, wcfg, acfg: ActQuantConfig, calib, forward, weight_filter=None) -> nn.Module:
-    from gradcomp.weights import quantize_
+    from gradcomp.quant import quantize_
 
     m = copy.deepcopy(model)
     if wcfg is not None:
@@ -152,7 +152,7 @@ def run_gpt(args) -> Dict[str, Any]:
         print(f"  {label}: done in {time.perf_counter() - t1:.1f} s", flush=True)
     w_only = {}
     for wname in ("W8", "W4"):
-        from gradcomp.weights import quantize_
+        from gradcomp.quant import quantize_
 
         m = copy.deepcopy(model)
         quantize_(m, wcfgs[wname])
@@ -176,7 +176,7 @@ def run_gpt(args) -> Dict[str, Any]:
 
 def run_histogram_check(args) -> List[Dict[str, Any]]:
     """Percentiles of the running histogram against exact ones over all stored layer inputs."""
-    from gradcomp.activations import ActivationCapture
+    from gradcomp.quant import ActivationCapture
     from gradcomp.examples.tasks import get_batch, pretrained_tiny_gpt
 
     model, train, _ = pretrained_tiny_gpt(args.cache_dir)

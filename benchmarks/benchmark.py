@@ -273,7 +273,7 @@ def measure_memory(numel: int, hosts: List[int], repeats: int = 5) -> Dict[str, 
     """
     import torch
 
-    from gradcomp.comm.exchange import chunk_numel_for
+    from gradcomp.comm.plan import chunk_numel_for
     from gradcomp.comm.hook import HookConfig
     from gradcomp.comm.measure import hook_local_work, timed
 

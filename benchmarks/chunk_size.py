@@ -82,7 +82,7 @@ def worker(args: argparse.Namespace) -> int:
 
 def table(results: List[dict], rate_bps: float) -> str:
     """Markdown: per host count and width, the exchange time per chunk size against the wire alone."""
-    from gradcomp.comm.exchange import chunk_numel_for
+    from gradcomp.comm.plan import chunk_numel_for
 
     lines = ["| hosts | bits | chunk (values) | chunks | exchange (median, slowest rank) | wire alone | exchange / wire | hook default |",
              "|---:|---:|---:|---:|---:|---:|---:|---|"]

@@ -16,7 +16,7 @@ Each worker times, for a few sizes N, on gloo over the rate-limited links:
 
 Two predictions are compared with each measurement:
 
-* ``model``: :func:`gradcomp.costmodel.estimate` with two constants of gloo on this machine fitted
+* ``model``: :func:`gradcomp.analysis.costmodel.estimate` with two constants of gloo on this machine fitted
   on the first setting's ``allreduce-fp32`` rows only (a per-message software latency ``alpha``
   and the share ``eta`` of the link rate that payload gets) and the hook's local work timed by
   :func:`gradcomp.comm.measure.measure_hook_codec` in every worker, all ranks at once; the
@@ -135,8 +135,8 @@ def worker(args) -> int:
     import torch.distributed as dist
 
     from gradcomp.comm import PolicyConfig, QuantizedAllReduceState
-    from gradcomp.comm.collectives import ShardLayout, all_gather_into
-    from gradcomp.comm.exchange import chunk_numel_for
+    from gradcomp.comm.exchange import all_gather_into
+    from gradcomp.comm.plan import ShardLayout, chunk_numel_for
     from gradcomp.comm.hook import HookConfig
     from gradcomp.comm.measure import measure_hook_codec
 
@@ -235,7 +235,7 @@ def run_setting(s, sizes, repeats, outdir: Path, python: str) -> dict:
 
 def predict(kind: str, numel: int, hosts: int, rate_bytes: float, delay_s: float, alpha: float, eta: float, codec, chunk):
     """The cost model's estimate of one timed kind (``codec``: {bits: CodecThroughput})."""
-    from gradcomp import costmodel as cm
+    from gradcomp.analysis import costmodel as cm
 
     cluster = cm.Cluster(workers=hosts, bandwidth=eta * rate_bytes, latency=alpha + delay_s)
     if kind in ("allreduce-fp32", "hook-plain"):
@@ -269,7 +269,7 @@ def fit(run: dict, rate_bytes: float):
 
 
 def main(argv=None) -> int:
-    from gradcomp import costmodel as cm
+    from gradcomp.analysis import costmodel as cm
     from gradcomp.cli._units import parse_bandwidth, parse_duration
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -20,7 +20,7 @@ import time
 import torch
 
 from gradcomp.comm import exchange
-from gradcomp.comm.fsdp_plan import _ModuleComm
+from gradcomp.comm.fsdp_plan import ModuleComm
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     # one rank's row of the root: half of the bigram table, token and position embeddings, final norm
     segs = (65536 * 256 // P, 256 * 256 // P, 64 * 256 // P, 256 // P, 256 // P)
     row = sum(segs)
-    mod = _ModuleComm("root", 0, segs)
+    mod = ModuleComm("root", 0, segs)
     cpu = torch.device("cpu")
     rs, ag = mod.entry("rs", row, P, 8, B, cpu), mod.entry("ag", row, P, 8, B, cpu)
     grad, weights = torch.randn(P * row), torch.randn(row)

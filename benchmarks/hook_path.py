@@ -36,7 +36,9 @@ import torch
 
 from gradcomp.codec import kernels
 from gradcomp.comm import exchange
-from gradcomp.comm.exchange import ExchangeBuffers, ExchangePlan
+from gradcomp.comm import plan as comm_plan
+from gradcomp.comm.buffers import ExchangeBuffers
+from gradcomp.comm.plan import ExchangePlan
 
 
 _CLOCK = time.perf_counter
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.chunk_numel is None:
-        args.chunk_numel = exchange.chunk_numel_for(args.world_size)
+        args.chunk_numel = comm_plan.chunk_numel_for(args.world_size)
     if args.clock == "thread" and args.threads != 1:
         p.error(f"--clock thread counts one thread's CPU time: it needs --threads 1, got --threads {args.threads}")
     global _CLOCK

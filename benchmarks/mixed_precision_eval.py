@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from gradcomp.cli._common import format_table
-from gradcomp.mixed_precision import (
+from gradcomp.analysis.mixed_precision import (
     SCENARIOS,
     StrategyResult,
     Target,
@@ -52,9 +52,9 @@ from gradcomp.mixed_precision import (
     recommend,
     uniform_plan,
 )
-from gradcomp.sensitivity import SensitivityConfig, measure_sensitivity
+from gradcomp.analysis.sensitivity import SensitivityConfig, measure_sensitivity
 from gradcomp.examples.tasks import get_batch, pretrained_tiny_gpt
-from gradcomp.weights import model_size_bytes, parse_config
+from gradcomp.quant import model_size_bytes, parse_config
 
 CANDIDATES = ("int2-g32", "int2-g128", "int3-g32", "int3-g128", "int4-g32", "int4-g128", "int8-g128", "fp16")
 
@@ -259,7 +259,7 @@ def main(argv=None) -> int:
         print(f"(no plot: {exc})", file=sys.stderr)
 
     # 4. trade-off table and recommendations
-    from gradcomp.activations import ActQuantConfig, quantize_activations_
+    from gradcomp.quant import ActQuantConfig, quantize_activations_
 
     x = ev.batches[0][0]
     base_bytes = model_size_bytes(model)
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
     }
     for b in (3.5, 4.5, 6.0):
         strategies[f"knapsack {b} bits"] = ("plan", allocate_bits(report, avg_bits=b, metric="kl"))
-    from gradcomp.weights import quantize_
+    from gradcomp.quant import quantize_
 
     built = []
     for name, (kind, obj) in strategies.items():
@@ -284,7 +284,7 @@ def main(argv=None) -> int:
         else:
             quantize_(q, obj)
             if kind == "bf16":  # the weight-only CPU kernels: fp32 activations computed in bf16
-                from gradcomp.weights import QuantizedLinear
+                from gradcomp.quant import QuantizedLinear
 
                 for m in q.modules():
                     if isinstance(m, QuantizedLinear):

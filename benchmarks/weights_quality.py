@@ -54,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gradcomp.codec import cosine_similarity, sqnr_db
-from gradcomp.weights import (
+from gradcomp.quant import (
     fake_quantize_weight,
     load_quantized,
     load_tensor_file,

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 import gradcomp.quant as q
-from gradcomp.mixed_precision import allocate_bits, uniform_plan
+from gradcomp.analysis.mixed_precision import allocate_bits, uniform_plan
 from gradcomp.quant.activation_quant import prepare_activation_quant_
 from gradcomp.quant.algorithms import GPTQ, HQQ, AutoRound
 from gradcomp.quant.configs import ActQuantConfig
-from gradcomp.sensitivity import SensitivityConfig, measure_sensitivity
+from gradcomp.analysis.sensitivity import SensitivityConfig, measure_sensitivity
 
 OUTPUTS = {"e": ("energy", "meV/atom", 1000.0), "f": ("forces", "meV/A", 1000.0), "s": ("stress", "GPa", 1.0), "m": ("magmom", "mu_B", 1.0)}
 
@@ -362,7 +362,7 @@ def main() -> None:
 
 def section0(base, cal_batches, int8, g32, results) -> None:
     """(0) the weight report with data: output SNR per layer, flags where SQNR looks safe."""
-    from gradcomp.weights import analyze_weights
+    from gradcomp.quant import analyze_weights
 
     t = time.time()
     # propagate: each layer quantized alone, its share of the model-output error (1 batch: 6 structures)

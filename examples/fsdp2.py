@@ -4,7 +4,7 @@
     torchrun --standalone --nproc-per-node 2 examples/fsdp2.py --grad-bits 4 --weight-bits 0
 
 The model is sharded with PyTorch's ``fully_shard`` (each block, then the root); one line,
-``gradcomp.fsdp.compress_``, makes FSDP2's gradient reduce-scatter (and, with ``weight_bits=8``,
+``gradcomp.register_fsdp``, makes FSDP2's gradient reduce-scatter (and, with ``weight_bits=8``,
 its parameter all-gather) travel as codes with block-wise scales. The first 10 steps use FSDP2's own
 collectives; rank 0 prints the bytes sent against FSDP2's fp32 collectives.
 """
@@ -49,7 +49,7 @@ mesh = init_device_mesh(device.type, (dist.get_world_size(),))
 for block in model[1:-1]:
     fully_shard(block, mesh=mesh)
 fully_shard(model, mesh=mesh)
-state = gradcomp.fsdp.compress_(model, grad_bits=args.grad_bits, weight_bits=args.weight_bits or None)  # <- gradcomp
+state = gradcomp.register_fsdp(model, grad_bits=args.grad_bits, weight_bits=args.weight_bits or None)  # <- gradcomp
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
 gen = torch.Generator().manual_seed(rank)  # every rank draws its own batches

@@ -1,21 +1,16 @@
-"""Activation quantization, under its short name: everything here lives in :mod:`gradcomp.quant`.
+"""Deprecated alias of :mod:`gradcomp.quant` for activation quantization (kept for one release).
 
-Observers in :mod:`gradcomp.quant.observers` (on :mod:`gradcomp.quant.histogram`), fake
-quantization in :mod:`gradcomp.quant.fake_quant`, prepare/calibrate/convert in
-:mod:`gradcomp.quant.activation_quant`, capture and statistics in
-:mod:`gradcomp.quant.activation_report`. See docs/activations.md.
+Every name read from ``gradcomp.activations`` warns (``DeprecationWarning``) and comes from
+:mod:`gradcomp.quant`, the one import path from now on (see docs/activations.md).
 """
 
 from __future__ import annotations
 
+from gradcomp import quant as _target
+from gradcomp._deprecated import alias
 from gradcomp.quant import activation_quant, activation_report, fake_quant, histogram, observers
-from gradcomp.quant.configs import ActQuantConfig
-from gradcomp.quant.histogram import *  # noqa: F401,F403
-from gradcomp.quant.observers import *  # noqa: F401,F403
-from gradcomp.quant.activation_quant import *  # noqa: F401,F403
-from gradcomp.quant.activation_report import *  # noqa: F401,F403
-from gradcomp.quant.fake_quant import *  # noqa: F401,F403
 
+__getattr__, __dir__, _ = alias(__name__, _target)
 __all__ = [
     "ActQuantConfig",
     *histogram.__all__,

@@ -1,14 +1,12 @@
-"""Argument checks shared by the whole package, and the code widths it supports.
+"""Argument checks shared by the whole package, and the code widths the codec quantizes.
 
 Every public function checks its input with these, so that one kind of mistake always reads the
 same: a wrong type is a ``TypeError``, a value out of range a ``ValueError``, and each message says
 what was expected and what came (``"bits must be one of (2, 3, 4, 8), got 5"``).
 
-Widths:
-
-* :data:`SUPPORTED_BITS` ``(2, 3, 4, 8)``: what the codec quantizes and packs (weights, activations).
-* :data:`GRADIENT_BITS` ``(2, 4, 8)``: what the gradient exchange sends; a block of codes must fill
-  whole bytes for every block size, which 3-bit codes (8 per 3 bytes) do not.
+:data:`SUPPORTED_BITS` ``(2, 3, 4, 8)`` is what the codec quantizes and packs (weights,
+activations). What the gradient exchange sends is a wire format: ask the registry
+(:func:`gradcomp.codec.formats.wire_format`, :func:`gradcomp.codec.formats.gradient_bits`).
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ from typing import Any, Optional, Sequence
 
 __all__ = [
     "SUPPORTED_BITS",
-    "GRADIENT_BITS",
     "check_bits",
     "check_int",
     "check_is_int",
@@ -29,7 +26,6 @@ __all__ = [
 ]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-GRADIENT_BITS = (2, 4, 8)
 
 
 def check_bits(bits: Any, allowed: Sequence[int] = SUPPORTED_BITS, name: str = "bits") -> int:
@@ -39,7 +35,7 @@ def check_bits(bits: Any, allowed: Sequence[int] = SUPPORTED_BITS, name: str = "
         TypeError: ``bits`` is not an int.
         ValueError: ``bits`` is not one of ``allowed``.
 
-    Example: ``check_bits(3, GRADIENT_BITS)`` raises ``ValueError: bits must be one of (2, 4, 8), got 3``.
+    Example: ``check_bits(3, (2, 4, 8))`` raises ``ValueError: bits must be one of (2, 4, 8), got 3``.
     """
     if isinstance(bits, bool) or not isinstance(bits, int):
         raise TypeError(f"{name} must be an int, one of {tuple(allowed)}, got {type(bits).__name__} {bits!r}")

@@ -51,7 +51,7 @@ Hooks:
     ``local``      no communication at all: every rank keeps its own gradient (the ranks drift
                    apart). Not training: the benchmark's floor, the step time without the network.
 
-FSDP2 (``--fsdp``, no DDP hook): ``gradcomp.fsdp.compress_`` with ``--grad-bits 8|4`` (quantized
+FSDP2 (``--fsdp``, no DDP hook): ``gradcomp.register_fsdp`` with ``--grad-bits 8|4`` (quantized
 reduce-scatter) and ``--weight-bits 8`` (quantized parameter all-gather); 32 keeps FSDP2's own
 collective (still counted). ``--quant-block``, ``--no-error-feedback``, ``--quantize-1d-weights``, ``--warmup-steps``,
 ``--min-compress-numel`` and ``--no-fused`` apply. Checkpoints hold full (unsharded) model and
@@ -518,7 +518,7 @@ def setup_fsdp_comm(args: argparse.Namespace, model: torch.nn.Module) -> HookSet
     """Install gradcomp's FSDP2 collectives (FSDP2's own ones, counted, for width 32) and return a ``HookSetup``."""
     import gradcomp
 
-    state = gradcomp.fsdp.compress_(
+    state = gradcomp.register_fsdp(
         model,
         grad_bits=None if args.grad_bits == 32 else args.grad_bits,
         weight_bits=None if args.weight_bits == 32 else args.weight_bits,

@@ -109,7 +109,7 @@ def run(args) -> int:
     """Run ``gradcomp calibrate``."""
     import torch
 
-    from gradcomp.activations import (
+    from gradcomp.quant import (
         ActQuantConfig,
         analyze_activation_dynamics,
         calibrate_,

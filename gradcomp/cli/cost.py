@@ -28,14 +28,15 @@ fused kernels here.
 def register(subparsers) -> None:
     """Add the ``cost`` subcommand."""
     from gradcomp.cli._units import parse_bandwidth, parse_count, parse_duration
+    from gradcomp.codec.formats import format_names
 
     p = subparsers.add_parser(
         "cost",
         help="predict time and bytes per step of fp32/bf16 ring, tree and quantized all-reduce",
         description=textwrap.fill(
             "Predict the communication time and bytes of one gradient all-reduce per step for "
-            "ring/tree all-reduce in fp32, bf16 and fp16, gradcomp's two-phase quantized exchange at "
-            "8/4/2 bits, all-gather based int8, and the hierarchical mode, with a latency-bandwidth "
+            "ring/tree all-reduce in fp32, bf16 and fp16, gradcomp's two-phase quantized exchange in "
+            f"every wire format ({', '.join(format_names())}), all-gather based int8, and the hierarchical mode, with a latency-bandwidth "
             "model; print the bandwidth below which each compressed scheme beats fp32 ring all-reduce.",
             90,
         ),
@@ -79,7 +80,7 @@ def register(subparsers) -> None:
 
 
 def _parse_schemes(text):
-    from gradcomp.costmodel import parse_scheme
+    from gradcomp.analysis.costmodel import parse_scheme
 
     if text is None:
         return None
@@ -94,7 +95,7 @@ def _parse_schemes(text):
 
 def _chunk_numel(args):
     """The chunk size the model pipelines with: ``--chunk-numel``, else the hook's default for this many workers."""
-    from gradcomp.comm.exchange import chunk_numel_for
+    from gradcomp.comm.plan import chunk_numel_for
 
     if args.chunk_numel is None:
         return chunk_numel_for(args.workers)
@@ -105,7 +106,7 @@ def _chunk_numel(args):
 
 def run(args) -> int:
     """Handle ``gradcomp cost``."""
-    from gradcomp import costmodel as cm
+    from gradcomp.analysis import costmodel as cm
     from gradcomp.cli._units import format_bandwidth, format_bytes, format_duration
 
     try:

@@ -9,12 +9,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+from gradcomp.codec.formats import format_names, gradient_bits, wire_format
 from gradcomp.cli._common import EXIT_OK, CliError, add_json_flag, existing_file, float_in, format_table, load_callable, out_dir, out_file, positive_int, print_json
 
 _EPILOG = """\
 examples:
   gradcomp grads                                   # TinyGPT on the stdlib corpus, 4 emulated ranks
   gradcomp grads --bits 8,4,2 --block-sizes 64,256 --steps 40 --plot-dir plots/
+  gradcomp grads --format int8,int4                # the same widths by wire-format name
   gradcomp grads --steps 8 --save-trace g.safetensors         # keep the gradients ...
   gradcomp grads --load-trace g.safetensors --replay-steps 200  # ... and replay them many times
   gradcomp grads --model mypkg.models:build --data mypkg.data:batch --json
@@ -63,7 +65,10 @@ def register(subparsers) -> None:
     src.add_argument("--load-trace", default=None, metavar="FILE", type=existing_file, help="replay gradients saved with --save-trace")
     src.add_argument("--save-trace", default=None, metavar="FILE", type=out_file(), help="also save the captured gradients (safetensors)")
     q = p.add_argument_group("quantization")
-    q.add_argument("--bits", default="8,4", metavar="LIST", help="comma-separated bit widths from 8, 4, 2 (default 8,4)")
+    q.add_argument("--bits", default=None, metavar="LIST",
+                   help=f"comma-separated bit widths from {', '.join(map(str, _bits_choices()))} (default 8,4)")
+    q.add_argument("--format", default=None, metavar="LIST",
+                   help=f"comma-separated wire formats from {', '.join(format_names())}, instead of --bits")
     q.add_argument("--block-sizes", default="256", metavar="LIST", help="comma-separated elements per scale (default 256)")
     q.add_argument("--rounding", default="nearest,stochastic", metavar="LIST", help="nearest, stochastic or both (default both)")
     q.add_argument("--error-feedback", default="on,off", metavar="LIST", help="on, off or both (default on,off)")
@@ -98,14 +103,27 @@ def _split(text: str, what: str, convert, allowed=None) -> list:
     return list(dict.fromkeys(out))
 
 
-def _configs(args):
-    from gradcomp.gradexp import config_grid
+def _bits_choices() -> tuple:
+    """The ``--bits`` choices: the registry's bits shorthands, widest first (8, 4, 2)."""
+    return tuple(sorted(gradient_bits(), reverse=True))
 
-    bits = _split(args.bits, "--bits", int, (8, 4, 2))
+
+def _configs(args):
+    from gradcomp.analysis.gradexp import config_grid
+
+    if args.format is not None and args.bits is not None:
+        raise CliError("give --bits or --format, not both")
+    if args.format is not None:
+        formats = [wire_format(f) for f in _split(args.format, "--format", str, format_names())]
+    else:
+        formats = [wire_format(b) for b in _split("8,4" if args.bits is None else args.bits, "--bits", int, _bits_choices())]
     blocks = _split(args.block_sizes, "--block-sizes", int)
     for b in blocks:
-        if b < 1 or any(b % (8 // k) for k in bits):
-            raise CliError(f"--block-sizes must be positive and a multiple of 4 for int2 (2 for int4), got {b}")
+        bad = [f for f in formats if b < 1 or b % f.codes_per_byte]
+        if bad:
+            need = ", ".join(f"{f.codes_per_byte} for {f.name}" for f in formats if f.codes_per_byte > 1)
+            raise CliError(f"--block-sizes must be positive and a whole number of code bytes (a multiple of {need}), got {b}")
+    bits = [f.short for f in formats]
     rounding = _split(args.rounding, "--rounding", str, ("nearest", "stochastic"))
     ef = _split(args.error_feedback, "--error-feedback", str, ("on", "off"))
     return config_grid(bits, blocks, rounding, [e == "on" for e in ef], seed=args.seed)
@@ -171,7 +189,7 @@ def _fmt(v) -> str:
 
 def run(args) -> int:
     """Handle ``gradcomp grads``."""
-    from gradcomp import gradexp
+    from gradcomp.analysis import gradexp
 
     if args.lr < 0 or not math.isfinite(args.lr):
         raise CliError(f"--lr must be a non-negative number, got {args.lr}")

@@ -109,8 +109,8 @@ def _sensitivity(args) -> int:
     import torch
     import torch.nn as nn
 
-    from gradcomp.sensitivity import METRICS, SensitivityConfig, measure_sensitivity
-    from gradcomp.weights import parse_config
+    from gradcomp.analysis.sensitivity import METRICS, SensitivityConfig, measure_sensitivity
+    from gradcomp.quant import parse_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -125,7 +125,7 @@ def _sensitivity(args) -> int:
     metrics = None if args.metrics.strip() == "auto" else tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     activations = None
     if args.act_bits:
-        from gradcomp.activations import ActQuantConfig
+        from gradcomp.quant import ActQuantConfig
 
         activations = ActQuantConfig(bits=args.act_bits, dynamic=True, granularity="per_token")
     config = SensitivityConfig(candidates=cands, metrics=metrics, hessian=args.hessian,
@@ -175,9 +175,9 @@ def _sensitivity(args) -> int:
 
 
 def _plan(args) -> int:
-    from gradcomp.mixed_precision import allocate_bits, apply_plan, pareto_front, plan_from_rules
-    from gradcomp.sensitivity import SensitivityReport
-    from gradcomp.weights import parse_config
+    from gradcomp.analysis.mixed_precision import allocate_bits, apply_plan, pareto_front, plan_from_rules
+    from gradcomp.analysis.sensitivity import SensitivityReport
+    from gradcomp.quant import parse_config
 
     report = SensitivityReport.from_json(args.scores)
     cands = [c.strip() for c in args.candidates.split(",")] if args.candidates else None
@@ -220,7 +220,7 @@ def _plan(args) -> int:
                         title=f"Pareto front ({plan.metric})")
     evaluation = None
     if args.evaluate:
-        from gradcomp.weights import model_size_bytes
+        from gradcomp.quant import model_size_bytes
 
         if args.model:
             import torch.nn as nn

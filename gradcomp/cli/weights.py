@@ -110,7 +110,7 @@ def _add_file_options(p) -> None:
 
 
 def _load(args, path=None):
-    from gradcomp.weights import load_tensor_file
+    from gradcomp.quant import load_tensor_file
 
     try:
         return load_tensor_file(path or args.file, key=getattr(args, "key", None), strip_prefix=getattr(args, "strip_prefix", None))
@@ -123,13 +123,13 @@ def _progress(args, desc: str = "") -> bool:
     return not getattr(args, "no_progress", False) and sys.stderr.isatty()
 
 def _parse_specs(specs, default) -> List[Any]:
-    from gradcomp.weights import parse_config
+    from gradcomp.quant import parse_config
 
     return [parse_config(s) for s in (specs or default)]
 
 
 def _analyze(args) -> int:
-    from gradcomp.weights import analyze_weights, load_tensor_file
+    from gradcomp.quant import analyze_weights, load_tensor_file
 
     configs = _parse_specs(args.config, DEFAULT_ANALYZE)
     sd = _load(args)
@@ -170,11 +170,11 @@ def _analyze(args) -> int:
 
 
 def _rules(args) -> List[Any]:
-    from gradcomp.weights import CastConfig, WeightQuantConfig, parse_config
+    from gradcomp.quant import CastConfig, WeightQuantConfig, parse_config
 
     rules: List[Any] = [(p, None) for p in args.skip]
     if getattr(args, "plan", None):
-        from gradcomp.mixed_precision import MixedPrecisionPlan
+        from gradcomp.analysis.mixed_precision import MixedPrecisionPlan
 
         try:
             plan = MixedPrecisionPlan.from_json(args.plan)
@@ -209,7 +209,7 @@ def _quantize(args) -> int:
     from pathlib import Path
 
     from gradcomp.codec import sqnr_db
-    from gradcomp.weights import config_name, load_tensor_file, quantize_state_dict, save_quantized_state_dict
+    from gradcomp.quant import config_name, load_tensor_file, quantize_state_dict, save_quantized_state_dict
 
     out = Path(args.output)
     if out.suffix != ".safetensors":
@@ -257,7 +257,7 @@ def _quantize(args) -> int:
 def _quantize_with_data(args, sd, rules):
     """Load ``sd`` into the user's model, quantize it with a data-aware method, and split packed/plain."""
     from gradcomp.cli._common import load_callable as import_spec
-    from gradcomp.weights import quantize_
+    from gradcomp.quant import quantize_
 
     if not args.model or (not args.data and args.method != "hqq"):
         raise CliError(f"--method {args.method} needs --model MODULE:FN (the model) and --data MODULE:FN (calibration batches)")
@@ -325,7 +325,7 @@ def _user_model(args, sd):
 
 
 def _size(args) -> int:
-    from gradcomp.weights import size_table
+    from gradcomp.quant import size_table
 
     specs = args.config or DEFAULT_SIZE
     configs = _parse_specs(specs, DEFAULT_SIZE)
@@ -355,7 +355,7 @@ def _measure_file_sizes(args, configs) -> List[Dict[str, Any]]:
     import tempfile
 
     from gradcomp.batches import progress_bar
-    from gradcomp.weights import config_name, load_tensor_file, quantize_state_dict, save_quantized_state_dict, weight_nbytes
+    from gradcomp.quant import config_name, load_tensor_file, quantize_state_dict, save_quantized_state_dict, weight_nbytes
 
     sd = _load(args)
     weights = {k: v for k, v in sd.items() if v.is_floating_point() and v.dim() >= 2 and (k == "weight" or k.endswith(".weight"))}

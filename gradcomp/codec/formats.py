@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple, Union
 
-__all__ = ["HEADER_BYTES", "WireFormat", "FORMATS", "wire_format", "format_names", "gradient_bits"]
+__all__ = ["HEADER_BYTES", "WireFormat", "FORMATS", "wire_format", "format_names", "gradient_bits", "format_of_header"]
 
 HEADER_BYTES = 16  # step, bucket index, chunk << 8 | header id, bucket numel: four int32
 
@@ -134,7 +134,36 @@ class WireFormat:
         """Bytes of one message of ``blocks`` blocks, header included."""
         return self.message_layout(blocks, block_size)[3]
 
+    def check_block_size(self, block_size: int, name: str = "block_size") -> int:
+        """Return ``block_size`` if a block of it fills whole bytes of codes, else raise ``ValueError``.
 
+        Example: ``wire_format("int2").check_block_size(6)`` raises (4 codes per byte).
+        """
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"{name} must be a positive int, got {block_size!r}")
+        if block_size % self.codes_per_byte:
+            raise ValueError(
+                f"{name} must be a multiple of {self.codes_per_byte} for {self.name} ({self.codes_per_byte} codes per byte), "
+                f"got {block_size}"
+            )
+        return block_size
+
+    # ---- naming
+
+    @property
+    def short(self) -> Union[int, str]:
+        """The shortest spelling that names this format: its ``bits`` where that is the shorthand, else its name.
+
+        Configs store a format this way (``8`` for int8, as before formats had names), so that a
+        checkpoint or a comparison across ranks reads the same whichever spelling was given.
+
+        Example: ``wire_format("int4").short == 4``.
+        """
+        return self.bits if _by_bits(self.bits) is self else self.name
+
+
+#: The registry: every format gradcomp can send, by name. A new format is one entry here (with a
+#: ``header_id`` of its own), its kernels in :mod:`gradcomp.codec.kernels`, and its CLI choice.
 FORMATS: Dict[str, WireFormat] = {
     f.name: f
     for f in (
@@ -143,8 +172,12 @@ FORMATS: Dict[str, WireFormat] = {
         WireFormat("int2", 2, "int", "fp32", header_id=2),
     )
 }
-_BY_BITS = {8: FORMATS["int8"], 4: FORMATS["int4"], 2: FORMATS["int2"]}
-_BY_HEADER = {f.header_id: f for f in FORMATS.values()}
+
+
+def _by_bits(bits: int) -> Optional[WireFormat]:
+    """The format the shorthand ``bits`` names: the registered ``int`` format of that width (None: none)."""
+    fmt = FORMATS.get(f"int{bits}")
+    return fmt if fmt is not None and fmt.code == "int" and fmt.bits == bits else None
 
 
 def format_names() -> Tuple[str, ...]:
@@ -154,7 +187,7 @@ def format_names() -> Tuple[str, ...]:
 
 def gradient_bits() -> Tuple[int, ...]:
     """The ``bits=`` shorthands that name a format: ``(2, 4, 8)``."""
-    return tuple(sorted(_BY_BITS))
+    return tuple(sorted(f.bits for f in FORMATS.values() if _by_bits(f.bits) is f))
 
 
 def wire_format(spec: Union[WireFormat, str, int], name: str = "format") -> WireFormat:
@@ -184,7 +217,7 @@ def wire_format(spec: Union[WireFormat, str, int], name: str = "format") -> Wire
         raise TypeError(
             f"{name} must be an int, one of {gradient_bits()}, or a format name {format_names()}, got {type(spec).__name__} {spec!r}"
         )
-    fmt = _BY_BITS.get(spec)
+    fmt = _by_bits(spec)
     if fmt is None:
         raise ValueError(f"{name} must be one of {gradient_bits()}, got {spec} (or name a format: {format_names()})")
     return fmt
@@ -192,4 +225,4 @@ def wire_format(spec: Union[WireFormat, str, int], name: str = "format") -> Wire
 
 def format_of_header(header_id: int) -> Optional[WireFormat]:
     """The format whose header id is ``header_id``, or None (a corrupt or foreign message)."""
-    return _BY_HEADER.get(header_id)
+    return next((f for f in FORMATS.values() if f.header_id == header_id), None)

@@ -1,6 +1,6 @@
 """Quantized collectives: a two-phase (reduce-scatter + all-gather) all-reduce whose bytes shrink with the bits.
 
-The exchange, for a flat tensor of N elements on P ranks (``ShardLayout`` gives the sizes):
+The exchange, for a flat tensor of N elements on P ranks (:class:`~gradcomp.comm.plan.ShardLayout` gives the sizes):
 
 1. Pad to ``P * shard`` elements, ``shard`` a whole number of blocks; quantize every block
    (``x + worker_residual`` with error feedback).
@@ -9,17 +9,19 @@ The exchange, for a flat tensor of N elements on P ranks (``ShardLayout`` gives 
 4. Rank k requantizes its reduced shard (``+ server_residual`` with error feedback).
 5. All-gather: every rank receives every reduced shard and dequantizes the lot.
 
-Bytes sent per rank: ``2 (P - 1) * shard * (bits / 8 + 4 / block_size)`` ~= ``2 (P-1)/P * N * (bits/8 + 4/B)``,
-i.e. 0.254x of an fp32 ring all-reduce for int8 and 0.129x for int4 with ``B = 256``, at any P.
+Bytes sent per rank: ``2 (P - 1)`` shard messages, each the shard's codes and scales as its
+:class:`~gradcomp.codec.formats.WireFormat` lays them out (``shard * bytes_per_value(B)``, e.g.
+``shard * (bits / 8 + 4 / B)`` for the int formats), i.e. about ``2 (P-1)/P * N * bytes_per_value``:
+0.254x of an fp32 ring all-reduce for int8 and 0.129x for int4 with ``B = 256``, at any P.
 Every rank dequantizes the same gathered bytes with the same code, so all ranks end bit-identical.
 
 A non-finite value anywhere makes the owning block's reduced scale non-finite; that scale reaches every
 rank in step 5, so every rank sees a non-finite result and ``finite`` is False on all of them.
 
 The steps themselves (encode, reduce_shard, decode, with chunks and message headers) live in
-:mod:`gradcomp.comm.exchange`; :func:`quantized_allreduce` is a blocking convenience over them for one
-flat tensor. Each message also carries a 16-byte header (:data:`gradcomp.comm.exchange.HEADER_BYTES`),
-counted in ``bytes_sent``.
+:mod:`gradcomp.comm.exchange`, the plan in :mod:`gradcomp.comm.plan`; :func:`quantized_allreduce` is a
+blocking convenience over them for one flat tensor. Each message also carries a 16-byte header
+(:data:`gradcomp.codec.formats.HEADER_BYTES`), counted in ``bytes_sent``.
 """
 
 from __future__ import annotations
@@ -28,56 +30,12 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 
+from gradcomp.comm import exchange
+from gradcomp.comm.buffers import ExchangeBuffers
+from gradcomp.comm.plan import ExchangePlan, ShardLayout
 
-__all__ = ["ShardLayout", "ExchangeResult", "quantized_allreduce", "all_gather_into"]
-
-
-@dataclass(frozen=True)
-class ShardLayout:
-    """Sizes of the two-phase exchange of ``numel`` elements over ``world_size`` ranks.
-
-    Example: ``ShardLayout(numel=1000, world_size=3, bits=4, block_size=256)`` has 4 blocks,
-    2 blocks per shard (``shard_numel = 512``), ``padded_numel = 1536``, 256 code bytes and
-    8 scale bytes per shard, so each rank sends ``2 * 2 * 264 = 1056`` bytes.
-    """
-
-    numel: int
-    world_size: int
-    bits: int
-    block_size: int
-
-    @property
-    def blocks_per_shard(self) -> int:
-        """Blocks in each rank's shard."""
-        blocks = -(-self.numel // self.block_size)
-        return max(1, -(-blocks // self.world_size))
-
-    @property
-    def shard_numel(self) -> int:
-        """Elements in each rank's shard (padding included)."""
-        return self.blocks_per_shard * self.block_size
-
-    @property
-    def padded_numel(self) -> int:
-        """Elements of the padded tensor, ``world_size * shard_numel``."""
-        return self.world_size * self.shard_numel
-
-    @property
-    def code_bytes(self) -> int:
-        """Packed code bytes of one shard."""
-        return self.shard_numel * self.bits // 8
-
-    @property
-    def message_bytes(self) -> int:
-        """Bytes of one shard message: packed codes followed by fp32 scales."""
-        return self.code_bytes + 4 * self.blocks_per_shard
-
-    @property
-    def bytes_sent(self) -> int:
-        """Bytes each rank sends: (P-1) messages in the all-to-all and (P-1) in the all-gather."""
-        return 2 * (self.world_size - 1) * self.message_bytes
+__all__ = ["ExchangeResult", "quantized_allreduce"]
 
 
 @dataclass
@@ -102,12 +60,6 @@ class ExchangeResult:
     bytes_sent: int
     rel_error: Optional[float] = None
     messages: Optional[torch.Tensor] = None
-
-
-def all_gather_into(output: torch.Tensor, inp: torch.Tensor, group) -> None:
-    """All-gather ``inp`` from every rank into ``output`` (``world_size * inp.numel()`` elements)."""
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(output, inp, group=group)
 
 
 def quantized_allreduce(
@@ -143,15 +95,13 @@ def quantized_allreduce(
         An :class:`ExchangeResult`; residuals are returned, not updated in place, so the caller can
         keep the old ones when ``finite`` is False.
     """
-    from gradcomp.comm import exchange  # the steps live there; this is the one-tensor convenience
-
     P, B = layout.world_size, layout.block_size
     if x.numel() not in (layout.numel, layout.padded_numel):
         raise ValueError(
             f"x must have layout.numel={layout.numel} (or padded_numel={layout.padded_numel}) elements, got {x.numel()}"
         )
-    plan = exchange.ExchangePlan.build((x.numel(),), P, layout.bits, B, chunk_numel=None)
-    bufs = exchange.ExchangeBuffers.allocate(plan, x.device)
+    plan = ExchangePlan.build((x.numel(),), P, layout.format, B, chunk_numel=None)
+    bufs = ExchangeBuffers.allocate(plan, x.device)
     x = x.reshape(-1)
     wres = sres = wnew = snew = None
     if error_feedback:

@@ -47,7 +47,7 @@ class HookConfig:
         compile: deprecated name of ``fused``.
         chunk_numel: values per chunk of the pipelined exchange; chunks are exchanged one after
             another with the wire and the CPU busy at the same time. None (default): ``2**20``
-            values per rank, ``P * 2**20`` in all (:func:`~gradcomp.comm.exchange.chunk_numel_for`),
+            values per rank, ``P * 2**20`` in all (:func:`~gradcomp.comm.plan.chunk_numel_for`),
             so that each collective's messages stay large as P grows.
         log_every: log the statistics every this many steps from the group's first rank (0: never).
         topology: ranks per node (:class:`~gradcomp.comm.topology.Topology`) for the hierarchical

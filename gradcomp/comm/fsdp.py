@@ -6,11 +6,13 @@ One line on a model already wrapped with ``torch.distributed.fsdp.fully_shard``:
     for block in model.blocks:
         fully_shard(block)
     fully_shard(model)
-    state = gradcomp.fsdp.compress_(model, grad_bits=8, weight_bits=8)
+    state = gradcomp.register_fsdp(model, grad_bits=8, weight_bits=8)
     # ... train as usual; state.stats() tells the bytes; state.state_dict() goes in the checkpoint
 
 Every FSDP module gets its own reduce-scatter and all-gather (``FSDPModule.set_custom_reduce_scatter``
-and ``set_custom_all_gather``), which FSDP calls with the module's flat buffers:
+and ``set_custom_all_gather``; :mod:`gradcomp.comm.fsdp_collectives`), which FSDP calls with the
+module's flat buffers. Widths are wire formats (:class:`~gradcomp.codec.formats.WireFormat`):
+``grad_bits`` and ``weight_bits`` take a format name (``"int4"``) or the bits shorthand (``4``).
 
 Reduce-scatter of a module's gradients, on P ranks: the first half of gradcomp's two-phase exchange,
 with the exchange's own steps (:mod:`gradcomp.comm.exchange`):
@@ -48,7 +50,7 @@ is quantized. 1-D parameters (norm gains, biases) are sent unquantized by defaul
 
 Codec kernels: as in the DDP hook, the fused kernels run from the first compressed collective: the
 native C++ kernels on CPU (built at install), on CUDA the ``torch.compile`` ones, compiled and checked
-bit-identical to the eager ones by :func:`compress_` before training starts (nothing compiles beside
+bit-identical to the eager ones by :func:`register_fsdp` before training starts (nothing compiles beside
 the training).
 
 Guarantees, as in the DDP hook: plain collectives for the first ``warmup_steps`` steps of each module
@@ -76,26 +78,40 @@ parameter for the reduce-scatter (send and receive) and ``1 + 1 / P`` for the in
 from __future__ import annotations
 
 import logging
-import threading
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
-from gradcomp.checks import GRADIENT_BITS, check_is_int
+from gradcomp.checks import check_is_int
 from gradcomp.codec import kernels
-from gradcomp.comm import exchange
-from gradcomp.comm.collectives import all_gather_into
-from gradcomp.comm.fsdp_plan import _FLOAT, _ModuleComm, _op_scale
+from gradcomp.codec.formats import WireFormat, wire_format
+from gradcomp.comm import guard
+from gradcomp.comm.fsdp_collectives import QuantizedAllGather, QuantizedReduceScatter
+from gradcomp.comm.fsdp_plan import FLOAT_DTYPES, Ledger, ModuleComm
+from gradcomp.comm.fsdp_replicate import ReplicateAllReduce
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FSDPCompressConfig", "FSDPCompressState", "compress_"]
+__all__ = ["FSDPCompressConfig", "FSDPCompressState", "register_fsdp", "WEIGHT_FORMATS"]
 
-GRAD_BITS = GRADIENT_BITS
-WEIGHT_BITS = (8,)
+#: The formats the weight all-gather may use: int8 only (a weight quantized to 4 bits every step
+#: moves by whole 4-bit steps; the gradient reduce-scatter takes every registered format).
+WEIGHT_FORMATS = ("int8",)
+
+Width = Union[int, str, None]
+
+
+def _width(name: str, value: Width, allowed=None) -> Optional[Union[int, str]]:
+    """``value`` as a config keeps it: None, or the :attr:`WireFormat.short` spelling of the format it names."""
+    if value is None:
+        return None
+    fmt = wire_format(value, name)
+    if allowed is not None and fmt.name not in allowed:
+        raise ValueError(f"{name} must be one of {allowed} (or its bits) or None, got {value!r}")
+    return fmt.short
 
 
 @dataclass(frozen=True)
@@ -103,9 +119,11 @@ class FSDPCompressConfig:
     """User knobs of the quantized FSDP2 collectives, validated on construction.
 
     Attributes:
-        grad_bits: code width of the gradients in the reduce-scatter, one of (2, 4, 8), or None for
-            FSDP's own reduce-scatter.
-        weight_bits: code width of the parameters in the all-gather, 8 or None for FSDP's own.
+        grad_bits: wire format of the gradients in the reduce-scatter: a registered format name
+            (``"int8"``, ``"int4"``, ``"int2"``) or its bits (8, 4, 2), kept in the shorter spelling
+            (:attr:`~gradcomp.codec.formats.WireFormat.short`); None for FSDP's own reduce-scatter.
+        weight_bits: wire format of the parameters in the all-gather, ``"int8"`` (or 8) or None for
+            FSDP's own (:data:`WEIGHT_FORMATS`).
         block_size: elements sharing one fp32 scale; a positive multiple of 8.
         error_feedback: keep what gradient quantization left behind and add it the next step.
         warmup_steps: steps of plain collectives first, for gradients and weights alike (per module;
@@ -118,13 +136,13 @@ class FSDPCompressConfig:
         min_compress_numel: modules with fewer (unsharded) elements use FSDP's own collectives
             (with ``replicate_group``: the replicate all-reduce compares its shard's size).
         fused: run the fused codec kernels, as the DDP hook does: native C++ on CPU, ``torch.compile``
-            on CUDA (compiled by :func:`compress_`); bit-identical to the eager reference kernels,
+            on CUDA (compiled by :func:`register_fsdp`); bit-identical to the eager reference kernels,
             which ``False`` runs instead (slower; for debugging).
         compile: deprecated name of ``fused``.
     """
 
-    grad_bits: Optional[int] = 8
-    weight_bits: Optional[int] = None
+    grad_bits: Width = 8
+    weight_bits: Width = None
     block_size: int = 256
     error_feedback: bool = True
     exact_1d_weights: bool = True
@@ -138,14 +156,8 @@ class FSDPCompressConfig:
             warnings.warn("FSDPCompressConfig(compile=...) is deprecated; use fused=...", DeprecationWarning, stacklevel=3)
             object.__setattr__(self, "fused", self.compile)
             object.__setattr__(self, "compile", None)
-        if self.grad_bits is not None:
-            check_is_int("grad_bits", self.grad_bits)
-            if self.grad_bits not in GRAD_BITS:
-                raise ValueError(f"grad_bits must be one of {GRAD_BITS} or None, got {self.grad_bits}")
-        if self.weight_bits is not None:
-            check_is_int("weight_bits", self.weight_bits)
-            if self.weight_bits not in WEIGHT_BITS:
-                raise ValueError(f"weight_bits must be one of {WEIGHT_BITS} or None, got {self.weight_bits}")
+        object.__setattr__(self, "grad_bits", _width("grad_bits", self.grad_bits))
+        object.__setattr__(self, "weight_bits", _width("weight_bits", self.weight_bits, WEIGHT_FORMATS))
         check_is_int("block_size", self.block_size)
         if self.block_size < 8 or self.block_size % 8:
             raise ValueError(f"block_size must be a positive multiple of 8 (e.g. 64, 128, 256), got {self.block_size}")
@@ -157,45 +169,26 @@ class FSDPCompressConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} {getattr(self, name)!r}")
 
+    @property
+    def grad_format(self) -> Optional[WireFormat]:
+        """The :class:`~gradcomp.codec.formats.WireFormat` of the gradient reduce-scatter, or None."""
+        return None if self.grad_bits is None else wire_format(self.grad_bits)
 
-class _QuantizedReduceScatter:
-    """FSDP2 ``ReduceScatter`` comm of one module (``allocate`` and ``__call__``)."""
-
-    def __init__(self, state: "FSDPCompressState", mod: _ModuleComm):
-        self.state, self.mod = state, mod
-
-    def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """Return an uninitialised buffer (FSDP fills it)."""
-        return torch.empty(*size, dtype=dtype, device=device)
-
-    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup, op: Any, async_op: bool = False):
-        """Reduce-scatter ``input_tensor`` (P rows) into ``output_tensor`` (this rank's row) with ``op``."""
-        return self.state._reduce_scatter(self.mod, output_tensor, input_tensor, group, op, async_op)
-
-
-class _QuantizedAllGather:
-    """FSDP2 ``AllGather`` comm of one module (``allocate`` and ``__call__``)."""
-
-    def __init__(self, state: "FSDPCompressState", mod: _ModuleComm):
-        self.state, self.mod = state, mod
-
-    def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """Return an uninitialised buffer (FSDP fills this rank's slot)."""
-        return torch.empty(*size, dtype=dtype, device=device)
-
-    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False):
-        """All-gather ``input_tensor`` (this rank's slot of ``output_tensor``) into ``output_tensor``."""
-        return self.state._all_gather(self.mod, output_tensor, input_tensor, group, async_op)
+    @property
+    def weight_format(self) -> Optional[WireFormat]:
+        """The :class:`~gradcomp.codec.formats.WireFormat` of the weight all-gather, or None."""
+        return None if self.weight_bits is None else wire_format(self.weight_bits)
 
 
 class FSDPCompressState:
-    """All per-run data of the quantized FSDP2 collectives on one rank; :func:`compress_` builds it.
+    """All per-run data of the quantized FSDP2 collectives on one rank; :func:`register_fsdp` builds it.
 
     Fields, by role:
         user knobs: ``config`` (a :class:`FSDPCompressConfig`);
-        internal buffers: one record per FSDP module (keyed by its qualified name in the model):
-        the error-feedback residual, the step count, cached layouts;
-        statistics: :meth:`stats`.
+        internal buffers: ``modules``, one :class:`~gradcomp.comm.fsdp_plan.ModuleComm` per FSDP module
+        (keyed by its qualified name in the model: the error-feedback residual, the step count,
+        cached layouts), ``replicas`` with ``replicate_group``;
+        statistics: ``ledger`` (a :class:`~gradcomp.comm.fsdp_plan.Ledger`), read by :meth:`stats`.
 
     The state holds no process group: FSDP passes its own group to every call.
     """
@@ -204,152 +197,14 @@ class FSDPCompressState:
         if not isinstance(config, FSDPCompressConfig):
             raise TypeError(f"config must be an FSDPCompressConfig, got {type(config).__name__}")
         self.config = config
-        self.modules: Dict[str, _ModuleComm] = {}
-        self.replicas: Dict[str, Any] = {}  # fqn -> ReplicateAllReduce (compress_(..., replicate_group=...))
+        self.modules: Dict[str, ModuleComm] = {}
+        self.replicas: Dict[str, ReplicateAllReduce] = {}  # fqn -> its all-reduce across replicas (replicate_group=)
         self.world_size: Optional[int] = None
         self.rank: Optional[int] = None
-        self._lock = threading.Lock()
-        self._totals = {"grad_sent": 0, "grad_fp32": 0, "grad_default": 0, "weight_sent": 0, "weight_fp32": 0, "weight_default": 0,
-                        "replicate_sent": 0, "replicate_fp32": 0}
-        self._nonfinite: Optional[torch.Tensor] = None  # steps x modules seen non-finite, counted on the device
-        self._dtypes: Dict[torch.dtype, None] = {}  # what the collectives carry (compress_ fills it)
-        self.kernels = kernels.backend("cpu", config.fused)  # set by compress_ for the model's device
-
-    # ---- the two collectives
-
-    def _reduce_scatter(self, mod: _ModuleComm, output: torch.Tensor, inp: torch.Tensor, group, op, async_op: bool):
-        cfg = self.config
-        P = group.size() if group is not None else dist.get_world_size()
-        step = mod.step
-        mod.step += 1
-        row = output.numel()
-        scale = _op_scale(op, P)
-        compress = (
-            cfg.grad_bits is not None
-            and P > 1
-            and step >= cfg.warmup_steps
-            and inp.numel() >= cfg.min_compress_numel
-            and inp.dtype in _FLOAT
-            and output.dtype in _FLOAT
-            and inp.numel() == P * row
-            and scale is not None
-        )
-        fp32 = (P - 1) * row * 4
-        default = (P - 1) * row * inp.element_size()
-        if not compress:
-            fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-            if getattr(op, "op", op) == dist.ReduceOp.PREMUL_SUM and scale is not None and dist.get_backend(group) == "gloo":
-                # gloo has no PREMUL_SUM: sum, then multiply (what the quantized path does too)
-                fn(output, inp, group=group, op=dist.ReduceOp.SUM)
-                output.mul_(scale[1])
-                work = None
-            else:
-                work = fn(output, inp, group=group, op=op, async_op=async_op)
-            self._account_grad(mod, default, fp32, default)
-            return work
-        bits, B = cfg.grad_bits, cfg.block_size
-        e = mod.entry("rs", row, P, bits, B, inp.device)
-        plan, bufs = e.plan, e.bufs
-        header = (step, mod.index)
-        rank = dist.get_rank(group)
-        # 1. encode: the rank's whole gradient (+ residual) straight into the P messages
-        res = res_new = None
-        if cfg.error_feedback:
-            res, res_new = mod.residuals(plan.padded_numel, inp.device)  # the new one is committed only if all were finite
-        send = exchange.encode(plan, bufs, 0, inp.view(-1), residual=res, residual_out=res_new, header=header, fused=self.config.fused)
-        # a non-finite value anywhere poisons every scale this rank sends, so every rank sees it
-        # (the plan has no padding blocks: every scale is rewritten by the next encode)
-        _, scales, _ = bufs.to_views(0, send, P)
-        scales.add_(torch.where(torch.isfinite(scales).all(), 0.0, float("nan")))
-        # 2. all-to-all: row k to rank k
-        dist.all_to_all_single(bufs.recv[0], send, group=group)
-        if inp.device.type == "cpu":  # on an accelerator the check would stall the backward pass
-            exchange.check_header(plan, 0, bufs.recv[0], step, mod.index, "FSDP reduce-scatter")
-        # 3. decode the P copies of my row, sum them in rank order, apply the op, straight into the output
-        kind, f = scale
-        finite = exchange.decode_sum(
-            plan, bufs, 0, rank, output.view(-1), offset=rank * row,
-            divide=int(f) if kind == "div" else 1, factor=None if kind == "div" or f == 1.0 else f, fused=self.config.fused,
-        )
-        if cfg.error_feedback:
-            mod.commit_residual(finite)
-        with self._lock:
-            bad = (~finite).to(torch.int64)
-            self._nonfinite = bad if self._nonfinite is None else self._nonfinite.to(bad.device) + bad
-        self._account_grad(mod, (P - 1) * plan.chunks[0].message_bytes, fp32, default)
-        return None
-
-    def _all_gather(self, mod: _ModuleComm, output: torch.Tensor, inp: torch.Tensor, group, async_op: bool):
-        cfg = self.config
-        P = group.size() if group is not None else dist.get_world_size()
-        n = inp.numel()
-        compress = (
-            cfg.weight_bits is not None
-            and P > 1
-            and mod.step >= cfg.warmup_steps
-            and output.numel() >= cfg.min_compress_numel
-            and inp.dtype in _FLOAT
-            and output.dtype == inp.dtype
-            and output.numel() == P * n
-        )
-        fp32 = (P - 1) * n * 4
-        default = (P - 1) * n * inp.element_size()
-        if not compress:
-            fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-            work = fn(output, inp, group=group, async_op=async_op)
-            self._account_weight(mod, default, fp32, default)
-            return work
-        e = mod.entry("ag", n, P, cfg.weight_bits, cfg.block_size, inp.device)
-        header = (mod.step, mod.index)
-        # the input is this rank's slot of the output: encode reads it before decode writes the output
-        mine = exchange.encode(e.plan1, e.bufs1, 0, inp.view(-1), header=header, fused=self.config.fused)
-        gathered = e.bufs.gathered[0]
-        all_gather_into(gathered, mine, group)
-        exact = mod.exact_index(n, inp.device) if cfg.exact_1d_weights else None
-        if exact is not None:  # read before decode overwrites this rank's slot
-            exact_all = torch.empty(P * exact.numel(), dtype=inp.dtype, device=inp.device)
-            all_gather_into(exact_all, inp.view(-1).index_select(0, exact), group)
-        if inp.device.type == "cpu":
-            _, _, hdr = e.bufs.to_views(0, gathered, P)
-            want = torch.tensor(exchange.header_of(e.plan1, 0, *header), dtype=torch.int32)
-            if not bool((hdr == want).all()):
-                raise exchange.HeaderMismatch(
-                    f"ranks out of step in the FSDP all-gather of module {mod.fqn!r}: headers {hdr.tolist()}, "
-                    f"this rank expected {want.tolist()} (step, module, bits, numel)"
-                )
-        # every rank decodes every shard, its own too: all ranks compute with identical weights
-        exchange.decode(e.plan, e.bufs, 0, output.view(-1), fused=self.config.fused)
-        sent = (P - 1) * e.plan.chunks[0].message_bytes
-        if exact is not None:
-            output.view(P, n).index_copy_(1, exact, exact_all.view(P, -1))
-            sent += (P - 1) * exact.numel() * exact_all.element_size()
-        self._account_weight(mod, sent, fp32, default)
-        return None
+        self.ledger = Ledger()  # bytes sent and non-finite steps, for stats()
+        self.kernels = kernels.backend("cpu", config.fused)  # set by register_fsdp for the model's device
 
     # ---- statistics
-
-    def _add_totals(self, kind: str, sent: int, fp32: int, default: int) -> None:
-        """Add one exchange's bytes to the ``{kind}_sent/_fp32/_default`` totals (the caller holds the lock)."""
-        for key, n in (("sent", sent), ("fp32", fp32), ("default", default)):
-            self._totals[f"{kind}_{key}"] += n
-
-    def _account_grad(self, mod: _ModuleComm, sent: int, fp32: int, default: int) -> None:
-        with self._lock:
-            self._add_totals("grad", sent, fp32, default)
-            mod.last_grad = (sent, fp32)
-            mod.last_weight, mod.pending_weight = mod.pending_weight, (0, 0)
-
-    def _account_weight(self, mod: _ModuleComm, sent: int, fp32: int, default: int) -> None:
-        with self._lock:
-            self._add_totals("weight", sent, fp32, default)
-            s, f = mod.pending_weight
-            mod.pending_weight = (s + sent, f + fp32)
-
-    def _account_replicate(self, rep: Any, sent: int, fp32: int) -> None:
-        with self._lock:
-            self._totals["replicate_sent"] += sent
-            self._totals["replicate_fp32"] += fp32
-            rep.last = (sent, fp32)
 
     def stats(self) -> Dict[str, Any]:
         """Return the bytes this rank sent, and what FSDP's fp32 collectives would have sent.
@@ -364,12 +219,12 @@ class FSDPCompressState:
         all-reduce across replicas of every module; fp32: a ring all-reduce), ``replicate_ratio``,
         ``replicate_bytes_total`` / ``replicate_fp32_bytes_total``.
         """
-        with self._lock:
+        with self.ledger.lock:
             mods = list(self.modules.values())
-            t = dict(self._totals)
+            t = dict(self.ledger.totals)
             g = [m.last_grad for m in mods]
             w = [m.last_weight for m in mods]
-            nonfinite = int(self._nonfinite) if self._nonfinite is not None else 0
+            nonfinite = int(self.ledger.nonfinite) if self.ledger.nonfinite is not None else 0
             r = [x.last for x in self.replicas.values()]
         rs, rf = sum(a for a, _ in r), sum(b for _, b in r)
         gs, gf = sum(a for a, _ in g), sum(b for _, b in g)
@@ -400,7 +255,7 @@ class FSDPCompressState:
 
     def state_dict(self) -> Dict[str, Any]:
         """Return this rank's residuals and steps per module (tensors on CPU) and the config."""
-        with self._lock:
+        with self.ledger.lock:
             return {
                 "config": asdict(self.config),
                 "world_size": self.world_size,
@@ -450,7 +305,7 @@ class FSDPCompressState:
         for k, r in tensors:
             if not isinstance(r, torch.Tensor) or r.dtype != torch.float32 or r.dim() != 1:
                 raise ValueError(f"residual of {k!r} must be a 1-D float32 tensor, got {type(r).__name__} {getattr(r, 'dtype', '')}")
-        with self._lock:
+        with self.ledger.lock:
             for k, m in self.modules.items():
                 m.step = int(steps[k])
                 m.residual = residuals[k].clone() if k in residuals else None
@@ -472,11 +327,11 @@ def _fsdp_module_class():
 
 def _collective_dtypes(module: torch.nn.Module, groups: Any) -> List[torch.dtype]:
     """The float dtypes FSDP's collectives of ``module`` will carry: its parameters' and its mixed-precision policy's."""
-    found = [p.dtype for p in module.parameters() if p.dtype in _FLOAT]
+    found = [p.dtype for p in module.parameters() if p.dtype in FLOAT_DTYPES]
     policy = getattr(groups[0], "mp_policy", None) if groups else None
     for name in ("param_dtype", "reduce_dtype"):
         dtype = getattr(policy, name, None)
-        if dtype in _FLOAT:
+        if dtype in FLOAT_DTYPES:
             found.append(dtype)
     return found
 
@@ -509,8 +364,6 @@ def _check_ranks_agree(config: FSDPCompressConfig, installed, targets, replicate
     FSDP modules with their parameter sizes, and whether a replicate group was given: a difference in
     any of them would make the ranks' collectives disagree in size or meaning, and hang or corrupt.
     """
-    from gradcomp.comm import guard
-
     mine = guard.wire_config(config, dist.get_world_size())
     mine.update({k: v for k, v in asdict(config).items() if k not in ("fused", "compile")})
     mine["fsdp_modules"] = [(name, [int(n) for n in mod.segments], [bool(e) for e in mod.exact]) for name, _, mod in installed]
@@ -526,22 +379,24 @@ def _check_ranks_agree(config: FSDPCompressConfig, installed, targets, replicate
     guard.check_agreement(mine, group, timeout)
 
 
-def compress_(
+def register_fsdp(
     model: torch.nn.Module,
-    grad_bits: Optional[int] = 8,
-    weight_bits: Optional[int] = None,
+    grad_bits: Width = 8,
+    weight_bits: Width = None,
     replicate_group: Optional[dist.ProcessGroup] = None,
     **options: Any,
 ) -> FSDPCompressState:
     """Install the quantized reduce-scatter and all-gather on every FSDP module of ``model``; return the state.
 
     Call it on every rank after ``fully_shard`` (on the submodules and the root) and before the
-    first step. FSDP's collectives of each module go through gradcomp from then on.
+    first step. FSDP's collectives of each module go through gradcomp from then on. The FSDP2
+    counterpart of :func:`gradcomp.register` (DDP).
 
     Args:
         model: a model wrapped with ``torch.distributed.fsdp.fully_shard`` (the root or any FSDP module).
-        grad_bits: 8, 4 or 2 for the gradient reduce-scatter; None leaves FSDP's own.
-        weight_bits: 8 for the parameter all-gather; None (default) leaves FSDP's own.
+        grad_bits: the gradient reduce-scatter's wire format: ``"int8"``/8, ``"int4"``/4 or
+            ``"int2"``/2 (any registered format); None leaves FSDP's own.
+        weight_bits: ``"int8"``/8 for the parameter all-gather; None (default) leaves FSDP's own.
         replicate_group: HSDP with a quantized all-reduce across replicas: the model is sharded with
             ``fully_shard`` on the shard dimension only (a 1-D mesh) and this is the group of the
             replicas of this rank's shard (:mod:`gradcomp.comm.fsdp_replicate`). ``grad_bits`` is
@@ -558,7 +413,7 @@ def compress_(
         ValueError: if an option is out of range or torch.distributed is not initialized.
 
     Example:
-        >>> state = gradcomp.fsdp.compress_(model, grad_bits=4, weight_bits=8)  # doctest: +SKIP
+        >>> state = gradcomp.register_fsdp(model, grad_bits=4, weight_bits=8)  # doctest: +SKIP
         >>> state.stats()["grad_ratio"]                                       # doctest: +SKIP
         0.129
     """
@@ -578,12 +433,13 @@ def compress_(
         if not hasattr(m, "set_custom_reduce_scatter") or not hasattr(m, "set_custom_all_gather"):
             raise TypeError(f"this torch ({torch.__version__}) has no FSDPModule.set_custom_reduce_scatter; a newer torch is needed")
     if not dist.is_available() or not dist.is_initialized():
-        raise ValueError("torch.distributed must be initialized (dist.init_process_group) before compress_")
+        raise ValueError("torch.distributed must be initialized (dist.init_process_group) before register_fsdp")
     if replicate_group is not None and not isinstance(replicate_group, dist.ProcessGroup):
         raise TypeError(f"replicate_group must be a torch.distributed.ProcessGroup or None, got {type(replicate_group).__name__}")
     state = FSDPCompressState(config)
     state.world_size, state.rank = dist.get_world_size(), dist.get_rank()
-    installed: List[Tuple[str, torch.nn.Module, _ModuleComm]] = []
+    installed: List[Tuple[str, torch.nn.Module, ModuleComm]] = []
+    dtypes: Dict[torch.dtype, None] = {}  # what the collectives carry
     for name, m in targets:
         groups = getattr(m._get_fsdp_state(), "_fsdp_param_groups", None)
         if groups is not None and len(groups) == 0:
@@ -600,22 +456,20 @@ def compress_(
                 "FSDP module %r is native HSDP: its replicate all-reduce stays uncompressed (FSDP2 has no hook to "
                 "replace it); shard on mesh['shard'] and pass replicate_group= to compress it", name or "<root>",
             )
-        installed.append((name, m, _ModuleComm(name, len(installed), *_param_segments(m))))
-        state._dtypes.update(dict.fromkeys(_collective_dtypes(m, groups)))
+        installed.append((name, m, ModuleComm(name, len(installed), *_param_segments(m))))
+        dtypes.update(dict.fromkeys(_collective_dtypes(m, groups)))
     _check_ranks_agree(config, installed, targets, replicate_group)
     for name, m, mod in installed:  # validated all first: either every module is changed or none
         state.modules[name] = mod
         # installed even for None widths: FSDP's own collective then runs, counted in the statistics
-        m.set_custom_reduce_scatter(_QuantizedReduceScatter(state, mod))
-        m.set_custom_all_gather(_QuantizedAllGather(state, mod))
+        m.set_custom_reduce_scatter(QuantizedReduceScatter(config, mod, state.ledger))
+        m.set_custom_all_gather(QuantizedAllGather(config, mod, state.ledger))
         if replicate_group is not None:
-            from gradcomp.comm.fsdp_replicate import ReplicateAllReduce
-
-            state.replicas[name] = ReplicateAllReduce(state, mod, replicate_group)
+            state.replicas[name] = ReplicateAllReduce(config, mod, replicate_group, state.ledger)
             m.set_all_reduce_hook(state.replicas[name])
     device = next((p.device for _, m, _ in installed for p in m.parameters()), torch.device("cpu"))
-    formats = [b for b in (config.grad_bits, config.weight_bits) if b is not None]
-    dtypes = tuple(dict.fromkeys((torch.float32, *state._dtypes)))
+    formats = [f for f in (config.grad_format, config.weight_format) if f is not None]
+    dtypes = tuple(dict.fromkeys((torch.float32, *dtypes)))
     # before any training step: on CUDA the kernels compile here, never beside the training
     state.kernels = kernels.prepare(device, dtypes, formats, config.block_size, fused=config.fused)
     logger.info("gradcomp FSDP2: %s on %d modules, %d ranks, %s kernels", config, len(installed), state.world_size, state.kernels)

@@ -1,23 +1,37 @@
-"""Layouts of FSDP2's flat buffers for the exchange, and the per-module record of :mod:`gradcomp.comm.fsdp`."""
+"""Layouts of FSDP2's flat buffers for the exchange, the per-module record, and the byte counts of :mod:`gradcomp.comm.fsdp`.
+
+* :class:`RowPlan`: where a flat row of FSDP's buffer goes in the block-aligned row the exchange works on;
+* :class:`ModuleComm`: one FSDP module's data on one rank (residual, step, cached exchanges, bytes);
+* :class:`Ledger`: what the collectives sent, for :meth:`gradcomp.comm.fsdp.FSDPCompressState.stats`;
+* :func:`op_scale`: how FSDP's reduce op scales the summed shard.
+
+These are internal to the FSDP2 modules (:mod:`~gradcomp.comm.fsdp`, :mod:`~gradcomp.comm.fsdp_collectives`,
+:mod:`~gradcomp.comm.fsdp_replicate`); users meet :class:`~gradcomp.comm.fsdp.FSDPCompressState`.
+"""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
-from gradcomp.comm import exchange
+from gradcomp.codec.formats import WireFormat, wire_format
+from gradcomp.comm.buffers import ROUTE_GATHER_RECV, ROUTE_GATHER_SEND, ROUTE_REDUCE_SCATTER, ExchangeBuffers
+from gradcomp.comm.plan import ExchangePlan
 
-_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+__all__ = ["FLOAT_DTYPES", "RowPlan", "op_scale", "Entry", "ModuleComm", "Ledger"]
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the quantized collectives carry
 
 
 @dataclass(frozen=True)
-class _RowPlan:
+class RowPlan:
     """Where a flat row of FSDP's buffer goes in the block-aligned row the exchange works on.
 
-    The exchange (:class:`~gradcomp.comm.exchange.ExchangePlan`) starts every parameter on a block
+    The exchange (:class:`~gradcomp.comm.plan.ExchangePlan`) starts every parameter on a block
     boundary; FSDP's buffer is ``P`` rows of the same per-parameter segments, so it is planned as
     ``P`` copies of the segments, and shard ``k`` of the plan is exactly row ``k``.
 
@@ -34,7 +48,7 @@ class _RowPlan:
     index: Optional[torch.Tensor]
 
     @staticmethod
-    def build(row: int, segments: Sequence[int], block_size: int) -> "_RowPlan":
+    def build(row: int, segments: Sequence[int], block_size: int) -> "RowPlan":
         """Lay ``segments`` (per-parameter lengths summing to ``row``) out, each from a block boundary.
 
         Example: segments (300, 20) with ``block_size=256`` go to 0..299 and 512..531 of a 768-element row.
@@ -49,7 +63,7 @@ class _RowPlan:
         index = None
         if len(segments) > 1 or dst != row:
             index = torch.cat([torch.arange(s, s + n, dtype=torch.long) for s, n in zip(starts, segments)])
-        return _RowPlan(row, segments, dst, index)
+        return RowPlan(row, segments, dst, index)
 
     def align(self, x: torch.Tensor) -> torch.Tensor:
         """Return ``x`` (rows, row) laid out as (rows, aligned), zeros in the padding (a view when it can)."""
@@ -66,7 +80,7 @@ class _RowPlan:
         return y.index_select(1, self.index.to(y.device))
 
 
-def _op_scale(op: Any, world_size: int) -> Optional[Tuple[str, float]]:
+def op_scale(op: Any, world_size: int) -> Optional[Tuple[str, float]]:
     """Return how the summed shard is scaled for FSDP's ``op``: ``("div", P)``, ``("mul", f)``; None for other ops.
 
     AVG: divided by ``P`` (as the DDP exchange divides); SUM: ``("mul", 1.0)``; PREMUL_SUM(f):
@@ -86,17 +100,17 @@ def _op_scale(op: Any, world_size: int) -> Optional[Tuple[str, float]]:
 
 
 @dataclass
-class _Entry:
+class Entry:
     """A cached exchange of one module for one (row, world size, width, device)."""
 
-    row: _RowPlan
-    plan: exchange.ExchangePlan  # P copies of the row's segments: shard k is row k
-    bufs: exchange.ExchangeBuffers
-    plan1: Optional[exchange.ExchangePlan] = None  # the all-gather: this rank's row alone
-    bufs1: Optional[exchange.ExchangeBuffers] = None
+    row: RowPlan
+    plan: ExchangePlan  # P copies of the row's segments: shard k is row k
+    bufs: ExchangeBuffers
+    plan1: Optional[ExchangePlan] = None  # the all-gather: this rank's row alone
+    bufs1: Optional[ExchangeBuffers] = None
 
 
-class _ModuleComm:
+class ModuleComm:
     """Per-module, per-rank data: the residual, the step, the cached exchanges and the byte counts."""
 
     def __init__(self, fqn: str, index: int, segments: Tuple[int, ...], exact: Tuple[bool, ...] = ()):
@@ -108,7 +122,7 @@ class _ModuleComm:
         self.step = 0
         self.residual: Optional[torch.Tensor] = None
         self._spare: Optional[torch.Tensor] = None  # where the next residual is written (double buffering)
-        self.entries: Dict[Tuple[str, int, int, int, str], _Entry] = {}
+        self.entries: Dict[Tuple[str, int, int, WireFormat, str], Entry] = {}
         self.pending_weight: Tuple[int, int] = (0, 0)  # (sent, fp32) of the all-gathers since the last reduce-scatter
         self.last_grad: Tuple[int, int] = (0, 0)
         self.last_weight: Tuple[int, int] = (0, 0)
@@ -154,26 +168,77 @@ class _ModuleComm:
         else:
             torch.where(finite, self._spare, self.residual, out=self.residual)
 
-    def entry(self, kind: str, row: int, world_size: int, bits: int, block_size: int, device: torch.device) -> _Entry:
-        """Return the plan and buffers of a reduce-scatter (``"rs"``) or all-gather (``"ag"``), built once."""
-        key = (kind, row, world_size, bits, str(device))
+    def entry(self, kind: str, row: int, world_size: int, fmt: Union[WireFormat, str, int], block_size: int,
+              device: torch.device) -> Entry:
+        """Return the plan and buffers of a reduce-scatter (``"rs"``) or all-gather (``"ag"``) in format ``fmt``, built once."""
+        fmt = wire_format(fmt)
+        key = (kind, row, world_size, fmt, str(device))
         e = self.entries.get(key)
         if e is not None:
             return e
-        rp = _RowPlan.build(row, self.segments, block_size)
-        plan = exchange.ExchangePlan.build(rp.segments * world_size, world_size, bits, block_size, chunk_numel=None)
+        rp = RowPlan.build(row, self.segments, block_size)
+        plan = ExchangePlan.build(rp.segments * world_size, world_size, fmt, block_size, chunk_numel=None)
         if plan.layout.shard_numel != rp.aligned or len(plan.chunks) != 1:
             raise AssertionError(f"internal error: the exchange's shards ({plan.layout.shard_numel}) are not FSDP's rows ({rp.aligned})")
         if kind == "rs":  # encode, all-to-all, decode_sum
-            e = _Entry(rp, plan, exchange.ExchangeBuffers.allocate(plan, device, need=exchange.ROUTE_REDUCE_SCATTER))
+            e = Entry(rp, plan, ExchangeBuffers.allocate(plan, device, need=ROUTE_REDUCE_SCATTER))
         else:  # encode this rank's row alone (plan1), all-gather, decode every row (plan)
-            plan1 = exchange.ExchangePlan.build(rp.segments, 1, bits, block_size, chunk_numel=None)
+            plan1 = ExchangePlan.build(rp.segments, 1, fmt, block_size, chunk_numel=None)
             c1, cp = plan1.chunks[0], plan.chunks[0]
             if (c1.code_bytes, c1.scale_offset, c1.message_bytes) != (cp.code_bytes, cp.scale_offset, cp.message_bytes):
                 raise AssertionError("internal error: a rank's message and a shard's message differ in layout")
-            e = _Entry(
-                rp, plan, exchange.ExchangeBuffers.allocate(plan, device, need=exchange.ROUTE_GATHER_RECV),
-                plan1, exchange.ExchangeBuffers.allocate(plan1, device, need=exchange.ROUTE_GATHER_SEND),
+            e = Entry(
+                rp, plan, ExchangeBuffers.allocate(plan, device, need=ROUTE_GATHER_RECV),
+                plan1, ExchangeBuffers.allocate(plan1, device, need=ROUTE_GATHER_SEND),
             )
         self.entries[key] = e
         return e
+
+
+class Ledger:
+    """The bytes the FSDP2 collectives of one rank sent, and the non-finite steps they met (thread-safe).
+
+    Totals per kind (``grad``, ``weight``, ``replicate``) of what was sent, what FSDP's fp32
+    collectives would have sent, and what FSDP's own collectives in their dtypes would have sent;
+    the per-module figures of the last step live in each :class:`ModuleComm`. ``lock`` also guards
+    the modules' records while a checkpoint is read or written.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.totals: Dict[str, int] = {
+            "grad_sent": 0, "grad_fp32": 0, "grad_default": 0, "weight_sent": 0, "weight_fp32": 0, "weight_default": 0,
+            "replicate_sent": 0, "replicate_fp32": 0,
+        }
+        self.nonfinite: Optional[torch.Tensor] = None  # steps x modules seen non-finite, counted on the device
+
+    def _add(self, kind: str, sent: int, fp32: int, default: int) -> None:
+        for key, n in (("sent", sent), ("fp32", fp32), ("default", default)):
+            self.totals[f"{kind}_{key}"] += n
+
+    def grad(self, mod: ModuleComm, sent: int, fp32: int, default: int) -> None:
+        """Count one reduce-scatter of ``mod``: it closes the module's step (its all-gathers so far become ``last_weight``)."""
+        with self.lock:
+            self._add("grad", sent, fp32, default)
+            mod.last_grad = (sent, fp32)
+            mod.last_weight, mod.pending_weight = mod.pending_weight, (0, 0)
+
+    def weight(self, mod: ModuleComm, sent: int, fp32: int, default: int) -> None:
+        """Count one all-gather of ``mod``'s parameters."""
+        with self.lock:
+            self._add("weight", sent, fp32, default)
+            s, f = mod.pending_weight
+            mod.pending_weight = (s + sent, f + fp32)
+
+    def replicate(self, rep: Any, sent: int, fp32: int) -> None:
+        """Count one all-reduce across replicas (``rep.last`` keeps it)."""
+        with self.lock:
+            self.totals["replicate_sent"] += sent
+            self.totals["replicate_fp32"] += fp32
+            rep.last = (sent, fp32)
+
+    def finite(self, finite: torch.Tensor) -> None:
+        """Count a module reduce-scatter whose result was not ``finite`` (a 0-dim bool tensor; no host sync)."""
+        with self.lock:
+            bad = (~finite).to(torch.int64)
+            self.nonfinite = bad if self.nonfinite is None else self.nonfinite.to(bad.device) + bad

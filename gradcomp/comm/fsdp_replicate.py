@@ -4,7 +4,7 @@ FSDP2's native HSDP (``fully_shard`` on a 2-D mesh) calls ``dist.all_reduce`` on
 itself, with no hook to replace it (``set_all_reduce_hook`` runs after it). FSDP2 does support a
 custom HSDP: shard on a 1-D mesh (the shard dimension) and give every FSDP module an all-reduce hook,
 which it calls with the module's reduce-scatter output (this rank's shard, averaged over the shard
-group) before the gradients are assigned. :func:`gradcomp.fsdp.compress_` with ``replicate_group=``
+group) before the gradients are assigned. :func:`gradcomp.register_fsdp` with ``replicate_group=``
 installs this hook: the DDP hook's two-phase quantized all-reduce (``exchange.allreduce``: encode
 with the worker residual, all-to-all, reduce_shard with the server residual, all-gather, decode) of
 the shard across the replicas, averaged over them, so every replica ends with bit-identical shards.
@@ -15,23 +15,23 @@ Typical set-up on ``R x S`` ranks::
     for block in model.blocks:
         fully_shard(block, mesh=mesh["shard"])
     fully_shard(model, mesh=mesh["shard"])
-    gradcomp.fsdp.compress_(model, grad_bits=8, replicate_group=mesh.get_group("replicate"))
+    gradcomp.register_fsdp(model, grad_bits=8, replicate_group=mesh.get_group("replicate"))
 
 As with native HSDP, every replica must start from the same parameters (the same seed, or a broadcast).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
+from gradcomp.codec.formats import WireFormat
 from gradcomp.comm import exchange
-from gradcomp.comm.fsdp_plan import _FLOAT, _ModuleComm, _RowPlan
-
-if TYPE_CHECKING:  # pragma: no cover
-    from gradcomp.comm.fsdp import FSDPCompressState
+from gradcomp.comm.fsdp_plan import FLOAT_DTYPES, Ledger, ModuleComm, RowPlan
+from gradcomp.comm.buffers import ExchangeBuffers
+from gradcomp.comm.plan import ExchangePlan
 
 __all__ = ["ReplicateAllReduce"]
 
@@ -40,42 +40,48 @@ class ReplicateAllReduce:
     """The all-reduce hook of one FSDP module across replicas (``FSDPModule.set_all_reduce_hook``).
 
     Holds the module's worker and server residuals of this exchange (in the state's ``state_dict``).
+
+    Args:
+        config: the state's :class:`~gradcomp.comm.fsdp.FSDPCompressConfig` (``grad_format`` is used).
+        mod: the module's :class:`~gradcomp.comm.fsdp_plan.ModuleComm` (its step and segments).
+        group: the replicas of this rank's shard.
+        ledger: where the bytes are counted.
     """
 
-    def __init__(self, state: "FSDPCompressState", mod: "_ModuleComm", group: dist.ProcessGroup):
-        self.state, self.mod, self.group = state, mod, group
+    def __init__(self, config: Any, mod: ModuleComm, group: dist.ProcessGroup, ledger: Ledger):
+        self.config, self.mod, self.group, self.ledger = config, mod, group, ledger
         self.residual: Optional[torch.Tensor] = None
         self.server_residual: Optional[torch.Tensor] = None
-        self._entries: Dict[Tuple[int, int, int, str], Tuple[exchange.ExchangePlan, exchange.ExchangeBuffers]] = {}
+        self._entries: Dict[Tuple[int, int, WireFormat, str], Tuple[ExchangePlan, ExchangeBuffers]] = {}
         self.last: Tuple[int, int] = (0, 0)  # (sent, fp32) of the last call
 
-    def _plan(self, n: int, R: int, bits: int, device) -> Tuple[exchange.ExchangePlan, exchange.ExchangeBuffers]:
-        key = (n, R, bits, str(device))
+    def _plan(self, n: int, R: int, fmt: WireFormat, device) -> Tuple[ExchangePlan, ExchangeBuffers]:
+        key = (n, R, fmt, str(device))
         e = self._entries.get(key)
         if e is None:
-            rp = _RowPlan.build(n, self.mod.segments, self.state.config.block_size)
-            plan = exchange.ExchangePlan.build(rp.segments, R, bits, self.state.config.block_size)
-            e = self._entries[key] = (plan, exchange.ExchangeBuffers.allocate(plan, device))
+            rp = RowPlan.build(n, self.mod.segments, self.config.block_size)
+            plan = ExchangePlan.build(rp.segments, R, fmt, self.config.block_size)
+            e = self._entries[key] = (plan, ExchangeBuffers.allocate(plan, device))
         return e
 
     def __call__(self, out: torch.Tensor) -> None:
         """Average ``out`` (this rank's reduced shard) over the replicas, in place."""
-        cfg = self.state.config
+        cfg = self.config
         R = self.group.size()
         step = self.mod.step - 1  # the module's reduce-scatter of this step came first
         n = out.numel()
         fp32 = 2 * (R - 1) * n * 4 // R
         compress = (
-            cfg.grad_bits is not None and R > 1 and step >= cfg.warmup_steps
-            and n >= cfg.min_compress_numel and out.dtype in _FLOAT and out.is_contiguous()
+            cfg.grad_format is not None and R > 1 and step >= cfg.warmup_steps
+            and n >= cfg.min_compress_numel and out.dtype in FLOAT_DTYPES and out.is_contiguous()
         )
         if not compress:
             if R > 1:
                 dist.all_reduce(out, group=self.group)  # SUM then divide: gloo has no AVG
                 out.div_(R)
-            self.state._account_replicate(self, 2 * (R - 1) * n * out.element_size() // R, fp32)
+            self.ledger.replicate(self, 2 * (R - 1) * n * out.element_size() // R, fp32)
             return
-        plan, bufs = self._plan(n, R, cfg.grad_bits, out.device)
+        plan, bufs = self._plan(n, R, cfg.grad_format, out.device)
         wres = snew = wnew = sres = None
         if cfg.error_feedback:
             wres = self.residual if self.residual is not None and self.residual.numel() == plan.padded_numel else None
@@ -87,8 +93,8 @@ class ReplicateAllReduce:
         finite = exchange.allreduce(
             plan, bufs, out.view(-1), self.group,
             residual=wres, residual_out=wnew, server_residual=sres, server_residual_out=snew,
-            header=(step, self.mod.index), fused=self.state.config.fused,
+            header=(step, self.mod.index), fused=cfg.fused,
         )
         if cfg.error_feedback and finite:  # a non-finite step leaves the residuals as they were, on every rank
             self.residual, self.server_residual = wnew, snew
-        self.state._account_replicate(self, plan.bytes_sent, fp32)
+        self.ledger.replicate(self, plan.bytes_sent, fp32)

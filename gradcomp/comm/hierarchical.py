@@ -2,7 +2,7 @@
 
 On ``M`` nodes of ``L`` ranks (``P = M L``), for a flat fp32 tensor already padded to
 ``padded_numel = L * M * shard`` elements (``shard`` a whole number of blocks; the same padding as the
-flat exchange's :class:`~gradcomp.comm.collectives.ShardLayout` on ``P`` ranks):
+flat exchange's :class:`~gradcomp.comm.plan.ShardLayout` on ``P`` ranks):
 
 1. Inside each node, an fp32 reduce-scatter (sum) over the fast local links: local rank ``l`` gets
    chunk ``l`` (``M * shard`` elements) summed over its node in local-rank order, and divides it by
@@ -38,13 +38,17 @@ chunk ``l`` of node ``m``'s sum (``M * shard`` elements); the server residual co
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Union
 
 import torch
 import torch.distributed as dist
 
+from gradcomp.codec.formats import WireFormat, wire_format
 from gradcomp.comm import exchange
-from gradcomp.comm.collectives import ExchangeResult, ShardLayout, all_gather_into
+from gradcomp.comm.collectives import ExchangeResult
+from gradcomp.comm.exchange import all_gather_into
+from gradcomp.comm.buffers import ExchangeBuffers
+from gradcomp.comm.plan import ExchangePlan, ShardLayout
 from gradcomp.comm.topology import Topology
 
 __all__ = ["HierarchicalLayout", "HierarchicalGroups", "hierarchical_allreduce", "node_reduce_scatter"]
@@ -94,7 +98,7 @@ class HierarchicalLayout:
     numel: int
     nodes: int
     local_size: int
-    bits: int
+    bits: Union[int, str]
     block_size: int
 
     def __post_init__(self) -> None:
@@ -102,6 +106,12 @@ class HierarchicalLayout:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        object.__setattr__(self, "bits", wire_format(self.bits, "bits").short)
+
+    @property
+    def format(self) -> WireFormat:
+        """The :class:`~gradcomp.codec.formats.WireFormat` of the inter-node exchange."""
+        return wire_format(self.bits)
 
     @property
     def flat(self) -> ShardLayout:
@@ -130,8 +140,8 @@ class HierarchicalLayout:
 
     @property
     def inter_message_bytes(self) -> int:
-        """Bytes of one inter-node message: codes, scales and the 16-byte header."""
-        return self.inter.message_bytes + exchange.HEADER_BYTES
+        """Bytes of one inter-node message: codes, scales and the 16-byte header, as the format lays them out."""
+        return self.inter.framed_message_bytes
 
     @property
     def inter_bytes_sent(self) -> int:
@@ -245,8 +255,8 @@ def hierarchical_allreduce(
         mine = x
     if groups.inter is not None:
         # 2. the quantized exchange across nodes, among the ranks owning the same chunk
-        plan = exchange.ExchangePlan.build((chunk,), layout.nodes, layout.bits, layout.block_size, chunk_numel=None)
-        bufs = exchange.ExchangeBuffers.allocate(plan, x.device)
+        plan = ExchangePlan.build((chunk,), layout.nodes, layout.format, layout.block_size, chunk_numel=None)
+        bufs = ExchangeBuffers.allocate(plan, x.device)
         wres = sres = None
         if error_feedback:
             w_in = torch.zeros(chunk, device=x.device) if worker_residual is None else worker_residual.reshape(-1)

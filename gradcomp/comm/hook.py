@@ -44,10 +44,10 @@ import torch
 import torch.distributed as dist
 
 from gradcomp.codec import kernels
-from gradcomp.comm import exchange, guard
+from gradcomp.comm import guard
 from gradcomp.comm.config import HookConfig
 from gradcomp.comm.hook_checkpoint import HookCheckpointing
-from gradcomp.comm.exchange import ExchangePlan
+from gradcomp.comm.plan import ExchangePlan, chunk_numel_for
 from gradcomp.comm.hierarchical import HierarchicalGroups
 from gradcomp.comm.layout import LayoutRecorder, Regroup
 from gradcomp.comm.pipeline import PENDING, CommThread, comm_stream
@@ -184,7 +184,7 @@ class QuantizedAllReduceState(HookCheckpointing):
     @property
     def chunk_numel(self) -> int:
         """Values per chunk of the flat exchange: ``config.chunk_numel``, or ``P * 2**20`` when it is None."""
-        return self.config.chunk_numel if self.config.chunk_numel is not None else exchange.chunk_numel_for(self.world_size)
+        return self.config.chunk_numel if self.config.chunk_numel is not None else chunk_numel_for(self.world_size)
 
     # ---- construction
 

@@ -12,7 +12,7 @@ import logging
 from dataclasses import asdict
 from typing import Any, Dict, Tuple
 
-from gradcomp.comm import guard
+from gradcomp.comm import guard, state_checks
 from gradcomp.comm.layout import LayoutRecorder
 from gradcomp.comm.policy import CommPolicy, NetworkFit
 
@@ -54,7 +54,7 @@ class HookCheckpointing:
             "bucket_numels": res["numels"],
             "worker_residuals": res["worker"],
             "server_residuals": res["server"],
-            "checksums": guard.checksums_of(res["worker"], res["server"]),
+            "checksums": state_checks.checksums_of(res["worker"], res["server"]),
             "layout": self._layout.to_list() if self._param_keys is not None else None,
             "network_fit": self._policy.fit.to_dict() if self._policy is not None else None,
             "stats": self.statistics.snapshot(),
@@ -75,8 +75,8 @@ class HookCheckpointing:
         guard.check_alive(self.failure)
         if not isinstance(state_dict, dict) or "config" not in state_dict:
             raise TypeError(f"state_dict must be a dict made by QuantizedAllReduceState.state_dict(), got {type(state_dict).__name__}")
-        guard.check_checkpoint_config(state_dict.get("config"), self.config)
-        parsed = guard.validate_state_dict(
+        state_checks.check_checkpoint_config(state_dict.get("config"), self.config)
+        parsed = state_checks.validate_state_dict(
             state_dict, world_size=self.world_size, rank=self.rank, residual_sizes=self.residual_sizes, num_params=self._param_numels,
         )
         policy = self._policy

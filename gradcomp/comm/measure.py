@@ -3,22 +3,26 @@
 * :func:`timed`: the one timing helper (median of repeats after a warm-up, device-synchronised).
 * :func:`probe_allreduce`: fp32 all-reduces of growing size on a group (collective).
 * :func:`measure_hook_codec`: the CPU/GPU work the hook does on one bucket outside the wire, as a
-  :class:`~gradcomp.costmodel.CodecThroughput` the cost model's ``compute`` term reproduces.
+  :class:`~gradcomp.comm.cost.CodecThroughput` the cost model's ``compute`` term reproduces.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 
 from gradcomp.codec import kernels
+from gradcomp.codec.formats import WireFormat, wire_format
+from gradcomp.comm import exchange as ex
+from gradcomp.comm.cost import CodecThroughput
+from gradcomp.comm.buffers import ExchangeBuffers
+from gradcomp.comm.plan import DEFAULT_CHUNK_NUMEL, ExchangePlan
 
-from gradcomp.comm.exchange import DEFAULT_CHUNK_NUMEL
-from gradcomp.costmodel import CodecThroughput
+Format = Union[WireFormat, str, int]
 
 __all__ = ["timed", "probe_allreduce", "hook_local_work", "measure_hook_codec"]
 
@@ -70,7 +74,7 @@ def probe_allreduce(group, numels: Sequence[int], repeats: int = 3, device="cpu"
 
 
 def hook_local_work(
-    bits: int,
+    bits: Format,
     block_size: int = 256,
     numel: int = 1 << 20,
     world_size: int = 2,
@@ -93,10 +97,8 @@ def hook_local_work(
         ``{"encode_s", "reduce_shard_s", "decode_s", "total_s"}``: median seconds of each step over
         the whole bucket (``repeats`` runs after a warm-up).
     """
-    from gradcomp.comm import exchange as ex
-
-    plan = ex.ExchangePlan.build([int(numel)], world_size, bits, block_size, chunk_numel)
-    bufs = ex.ExchangeBuffers.allocate(plan, device)
+    plan = ExchangePlan.build([int(numel)], world_size, bits, block_size, chunk_numel)
+    bufs = ExchangeBuffers.allocate(plan, device)
     g = torch.Generator().manual_seed(0)
     bucket = (torch.randn(plan.numel, generator=g) * 1e-3).to(device)
     out = torch.empty_like(bucket)
@@ -131,7 +133,7 @@ def hook_local_work(
 
 
 def measure_hook_codec(
-    bits: int,
+    bits: Format,
     block_size: int = 256,
     numel: int = 1 << 20,
     world_size: int = 2,
@@ -153,7 +155,7 @@ def measure_hook_codec(
     passes, each proportional to ``N``); the step times are kept in ``source``.
 
     Args:
-        bits: code width (8, 4 or 2).
+        bits: the wire format: its bits (8, 4 or 2) or its name (``"int8"``).
         block_size: elements per scale.
         numel: elements of the timed bucket.
         world_size: ranks the exchange runs on (P: the size of the owned shard).
@@ -167,14 +169,14 @@ def measure_hook_codec(
     memory (here 1M values took 2 ms for int8, 4M values 37 ms).
 
     Returns:
-        A :class:`~gradcomp.costmodel.CodecThroughput` whose ``source`` describes the measurement.
+        A :class:`~gradcomp.comm.cost.CodecThroughput` whose ``source`` describes the measurement.
     """
     t = hook_local_work(bits, block_size, numel, world_size, repeats, fused, device, chunk_numel=chunk_numel)
     n = float(numel)
     e = (3 * n + n / world_size) / t["total_s"]
     mode = kernels.backend(device, fused)
     src = (
-        f"measured: int{bits} hook steps on {int(n)} elements in chunks of {chunk_numel}, {world_size} ranks, "
+        f"measured: {wire_format(bits).name} hook steps on {int(n)} elements in chunks of {chunk_numel}, {world_size} ranks, "
         f"{torch.device(device).type}, {mode} "
         f"(encode {t['encode_s'] * 1e3:.2f} ms, reduce shard {t['reduce_shard_s'] * 1e3:.2f} ms, decode {t['decode_s'] * 1e3:.2f} ms)"
     )

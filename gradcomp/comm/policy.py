@@ -1,4 +1,4 @@
-"""A measured policy: per bucket, plain all-reduce, int8 or int4, whichever the network makes fastest.
+"""A measured policy: per bucket, plain all-reduce or a quantized wire format, whichever the network makes fastest.
 
 On a fast network the codec can cost more than the bytes it saves; on a slow one compression wins.
 The policy measures which case this job is in and decides per bucket size:
@@ -7,14 +7,20 @@ The policy measures which case this job is in and decides per bucket size:
    timed ``probe_repeats`` times after a warm-up, the median kept); with a topology, probe each
    node's group the same way. Every rank takes the maximum over ranks of each time, so every rank
    fits the same numbers.
-2. Fit the latency-bandwidth model of :mod:`gradcomp.costmodel` to them: a ring all-reduce of
+2. Fit the latency-bandwidth model of :mod:`gradcomp.comm.cost` to them: a ring all-reduce of
    ``n`` fp32 elements on ``P`` ranks takes ``2 (P-1) alpha + (2 (P-1)/P * 4 n) / beta``; a weighted
    least-squares fit (relative error) gives ``alpha`` and ``beta`` (:func:`fit_latency_bandwidth`).
 3. Time the hook's own codec kernels (error-feedback quantization and dequantization) on this
    machine for each candidate width; the slowest rank's times count.
-4. For a bucket of ``n`` elements, predict with :func:`gradcomp.costmodel.estimate` the time of
-   ``ring-fp32`` and of ``twophase-intK`` (flat) or ``hier-intK`` (with a topology), codec time
-   included, and pick the fastest candidate allowed by the accuracy floor ``min_bits``.
+4. For a bucket of ``n`` elements, predict with :func:`gradcomp.comm.cost.estimate` the time of
+   ``ring-fp32`` and of ``twophase-F`` (flat) or ``hier-F`` (with a topology) for every candidate
+   wire format ``F``, codec time included, and pick the fastest candidate allowed by the accuracy
+   floor ``min_bits``.
+
+Candidates are :data:`PLAIN` (32: plain fp32 all-reduce) and wire formats, by registry name
+(``"int4"``) or bits (``4``); each is kept in its shorter spelling
+(:attr:`~gradcomp.codec.formats.WireFormat.short`: ``8``, ``4``, ``2`` for the int formats), which is
+what :meth:`CommPolicy.choose` returns.
 
 The decision depends only on numbers every rank agreed on and on the bucket's size, so it is the
 same on every rank. Tests and users who know their network inject the figures with
@@ -26,7 +32,7 @@ Example (injected figures, 4 ranks on 2 nodes, 1 Gbit/s between nodes)::
                      codec=((8, CodecThroughput(1e9, 1e9)), (4, CodecThroughput(8e8, 8e8))))
     policy = CommPolicy(PolicyConfig(fit=fit), fit, workers=4, nodes=2, block_size=256)
     policy.describe_choice(4_000_000)
-    # '4000000 elements -> hier-int4 (ring-fp32 192.300 ms, hier-int8 42.846 ms, hier-int4 28.593 ms)'
+    # '4000000 elements -> hier-int4 (ring-fp32 192.300 ms, hier-int8 39.347 ms, hier-int4 24.219 ms)'
 """
 
 from __future__ import annotations
@@ -34,18 +40,30 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-from gradcomp.checks import check_positive
-from gradcomp.comm.exchange import DEFAULT_CHUNK_NUMEL
+from gradcomp.codec.formats import FORMATS
+from gradcomp.comm.cost import Cluster, CodecThroughput, Scheme, estimate
+from gradcomp.comm.fit import (
+    PLAIN,
+    Candidate,
+    LinkFit,
+    NetworkFit,
+    candidate,
+    candidate_label,
+    candidate_width,
+    fit_latency_bandwidth,
+)
 from gradcomp.comm.measure import measure_hook_codec, probe_allreduce, timed
-from gradcomp.costmodel import Cluster, CodecThroughput, Scheme, estimate
+from gradcomp.comm.plan import DEFAULT_CHUNK_NUMEL
 
 logger = logging.getLogger(__name__)
+
+_RING_FP32 = Scheme.plain()
 
 __all__ = [
     "PLAIN",
@@ -58,111 +76,16 @@ __all__ = [
     "probe_network",
 ]
 
-PLAIN = 32  # the "bits" of plain fp32 all-reduce among the candidates
-_CANDIDATES = (PLAIN, 8, 4, 2)
-_RING_FP32 = Scheme.plain()
-
-
-@dataclass(frozen=True)
-class LinkFit:
-    """Latency and bandwidth of a group's links, fitted or given.
-
-    Attributes:
-        latency: seconds per message (alpha).
-        bandwidth: bytes per second each way (beta).
-        rel_rmse: root mean square relative error of the fit over the probes (0 when given).
-        samples: probes the fit used (0 when given).
-        probes: the measured ``(elements, seconds)`` pairs behind the fit (empty when given).
-    """
-
-    latency: float
-    bandwidth: float
-    rel_rmse: float = 0.0
-    samples: int = 0
-    probes: Tuple[Tuple[int, float], ...] = ()
-
-    def __post_init__(self) -> None:
-        check_positive("latency", self.latency, allow_zero=True)
-        check_positive("bandwidth", self.bandwidth)
-        check_positive("rel_rmse", self.rel_rmse, allow_zero=True)
-        try:  # a fit read back from JSON holds lists
-            probes = tuple((int(n), float(t)) for n, t in self.probes)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"probes must hold (elements, seconds) pairs, got {self.probes!r}") from exc
-        object.__setattr__(self, "probes", probes)
-
-
-@dataclass(frozen=True)
-class NetworkFit:
-    """Everything the policy decides from: the links and the codec speed per width.
-
-    Attributes:
-        link: the process group's links (between nodes when there are several).
-        intra: the links inside a node (hierarchical mode), or None.
-        codec: ``((bits, CodecThroughput), ...)`` for every quantized candidate.
-        source: ``given`` or a description of the measurement.
-        overhead: ``((bits, seconds), ...)``: a fixed cost of every quantized bucket exchange that
-            the model of links and codec does not hold (per-bucket work, a pipeline's fill and
-            drain), found by timing the hook's exchange end to end at two bucket sizes; none: 0.
-    """
-
-    link: LinkFit
-    intra: Optional[LinkFit] = None
-    codec: Tuple[Tuple[int, CodecThroughput], ...] = ()
-    source: str = "given"
-    overhead: Tuple[Tuple[int, float], ...] = ()
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.link, LinkFit):
-            raise TypeError(f"link must be a LinkFit, got {type(self.link).__name__}")
-        if self.intra is not None and not isinstance(self.intra, LinkFit):
-            raise TypeError(f"intra must be a LinkFit or None, got {type(self.intra).__name__}")
-        for item in self.codec:
-            if not (isinstance(item, tuple) and len(item) == 2 and item[0] in _CANDIDATES[1:] and isinstance(item[1], CodecThroughput)):
-                raise TypeError(f"codec must hold (bits, CodecThroughput) pairs with bits in (8, 4, 2), got {item!r}")
-        try:  # a fit read back from JSON holds lists
-            overhead = tuple((int(b), float(t)) for b, t in self.overhead)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"overhead must hold (bits, seconds) pairs, got {self.overhead!r}") from exc
-        if any(b not in _CANDIDATES[1:] or not (t >= 0 and math.isfinite(t)) for b, t in overhead):
-            raise ValueError(f"overhead must hold (bits in (8, 4, 2), seconds >= 0) pairs, got {self.overhead!r}")
-        object.__setattr__(self, "overhead", overhead)
-
-    def overhead_for(self, bits: int) -> float:
-        """Return the fixed seconds per bucket of ``bits`` that the end-to-end probe found (0 when none)."""
-        return next((t for b, t in self.overhead if b == bits), 0.0)
-
-    def codec_for(self, bits: int) -> CodecThroughput:
-        """Return the codec throughput of ``bits``."""
-        for b, tp in self.codec:
-            if b == bits:
-                return tp
-        raise ValueError(f"the network fit has no codec throughput for int{bits}; it has {[b for b, _ in self.codec]}")
-
-    def to_dict(self) -> Dict[str, Any]:
-        """Return a plain dict (for checkpoints and logs); :meth:`from_dict` reads it back."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "NetworkFit":
-        """Rebuild a fit from :meth:`to_dict`'s output."""
-        intra = d.get("intra")
-        return cls(
-            link=LinkFit(**d["link"]),
-            intra=LinkFit(**intra) if intra is not None else None,
-            codec=tuple((int(b), CodecThroughput(**tp)) for b, tp in d.get("codec", ())),
-            source=str(d.get("source", "given")),
-            overhead=tuple(d.get("overhead", ())),
-        )
-
-
 @dataclass(frozen=True)
 class PolicyConfig:
     """Knobs of the measured policy.
 
     Attributes:
-        candidates: what a bucket may use: 32 (plain fp32 all-reduce), 8, 4 or 2 (quantized).
-        min_bits: accuracy floor: quantized candidates below it are never chosen (8: never int4).
+        candidates: what a bucket may use: 32 (plain fp32 all-reduce) and wire formats, by bits
+            (8, 4, 2) or registry name (``"int8"``); kept as :data:`PLAIN` and the formats' short
+            spellings.
+        min_bits: accuracy floor: quantized candidates of fewer bits per value are never chosen
+            (8: never int4).
         probe_numels: fp32 elements of the probing all-reduces, growing; up to the size of a DDP
             bucket, so that the fit does not extrapolate far (it costs a few seconds at 1 Gbit/s).
         probe_repeats: timed repeats per size (median kept), after one warm-up.
@@ -179,7 +102,7 @@ class PolicyConfig:
             went to the lossy route and made the step slower.
     """
 
-    candidates: Tuple[int, ...] = (PLAIN, 8, 4)
+    candidates: Tuple[Candidate, ...] = (PLAIN, 8, 4)
     min_bits: int = 4
     probe_numels: Tuple[int, ...] = (256, 4096, 65536, 262144, 1048576, 4194304)
     probe_repeats: int = 3
@@ -190,12 +113,11 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.candidates, tuple) or not self.candidates:
             raise TypeError(f"candidates must be a non-empty tuple such as (32, 8, 4), got {self.candidates!r}")
-        bad = [c for c in self.candidates if c not in _CANDIDATES]
-        if bad:
-            raise ValueError(f"candidates must be among {_CANDIDATES} (32: plain fp32 all-reduce), got {bad}")
-        if self.min_bits not in (2, 4, 8, PLAIN):
-            raise ValueError(f"min_bits must be one of (2, 4, 8, 32), got {self.min_bits!r}")
-        if not [c for c in self.candidates if c >= self.min_bits]:
+        object.__setattr__(self, "candidates", tuple(dict.fromkeys(candidate(c) for c in self.candidates)))
+        widths = tuple(sorted({f.bits for f in FORMATS.values()} | {PLAIN}))
+        if isinstance(self.min_bits, bool) or self.min_bits not in widths:
+            raise ValueError(f"min_bits must be one of {widths}, got {self.min_bits!r}")
+        if not [c for c in self.candidates if candidate_width(c) >= self.min_bits]:
             raise ValueError(f"min_bits={self.min_bits} rules out every candidate of {self.candidates}")
         if (
             not isinstance(self.probe_numels, tuple)
@@ -216,82 +138,9 @@ class PolicyConfig:
             raise TypeError(f"fit must be a NetworkFit or None, got {type(self.fit).__name__}")
 
     @property
-    def allowed(self) -> Tuple[int, ...]:
+    def allowed(self) -> Tuple[Candidate, ...]:
         """The candidates the accuracy floor lets through, widest first."""
-        return tuple(sorted((c for c in self.candidates if c >= self.min_bits), reverse=True))
-
-
-# --------------------------------------------------------------------------------------------
-# fitting
-
-
-def _ring_terms(numel: int, workers: int) -> Tuple[float, float]:
-    """(latency coefficient, wire bytes) of an fp32 ring all-reduce in the cost model."""
-    e = estimate(_RING_FP32, numel, Cluster(workers, bandwidth=1.0, latency=1.0))
-    return e.latency_s, e.wire_bytes
-
-
-def fit_latency_bandwidth(numels: Sequence[int], times: Sequence[float], workers: int) -> LinkFit:
-    """Fit ``alpha`` and ``beta`` of the cost model's fp32 ring all-reduce to measured times.
-
-    The model is ``t(n) = k alpha + w(n) / beta`` with ``k = 2 (P-1)`` and ``w(n) = 2 (P-1)/P * 4 n``
-    (:func:`gradcomp.costmodel.estimate` of ``ring-fp32``). Each term is taken where it dominates:
-
-    1. ``1 / beta`` by least squares through ``(0, k alpha0)`` over every probe, unweighted, so the
-       largest probes (the sustained rate) set it; ``alpha0`` is the smallest probe's time over ``k``.
-       Mid-sized probes often run faster than the sustained rate (a rate limiter's burst, socket
-       buffers): a fit that weighs every probe alike then reports a link faster than it is, and
-       under-predicts every bucket-sized transfer.
-    2. ``alpha`` from the latency-bound probes (the bandwidth term under 10% of the time: the least
-       of their ``(t - w / beta) / k``, as scheduling delays only add), clamped at 0; 0 when no
-       probe is latency-bound.
-    3. ``1 / beta`` again with that ``alpha``; steps 2 and 3 repeat until ``alpha`` settles.
-
-    Example: on 2 ranks (``k = 2``, ``w = 4 n``) times 1.0 ms for 256 elements, 4.0 ms for 1e5 and
-    34.0 ms for 1e6 give ``alpha`` about 0.5 ms and ``beta`` about 120 MB/s.
-
-    Args:
-        numels: fp32 elements of each probe.
-        times: seconds of each probe.
-        workers: ranks of the probed group (P >= 2).
-
-    Returns:
-        A :class:`LinkFit` (with the probes it was fitted on).
-    """
-    if len(numels) != len(times) or len(numels) < 2:
-        raise ValueError(f"numels and times must have the same length >= 2, got {len(numels)} and {len(times)}")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 2:
-        raise ValueError(f"workers must be an int >= 2 (a link needs two ends), got {workers!r}")
-    if any(not (t > 0 and math.isfinite(t)) for t in times):
-        raise ValueError(f"times must be positive finite seconds, got {list(times)}")
-    # plain float arithmetic: bit-identical on every rank, which a LAPACK solver does not promise
-    terms = [_ring_terms(int(n), workers) for n in numels]
-    t = [float(x) for x in times]
-    ks, ws = [k for k, _ in terms], [w for _, w in terms]
-    sww = sum(w * w for w in ws)
-
-    def slope(alpha: float) -> float:
-        return sum(w * (ti - k * alpha) for k, w, ti in zip(ks, ws, t)) / sww
-
-    small = min(range(len(t)), key=lambda i: ws[i])
-    alpha = t[small] / ks[small]
-    inv_beta = slope(alpha)
-    for _ in range(50):  # steps 2 and 3 to a fixed point (each moves alpha by a factor w_small / w_large)
-        if inv_beta <= 0:
-            break
-        bound = sorted((ti - w * inv_beta) / k for k, w, ti in zip(ks, ws, t) if w * inv_beta < 0.1 * ti)
-        new_alpha = max(0.0, bound[0]) if bound else 0.0  # the least: scheduling delays only add
-        converged = abs(new_alpha - alpha) <= 1e-12 * max(alpha, 1e-30)
-        alpha, inv_beta = new_alpha, slope(new_alpha)
-        if converged:
-            break
-    if inv_beta <= 0:  # times did not grow with size: latency-bound; take the largest probe's slope as a floor
-        inv_beta = max(t) / max(ws)
-        alpha = 0.0
-    pred = [k * alpha + w * inv_beta for k, w in terms]
-    rel_rmse = math.sqrt(sum(((p - ti) / ti) ** 2 for p, ti in zip(pred, t)) / len(t))
-    return LinkFit(latency=alpha, bandwidth=1.0 / inv_beta, rel_rmse=rel_rmse, samples=len(numels),
-                   probes=tuple((int(n), ti) for n, ti in zip(numels, t)))
+        return tuple(sorted((c for c in self.candidates if candidate_width(c) >= self.min_bits), key=candidate_width, reverse=True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -470,7 +319,7 @@ def _codec_matching(policy: "CommPolicy", bits: int, small: Tuple[int, float], b
         if best is None:
             return None
         _, m, a = best
-    src = (f"{local.source}; scaled {m:.2f}x, plus {a * 1e3:.2f} ms per bucket, to the int{bits} exchanges measured end to end "
+    src = (f"{local.source}; scaled {m:.2f}x, plus {a * 1e3:.2f} ms per bucket, to the {candidate_label(bits)} exchanges measured end to end "
            f"({ns} elements {ts * 1e3:.2f} ms, {nb} elements {tb * 1e3:.2f} ms)")
     return CodecThroughput(local.quantize_eps / m, local.dequantize_eps / m, src), a
 
@@ -490,7 +339,7 @@ class CommPolicy:
         block_size: the hook's block size.
 
     Example:
-        >>> from gradcomp.costmodel import CodecThroughput
+        >>> from gradcomp.comm.cost import CodecThroughput
         >>> fast = NetworkFit(LinkFit(10e-6, 10e9), codec=((8, CodecThroughput(5e8, 5e8)),))
         >>> CommPolicy(PolicyConfig(candidates=(32, 8)), fast, workers=4).choose(1_000_000)
         32
@@ -519,13 +368,13 @@ class CommPolicy:
             self.cluster = Cluster(workers, fit.link.bandwidth, fit.link.latency)
         self._cache: Dict[int, Tuple[int, Dict[str, float]]] = {}
 
-    def scheme(self, bits: int) -> Scheme:
-        """Return the cost model's :class:`~gradcomp.costmodel.Scheme` of a candidate (``.name``: ``twophase-int8``...)."""
-        if bits == PLAIN:
+    def scheme(self, candidate: Candidate) -> Scheme:
+        """Return the cost model's :class:`~gradcomp.comm.cost.Scheme` of a candidate (``.name``: ``twophase-int8``...)."""
+        if candidate == PLAIN:
             return _RING_FP32
-        return Scheme.exchange(bits, self.hierarchical)
+        return Scheme.exchange(candidate, self.hierarchical)
 
-    def predict(self, numel: int) -> Dict[int, float]:
+    def predict(self, numel: int) -> Dict[Candidate, float]:
         """Return the predicted seconds of every allowed candidate for a bucket of ``numel`` elements."""
         out = {}
         for b in self.config.allowed:
@@ -535,8 +384,10 @@ class CommPolicy:
                 out[b] += self.fit.overhead_for(b)
         return out
 
-    def choose(self, numel: int) -> int:
+    def choose(self, numel: int) -> Candidate:
         """Return the fastest allowed candidate for ``numel`` elements (32: plain all-reduce); ties go to the wider.
+
+        A quantized candidate comes back in its short spelling (``8`` for int8).
 
         Plain all-reduce, when allowed, is kept unless the fastest quantized width is predicted at
         least ``config.min_gain`` faster.
@@ -544,7 +395,7 @@ class CommPolicy:
         hit = self._cache.get(numel)
         if hit is None:
             pred = self.predict(numel)
-            best = min(pred, key=lambda b: (pred[b], -b))
+            best = min(pred, key=lambda b: (pred[b], -candidate_width(b)))
             if best != PLAIN and PLAIN in pred and pred[best] > (1.0 - self.config.min_gain) * pred[PLAIN]:
                 best = PLAIN
             hit = self._cache[numel] = (best, pred)
@@ -558,12 +409,12 @@ class CommPolicy:
             parts.append(f"intra alpha {f.intra.latency * 1e6:.1f} us, beta {f.intra.bandwidth / 1e6:.1f} MB/s (rmse {f.intra.rel_rmse:.2f})")
         for b, tp in f.codec:
             extra = f" + {f.overhead_for(b) * 1e3:.2f} ms per bucket" if f.overhead_for(b) else ""
-            parts.append(f"int{b} codec {tp.quantize_eps / 1e6:.0f}/{tp.dequantize_eps / 1e6:.0f} Melem/s (quantize/dequantize){extra}")
+            parts.append(f"{candidate_label(b)} codec {tp.quantize_eps / 1e6:.0f}/{tp.dequantize_eps / 1e6:.0f} Melem/s (quantize/dequantize){extra}")
         return "; ".join(parts) + f" [{f.source}]"
 
     def describe_choice(self, numel: int) -> str:
         """One line with the decision for ``numel`` elements and the predicted times."""
         best = self.choose(numel)
         pred = self._cache[numel][1]
-        times = ", ".join(f"{self.scheme(b).name} {pred[b] * 1e3:.3f} ms" for b in sorted(pred, reverse=True))
+        times = ", ".join(f"{self.scheme(b).name} {pred[b] * 1e3:.3f} ms" for b in sorted(pred, key=candidate_width, reverse=True))
         return f"{numel} elements -> {self.scheme(best).name} ({times})"

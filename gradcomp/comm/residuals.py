@@ -25,7 +25,7 @@ from typing import Callable, Dict, Mapping, Tuple
 
 import torch
 
-from gradcomp.comm.exchange import ExchangePlan
+from gradcomp.comm.plan import ExchangePlan
 
 logger = logging.getLogger(__name__)
 

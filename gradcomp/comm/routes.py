@@ -20,8 +20,9 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from gradcomp.comm import exchange
-from gradcomp.comm.collectives import all_gather_into
-from gradcomp.comm.exchange import ExchangeBuffers, ExchangePlan
+from gradcomp.comm.buffers import ExchangeBuffers
+from gradcomp.comm.exchange import all_gather_into
+from gradcomp.comm.plan import ExchangePlan
 from gradcomp.comm.hierarchical import HierarchicalGroups, hierarchical_allreduce
 from gradcomp.comm.pipeline import ChunkJob, ChunkPipeline
 

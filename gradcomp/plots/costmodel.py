@@ -21,7 +21,7 @@ def plot_cost_sweep(
     """Plot each scheme's step communication time against workers or bandwidth (log-log) as a PNG.
 
     Args:
-        curves: the output of :func:`gradcomp.costmodel.sweep`: ``{"x": [...], scheme: [seconds...]}``.
+        curves: the output of :func:`gradcomp.analysis.costmodel.sweep`: ``{"x": [...], scheme: [seconds...]}``.
         over: ``"workers"`` or ``"bandwidth"`` (x in bytes per second, drawn in Gbit/s).
         path: the PNG to write.
         title: the figure title.

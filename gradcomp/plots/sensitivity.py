@@ -18,7 +18,7 @@ def plot_sensitivity(report: Any, path: Union[str, os.PathLike], metric: Optiona
     per weight), most sensitive first, so the layers that need more bits stand out on the left.
 
     Args:
-        report: a ``gradcomp.sensitivity.SensitivityReport``.
+        report: a ``gradcomp.analysis.sensitivity.SensitivityReport``.
         path: PNG file to write.
         metric: the score to draw (default: the report's default metric).
         title: figure title.

@@ -28,7 +28,7 @@ from gradcomp.quant.configs import ActQuantConfig
 from gradcomp.quant.fake_quant import fake_quantize_ste
 from gradcomp.quant.histogram import RunningHistogram
 from gradcomp.quant.modules import QuantizedConv2d, QuantizedLinear
-from gradcomp.quant.observers import ActivationObserver
+from gradcomp.quant.observers import ActivationObserver, observer_for
 from gradcomp.quant.rules import check_patterns, match_pattern
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class ActivationQuantizer(nn.Module):
             raise TypeError(f"config must be an ActQuantConfig, got {type(config).__name__}")
         self.config = config
         self.channel_axis = channel_axis
-        self.observer = None if config.dynamic else config.make_observer(channel_axis)
+        self.observer = None if config.dynamic else observer_for(config, channel_axis)
         self.register_buffer("scale", torch.empty(0))
         self.register_buffer("zero_point", torch.empty(0))
         self.register_buffer("frozen", torch.tensor(False))

@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from gradcomp.checks import check_bits, check_bool, check_choice, check_int, check_number
-
-if TYPE_CHECKING:  # the observers import the fake quantizer, which imports these configs
-    from gradcomp.quant.observers import ActivationObserver
 
 __all__ = [
     "GRANULARITIES",
@@ -253,19 +250,4 @@ class ActQuantConfig:
         if self.dynamic:
             return f"A{self.bits} dynamic {self.granularity}"
         return f"A{self.bits} {self.observer}"
-
-    def make_observer(self, channel_axis: int = -1) -> ActivationObserver:
-        """Build the observer this config names (``channel_axis`` for the per-channel one)."""
-        from gradcomp.quant.observers import make_observer
-
-        kwargs: Dict[str, Any] = {}
-        if self.observer == "per_channel":
-            kwargs["axis"] = channel_axis
-        elif self.observer == "percentile":
-            kwargs.update(percentile=self.percentile, bins=self.bins)
-        elif self.observer in ("mse", "kl"):
-            kwargs["bins"] = self.bins
-        elif self.observer == "moving_average":
-            kwargs["averaging_constant"] = self.averaging_constant
-        return make_observer(self.observer, self.bits, self.symmetric, **kwargs)
 

@@ -432,7 +432,7 @@ def quantize_(
             from gradcomp.quant.algorithms.sequential import sequential_quantize
 
             done = sequential_quantize(model, plan, aware, algorithm, calibration, stages, forward=forward,
-                               num_batches=num_batches, progress=progress)
+                               num_batches=num_batches, progress=progress, swap=_swap, set_submodule=_set_submodule)
     shared: Dict[Tuple[int, Config], PackedWeight] = {}
     new: Dict[str, _QuantizedLayer] = {}
     configs_of_weight: Dict[int, set] = {}

@@ -31,6 +31,7 @@ __all__ = [
     "EntropyObserver",
     "OBSERVERS",
     "make_observer",
+    "observer_for",
 ]
 
 
@@ -394,3 +395,21 @@ def make_observer(name: str, bits: int = 8, symmetric: bool = False, **kwargs: A
     if name not in OBSERVERS:
         raise ValueError(f"observer must be one of {sorted(OBSERVERS)}, got {name!r}")
     return OBSERVERS[name](bits=bits, symmetric=symmetric, **kwargs)
+
+
+def observer_for(config: Any, channel_axis: int = -1) -> ActivationObserver:
+    """Build the observer an :class:`~gradcomp.quant.configs.ActQuantConfig` names (``channel_axis`` for the per-channel one).
+
+    Example: ``observer_for(ActQuantConfig(observer="percentile", percentile=99.9))`` is a
+    :class:`PercentileObserver` with that percentile and the config's bins.
+    """
+    kwargs: Dict[str, Any] = {}
+    if config.observer == "per_channel":
+        kwargs["axis"] = channel_axis
+    elif config.observer == "percentile":
+        kwargs.update(percentile=config.percentile, bins=config.bins)
+    elif config.observer in ("mse", "kl"):
+        kwargs["bins"] = config.bins
+    elif config.observer == "moving_average":
+        kwargs["averaging_constant"] = config.averaging_constant
+    return make_observer(config.observer, config.bits, config.symmetric, **kwargs)

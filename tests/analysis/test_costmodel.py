@@ -6,9 +6,10 @@ import math
 
 import pytest
 
-from gradcomp import costmodel as cm
-from gradcomp.comm.collectives import ShardLayout
+from gradcomp.analysis import costmodel as cm
+from gradcomp.codec.formats import HEADER_BYTES
 from gradcomp.comm.measure import measure_hook_codec
+from gradcomp.comm.plan import ExchangePlan, ShardLayout
 
 GBIT10 = 1.25e9  # 10 Gbit/s in bytes per second
 
@@ -37,25 +38,33 @@ def test_ring_bf16_is_half_of_fp32():
 
 
 def test_twophase_bytes_match_the_shard_layout_example():
-    # ShardLayout(1000, 3, 4, 256): 2 blocks per shard, 256 code bytes + 8 scale bytes, 2 * 2 * 264 = 1056
+    # ShardLayout(1000, 3, 4, 256): 2 blocks per shard, 256 code bytes + 8 scale bytes + a 16-byte header,
+    # 2 * 2 * 280 = 1120
     c = cm.Cluster(workers=3, bandwidth=1e6, latency=0.0)
     e = cm.estimate("twophase-int4", 1000, c)
-    assert e.bytes_per_rank == 1056
-    assert e.wire_s == pytest.approx(1056 / 1e6)
+    assert ShardLayout(1000, 3, 4, 256).framed_message_bytes == 280
+    assert e.bytes_per_rank == 1120 == ShardLayout(1000, 3, 4, 256).bytes_sent + 2 * 2 * HEADER_BYTES
+    assert e.wire_s == pytest.approx(1120 / 1e6)
 
 
-@pytest.mark.parametrize("numel,world,bits", [(1, 2, 8), (4097, 5, 4), (1 << 20, 8, 2), (123_457, 3, 8)])
-def test_twophase_bytes_equal_what_the_collective_sends(numel, world, bits):
-    e = cm.estimate(f"twophase-int{bits}", numel, cm.Cluster(world, 1e9))
-    assert e.bytes_per_rank == ShardLayout(numel, world, bits, 256).bytes_sent
+@pytest.mark.parametrize("chunk_numel", [None, 4096, 1 << 20])
+@pytest.mark.parametrize("numel,world,bits", [(1, 2, 8), (4097, 5, 4), (1 << 20, 8, 2), (123_457, 3, 8), (3_000_001, 4, 4)])
+def test_twophase_bytes_equal_what_the_collective_sends(numel, world, bits, chunk_numel):
+    """The cost model's bytes are the exchange plan's: chunks, padding, scales and headers."""
+    e = cm.estimate(f"twophase-int{bits}", numel, cm.Cluster(world, 1e9), chunk_numel=chunk_numel)
+    plan = ExchangePlan.build([numel], world, bits, 256, chunk_numel)
+    assert e.bytes_per_rank == plan.bytes_sent == ExchangePlan.sizes_of(numel, world, bits, 256, chunk_numel).bytes_sent
+    assert e.wire_bytes == plan.bytes_sent  # one worker per node: every message crosses the main link
+    assert e.latency_s == pytest.approx(2 * (world - 1) * len(plan.chunks) * cm.Cluster(world, 1e9).latency)
 
 
 def test_twophase_ratio_to_fp32_ring_when_sizes_divide():
-    n = 8 * 256 * 1000
-    c = cm.Cluster(workers=8, bandwidth=1e9)
+    n, P = 8 * 256 * 1000, 8
+    c = cm.Cluster(workers=P, bandwidth=1e9)
     ring = cm.estimate("ring-fp32", n, c).bytes_per_rank
-    assert cm.estimate("twophase-int8", n, c).bytes_per_rank / ring == pytest.approx((1 + 4 / 256) / 4)
-    assert cm.estimate("twophase-int4", n, c).bytes_per_rank / ring == pytest.approx((0.5 + 4 / 256) / 4)
+    headers = 2 * (P - 1) * HEADER_BYTES  # one chunk: one header per message
+    assert (cm.estimate("twophase-int8", n, c).bytes_per_rank - headers) / ring == pytest.approx((1 + 4 / 256) / 4)
+    assert (cm.estimate("twophase-int4", n, c).bytes_per_rank - headers) / ring == pytest.approx((0.5 + 4 / 256) / 4)
 
 
 def test_twophase_codec_time_from_throughput():
@@ -91,8 +100,8 @@ def test_hierarchical_hand_computed():
     e = cm.estimate("hier-int8", n, c, tp)
     # L = 4 per node: fp32 reduce-scatter + all-gather inside, 2 * 3/4 * N * 4 bytes per rank
     intra = 2 * 3 / 4 * n * 4
-    # across M = 2 nodes each rank exchanges N/4 = 262144 elements: shard of 131072 = 512 blocks
-    s_h = 131072 + 4 * 512
+    # across M = 2 nodes each rank exchanges N/4 = 262144 elements: shard of 131072 = 512 blocks, and a header
+    s_h = 131072 + 4 * 512 + HEADER_BYTES
     assert e.bytes_per_rank == pytest.approx(intra + 2 * 1 * s_h)
     assert e.wire_bytes == pytest.approx(4 * 2 * s_h)  # the 4 ranks of a node share its NIC
     assert e.intra_s == pytest.approx(intra / 1e11)
@@ -120,7 +129,7 @@ def test_flat_twophase_across_nodes_pays_for_the_shared_nic():
     # the ring all-gather P - 1 = 7 over each inter-node edge (instead of 2 * 7 with one worker per node)
     c = cm.Cluster(workers=8, nodes=2, bandwidth=1e9)
     e = cm.estimate("twophase-int8", 8 * 256, c)
-    s = 256 + 4
+    s = 256 + 4 + HEADER_BYTES
     assert e.bytes_per_rank == 2 * 7 * s
     assert e.wire_bytes == (4 * 4 + 7) * s
     assert e.intra_s == pytest.approx(3 * s / c.intra_bandwidth)
@@ -158,10 +167,10 @@ def test_break_even_is_where_the_times_cross():
 
 
 def test_break_even_hand_computed():
-    # int8 saves 2*(P-1)/P*N*(4 - 1 - 4/256) bytes and costs the codec time
+    # int8 saves 2*(P-1)/P*N*(4 - 1 - 4/256) bytes less its 2 (P-1) headers, and costs the codec time
     n, p = 8 * 256 * 100, 8
     tp = cm.CodecThroughput(1e8, 1e8)
-    saved = 2 * (p - 1) / p * n * (4 - 1 - 4 / 256)
+    saved = 2 * (p - 1) / p * n * (4 - 1 - 4 / 256) - 2 * (p - 1) * HEADER_BYTES
     codec_s = (n + n / p + 2 * n) / 1e8
     be = cm.break_even_bandwidth("twophase-int8", n, cm.Cluster(p, 1e9, 0.0), tp)
     assert be == pytest.approx(saved / codec_s)
@@ -270,9 +279,11 @@ def test_pipelined_exchange_overlaps_codec_and_wire():
     plain = cm.estimate(cm.Scheme.exchange(8), n, c, tp)
     piped = cm.estimate(cm.Scheme.exchange(8), n, c, tp, chunk_numel=1_000_000)
     # 4 chunks: the shorter of transfer and codec is hidden but for one chunk of it
-    hidden = min(plain.wire_s, plain.compute_s) * 3 / 4
+    hidden = min(piped.wire_s, piped.compute_s) * 3 / 4
     assert piped.overlap_s == pytest.approx(hidden)
-    assert piped.total_s == pytest.approx(plain.total_s - hidden)
+    assert piped.total_s == pytest.approx(piped.latency_s + piped.wire_s + piped.compute_s - hidden)
+    # the chunks cost their headers: 3 more messages each way than one chunk
+    assert piped.wire_bytes == plain.wire_bytes + 3 * 2 * (2 - 1) * HEADER_BYTES
     one = cm.estimate(cm.Scheme.exchange(8), n, c, tp, chunk_numel=n)  # one chunk: nothing overlaps
     assert one.total_s == pytest.approx(plain.total_s) and one.overlap_s == 0
     # the break-even bandwidth rises with overlap, and at it the two times are equal
@@ -288,8 +299,6 @@ def test_pipelined_exchange_overlaps_codec_and_wire():
 @pytest.mark.parametrize("numel", [1, 255, 9 * 256, 300_000, (1 << 20) + 256 * 7])
 @pytest.mark.parametrize("chunk_numel", [None, 4096, 1 << 18, 1 << 20])
 def test_pipeline_chunks_is_the_hooks_chunk_count(workers, numel, chunk_numel):
-    from gradcomp.comm.exchange import ExchangePlan
-
     plan = ExchangePlan.build([numel], workers, 8, 256, chunk_numel)
     assert cm.pipeline_chunks(numel, workers, 256, chunk_numel) == len(plan.chunks)
 
@@ -306,7 +315,9 @@ def test_chunked_exchange_pays_its_latency_per_chunk_and_per_peer(workers):
     for chunk, k in ((1 << 20, 4), (1 << 18, 16)):
         piped = cm.estimate(cm.Scheme.exchange(8), n, c, tp, chunk_numel=chunk)
         assert piped.latency_s == pytest.approx(2 * (workers - 1) * k * alpha)
-        assert piped.wire_bytes == one.wire_bytes and piped.compute_s == one.compute_s
+        # the same padding (chunks are multiples of P blocks), one header per message of every chunk
+        assert piped.wire_bytes == one.wire_bytes + (k - 1) * 2 * (workers - 1) * HEADER_BYTES
+        assert piped.compute_s == one.compute_s
     # smaller chunks: more messages, so a latency-bound link prefers the bigger ones
     assert cm.estimate(cm.Scheme.exchange(8), n, c, tp, chunk_numel=1 << 18).total_s > cm.estimate(
         cm.Scheme.exchange(8), n, c, tp, chunk_numel=1 << 20).total_s

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 from _dist import spawn
-from gradcomp import gradexp as gx
-from gradcomp.comm.exchange import ExchangePlan
+from gradcomp.analysis import gradexp as gx
+from gradcomp.comm.plan import ExchangePlan
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -49,7 +49,8 @@ def test_ddp_buckets_reverse_order_and_caps():
 
 
 def _parity_worker(rank, world_size, grads_path, out_path, cases):
-    from gradcomp.comm.collectives import ShardLayout, quantized_allreduce
+    from gradcomp.comm.collectives import quantized_allreduce
+    from gradcomp.comm.plan import ShardLayout
 
     grads = torch.load(grads_path)
     n = grads.shape[2]
@@ -163,6 +164,12 @@ def test_replay_rejects_bad_input():
         gx.replay_stream([], ["w"], [5], [gx.ReplayConfig()])
     with pytest.raises(TypeError, match="trace must be a GradientTrace"):
         gx.replay(torch.zeros(1, 2, 3), [gx.ReplayConfig()])
+
+
+def test_replay_config_takes_a_format_name_or_its_bits():
+    assert gx.ReplayConfig("int4") == gx.ReplayConfig(4)
+    assert gx.ReplayConfig("int2", 64).name == "int2 b64 nearest ef" and gx.ReplayConfig(2).format.name == "int2"
+    assert [c.bits for c in gx.config_grid(("int8", 4), rounding=("nearest",), error_feedback=(True,))] == [8, 4]
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -1,4 +1,4 @@
-"""Tests of gradcomp.mixed_precision: the knapsack against brute force, rule precedence, applying plans."""
+"""Tests of gradcomp.analysis.mixed_precision: the knapsack against brute force, rule precedence, applying plans."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gradcomp.mixed_precision import (
+from gradcomp.analysis.mixed_precision import (
     MixedPrecisionPlan,
     allocate_bits,
     apply_plan,
@@ -22,7 +22,7 @@ from gradcomp.mixed_precision import (
     solve_mckp,
     uniform_plan,
 )
-from gradcomp.sensitivity import (
+from gradcomp.analysis.sensitivity import (
     LayerInfo,
     SensitivityConfig,
     SensitivityEntry,
@@ -30,7 +30,7 @@ from gradcomp.sensitivity import (
     candidate_to_dict,
     measure_sensitivity,
 )
-from gradcomp.weights import CastConfig, WeightQuantConfig, fake_quantize_weight, model_size_bytes, weight_bits_per_param
+from gradcomp.quant import CastConfig, WeightQuantConfig, fake_quantize_weight, model_size_bytes, weight_bits_per_param
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -242,7 +242,7 @@ def test_uniform_and_random_plans():
 
 
 def test_recommendation_is_computed_from_measurements():
-    from gradcomp.mixed_precision import SCENARIOS, StrategyResult, Target, recommend, smallest_plan_within
+    from gradcomp.analysis.mixed_precision import SCENARIOS, StrategyResult, Target, recommend, smallest_plan_within
 
     def r(name, size, lat, loss):
         return StrategyResult(name, size, lat, loss, 1000.0, 1.0, 2.0)

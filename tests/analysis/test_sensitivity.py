@@ -1,4 +1,4 @@
-"""Tests of gradcomp.sensitivity: trials restore the model exactly, scores mean what they say."""
+"""Tests of gradcomp.analysis.sensitivity: trials restore the model exactly, scores mean what they say."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gradcomp.sensitivity import (
+from gradcomp.analysis.sensitivity import (
     SensitivityConfig,
     SensitivityReport,
     candidate_from_dict,
@@ -21,9 +21,9 @@ from gradcomp.sensitivity import (
     measure_sensitivity,
     quantized_layer,
 )
-from gradcomp.activations import ActQuantConfig
+from gradcomp.quant import ActQuantConfig
 from gradcomp.examples.tasks import TinyGPT
-from gradcomp.weights import CastConfig, WeightQuantConfig, fake_quantize_weight
+from gradcomp.quant import CastConfig, WeightQuantConfig, fake_quantize_weight
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -298,7 +298,7 @@ def test_cli_sensitivity_then_plan(tmp_path, capsys):
 
 def test_plots_write_png(tmp_path):
     pytest.importorskip("matplotlib")
-    from gradcomp.mixed_precision import pareto_front
+    from gradcomp.analysis.mixed_precision import pareto_front
     from gradcomp.plots.sensitivity import plot_pareto, plot_sensitivity
 
     report = measure_sensitivity(_mlp(), _mlp_batches(1), SensitivityConfig(candidates=CANDS[:3], metrics=("kl",)))

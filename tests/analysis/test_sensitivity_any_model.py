@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gradcomp.mixed_precision import StrategyResult, Target, recommend
-from gradcomp.sensitivity import SensitivityConfig, measure_sensitivity, output_tensors
-from gradcomp.weights import WeightQuantConfig
+from gradcomp.analysis.mixed_precision import StrategyResult, Target, recommend
+from gradcomp.analysis.sensitivity import SensitivityConfig, measure_sensitivity, output_tensors
+from gradcomp.quant import WeightQuantConfig
 
 INT2 = WeightQuantConfig(bits=2)
 
@@ -67,7 +67,7 @@ def test_every_output_is_scored_each_normalised():
     with torch.no_grad():
         ref = [model(g) for g in graphs]
         w = model.moment.weight.detach().clone()
-        from gradcomp.weights import fake_quantize_weight
+        from gradcomp.quant import fake_quantize_weight
 
         model.moment.weight.copy_(fake_quantize_weight(w, INT2))
         got = [model(g) for g in graphs]

@@ -100,7 +100,7 @@ def test_cost_measures_the_codec_by_default(capsys):
 
 
 def test_cost_pipelines_in_the_hooks_own_chunks_by_default(capsys):
-    from gradcomp.comm.exchange import chunk_numel_for
+    from gradcomp.comm.plan import chunk_numel_for
 
     def latency(*extra):
         code, out, _ = run(capsys, "cost", "--params", "7e9", "--workers", "8", "--bandwidth", "10gbit",
@@ -199,13 +199,13 @@ def test_grads_streaming_on_tinygpt(capsys, tmp_path):
 
 
 def test_grads_trace_roundtrip_json_and_plots(capsys, tmp_path):
-    from gradcomp import gradexp as gx
+    from gradcomp.analysis import gradexp as gx
 
     g = torch.Generator().manual_seed(0)
     trace = gx.GradientTrace(["a.weight", "a.bias"], [(64, 16), (16,)], torch.randn(3, 2, 64 * 16 + 16, generator=g))
     trace.save(tmp_path / "t.safetensors")
     code, out, err = run(capsys, "grads", "--load-trace", str(tmp_path / "t.safetensors"), "--replay-steps", "5",
-                         "--bits", "4,2", "--block-sizes", "32", "--json", "--plot-dir", str(tmp_path / "p"), "--no-progress")
+                         "--format", "int4,int2", "--block-sizes", "32", "--json", "--plot-dir", str(tmp_path / "p"), "--no-progress")
     assert code == 0, err
     data = json.loads(out)
     assert data["meta"]["steps"] == 5 and data["meta"]["captured_steps"] == 3
@@ -218,6 +218,8 @@ def test_grads_trace_roundtrip_json_and_plots(capsys, tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (("--bits", "3"), "--bits must be a comma-separated list of (8, 4, 2)"),
     (("--bits", "eight"), "--bits"),
+    (("--format", "int5"), "--format must be a comma-separated list of ('int8', 'int4', 'int2')"),
+    (("--format", "int8", "--bits", "8"), "give --bits or --format, not both"),
     (("--rounding", "up"), "--rounding"),
     (("--error-feedback", "maybe"), "--error-feedback"),
     (("--block-sizes", "6", "--bits", "2"), "--block-sizes"),

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from gradcomp.cli import main
-from gradcomp.weights import load_quantized_state_dict, load_tensor_file
+from gradcomp.quant import load_quantized_state_dict, load_tensor_file
 
 USER_MODULE = textwrap.dedent('''
     import torch, torch.nn as nn
@@ -71,8 +71,8 @@ def test_cli_quantizes_a_nested_checkpoint(tmp_path, capsys):
 def test_cli_quantize_from_a_plan(tmp_path, capsys):
     sd_file = tmp_path / "m.pt"
     torch.save(_model().state_dict(), sd_file)
-    from gradcomp.mixed_precision import plan_from_rules
-    from gradcomp.weights import WeightQuantConfig
+    from gradcomp.analysis.mixed_precision import plan_from_rules
+    from gradcomp.quant import WeightQuantConfig
 
     p = plan_from_rules(_model(), [("0", WeightQuantConfig(bits=4, granularity="per_group", group_size=32)), ("2", WeightQuantConfig(bits=8))])
     p.to_json(tmp_path / "plan.json")

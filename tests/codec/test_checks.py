@@ -8,18 +8,19 @@ import numpy as np
 import pytest
 
 from gradcomp import codec
-from gradcomp.checks import GRADIENT_BITS, SUPPORTED_BITS, check_bits, check_bool, check_int, check_number
+from gradcomp.checks import SUPPORTED_BITS, check_bits, check_bool, check_int, check_number
+from gradcomp.codec.formats import gradient_bits
 
 
 def test_widths_are_the_codecs():
     assert SUPPORTED_BITS == codec.SUPPORTED_BITS == (2, 3, 4, 8)
-    assert set(GRADIENT_BITS) < set(SUPPORTED_BITS) and 3 not in GRADIENT_BITS
+    assert set(gradient_bits()) < set(SUPPORTED_BITS) and 3 not in gradient_bits()
 
 
 def test_check_bits():
     assert check_bits(4) == 4
     with pytest.raises(ValueError, match=r"bits must be one of \(2, 4, 8\), got 3"):
-        check_bits(3, GRADIENT_BITS)
+        check_bits(3, gradient_bits())
     for bad in (True, 8.0, "8"):
         with pytest.raises(TypeError, match="bits must be an int"):
             check_bits(bad)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradcomp.comm.exchange import ExchangePlan, exchange_local
+from gradcomp.comm.exchange import exchange_local
+from gradcomp.comm.plan import ExchangePlan
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,7 +20,8 @@ _SCRIPT = """
 import logging, sys, torch
 logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(levelname)s %(message)s")
 from gradcomp.codec import kernels
-from gradcomp.comm.exchange import ExchangePlan, exchange_local
+from gradcomp.comm.exchange import exchange_local
+from gradcomp.comm.plan import ExchangePlan
 print("backend", kernels.backend("cpu"))
 g = torch.Generator().manual_seed(0)
 plan = ExchangePlan.build((300, 5000, 256), 2, 4, 256, chunk_numel=1024)

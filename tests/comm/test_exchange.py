@@ -9,19 +9,11 @@ import torch
 
 from gradcomp import codec
 from gradcomp.codec import compiling, kernels
-from gradcomp.comm.collectives import ShardLayout
-from gradcomp.comm.exchange import (
-    HEADER_BYTES,
-    ExchangeBuffers,
-    ExchangePlan,
-    HeaderMismatch,
-    ROUTE_REDUCE_SCATTER,
-    check_header,
-    decode,
-    decode_sum,
-    encode,
-    exchange_local,
-)
+from gradcomp.comm.plan import ShardLayout
+from gradcomp.codec.formats import HEADER_BYTES
+from gradcomp.comm.exchange import HeaderMismatch, check_header, decode, decode_sum, encode, exchange_local
+from gradcomp.comm.buffers import ROUTE_REDUCE_SCATTER, ExchangeBuffers
+from gradcomp.comm.plan import ExchangePlan
 
 B = 256
 NUMELS = (300, 512, 256, 1000, 2048, 7, 9 * B)  # ragged tails, one-block runs, runs that merge
@@ -109,7 +101,7 @@ def test_plan_chunks_shards_and_bytes(P):
                 for src, _, n in c.staged:
                     covered[src : src + n] += 1
             assert covered.eq(1).all()
-    with pytest.raises(ValueError, match="bits must be one of"):
+    with pytest.raises(ValueError, match=r"format must be one of \(2, 4, 8\), got 3 \(or name a format"):
         ExchangePlan.build(NUMELS, 2, 3, B)
     with pytest.raises(ValueError, match="numels must be a non-empty sequence"):
         ExchangePlan.build((), 2, 8, B)
@@ -157,7 +149,7 @@ def test_header_names_the_step_and_bucket_of_a_rank_out_of_step():
     m = plan.chunks[1].message_bytes
     late = encode(plan, ExchangeBuffers.allocate(plan), 1, x, header=(8, 3))
     mixed = torch.cat([send.view(2, m)[0], late.view(2, m)[1]])
-    with pytest.raises(HeaderMismatch, match=r"rank 1 sent step 8, bucket 3, chunk 1, 8 bits.*expected step 7, bucket 3, chunk 1"):
+    with pytest.raises(HeaderMismatch, match=r"rank 1 sent step 8, bucket 3, chunk 1, format int8.*expected step 7, bucket 3, chunk 1, format int8"):
         check_header(plan, 1, mixed, 7, 3)
 
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gradcomp
-from gradcomp.comm import Topology, guard
+from gradcomp.comm import Topology, guard, state_checks
 from gradcomp.comm.guard import HookFailedError
 
 from _models import _backward, _model
@@ -352,7 +352,7 @@ def _valid_checkpoint(state, model, step=5):
         sd["bucket_numels"][b] = [numels[k] for k in keys]
         sd["worker_residuals"][b] = 1e-3 * torch.randn(wn, generator=g)
         sd["server_residuals"][b] = 1e-3 * torch.randn(sn, generator=g)
-    sd["checksums"] = guard.checksums_of(sd["worker_residuals"], sd["server_residuals"])
+    sd["checksums"] = state_checks.checksums_of(sd["worker_residuals"], sd["server_residuals"])
     return sd
 
 

@@ -10,9 +10,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from gradcomp import codec
-from gradcomp.comm.exchange import HEADER_BYTES
-from gradcomp.comm.fsdp import FSDPCompressConfig, FSDPCompressState, _QuantizedAllGather, _QuantizedReduceScatter
-from gradcomp.comm.fsdp_plan import _ModuleComm, _RowPlan
+from gradcomp.codec.formats import HEADER_BYTES
+from gradcomp.comm.fsdp import FSDPCompressConfig, FSDPCompressState
+from gradcomp.comm.fsdp_collectives import QuantizedAllGather, QuantizedReduceScatter
+from gradcomp.comm.fsdp_plan import ModuleComm, RowPlan
 from tests._dist import spawn
 
 _fsdp = pytest.importorskip("torch.distributed.fsdp")
@@ -30,8 +31,12 @@ STEPS = 6
 def test_config_rejects_bad_input():
     with pytest.raises(ValueError, match="grad_bits must be one of"):
         FSDPCompressConfig(grad_bits=3)
+    with pytest.raises(ValueError, match="grad_bits must be one of"):
+        FSDPCompressConfig(grad_bits="int5")
     with pytest.raises(ValueError, match="weight_bits must be one of"):
         FSDPCompressConfig(weight_bits=4)
+    with pytest.raises(ValueError, match="weight_bits must be one of"):
+        FSDPCompressConfig(weight_bits="int4")
     with pytest.raises(ValueError, match="block_size"):
         FSDPCompressConfig(block_size=100)
     with pytest.raises(TypeError, match="error_feedback must be a bool"):
@@ -40,25 +45,34 @@ def test_config_rejects_bad_input():
         FSDPCompressConfig(warmup_steps=-1)
 
 
+def test_config_takes_format_names_as_well_as_bits():
+    from gradcomp.codec.formats import wire_format
+
+    named = FSDPCompressConfig(grad_bits="int4", weight_bits="int8")
+    assert named == FSDPCompressConfig(grad_bits=4, weight_bits=8)  # the short spelling: checkpoints read the same
+    assert named.grad_format is wire_format("int4") and named.weight_format is wire_format("int8")
+    assert FSDPCompressConfig(grad_bits=None).grad_format is None
+
+
 def test_compress_rejects_a_plain_model():
     import gradcomp
 
     with pytest.raises(TypeError, match="no FSDP module"):
-        gradcomp.fsdp.compress_(nn.Linear(4, 4))
+        gradcomp.register_fsdp(nn.Linear(4, 4))
     with pytest.raises(TypeError, match="unknown option"):
-        gradcomp.fsdp.compress_(nn.Linear(4, 4), bits=8)
+        gradcomp.register_fsdp(nn.Linear(4, 4), bits=8)
 
 
 def test_row_plan_aligns_every_parameter_to_a_block():
-    plan = _RowPlan.build(320, (300, 20), 256)
+    plan = RowPlan.build(320, (300, 20), 256)
     assert plan.aligned == 768
     x = torch.arange(2 * 320, dtype=torch.float32).view(2, 320)
     y = plan.align(x)
     assert torch.equal(y[:, :300], x[:, :300]) and torch.equal(y[:, 512:532], x[:, 300:])
     assert not y[:, 300:512].any() and not y[:, 532:].any()
     assert torch.equal(plan.unalign(y), x)
-    assert _RowPlan.build(512, (512,), 256).index is None  # nothing to move: no copy
-    assert _RowPlan.build(10, (3, 4), 256).aligned == 256  # segments that do not add up: one segment
+    assert RowPlan.build(512, (512,), 256).index is None  # nothing to move: no copy
+    assert RowPlan.build(10, (3, 4), 256).aligned == 256  # segments that do not add up: one segment
 
 
 # ---------------------------------------------------------------- the comms against a reference
@@ -101,9 +115,9 @@ def _comms(rank, world_size):
         for dtype in (torch.float32, torch.bfloat16):
             for op, factor in ops:
                 state = FSDPCompressState(FSDPCompressConfig(grad_bits=bits, warmup_steps=0, min_compress_numel=0))
-                mod = _ModuleComm("m", 0, segments)
-                rs = _QuantizedReduceScatter(state, mod)
-                plan = _RowPlan.build(row, segments, B)
+                mod = ModuleComm("m", 0, segments)
+                rs = QuantizedReduceScatter(state.config, mod, state.ledger)
+                plan = RowPlan.build(row, segments, B)
                 residuals = [torch.zeros(P * plan.aligned) for _ in range(P)]
                 for step in range(2):  # the second step uses the residual of the first
                     inputs = [torch.randn(P, row, generator=torch.Generator().manual_seed(100 * step + r)).to(dtype) for r in range(P)]
@@ -120,8 +134,8 @@ def _comms(rank, world_size):
 
     # a non-finite value on one rank: every rank's shard is non-finite, every residual stays
     state = FSDPCompressState(FSDPCompressConfig(grad_bits=8, warmup_steps=0, min_compress_numel=0))
-    mod = _ModuleComm("m", 0, segments)
-    rs = _QuantizedReduceScatter(state, mod)
+    mod = ModuleComm("m", 0, segments)
+    rs = QuantizedReduceScatter(state.config, mod, state.ledger)
     x = torch.randn(P, row, generator=torch.Generator().manual_seed(rank))
     out = torch.empty(row)
     rs(out, x.reshape(-1).clone(), group, dist.ReduceOp.AVG)
@@ -136,9 +150,9 @@ def _comms(rank, world_size):
 
     # the all-gather: int8 codes of each rank's shard, every rank dequantizes every shard (its own too)
     state = FSDPCompressState(FSDPCompressConfig(grad_bits=None, weight_bits=8, warmup_steps=0, min_compress_numel=0))
-    mod = _ModuleComm("m", 0, segments)
-    ag = _QuantizedAllGather(state, mod)
-    plan = _RowPlan.build(row, segments, B)
+    mod = ModuleComm("m", 0, segments)
+    ag = QuantizedAllGather(state.config, mod, state.ledger)
+    plan = RowPlan.build(row, segments, B)
     for dtype in (torch.float32, torch.bfloat16):
         shards = [torch.randn(row, generator=torch.Generator().manual_seed(50 + r)).to(dtype) for r in range(P)]
         out = ag.allocate((P * row,), dtype=dtype, device=torch.device("cpu"))
@@ -155,8 +169,8 @@ def _comms(rank, world_size):
     assert mod.pending_weight[0] == 2 * (P - 1) * (plan.aligned + 4 * plan.aligned // B + HEADER_BYTES)
 
     # 1-D parameters (exact_1d_weights, the default) arrive unquantized, the others as before
-    mod = _ModuleComm("m", 0, segments, (False, True, False))
-    ag = _QuantizedAllGather(state, mod)
+    mod = ModuleComm("m", 0, segments, (False, True, False))
+    ag = QuantizedAllGather(state.config, mod, state.ledger)
     shards = [torch.randn(row, generator=torch.Generator().manual_seed(60 + r)) for r in range(P)]
     out = ag.allocate((P * row,), dtype=torch.float32, device=torch.device("cpu"))
     out[rank * row : (rank + 1) * row].copy_(shards[rank])
@@ -247,7 +261,7 @@ def _fsdp(rank, world_size):
 
     def run(bits=None, wbits=None, mp=None, divide=None, force_sum=False, lr=0.1, **o):
         net = _build(mp, divide, force_sum)
-        state = gradcomp.fsdp.compress_(net, grad_bits=bits, weight_bits=wbits, **{**opts, **o}) if (bits or wbits) else None
+        state = gradcomp.register_fsdp(net, grad_bits=bits, weight_bits=wbits, **{**opts, **o}) if (bits or wbits) else None
         opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
         _train(net, opt, rank, range(STEPS))
         return _full(net), state, net
@@ -283,14 +297,14 @@ def _fsdp(rank, world_size):
     assert torch.equal(got, ref) and state.stats()["grad_ratio"] == 1.0
     # resume bit-exact: checkpoint at step 3 into a fresh model, optimizer and state
     net = _build()
-    state = gradcomp.fsdp.compress_(net, grad_bits=4, weight_bits=8, **opts)
+    state = gradcomp.register_fsdp(net, grad_bits=4, weight_bits=8, **opts)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     _train(net, opt, rank, range(3))
     ckpt = copy.deepcopy({"model": net.state_dict(), "opt": opt.state_dict(), "comm": state.state_dict()})
     _train(net, opt, rank, range(3, STEPS))
     expected = _full(net)
     net2 = _build()
-    state2 = gradcomp.fsdp.compress_(net2, grad_bits=4, weight_bits=8, **opts)
+    state2 = gradcomp.register_fsdp(net2, grad_bits=4, weight_bits=8, **opts)
     net2.load_state_dict(ckpt["model"])
     opt2 = torch.optim.SGD(net2.parameters(), lr=0.1, momentum=0.9)
     opt2.load_state_dict(ckpt["opt"])
@@ -298,7 +312,7 @@ def _fsdp(rank, world_size):
     _train(net2, opt2, rank, range(3, STEPS))
     assert torch.equal(_full(net2), expected), "resumed run diverged from the uninterrupted one"
     with pytest.raises(ValueError, match="grad_bits"):
-        gradcomp.fsdp.compress_(_build(), grad_bits=8, **opts).load_state_dict(ckpt["comm"])
+        gradcomp.register_fsdp(_build(), grad_bits=8, **opts).load_state_dict(ckpt["comm"])
 
 
 @pytest.mark.slow
@@ -315,7 +329,7 @@ def _fsdp_defaults_vs_eager(rank, world_size):
     results, kernels = [], []
     for fused in (True, False):
         net = _build(MixedPrecisionPolicy(reduce_dtype=torch.bfloat16))
-        state = gradcomp.fsdp.compress_(net, grad_bits=8, weight_bits=8, **({} if fused else {"fused": False}))
+        state = gradcomp.register_fsdp(net, grad_bits=8, weight_bits=8, **({} if fused else {"fused": False}))
         kernels.append(state.kernels)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
         _train(net, opt, rank, range(14))
@@ -338,10 +352,10 @@ def _disagree(rank, world_size):
 
     net = _build()
     with pytest.raises(ValueError, match=r"grad_bits \(rank 0: 8; rank 1: 4\)"):
-        gradcomp.fsdp.compress_(net, grad_bits=8 if rank == 0 else 4)
+        gradcomp.register_fsdp(net, grad_bits=8 if rank == 0 else 4)
     with pytest.raises(ValueError, match=r"fsdp_modules"):  # a different model on one rank
-        gradcomp.fsdp.compress_(net if rank == 0 else net.a, grad_bits=8)
-    state = gradcomp.fsdp.compress_(net, grad_bits=8)  # agreeing ranks: installed
+        gradcomp.register_fsdp(net if rank == 0 else net.a, grad_bits=8)
+    state = gradcomp.register_fsdp(net, grad_bits=8)  # agreeing ranks: installed
     assert sorted(state.modules) == ["", "a", "b", "c"]
 
 
@@ -365,7 +379,7 @@ def _hsdp(rank, world_size):
         fully_shard(net, mesh=m)
         state = None
         if custom:
-            state = gradcomp.fsdp.compress_(net, grad_bits=bits, replicate_group=mesh.get_group("replicate"), **opts)
+            state = gradcomp.register_fsdp(net, grad_bits=bits, replicate_group=mesh.get_group("replicate"), **opts)
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
         _train(net, opt, rank, range(4))
         return _full(net), state, net, opt
@@ -384,7 +398,7 @@ def _hsdp(rank, world_size):
     with pytest.raises(ValueError, match="native HSDP"):
         native = _Net()
         fully_shard(native, mesh=mesh)
-        gradcomp.fsdp.compress_(native, replicate_group=mesh.get_group("replicate"))
+        gradcomp.register_fsdp(native, replicate_group=mesh.get_group("replicate"))
 
 
 @pytest.mark.slow
@@ -409,7 +423,7 @@ def _nccl(rank, world_size):
         fully_shard(net[0], mesh=mesh)
         fully_shard(net, mesh=mesh)
         if q:
-            gradcomp.fsdp.compress_(net, grad_bits=8, weight_bits=8, warmup_steps=1, min_compress_numel=0)
+            gradcomp.register_fsdp(net, grad_bits=8, weight_bits=8, warmup_steps=1, min_compress_numel=0)
         opt = torch.optim.SGD(net.parameters(), lr=0.1)
         for step in range(4):
             g = torch.Generator(device="cuda").manual_seed(step * 10 + rank)

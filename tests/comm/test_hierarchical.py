@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gradcomp
-from gradcomp.comm.collectives import ShardLayout
+from gradcomp.comm.plan import ShardLayout
 from gradcomp.comm.hierarchical import HierarchicalLayout
 from gradcomp.comm.topology import Topology
 

@@ -10,9 +10,9 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gradcomp
-from gradcomp.comm.collectives import ShardLayout
-from gradcomp.comm import exchange
-from gradcomp.comm.exchange import HEADER_BYTES
+from gradcomp.comm.plan import ShardLayout
+from gradcomp.comm import plan as comm_plan
+from gradcomp.codec.formats import HEADER_BYTES
 
 from _dist import init_gloo, spawn
 
@@ -360,7 +360,7 @@ def _chunked_worker(rank, world_size):
     # many chunks per bucket and several buckets in flight: the same bits as one chunk per bucket,
     # since a block's arithmetic does not depend on the chunks
     runs = []
-    for chunk in (exchange.DEFAULT_CHUNK_NUMEL, 4 * 256):
+    for chunk in (comm_plan.DEFAULT_CHUNK_NUMEL, 4 * 256):
         model = DDP(_model(), bucket_cap_mb=0.05)
         state = gradcomp.register(
             model, bits=4, warmup_steps=1, min_compress_numel=0, chunk_numel=chunk, stochastic_rounding=True
@@ -472,11 +472,11 @@ def test_config_object_is_accepted(world1):
 def test_default_chunk_size_grows_with_the_group(world1):
     # None: 2**20 values per rank of every chunk, so each collective's messages stay large as P grows
     assert gradcomp.HookConfig().chunk_numel is None
-    assert [exchange.chunk_numel_for(p) for p in (1, 2, 4, 8)] == [1 << 21, 1 << 21, 1 << 22, 1 << 23]
+    assert [comm_plan.chunk_numel_for(p) for p in (1, 2, 4, 8)] == [1 << 21, 1 << 21, 1 << 22, 1 << 23]
     with pytest.raises(ValueError, match="world_size must be >= 1, got 0"):
-        exchange.chunk_numel_for(0)
+        comm_plan.chunk_numel_for(0)
     state = gradcomp.QuantizedAllReduceState(bits=8)
-    assert state.chunk_numel == exchange.chunk_numel_for(1)
+    assert state.chunk_numel == comm_plan.chunk_numel_for(1)
     # the plan of a bucket of 5M values: chunks of 2M (the last one shorter), not of the old 1M
     assert len(state.plan_for((0,), (5_000_000,), 8).chunks) == 3
     assert gradcomp.QuantizedAllReduceState(bits=8, chunk_numel=1 << 20).chunk_numel == 1 << 20

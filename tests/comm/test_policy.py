@@ -16,7 +16,7 @@ import gradcomp
 from gradcomp.comm.hierarchical import HierarchicalLayout
 from gradcomp.comm.policy import PLAIN, CommPolicy, LinkFit, NetworkFit, PolicyConfig, fit_latency_bandwidth
 from gradcomp.comm.topology import Topology
-from gradcomp.costmodel import CodecThroughput
+from gradcomp.comm.cost import CodecThroughput
 
 from _dist import spawn
 
@@ -112,10 +112,10 @@ def test_accuracy_floor_and_pinned_candidates():
 
 
 def test_decision_matches_the_cost_model_and_its_break_even():
-    """The choice flips from compression to plain where gradcomp.costmodel says int8 stops paying."""
-    from gradcomp.costmodel import Cluster, break_even_bandwidth
+    """The choice flips from compression to plain where gradcomp.comm.cost says int8 stops paying."""
+    from gradcomp.analysis.costmodel import Cluster, break_even_bandwidth
 
-    from gradcomp.costmodel import Scheme
+    from gradcomp.analysis.costmodel import Scheme
 
     numel = 4_000_000
     cfg = PolicyConfig(candidates=(PLAIN, 8), min_gain=0.0)
@@ -132,7 +132,7 @@ def test_decision_matches_the_cost_model_and_its_break_even():
 
 def test_compression_must_win_by_the_margin():
     """Near a tie plain all-reduce (exact) is kept; a clear gain still picks compression."""
-    from gradcomp.costmodel import Cluster, Scheme, break_even_bandwidth
+    from gradcomp.analysis.costmodel import Cluster, Scheme, break_even_bandwidth
 
     numel = 4_000_000
     be = break_even_bandwidth(Scheme.exchange(8), numel, Cluster(4, 1e9, 20e-6), CODEC[0][1], chunk_numel=1 << 20)
@@ -152,7 +152,7 @@ def test_compression_must_win_by_the_margin():
 
 def test_prediction_follows_the_hooks_chunks_and_world_size():
     """The policy predicts the exchange the hook runs: its chunk count, 2 (P-1) messages per chunk."""
-    from gradcomp.costmodel import Cluster, Scheme, estimate, pipeline_chunks
+    from gradcomp.analysis.costmodel import Cluster, Scheme, estimate, pipeline_chunks
 
     n = 4_000_000
     for workers in (2, 4):
@@ -202,8 +202,23 @@ def test_config_validation_and_round_trip():
         PolicyConfig(codec_numel=0)
 
 
+def test_candidates_take_format_names_as_well_as_bits():
+    named = PolicyConfig(candidates=(32, "int8", "int4"), min_bits=4)
+    assert named == PolicyConfig(candidates=(32, 8, 4), min_bits=4)  # kept in the short spelling
+    assert named.allowed == (32, 8, 4)
+    fit = NetworkFit(LinkFit(1e-3, 1e7), codec=(("int8", CODEC[0][1]), ("int4", CODEC[1][1])), overhead=(("int4", 1e-3),))
+    assert fit == NetworkFit(LinkFit(1e-3, 1e7), codec=CODEC, overhead=((4, 1e-3),))
+    assert fit.codec_for("int4") is fit.codec_for(4) and fit.overhead_for("int4") == 1e-3
+    policy = CommPolicy(named, fit, workers=4)
+    assert policy.choose(10_000_000) == 4 and policy.scheme("int4").name == "twophase-int4"
+    with pytest.raises(ValueError, match="candidates must be among"):
+        PolicyConfig(candidates=(32, "int5"))
+    with pytest.raises(TypeError, match="codec must hold"):
+        NetworkFit(LinkFit(1e-3, 1e7), codec=(("fp8", CODEC[0][1]),))
+
+
 def test_probe_bucket_spans_two_of_the_hooks_chunks():
-    from gradcomp.comm.exchange import chunk_numel_for
+    from gradcomp.comm.plan import chunk_numel_for
     from gradcomp.comm.policy import probe_bucket_numel
 
     assert PolicyConfig().codec_numel is None
@@ -296,7 +311,7 @@ def test_hook_follows_policy_identically_on_every_rank(tmp_path):
 
 def test_end_to_end_times_at_two_sizes_give_the_codec_scale_and_a_fixed_cost_per_bucket():
     from gradcomp.comm.policy import _codec_matching
-    from gradcomp.costmodel import CodecThroughput, estimate
+    from gradcomp.comm.cost import CodecThroughput, estimate
 
     policy = CommPolicy(PolicyConfig(candidates=(PLAIN, 8)), _fit(20e-6, 125e6), workers=2)
     local = CODEC[0][1]

@@ -32,7 +32,7 @@ def test_resume_from_the_warmup_is_bit_exact_on_three_ranks(tmp_path):
 def _policy_worker(rank, world_size):
     import gradcomp
     from gradcomp.comm.policy import LinkFit, NetworkFit, PolicyConfig
-    from gradcomp.costmodel import CodecThroughput
+    from gradcomp.comm.cost import CodecThroughput
 
     codec = CodecThroughput(2e9, 2e9, "given")
     fit = NetworkFit(LinkFit(5e-4, 1.25e8), codec=((8, codec), (4, codec)))  # 1 Gbit/s: compression pays for the large bucket

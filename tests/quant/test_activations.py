@@ -1,4 +1,4 @@
-"""Tests of gradcomp.activations: observers, range searches, capture, fake quantization, STE, CLI."""
+"""Tests of activation quantization (gradcomp.quant): observers, range searches, capture, fake quantization, STE, CLI."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from gradcomp import codec
-from gradcomp.activations import (
+from gradcomp.quant import (
     OBSERVERS,
     ActivationCapture,
     ActivationQuantizer,
@@ -478,7 +478,7 @@ def test_quantization_aware_finetuning_steps():
 
 
 def test_w8a8_with_weight_quantization():
-    from gradcomp import weights
+    from gradcomp import quant as weights
 
     model = _tiny_model()
     batches = _tiny_batches()

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn as nn
 
-from gradcomp.weights import WeightQuantConfig, analyze_weights
+from gradcomp.quant import WeightQuantConfig, analyze_weights
 
 INT8 = WeightQuantConfig(bits=8)
 
@@ -41,7 +41,7 @@ def test_output_error_matches_a_direct_measurement_and_flags_the_hidden_damage()
     q = report.quality["ref.weight"]["int8-channel"] if "ref.weight" in report.quality else report.quality["ref"]["int8-channel"]
     # by hand: the layer's inputs over the batches, the quantized weight's output error
     xs = torch.cat([torch.stack([b[:, 0].abs(), 1000.0 * b[:, 0].abs()], 1) for b in _batches()]).double()
-    from gradcomp.weights import fake_quantize_weight
+    from gradcomp.quant import fake_quantize_weight
 
     w = model.ref.weight.detach().double()
     d = fake_quantize_weight(model.ref.weight.detach(), INT8).double() - w
@@ -106,7 +106,7 @@ def test_model_output_share_flags_the_reference_energy_layer_that_output_snr_mis
     assert comp.model_error_share > 0.8
     assert all(report.quality[n]["int8-channel"].model_error_share < 0.25 for n in ("body1", "body2"))
     # the share is the measured model-output error: check it by hand
-    from gradcomp.weights import fake_quantize_weight
+    from gradcomp.quant import fake_quantize_weight
 
     with torch.no_grad():
         ref = torch.cat([model(*b) for b in batches]).double()

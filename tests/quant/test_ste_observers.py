@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gradcomp import codec
-from gradcomp.activations import (
+from gradcomp.quant import (
     ActQuantConfig,
     PerChannelMinMaxObserver,
     PerTokenMinMaxObserver,

@@ -1,4 +1,4 @@
-"""Tests of gradcomp.weights: configs, the quantizer on weight layouts, packed modules, quantize_,
+"""Tests of weight quantization (gradcomp.quant): configs, the quantizer on weight layouts, packed modules, quantize_,
 size accounting, save/load, quality metrics, and the ``gradcomp weights`` command."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from gradcomp import codec
 from gradcomp.cli import main as cli_main
-from gradcomp.weights import (
+from gradcomp.quant import (
     CastConfig,
     PackedWeight,
     QuantizedConv2d,

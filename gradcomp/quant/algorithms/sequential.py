@@ -8,24 +8,28 @@ the first calibration pass, the layers are cut into stages, and each stage costs
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import torch.nn as nn
 
 from gradcomp.batches import progress_bar
 from gradcomp.quant.algorithms.calibration import collect_input_hessians
+from gradcomp.quant.packed import PackedWeight
 
 __all__ = ["sequential_quantize"]
 
 
-def sequential_quantize(model, plan, aware, algorithm, calibration, stages: int, *, forward, num_batches, progress) -> Dict[str, Any]:
+def sequential_quantize(model, plan, aware, algorithm, calibration, stages: int, *, forward, num_batches, progress,
+                        swap: Callable[[nn.Module, PackedWeight, str], nn.Module],
+                        set_submodule: Callable[[nn.Module, str, nn.Module], None]) -> Dict[str, Any]:
     """Quantize the ``aware`` Linear layers stage by stage, each on inputs from the quantized earlier stages.
 
     The model is modified only while this runs: the quantized layers of earlier stages are swapped in
     for the next calibration pass and the original modules are put back before returning (also on
     error), so :func:`quantize_` swaps everything at once as usual. Returns ``{fqn: PackedWeight}``.
+    ``swap(module, packed, fqn)`` builds a quantized layer and ``set_submodule(model, fqn, module)``
+    puts a module in place (``quantize_`` passes its own).
     """
-    from gradcomp.quant.modules import PackedWeight, _set_submodule, _swap
 
     batches = list(calibration)[: num_batches if num_batches is not None else None]
     cfg_of = {fqn: cfg for fqn, _, cfg in plan}
@@ -49,8 +53,8 @@ def sequential_quantize(model, plan, aware, algorithm, calibration, stages: int,
                     raise ValueError(f"layer {fqn!r}: {exc}") from exc
             for fqn in names:
                 originals[fqn] = aware[fqn]
-                _set_submodule(model, fqn, _swap(aware[fqn], done[fqn], fqn))
+                set_submodule(model, fqn, swap(aware[fqn], done[fqn], fqn))
     finally:
         for fqn, m in originals.items():
-            _set_submodule(model, fqn, m)
+            set_submodule(model, fqn, m)
     return done
