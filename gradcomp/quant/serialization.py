@@ -27,6 +27,7 @@ from gradcomp.quant import activation_files
 from gradcomp.quant.file_format import FORMAT, read_file, read_sections, write_file
 from gradcomp.quant.modules import PackedWeight, _QuantizedLayer, _kind, _set_submodule, _swap
 from gradcomp.quant.rules import _config_rules, resolve_config
+from gradcomp.quant.torch_files import describe_unloadable, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -439,10 +440,14 @@ def load_tensor_file(path: Union[str, os.PathLike], *, key: Optional[str] = None
 
             out = load_file(str(path))
         return _strip(out, strip_prefix)
+    script = describe_unloadable(path, torchscript_only=True)
+    if script:   # torch.load would hand a TorchScript archive to torch.jit.load and run its code
+        raise ValueError(script)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{path} could not be loaded as a torch state_dict with weights_only=True: {exc}") from exc
+        raise ValueError(describe_unloadable(path) or f"{path} could not be loaded as a torch state_dict with "
+                         f"weights_only=True: {one_line(exc)}") from None
     if isinstance(obj, nn.Module):  # pragma: no cover - weights_only refuses modules
         obj = obj.state_dict()
     if not isinstance(obj, Mapping):
