@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gradcomp.batches import progress_bar
+from gradcomp.quant import routes
 from gradcomp.quant.configs import CastConfig, Config, Rules, config_name
 from gradcomp.quant.packed import PackedWeight
 from gradcomp.quant.rules import _config_rules, first_match
@@ -76,14 +77,13 @@ class _QuantizedLayer(nn.Module):
 class QuantizedLinear(_QuantizedLayer):
     """``nn.Linear`` with a packed weight.
 
-    The forward picks the fastest exact-enough route (:mod:`gradcomp.quant.kernels`), all from the same
-    stored codes:
-
-    1. dynamic W8A8 (an int8 per-token symmetric ``input_quantizer`` on an int8 symmetric weight, no
-       gradient needed): ``torch._int_mm`` on the int8 codes;
-    2. a weight-only CPU kernel (int8 per channel, int4 per group) when the input is bf16 or
-       ``compute_dtype`` is ``torch.bfloat16`` (fp32 inputs are then computed in bf16);
-    3. otherwise the weight is dequantized to ``x.dtype`` and ``F.linear`` runs (exact, differentiable).
+    Without a gradient to the input, on CPU, the forward runs the route that the measurement of
+    :mod:`gradcomp.quant.routes` found fastest for this input shape on this machine, among those
+    that give the layer's result class, all from the same stored codes: the dequantized weight (at
+    every call, or kept), a weight-only CPU kernel (int8 per channel, int4 per group; only when the
+    input is bf16 or ``compute_dtype`` is ``torch.bfloat16``), or, with an 8-bit input quantizer,
+    ``torch._int_mm`` (dynamic per-token) or oneDNN's int8 linear (per-tensor). With a gradient the
+    weight is dequantized to ``x.dtype`` and ``F.linear`` runs (exact, differentiable).
 
     A weight with an ``input_scale`` ``s`` (activation-aware scaling) holds the codes of ``W diag(s)``:
     route 2 divides the input by ``s`` (in fp32) before the kernel, route 3 folds ``1/s`` into the
@@ -91,9 +91,12 @@ class QuantizedLinear(_QuantizedLayer):
     path quantizes ``x``).
 
     Attributes:
-        compute_dtype: None (compute in the input's dtype) or ``torch.bfloat16`` (run the bf16 kernels
-            for fp32 inputs too: faster, at bf16 precision of the activations).
+        compute_dtype: None (compute in the input's dtype) or ``torch.bfloat16`` (the bf16 kernels may
+            run for fp32 inputs too, at bf16 precision of the activations).
         use_kernels: False forces the dequantize route.
+        allow_dense: keep a dequantized copy of the weight when that is the fastest route (memory:
+            the dense weight); False measures only routes that keep the packed weight alone.
+        route: None (measured) or a route name of :data:`gradcomp.quant.routes.ROUTES` to pin.
     """
 
     kind = "linear"
@@ -105,6 +108,8 @@ class QuantizedLinear(_QuantizedLayer):
         self.out_features, self.in_features = packed.shape
         self.compute_dtype: Optional[torch.dtype] = None
         self.use_kernels = True
+        self.allow_dense = True
+        self.route: Optional[str] = None
         self._kernel_cache: Dict[str, Any] = {}
 
     def _operands(self, what: str):
@@ -122,40 +127,13 @@ class QuantizedLinear(_QuantizedLayer):
         return hit[1]
 
     def fuses_input_quant(self, quantizer: Any, x: torch.Tensor) -> bool:
-        """Whether this forward quantizes ``x`` itself with ``_int_mm`` (the pre-hook then leaves ``x`` alone)."""
-        from gradcomp.quant import kernels
-
-        if not self.use_kernels or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
-            return False
-        if getattr(quantizer, "track_error", False) or getattr(quantizer, "passthrough", False):
-            return False
-        if self.packed.input_scale is not None:   # the fake-quant path quantizes x, not x / s
-            return False
-        return kernels.w8a8_kernel_fits(self.packed.config, getattr(quantizer, "config", None), self.packed.shape)
-
-    def _weight_kernel_applies(self, x: torch.Tensor) -> bool:
-        from gradcomp.quant import kernels
-
-        if not self.use_kernels or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
-            return False
-        if not (x.dtype == torch.bfloat16 or (self.compute_dtype == torch.bfloat16 and x.dtype == torch.float32)):
-            return False
-        return kernels.weight_kernel(self.packed.config, self.packed.shape) is not None
+        """Whether this forward quantizes ``x`` itself (a measured route): the pre-hook then leaves ``x`` alone."""
+        return _route_handles(self, quantizer, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return ``x @ W^T + b`` (see the class docstring for the route taken)."""
-        quantizer = getattr(self, "input_quantizer", None)
-        if quantizer is not None and self.fuses_input_quant(quantizer, x):
-            from gradcomp.quant.kernels import w8a8_linear
-
-            return w8a8_linear(x, quantizer.config, self._operands("w8a8"), self.bias)
-        if self._weight_kernel_applies(x):
-            from gradcomp.quant.kernels import kernel_linear
-
-            kind, ops = self._operands("weight")
-            if self.packed.input_scale is not None:   # the kernel multiplies by the codes of W diag(s)
-                x = (x.float() / self.packed.input_scale.float()).to(x.dtype)
-            return kernel_linear(x, kind, ops, self.bias)
+        """Return ``x @ W^T + b`` through the route measured fastest for this input (see :mod:`gradcomp.quant.routes`)."""
+        if routes.applies(self, x):
+            return routes.run(self, x)
         return F.linear(x, self.packed.dequantize(x.dtype), self._bias_for(x))
 
     def extra_repr(self) -> str:
@@ -183,7 +161,14 @@ class QuantizedEmbedding(_QuantizedLayer):
 
 
 class QuantizedConv2d(_QuantizedLayer):
-    """``nn.Conv2d`` with a packed weight (rows = output channels, flattened ``in/groups*kh*kw``)."""
+    """``nn.Conv2d`` with a packed weight (rows = output channels, flattened ``in/groups*kh*kw``).
+
+    Without a gradient to the input, on CPU, the forward runs the route measured fastest for the
+    input shape (:mod:`gradcomp.quant.routes`): the dequantized weight (at every call, or kept, in
+    NCHW or channels-last layout) or, with an 8-bit per-tensor input quantizer and int8 symmetric
+    weights, oneDNN's int8 convolution with prepacked weights. Attributes ``use_kernels``,
+    ``allow_dense`` and ``route`` as for :class:`QuantizedLinear`.
+    """
 
     kind = "conv2d"
 
@@ -204,9 +189,18 @@ class QuantizedConv2d(_QuantizedLayer):
         self.out_channels = packed.shape[0]
         self.in_channels = packed.shape[1] * groups
         self.kernel_size = tuple(packed.shape[2:])
+        self.use_kernels = True
+        self.allow_dense = True
+        self.route: Optional[str] = None
+
+    def fuses_input_quant(self, quantizer: Any, x: torch.Tensor) -> bool:
+        """Whether this forward quantizes ``x`` itself (a measured route): the pre-hook then leaves ``x`` alone."""
+        return _route_handles(self, quantizer, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the convolution of ``x`` with the weight dequantized to ``x.dtype``."""
+        """Return the convolution of ``x`` with the packed weight (see the class docstring for the route)."""
+        if routes.applies(self, x):
+            return routes.run(self, x)
         w = self.packed.dequantize(x.dtype)
         if self.padding_mode != "zeros":
             # Same as nn.Conv2d: explicit padding of the requested mode, then a convolution without padding.
@@ -217,6 +211,13 @@ class QuantizedConv2d(_QuantizedLayer):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, groups={self.groups}, bias={self.bias is not None}")
+
+
+def _route_handles(layer: _QuantizedLayer, quantizer: Any, x: torch.Tensor) -> bool:
+    """Whether the measured routes take ``x`` raw and apply the (frozen or dynamic) input quantizer themselves."""
+    if getattr(quantizer, "calibrating", True) or getattr(quantizer, "track_error", False) or getattr(quantizer, "passthrough", False):
+        return False
+    return routes.applies(layer, x)
 
 
 _SUPPORTED = (nn.Linear, nn.Embedding, nn.Conv2d)
