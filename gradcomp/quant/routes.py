@@ -452,7 +452,10 @@ def tune_(model: nn.Module, batch: Any, *, forward: Optional[Callable[[nn.Module
         clear_routes_(model)
         _CACHE.clear()
     with torch.no_grad():
-        call_model(model, batch, forward)
+        if forward is None:
+            call_model(model, batch)
+        else:
+            forward(model, batch)
     return route_report(model)
 
 
