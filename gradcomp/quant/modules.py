@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from gradcomp.batches import progress_bar
 from gradcomp.quant import routes
+from gradcomp.quant.algorithms.conv import quantize_module_weight, uncovered_reason
 from gradcomp.quant.configs import CastConfig, Config, Rules, config_name
 from gradcomp.quant.packed import PackedWeight
 from gradcomp.quant.rules import _config_rules, first_match
@@ -353,6 +354,7 @@ def quantize_(
     num_batches: Optional[int] = None,
     progress: bool = False,
     sequential: Any = False,
+    strict: bool = False,
 ) -> nn.Module:
     """Swap the model's Linear, Embedding and Conv2d layers for packed quantized ones, in place.
 
@@ -361,7 +363,8 @@ def quantize_(
            config, or the first rule whose pattern matches (a None config or no match leaves the layer
            as it is); drop layers for which ``filter_fn(module, fqn)`` is False.
         2. With a data-aware ``method``: run the calibration batches once through the unquantized
-           model and sum each selected Linear's input Hessian ``X^T X``. With ``sequential``, the
+           model and sum each selected Linear's input Hessian ``X^T X`` (a Conv2d's per group, over
+           its unfolded input patches, :mod:`gradcomp.quant.algorithms.conv`). With ``sequential``, the
            Linear layers are taken in execution order, in stages: the Hessians of a stage are
            collected with every earlier stage already quantized (GPTQ's sequential mode), so each
            layer compensates the error its quantized inputs carry; one calibration pass per stage.
@@ -378,11 +381,13 @@ def quantize_(
         method: ``None``/``"rtn"`` (round-to-nearest), ``"gptq"``, ``"awq_clip"``, ``"hqq"``, ``"autoround"``,
             or a configured :class:`gradcomp.quant.algorithms.GPTQ` /
             :class:`~gradcomp.quant.algorithms.ActivationAwareClip` / :class:`~gradcomp.quant.algorithms.HQQ`
-            (data-free: calibration optional; it also fits Embedding tables) /
+            (data-free: calibration optional; it also fits Embedding tables and Conv2d weights) /
             :class:`~gradcomp.quant.algorithms.AutoRound` (trained against the model's outputs:
             ``forward`` must return them differentiably; it covers Embedding and Conv2d layers too).
-            Same packed modules and files whichever method; for the other methods Embedding and Conv2d
-            layers use round-to-nearest; cast configs always do.
+            GPTQ and awq_clip cover Linear and Conv2d (through the unfolded input, groups included),
+            awq_scale Linear only. Same packed modules and files whichever method; a layer a method
+            does not cover gets round-to-nearest with a warning naming it (see ``strict``); cast
+            configs always do.
         calibration: batches for the data-aware methods (required by them).
         forward: ``forward(model, batch)`` for the calibration batches (default ``model(batch)``,
             ``model(*batch)`` for tuples, ``model(**batch)`` for dicts).
@@ -390,6 +395,8 @@ def quantize_(
         progress: tqdm progress bars over the calibration batches and the layers.
         sequential: False (Hessians from the unquantized model), True (one stage per Linear layer)
             or the number of stages (one calibration pass each).
+        strict: raise ValueError (before anything changes) when the method does not cover a selected
+            layer, instead of warning and rounding it to nearest.
 
     Returns:
         ``model`` itself.
@@ -415,6 +422,17 @@ def quantize_(
         raise ValueError(f"method {algorithm.name!r} needs calibration batches (calibration=...); use method='rtn' without data")
     if stages and (algorithm is None or calibration is None):
         raise ValueError("sequential=... needs a data-aware method and calibration batches")
+    uncovered: Dict[str, str] = {}
+    if algorithm is not None:
+        for fqn, m, cfg in plan:
+            why = uncovered_reason(algorithm, m, cfg, calibration is not None)
+            if why is not None:
+                uncovered[fqn] = why
+        if uncovered:
+            listed = "; ".join(f"{n!r} ({why})" for n, why in sorted(uncovered.items()))
+            if strict:
+                raise ValueError(f"method {algorithm.name!r} does not cover {len(uncovered)} layers (strict=True): {listed}")
+            logger.warning("method %r does not cover %d layers, which get round-to-nearest: %s", algorithm.name, len(uncovered), listed)
     if getattr(algorithm, "whole_model", False):
         if stages:
             raise ValueError(f"method {algorithm.name!r} trains every layer at once against the model's outputs; "
@@ -423,10 +441,8 @@ def quantize_(
     elif algorithm is not None and calibration is not None:
         from gradcomp.quant.algorithms import collect_input_hessians
 
-        aware = {fqn: m for fqn, m, cfg in plan if isinstance(m, nn.Linear) and not isinstance(cfg, CastConfig)}
-        skipped = sorted({fqn for fqn, m, cfg in plan if fqn not in aware and not isinstance(cfg, CastConfig)})
-        if skipped:
-            logger.info("%s covers Linear layers; round-to-nearest for %s", algorithm.name, skipped[:8])
+        aware = {fqn: m for fqn, m, cfg in plan if isinstance(m, (nn.Linear, nn.Conv2d)) and fqn not in uncovered
+                 and not isinstance(cfg, CastConfig) and not (isinstance(m, nn.Conv2d) and data_free)}
         if aware and not stages:
             hessians = collect_input_hessians(model, aware, calibration, forward=forward, num_batches=num_batches, progress=progress)
         elif aware:
@@ -448,9 +464,8 @@ def quantize_(
             try:
                 if fqn in done:
                     packed = done[fqn]
-                elif fqn in hessians or (data_free and w.dim() == 2 and isinstance(m, (nn.Linear, nn.Embedding))
-                                         and not isinstance(cfg, CastConfig)):
-                    r = algorithm.quantize(w, hessians.get(fqn), cfg)
+                elif fqn in hessians or (data_free and fqn not in uncovered and not isinstance(cfg, CastConfig)):
+                    r = quantize_module_weight(algorithm, m, hessians.get(fqn), cfg)
                     packed = PackedWeight.from_codes(r.codes, r.scale, r.zero_point, cfg, w.shape, w.dtype, r.input_scale)
                 else:
                     packed = PackedWeight.from_weight(w, cfg)
