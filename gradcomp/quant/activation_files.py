@@ -66,6 +66,8 @@ def activation_records(model: nn.Module, observers: bool = False) -> Tuple[Dict[
             raise ValueError(f"the activation quantizer of {name!r} is still calibrating (no scales yet); call "
                              "convert_activation_quant_ first, or save_quantized(..., observers=True) to keep the observers")
         records[name] = {"config": asdict(q.config), "channel_axis": int(q.channel_axis), "state": state}
+        if state == "frozen" and q.config.observer == "auto":
+            records[name]["observer"] = q.observer.choose()
         prefix = _prefix(name)
         if state == "frozen":
             tensors[prefix + "scale"] = q.scale
@@ -95,6 +97,8 @@ def check_activation_records(records: Any, where: str) -> Dict[str, Dict[str, An
             cfg = ActQuantConfig(**rec.get("config", {}))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{at}['config'] is not a valid ActQuantConfig: {exc}") from exc
+        if rec.get("observer") is not None and (cfg.observer != "auto" or rec["observer"] not in cfg.candidates):
+            raise ValueError(f"{at}['observer'] must be one of the auto candidates {cfg.candidates}, got {rec['observer']!r}")
         if (rec["state"] == "dynamic") != cfg.dynamic:
             raise ValueError(f"{at}: state {rec['state']!r} does not fit a {'dynamic' if cfg.dynamic else 'static'} config")
         out[name] = dict(rec, config=cfg)
@@ -146,6 +150,8 @@ def attach_activation_quantizers(model: nn.Module, records: Mapping[str, Dict[st
             obs = {k[len(prefix) + len("observer."):]: t.to(device) for k, t in tensors.items() if k.startswith(prefix + "observer.")}
             if obs:
                 q.observer.load_state_dict(obs)
+        if rec.get("observer") is not None:
+            q.observer.chosen = rec["observer"]
         if rec["state"] == "frozen":
             zp = tensors.get(prefix + "zero_point")
             q.freeze((tensors[prefix + "scale"].to(device), None if zp is None else zp.to(device)))

@@ -204,7 +204,7 @@ def _check_config(config: Any, what: str = "config") -> None:
 # activation quantization of layer inputs
 
 
-_STATIC_OBSERVERS = ("minmax", "moving_average", "per_channel", "percentile", "mse", "kl")
+_STATIC_OBSERVERS = ("minmax", "moving_average", "per_channel", "percentile", "mse", "kl", "auto")
 _DYNAMIC_GRANULARITIES = ("per_token", "per_tensor")
 
 
@@ -215,7 +215,9 @@ class ActQuantConfig:
     Args:
         bits: code width, one of ``SUPPORTED_BITS``.
         observer: for static quantization, one of ``minmax``, ``moving_average``, ``per_channel``,
-            ``percentile``, ``mse``, ``kl``.
+            ``percentile``, ``mse``, ``kl``, or ``auto``: per layer, the one of ``candidates`` with the
+            least output error on the held-out share of the calibration batches
+            (:mod:`gradcomp.quant.observer_selection`).
         symmetric: codec scales without a zero point (True) or affine with one (False).
         dynamic: compute scales on the fly from each input instead of from calibration.
         granularity: for dynamic quantization, ``per_token`` (one scale per row of the last axis)
@@ -223,6 +225,9 @@ class ActQuantConfig:
         percentile: ``p`` of the percentile observer.
         bins: histogram bins of the percentile, mse and kl observers.
         averaging_constant: of the moving-average observer.
+        candidates: the observers ``auto`` chooses from (per-tensor ones by default, which the int8
+            kernels can run; add ``per_channel`` to consider it).
+        holdout: the share of calibration batches ``auto`` holds out to score the candidates.
 
     Example: ``ActQuantConfig(bits=8, observer="kl")`` (static) or
     ``ActQuantConfig(bits=8, dynamic=True, granularity="per_token")``.
@@ -236,6 +241,8 @@ class ActQuantConfig:
     percentile: float = 99.99
     bins: int = 2048
     averaging_constant: float = 0.01
+    candidates: Tuple[str, ...] = ("minmax", "mse", "percentile", "kl")
+    holdout: float = 0.25
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -246,6 +253,12 @@ class ActQuantConfig:
         check_number("percentile", self.percentile, low=50.0, high=100.0, low_open=True)
         check_int("bins", self.bins, 2)
         check_number("averaging_constant", self.averaging_constant, low=0.0, high=1.0, low_open=True)
+        if isinstance(self.candidates, list):   # from JSON
+            object.__setattr__(self, "candidates", tuple(self.candidates))
+        if (not isinstance(self.candidates, tuple) or not self.candidates or len(set(self.candidates)) != len(self.candidates)
+                or not all(c in _STATIC_OBSERVERS and c != "auto" for c in self.candidates)):
+            raise ValueError(f"candidates must be distinct names from {_STATIC_OBSERVERS[:-1]}, got {self.candidates!r}")
+        check_number("holdout", self.holdout, low=0.0, high=1.0, low_open=True)
 
     @property
     def label(self) -> str:
@@ -258,14 +271,14 @@ class ActQuantConfig:
         """Build the observer this config names (``channel_axis`` for the per-channel one)."""
         from gradcomp.quant.observers import make_observer
 
-        kwargs: Dict[str, Any] = {}
-        if self.observer == "per_channel":
-            kwargs["axis"] = channel_axis
-        elif self.observer == "percentile":
-            kwargs.update(percentile=self.percentile, bins=self.bins)
-        elif self.observer in ("mse", "kl"):
-            kwargs["bins"] = self.bins
-        elif self.observer == "moving_average":
-            kwargs["averaging_constant"] = self.averaging_constant
-        return make_observer(self.observer, self.bits, self.symmetric, **kwargs)
+        def options(name: str) -> Dict[str, Any]:
+            return {"per_channel": {"axis": channel_axis}, "percentile": {"percentile": self.percentile, "bins": self.bins},
+                    "mse": {"bins": self.bins}, "kl": {"bins": self.bins},
+                    "moving_average": {"averaging_constant": self.averaging_constant}}.get(name, {})
+
+        if self.observer == "auto":
+            from gradcomp.quant.observer_selection import ObserverChoice
+
+            return ObserverChoice(self.candidates, self.bits, self.symmetric, channel_axis, {n: options(n) for n in self.candidates})
+        return make_observer(self.observer, self.bits, self.symmetric, **options(self.observer))
 
