@@ -2,7 +2,9 @@
 
     python benchmarks/linear_kernels.py [--size 4096] [--repeats 10] [--threads 1]
 
-Routes: the fp32 layer; the packed layer's dequantize-then-``F.linear`` route (what every packed layer
+Each row pins the route it names (``layer.route``); by default a layer runs the route measured
+fastest on the machine (``gradcomp.quant.routes``, timed per layer by ``gradcomp weights kernels``
+and ``benchmarks/toolkit_inference.py``). Routes: the fp32 layer; the packed layer's dequantize-then-``F.linear`` route (what every packed layer
 did before the kernels); the weight-only kernels (int8 per channel, int4 g128 and g32; bf16
 activations inside, fp32 in and out, ``compute_dtype=torch.bfloat16``); and dynamic W8A8 with
 ``torch._int_mm``. Batches 1 and 8 are memory-bound (the weight is read once per call), 256 is
@@ -47,12 +49,13 @@ def main() -> None:
     n = args.size
     base = nn.Sequential(nn.Linear(n, n)).eval()
 
-    def quantized(cfg, compute_dtype=torch.bfloat16, use_kernels=True):
+    def quantized(cfg, compute_dtype=torch.bfloat16, use_kernels=True, route=None):
         m = nn.Sequential(nn.Linear(n, n))
         m.load_state_dict(base.state_dict())
         q.quantize_(m, cfg)
         m[0].compute_dtype = compute_dtype
         m[0].use_kernels = use_kernels
+        m[0].route = route          # each row times the kernel it names (pinned, not measured)
         return m.eval()
 
     int8 = q.WeightQuantConfig(bits=8)
@@ -60,12 +63,12 @@ def main() -> None:
     g32 = q.WeightQuantConfig(bits=4, granularity="per_group", group_size=32)
     routes = [
         ("int8 dequantize + F.linear (previous route)", quantized(int8, None, False), False),
-        ("int8 weight-only kernel", quantized(int8), False),
+        ("int8 weight-only kernel", quantized(int8, route="int8_weight"), False),
         ("int4 g128 dequantize + F.linear (previous route)", quantized(g128, None, False), False),
-        ("int4 g128 weight-only kernel", quantized(g128), False),
-        ("int4 g32 weight-only kernel", quantized(g32), False),
+        ("int4 g128 weight-only kernel", quantized(g128, route="int4_weight"), False),
+        ("int4 g32 weight-only kernel", quantized(g32, route="int4_weight"), False),
         ("W8A8 dynamic, fake quant (previous route)", quantized(int8, None, False), True),
-        ("W8A8 dynamic, _int_mm", quantized(int8, None, True), True),
+        ("W8A8 dynamic, _int_mm", quantized(int8, None, True, route="int8_dynamic"), True),
     ]
     act = ActQuantConfig(bits=8, dynamic=True, granularity="per_token", symmetric=True)
     for _, m, w8a8 in routes:

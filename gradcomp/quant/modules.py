@@ -74,6 +74,37 @@ class _QuantizedLayer(nn.Module):
             return self.bias
         return self.bias.to(x.dtype)
 
+    # Measured routes keep operands (dense copies, prepacked weights) and choices on the layer: anything
+    # that moves or overwrites the packed weight, or changes how the layer may compute, forgets them.
+    _ROUTE_KNOBS = frozenset(("use_kernels", "compute_dtype", "route", "allow_dense"))
+
+    def _forget_routes(self) -> None:
+        self.__dict__.pop("_route_state", None)
+        cache = self.__dict__.get("_kernel_cache")
+        if cache:
+            cache.clear()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._ROUTE_KNOBS:
+            self._forget_routes()
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse: bool = True):
+        out = super()._apply(fn, recurse)
+        self._forget_routes()
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._forget_routes()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _fast(self, x: torch.Tensor) -> Any:
+        """The chosen route of a layer without input quantizer for this input, if measured already (else None)."""
+        st = self.__dict__.get("_route_state")
+        if st is None or "input_quantizer" in self._modules or (x.requires_grad and torch.is_grad_enabled()):
+            return None
+        return st["fast"].get((x.shape, x.dtype, x.device))
+
 
 class QuantizedLinear(_QuantizedLayer):
     """``nn.Linear`` with a packed weight.
@@ -133,6 +164,9 @@ class QuantizedLinear(_QuantizedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return ``x @ W^T + b`` through the route measured fastest for this input (see :mod:`gradcomp.quant.routes`)."""
+        fast = self._fast(x)
+        if fast is not None:
+            return fast(x)
         if routes.applies(self, x):
             return routes.run(self, x)
         return F.linear(x, self.packed.dequantize(x.dtype), self._bias_for(x))
@@ -200,6 +234,9 @@ class QuantizedConv2d(_QuantizedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the convolution of ``x`` with the packed weight (see the class docstring for the route)."""
+        fast = self._fast(x)
+        if fast is not None:
+            return fast(x)
         if routes.applies(self, x):
             return routes.run(self, x)
         w = self.packed.dequantize(x.dtype)
