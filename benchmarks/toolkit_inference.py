@@ -406,7 +406,7 @@ def main() -> None:
     ap.add_argument("--gptq-frames", type=int, default=128, help="calibration frames for GPTQ (conv Hessians)")
     ap.add_argument("--qat-steps", type=int, default=500)
     ap.add_argument("--qat-batch", type=int, default=32)
-    ap.add_argument("--qat-lr", type=float, default=1e-4)
+    ap.add_argument("--qat-lr", type=float, default=3e-4)
     ap.add_argument("--sentences", type=int, default=24)
     ap.add_argument("--skip", action="append", default=[], choices=("speed", "observers", "gptq", "qat", "minilm"))
     ap.add_argument("--json", type=str, default=None)

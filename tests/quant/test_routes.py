@@ -204,3 +204,23 @@ def test_dynamic_linear_w8a8_routes_agree_with_the_fake_quant_path():
             got, want = m(x), ref(x)
         assert float((got - want).norm() / want.norm()) < 1e-5, route
     assert _route(m)["class"] == "int8"
+
+
+def test_a_kept_choice_is_forgotten_when_the_weight_changes_or_a_knob_is_set():
+    torch.manual_seed(0)
+    a = quantize_(nn.Sequential(nn.Linear(32, 16)), INT8)
+    b = quantize_(nn.Sequential(nn.Linear(32, 16)), INT8)
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        a(x)                                               # measured; the route kept as a closure
+        a.load_state_dict(b.state_dict())                  # copied into the same buffers
+        assert torch.equal(a(x), b(x))
+        a[0].use_kernels = False
+        assert "_route_state" not in a[0].__dict__
+        assert torch.equal(a(x), nn.functional.linear(x, a[0].packed.dequantize(), a[0].bias))
+        a[0].use_kernels = True
+        a(x)
+        a.double()                                         # a move: the dense copy must follow
+        y = a(x.double())
+        assert y.dtype == torch.float64
+        assert torch.allclose(y, nn.functional.linear(x.double(), a[0].packed.dequantize(torch.float64), a[0].bias))
