@@ -93,6 +93,27 @@ def main() -> None:
     for _, m, w8a8 in routes:
         if w8a8:
             remove_activation_quant_(m)
+    fp32_activation_kernels(args.repeats)
+
+
+def fp32_activation_kernels(repeats: int) -> None:
+    """Time the weight-only kernels fed fp32 activations (no bf16 rounding) against F.linear, at batch 1.
+
+    These are the only torch 2.13 CPU kernels that multiply fp32 activations by int8 / int4 weights
+    without a dense copy; the measured routes would take them if they beat the fp32 product.
+    """
+    print("\n# weight-only kernels with fp32 activations, batch 1\n")
+    print("| layer | F.linear ms | _weight_int8pack_mm ms | speed | _weight_int4pack_mm_for_cpu ms (g128) | speed |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for n, k in ((384, 384), (1536, 384), (4096, 4096)):
+        x, w = torch.randn(1, k), torch.randn(n, k)
+        w8, s8 = torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n)
+        w4 = torch._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 2)
+        sz = torch.rand(k // 128, n, 2)
+        t32 = _time(lambda: torch.nn.functional.linear(x, w), repeats)
+        t8 = _time(lambda: torch._weight_int8pack_mm(x, w8, s8), repeats)
+        t4 = _time(lambda: torch._weight_int4pack_mm_for_cpu(x, w4, 128, sz), repeats)
+        print(f"| {n}x{k} | {1e3 * t32:.4f} | {1e3 * t8:.4f} | {t32 / t8:.2f}x | {1e3 * t4:.4f} | {t32 / t4:.2f}x |")
 
 
 if __name__ == "__main__":
