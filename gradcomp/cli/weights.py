@@ -83,6 +83,8 @@ def register(subparsers) -> None:
                         "judged on (outputs not named weigh 1)")
     q.add_argument("--model", metavar="MODULE:FN", help="FN() builds the model IN belongs to (for --method other than rtn)")
     q.add_argument("--data", metavar="MODULE:FN", help="FN() returns the calibration batches (for gptq/awq_clip/awq_scale)")
+    q.add_argument("--strict", action="store_true",
+                   help="fail (exit 2) when --method does not cover a selected layer, instead of warning and rounding it to nearest")
     q.add_argument("--sequential", type=int, default=0, metavar="STAGES",
                    help="calibrate in this many stages, each on the output of the already-quantized earlier ones (0: off)")
     q.add_argument("--forward", metavar="MODULE:FN", help="FN(model, batch) runs one batch (default model(batch))")
@@ -291,7 +293,7 @@ def _quantize_with_data(args, sd, rules):
     batches = import_spec(args.data, "--data")() if args.data else None
     forward = import_spec(args.forward, "--forward") if args.forward else None
     quantize_(model, rules, method=method, calibration=batches, forward=forward, num_batches=args.batches,
-              progress=not args.no_progress, sequential=args.sequential or False)
+              progress=not args.no_progress, sequential=args.sequential or False, strict=args.strict)
     packed = {n: m.packed for n, m in model.named_modules() if hasattr(m, "packed")}
     held = {f"{n}.{k}" for n in packed for k in ("packed.qweight", "packed.scale", "packed.zero_point", "packed.input_scale")}
     plain = {k: v for k, v in model.state_dict().items() if k not in held and k in sd}

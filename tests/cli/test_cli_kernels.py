@@ -78,3 +78,35 @@ def test_kernels_refuses_a_file_that_does_not_fit(saved, capsys):
     code = main(["weights", "kernels", "plain.pt", "--model", "kern_user:build", "--data", "kern_user:batches"])
     err = capsys.readouterr()[1]
     assert code == 2 and "plain.pt is not a readable safetensors file" in err and len(err.strip().splitlines()) == 1
+
+
+CONV_USER = textwrap.dedent('''
+    import torch, torch.nn as nn
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+
+    def batches():
+        g = torch.Generator().manual_seed(1)
+        return [torch.randn(4, 3, 10, 10, generator=g) for _ in range(2)]
+''')
+
+
+def test_quantize_covers_convolutions_and_strict_refuses_what_a_method_skips(tmp_path, monkeypatch, capsys):
+    (tmp_path / "conv_user.py").write_text(CONV_USER)
+    monkeypatch.chdir(tmp_path)
+    sys.modules.pop("conv_user", None)
+    sys.path.insert(0, str(tmp_path))
+    import conv_user
+
+    torch.save(conv_user.build().state_dict(), tmp_path / "c.pt")
+    sys.path.remove(str(tmp_path))
+    sys.modules.pop("conv_user", None)
+    common = ["--bits", "4", "--granularity", "per_channel", "--model", "conv_user:build", "--data", "conv_user:batches",
+              "--no-progress", "--strict"]
+    assert main(["weights", "quantize", "c.pt", "g.safetensors", "--method", "gptq", *common]) == 0
+    capsys.readouterr()
+    code = main(["weights", "quantize", "c.pt", "s.safetensors", "--method", "awq_scale", *common])
+    err = capsys.readouterr()[1]
+    assert code == 2 and "does not cover 2 layers (strict=True): '0'" in err and not (tmp_path / "s.safetensors").exists()
