@@ -15,7 +15,8 @@ Routes (``ROUTES``) and their result class:
 route          computation                                                result class
 ============== ========================================================== ==============
 dequantize     weight dequantized at every call, then F.linear / conv2d   reference
-dense          the dequantized weight kept (memory: one dense copy)       reference
+dense          the dequantized weight kept (one dense copy; all dense copies  reference
+               together stay within ``DENSE_BUDGET_BYTES``, a quarter of memory)
 dense_cl       ``dense`` in channels-last layout (Conv2d)                 reference
 dense_im2col   Conv2d as one fp32 matrix product over the input patches   reference
 int8_weight    ``torch._weight_int8pack_mm`` (bf16 activations)           bf16
@@ -63,6 +64,7 @@ import json
 import math
 import os
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
@@ -81,6 +83,20 @@ _clock: Callable[[], float] = time.perf_counter
 REPEATS = 3
 BUDGET_S = 0.05
 MAX_ROUNDS = 30
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - platforms without sysconf
+        return 16 << 30
+
+
+# Dense copies (the ``dense*`` routes) are kept only while all of them together stay within this many
+# bytes (a quarter of the machine's memory), so a model quantized to fit in memory is not undone by
+# its kernel choice; past it those routes are not candidates.
+DENSE_BUDGET_BYTES = _physical_memory() // 4
+_dense_bytes = [0]
 
 
 @dataclass(frozen=True)
@@ -175,10 +191,18 @@ def _ops(layer: nn.Module, name: str, make: Callable[[], Any]) -> Any:
     return hit[1]
 
 
+def _counted(t: torch.Tensor) -> torch.Tensor:
+    """Count a dense copy against ``DENSE_BUDGET_BYTES`` until it is freed."""
+    n = t.numel() * t.element_size()
+    _dense_bytes[0] += n
+    weakref.finalize(t, lambda: _dense_bytes.__setitem__(0, _dense_bytes[0] - n))
+    return t
+
+
 def _dense(layer: nn.Module, dtype: torch.dtype, channels_last: bool = False) -> torch.Tensor:
     def make():
         w = layer.packed.dequantize(dtype)
-        return w.contiguous(memory_format=torch.channels_last) if channels_last else w
+        return _counted(w.contiguous(memory_format=torch.channels_last) if channels_last else w)
     return _ops(layer, f"dense/{dtype}/{channels_last}", make)
 
 
@@ -251,7 +275,8 @@ def _int8_im2col(layer, x, q):
 
 def _dense_im2col(layer, x, q):
     xq = q(x) if q is not None else x
-    w2 = _ops(layer, f"dense2d/{xq.dtype}", lambda: layer.packed.dequantize(xq.dtype).reshape(layer.packed.shape[0], -1).contiguous())
+    w2 = _ops(layer, f"dense2d/{xq.dtype}",
+              lambda: _counted(layer.packed.dequantize(xq.dtype).reshape(layer.packed.shape[0], -1).contiguous()))
     return int8_kernels.im2col_dense(layer, xq, w2, layer._bias_for(xq))
 
 
@@ -281,8 +306,14 @@ def _why_not(name: str, layer: nn.Module, x: torch.Tensor, q: Any, cls: str) -> 
     route = ROUTES[name]
     if layer.kind not in route.kinds:
         return f"serves {route.kinds}, not {layer.kind}"
-    if name in ("dense", "dense_cl", "dense_im2col") and not getattr(layer, "allow_dense", True):
-        return "allow_dense is False"
+    if name in ("dense", "dense_cl", "dense_im2col"):
+        if not getattr(layer, "allow_dense", True):
+            return "allow_dense is False"
+        need = math.prod(layer.packed.shape) * x.element_size()
+        held = any(k.startswith("dense") for k in _state(layer)["ops"])
+        if not held and _dense_bytes[0] + need > DENSE_BUDGET_BYTES:
+            return (f"the dense copies would exceed DENSE_BUDGET_BYTES ({(_dense_bytes[0] + need) / 2**30:.2f} of "
+                    f"{DENSE_BUDGET_BYTES / 2**30:.2f} GiB)")
     if name.endswith("im2col") and int8_kernels.im2col_fits(layer):
         return int8_kernels.im2col_fits(layer)
     if route.result_class is None:

@@ -224,3 +224,19 @@ def test_a_kept_choice_is_forgotten_when_the_weight_changes_or_a_knob_is_set():
         y = a(x.double())
         assert y.dtype == torch.float64
         assert torch.allclose(y, nn.functional.linear(x.double(), a[0].packed.dequantize(torch.float64), a[0].bias))
+
+
+def test_dense_copies_stay_within_the_memory_budget(monkeypatch):
+    m = quantize_(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)), INT8)
+    monkeypatch.setattr(routes, "DENSE_BUDGET_BYTES", routes._dense_bytes[0] + 64 * 64 * 4)   # room for one copy
+    with torch.no_grad():
+        m(torch.randn(2, 64))
+    first, second = routes.route_report(m)
+    assert "dense" in first["times_ms"] and "dense" not in second["times_ms"]
+    assert second["route"] == "dequantize"
+    held = routes._dense_bytes[0]
+    del m, first, second
+    import gc
+
+    gc.collect()
+    assert routes._dense_bytes[0] <= held - 64 * 64 * 4          # freed copies are no longer counted
