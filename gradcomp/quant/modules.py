@@ -103,7 +103,7 @@ class _QuantizedLayer(nn.Module):
         st = self.__dict__.get("_route_state")
         if st is None or "input_quantizer" in self._modules or (x.requires_grad and torch.is_grad_enabled()):
             return None
-        return st["fast"].get((x.shape, x.dtype, x.device))
+        return st["fast"].get((x.shape, x.dtype, x.device, torch.get_num_threads()))
 
 
 class QuantizedLinear(_QuantizedLayer):

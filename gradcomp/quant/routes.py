@@ -430,7 +430,7 @@ def run(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     q = _active_quantizer(layer)
     cls = _result_class(layer, x, q)
     st = _state(layer)
-    local = (tuple(x.shape), x.dtype, cls, None if q is None else id(q))
+    local = (tuple(x.shape), x.dtype, cls, None if q is None else id(q), torch.get_num_threads())
     choice = st["choices"].get(local)
     if choice is None:
         pinned = getattr(layer, "route", None)
@@ -454,7 +454,7 @@ def run(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
                 _CACHE[key] = {k: v for k, v in asdict(choice).items() if k not in ("input_shape", "pinned", "from_cache")}
         st["choices"][local] = choice
     if q is None and getattr(layer, "input_quantizer", None) is None:
-        st["fast"][(x.shape, x.dtype, x.device)] = _fast_call(layer, choice.route, x)
+        st["fast"][(x.shape, x.dtype, x.device, torch.get_num_threads())] = _fast_call(layer, choice.route, x)
     return _RUN[choice.route](layer, x, q)
 
 

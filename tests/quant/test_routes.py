@@ -240,3 +240,17 @@ def test_dense_copies_stay_within_the_memory_budget(monkeypatch):
 
     gc.collect()
     assert routes._dense_bytes[0] <= held - 64 * 64 * 4          # freed copies are no longer counted
+
+
+def test_another_thread_count_is_measured_again():
+    m = quantize_(nn.Sequential(nn.Linear(32, 32)), INT8)
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        m(x)
+        before = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            m(x)
+        finally:
+            torch.set_num_threads(before)
+    assert [r["source"] for r in routes.route_report(m)] == ["measured", "measured"]
