@@ -28,6 +28,7 @@ from gradcomp.quant.configs import ActQuantConfig
 from gradcomp.quant.fake_quant import fake_quantize_ste
 from gradcomp.quant.histogram import RunningHistogram
 from gradcomp.quant.modules import QuantizedConv2d, QuantizedLinear
+from gradcomp.quant.observer_selection import ObserverChoice
 from gradcomp.quant.observers import ActivationObserver
 from gradcomp.quant.rules import check_patterns, match_pattern
 
@@ -203,7 +204,9 @@ def _select_modules(
     skip = check_patterns(exclude, "exclude")
     chosen = []
     for name, module in model.named_modules():
-        if not name or isinstance(module, (ActivationObserver, ActivationQuantizer, RunningHistogram)):
+        # nothing inside a quantizer (observers, their histograms and candidate lists) is a layer to quantize
+        if not name or _QUANTIZER_ATTR in name.split(".") or isinstance(module, (ActivationObserver, ActivationQuantizer,
+                                                                                RunningHistogram, ObserverChoice)):
             continue
         if not isinstance(module, types):
             continue

@@ -94,3 +94,10 @@ def test_candidates_are_validated():
         ActQuantConfig(observer="auto", candidates=("minmax", "minmax"))
     with pytest.raises(ValueError, match="candidates must be distinct"):
         ActQuantConfig(observer="auto", candidates=("auto",))
+
+
+def test_selecting_every_module_skips_the_auto_observers():
+    model = nn.Sequential(nn.Linear(8, 4))
+    quantize_activations_(model, ActQuantConfig(bits=8, observer="auto"), [torch.randn(8, 8) for _ in range(2)])
+    with pytest.raises(ValueError, match="no module of Sequential matches"):   # the quantizer's insides are no layers
+        prepare_activation_quant_(model, ActQuantConfig(bits=8, dynamic=True), types=(nn.Module,), exclude="0")
