@@ -8,6 +8,7 @@ import json
 import math
 import os
 import pkgutil
+import re
 import sys
 from typing import Any, Callable, Dict, List, Sequence
 
@@ -17,11 +18,14 @@ EXIT_BAD_INPUT = 2
 EXIT_ENV = 3
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 class CliError(Exception):
-    """An error to print without a traceback, with the exit code to return."""
+    """An error to print without a traceback, with the exit code to return (terminal colour codes removed)."""
 
     def __init__(self, message: str, code: int = EXIT_BAD_INPUT):
-        super().__init__(message)
+        super().__init__(_ANSI.sub("", str(message)))
         self.code = code
 
 

@@ -9,6 +9,7 @@ Subcommands::
         --method gptq --model mymodel:build --data mymodel:calibration_batches [--forward mymodel:forward]
     gradcomp weights quantize IN OUT.safetensors --bits 4 --granularity per_group --group-size 32 \
         --method autoround --steps 200 --holdout 1 --model mymodel:build --data mymodel:calibration_batches
+    gradcomp weights kernels MODEL.safetensors --model mymodel:build --data mymodel:batches [--threads 1] [--json]
     gradcomp weights size --params 7e9 [--json]
     gradcomp weights size FILE [--config ...] [--json]
 
@@ -82,6 +83,8 @@ def register(subparsers) -> None:
                         "judged on (outputs not named weigh 1)")
     q.add_argument("--model", metavar="MODULE:FN", help="FN() builds the model IN belongs to (for --method other than rtn)")
     q.add_argument("--data", metavar="MODULE:FN", help="FN() returns the calibration batches (for gptq/awq_clip/awq_scale)")
+    q.add_argument("--strict", action="store_true",
+                   help="fail (exit 2) when --method does not cover a selected layer, instead of warning and rounding it to nearest")
     q.add_argument("--sequential", type=int, default=0, metavar="STAGES",
                    help="calibrate in this many stages, each on the output of the already-quantized earlier ones (0: off)")
     q.add_argument("--forward", metavar="MODULE:FN", help="FN(model, batch) runs one batch (default model(batch))")
@@ -91,6 +94,19 @@ def register(subparsers) -> None:
     _add_file_options(q)
     add_json_flag(q)
     q.set_defaults(func=_quantize)
+
+    k = sub.add_parser("kernels", help="measure which kernel each quantized layer of a saved model runs on this machine",
+                       description="Load a save_quantized file (weights and activation quantizers) into the model of --model, "
+                                   "run one calibration batch without gradient and print, per layer, the route measured "
+                                   "fastest among those of the layer's result class, with every route's time and fp32's.")
+    k.add_argument("file", type=existing_file, help="a .safetensors file written by save_quantized")
+    k.add_argument("--model", metavar="MODULE:FN", required=True, help="FN() builds the (unquantized) model the file belongs to")
+    k.add_argument("--data", metavar="MODULE:FN", required=True, help="FN() returns batches; the first one is measured")
+    k.add_argument("--forward", metavar="MODULE:FN", help="FN(model, batch) runs one batch (default model(batch))")
+    k.add_argument("--threads", type=int_in(1, 4096), default=None, help="torch threads while measuring (default: torch's)")
+    k.add_argument("--cache", metavar="JSON", help="route cache file: read if it exists, written after measuring")
+    add_json_flag(k)
+    k.set_defaults(func=_kernels)
 
     s = sub.add_parser("size", help="bytes per precision for N parameters, or for the weights of a file (measured on disk)")
     s.add_argument("file", nargs="?", type=existing_file, help="weights file to measure (quantized copies are written to a temporary directory)")
@@ -277,7 +293,7 @@ def _quantize_with_data(args, sd, rules):
     batches = import_spec(args.data, "--data")() if args.data else None
     forward = import_spec(args.forward, "--forward") if args.forward else None
     quantize_(model, rules, method=method, calibration=batches, forward=forward, num_batches=args.batches,
-              progress=not args.no_progress, sequential=args.sequential or False)
+              progress=not args.no_progress, sequential=args.sequential or False, strict=args.strict)
     packed = {n: m.packed for n, m in model.named_modules() if hasattr(m, "packed")}
     held = {f"{n}.{k}" for n in packed for k in ("packed.qweight", "packed.scale", "packed.zero_point", "packed.input_scale")}
     plain = {k: v for k, v in model.state_dict().items() if k not in held and k in sd}
@@ -322,6 +338,50 @@ def _user_model(args, sd):
         raise CliError(f"the weights do not fit the model of --model: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]} "
                        "(try --key or --strip-prefix)")
     return model
+
+
+def _kernels(args) -> int:
+    import os
+
+    import torch
+    import torch.nn as nn
+
+    from gradcomp.cli._common import load_callable
+    from gradcomp.quant import load_quantized, routes
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_callable(args.model, "--model")()
+    if isinstance(model, (tuple, list)) and model and isinstance(model[0], nn.Module):
+        model = model[0]
+    if not isinstance(model, nn.Module):
+        raise CliError(f"--model {args.model!r} returned {type(model).__name__}, expected an nn.Module")
+    load_quantized(model, args.file)
+    model.eval()
+    batches = iter(load_callable(args.data, "--data")())
+    batch = next(batches, None)
+    if batch is None:
+        raise CliError(f"--data {args.data!r} gave no batch")
+    if args.cache and os.path.exists(args.cache):
+        routes.load_route_cache(args.cache)
+    forward = load_callable(args.forward, "--forward") if args.forward else None
+    rows = routes.tune_(model, batch, forward=forward)
+    if args.cache:
+        routes.save_route_cache(args.cache)
+    if not rows:
+        raise CliError(f"{args.file}: the model holds no quantized Linear or Conv2d layer that ran on the batch")
+    machine = routes.machine_signature()
+    if args.json:
+        print_json({"file": args.file, "machine": machine, "layers": rows})
+        return 0
+    cols = ("layer", "kind", "weight", "activations", "input", "class", "route", "ms", "fp32_ms", "speedup_vs_fp32", "source")
+    print(f"{args.file}: cpu={machine['cpu']} threads={machine['threads']} torch={machine['torch']}\n")
+    print(format_table(rows, cols, floatfmt=".3g"))
+    total = sum(r["ms"] or 0.0 for r in rows)
+    base = sum(r["fp32_ms"] or 0.0 for r in rows)
+    if total:
+        print(f"\nquantized layers: {total:.3g} ms, the same layers in fp32: {base:.3g} ms ({base / total:.2f}x)")
+    return 0
 
 
 def _size(args) -> int:

@@ -19,7 +19,14 @@ The package is split the way torchao splits it; read it top-down:
   inputs.
 * :mod:`~gradcomp.quant.algorithms`: how codes are chosen: round-to-nearest, GPTQ, activation-aware
   clipping and scaling, HQQ, AutoRound (data-aware or data-free, same packed format).
-* :mod:`~gradcomp.quant.kernels`: PyTorch's int8/int4 CPU kernels behind :class:`QuantizedLinear`.
+* :mod:`~gradcomp.quant.kernels` and :mod:`~gradcomp.quant.int8_kernels`: PyTorch's int8/int4 CPU
+  kernels (weight-only, ``torch._int_mm``, oneDNN's int8 convolution and linear).
+* :mod:`~gradcomp.quant.routes`: which kernel each quantized layer runs, chosen by measurement on
+  the machine and the layer's real input shapes (:func:`tune_`, :func:`route_report`).
+* :mod:`~gradcomp.quant.activation_files`: the activation quantizers inside a weights file.
+* :mod:`~gradcomp.quant.observer_selection`: ``observer="auto"``, the observer per layer with the
+  least held-out output error.
+* :mod:`~gradcomp.quant.qat`: quantization-aware fine-tuning of weights with learned scales.
 * :mod:`~gradcomp.quant.weight_report` and :mod:`~gradcomp.quant.activation_report`: the analyses
   (weight statistics and per-config quality; activation capture and dynamics).
 
@@ -44,7 +51,10 @@ from gradcomp.quant.histogram import *  # noqa: F401,F403
 from gradcomp.quant.observers import *  # noqa: F401,F403
 from gradcomp.quant.activation_quant import *  # noqa: F401,F403
 from gradcomp.quant.activation_report import *  # noqa: F401,F403
-from gradcomp.quant import algorithms, kernels
+from gradcomp.quant import algorithms, int8_kernels, kernels, routes
+from gradcomp.quant.routes import clear_routes_, load_route_cache, route_report, save_route_cache, tune_
+from gradcomp.quant.observer_selection import observer_choices
+from gradcomp.quant.qat import convert_qat_, prepare_qat_, qat_layers
 from gradcomp.quant.algorithms import GPTQ, HQQ, ActivationAwareClip, AutoRound, AWQScale, layer_output_error
 
 __all__ = [
@@ -65,4 +75,13 @@ __all__ = [
     "HQQ",
     "AutoRound",
     "layer_output_error",
+    "tune_",
+    "route_report",
+    "clear_routes_",
+    "save_route_cache",
+    "load_route_cache",
+    "observer_choices",
+    "prepare_qat_",
+    "convert_qat_",
+    "qat_layers",
 ]

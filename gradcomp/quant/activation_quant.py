@@ -28,7 +28,8 @@ from gradcomp.quant.configs import ActQuantConfig
 from gradcomp.quant.fake_quant import fake_quantize_ste
 from gradcomp.quant.histogram import RunningHistogram
 from gradcomp.quant.modules import QuantizedConv2d, QuantizedLinear
-from gradcomp.quant.observers import ActivationObserver, observer_for
+from gradcomp.quant.observer_selection import ObserverChoice, observer_for
+from gradcomp.quant.observers import ActivationObserver
 from gradcomp.quant.rules import check_patterns, match_pattern
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,11 @@ class ActivationQuantizer(nn.Module):
         self.passthrough = False
 
     @property
+    def per_channel(self) -> bool:
+        """Whether the scales are per channel (``per_channel``, or ``auto`` that chose it)."""
+        return self.config.observer == "per_channel" or self.scale.numel() > 1
+
+    @property
     def calibrating(self) -> bool:
         """Whether the quantizer still observes (static and not frozen)."""
         return not self.config.dynamic and not bool(self.frozen)
@@ -127,7 +133,7 @@ class ActivationQuantizer(nn.Module):
             scale, zp = choose_qparams(lo, hi, cfg.bits, cfg.symmetric)
             return scale, zp, None
         zp = None if cfg.symmetric else self.zero_point
-        axis = self.channel_axis if cfg.observer == "per_channel" else None
+        axis = self.channel_axis if self.per_channel else None
         return self.scale, zp, axis
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,6 +175,9 @@ def _input_quant_pre_hook(module: nn.Module, args: Tuple[Any, ...]):
     quantizer = getattr(module, _QUANTIZER_ATTR, None)
     if quantizer is None or not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
         return None
+    if quantizer.calibrating and getattr(quantizer.observer, "scoring", False):
+        quantizer.observer.score(module, args[0])   # held-out batch of observer="auto": measure, pass through
+        return None
     fuses = getattr(module, "fuses_input_quant", None)
     if fuses is not None and fuses(quantizer, args[0]):
         return None  # the module quantizes its input itself, in an integer kernel (same codes)
@@ -195,7 +204,9 @@ def _select_modules(
     skip = check_patterns(exclude, "exclude")
     chosen = []
     for name, module in model.named_modules():
-        if not name or isinstance(module, (ActivationObserver, ActivationQuantizer, RunningHistogram)):
+        # nothing inside a quantizer (observers, their histograms and candidate lists) is a layer to quantize
+        if not name or _QUANTIZER_ATTR in name.split(".") or isinstance(module, (ActivationObserver, ActivationQuantizer,
+                                                                                RunningHistogram, ObserverChoice)):
             continue
         if not isinstance(module, types):
             continue
@@ -272,12 +283,33 @@ def calibrate_(model: nn.Module, batches: Iterable[Any], *, forward: Optional[Ca
                num_batches: Optional[int] = None, progress: bool = False) -> int:
     """Feed calibration batches to the observers of a prepared model; return the batch count.
 
+    With ``observer="auto"`` the last ``holdout`` share of the batches (at least one of two or more)
+    is not observed but scores every candidate observer by the layer's output error
+    (:mod:`gradcomp.quant.observer_selection`).
+
     Raises:
         ValueError: the model has no calibrating quantizer, or no batch came.
     """
-    if not any(q.calibrating for _, q in _quantizers(model)):
+    todo = [q for _, q in _quantizers(model) if q.calibrating]
+    if not todo:
         raise ValueError("the model has no calibrating activation quantizer; call prepare_activation_quant_ with a static config first")
-    n = run_batches(model, batches, forward=forward, num_batches=num_batches, progress=progress, desc="calibrate")
+    auto = [q.observer for q in todo if getattr(q.observer, "scoring", None) is not None]
+    if not auto:
+        n = run_batches(model, batches, forward=forward, num_batches=num_batches, progress=progress, desc="calibrate")
+    else:
+        # observer="auto": the last share of the batches is held out to score the candidates
+        data = list(batches)[: num_batches if num_batches is not None else None]
+        share = max(q.config.holdout for q in todo if q.config.observer == "auto")
+        hold = min(len(data) - 1, max(1, round(share * len(data)))) if len(data) >= 2 else 0
+        n = run_batches(model, data[: len(data) - hold], progress=progress, forward=forward, desc="calibrate")
+        if hold and n:
+            for obs in auto:
+                obs.start_scoring()
+            try:
+                n += run_batches(model, data[len(data) - hold:], forward=forward, progress=progress, desc="score observers")
+            finally:
+                for obs in auto:
+                    obs.stop_scoring()
     if n == 0:
         raise ValueError("calibration got no batch")
     return n
@@ -301,8 +333,8 @@ def convert_activation_quant_(model: nn.Module) -> Dict[str, Tuple[torch.Tensor,
     for n, q in todo:
         unseen = getattr(q.observer, "unseen_channels", None)
         if unseen is not None and unseen.numel():
-            logger.warning("%s: %d input channels never held a finite value during calibration (first: %s); "
-                           "they get the widest range seen on the other channels", n, unseen.numel(), unseen[:5].tolist())
+            logger.warning("%s: %d of %d input channels never held a finite nonzero value during calibration (first: %s); "
+                           "they get the range of the whole tensor", n, unseen.numel(), q.observer.min_val.numel(), unseen[:5].tolist())
         q.freeze(qparams[n])
     return qparams
 

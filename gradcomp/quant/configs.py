@@ -201,7 +201,7 @@ def _check_config(config: Any, what: str = "config") -> None:
 # activation quantization of layer inputs
 
 
-_STATIC_OBSERVERS = ("minmax", "moving_average", "per_channel", "percentile", "mse", "kl")
+_STATIC_OBSERVERS = ("minmax", "moving_average", "per_channel", "percentile", "mse", "kl", "auto")
 _DYNAMIC_GRANULARITIES = ("per_token", "per_tensor")
 
 
@@ -212,7 +212,9 @@ class ActQuantConfig:
     Args:
         bits: code width, one of ``SUPPORTED_BITS``.
         observer: for static quantization, one of ``minmax``, ``moving_average``, ``per_channel``,
-            ``percentile``, ``mse``, ``kl``.
+            ``percentile``, ``mse``, ``kl``, or ``auto``: per layer, the one of ``candidates`` with the
+            least output error on the held-out share of the calibration batches
+            (:mod:`gradcomp.quant.observer_selection`).
         symmetric: codec scales without a zero point (True) or affine with one (False).
         dynamic: compute scales on the fly from each input instead of from calibration.
         granularity: for dynamic quantization, ``per_token`` (one scale per row of the last axis)
@@ -220,6 +222,9 @@ class ActQuantConfig:
         percentile: ``p`` of the percentile observer.
         bins: histogram bins of the percentile, mse and kl observers.
         averaging_constant: of the moving-average observer.
+        candidates: the observers ``auto`` chooses from (per-tensor ones by default, which the int8
+            kernels can run; add ``per_channel`` to consider it).
+        holdout: the share of calibration batches ``auto`` holds out to score the candidates.
 
     Example: ``ActQuantConfig(bits=8, observer="kl")`` (static) or
     ``ActQuantConfig(bits=8, dynamic=True, granularity="per_token")``.
@@ -233,6 +238,8 @@ class ActQuantConfig:
     percentile: float = 99.99
     bins: int = 2048
     averaging_constant: float = 0.01
+    candidates: Tuple[str, ...] = ("minmax", "mse", "percentile", "kl")
+    holdout: float = 0.25
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -243,6 +250,12 @@ class ActQuantConfig:
         check_number("percentile", self.percentile, low=50.0, high=100.0, low_open=True)
         check_int("bins", self.bins, 2)
         check_number("averaging_constant", self.averaging_constant, low=0.0, high=1.0, low_open=True)
+        if isinstance(self.candidates, list):   # from JSON
+            object.__setattr__(self, "candidates", tuple(self.candidates))
+        if (not isinstance(self.candidates, tuple) or not self.candidates or len(set(self.candidates)) != len(self.candidates)
+                or not all(c in _STATIC_OBSERVERS and c != "auto" for c in self.candidates)):
+            raise ValueError(f"candidates must be distinct names from {_STATIC_OBSERVERS[:-1]}, got {self.candidates!r}")
+        check_number("holdout", self.holdout, low=0.0, high=1.0, low_open=True)
 
     @property
     def label(self) -> str:

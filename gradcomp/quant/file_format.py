@@ -1,15 +1,19 @@
 """The on-disk format of quantized weights: safetensors tensors plus a verified JSON quantization map.
 
 A file holds plain tensors (no pickled objects) and three metadata strings: ``format =
-"gradcomp.weights"``, ``format_version`` (``"3"`` when a layer holds an input scale, else ``"2"``, so
-files without one read in older versions too) and ``quantization_map``, a JSON object:
+"gradcomp.weights"``, ``format_version`` (``"4"`` when the file holds activation quantizers, ``"3"``
+when a layer holds an input scale, else ``"2"``, so files without them read in older versions too) and
+``quantization_map``, a JSON object:
 
 * ``layers``: ``{layer: {"kind", "config", "weight_shape", "weight_dtype", ["tied_to"], ["input_scale"]}}``
   (``"input_scale": true``, version 3: the layer also stores ``<layer>.input_scale``, a per-input-channel
   scale of activation-aware scaling);
 * ``aliases``: ``{state_dict name: stored tensor name}`` for entries that share one tensor;
 * ``tensors``: ``{name: {"shape", "dtype", ["sha256"]}}`` for every stored tensor (with the
-  SHA-256 of its bytes) and every alias (the shape and dtype it must have).
+  SHA-256 of its bytes) and every alias (the shape and dtype it must have);
+* ``activations`` (version 4 only): ``{module: {"config", "channel_axis", "state"}}``, the input
+  quantizers of :mod:`gradcomp.quant.activation_quant` (checked by
+  :mod:`gradcomp.quant.activation_files`).
 
 Reading a file (:func:`read_file`) checks, before any tensor is handed out:
 
@@ -31,13 +35,13 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, Mapping, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
 FORMAT = "gradcomp.weights"
-FORMAT_VERSION = "3"
-_READABLE = ("1", "2", "3")
+FORMAT_VERSION = "4"
+_READABLE = ("1", "2", "3", "4")
 _KINDS = ("linear", "embedding", "conv2d", "tensor")
 _PART = r"[^.\s/\\\x00]+"
 _NAME = re.compile(rf"{_PART}(?:\.{_PART})*")
@@ -88,6 +92,9 @@ def _check_map(qmap: Any, where: str, version: str) -> Tuple[Dict[str, Any], Dic
         if not isinstance(qmap[key], dict):
             raise ValueError(f"{where}: quantization_map[{key!r}] must be a JSON object, got {type(qmap[key]).__name__}")
     layers, aliases, records = qmap["layers"], qmap["aliases"], qmap.get("tensors", {})
+    if "activations" in qmap and (version != "4" or not isinstance(qmap["activations"], dict)):
+        raise ValueError(f"{where}: quantization_map['activations'] must be a JSON object and needs format_version 4, "
+                         f"got {type(qmap['activations']).__name__} in version {version}")
     for fqn, rec in layers.items():
         check_name(fqn, "layer", layer=True)
         at = f"{where}: layers[{fqn!r}]"
@@ -124,8 +131,12 @@ def _check_map(qmap: Any, where: str, version: str) -> Tuple[Dict[str, Any], Dic
     return layers, aliases, records
 
 
-def write_file(path: Union[str, os.PathLike], layers: Dict[str, Dict[str, Any]], tensors: Dict[str, torch.Tensor]) -> None:
-    """Write tensors (shared ones once, with aliases), their checksums and the map to ``path`` atomically."""
+def write_file(path: Union[str, os.PathLike], layers: Dict[str, Dict[str, Any]], tensors: Dict[str, torch.Tensor],
+               activations: Optional[Dict[str, Dict[str, Any]]] = None) -> None:
+    """Write tensors (shared ones once, with aliases), their checksums and the map to ``path`` atomically.
+
+    ``activations``: the map's ``activations`` section (the file is then version 4), or None.
+    """
     from safetensors.torch import save_file
 
     out: Dict[str, torch.Tensor] = {}
@@ -146,7 +157,11 @@ def write_file(path: Union[str, os.PathLike], layers: Dict[str, Dict[str, Any]],
         out[name] = t.to("cpu").contiguous()
         records[name]["sha256"] = digest(out[name])
     qmap = {"layers": layers, "aliases": aliases, "tensors": records}
-    version = FORMAT_VERSION if any(rec.get("input_scale") for rec in layers.values()) else "2"
+    if activations:
+        qmap["activations"] = activations
+        version = FORMAT_VERSION
+    else:
+        version = "3" if any(rec.get("input_scale") for rec in layers.values()) else "2"
     meta = {"format": FORMAT, "format_version": version, "quantization_map": json.dumps(qmap, sort_keys=True)}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -159,7 +174,13 @@ def write_file(path: Union[str, os.PathLike], layers: Dict[str, Dict[str, Any]],
 
 
 def read_file(path: Union[str, os.PathLike]) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
-    """Read and verify a file (see the module docstring); return ``(layers, tensors)``, aliases resolved.
+    """Read and verify a file (see the module docstring); return ``(layers, tensors)``, aliases resolved."""
+    layers, _, tensors = read_sections(path)
+    return layers, tensors
+
+
+def read_sections(path: Union[str, os.PathLike]) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, torch.Tensor]]:
+    """Read and verify a file; return ``(layers, activations, tensors)`` (``activations`` is ``{}`` before version 4).
 
     Raises:
         FileNotFoundError: no such file.
@@ -198,7 +219,7 @@ def read_file(path: Union[str, os.PathLike]) -> Tuple[Dict[str, Any], Dict[str, 
             raise ValueError(f"{path}: alias {name!r} is also a stored tensor")
     for name, target in aliases.items():
         tensors[name] = tensors[target]
-    return layers, tensors
+    return layers, qmap.get("activations", {}), tensors
 
 
 def _verify(tensors: Mapping[str, torch.Tensor], aliases: Mapping[str, str], records: Mapping[str, Any], where: str) -> None:

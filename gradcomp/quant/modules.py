@@ -27,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gradcomp.batches import progress_bar
+from gradcomp.quant import routes
+from gradcomp.quant.algorithms.conv import quantize_module_weight, uncovered_reason
 from gradcomp.quant.configs import CastConfig, Config, Rules, config_name
 from gradcomp.quant.packed import PackedWeight
 from gradcomp.quant.rules import _config_rules, first_match
@@ -72,18 +74,48 @@ class _QuantizedLayer(nn.Module):
             return self.bias
         return self.bias.to(x.dtype)
 
+    # Measured routes keep operands (dense copies, prepacked weights) and choices on the layer: anything
+    # that moves or overwrites the packed weight, or changes how the layer may compute, forgets them.
+    _ROUTE_KNOBS = frozenset(("use_kernels", "compute_dtype", "route", "allow_dense"))
+
+    def _forget_routes(self) -> None:
+        self.__dict__.pop("_route_state", None)
+        cache = self.__dict__.get("_kernel_cache")
+        if cache:
+            cache.clear()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._ROUTE_KNOBS:
+            self._forget_routes()
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse: bool = True):
+        out = super()._apply(fn, recurse)
+        self._forget_routes()
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._forget_routes()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _fast(self, x: torch.Tensor) -> Any:
+        """The chosen route of a layer without input quantizer for this input, if measured already (else None)."""
+        st = self.__dict__.get("_route_state")
+        if st is None or "input_quantizer" in self._modules or (x.requires_grad and torch.is_grad_enabled()):
+            return None
+        return st["fast"].get((x.shape, x.dtype, x.device, torch.get_num_threads()))
+
 
 class QuantizedLinear(_QuantizedLayer):
     """``nn.Linear`` with a packed weight.
 
-    The forward picks the fastest exact-enough route (:mod:`gradcomp.quant.kernels`), all from the same
-    stored codes:
-
-    1. dynamic W8A8 (an int8 per-token symmetric ``input_quantizer`` on an int8 symmetric weight, no
-       gradient needed): ``torch._int_mm`` on the int8 codes;
-    2. a weight-only CPU kernel (int8 per channel, int4 per group) when the input is bf16 or
-       ``compute_dtype`` is ``torch.bfloat16`` (fp32 inputs are then computed in bf16);
-    3. otherwise the weight is dequantized to ``x.dtype`` and ``F.linear`` runs (exact, differentiable).
+    Without a gradient to the input, on CPU, the forward runs the route that the measurement of
+    :mod:`gradcomp.quant.routes` found fastest for this input shape on this machine, among those
+    that give the layer's result class, all from the same stored codes: the dequantized weight (at
+    every call, or kept), a weight-only CPU kernel (int8 per channel, int4 per group; only when the
+    input is bf16 or ``compute_dtype`` is ``torch.bfloat16``), or, with an 8-bit input quantizer,
+    ``torch._int_mm`` (dynamic per-token) or oneDNN's int8 linear (per-tensor). With a gradient the
+    weight is dequantized to ``x.dtype`` and ``F.linear`` runs (exact, differentiable).
 
     A weight with an ``input_scale`` ``s`` (activation-aware scaling) holds the codes of ``W diag(s)``:
     route 2 divides the input by ``s`` (in fp32) before the kernel, route 3 folds ``1/s`` into the
@@ -91,9 +123,12 @@ class QuantizedLinear(_QuantizedLayer):
     path quantizes ``x``).
 
     Attributes:
-        compute_dtype: None (compute in the input's dtype) or ``torch.bfloat16`` (run the bf16 kernels
-            for fp32 inputs too: faster, at bf16 precision of the activations).
+        compute_dtype: None (compute in the input's dtype) or ``torch.bfloat16`` (the bf16 kernels may
+            run for fp32 inputs too, at bf16 precision of the activations).
         use_kernels: False forces the dequantize route.
+        allow_dense: keep a dequantized copy of the weight when that is the fastest route (memory:
+            the dense weight); False measures only routes that keep the packed weight alone.
+        route: None (measured) or a route name of :data:`gradcomp.quant.routes.ROUTES` to pin.
     """
 
     kind = "linear"
@@ -105,6 +140,8 @@ class QuantizedLinear(_QuantizedLayer):
         self.out_features, self.in_features = packed.shape
         self.compute_dtype: Optional[torch.dtype] = None
         self.use_kernels = True
+        self.allow_dense = True
+        self.route: Optional[str] = None
         self._kernel_cache: Dict[str, Any] = {}
 
     def _operands(self, what: str):
@@ -122,40 +159,16 @@ class QuantizedLinear(_QuantizedLayer):
         return hit[1]
 
     def fuses_input_quant(self, quantizer: Any, x: torch.Tensor) -> bool:
-        """Whether this forward quantizes ``x`` itself with ``_int_mm`` (the pre-hook then leaves ``x`` alone)."""
-        from gradcomp.quant import kernels
-
-        if not self.use_kernels or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
-            return False
-        if getattr(quantizer, "track_error", False) or getattr(quantizer, "passthrough", False):
-            return False
-        if self.packed.input_scale is not None:   # the fake-quant path quantizes x, not x / s
-            return False
-        return kernels.w8a8_kernel_fits(self.packed.config, getattr(quantizer, "config", None), self.packed.shape)
-
-    def _weight_kernel_applies(self, x: torch.Tensor) -> bool:
-        from gradcomp.quant import kernels
-
-        if not self.use_kernels or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
-            return False
-        if not (x.dtype == torch.bfloat16 or (self.compute_dtype == torch.bfloat16 and x.dtype == torch.float32)):
-            return False
-        return kernels.weight_kernel(self.packed.config, self.packed.shape) is not None
+        """Whether this forward quantizes ``x`` itself (a measured route): the pre-hook then leaves ``x`` alone."""
+        return _route_handles(self, quantizer, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return ``x @ W^T + b`` (see the class docstring for the route taken)."""
-        quantizer = getattr(self, "input_quantizer", None)
-        if quantizer is not None and self.fuses_input_quant(quantizer, x):
-            from gradcomp.quant.kernels import w8a8_linear
-
-            return w8a8_linear(x, quantizer.config, self._operands("w8a8"), self.bias)
-        if self._weight_kernel_applies(x):
-            from gradcomp.quant.kernels import kernel_linear
-
-            kind, ops = self._operands("weight")
-            if self.packed.input_scale is not None:   # the kernel multiplies by the codes of W diag(s)
-                x = (x.float() / self.packed.input_scale.float()).to(x.dtype)
-            return kernel_linear(x, kind, ops, self.bias)
+        """Return ``x @ W^T + b`` through the route measured fastest for this input (see :mod:`gradcomp.quant.routes`)."""
+        fast = self._fast(x)
+        if fast is not None:
+            return fast(x)
+        if routes.applies(self, x):
+            return routes.run(self, x)
         return F.linear(x, self.packed.dequantize(x.dtype), self._bias_for(x))
 
     def extra_repr(self) -> str:
@@ -183,7 +196,14 @@ class QuantizedEmbedding(_QuantizedLayer):
 
 
 class QuantizedConv2d(_QuantizedLayer):
-    """``nn.Conv2d`` with a packed weight (rows = output channels, flattened ``in/groups*kh*kw``)."""
+    """``nn.Conv2d`` with a packed weight (rows = output channels, flattened ``in/groups*kh*kw``).
+
+    Without a gradient to the input, on CPU, the forward runs the route measured fastest for the
+    input shape (:mod:`gradcomp.quant.routes`): the dequantized weight (at every call, or kept, in
+    NCHW or channels-last layout) or, with an 8-bit per-tensor input quantizer and int8 symmetric
+    weights, oneDNN's int8 convolution with prepacked weights. Attributes ``use_kernels``,
+    ``allow_dense`` and ``route`` as for :class:`QuantizedLinear`.
+    """
 
     kind = "conv2d"
 
@@ -204,9 +224,21 @@ class QuantizedConv2d(_QuantizedLayer):
         self.out_channels = packed.shape[0]
         self.in_channels = packed.shape[1] * groups
         self.kernel_size = tuple(packed.shape[2:])
+        self.use_kernels = True
+        self.allow_dense = True
+        self.route: Optional[str] = None
+
+    def fuses_input_quant(self, quantizer: Any, x: torch.Tensor) -> bool:
+        """Whether this forward quantizes ``x`` itself (a measured route): the pre-hook then leaves ``x`` alone."""
+        return _route_handles(self, quantizer, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the convolution of ``x`` with the weight dequantized to ``x.dtype``."""
+        """Return the convolution of ``x`` with the packed weight (see the class docstring for the route)."""
+        fast = self._fast(x)
+        if fast is not None:
+            return fast(x)
+        if routes.applies(self, x):
+            return routes.run(self, x)
         w = self.packed.dequantize(x.dtype)
         if self.padding_mode != "zeros":
             # Same as nn.Conv2d: explicit padding of the requested mode, then a convolution without padding.
@@ -217,6 +249,13 @@ class QuantizedConv2d(_QuantizedLayer):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, groups={self.groups}, bias={self.bias is not None}")
+
+
+def _route_handles(layer: _QuantizedLayer, quantizer: Any, x: torch.Tensor) -> bool:
+    """Whether the measured routes take ``x`` raw and apply the (frozen or dynamic) input quantizer themselves."""
+    if getattr(quantizer, "calibrating", True) or getattr(quantizer, "track_error", False) or getattr(quantizer, "passthrough", False):
+        return False
+    return routes.applies(layer, x)
 
 
 _SUPPORTED = (nn.Linear, nn.Embedding, nn.Conv2d)
@@ -352,6 +391,7 @@ def quantize_(
     num_batches: Optional[int] = None,
     progress: bool = False,
     sequential: Any = False,
+    strict: bool = False,
 ) -> nn.Module:
     """Swap the model's Linear, Embedding and Conv2d layers for packed quantized ones, in place.
 
@@ -360,7 +400,8 @@ def quantize_(
            config, or the first rule whose pattern matches (a None config or no match leaves the layer
            as it is); drop layers for which ``filter_fn(module, fqn)`` is False.
         2. With a data-aware ``method``: run the calibration batches once through the unquantized
-           model and sum each selected Linear's input Hessian ``X^T X``. With ``sequential``, the
+           model and sum each selected Linear's input Hessian ``X^T X`` (a Conv2d's per group, over
+           its unfolded input patches, :mod:`gradcomp.quant.algorithms.conv`). With ``sequential``, the
            Linear layers are taken in execution order, in stages: the Hessians of a stage are
            collected with every earlier stage already quantized (GPTQ's sequential mode), so each
            layer compensates the error its quantized inputs carry; one calibration pass per stage.
@@ -377,11 +418,13 @@ def quantize_(
         method: ``None``/``"rtn"`` (round-to-nearest), ``"gptq"``, ``"awq_clip"``, ``"hqq"``, ``"autoround"``,
             or a configured :class:`gradcomp.quant.algorithms.GPTQ` /
             :class:`~gradcomp.quant.algorithms.ActivationAwareClip` / :class:`~gradcomp.quant.algorithms.HQQ`
-            (data-free: calibration optional; it also fits Embedding tables) /
+            (data-free: calibration optional; it also fits Embedding tables and Conv2d weights) /
             :class:`~gradcomp.quant.algorithms.AutoRound` (trained against the model's outputs:
             ``forward`` must return them differentiably; it covers Embedding and Conv2d layers too).
-            Same packed modules and files whichever method; for the other methods Embedding and Conv2d
-            layers use round-to-nearest; cast configs always do.
+            GPTQ and awq_clip cover Linear and Conv2d (through the unfolded input, groups included),
+            awq_scale Linear only. Same packed modules and files whichever method; a layer a method
+            does not cover gets round-to-nearest with a warning naming it (see ``strict``); cast
+            configs always do.
         calibration: batches for the data-aware methods (required by them).
         forward: ``forward(model, batch)`` for the calibration batches (default ``model(batch)``,
             ``model(*batch)`` for tuples, ``model(**batch)`` for dicts).
@@ -389,6 +432,8 @@ def quantize_(
         progress: tqdm progress bars over the calibration batches and the layers.
         sequential: False (Hessians from the unquantized model), True (one stage per Linear layer)
             or the number of stages (one calibration pass each).
+        strict: raise ValueError (before anything changes) when the method does not cover a selected
+            layer, instead of warning and rounding it to nearest.
 
     Returns:
         ``model`` itself.
@@ -414,6 +459,17 @@ def quantize_(
         raise ValueError(f"method {algorithm.name!r} needs calibration batches (calibration=...); use method='rtn' without data")
     if stages and (algorithm is None or calibration is None):
         raise ValueError("sequential=... needs a data-aware method and calibration batches")
+    uncovered: Dict[str, str] = {}
+    if algorithm is not None:
+        for fqn, m, cfg in plan:
+            why = uncovered_reason(algorithm, m, cfg, calibration is not None)
+            if why is not None:
+                uncovered[fqn] = why
+        if uncovered:
+            listed = "; ".join(f"{n!r} ({why})" for n, why in sorted(uncovered.items()))
+            if strict:
+                raise ValueError(f"method {algorithm.name!r} does not cover {len(uncovered)} layers (strict=True): {listed}")
+            logger.warning("method %r does not cover %d layers, which get round-to-nearest: %s", algorithm.name, len(uncovered), listed)
     if getattr(algorithm, "whole_model", False):
         if stages:
             raise ValueError(f"method {algorithm.name!r} trains every layer at once against the model's outputs; "
@@ -422,10 +478,8 @@ def quantize_(
     elif algorithm is not None and calibration is not None:
         from gradcomp.quant.algorithms import collect_input_hessians
 
-        aware = {fqn: m for fqn, m, cfg in plan if isinstance(m, nn.Linear) and not isinstance(cfg, CastConfig)}
-        skipped = sorted({fqn for fqn, m, cfg in plan if fqn not in aware and not isinstance(cfg, CastConfig)})
-        if skipped:
-            logger.info("%s covers Linear layers; round-to-nearest for %s", algorithm.name, skipped[:8])
+        aware = {fqn: m for fqn, m, cfg in plan if isinstance(m, (nn.Linear, nn.Conv2d)) and fqn not in uncovered
+                 and not isinstance(cfg, CastConfig) and not (isinstance(m, nn.Conv2d) and data_free)}
         if aware and not stages:
             hessians = collect_input_hessians(model, aware, calibration, forward=forward, num_batches=num_batches, progress=progress)
         elif aware:
@@ -447,9 +501,8 @@ def quantize_(
             try:
                 if fqn in done:
                     packed = done[fqn]
-                elif fqn in hessians or (data_free and w.dim() == 2 and isinstance(m, (nn.Linear, nn.Embedding))
-                                         and not isinstance(cfg, CastConfig)):
-                    r = algorithm.quantize(w, hessians.get(fqn), cfg)
+                elif fqn in hessians or (data_free and fqn not in uncovered and not isinstance(cfg, CastConfig)):
+                    r = quantize_module_weight(algorithm, m, hessians.get(fqn), cfg)
                     packed = PackedWeight.from_codes(r.codes, r.scale, r.zero_point, cfg, w.shape, w.dtype, r.input_scale)
                 else:
                     packed = PackedWeight.from_weight(w, cfg)

@@ -31,7 +31,6 @@ __all__ = [
     "EntropyObserver",
     "OBSERVERS",
     "make_observer",
-    "observer_for",
 ]
 
 
@@ -214,19 +213,28 @@ class PerChannelMinMaxObserver(ActivationObserver):
         self.min_val = torch.minimum(self.min_val, lo)
         self.max_val = torch.maximum(self.max_val, hi)
 
+    def _seen(self) -> torch.Tensor:
+        """Channels that held a finite nonzero value during calibration.
+
+        A channel that was only ever exactly 0 (the one-hot feature of an element absent from the
+        calibration set, a dead input) has a zero range, which would clip every later value there to 0.
+        """
+        return torch.isfinite(self.min_val) & ((self.min_val != 0) | (self.max_val != 0))
+
     @property
     def unseen_channels(self) -> torch.Tensor:
-        """Indices of the channels that never held a finite value during calibration."""
-        return torch.nonzero(~torch.isfinite(self.min_val)).reshape(-1)
+        """Indices of the channels that never held a finite nonzero value during calibration."""
+        return torch.nonzero(~self._seen()).reshape(-1)
 
     def clip_range(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return per-channel ``(min, max)``.
 
-        A channel never seen finite (e.g. the feature of an element absent from the calibration set)
-        gets the widest range seen on any channel, not ``[0, 0]``: a zero range would clip every later
-        value there to 0. With no finite channel at all the range is ``[0, 0]``.
+        A channel never seen finite and nonzero (e.g. the feature of an element absent from the
+        calibration set) gets the range of the whole tensor (the widest range seen on any channel),
+        not ``[0, 0]``: a zero range would clip every later value there to 0. With no such channel at
+        all the range is ``[0, 0]``.
         """
-        seen = torch.isfinite(self.min_val)
+        seen = self._seen()
         if bool(seen.any()):
             wide_lo, wide_hi = self.min_val[seen].min(), self.max_val[seen].max()
         else:
@@ -236,8 +244,8 @@ class PerChannelMinMaxObserver(ActivationObserver):
         return lo, hi
 
     def extra_repr(self) -> str:
-        unseen = int((~torch.isfinite(self.min_val)).sum()) if self.min_val.numel() else 0
-        note = f", unseen_channels={unseen} (given the widest seen range)" if unseen else ""
+        unseen = int((~self._seen()).sum()) if self.min_val.numel() else 0
+        note = f", unseen_channels={unseen} (given the tensor's range)" if unseen else ""
         return f"{super().extra_repr()}, axis={self._axis}{note}"
 
 
@@ -395,21 +403,3 @@ def make_observer(name: str, bits: int = 8, symmetric: bool = False, **kwargs: A
     if name not in OBSERVERS:
         raise ValueError(f"observer must be one of {sorted(OBSERVERS)}, got {name!r}")
     return OBSERVERS[name](bits=bits, symmetric=symmetric, **kwargs)
-
-
-def observer_for(config: Any, channel_axis: int = -1) -> ActivationObserver:
-    """Build the observer an :class:`~gradcomp.quant.configs.ActQuantConfig` names (``channel_axis`` for the per-channel one).
-
-    Example: ``observer_for(ActQuantConfig(observer="percentile", percentile=99.9))`` is a
-    :class:`PercentileObserver` with that percentile and the config's bins.
-    """
-    kwargs: Dict[str, Any] = {}
-    if config.observer == "per_channel":
-        kwargs["axis"] = channel_axis
-    elif config.observer == "percentile":
-        kwargs.update(percentile=config.percentile, bins=config.bins)
-    elif config.observer in ("mse", "kl"):
-        kwargs["bins"] = config.bins
-    elif config.observer == "moving_average":
-        kwargs["averaging_constant"] = config.averaging_constant
-    return make_observer(config.observer, config.bits, config.symmetric, **kwargs)

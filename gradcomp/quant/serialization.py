@@ -23,9 +23,11 @@ import torch.nn as nn
 
 from gradcomp.batches import progress_bar
 from gradcomp.quant.configs import Config, Rules, _config_from_dict, _config_to_dict
-from gradcomp.quant.file_format import FORMAT, read_file, write_file
+from gradcomp.quant import activation_files
+from gradcomp.quant.file_format import FORMAT, read_file, read_sections, write_file
 from gradcomp.quant.modules import PackedWeight, _QuantizedLayer, _kind, _set_submodule, _swap
 from gradcomp.quant.rules import _config_rules, resolve_config
+from gradcomp.quant.torch_files import describe_unloadable, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +76,8 @@ def _packed_tensors(fqn: str, packed: PackedWeight) -> Dict[str, torch.Tensor]:
     return out
 
 
-def save_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> None:
-    """Save a (partly) quantized model as plain tensors plus a JSON quantization map in safetensors.
+def save_quantized(model: nn.Module, path: Union[str, os.PathLike], *, observers: bool = False) -> None:
+    """Save a (partly) quantized model, weights and activation quantizers, as one safetensors file.
 
     Quantized layer ``L`` stores ``L.qweight`` (packed uint8 codes, or the fp16/bf16 cast),
     ``L.scale``, ``L.zero_point`` (asymmetric only), ``L.input_scale`` (activation-aware scaling only)
@@ -85,9 +87,19 @@ def save_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     layer's packed weight), and ``aliases`` for state_dict entries that share one tensor. The file
     is written to ``path + ".tmp"`` and renamed, so a failure leaves no partial file.
 
+    Activation quantizers (:func:`gradcomp.quant.quantize_activations_`) are stored too, in the map's
+    ``activations`` section with their config, plus ``<module>.input_quantizer.scale`` / ``.zero_point``
+    of frozen static ones (see :mod:`gradcomp.quant.activation_files`); the observers' calibration
+    state only with ``observers=True``.
+
     Args:
-        model: a model, usually after :func:`quantize_`.
+        model: a model, usually after :func:`quantize_` and/or :func:`quantize_activations_`.
         path: destination file (``.safetensors``).
+        observers: also store each activation observer's calibration state (histograms, ranges), so
+            calibration can go on after loading; needed to save a quantizer that is still calibrating.
+
+    Raises:
+        ValueError: a quantizer is still calibrating and ``observers`` is False (nothing is written).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -103,15 +115,18 @@ def save_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> None:
             owner[id(m.packed)] = fqn
             tensors.update(_packed_tensors(fqn, m.packed))
         layers[fqn] = rec
-    prefixes = tuple(f"{fqn}.packed." for fqn in qlayers)
+    acts, act_tensors = activation_files.activation_records(model, observers)
+    prefixes = tuple(f"{fqn}.packed." for fqn in qlayers) + activation_files.quantizer_prefixes(model)
     for name, t in model.state_dict(keep_vars=True).items():
         if prefixes and name.startswith(prefixes):
             continue
         if name in tensors:
             raise ValueError(f"state_dict entry {name!r} collides with a quantized tensor name")
         tensors[name] = t
-    write_file(path, layers, tensors)
-    logger.info("saved %d quantized layers and %d tensors to %s", len(layers), len(tensors), path)
+    tensors.update(act_tensors)
+    write_file(path, layers, tensors, acts or None)
+    logger.info("saved %d quantized layers, %d activation quantizers and %d tensors to %s", len(layers), len(acts),
+                len(tensors), path)
 
 
 def _packed_from_file(fqn: str, rec: Mapping[str, Any], tensors: Dict[str, torch.Tensor], path) -> PackedWeight:
@@ -143,10 +158,13 @@ def load_quantized(model: nn.Module, path: Union[str, os.PathLike], *, device: U
         1. Read the tensors and the quantization map; rebuild every packed weight and check it
            against its config.
         2. Check the model against the file: each quantized layer exists, has the recorded kind and
-           weight shape; every other state_dict entry is present with its shape and nothing is left
-           over. Any mismatch raises ValueError naming the layer or tensor; the model is untouched.
-        3. Swap the quantized layers in and load the other tensors (assigned when the model is on
-           the meta device, copied otherwise).
+           weight shape; each module with an activation quantizer in the file exists and the file
+           holds the quantizer's tensors; every other state_dict entry is present with its shape and
+           nothing is left over. Any mismatch raises ValueError naming the layer or tensor; the model
+           is untouched.
+        3. Swap the quantized layers in, attach the activation quantizers (replacing any the model
+           has) and load the other tensors (assigned when the model is on the meta device, copied
+           otherwise).
 
     Args:
         model: the same architecture, unquantized (or quantized the same way).
@@ -158,7 +176,8 @@ def load_quantized(model: nn.Module, path: Union[str, os.PathLike], *, device: U
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    layers, tensors = read_file(path)
+    layers, acts, tensors = read_sections(path)
+    acts = activation_files.check_activation_records(acts, str(path))
     params = list(model.parameters()) + list(model.buffers())
     is_meta = any(p.device.type == "meta" for p in params)
     if device is None:
@@ -203,13 +222,17 @@ def load_quantized(model: nn.Module, path: Union[str, os.PathLike], *, device: U
         else:
             skip_names.add(f"{fqn}.weight")
         new[fqn] = _swap(m, packs[fqn].to(device), fqn)
+    activation_files.check_modules(model, acts, str(path))
+    act_names = set(activation_files.expected_tensors(acts, tensors, str(path)))
     expected = {}
-    prefixes = tuple(skip_prefixes)
+    # the model's own quantizers (a prepared copy) are replaced by the file's
+    prefixes = tuple(skip_prefixes) + activation_files.quantizer_prefixes(model)
     for name, t in model.state_dict(keep_vars=True).items():
         if name in skip_names or (prefixes and name.startswith(prefixes)):
             continue
         expected[name] = t
     quant_names = {n for fqn, rec in layers.items() if "tied_to" not in rec for n in _packed_tensors(fqn, packs[fqn])}
+    quant_names |= act_names
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected) - quant_names)
     if missing:
@@ -225,10 +248,12 @@ def load_quantized(model: nn.Module, path: Union[str, os.PathLike], *, device: U
         _set_submodule(model, fqn, q)
     plain_sd = {name: tensors[name].to(device) for name in expected}
     model.load_state_dict(plain_sd, strict=False, assign=is_meta)
+    activation_files.attach_activation_quantizers(model, acts, tensors, device)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if left:
         logger.warning("after loading, %d tensors are still on the meta device (non-persistent buffers?): %s", len(left), left[:5])
-    logger.info("loaded %d quantized layers and %d tensors from %s", len(new), len(plain_sd), path)
+    logger.info("loaded %d quantized layers, %d activation quantizers and %d tensors from %s", len(new), len(acts),
+                len(plain_sd), path)
     return model
 
 
@@ -415,10 +440,14 @@ def load_tensor_file(path: Union[str, os.PathLike], *, key: Optional[str] = None
 
             out = load_file(str(path))
         return _strip(out, strip_prefix)
+    script = describe_unloadable(path, torchscript_only=True)
+    if script:   # torch.load would hand a TorchScript archive to torch.jit.load and run its code
+        raise ValueError(script)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{path} could not be loaded as a torch state_dict with weights_only=True: {exc}") from exc
+        raise ValueError(describe_unloadable(path) or f"{path} could not be loaded as a torch state_dict with "
+                         f"weights_only=True: {one_line(exc)}") from None
     if isinstance(obj, nn.Module):  # pragma: no cover - weights_only refuses modules
         obj = obj.state_dict()
     if not isinstance(obj, Mapping):

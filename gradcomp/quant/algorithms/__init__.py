@@ -13,8 +13,10 @@
   it covers every selected layer (Linear, Embedding, Conv2d).
 
 GPTQ and awq_clip need calibration batches: :func:`collect_input_hessians` runs them once through
-the unquantized model and sums ``X^T X`` of every selected Linear's input. Layers they cannot handle
-(Embedding, Conv2d) fall back to round-to-nearest, with a log line. The result is packed by
+the unquantized model and sums ``X^T X`` of every selected Linear's input, and of every Conv2d's
+unfolded input per group (:mod:`gradcomp.quant.algorithms.conv`), so they cover convolutions too.
+Layers a method cannot handle (Embedding for GPTQ and AWQ, Conv2d for awq_scale) fall back to
+round-to-nearest with a warning that names them (``quantize_(..., strict=True)`` raises instead). The result is packed by
 :meth:`gradcomp.quant.modules.PackedWeight.from_codes` into the same modules and files.
 """
 

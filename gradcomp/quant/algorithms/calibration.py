@@ -1,4 +1,8 @@
-"""Input Hessians ``X^T X`` of Linear layers, summed over calibration batches in one pass."""
+"""Input Hessians ``X^T X`` of Linear and Conv2d layers, summed over calibration batches in one pass.
+
+A Conv2d's Hessian is per group of its output channels, over the unfolded input patches
+(:func:`gradcomp.quant.algorithms.conv.conv_patches`): ``(groups, K, K)`` with ``K = C/g * kh * kw``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from gradcomp.batches import run_batches
+from gradcomp.quant.algorithms.conv import conv_patches
 
 __all__ = ["collect_input_hessians"]
 
@@ -23,15 +28,18 @@ def collect_input_hessians(
     counts: Optional[Dict[str, int]] = None,
     order: Optional[List[str]] = None,
 ) -> Dict[str, torch.Tensor]:
-    """Run calibration batches through ``model`` and return ``{name: X^T X}`` (fp64) for each Linear.
+    """Run calibration batches through ``model`` and return ``{name: X^T X}`` (fp64) for each Linear and Conv2d.
 
-    ``X`` stacks every input row the layer saw (all tokens, atoms or samples of every batch, every call).
+    ``X`` stacks every input row the layer saw (all tokens, atoms or samples of every batch, every call);
+    for a Conv2d the rows are the input patches of every output position, one Hessian per group
+    (``(groups, K, K)``; each batch's product is taken in fp32, as the patch matrices are large, and
+    summed in fp64).
     Batches are run as :func:`gradcomp.batches.run_batches` runs them (eval mode, no
     autograd unless ``forward`` turns it on, e.g. for models whose outputs are gradients).
 
     Args:
         model: the unquantized model.
-        layers: ``{name: nn.Linear}`` whose inputs to record.
+        layers: ``{name: nn.Linear or nn.Conv2d}`` whose inputs to record.
         batches: calibration batches.
         forward: ``forward(model, batch)``; default :func:`gradcomp.batches.call_model`.
         num_batches: stop after this many.
@@ -46,24 +54,30 @@ def collect_input_hessians(
     handles = []
 
     def make_hook(name: str, in_features: int):
-        def hook(_module, args):
+        def hook(module, args):
             if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
                 return None
-            x = args[0].detach().reshape(-1, in_features).double()
-            xtx = x.T @ x
+            if isinstance(module, nn.Conv2d):
+                x = conv_patches(module, args[0].detach().float())
+                xtx = torch.bmm(x.transpose(1, 2), x).double()
+                rows = x.shape[1]
+            else:
+                x = args[0].detach().reshape(-1, in_features).double()
+                xtx = x.T @ x
+                rows = x.shape[0]
             if order is not None and name not in sums:
                 order.append(name)
             sums[name] = sums[name] + xtx if name in sums else xtx
             if counts is not None:
-                counts[name] = counts.get(name, 0) + x.shape[0]
+                counts[name] = counts.get(name, 0) + rows
             return None
 
         return hook
 
     for name, m in layers.items():
-        if not isinstance(m, nn.Linear):
-            raise TypeError(f"layer {name!r}: input Hessians are collected for nn.Linear, got {type(m).__name__}")
-        handles.append(m.register_forward_pre_hook(make_hook(name, m.in_features)))
+        if not isinstance(m, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"layer {name!r}: input Hessians are collected for nn.Linear and nn.Conv2d, got {type(m).__name__}")
+        handles.append(m.register_forward_pre_hook(make_hook(name, getattr(m, "in_features", 0))))
     try:
         n = run_batches(model, batches, forward=forward, num_batches=num_batches, progress=progress, desc="calibration")
     finally:

@@ -1,4 +1,4 @@
-"""Sequential calibration: quantize Linear layers in execution order, each on already-quantized inputs.
+"""Sequential calibration: quantize Linear and Conv2d layers in execution order, each on already-quantized inputs.
 
 GPTQ's reference implementation quantizes a network block by block and collects the Hessian of block
 ``k`` with blocks ``< k`` already quantized, so each layer's error compensation also absorbs the error
@@ -15,6 +15,7 @@ import torch.nn as nn
 from gradcomp.batches import progress_bar
 from gradcomp.quant.algorithms.calibration import collect_input_hessians
 from gradcomp.quant.packed import PackedWeight
+from gradcomp.quant.algorithms.conv import quantize_module_weight
 
 __all__ = ["sequential_quantize"]
 
@@ -46,7 +47,7 @@ def sequential_quantize(model, plan, aware, algorithm, calibration, stages: int,
             for fqn in names:
                 m = aware[fqn]
                 try:
-                    r = algorithm.quantize(m.weight, hs[fqn], cfg_of[fqn])
+                    r = quantize_module_weight(algorithm, m, hs[fqn], cfg_of[fqn])
                     done[fqn] = PackedWeight.from_codes(r.codes, r.scale, r.zero_point, cfg_of[fqn], m.weight.shape, m.weight.dtype,
                                                           r.input_scale)
                 except ValueError as exc:
