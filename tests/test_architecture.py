@@ -20,7 +20,7 @@ MAX_LINES = 600
 
 #: bottom up; a module may import its own layer and the ones below, nothing above
 LAYERS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
-    ("base", ("gradcomp._version", "gradcomp._deprecated", "gradcomp.checks", "gradcomp.batches")),
+    ("base", ("gradcomp._version", "gradcomp._deprecated", "gradcomp.checks", "gradcomp.batches", "gradcomp.files")),
     ("codec", ("gradcomp.codec",)),
     ("comm", ("gradcomp.comm",)),
     ("quant", ("gradcomp.quant",)),

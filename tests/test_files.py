@@ -60,8 +60,6 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert (tmp_path / "r.json").read_text() == "old" and os.listdir(tmp_path) == ["r.json"]
 
 
-@pytest.mark.xfail(strict=True, reason="gradcomp/quant/file_format.py writes through safetensors' save_file, which "
-                   "creates 0600 files; write_file must go through gradcomp.files.atomic_write")
 def test_save_quantized_file_gets_the_umask_mode(tmp_path, umask022):
     from gradcomp import WeightQuantConfig, quantize_, save_quantized
 

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from gradcomp.batches import default_loss
 from gradcomp.checks import check_int
+from gradcomp.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -201,9 +202,7 @@ class GradientTrace:
         from safetensors.torch import save_file
 
         meta = {"names": self.names, "shapes": [list(s) for s in self.shapes], "losses": self.losses, "meta": self.meta}
-        tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-        save_file({"grads": self.grads.contiguous()}, tmp, metadata={"gradcomp_trace": json.dumps(meta)})
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: save_file({"grads": self.grads.contiguous()}, tmp, metadata={"gradcomp_trace": json.dumps(meta)}))
 
     @classmethod
     def load(cls, path: "str | os.PathLike") -> "GradientTrace":

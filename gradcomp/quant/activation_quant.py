@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -24,6 +25,7 @@ import torch.nn as nn
 
 from gradcomp.batches import run_batches
 from gradcomp.codec import choose_qparams
+from gradcomp.files import atomic_write
 from gradcomp.quant.configs import ActQuantConfig
 from gradcomp.quant.fake_quant import fake_quantize_ste
 from gradcomp.quant.histogram import RunningHistogram
@@ -462,7 +464,7 @@ def save_activation_scales(model: nn.Module, path: Union[str, "os.PathLike[str]"
             tensors[f"{n}.zero_point"] = q.zero_point.detach().contiguous().cpu()
         axes[n] = q.channel_axis
     meta = {"format": _SCALES_FORMAT, "config": configs.pop(), "layers": json.dumps(axes)}
-    save_file(tensors, str(path), metadata=meta)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return [n for n, _ in todo]
 
 

@@ -39,6 +39,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
+from gradcomp.files import atomic_write
+
 FORMAT = "gradcomp.weights"
 FORMAT_VERSION = "4"
 _READABLE = ("1", "2", "3", "4")
@@ -163,14 +165,8 @@ def write_file(path: Union[str, os.PathLike], layers: Dict[str, Dict[str, Any]],
     else:
         version = "3" if any(rec.get("input_scale") for rec in layers.values()) else "2"
     meta = {"format": FORMAT, "format_version": version, "quantization_map": json.dumps(qmap, sort_keys=True)}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(out, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    # all or nothing, with the umask's permissions (safetensors alone creates 0600 files)
+    atomic_write(path, lambda tmp: save_file(out, tmp, metadata=meta))
 
 
 def read_file(path: Union[str, os.PathLike]) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
