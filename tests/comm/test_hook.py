@@ -16,7 +16,8 @@ from gradcomp.comm.exchange import HEADER_BYTES
 
 from _dist import init_gloo, spawn
 
-from _models import STEP_TOL, _all_identical, _backward, _batch, _grads, _model, check_nonfinite_step_skipped, check_resume_bit_identical
+from _models import (STEP_TOL, _all_identical, _backward, _batch, _grads, _mlp, _mlp_step, _model, check_nonfinite_step_skipped,
+                     check_resume_bit_identical)
 
 
 def _hooked(bits, error_feedback, **ddp_kwargs):
@@ -449,6 +450,71 @@ def _defaults_vs_eager_worker(rank, world_size):
 @pytest.mark.slow
 def test_default_run_is_bit_identical_to_the_eager_kernels(tmp_path):
     spawn(_defaults_vs_eager_worker, 2, tmp_path, timeout=300.0)
+
+
+def _nothing_beside_worker(rank, world_size):
+    # A plain AdamW model (no gradcomp) trained on this thread, once alone and once while a hook state
+    # with every default option trains a DDP model step for step beside it, its communication thread
+    # busy with the compressed bucket. torch.compiler.is_compiling() is process-global: a compile on any
+    # thread makes AdamW (and any code that branches on it) take another path here. Polled from the
+    # optimizers' step hooks and from a gradient hook that fires while the thread exchanges a bucket;
+    # each poll also notes the Python threads alive: nothing but the hook's communication thread may
+    # run beside the training (a background compile is a thread of its own, whatever its timing).
+    import threading
+
+    steps = 24
+    polls, threads = [], set()
+
+    def poll(*_):
+        polls.append(torch.compiler.is_compiling())
+        threads.update(t.name for t in threading.enumerate())
+
+    def plain_run(beside=None):
+        torch.manual_seed(1)
+        net = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+        if beside is not None:
+            opt.register_step_pre_hook(poll)
+            opt.register_step_post_hook(poll)
+        for step in range(steps):
+            if beside is not None:
+                beside(step)
+            x = torch.randn(32, 64, generator=torch.Generator().manual_seed(step))
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+        return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+    alone = plain_run()
+    before = {t.name for t in threading.enumerate()}
+
+    ddp = DDP(_mlp())
+    state = gradcomp.register(ddp)  # every option at its default
+    ddp_opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
+    ddp_opt.register_step_pre_hook(poll)
+    # the first layer's gradient comes last, while the large bucket is on the communication thread
+    ddp.module[0].weight.register_hook(lambda g: poll())
+    compressed = []
+
+    def hooked_step(step):
+        _mlp_step(ddp, ddp_opt, rank, step)
+        compressed.append(state.stats()["compressed_buckets_step"])
+
+    beside = plain_run(hooked_step)
+    assert len(polls) == 4 * steps, len(polls)
+    diff = float((beside - alone).abs().max())
+    assert not any(polls) and diff == 0.0, (
+        f"torch.compiler.is_compiling() read True on the training thread in {sum(polls)} of {len(polls)} polls; the model "
+        f"trained beside the hook ends {diff:.3g} (max |diff|) from the same model trained alone")
+    assert threads - before == {"gradcomp-comm"}, f"threads beside the training: {sorted(threads - before)}; expected only gradcomp-comm"
+    assert compressed[:10] == [0] * 10 and compressed[10:] == [1] * (steps - 10), compressed
+    assert state.kernels.startswith("native"), state.kernels
+    state.close()
+
+
+@pytest.mark.slow
+def test_nothing_compiles_beside_the_training_with_default_options(tmp_path):
+    spawn(_nothing_beside_worker, 2, tmp_path, timeout=300.0)
 
 
 def test_compile_is_a_deprecated_name_of_fused():
