@@ -258,12 +258,15 @@ def test_half_precision_gradients(tmp_path):
 
 
 def _world_one_worker(rank, world_size):
-    model = DDP(_model())
-    ref = DDP(_model())
-    gradcomp.register(model, bits=4, warmup_steps=0, error_feedback=False, min_compress_numel=0)
-    _backward(model, 0, 0)
-    _backward(ref, 0, 0)
-    assert torch.equal(_grads(model), _grads(ref))
+    # compressing from step 0, and with every option at its default past the warm-up: nothing to exchange
+    for opts, steps in ((dict(bits=4, warmup_steps=0, error_feedback=False, min_compress_numel=0), 1), ({}, 12)):
+        model = DDP(_model())
+        ref = DDP(_model())
+        gradcomp.register(model, **opts)
+        for step in range(steps):
+            _backward(model, 0, step)
+            _backward(ref, 0, step)
+            assert torch.equal(_grads(model), _grads(ref)), (opts, step)
 
 
 @pytest.mark.slow
@@ -411,13 +414,18 @@ def test_nonfinite_in_one_bucket_keeps_every_buckets_residuals(tmp_path):
 
 
 def _out_of_step_worker(rank, world_size):
-    model, state = _int8_hooked()
-    for step in range(2):
-        _backward(model, rank, step)
+    # every option at its default, past the warm-up (plain all-reduces carry no header)
+    model = DDP(_mlp())
+    state = gradcomp.register(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    steps = state.config.warmup_steps + 1
+    for step in range(steps):
+        _mlp_step(model, opt, rank, step)
+    assert state.stats()["compressed_buckets_step"] == 1
     if rank == 1:
         state.step += 1  # this rank believes it is one step further
     with pytest.raises(RuntimeError, match=r"ranks out of step in the all-to-all: rank \d sent step \d+, bucket 0"):
-        _backward(model, rank, 2)
+        _mlp_step(model, opt, rank, steps)
 
 
 @pytest.mark.slow
@@ -559,9 +567,11 @@ def test_default_chunk_size_grows_with_the_group(world1):
 def _busy_at_exit_worker(rank, world_size):
     import time
 
-    model, state = _hooked(8, error_feedback=True)
-    for step in range(3):  # past the warm-up: the communication thread runs
-        _backward(model, rank, step)
+    model = DDP(_mlp())
+    state = gradcomp.register(model)  # every option at its default
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(state.config.warmup_steps + 1):  # past the warm-up: the communication thread runs
+        _mlp_step(model, opt, rank, step)
     thread = state._thread._thread
     t = torch.ones(1 << 16)
     if rank == 0:
