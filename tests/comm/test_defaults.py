@@ -15,7 +15,7 @@ always plain). With AdamW, on 2 and 3 flat ranks and on 2 "nodes" x 2:
   ``mean_r(g_r) == out + mean(worker residual changes) + server residual changes`` (fp32 rounding);
 * a non-finite step (in the compressed bucket or in the plain one, on one rank) reaches every rank,
   is skipped by the GradScaler and leaves every residual as it was; training goes on;
-* chunking (the default one chunk against many) and half-precision gradients change nothing else.
+* chunking (the default one chunk against many) and half-precision gradients change nothing else (2 ranks).
 
 ``test_ddp_patterns_with_default_options`` runs PyTorch's DDP patterns (static graph, unused
 parameters, bucket views, ``no_sync``, ``join``, BatchNorm buffers, ``torch.compile`` around DDP)
@@ -243,7 +243,7 @@ def _defaults_worker(rank, world_size, local):
     assert _all_identical(_flat_params(model))
     state.close()
 
-    if topology is not None:
+    if topology is not None or P != 2:
         return
     # the default chunks (one here) against chunks of 16 blocks: the same bits; bf16 and fp16 gradients
     runs = []

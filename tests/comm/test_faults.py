@@ -239,9 +239,8 @@ def _death_worker(rank, world_size, defaults=False):
 
 @pytest.mark.slow
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("defaults", [False, True], ids=["compressed-from-step-1", "default-options-in-warmup"])
-def test_dead_peer_makes_the_survivor_raise(tmp_path, defaults):
-    _spawn(_death_worker, 2, tmp_path, defaults)
+def test_dead_peer_makes_the_survivor_raise(tmp_path):
+    _spawn(_death_worker, 2, tmp_path)
 
 
 class InjectedFault(ValueError):
@@ -345,17 +344,21 @@ def test_faults_during_training_stop_every_rank(tmp_path):
 def _training_faults_defaults_worker(rank, world_size):
     # the same faults with every option at its default: checkpoints taken after the warm-up (two
     # compressed buckets), an exception on the communication thread at the first compressed step, and
-    # a peer that stalls in the warm-up, where the buckets go through plain all-reduce on DDP's group
+    # a peer that stalls, then one that dies, in the warm-up, where the buckets go through plain
+    # all-reduce on DDP's group
     _load_mismatch_worker(rank, world_size, make=_defaults, steps=WARMUP + 2)
     dist.barrier()
     _thread_fault_worker(rank, world_size, make=_defaults, fault_step=WARMUP)
     dist.barrier()
     _stall_worker(rank, world_size, make=_defaults, what="plain all-reduce")
+    dist.barrier()
+    _death_worker(rank, world_size, defaults=True)  # rank 1 exits here
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_faults_during_training_with_default_options_stop_every_rank(tmp_path):
+    """A checkpoint mismatch, an error on the communication thread, a stalled and a dead peer, with defaults."""
     _spawn(_training_faults_defaults_worker, 2, tmp_path, deadline=100)
 
 
