@@ -102,15 +102,17 @@ def _mlp_step(ddp, opt, rank: int, step: int) -> None:
     opt.step()
 
 
-def check_default_resume(rank: int, opts: dict, split: int, end: int, make_state=None) -> None:
+def check_default_resume(rank: int, opts: dict, split: int, end: int, make_state=None, ddp_kwargs=None) -> None:
     """With DDP's and gradcomp's default options and AdamW: train to ``end`` in one go, and again from a
     checkpoint taken after step ``split`` in a fresh model, DDP, hook state and optimizer (DDP starts from
     its initial buckets again); assert bit-identical parameters, ranks identical, and the same bytes on
-    the wire, step by step. ``make_state(ddp)`` registers the hook (default: ``gradcomp.register(ddp, **opts)``)."""
+    the wire, step by step. ``make_state(ddp)`` registers the hook (default: ``gradcomp.register(ddp, **opts)``);
+    ``ddp_kwargs`` go to both DDP models (``static_graph=True``, ...)."""
     import gradcomp
 
     make_state = make_state or (lambda ddp: gradcomp.register(ddp, **opts))
-    ddp = DDP(_mlp())
+    ddp_kwargs = ddp_kwargs or {}
+    ddp = DDP(_mlp(), **ddp_kwargs)
     state = make_state(ddp)
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
     sent = {}
@@ -126,16 +128,16 @@ def check_default_resume(rank: int, opts: dict, split: int, end: int, make_state
 
     fresh = _mlp(seed=123)
     fresh.load_state_dict(ckpt["model"])
-    ddp2 = DDP(fresh)
+    ddp2 = DDP(fresh, **ddp_kwargs)
     state2 = make_state(ddp2)
     state2.load_state_dict(ckpt["hook"])
     opt2 = torch.optim.AdamW(ddp2.parameters(), lr=1e-3)
     opt2.load_state_dict(ckpt["opt"])
     for step in range(split, end):
         _mlp_step(ddp2, opt2, rank, step)
-        assert state2.stats()["bytes_sent_step"] == sent[step], f"{opts}: step {step} sent other bytes after the resume"
+        assert state2.stats()["bytes_sent_step"] == sent[step], f"{opts} {ddp_kwargs}: step {step} sent other bytes after the resume"
     diff = max(float((a - b.detach()).abs().max()) for a, b in zip(expected, ddp2.parameters()))
-    assert diff == 0.0, f"{opts}: the resumed run diverged from the uninterrupted one (max |diff| {diff:.3g})"
+    assert diff == 0.0, f"{opts} {ddp_kwargs}: the resumed run diverged from the uninterrupted one (max |diff| {diff:.3g})"
     assert state2.stats()["bytes_sent_total"] == total
     assert _all_identical(torch.cat([p.detach().reshape(-1) for p in ddp2.parameters()]))
     state2.close()

@@ -254,9 +254,10 @@ class FSDPCompressState:
     # ---- checkpointing
 
     def state_dict(self) -> Dict[str, Any]:
-        """Return this rank's residuals and steps per module (tensors on CPU) and the config."""
+        """Return this rank's residuals and steps per module (tensors on CPU), the config and the byte totals."""
         with self.ledger.lock:
             return {
+                "stats": dict(self.ledger.totals, nonfinite_steps=int(self.ledger.nonfinite) if self.ledger.nonfinite is not None else 0),
                 "config": asdict(self.config),
                 "world_size": self.world_size,
                 "rank": self.rank,
@@ -301,6 +302,12 @@ class FSDPCompressState:
                 f"checkpoint has replicate residuals of {sorted(set(replicated) - set(self.replicas))}; this state "
                 f"all-reduces across replicas for {sorted(self.replicas)} (was it built with the same replicate_group?)"
             )
+        stats = state_dict.get("stats")  # the totals go on counting after a resume (absent from older checkpoints)
+        if stats is not None and (
+            not isinstance(stats, dict) or set(stats) != set(self.ledger.totals) | {"nonfinite_steps"}
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in stats.values())
+        ):
+            raise ValueError(f"checkpoint stats must map {sorted(set(self.ledger.totals) | {'nonfinite_steps'})} to ints >= 0, got {stats!r}")
         tensors = list(residuals.items()) + [(k, t) for k, pair in replicated.items() for t in pair]
         for k, r in tensors:
             if not isinstance(r, torch.Tensor) or r.dtype != torch.float32 or r.dim() != 1:
@@ -312,6 +319,9 @@ class FSDPCompressState:
                 m.pending_weight = (0, 0)
             for k, r in self.replicas.items():
                 r.residual, r.server_residual = (t.clone() for t in replicated[k]) if k in replicated else (None, None)
+            if stats is not None:
+                self.ledger.totals.update({k: v for k, v in stats.items() if k in self.ledger.totals})
+                self.ledger.nonfinite = torch.tensor(stats["nonfinite_steps"], dtype=torch.int64) if stats["nonfinite_steps"] else None
 
 
 def _fsdp_module_class():

@@ -76,20 +76,19 @@ def _hooked(group=None, **options):
 
 
 def _disagree_worker(rank, world_size, tmp):
+    # rank 1 changes one option; the others leave every option at its default, or spell it out
     cases = [
-        ("block_size", dict(block_size=128 if rank == 1 else 256)),  # message sizes may coincide: silent before
-        ("bits", dict(bits=4 if rank == 1 else 8)),
-        ("warmup_steps", dict(warmup_steps=3 if rank == 1 else 1)),
-        ("min_compress_numel", dict(min_compress_numel=1 if rank == 1 else 0)),
-        ("error_feedback", dict(error_feedback=rank != 1)),
+        ("block_size", dict(block_size=128) if rank == 1 else dict(block_size=256)),  # message sizes may coincide: silent before
+        ("bits", dict(bits=4) if rank == 1 else {}),
+        ("warmup_steps", dict(warmup_steps=3) if rank == 1 else {}),
+        ("min_compress_numel", dict(min_compress_numel=0) if rank == 1 else dict(min_compress_numel=16384)),
+        ("error_feedback", dict(error_feedback=False) if rank == 1 else {}),
         ("seed", dict(stochastic_rounding=True, seed=rank == 1 and 7 or 0)),
         ("topology", dict(topology=Topology(local_world_size=1 if rank == 1 else 3))),
     ]
-    for field, opts in cases:
+    for field, kwargs in cases:
         model = DDP(_model(), bucket_cap_mb=0.05)
         t0 = time.monotonic()
-        kwargs = dict(warmup_steps=1, min_compress_numel=0, log_every=0)
-        kwargs.update(opts)
         with pytest.raises(ValueError) as info:
             gradcomp.register(model, **kwargs)
         msg = str(info.value)
@@ -178,27 +177,43 @@ def _refused_up_front(rank, made):
 # 2. timeouts like PyTorch's; 3. failure poisons nothing
 
 
-def _failing_step_3(model, rank):
-    """Run step 3, which must fail with gradcomp's error naming the step; return (message, seconds taken)."""
+def _failing_step(model, rank, step=3):
+    """Run ``step``, which must fail with gradcomp's error naming the step; return (message, seconds taken)."""
     t0 = time.monotonic()
     with pytest.raises(RuntimeError) as info:
-        _backward(model, rank, 3)
+        _backward(model, rank, step)
     elapsed = time.monotonic() - t0
     msg = str(info.value)
-    assert "gradcomp" in msg and "at step 3, bucket" in msg, msg
+    assert "gradcomp" in msg and f"at step {step}, bucket" in msg, msg
     return msg, elapsed
 
 
-def _stall_worker(rank, world_size):
-    model, state = _hooked(_user_group())
+def _wide(seed: int = 0) -> nn.Module:
+    """129 -> 600 -> 600 -> 7: DDP's default buckets are two, both over the default min_compress_numel
+    (the last two layers, 364,807 values; the first, 78,000), so both are compressed after the warm-up."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(129, 600), nn.Tanh(), nn.Linear(600, 600), nn.Tanh(), nn.Linear(600, 7))
+
+
+def _defaults(group=None):
+    """A DDP model whose buckets are compressed after the warm-up, with the hook's default options."""
+    model = DDP(_wide(), process_group=group)
+    return model, gradcomp.register(model)
+
+
+WARMUP = gradcomp.HookConfig().warmup_steps
+
+
+def _stall_worker(rank, world_size, make=_hooked, what="exchange"):
+    model, state = make(_user_group())
     assert abs(state.failure.timeout.total_seconds() - PG_TIMEOUT) < 1e-6  # the user's group timeout reached the hook
     for step in range(3):
         _backward(model, rank, step)
     if rank == 1:  # stalls inside backward (a gradient hook sleeps), longer than the timeout
         h = next(model.module.parameters()).register_hook(lambda g: (time.sleep(PG_TIMEOUT + 2), g)[1])
-    msg, elapsed = _failing_step_3(model, rank)
+    msg, elapsed = _failing_step(model, rank)
     if rank == 0:
-        assert "timed out" in msg and "exchange" in msg, msg
+        assert "timed out" in msg and what in msg, msg
         assert elapsed < PG_TIMEOUT + SLACK, f"the survivor waited {elapsed:.1f} s"
     else:
         h.remove()
@@ -207,15 +222,17 @@ def _stall_worker(rank, world_size):
         state.synchronize()
 
 
-def _death_worker(rank, world_size):
-    model, state = _hooked(_user_group())
+def _death_worker(rank, world_size, defaults=False):
+    # defaults: the peer dies in the warm-up, where the buckets go through plain all-reduce
+    model, state = (_defaults if defaults else _hooked)(_user_group())
     for step in range(3):
         _backward(model, rank, step)
     dist.barrier()
     if rank == 1:  # dies between steps, without a word
         os._exit(0)
-    msg, elapsed = _failing_step_3(model, rank)
+    msg, elapsed = _failing_step(model, rank)
     assert elapsed < PG_TIMEOUT + SLACK, f"the survivor waited {elapsed:.1f} s"
+    assert ("plain all-reduce" in msg) == defaults, msg
     with pytest.raises(HookFailedError):
         state.synchronize()
 
@@ -230,9 +247,9 @@ class InjectedFault(ValueError):
     """An error raised on purpose on the communication thread."""
 
 
-def _thread_fault_worker(rank, world_size):
-    model, state = _hooked(_user_group())
-    for step in range(3):
+def _thread_fault_worker(rank, world_size, make=_hooked, fault_step=3):
+    model, state = make(_user_group())
+    for step in range(fault_step):
         _backward(model, rank, step)
     if rank == 0:
         name = "_run_bucket" if hasattr(state, "_run_bucket") else "_exchange"  # the per-bucket work of the thread
@@ -247,15 +264,15 @@ def _thread_fault_worker(rank, world_size):
 
         setattr(state, name, failing)
     with pytest.raises(RuntimeError) as info:
-        _backward(model, rank, 3)
+        _backward(model, rank, fault_step)
     msg = str(info.value)
     if rank == 0:  # the original type and message reach the training loop
-        assert "InjectedFault" in msg and "codec exploded" in msg and "step 3, bucket" in msg, msg
+        assert "InjectedFault" in msg and "codec exploded" in msg and f"step {fault_step}, bucket" in msg, msg
     else:  # the peer stops within the timeout and says who failed first
         assert "gradcomp" in msg and "rank 0" in msg and "codec exploded" in msg, msg
-    # the loop catches it and goes on: every rank refuses the next step instead of pairing step 3 with 4
+    # the loop catches it and goes on: every rank refuses the next step instead of pairing it with the next
     with pytest.raises(Exception):
-        _backward(model, rank, 4)
+        _backward(model, rank, fault_step + 1)
     with pytest.raises(HookFailedError, match="codec exploded"):
         state.state_dict()
 
@@ -279,9 +296,9 @@ def _swap_buckets(sd, a, b):
     return sd
 
 
-def _load_mismatch_worker(rank, world_size):
-    model, state = _hooked()
-    for step in range(4):
+def _load_mismatch_worker(rank, world_size, make=_hooked, steps=4):
+    model, state = make()
+    for step in range(steps):
         _backward(model, rank, step)
     sd = state.state_dict()
     assert len(sd["bucket_keys"]) >= 2
@@ -290,19 +307,19 @@ def _load_mismatch_worker(rank, world_size):
         "bucket layout": _swap_buckets(sd, *sorted(sd["bucket_keys"])[:2]),
     }
     for what, bad in variants.items():
-        model, state = _hooked()
+        model, state = make()
         state.load_state_dict(bad if rank == 1 else sd)  # each load alone is a valid checkpoint
         t0 = time.monotonic()
         with pytest.raises(ValueError) as info:
-            _backward(model, rank, 4)
+            _backward(model, rank, steps)
         msg = str(info.value)
         assert "the ranks hold different hook states" in msg and what in msg, msg
         assert "timed out" not in msg and time.monotonic() - t0 < SLACK, "the check must not wait for a timeout"
         assert state.verifies_next_step  # the next step checks again
     # the same checkpoints on every rank: the run goes on
-    model, state = _hooked()
+    model, state = make()
     state.load_state_dict(sd)
-    _backward(model, rank, 4)
+    _backward(model, rank, steps)
     assert state.step == sd["step"] + 1
 
 
@@ -322,6 +339,27 @@ def test_faults_during_training_stop_every_rank(tmp_path):
     """Ranks that loaded different checkpoints, an exception on one rank's communication thread, a stalled
     peer: each ends in a clear error on every rank within the timeout (one job, a fresh hook state each)."""
     _spawn(_training_faults_worker, 2, tmp_path, deadline=100)
+
+
+def _training_faults_defaults_worker(rank, world_size):
+    # the same faults with every option at its default: checkpoints taken after the warm-up (two
+    # compressed buckets), an exception on the communication thread at the first compressed step, and
+    # a peer that stalls, then one that dies, in the warm-up, where the buckets go through plain
+    # all-reduce on DDP's group
+    _load_mismatch_worker(rank, world_size, make=_defaults, steps=WARMUP + 2)
+    dist.barrier()
+    _thread_fault_worker(rank, world_size, make=_defaults, fault_step=WARMUP)
+    dist.barrier()
+    _stall_worker(rank, world_size, make=_defaults, what="plain all-reduce")
+    dist.barrier()
+    _death_worker(rank, world_size, defaults=True)  # rank 1 exits here
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_faults_during_training_with_default_options_stop_every_rank(tmp_path):
+    """A checkpoint mismatch, an error on the communication thread, a stalled and a dead peer, with defaults."""
+    _spawn(_training_faults_defaults_worker, 2, tmp_path, deadline=100)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,7 +434,7 @@ BAD_CHECKPOINTS = [
 @pytest.mark.parametrize("what,corrupt,exc,match", BAD_CHECKPOINTS, ids=[b[0] for b in BAD_CHECKPOINTS])
 def test_bad_checkpoint_is_refused_and_changes_nothing(world1, what, corrupt, exc, match):
     model = _model()
-    state = gradcomp.QuantizedAllReduceState(bits=4, block_size=64, log_every=0)
+    state = gradcomp.QuantizedAllReduceState()  # every option at its default
     state.track_parameters(model)
     good = _valid_checkpoint(state, model)
     state.load_state_dict(good)
@@ -505,7 +543,7 @@ def test_resume_refuses_a_crafted_pickle(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("hook", ["int8", "powersgd"])
-def test_train_checkpoints_load_as_data_and_resume(tmp_path, hook):
+def test_train_checkpoints_load_as_data_and_resume_with_warmup_1_to_checkpoint_residuals(tmp_path, hook):
     from _launch import train
 
     out = tmp_path / "run"

@@ -184,7 +184,10 @@ def _comms(rank, world_size):
 
 
 @pytest.mark.slow
-def test_comms_match_the_reference(tmp_path):
+def test_comms_match_the_reference_need_warmup_0_min_compress_numel_0_for_1020_value_rows(tmp_path):
+    """The collectives called by hand, on rows of 1,020 values from their first call: with the defaults
+    (10 warm-up steps, modules under 16,384 values plain) they would be FSDP2's own. The default options
+    are tested in FSDP training (test_bytes_resume_nonfinite_error_feedback_with_default_options)."""
     spawn(_comms, 2, tmp_path, timeout=180)
 
 
@@ -344,6 +347,108 @@ def test_default_fused_kernels_are_bit_identical_to_eager(tmp_path):
     spawn(_fsdp_defaults_vs_eager, 2, tmp_path, timeout=300)
 
 
+def _shard_row(module: nn.Module, P: int) -> list:
+    """The sizes of one rank's shards of a module's own parameters: FSDP2 cuts dim 0 into P equal, padded parts."""
+    return [-(-p.shape[0] // P) * (p.numel() // p.shape[0]) for p in module.parameters(recurse=False)] + [
+        seg for child in module.children() if not hasattr(child, "reshard") for seg in _shard_row(child, P)]
+
+
+def _fsdp_with_defaults(rank, world_size):
+    # every option at its default (grad_bits=8, 10 warm-up steps, min_compress_numel=16384), with AdamW:
+    # only module b (34,060 values) is compressed, after the warm-up; a, c and the root stay FSDP2's own
+    import gradcomp
+    from gradcomp.comm.fsdp import FSDPCompressConfig
+
+    P, cfg = world_size, FSDPCompressConfig()
+    steps, split = cfg.warmup_steps + 4, cfg.warmup_steps + 2
+
+    def run(compress, begin=0, end=steps, ckpt_at=None, start=None):
+        net = _build()
+        state = gradcomp.register_fsdp(net) if compress else None
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+        if start is not None:
+            net.load_state_dict(start["model"])
+            opt.load_state_dict(start["opt"])
+            state.load_state_dict(start["comm"])
+        ckpt = None
+        for step in range(begin, end):
+            if step == ckpt_at:
+                ckpt = copy.deepcopy({"model": net.state_dict(), "opt": opt.state_dict(), "comm": state.state_dict()})
+            _train(net, opt, rank, [step])
+            if compress:  # bytes: FSDP2's own below the threshold and in the warm-up, the formula above it
+                sent = fp32 = 0
+                for m in (net.a, net.b, net.c, net):
+                    row = _shard_row(m, P)
+                    fp32 += (P - 1) * sum(row) * 4
+                    if step >= cfg.warmup_steps and P * sum(row) >= cfg.min_compress_numel:
+                        aligned = sum(-(-n // 256) * 256 for n in row)
+                        sent += (P - 1) * (aligned * cfg.grad_bits // 8 + 4 * aligned // 256 + HEADER_BYTES)
+                    else:
+                        sent += (P - 1) * sum(row) * 4
+                s = state.stats()
+                assert (s["grad_bytes_step"], s["grad_fp32_bytes_step"]) == (sent, fp32), (step, s)
+        return net, state, ckpt
+
+    ref, _, _ = run(False)
+    net, state, ckpt = run(True, ckpt_at=split)
+    got = _full(net)
+    assert _rel(got, _full(ref)) < PARITY_TOL[8], f"{_rel(got, _full(ref)):.3g} from default FSDP2"
+    assert 0 < state.stats()["grad_ratio"] < 1 and sorted(state.state_dict()["residuals"]) == ["b"], state.state_dict()["residuals"].keys()
+    from tests._models import _all_identical
+
+    assert _all_identical(got)
+
+    # resume after the warm-up into a fresh model, optimizer and state: bit for bit, same bytes
+    net2, state2, _ = run(True, begin=split, start=ckpt)
+    assert torch.equal(_full(net2), got), f"resume diverged: max |diff| {float((_full(net2) - got).abs().max()):.3g}"
+    for key in ("grad_bytes_step", "grad_bytes_total", "grad_fp32_bytes_total", "grad_default_bytes_total", "step"):
+        assert state2.stats()[key] == state.stats()[key], (key, state2.stats()[key], state.stats()[key])
+    kept = {k: v for k, v in state2.stats().items() if v == v}  # ratios without a denominator are NaN
+    with pytest.raises(ValueError, match="checkpoint stats must map"):
+        state2.load_state_dict(dict(ckpt["comm"], stats=dict(ckpt["comm"]["stats"], grad_sent=-1)))
+    assert {k: v for k, v in state2.stats().items() if v == v} == kept, "a refused load changed the statistics"
+
+    # a non-finite gradient on one rank reaches every rank and leaves the residual as it was
+    keep = state.state_dict()["residuals"]["b"]
+    g = torch.Generator().manual_seed(rank)
+    loss = nn.functional.cross_entropy(net(torch.randn(8, 33, generator=g)), torch.randint(0, 5, (8,), generator=g))
+    if rank == P - 1:
+        loss = loss * float("inf")  # only one rank overflows
+    loss.backward()
+    assert not torch.isfinite(net.b[0].weight.grad.to_local()).all(), f"rank {rank}: the inf did not reach this rank"
+    assert state.stats()["nonfinite_steps"] == 1 and torch.equal(state.state_dict()["residuals"]["b"], keep)
+    net.zero_grad()  # the step a GradScaler skips
+    _train(net, torch.optim.SGD(net.parameters(), lr=0.0), rank, [steps + 1])
+    assert not torch.equal(state.state_dict()["residuals"]["b"], keep) and state.stats()["nonfinite_steps"] == 1
+
+    # error feedback at fixed weights and the same batch every step: the sum of what was sent tracks
+    # the sum of the true gradients (cumulative error about one step's error; without it, 6 steps' worth)
+    sums, errs = [], []
+    for compress in (False, True):
+        net = _build()
+        if compress:
+            gradcomp.register_fsdp(net)
+        total, per_step = 0, []
+        for step in range(cfg.warmup_steps + 6):
+            g = torch.Generator().manual_seed(rank)
+            nn.functional.cross_entropy(net(torch.randn(8, 33, generator=g)), torch.randint(0, 5, (8,), generator=g)).backward()
+            grad = torch.cat([p.grad.full_tensor().reshape(-1) for p in net.b.parameters()])
+            net.zero_grad()
+            if step >= cfg.warmup_steps:
+                total = total + grad
+                per_step.append(grad)
+        sums.append(total)
+        errs.append(per_step)
+    step_err = sum(float((a - b).norm()) for a, b in zip(errs[1], errs[0])) / len(errs[0])
+    cumulative = float((sums[1] - sums[0]).norm())
+    assert step_err > 0 and cumulative < 2 * step_err, f"cumulative error {cumulative:.3g}, one step's {step_err:.3g}"
+
+
+@pytest.mark.slow
+def test_bytes_resume_nonfinite_error_feedback_with_default_options(tmp_path):
+    spawn(_fsdp_with_defaults, 2, tmp_path, timeout=300)
+
+
 # ---------------------------------------------------------------- HSDP: quantized all-reduce across replicas
 
 
@@ -371,7 +476,7 @@ def _hsdp(rank, world_size):
 
     mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("replicate", "shard"))
 
-    def run(custom, bits=8):
+    def run(custom, bits=8, options=None, steps=4):
         net = _Net()
         m = mesh["shard"] if custom else mesh
         for sub in (net.a, net.b, net.c):
@@ -379,9 +484,9 @@ def _hsdp(rank, world_size):
         fully_shard(net, mesh=m)
         state = None
         if custom:
-            state = gradcomp.register_fsdp(net, grad_bits=bits, replicate_group=mesh.get_group("replicate"), **opts)
+            state = gradcomp.register_fsdp(net, grad_bits=bits, replicate_group=mesh.get_group("replicate"), **(opts if options is None else options))
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-        _train(net, opt, rank, range(4))
+        _train(net, opt, rank, range(steps))
         return _full(net), state, net, opt
 
     opts = {"warmup_steps": 1, "min_compress_numel": 0}
@@ -395,6 +500,14 @@ def _hsdp(rank, world_size):
     assert 0 < s["replicate_ratio"] < 0.3 and s["grad_ratio"] < 0.3, s
     sd = state.state_dict()
     assert set(sd["replicate_residuals"]) == set(state.replicas)
+    # every option at its default: after the 10 warm-up steps module b (17,030 values per shard) is
+    # compressed in both exchanges, the others stay plain
+    ref, _, _, _ = run(False, steps=12)
+    got, state, _, _ = run(True, options={}, steps=12)
+    assert _rel(got, ref) < PARITY_TOL[8] and _all_identical(got), f"HSDP defaults: {_rel(got, ref):.3g} from native HSDP"
+    s = state.stats()
+    assert 0.3 < s["replicate_ratio"] < 1 and 0.3 < s["grad_ratio"] < 1, s
+    assert sorted(state.state_dict()["replicate_residuals"]) == ["b"]
     with pytest.raises(ValueError, match="native HSDP"):
         native = _Net()
         fully_shard(native, mesh=mesh)
@@ -473,7 +586,8 @@ def test_train_py_fsdp_arguments(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_train_py_fsdp_resumes_exactly(tmp_path):
+def test_train_py_fsdp_resumes_exactly_with_warmup_2_to_compress_in_6_steps(tmp_path):
+    # the library's resume with default options: test_bytes_resume_nonfinite_error_feedback_with_default_options
     import json
     import shutil
 

@@ -16,7 +16,8 @@ from gradcomp.codec.formats import HEADER_BYTES
 
 from _dist import init_gloo, spawn
 
-from _models import STEP_TOL, _all_identical, _backward, _batch, _grads, _model, check_nonfinite_step_skipped, check_resume_bit_identical
+from _models import (STEP_TOL, _all_identical, _backward, _batch, _grads, _mlp, _mlp_step, _model, check_nonfinite_step_skipped,
+                     check_resume_bit_identical)
 
 
 def _hooked(bits, error_feedback, **ddp_kwargs):
@@ -257,12 +258,15 @@ def test_half_precision_gradients(tmp_path):
 
 
 def _world_one_worker(rank, world_size):
-    model = DDP(_model())
-    ref = DDP(_model())
-    gradcomp.register(model, bits=4, warmup_steps=0, error_feedback=False, min_compress_numel=0)
-    _backward(model, 0, 0)
-    _backward(ref, 0, 0)
-    assert torch.equal(_grads(model), _grads(ref))
+    # compressing from step 0, and with every option at its default past the warm-up: nothing to exchange
+    for opts, steps in ((dict(bits=4, warmup_steps=0, error_feedback=False, min_compress_numel=0), 1), ({}, 12)):
+        model = DDP(_model())
+        ref = DDP(_model())
+        gradcomp.register(model, **opts)
+        for step in range(steps):
+            _backward(model, 0, step)
+            _backward(ref, 0, step)
+            assert torch.equal(_grads(model), _grads(ref)), (opts, step)
 
 
 @pytest.mark.slow
@@ -410,13 +414,18 @@ def test_nonfinite_in_one_bucket_keeps_every_buckets_residuals(tmp_path):
 
 
 def _out_of_step_worker(rank, world_size):
-    model, state = _int8_hooked()
-    for step in range(2):
-        _backward(model, rank, step)
+    # every option at its default, past the warm-up (plain all-reduces carry no header)
+    model = DDP(_mlp())
+    state = gradcomp.register(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    steps = state.config.warmup_steps + 1
+    for step in range(steps):
+        _mlp_step(model, opt, rank, step)
+    assert state.stats()["compressed_buckets_step"] == 1
     if rank == 1:
         state.step += 1  # this rank believes it is one step further
     with pytest.raises(RuntimeError, match=r"ranks out of step in the all-to-all: rank \d sent step \d+, bucket 0"):
-        _backward(model, rank, 2)
+        _mlp_step(model, opt, rank, steps)
 
 
 @pytest.mark.slow
@@ -449,6 +458,71 @@ def _defaults_vs_eager_worker(rank, world_size):
 @pytest.mark.slow
 def test_default_run_is_bit_identical_to_the_eager_kernels(tmp_path):
     spawn(_defaults_vs_eager_worker, 2, tmp_path, timeout=300.0)
+
+
+def _nothing_beside_worker(rank, world_size):
+    # A plain AdamW model (no gradcomp) trained on this thread, once alone and once while a hook state
+    # with every default option trains a DDP model step for step beside it, its communication thread
+    # busy with the compressed bucket. torch.compiler.is_compiling() is process-global: a compile on any
+    # thread makes AdamW (and any code that branches on it) take another path here. Polled from the
+    # optimizers' step hooks and from a gradient hook that fires while the thread exchanges a bucket;
+    # each poll also notes the Python threads alive: nothing but the hook's communication thread may
+    # run beside the training (a background compile is a thread of its own, whatever its timing).
+    import threading
+
+    steps = 24
+    polls, threads = [], set()
+
+    def poll(*_):
+        polls.append(torch.compiler.is_compiling())
+        threads.update(t.name for t in threading.enumerate())
+
+    def plain_run(beside=None):
+        torch.manual_seed(1)
+        net = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+        if beside is not None:
+            opt.register_step_pre_hook(poll)
+            opt.register_step_post_hook(poll)
+        for step in range(steps):
+            if beside is not None:
+                beside(step)
+            x = torch.randn(32, 64, generator=torch.Generator().manual_seed(step))
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+        return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+    alone = plain_run()
+    before = {t.name for t in threading.enumerate()}
+
+    ddp = DDP(_mlp())
+    state = gradcomp.register(ddp)  # every option at its default
+    ddp_opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
+    ddp_opt.register_step_pre_hook(poll)
+    # the first layer's gradient comes last, while the large bucket is on the communication thread
+    ddp.module[0].weight.register_hook(lambda g: poll())
+    compressed = []
+
+    def hooked_step(step):
+        _mlp_step(ddp, ddp_opt, rank, step)
+        compressed.append(state.stats()["compressed_buckets_step"])
+
+    beside = plain_run(hooked_step)
+    assert len(polls) == 4 * steps, len(polls)
+    diff = float((beside - alone).abs().max())
+    assert not any(polls) and diff == 0.0, (
+        f"torch.compiler.is_compiling() read True on the training thread in {sum(polls)} of {len(polls)} polls; the model "
+        f"trained beside the hook ends {diff:.3g} (max |diff|) from the same model trained alone")
+    assert threads - before == {"gradcomp-comm"}, f"threads beside the training: {sorted(threads - before)}; expected only gradcomp-comm"
+    assert compressed[:10] == [0] * 10 and compressed[10:] == [1] * (steps - 10), compressed
+    assert state.kernels.startswith("native"), state.kernels
+    state.close()
+
+
+@pytest.mark.slow
+def test_nothing_compiles_beside_the_training_with_default_options(tmp_path):
+    spawn(_nothing_beside_worker, 2, tmp_path, timeout=300.0)
 
 
 def test_compile_is_a_deprecated_name_of_fused():
@@ -493,9 +567,11 @@ def test_default_chunk_size_grows_with_the_group(world1):
 def _busy_at_exit_worker(rank, world_size):
     import time
 
-    model, state = _hooked(8, error_feedback=True)
-    for step in range(3):  # past the warm-up: the communication thread runs
-        _backward(model, rank, step)
+    model = DDP(_mlp())
+    state = gradcomp.register(model)  # every option at its default
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(state.config.warmup_steps + 1):  # past the warm-up: the communication thread runs
+        _mlp_step(model, opt, rank, step)
     thread = state._thread._thread
     t = torch.ones(1 << 16)
     if rank == 0:

@@ -260,8 +260,8 @@ def _hook_worker(rank, world_size):
 
     ref = DDP(_model(), bucket_cap_mb=0.01)
     model = DDP(_model(), bucket_cap_mb=0.01)
-    state = gradcomp.register(model, bits=8, warmup_steps=1, min_compress_numel=0, topology=topo, policy=cfg)
-    for step in range(3):
+    state = gradcomp.register(model, topology=topo, policy=cfg)  # every other option at its default
+    for step in range(state.config.warmup_steps + 2):
         _step(ref, rank, step)
         _step(model, rank, step)
     got, exact = _grads(model), _grads(ref)
@@ -281,7 +281,7 @@ def _hook_worker(rank, world_size):
     # the checkpoint carries the figures: a resumed state decides from them, not from a new probe
     sd = copy.deepcopy(state.state_dict())
     assert sd["network_fit"] == fit.to_dict()
-    other = gradcomp.QuantizedAllReduceState(bits=8, warmup_steps=1, topology=topo, policy=PolicyConfig(fit=_fit(5e-6, 12.5e9)))
+    other = gradcomp.QuantizedAllReduceState(topology=topo, policy=PolicyConfig(fit=_fit(5e-6, 12.5e9)))
     assert other.policy.choose(102800) == PLAIN
     other.load_state_dict(sd)
     assert other.policy.choose(102800) == 4
@@ -354,12 +354,15 @@ def test_end_to_end_times_at_two_sizes_give_the_codec_scale_and_a_fixed_cost_per
 
 
 def _flat_probe_worker(rank, world_size):
-    state = gradcomp.QuantizedAllReduceState(
-        bits=8, chunk_numel=2048, log_every=0,
-        policy=PolicyConfig(probe_numels=(64, 4096, 16384), probe_repeats=2, codec_numel=1 << 14),
-    )
+    # the policy models the hook's own chunks, and its probe timed the exchange cut into them:
+    # small chunks (several per probe bucket) and the default ones
+    probe = PolicyConfig(probe_numels=(64, 4096, 16384), probe_repeats=2, codec_numel=1 << 14)
+    default = gradcomp.QuantizedAllReduceState(policy=probe)
+    assert default.policy.chunk_numel == default.chunk_numel == 2 * (1 << 20)
+    for _, tp in default.policy.fit.codec:
+        assert f"in chunks of {default.chunk_numel}" in tp.source, tp.source
+    state = gradcomp.QuantizedAllReduceState(bits=8, chunk_numel=2048, log_every=0, policy=probe)
     policy = state.policy
-    # the policy models the hook's own chunks, and its probe timed the exchange cut into them
     assert policy.chunk_numel == 2048
     for _, tp in policy.fit.codec:
         assert "in chunks of 2048" in tp.source, tp.source
