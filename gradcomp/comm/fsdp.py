@@ -17,18 +17,24 @@ module's flat buffers. Widths are wire formats (:class:`~gradcomp.codec.formats.
 Reduce-scatter of a module's gradients, on P ranks: the first half of gradcomp's two-phase exchange,
 with the exchange's own steps (:mod:`gradcomp.comm.exchange`):
 
-1. FSDP lays the gradients out as ``input.view(P, row)``: row k holds every parameter's chunk k. The
-   exchange is planned for ``P`` copies of the row's per-parameter segments, each starting on a block
-   boundary, as one chunk, so its shard k is exactly row k. ``exchange.encode`` quantizes the rank's
-   whole gradient (+ its residual) straight into the P messages and leaves the new residual.
-2. All-to-all: message k (row k's codes, fp32 scales and a header of step and module) goes to rank k;
-   the headers are checked (CPU tensors; on an accelerator the check would stall the backward pass).
+1. FSDP lays the gradients out as ``input.view(P, row)``: row k holds chunk k of every parameter
+   that has a gradient this step, in the module's order (FSDP2 leaves out the others: a branch not
+   taken, an expert not routed to, a frozen parameter; ``foreach_reduce``'s ``fsdp_params`` name
+   them, :func:`~gradcomp.comm.fsdp_collectives.reduced_params`). The exchange is planned for ``P``
+   copies of those parameters' segments, each starting on a block boundary, as one chunk, so its
+   shard k is exactly row k. ``exchange.encode`` quantizes the rank's gradient (+ each parameter's
+   own residual) straight into the P messages and leaves the new residuals; the absent parameters'
+   residuals are kept as they are, for the next step in which they have a gradient.
+2. All-to-all: message k (row k's codes, fp32 scales and a header of step, module and a fingerprint
+   of the parameters reduced) goes to rank k; the headers are checked (CPU tensors; on an
+   accelerator the check would stall the backward pass).
 3. ``exchange.decode_sum``: rank k dequantizes the P copies of its row, sums them in rank order
    0..P-1 in fp32, applies FSDP's op (AVG: / P, SUM, PREMUL_SUM: * factor) and writes its output
    shard in FSDP's reduce dtype, in one pass, without requantizing.
 
 Bytes each rank sends: ``(P - 1) * message_bytes``, a message being the aligned row's codes
-(``aligned_row * bits / 8``), its scales (``4 * aligned_row / block_size``) and a 16-byte header,
+(``aligned_row * bits / 8``, ``aligned_row``: the row's parameters, each rounded up to whole blocks),
+its scales (``4 * aligned_row / block_size``) and a 16-byte header,
 against ``(P - 1) * row * 4`` for FSDP's fp32 reduce-scatter: 0.254x for int8 and 0.129x for int4
 with ``block_size=256`` (a little more where parameters are padded to whole blocks).
 
@@ -39,7 +45,10 @@ row): 4 at P = 2, 3.6 at P = 8 (three more on an accelerator, where the new resi
 with ``torch.where`` to avoid a host sync). ``encode`` reads whole blocks straight from FSDP's
 buffer and ``decode_sum`` writes them straight into FSDP's output; only each parameter's ragged
 last block is staged. Nothing of module size is allocated per call: the residual is double-buffered
-and the messages persist per module.
+and the messages persist per module. A row that holds other parameters than the module's previous
+row first moves residuals between the last row's layout and the full row's (where the absent
+parameters' wait): 2 passes over the previous row's residuals unless it was full, 2 over the new
+row's unless it is full; rows that keep holding the same parameters (a frozen one) move nothing.
 
 All-gather of a module's parameters (``weight_bits=8``): each rank encodes its shard alone (int8, one
 fp32 scale per block, blocks aligned per parameter), the messages are all-gathered, and every rank
@@ -57,8 +66,11 @@ Guarantees, as in the DDP hook: plain collectives for the first ``warmup_steps``
 and for modules under ``min_compress_numel`` elements (the same decision on every rank: it depends on
 sizes, the step and the op only); a non-finite gradient on any rank makes every scale that rank sends
 non-finite, so every rank's output shard is non-finite and every rank leaves its residual unchanged
-that step (a skipped AMP step leaves no trace); residuals per module and rank in :meth:`state_dict`,
-resumable bit-exactly.
+that step (a skipped AMP step leaves no trace); each parameter's residual follows that parameter
+only, across steps in which it has no gradient (a row without it, a zero-filled row with
+``set_reduce_scatter_unused_params(True)``, which is a gradient of zeros and takes the residual as any
+gradient does, or no reduce-scatter of the module at all); ranks that reduce different parameters get
+a clear error; residuals per module, parameter and rank in :meth:`state_dict`, resumable bit-exactly.
 
 HSDP: FSDP2's native HSDP (a 2-D mesh, replicate x shard) calls ``dist.all_reduce`` on the replicate
 group itself (torch 2.13); ``set_all_reduce_hook`` runs *after* that all-reduce and cannot replace
@@ -66,13 +78,17 @@ it, and ``set_requires_all_reduce(False)`` leaves the gradients unassigned. Its 
 quantized, its replicate all-reduce is not. Sharding on the shard dimension only (a 1-D mesh) and
 passing ``replicate_group=`` gives the same HSDP with the replicate all-reduce quantized too: on a
 1-D mesh FSDP2 calls the all-reduce hook with the reduce-scatter output before it assigns the
-gradients (:mod:`gradcomp.comm.fsdp_replicate`).
+gradients (:mod:`gradcomp.comm.fsdp_replicate`). A step in which some of a module's parameters have
+no gradient all-reduces its shard across the replicas uncompressed.
 
 Memory: error feedback keeps, per module and rank, an fp32 residual of the module's whole (unsharded,
-block-aligned) gradient: 4 bytes per model parameter on every rank (``error_feedback=False`` drops
-it), plus a second one of the module being reduced while it is reduced (the new residual is committed
-only when every rank was finite). The message buffers persist per module: ``2 * bits / 8`` bytes per
-parameter for the reduce-scatter (send and receive) and ``1 + 1 / P`` for the int8 all-gather.
+block-aligned) gradient, every parameter's in its own columns: 4 bytes per model parameter on every
+rank (``error_feedback=False`` drops it), plus a second one of the module being reduced while it is
+reduced (the new residual is committed only when every rank was finite). A module whose rows
+change from step to step holds up to twice that: the last row's residuals and spare, the full row's
+buffer where the absent parameters' residuals wait, and the other layout's spare, kept for the next
+change. The message buffers persist per module: ``2 * bits / 8`` bytes per parameter for the
+reduce-scatter (send and receive) and ``1 + 1 / P`` for the int8 all-gather.
 """
 
 from __future__ import annotations
@@ -254,15 +270,22 @@ class FSDPCompressState:
     # ---- checkpointing
 
     def state_dict(self) -> Dict[str, Any]:
-        """Return this rank's residuals and steps per module (tensors on CPU), the config and the byte totals."""
+        """Return this rank's residuals and steps per module (tensors on CPU), the config and the byte totals.
+
+        ``residuals[fqn][i]`` is the residual of parameter ``i`` of the module (its index in FSDP's
+        parameter group), a ``(P, aligned)`` fp32 tensor: row ``k`` for the parameter's shard ``k``,
+        zero-padded to whole blocks. A parameter that never had a compressed gradient has zeros.
+        """
+        B = self.config.block_size
         with self.ledger.lock:
+            residuals = {k: m.residual_state(B) for k, m in self.modules.items()}
             return {
                 "stats": dict(self.ledger.totals, nonfinite_steps=int(self.ledger.nonfinite) if self.ledger.nonfinite is not None else 0),
                 "config": asdict(self.config),
                 "world_size": self.world_size,
                 "rank": self.rank,
                 "steps": {k: m.step for k, m in self.modules.items()},
-                "residuals": {k: m.residual.detach().cpu().clone() for k, m in self.modules.items() if m.residual is not None},
+                "residuals": {k: r for k, r in residuals.items() if r is not None},
                 "replicate_residuals": {
                     k: (r.residual.detach().cpu().clone(), r.server_residual.detach().cpu().clone())
                     for k, r in self.replicas.items() if r.residual is not None
@@ -274,8 +297,8 @@ class FSDPCompressState:
 
         Raises:
             TypeError: if ``state_dict`` is not one.
-            ValueError: if the world size, the rank, a wire-relevant option or the set of modules
-                differs (nothing is changed then).
+            ValueError: if the world size, the rank, a wire-relevant option, the set of modules or a
+                parameter's residual (index, shape, dtype, finiteness) does not fit (nothing is changed then).
         """
         if not isinstance(state_dict, dict) or "config" not in state_dict or "residuals" not in state_dict:
             raise TypeError(f"state_dict must be a dict made by FSDPCompressState.state_dict(), got {type(state_dict).__name__}")
@@ -308,14 +331,14 @@ class FSDPCompressState:
             or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in stats.values())
         ):
             raise ValueError(f"checkpoint stats must map {sorted(set(self.ledger.totals) | {'nonfinite_steps'})} to ints >= 0, got {stats!r}")
-        tensors = list(residuals.items()) + [(k, t) for k, pair in replicated.items() for t in pair]
-        for k, r in tensors:
+        residuals = {k: self.modules[k].check_residual_state(r, self.config.block_size) for k, r in residuals.items()}
+        for k, r in [(k, t) for k, pair in replicated.items() for t in pair]:
             if not isinstance(r, torch.Tensor) or r.dtype != torch.float32 or r.dim() != 1:
                 raise ValueError(f"residual of {k!r} must be a 1-D float32 tensor, got {type(r).__name__} {getattr(r, 'dtype', '')}")
         with self.ledger.lock:
             for k, m in self.modules.items():
                 m.step = int(steps[k])
-                m.residual = residuals[k].clone() if k in residuals else None
+                m.load_residuals(residuals.get(k), self.config.block_size)
                 m.pending_weight = (0, 0)
             for k, r in self.replicas.items():
                 r.residual, r.server_residual = (t.clone() for t in replicated[k]) if k in replicated else (None, None)
@@ -346,24 +369,26 @@ def _collective_dtypes(module: torch.nn.Module, groups: Any) -> List[torch.dtype
     return found
 
 
-def _param_segments(module: torch.nn.Module) -> Tuple[Tuple[int, ...], Tuple[bool, ...]]:
-    """Per-parameter lengths of one rank's row of the module's flat buffers (FSDP's padded shards), and which are 1-D.
+def _param_segments(module: torch.nn.Module) -> Tuple[Tuple[int, ...], Tuple[bool, ...], Tuple[Any, ...]]:
+    """Per-parameter lengths of one rank's row of the module's flat buffers (FSDP's padded shards), which are 1-D, and FSDP's parameters.
 
     Read from FSDP's parameter group; empty tuples when that is not available (the row is then
-    quantized as one segment, which is correct but lets blocks straddle parameters, and every
-    parameter is quantized in the all-gather).
+    quantized as one segment, which lets blocks straddle parameters and keeps error feedback only
+    while the row's length stays the same, and every parameter is quantized in the all-gather).
     """
     try:
         groups = module._get_fsdp_state()._fsdp_param_groups
-        params = groups[0].fsdp_params if groups else []
+        params = tuple(groups[0].fsdp_params) if groups else ()
         sizes = tuple(int(torch.Size(fp.padded_sharded_param_size).numel()) for fp in params)
     except Exception:  # private FSDP internals moved: fall back to one segment
-        return (), ()
+        logger.warning("FSDP module of type %s: FSDP's parameter layout is unreadable; its rows are quantized as one segment",
+                       type(module).__name__)
+        return (), (), ()
     try:
         one_d = tuple(len(fp._orig_size) <= 1 for fp in params)
     except Exception:
         one_d = ()
-    return sizes, one_d
+    return sizes, one_d, params
 
 
 def _check_ranks_agree(config: FSDPCompressConfig, installed, targets, replicate_group) -> None:

@@ -14,7 +14,10 @@ Each takes the state's config (an :class:`~gradcomp.comm.fsdp.FSDPCompressConfig
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import logging
+import sys
+from types import FrameType
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -24,7 +27,25 @@ from gradcomp.comm.exchange import HeaderMismatch, all_gather_into
 from gradcomp.comm.fsdp_plan import FLOAT_DTYPES, Ledger, ModuleComm, op_scale
 from gradcomp.comm.plan import header_of
 
-__all__ = ["QuantizedReduceScatter", "QuantizedAllGather"]
+__all__ = ["QuantizedReduceScatter", "QuantizedAllGather", "reduced_params"]
+
+logger = logging.getLogger(__name__)
+
+
+def reduced_params(frame: Optional[FrameType]) -> Optional[Sequence[Any]]:
+    """Return the ``FSDPParam`` objects of the reduce-scatter FSDP2 is running, in the order of its input.
+
+    FSDP2 reduces only the parameters of a module that have a gradient (with
+    ``set_reduce_scatter_unused_params(True)``: every one that requires one, zero-filled), in its
+    parameter group's order. ``FSDPParamGroup.post_backward`` passes them to ``foreach_reduce``,
+    which lays their gradients out as the input and calls the custom reduce-scatter with tensors
+    only (torch 2.6 to 2.13). ``frame`` is the caller's frame; its ``fsdp_params`` are read when it
+    is ``foreach_reduce``. None otherwise (a direct call, a torch that passes them another way).
+    """
+    if frame is None or frame.f_code.co_name != "foreach_reduce":
+        return None
+    params = frame.f_locals.get("fsdp_params")
+    return params if isinstance(params, (list, tuple)) else None
 
 
 class QuantizedReduceScatter:
@@ -38,6 +59,7 @@ class QuantizedReduceScatter:
 
     def __init__(self, config: Any, mod: ModuleComm, ledger: Ledger):
         self.config, self.mod, self.ledger = config, mod, ledger
+        self._warned = False
 
     def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Return an uninitialised buffer (FSDP fills it)."""
@@ -47,11 +69,12 @@ class QuantizedReduceScatter:
                  async_op: bool = False):
         """Reduce-scatter ``input_tensor`` (P rows) into ``output_tensor`` (this rank's row) with ``op``.
 
-        Quantized: 1. encode the rank's whole gradient (+ residual) straight into the P messages;
-        2. all-to-all (row k to rank k), headers checked on CPU tensors; 3. decode the P copies of
-        this rank's row, sum them in rank order, apply ``op``, straight into ``output``. Plain
-        (warm-up, small modules, other dtypes or ops): FSDP's own reduce-scatter. FSDP passes the
-        tensors by keyword, with these names.
+        Quantized: 1. encode the rank's gradient (+ the residuals of the parameters it holds)
+        straight into the P messages; 2. all-to-all (row k to rank k), headers checked on CPU
+        tensors; 3. decode the P copies of this rank's row, sum them in rank order, apply ``op``,
+        straight into ``output``. Plain (warm-up, small modules, other dtypes or ops, a row whose
+        parameters cannot be named): FSDP's own reduce-scatter. FSDP passes the tensors by
+        keyword, with these names.
         """
         output, inp = output_tensor, input_tensor
         cfg, mod = self.config, self.mod
@@ -59,6 +82,7 @@ class QuantizedReduceScatter:
         step = mod.step
         mod.step += 1
         row = output.numel()
+        present = mod.last_present = mod.present_of(reduced_params(sys._getframe(1)), row)
         scale = op_scale(op, P)
         fmt = cfg.grad_format
         compress = (
@@ -70,10 +94,17 @@ class QuantizedReduceScatter:
             and output.dtype in FLOAT_DTYPES
             and inp.numel() == P * row
             and scale is not None
+            and (present is not None or not mod.segments)  # an unknown layout: one segment, as FSDP lays it out
         )
         fp32 = (P - 1) * row * 4
         default = (P - 1) * row * inp.element_size()
         if not compress:
+            if present is None and mod.segments and not self._warned:
+                self._warned = True
+                logger.warning(
+                    "FSDP module %r: a reduce-scatter of %d values per row whose parameters could not be named "
+                    "(module row: %d) runs uncompressed, its residuals untouched", mod.fqn or "<root>", row, sum(mod.segments),
+                )
             fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
             if getattr(op, "op", op) == dist.ReduceOp.PREMUL_SUM and scale is not None and dist.get_backend(group) == "gloo":
                 # gloo has no PREMUL_SUM: sum, then multiply (what the quantized path does too)
@@ -84,14 +115,16 @@ class QuantizedReduceScatter:
                 work = fn(output, inp, group=group, op=op, async_op=async_op)
             self.ledger.grad(mod, default, fp32, default)
             return work
-        e = mod.entry("rs", row, P, fmt, cfg.block_size, inp.device)
+        e = mod.entry("rs", row, P, fmt, cfg.block_size, inp.device, present)
         plan, bufs = e.plan, e.bufs
-        header = (step, mod.index)
+        # the parameters' fingerprint rides in the module field: ranks that reduce different parameters
+        # of the same total length (two experts) would otherwise sum one's gradient into the other's
+        header = (step, mod.index | mod.fingerprint(present) << 16)
         rank = dist.get_rank(group)
-        # 1. encode: the rank's whole gradient (+ residual) straight into the P messages
+        # 1. encode: the rank's gradient (+ the residuals of the parameters it holds) straight into the P messages
         res = res_new = None
         if cfg.error_feedback:
-            res, res_new = mod.residuals(plan.padded_numel, inp.device)  # the new one is committed only if all were finite
+            res, res_new = mod.residuals(plan, inp.device, present)  # the new one is committed only if all were finite
         send = exchange.encode(plan, bufs, 0, inp.view(-1), residual=res, residual_out=res_new, header=header, fused=cfg.fused)
         # a non-finite value anywhere poisons every scale this rank sends, so every rank sees it
         # (the plan has no padding blocks: every scale is rewritten by the next encode)
@@ -100,7 +133,8 @@ class QuantizedReduceScatter:
         # 2. all-to-all: row k to rank k
         dist.all_to_all_single(bufs.recv[0], send, group=group)
         if inp.device.type == "cpu":  # on an accelerator the check would stall the backward pass
-            exchange.check_header(plan, 0, bufs.recv[0], step, mod.index, "FSDP reduce-scatter")
+            self._check_same_parameters(bufs.to_views(0, bufs.recv[0], P)[2], step, header[1], present)
+            exchange.check_header(plan, 0, bufs.recv[0], *header, "FSDP reduce-scatter")
         # 3. decode the P copies of my row, sum them in rank order, apply the op, straight into the output
         kind, f = scale
         finite = exchange.decode_sum(
@@ -112,6 +146,18 @@ class QuantizedReduceScatter:
         self.ledger.finite(finite)
         self.ledger.grad(mod, (P - 1) * plan.chunks[0].message_bytes, fp32, default)
         return None
+
+    def _check_same_parameters(self, headers: torch.Tensor, step: int, field: int, present: Optional[Sequence[int]]) -> None:
+        """Raise :class:`HeaderMismatch` if a peer of this step and module reduced other parameters (their fingerprint differs)."""
+        mod = self.mod
+        got = headers[:, :2].tolist()
+        if all(s == step and f & 0xFFFF == mod.index for s, f in got) and any(f != field for _, f in got):
+            raise HeaderMismatch(
+                f"ranks reduced different parameters of FSDP module {mod.fqn or '<root>'!r} at step {step}: parameter "
+                f"fingerprints {[f >> 16 for _, f in got]} by rank (0: every parameter), this rank reduced parameters "
+                f"{list(present if present is not None else mod.full)} of {len(mod.segments)}; FSDP2 needs every rank to "
+                "reduce the same ones (set_reduce_scatter_unused_params(True) when ranks use different parameters)"
+            )
 
 
 class QuantizedAllGather:

@@ -8,6 +8,8 @@ group) before the gradients are assigned. :func:`gradcomp.register_fsdp` with ``
 installs this hook: the DDP hook's two-phase quantized all-reduce (``exchange.allreduce``: encode
 with the worker residual, all-to-all, reduce_shard with the server residual, all-gather, decode) of
 the shard across the replicas, averaged over them, so every replica ends with bit-identical shards.
+A step in which some of a module's parameters have no gradient (FSDP2 reduces only the others)
+all-reduces that module's shard uncompressed and leaves this exchange's residuals as they are.
 
 Typical set-up on ``R x S`` ranks::
 
@@ -71,9 +73,15 @@ class ReplicateAllReduce:
         step = self.mod.step - 1  # the module's reduce-scatter of this step came first
         n = out.numel()
         fp32 = 2 * (R - 1) * n * 4 // R
+        # a shard of some of the module's parameters (the others had no gradient) goes uncompressed:
+        # this exchange's residuals are cut by the row's length into the replicas' shards, so a
+        # parameter's blocks would move to another replica's server residual (the same decision on
+        # every rank: FSDP2 needs every rank to reduce the same parameters)
+        full = self.mod.last_present is not None and self.mod.last_present == self.mod.full
         compress = (
             cfg.grad_format is not None and R > 1 and step >= cfg.warmup_steps
             and n >= cfg.min_compress_numel and out.dtype in FLOAT_DTYPES and out.is_contiguous()
+            and (full or not self.mod.segments)
         )
         if not compress:
             if R > 1:
