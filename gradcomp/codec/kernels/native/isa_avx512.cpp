@@ -52,8 +52,37 @@ inline M mask_none() { return 0; }
 inline M mask_or(M a, M b) { return M(a | b); }
 inline bool mask_any(M a) { return a != 0; }
 inline float hmax(V a) { return _mm512_reduce_max_ps(a.v); }
+// lanes folded in halves: i + (i + 8), then + 4, + 2, + 1 (the reference's order)
+inline float hsum_tree(V a) {
+  const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(a.v), _mm512_extractf32x8_ps(a.v, 1));
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
 inline void store_codes(uint8_t* dst, V q, int bits) { store_code_bytes(dst, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q.v)), bits); }
 inline V load_codes(const uint8_t* src, int bits) { return {_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(load_code_bytes(src, bits)))}; }
+// float elements: the biased exponent of a >= 0 as a float, 2**(eb - 127) from a biased exponent, the sign bit
+inline V biased_exp(V a) { return {_mm512_cvtepi32_ps(_mm512_srli_epi32(_mm512_castps_si512(a.v), 23))}; }
+inline V pow2_biased(V eb) { return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtps_epi32(eb.v), 23))}; }
+inline V signbit01(V y) { return {_mm512_cvtepi32_ps(_mm512_srli_epi32(_mm512_castps_si512(y.v), 31))}; }
+inline V copysign_(V mag, V s) {
+  const __m512i m = _mm512_set1_epi32(int(0x80000000u));
+  return {_mm512_castsi512_ps(_mm512_or_si512(_mm512_andnot_si512(m, _mm512_castps_si512(mag.v)), _mm512_and_si512(m, _mm512_castps_si512(s.v))))};
+}
+inline V lut(const float* t, V codes) { return {_mm512_i32gather_ps(_mm512_cvtps_epi32(codes.v), t, 4)}; }
+// the Hadamard transform's stages h = 1, 2, 4, 8 on the 16 lanes: (a, b) -> (a + b, a - b), a the lower lane
+inline __m512 hstage(__m512 v, __m512i partner, __mmask16 upper) {
+  const __m512 t = _mm512_permutexvar_ps(partner, v);
+  return _mm512_mask_blend_ps(upper, _mm512_add_ps(v, t), _mm512_sub_ps(t, v));
+}
+inline V hadamard16(V x) {
+  __m512 v = x.v;
+  v = hstage(v, _mm512_set_epi32(14, 15, 12, 13, 10, 11, 8, 9, 6, 7, 4, 5, 2, 3, 0, 1), 0xAAAA);
+  v = hstage(v, _mm512_set_epi32(13, 12, 15, 14, 9, 8, 11, 10, 5, 4, 7, 6, 1, 0, 3, 2), 0xCCCC);
+  v = hstage(v, _mm512_set_epi32(11, 10, 9, 8, 15, 14, 13, 12, 3, 2, 1, 0, 7, 6, 5, 4), 0xF0F0);
+  v = hstage(v, _mm512_set_epi32(7, 6, 5, 4, 3, 2, 1, 0, 15, 14, 13, 12, 11, 10, 9, 8), 0xFF00);
+  return {v};
+}
 
 #define NAME "avx512"
 #include "body.h"
