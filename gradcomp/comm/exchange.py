@@ -66,6 +66,7 @@ import torch
 import torch.distributed as dist
 
 from gradcomp import codec
+from gradcomp.codec import kernels
 from gradcomp.codec.formats import format_of_header
 from gradcomp.comm.buffers import ExchangeBuffers, message_views
 from gradcomp.comm.plan import ExchangePlan, header_of
@@ -292,7 +293,7 @@ def decode_sum(
         pick.scale[:, :m] = scales[:, pick.rows]
         codec.decode_sum_blocks(pick.codes, pick.scale, fmt, out=pick.out, divide=divide, factor=f, fused=fused)
         out[pick.src - offset] = pick.out.view(-1)[pick.dst].to(out.dtype)
-    return torch.isfinite(scales).all()
+    return kernels.scales_finite(scales, fmt)
 
 
 def decode(
@@ -326,7 +327,7 @@ def decode(
         st.scale[:nt] = scales[st.shard, st.row]
         codec.decode_blocks(st.codes, st.scale, fmt, out=st.out, fused=fused)
         bucket[st.src] = st.out.view(-1)[st.dst].to(bucket.dtype)
-    return torch.isfinite(scales).all()
+    return kernels.scales_finite(scales, fmt)
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,7 +372,7 @@ def allreduce(
         if not keep_messages:
             finite &= decode(plan, bufs, c, bucket if out is None else out, fused=fused)
         else:
-            finite &= torch.isfinite(message_views(plan, plan.chunks[c], bufs.gathered[c], plan.world_size)[1]).all()
+            finite &= kernels.scales_finite(message_views(plan, plan.chunks[c], bufs.gathered[c], plan.world_size)[1], plan.format)
     return bool(finite)
 
 
