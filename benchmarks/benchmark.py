@@ -118,7 +118,8 @@ HOOK_ARGS = {
     **{name: ["--hook", name] for name in format_names() if name not in ("int8", "int4")},
     # widths chosen by error as well as by the network: the policy among plain, int8, int4r and int2r
     # with a budget of 0.3 relative error per bucket, measured every 100 steps
-    "budget": ["--hook", "int8", "--policy", "--policy-candidates", "32,int8,int4r,int2r", "--error-budget", "0.3"],
+    "budget": ["--hook", "int8", "--policy", "--policy-candidates", "32,int8,int4r,int2r", "--policy-min-bits", "2",
+               "--error-budget", "0.3"],
 }
 MODELS = "gpt20m,comm17m"
 STEP_HOOKS = "local,allreduce,fp16,powersgd,int8,int4,policy"

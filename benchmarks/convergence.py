@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="runs/convergence")
     p.add_argument("--python", default=sys.executable, help="interpreter for the training job")
     p.add_argument("--report-only", action="store_true", help="redraw the table and curves from --out-dir/results.json, train nothing")
+    p.add_argument("--policy-fit", default=None, metavar="JSON",
+                   help="runs with a policy decide from these network figures (e.g. a benchmark.py run's summary.json at 1 Gbit/s)")
     return p
 
 
@@ -83,6 +85,8 @@ def run_one(args: argparse.Namespace, label: str, out: Path) -> Dict[str, Any]:
         "--powersgd-start-iter", str(max(2, args.warmup_steps)), "--log-every", "100", "--netdev", "none",
         "--out-dir", str(out),
     ] + RUNS[label]
+    if args.policy_fit is not None and "--policy" in RUNS[label]:
+        cmd += ["--policy-fit", str(Path(args.policy_fit).resolve())]
     env = dict(os.environ, PYTHON=args.python, NPROC=str(args.nproc))
     print(f"== {label}: {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()

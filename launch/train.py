@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--error-budget", type=float, default=None,
                    help="--policy: only formats whose relative error on the bucket's own gradient is at most this (e.g. 0.2)")
     g.add_argument("--measure-every", type=int, default=100, help="--error-budget: steps between two measurements (0: once)")
+    g.add_argument("--policy-fit", default=None, metavar="JSON",
+                   help="--policy: decide from these network figures instead of probing (a run's summary.json or a NetworkFit)")
     g.add_argument("--powersgd-rank", type=int, default=4, help="powersgd: matrix approximation rank")
     g.add_argument("--powersgd-start-iter", type=int, default=10, help="powersgd: plain all-reduce steps first (>= 2)")
     g.add_argument("--bucket-cap-mb", type=float, default=None, help="DDP bucket size in MB (default: DDP's own, 25 MB with a 1 MB first bucket)")
@@ -445,9 +447,19 @@ def setup_hook(args: argparse.Namespace, ddp: DDP, world_size: int, tracer: Opti
         policy = None
         if args.policy:
             candidates = tuple(int(c) if c.strip().isdigit() else c.strip() for c in args.policy_candidates.split(","))
+            fit = None
+            if args.policy_fit is not None:
+                from gradcomp.comm import NetworkFit
+
+                try:
+                    saved = json.loads(Path(args.policy_fit).read_text())
+                    fit = NetworkFit.from_dict(saved.get("policy_fit", saved))  # a run's summary.json, or the fit itself
+                except (OSError, ValueError, TypeError, KeyError) as exc:
+                    raise SystemExit(f"--policy-fit {args.policy_fit}: expected a NetworkFit as JSON (or a summary.json "
+                                     f"holding policy_fit): {exc}") from None
             try:
                 policy = PolicyConfig(candidates=candidates, min_bits=args.policy_min_bits, error_budget=args.error_budget,
-                                      measure_every=args.measure_every)
+                                      measure_every=args.measure_every, fit=fit)
             except ValueError as exc:
                 raise SystemExit(f"--policy-candidates / --error-budget: {exc}") from None
         elif args.error_budget is not None:
@@ -517,6 +529,15 @@ def setup_hook(args: argparse.Namespace, ddp: DDP, world_size: int, tracer: Opti
 
     ddp.register_comm_hook(None, wrap(counted_default))
     return HookSetup(args.hook, None, counter.stats)
+
+
+def _policy_view(hook: "HookSetup", what: str) -> Any:
+    """A gradcomp policy's network figures (``fit``) or error-budget verdicts (``budget``), as plain data; None without."""
+    state = getattr(hook, "state", None)
+    policy = getattr(state, "policy", None)
+    if policy is None:
+        return None
+    return policy.fit.to_dict() if what == "fit" else state.budget
 
 
 def run_label(args: argparse.Namespace) -> str:
@@ -989,6 +1010,9 @@ class Job:
             "hook_stats": {k: v for k, v in self.hook.stats().items() if isinstance(v, (int, float))},
             # the kernels gradcomp's exchange ran: "native (avx512)", "compiled" or "eager"
             "kernels": getattr(getattr(self.hook, "state", None), "kernels", None),
+            # the policy's network figures (reuse them with --policy-fit) and the error budget's verdicts
+            "policy_fit": _policy_view(self.hook, "fit"),
+            "budget": _policy_view(self.hook, "budget"),
             "hook_setup_s": self.hook_setup_s,
             "wire_per_step": gathered,
             "wall_s": wall,

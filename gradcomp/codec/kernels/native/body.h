@@ -28,10 +28,50 @@ static inline void store_any(void* base, int kind, int64_t i, V v) {
   else store_f16(static_cast<uint16_t*>(base) + i, v);
 }
 
-// ---- the Hadamard transform's stages h >= 16, over a block in `c` (stages 1..8: hadamard16)
+// ---- the Hadamard transform's stages h >= 16 (stages 1..8 are hadamard16, in register)
 
-static inline void fwht_across(float* c, int64_t n) {
-  for (int64_t h = 16; h < n; h *= 2)
+// One sub-block of 16 NV values, in registers: r[k] = hadamard16(get(16 k)), then the stages h = 16 .. 8 NV
+// across the vectors, then put(16 k, r[k]). NV is a constant, so the loops unroll and r stays in registers.
+template <int NV, int H>
+static inline void fwht_stages(V* r) {  // stage H (in vectors), then the next ones up to NV / 2
+  if constexpr (H < NV) {
+#pragma GCC unroll 16
+    for (int i = 0; i < NV; i += 2 * H) {
+#pragma GCC unroll 16
+      for (int j = i; j < i + H; ++j) {
+        const V a = r[j], b = r[j + H];
+        r[j] = add(a, b);
+        r[j + H] = sub(a, b);
+      }
+    }
+    fwht_stages<NV, 2 * H>(r);
+  }
+}
+
+template <int NV, typename Get, typename Put>
+static inline void fwht_sub(Get&& get, Put&& put) {
+  V r[NV];
+#pragma GCC unroll 16
+  for (int k = 0; k < NV; ++k) r[k] = hadamard16(get(16 * k));
+  fwht_stages<NV, 1>(r);
+#pragma GCC unroll 16
+  for (int k = 0; k < NV; ++k) put(16 * k, r[k]);
+}
+
+template <typename Get, typename Put>
+static inline void fwht_sub_n(int nv, Get&& get, Put&& put) {
+  switch (nv) {
+    case 16: fwht_sub<16>(get, put); break;
+    case 8: fwht_sub<8>(get, put); break;
+    case 4: fwht_sub<4>(get, put); break;
+    case 2: fwht_sub<2>(get, put); break;
+    default: fwht_sub<1>(get, put); break;
+  }
+}
+
+// Stages h = from .. n/2 over a block in `c` (L1): the stages across sub-blocks of 256 values.
+static inline void fwht_across(float* c, int64_t n, int64_t from) {
+  for (int64_t h = from; h < n; h *= 2)
     for (int64_t i = 0; i < n; i += 2 * h)
       for (int64_t j = i; j < i + h; j += 16) {
         const V a = load_f32(c + j), b = load_f32(c + j + h);
@@ -39,6 +79,9 @@ static inline void fwht_across(float* c, int64_t n) {
         store_f32(c + j + h, sub(a, b));
       }
 }
+
+// The rotation's sub-blocks: up to 256 values (16 vectors) transformed in registers.
+static inline int64_t sub_block(int64_t block) { return block < 256 ? block : 256; }
 
 // ---- one scale group: scaled values -> codes (+ residual)
 
@@ -163,16 +206,33 @@ static void encode_rows(const void* x, int kind, int64_t r0, int64_t r1, int64_t
     const int64_t o = r * block;
     V vmax = splat(0.0f);
     M anynan = mask_none();
-    if (f.signs) {  // rotate: signs and stages 1..8 on the way in, the other stages in L1, then the norm
-      for (int64_t i = 0; i < block; i += 16) store_f32(c + i, hadamard16(mul(load_any(x, kind, o + i), load_f32(f.signs + i))));
-      fwht_across(c, block);
+    if (f.signs) {  // rotate: signs and the stages within 256 values in registers, the others in L1, then the norm
+      const int64_t sb = sub_block(block);
+      const int nv = int(sb / 16);
       const V vn = splat(f.norm);
-      for (int64_t i = 0; i < block; i += 16) {
-        V v = mul(load_f32(c + i), vn);
-        if (rin) v = add(v, load_f32(rin + o + i));
-        store_f32(c + i, v);
-        vmax = max_ignoring_nan(abs_(v), vmax);
-        anynan = mask_or(anynan, is_nan(v));
+      for (int64_t s0 = 0; s0 < block; s0 += sb) {
+        auto get = [&](int64_t i) { return mul(load_any(x, kind, o + s0 + i), load_f32(f.signs + s0 + i)); };
+        if (sb == block) {  // the whole block is in registers: finish it there
+          fwht_sub_n(nv, get, [&](int64_t i, V r) {
+            V v = mul(r, vn);
+            if (rin) v = add(v, load_f32(rin + o + i));
+            store_f32(c + i, v);
+            vmax = max_ignoring_nan(abs_(v), vmax);
+            anynan = mask_or(anynan, is_nan(v));
+          });
+        } else {
+          fwht_sub_n(nv, get, [&](int64_t i, V r) { store_f32(c + s0 + i, r); });
+        }
+      }
+      if (sb != block) {
+        fwht_across(c, block, sb);
+        for (int64_t i = 0; i < block; i += 16) {
+          V v = mul(load_f32(c + i), vn);
+          if (rin) v = add(v, load_f32(rin + o + i));
+          store_f32(c + i, v);
+          vmax = max_ignoring_nan(abs_(v), vmax);
+          anynan = mask_or(anynan, is_nan(v));
+        }
       }
     } else {
       for (int64_t i = 0; i < block; i += 16) {
@@ -242,10 +302,21 @@ static void reduce_rows(const uint8_t* codes, int64_t cstride, const void* scale
   }
 }
 
-// ---- the rotation back, of a block whose stages 1..8 are done, into the output's dtype
+// ---- the rotation back: `get(i)` gives the 16 values at i of the block (already dequantized), the block
+// goes out rotated back in the output's dtype. Stages within 256 values in registers, the others in L1.
 
-static inline void unrotate_out(float* c, int64_t block, void* out, int kind, int64_t o, const Fmt& f) {
-  fwht_across(c, block);
+template <typename Get>
+static inline void unrotate_out(Get&& get, float* c, int64_t block, void* out, int kind, int64_t o, const Fmt& f) {
+  const int64_t sb = sub_block(block);
+  const int nv = int(sb / 16);
+  if (sb == block) {
+    fwht_sub_n(nv, get, [&](int64_t i, V r) { store_any(out, kind, o + i, mul(r, load_f32(f.signed_norm + i))); });
+    return;
+  }
+  for (int64_t s0 = 0; s0 < block; s0 += sb) {
+    fwht_sub_n(nv, [&](int64_t i) { return get(s0 + i); }, [&](int64_t i, V r) { store_f32(c + s0 + i, r); });
+  }
+  fwht_across(c, block, sb);
   for (int64_t i = 0; i < block; i += 16) store_any(out, kind, o + i, mul(load_f32(c + i), load_f32(f.signed_norm + i)));
 }
 
@@ -255,12 +326,14 @@ static void decode_rows(const uint8_t* codes, const void* scales, int64_t r0, in
                         const Fmt& f, float* c) {
   const int64_t row_bytes = block * f.bits / 8;
   for (int64_t r = r0; r < r1; ++r) {
-    for (int64_t i = 0; i < block; i += 16) {
-      V v = dequant16(codes + r * row_bytes + (i / 16) * 2 * f.bits, scale_of(scales, 0, 0, r, i, block, f), f);
-      if (f.signs) store_f32(c + i, hadamard16(v));
-      else store_any(out, kind, r * block + i, v);
+    auto get = [&](int64_t i) {
+      return dequant16(codes + r * row_bytes + (i / 16) * 2 * f.bits, scale_of(scales, 0, 0, r, i, block, f), f);
+    };
+    if (f.signs) {
+      unrotate_out(get, c, block, out, kind, r * block, f);
+    } else {
+      for (int64_t i = 0; i < block; i += 16) store_any(out, kind, r * block + i, get(i));
     }
-    if (f.signs) unrotate_out(c, block, out, kind, r * block, f);
   }
 }
 
@@ -272,14 +345,17 @@ static void decode_sum_rows(const uint8_t* codes, int64_t cstride, const void* s
   const V vdiv = splat(static_cast<float>(divide));
   for (int64_t r = r0; r < r1; ++r) {
     sum_copies(codes, cstride, scales, sstride, p, r, block, f, c);
-    for (int64_t i = 0; i < block; i += 16) {
+    auto get = [&](int64_t i) {
       V v = load_f32(c + i);
       if (divide != 1) v = div(v, vdiv);
       if (factor) v = mul(v, splat(*factor));
-      if (f.signs) store_f32(c + i, hadamard16(v));
-      else store_any(out, kind, r * block + i, v);
+      return v;
+    };
+    if (f.signs) {
+      unrotate_out(get, c, block, out, kind, r * block, f);
+    } else {
+      for (int64_t i = 0; i < block; i += 16) store_any(out, kind, r * block + i, get(i));
     }
-    if (f.signs) unrotate_out(c, block, out, kind, r * block, f);
   }
 }
 

@@ -109,14 +109,18 @@ inline V copysign_(V mag, V s) { return {copysign8(mag.a, s.a), copysign8(mag.b,
 inline V lut(const float* t, V codes) {
   return {_mm256_i32gather_ps(t, _mm256_cvtps_epi32(codes.a), 4), _mm256_i32gather_ps(t, _mm256_cvtps_epi32(codes.b), 4)};
 }
-// the Hadamard transform's stages h = 1, 2, 4 inside each 8 lanes, then h = 8 across the two halves
+// the Hadamard transform's stages h = 1, 2, 4 inside each 8 lanes, then h = 8 across the two halves. Each
+// lane adds its partner t to itself, the upper lane with its sign flipped: t + (-b) is a - b exactly.
+inline __m256 sign_mask8(int upper) {
+  return _mm256_castsi256_ps(_mm256_set_epi32(upper & 0x80 ? int(0x80000000u) : 0, upper & 0x40 ? int(0x80000000u) : 0,
+                                              upper & 0x20 ? int(0x80000000u) : 0, upper & 0x10 ? int(0x80000000u) : 0,
+                                              upper & 0x08 ? int(0x80000000u) : 0, upper & 0x04 ? int(0x80000000u) : 0,
+                                              upper & 0x02 ? int(0x80000000u) : 0, upper & 0x01 ? int(0x80000000u) : 0));
+}
 inline __m256 hadamard8(__m256 v) {
-  __m256 t = _mm256_permute_ps(v, 0xB1);  // partners 1 apart: [1, 0, 3, 2]
-  v = _mm256_blend_ps(_mm256_add_ps(v, t), _mm256_sub_ps(t, v), 0xAA);
-  t = _mm256_permute_ps(v, 0x4E);  // 2 apart: [2, 3, 0, 1]
-  v = _mm256_blend_ps(_mm256_add_ps(v, t), _mm256_sub_ps(t, v), 0xCC);
-  t = _mm256_permute2f128_ps(v, v, 0x01);  // 4 apart: the two 128-bit halves swapped
-  return _mm256_blend_ps(_mm256_add_ps(v, t), _mm256_sub_ps(t, v), 0xF0);
+  v = _mm256_add_ps(_mm256_permute_ps(v, 0xB1), _mm256_xor_ps(v, sign_mask8(0xAA)));  // partners 1 apart
+  v = _mm256_add_ps(_mm256_permute_ps(v, 0x4E), _mm256_xor_ps(v, sign_mask8(0xCC)));  // 2 apart
+  return _mm256_add_ps(_mm256_permute2f128_ps(v, v, 0x01), _mm256_xor_ps(v, sign_mask8(0xF0)));  // 4 apart
 }
 inline V hadamard16(V x) {
   const __m256 a = hadamard8(x.a), b = hadamard8(x.b);

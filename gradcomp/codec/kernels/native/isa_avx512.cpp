@@ -6,6 +6,9 @@
 #else
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c")
+// GCC 12's own intrinsics (_mm512_permute_ps, _mm512_cvtepu8_epi32, ...) fill their unused operand with
+// _mm512_undefined_*(), a self-initialised variable that -Wuninitialized reports once inlined here
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 #include <immintrin.h>
 
@@ -70,17 +73,18 @@ inline V copysign_(V mag, V s) {
   return {_mm512_castsi512_ps(_mm512_or_si512(_mm512_andnot_si512(m, _mm512_castps_si512(mag.v)), _mm512_and_si512(m, _mm512_castps_si512(s.v))))};
 }
 inline V lut(const float* t, V codes) { return {_mm512_i32gather_ps(_mm512_cvtps_epi32(codes.v), t, 4)}; }
-// the Hadamard transform's stages h = 1, 2, 4, 8 on the 16 lanes: (a, b) -> (a + b, a - b), a the lower lane
-inline __m512 hstage(__m512 v, __m512i partner, __mmask16 upper) {
-  const __m512 t = _mm512_permutexvar_ps(partner, v);
-  return _mm512_mask_blend_ps(upper, _mm512_add_ps(v, t), _mm512_sub_ps(t, v));
+// the Hadamard transform's stages h = 1, 2, 4, 8 on the 16 lanes: (a, b) -> (a + b, a - b), a the lower lane.
+// Each lane adds its partner t to itself, the upper lane with its sign flipped: t + (-b) is a - b exactly.
+inline __m512 hstage(__m512 v, __m512 t, __m512 upper_sign) { return _mm512_add_ps(t, _mm512_xor_ps(v, upper_sign)); }
+inline __m512 upper_signs(__mmask16 upper) {
+  return _mm512_castsi512_ps(_mm512_maskz_mov_epi32(upper, _mm512_set1_epi32(int(0x80000000u))));
 }
 inline V hadamard16(V x) {
   __m512 v = x.v;
-  v = hstage(v, _mm512_set_epi32(14, 15, 12, 13, 10, 11, 8, 9, 6, 7, 4, 5, 2, 3, 0, 1), 0xAAAA);
-  v = hstage(v, _mm512_set_epi32(13, 12, 15, 14, 9, 8, 11, 10, 5, 4, 7, 6, 1, 0, 3, 2), 0xCCCC);
-  v = hstage(v, _mm512_set_epi32(11, 10, 9, 8, 15, 14, 13, 12, 3, 2, 1, 0, 7, 6, 5, 4), 0xF0F0);
-  v = hstage(v, _mm512_set_epi32(7, 6, 5, 4, 3, 2, 1, 0, 15, 14, 13, 12, 11, 10, 9, 8), 0xFF00);
+  v = hstage(v, _mm512_permute_ps(v, 0xB1), upper_signs(0xAAAA));          // partners 1 apart
+  v = hstage(v, _mm512_permute_ps(v, 0x4E), upper_signs(0xCCCC));          // 2 apart
+  v = hstage(v, _mm512_shuffle_f32x4(v, v, 0xB1), upper_signs(0xF0F0));    // 4 apart: 128-bit lanes swapped in pairs
+  v = hstage(v, _mm512_shuffle_f32x4(v, v, 0x4E), upper_signs(0xFF00));    // 8 apart: the 256-bit halves swapped
   return {v};
 }
 
