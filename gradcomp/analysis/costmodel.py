@@ -31,7 +31,7 @@ import torch
 
 from gradcomp.checks import check_int
 from gradcomp.codec import kernels
-from gradcomp.codec.formats import WireFormat, format_names
+from gradcomp.codec.formats import FORMATS, WireFormat
 from gradcomp.comm.cost import Cluster, CodecThroughput, Estimate, Scheme, estimate, parse_scheme, pipeline_chunks
 
 __all__ = [
@@ -53,12 +53,14 @@ __all__ = [
 
 
 def default_schemes() -> Tuple[Scheme, ...]:
-    """The schemes :func:`compare` estimates: float ring and tree, and every registered wire format.
+    """The schemes :func:`compare` estimates: float ring and tree, and every registered wire format but the rotated ones.
 
     ``ring-fp32``, ``ring-bf16``, ``ring-fp16``, ``tree-fp32``, ``twophase-F`` for each format ``F``
-    of the registry (``int8``, ``int4``, ``int2``), ``allgather-int8``, ``hier-F`` for each ``F``.
+    of the registry (``int8``, ``int4``, ``int2``, ``fp8_e4m3``, ``fp8_e5m2``, ``mxint8``, ``mxfp8``,
+    ``mxfp4``), ``allgather-int8``, ``hier-F`` for each ``F``. A rotated format (``int4r``...) sends
+    the bytes of its base: name it to see it (``twophase-int4r``).
     """
-    formats = format_names()
+    formats = [f.name for f in FORMATS.values() if not f.rotate]
     names = ["ring-fp32", "ring-bf16", "ring-fp16", "tree-fp32"]
     names += [f"twophase-{f}" for f in formats] + ["allgather-int8"] + [f"hier-{f}" for f in formats]
     return tuple(parse_scheme(n) for n in names)
@@ -236,6 +238,13 @@ def format_errors(formats: Iterable[WireFormat], sample: Optional[torch.Tensor] 
 
 
 def fastest_within(estimates: Sequence[Estimate], errors: Dict[str, float], budget: float) -> Optional[Estimate]:
-    """The fastest estimate whose scheme is exact (float) or whose format's error (``errors``) is at most ``budget``."""
-    ok = [e for e in estimates if not parse_scheme(e.scheme).quantized or errors.get(parse_scheme(e.scheme).format.name, math.inf) <= budget]
-    return min(ok, key=lambda e: e.total_s) if ok else None
+    """The fastest estimate whose scheme is exact (float) or whose format's error (``errors``) is at most ``budget``.
+
+    Of schemes equally fast (a rotated format and its base send the same bytes), the more accurate wins.
+    """
+    def error(e: Estimate) -> float:
+        s = parse_scheme(e.scheme)
+        return errors.get(s.format.name, math.inf) if s.quantized else 0.0
+
+    ok = [e for e in estimates if error(e) <= budget]
+    return min(ok, key=lambda e: (round(e.total_s, 12), error(e))) if ok else None

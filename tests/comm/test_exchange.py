@@ -286,9 +286,16 @@ def _check_backend_matches_eager(name, fmt, dtype=torch.float32):
         assert _same_bits(*sums), f"decode_sum differs ({fmt.name}, {out.dtype})"
 
 
+# torch.compile builds graphs per format (minutes each on 2 cores): one format of every code path
+# (int; rotated with a fitted mid-rise step; rotated MX: e8m0 scales and float codes)
+COMPILED_FORMATS = ("int8", "int4", "int2", "int2r", "mxfp8r")
+KERNEL_CASES = [pytest.param(b, f, id=f"{f}-{'-'.join(x for x in b if x)}") for b in BACKENDS[:-1] for f in format_names()] + [
+    pytest.param(("compiled", None), f, marks=pytest.mark.slow, id=f"{f}-compiled") for f in COMPILED_FORMATS
+]
+
+
 @pytest.mark.usefixtures("one_thread")  # as under torchrun (OMP_NUM_THREADS=1), where a miscompile showed once
-@pytest.mark.parametrize("on_backend", BACKENDS, indirect=True, ids=lambda b: "-".join(x for x in b if x))
-@pytest.mark.parametrize("fmt", format_names())
+@pytest.mark.parametrize("on_backend,fmt", KERNEL_CASES, indirect=["on_backend"])
 def test_fused_kernels_match_eager_bitwise(on_backend, fmt):
     for dtype in (torch.float32, torch.bfloat16, torch.float16) if on_backend == "native" else (torch.float32,):
         _check_backend_matches_eager(on_backend, fmt, dtype)

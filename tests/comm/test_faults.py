@@ -79,6 +79,9 @@ def _disagree_worker(rank, world_size, tmp):
     cases = [
         ("block_size", dict(block_size=128 if rank == 1 else 256)),  # message sizes may coincide: silent before
         ("bits", dict(bits=4 if rank == 1 else 8)),
+        # the same bits, other codes: only the format names them apart (int4r's messages are int4's size)
+        ("format", dict(format="int4r" if rank == 1 else "int4")),
+        ("format", dict(format="mxfp4" if rank == 1 else "int4")),
         ("warmup_steps", dict(warmup_steps=3 if rank == 1 else 1)),
         ("min_compress_numel", dict(min_compress_numel=1 if rank == 1 else 0)),
         ("error_feedback", dict(error_feedback=rank != 1)),

@@ -10,7 +10,6 @@ import logging
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gradcomp
@@ -23,7 +22,7 @@ from gradcomp.comm.policy import PLAIN, CommPolicy, LinkFit, NetworkFit, PolicyC
 from gradcomp.comm.topology import Topology
 
 from _dist import spawn
-from _models import _all_identical, _backward, _batch, _grads, _model, check_default_resume
+from _models import _all_identical, _backward, _grads, _model, check_default_resume
 
 NEW = ("fp8_e4m3", "fp8_e5m2", "mxint8", "mxfp8", "mxfp4", "int2r", "int4r", "mxfp4r", "fp8_e4m3r")
 # relative error of one step's average against the exact one, without error feedback
@@ -127,13 +126,10 @@ def _fsdp_worker(rank, world_size):
     from torch.distributed.fsdp import fully_shard
 
     from tests.comm.test_fsdp import _build, _full, _rel
+    from tests.comm.test_fsdp import _train as _fsdp_train
 
     def train(net, opt, steps):
-        for step in steps:
-            x, y = _batch(rank, step)
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(x), y).backward()
-            opt.step()
+        _fsdp_train(net, opt, rank, steps)
 
     def run(grad, weight, steps=range(6)):
         net = _build()
