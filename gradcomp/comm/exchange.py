@@ -6,7 +6,9 @@ the blocking :func:`allreduce`, the offline replay of captured gradients (:func:
 FSDP2's collectives (:mod:`gradcomp.comm.fsdp`: a reduce-scatter is encode, all-to-all,
 :func:`decode_sum`; a weight all-gather is encode of the rank's shard, all-gather, decode).
 
-How a bucket travels (``P`` ranks, blocks of ``B`` values, one fp32 scale per block):
+How a bucket travels (``P`` ranks, blocks of ``B`` values, the scales the wire format says: one fp32
+per block, or one e8m0 byte per 32 values; a rotating format rotates each block before encoding and
+after decoding, so the residuals and the owner's sum live in the rotated space):
 
 1. **Plan** (:class:`ExchangePlan`, once per bucket layout): every parameter starts on a block boundary
    (so a block's arithmetic never depends on how DDP grouped the parameters); the aligned blocks are cut
@@ -24,7 +26,7 @@ How a bucket travels (``P`` ranks, blocks of ``B`` values, one fp32 scale per bl
 5. all-gather of the reduced shards.
 6. **decode**: the gathered codes are dequantized straight into the bucket.
 
-A message (one shard of one chunk) is ``codes | pad to 4 bytes | fp32 scales | 16-byte header``; the
+A message (one shard of one chunk) is ``codes | pad to 4 bytes | scales | pad | 16-byte header``; the
 header (step, bucket index, chunk and the format's header id, bucket numel as int32) lets each receiver check that every
 peer is at the same step and bucket (:func:`check_header`). Bytes each rank sends per chunk:
 ``2 (P - 1) * message_bytes``; over a bucket that is ``2 (P-1)/P * N * (bits/8 + 4/B)`` plus 32 (P-1)

@@ -302,6 +302,29 @@ def test_fused_kernels_match_eager_bitwise(on_backend, fmt):
 
 
 @pytest.mark.parametrize("on_backend", BACKENDS[:-1], indirect=True, ids=lambda b: "-".join(x for x in b if x))
+def test_every_float_code_decodes_as_the_reference(on_backend):
+    """Every code of every float element format, the OCP nan and inf patterns included (the encoder never makes them)."""
+    from gradcomp.codec.packing import pack_codes
+
+    for fmt in (wire_format(n) for n in format_names()):
+        if not fmt.is_float:
+            continue
+        n = 1 << fmt.bits
+        codes8 = torch.arange(n, dtype=torch.uint8).repeat(2 * B // n).view(-1, B)
+        codes = pack_codes(codes8.reshape(-1), fmt.bits).view(codes8.shape[0], -1)
+        rows = codes.shape[0]
+        scale = torch.full((rows,), 0.75) if fmt.scale == "fp32" else torch.full(kernels.scale_shape(fmt, rows, B), 127, dtype=torch.uint8)
+        outs = []
+        for backend in ("eager", on_backend):
+            with kernels.force(backend):
+                outs.append(codec.decode_blocks(codes, scale, fmt, out=torch.empty(rows, B)))
+        assert _same_bits(*outs), fmt.name
+        if not fmt.rotate:  # the values themselves: torch's float8 tables (E2M1: the OCP table), times the scale
+            want = ref.element_values(fmt)[codes8.long()] * (0.75 if fmt.scale == "fp32" else 1.0)
+            assert _same_bits(outs[1], want), fmt.name
+
+
+@pytest.mark.parametrize("on_backend", BACKENDS[:-1], indirect=True, ids=lambda b: "-".join(x for x in b if x))
 @pytest.mark.parametrize("P", [2, 3])
 def test_whole_exchange_is_bit_identical_on_every_native_instruction_set(on_backend, P):
     g = torch.Generator().manual_seed(P)

@@ -19,13 +19,14 @@ travels to the kernels as one tuple per call.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Optional
 
 import torch
 
 from gradcomp.codec.formats import WireFormat
-from gradcomp.codec.kernels.reference import tables
+from gradcomp.codec.kernels.reference import element_values, tables
 
 logger = logging.getLogger(__name__)
 
@@ -118,14 +119,27 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _specials(fmt: WireFormat) -> tuple:
+    """``(first special magnitude code, whether it is inf)`` of a float element format (256, 0: none), from its value table."""
+    if not fmt.is_float:
+        return 256.0, 0
+    values = element_values(fmt)[: 1 << (fmt.bits - 1)]  # the positive half
+    bad = (~torch.isfinite(values)).nonzero()
+    if bad.numel() == 0:
+        return 256.0, 0
+    first = int(bad[0])
+    return float(first), int(bool(torch.isinf(values[first])))
+
+
+@functools.lru_cache(maxsize=None)
 def _fmt(fmt: WireFormat, block: int) -> Optional[tuple]:
     """The format tuple the module parses (module.cpp ``parse_fmt``), or None for a block the kernels cannot rotate."""
     if fmt.rotate and (block < 16 or block & (block - 1)):
         return None
     t = tables(fmt, block, "cpu")  # cached: the pointers stay valid
     return (fmt.bits, int(fmt.is_float), fmt.mantissa_bits if fmt.is_float else 0, fmt.min_exponent if fmt.is_float else 0,
-            fmt.max_code, fmt.rms_step, int(fmt.midrise), 0.0 if fmt.is_float else float(fmt.qmax), fmt.group or block, int(fmt.scale == "e8m0"), fmt.emax_elem,
-            _ptr(t.values), _ptr(t.scales), _ptr(t.signs), _ptr(t.signed_norm), float(t.norm) if t.norm is not None else 0.0)
+            fmt.max_code, fmt.rms_step, int(fmt.midrise), 0.0 if fmt.is_float else float(fmt.qmax), fmt.group or block,
+            int(fmt.scale == "e8m0"), fmt.emax_elem, *_specials(fmt), _ptr(t.values), _ptr(t.scales), _ptr(t.signs), _ptr(t.signed_norm), float(t.norm) if t.norm is not None else 0.0)
 
 
 def encode(x, residual, residual_out, noise, codes_out, scale_out, fmt: WireFormat) -> bool:

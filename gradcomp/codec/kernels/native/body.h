@@ -257,9 +257,29 @@ static inline float scale_of(const void* scales, int64_t sstride, int64_t k, int
   return f.scale_values[static_cast<const uint8_t*>(scales)[k * sstride + r * groups + i / f.group]];
 }
 
+// What float element codes (as floats, 0 .. 2**bits - 1) stand for, in exact arithmetic: the magnitude
+// code mag = e * 2**mbits + m is (m + 2**mbits [e > 0]) * 2**(max(e, 1) - 1 + emin - mbits); the OCP
+// special codes (E4M3's 0x7F, E5M2's 0x7C inf and 0x7D-0x7F nan) are selected in; the sign bit flips it.
+static inline V float_values(V codes, const Fmt& f) {
+  const float half = float(1 << (f.bits - 1)), mant = float(1 << f.mbits);
+  const V s = floor_(mul(codes, splat(1.0f / half)));
+  const V mag = sub(codes, mul(s, splat(half)));
+  const V e = floor_(mul(mag, splat(1.0f / mant)));
+  const V m = sub(mag, mul(e, splat(mant)));
+  const V one = splat(1.0f);
+  const V e1 = max_ignoring_nan(e, one);
+  const V mm = add(m, mul(min_(e, one), splat(mant)));
+  V v = mul(mm, pow2_biased(add(e1, splat(float(126 + f.emin - f.mbits)))));
+  if (f.special < 256.0f) {
+    const V sv = f.has_inf ? select_ge(mag, splat(f.special + 1.0f), splat(NAN), splat(INFINITY)) : splat(NAN);
+    v = select_ge(mag, splat(f.special), sv, v);
+  }
+  return mul(v, sub(one, add(s, s)));  // times +1 or -1: exact, and -0 for the negative zero code
+}
+
 static inline V dequant16(const uint8_t* src, float s, const Fmt& f) {
   const V codes = load_codes(src, f.bits);
-  const V v = f.is_float ? lut(f.values, codes) : sub(codes, splat(f.midrise ? f.qmax + 0.5f : f.qmax + 1.0f));
+  const V v = f.is_float ? float_values(codes, f) : sub(codes, splat(f.midrise ? f.qmax + 0.5f : f.qmax + 1.0f));
   return mul(v, splat(s));
 }
 

@@ -20,6 +20,8 @@ struct Fmt {
   int group;                 // values per scale (the block for fp32 scales)
   int e8m0;                  // 0: one fp32 scale per block; 1: one e8m0 byte per group
   int emax;                  // e8m0: the element format's largest exponent
+  float special;             // float elements: the first magnitude code that is inf or nan (256: none)
+  int has_inf;               // float elements: that first special code is inf (E5M2), the others nan
   const float* values;       // float elements: what each code stands for (2**bits entries)
   const float* scale_values; // e8m0: the divisor of each scale byte (256 entries, 255 is nan)
   const float* signs;        // rotation: the block's random signs, or null (no rotation)

@@ -106,8 +106,9 @@ inline __m256 copysign8(__m256 mag, __m256 s) {
   return _mm256_or_ps(_mm256_andnot_ps(m, mag), _mm256_and_ps(m, s));
 }
 inline V copysign_(V mag, V s) { return {copysign8(mag.a, s.a), copysign8(mag.b, s.b)}; }
-inline V lut(const float* t, V codes) {
-  return {_mm256_i32gather_ps(t, _mm256_cvtps_epi32(codes.a), 4), _mm256_i32gather_ps(t, _mm256_cvtps_epi32(codes.b), 4)};
+inline V min_(V x, V y) { return {_mm256_min_ps(x.a, y.a), _mm256_min_ps(x.b, y.b)}; }
+inline V select_ge(V x, V t, V yes, V no) {
+  return {_mm256_blendv_ps(no.a, yes.a, _mm256_cmp_ps(x.a, t.a, _CMP_GE_OQ)), _mm256_blendv_ps(no.b, yes.b, _mm256_cmp_ps(x.b, t.b, _CMP_GE_OQ))};
 }
 // the Hadamard transform's stages h = 1, 2, 4 inside each 8 lanes, then h = 8 across the two halves. Each
 // lane adds its partner t to itself, the upper lane with its sign flipped: t + (-b) is a - b exactly.

@@ -72,7 +72,8 @@ inline V copysign_(V mag, V s) {
   const __m512i m = _mm512_set1_epi32(int(0x80000000u));
   return {_mm512_castsi512_ps(_mm512_or_si512(_mm512_andnot_si512(m, _mm512_castps_si512(mag.v)), _mm512_and_si512(m, _mm512_castps_si512(s.v))))};
 }
-inline V lut(const float* t, V codes) { return {_mm512_i32gather_ps(_mm512_cvtps_epi32(codes.v), t, 4)}; }
+inline V min_(V a, V b) { return {_mm512_min_ps(a.v, b.v)}; }
+inline V select_ge(V a, V t, V yes, V no) { return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(a.v, t.v, _CMP_GE_OQ), no.v, yes.v)}; }
 // the Hadamard transform's stages h = 1, 2, 4, 8 on the 16 lanes: (a, b) -> (a + b, a - b), a the lower lane.
 // Each lane adds its partner t to itself, the upper lane with its sign flipped: t + (-b) is a - b exactly.
 inline __m512 hstage(__m512 v, __m512 t, __m512 upper_sign) { return _mm512_add_ps(t, _mm512_xor_ps(v, upper_sign)); }

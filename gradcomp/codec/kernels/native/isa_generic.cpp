@@ -95,7 +95,8 @@ inline V copysign_(V mag, V s) {
   for (int i = 0; i < 16; ++i) r.f[i] = float_of((bits_of(mag.f[i]) & 0x7FFFFFFFu) | (bits_of(s.f[i]) & 0x80000000u));
   return r;
 }
-inline V lut(const float* t, V codes) { V r; for (int i = 0; i < 16; ++i) r.f[i] = t[int(codes.f[i])]; return r; }
+inline V min_(V a, V b) { V r; for (int i = 0; i < 16; ++i) r.f[i] = a.f[i] < b.f[i] ? a.f[i] : b.f[i]; return r; }
+inline V select_ge(V a, V t, V yes, V no) { V r; for (int i = 0; i < 16; ++i) r.f[i] = a.f[i] >= t.f[i] ? yes.f[i] : no.f[i]; return r; }
 // the Hadamard transform's stages h = 1, 2, 4, 8 on the 16 values: (a, b) -> (a + b, a - b)
 inline V hadamard16(V x) {
   for (int h = 1; h < 16; h *= 2) {

@@ -61,12 +61,13 @@ template <typename T>
 T* ptr(unsigned long long p) { return reinterpret_cast<T*>(static_cast<uintptr_t>(p)); }
 
 // The format tuple native.py passes: (bits, is_float, mbits, emin, max_code, rms_step, midrise, qmax,
-// group, e8m0, emax, values, scale_values, signs, signed_norm, norm), the pointers as integers (0: none).
+// group, e8m0, emax, special, has_inf, values, scale_values, signs, signed_norm, norm), the pointers as
+// integers (0: none).
 bool parse_fmt(PyObject* t, Fmt* f) {
   unsigned long long values, scale_values, signs, signed_norm;
-  if (!PyArg_ParseTuple(t, "iiiiffifiiiKKKKf", &f->bits, &f->is_float, &f->mbits, &f->emin, &f->max_code, &f->rms_step,
-                        &f->midrise, &f->qmax, &f->group, &f->e8m0, &f->emax, &values, &scale_values, &signs, &signed_norm,
-                        &f->norm))
+  if (!PyArg_ParseTuple(t, "iiiiffifiiifiKKKKf", &f->bits, &f->is_float, &f->mbits, &f->emin, &f->max_code, &f->rms_step,
+                        &f->midrise, &f->qmax, &f->group, &f->e8m0, &f->emax, &f->special, &f->has_inf, &values, &scale_values,
+                        &signs, &signed_norm, &f->norm))
     return false;
   f->values = ptr<const float>(values);
   f->scale_values = ptr<const float>(scale_values);
