@@ -46,6 +46,7 @@ RUNS = {
 # every other wire format with error feedback ("int2r + EF", "mxfp4 + EF", ...), and the error budget's policy
 RUNS.update({f"{name} + EF": HOOK_ARGS[name] for name in format_names() if name not in ("int8", "int4")})
 RUNS["budget 0.3 (32,int8,int4r,int2r)"] = HOOK_ARGS["budget"]
+RUNS["budget 0.35 (32,int8,int4r,int2r)"] = HOOK_ARGS["budget-0.35"]
 DEFAULT_RUNS = ("fp32 all-reduce", "int8 + EF", "int4 + EF", "int4 without EF", "PowerSGD rank 4")
 # final validation loss at most this fraction above fp32's (issues 1 and 25)
 TARGETS = {"int8 + EF": 0.01, "int4 + EF": 0.03, "int2r + EF": 0.015, "int4r + EF": 0.003, "mxfp4 + EF": 0.01,

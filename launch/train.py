@@ -225,6 +225,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--grad-bits, --weight-bits and --reduce-dtype need --fsdp (with DDP use --hook int8/int4)")
     if args.backend == "nccl" and not torch.cuda.is_available():
         raise ValueError("--backend nccl needs CUDA, which is not available here; use gloo or auto")
+    if not args.policy and (args.error_budget is not None or args.policy_fit is not None):
+        raise ValueError("--error-budget and --policy-fit need --policy (they narrow or inform the policy's choice)")
+    if args.weight_bits != 32:
+        from gradcomp.comm.fsdp import WEIGHT_FORMATS  # the 8-bit formats
+
+        if (f"int{args.weight_bits}" if isinstance(args.weight_bits, int) else args.weight_bits) not in WEIGHT_FORMATS:
+            raise ValueError(f"--weight-bits must be 32 or an 8-bit format ({', '.join(WEIGHT_FORMATS)}), got {args.weight_bits}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,8 +469,6 @@ def setup_hook(args: argparse.Namespace, ddp: DDP, world_size: int, tracer: Opti
                                       measure_every=args.measure_every, fit=fit)
             except ValueError as exc:
                 raise SystemExit(f"--policy-candidates / --error-budget: {exc}") from None
-        elif args.error_budget is not None:
-            raise SystemExit("--error-budget needs --policy (the budget narrows the policy's candidates)")
         state = gradcomp.QuantizedAllReduceState(
             None,
             format=args.hook,
