@@ -100,6 +100,8 @@ from typing import Any, Dict, List, Sequence
 
 from benchmark_tables import PARTS, STEP_PARTS, render, upgrade
 
+from gradcomp.codec.formats import format_names
+
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"
 
@@ -112,6 +114,15 @@ HOOK_ARGS = {
     "int4": ["--hook", "int4"],
     "policy": ["--hook", "int8", "--policy"],
     "int4-noef": ["--hook", "int4", "--no-error-feedback"],
+    # every other wire format, by its name (fp8_e4m3, mxfp4, int2r, ...)
+    **{name: ["--hook", name] for name in format_names() if name not in ("int8", "int4")},
+    # widths chosen by error as well as by the network: the policy among plain, int8, int4r and int2r
+    # with a budget of 0.3 relative error per bucket, measured every 100 steps
+    "budget": ["--hook", "int8", "--policy", "--policy-candidates", "32,int8,int4r,int2r", "--policy-min-bits", "2",
+               "--error-budget", "0.3"],
+    # a budget between int2r's errors on gpt20m's buckets (0.342 to 0.361): int2r where it fits, int4r elsewhere
+    "budget-0.35": ["--hook", "int8", "--policy", "--policy-candidates", "32,int8,int4r,int2r", "--policy-min-bits", "2",
+                    "--error-budget", "0.35"],
 }
 MODELS = "gpt20m,comm17m"
 STEP_HOOKS = "local,allreduce,fp16,powersgd,int8,int4,policy"

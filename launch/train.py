@@ -46,8 +46,11 @@ Hooks:
     ``allreduce``  DDP's default fp32 all-reduce;
     ``fp16``       PyTorch's ``fp16_compress_hook``;
     ``powersgd``   PyTorch's PowerSGD (``--powersgd-rank``, ``--powersgd-start-iter``);
-    ``int8``/``int4`` gradcomp's quantized all-reduce (``--quant-block``, ``--no-error-feedback``,
-                   ``--warmup-steps``, ``--stochastic-rounding``, ``--no-fused``);
+    ``int8``/``int4``/... gradcomp's quantized all-reduce in that wire format: any registered
+                   format name (``int8``, ``int4``, ``int2``, ``fp8_e4m3``, ``fp8_e5m2``, ``mxint8``,
+                   ``mxfp8``, ``mxfp4``, each also rotated: ``int2r``, ``mxfp4r``, ...;
+                   ``--quant-block``, ``--no-error-feedback``, ``--warmup-steps``,
+                   ``--stochastic-rounding``, ``--no-fused``, ``--policy``, ``--error-budget``);
     ``local``      no communication at all: every rank keeps its own gradient (the ranks drift
                    apart). Not training: the benchmark's floor, the step time without the network.
 
@@ -80,13 +83,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from gradcomp.codec.formats import FORMATS, format_names
 from gradcomp.examples.tasks import GPT_PRESETS, TinyGPT, evaluate, get_batch, make_optimizer, split_corpus, text_corpus
 from gradcomp.files import atomic_write
 from gradcomp.files import atomic_write_text as _atomic_write_text
 
 logger = logging.getLogger("gradcomp.launch.train")
 
-HOOKS = ("allreduce", "fp16", "powersgd", "int8", "int4", "local")
+HOOKS = ("allreduce", "fp16", "powersgd", *format_names(), "local")  # every registered wire format is a gradcomp hook
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,6 +103,18 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         """Print ``train.py: error: MESSAGE`` and exit with code 2 (argparse would print the usage first)."""
         self.exit(2, f"train.py: error: {message} (see python launch/train.py --help)\n")
+
+
+def _fsdp_width(text: str):
+    """``--grad-bits`` / ``--weight-bits``: 32 (FSDP2's own), the bits of an int format, or a format name."""
+    if text.strip().isdigit():
+        bits = int(text)
+        if bits == 32 or f"int{bits}" in FORMATS:
+            return bits
+        raise argparse.ArgumentTypeError(f"expected 32, 8, 4, 2 or a format name from {format_names()}, got {text!r}")
+    if text not in FORMATS:
+        raise argparse.ArgumentTypeError(f"expected 32, 8, 4, 2 or a format name from {format_names()}, got {text!r}")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,15 +150,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--policy", action="store_true", help="int8/int4: choose plain/int8/int4 per bucket from the probed network")
     g.add_argument("--policy-min-bits", type=int, choices=(2, 4, 8, 32), default=4, help="--policy: never quantize below this")
-    g.add_argument("--policy-candidates", default="32,8,4", help="--policy: widths to choose from (32 = plain fp32 all-reduce)")
+    g.add_argument("--policy-candidates", default="32,8,4",
+                   help="--policy: widths or format names to choose from (32 = plain fp32 all-reduce), e.g. 32,int8,int4r,int2r")
+    g.add_argument("--error-budget", type=float, default=None,
+                   help="--policy: only formats whose relative error on the bucket's own gradient is at most this (e.g. 0.2)")
+    g.add_argument("--measure-every", type=int, default=100, help="--error-budget: steps between two measurements (0: once)")
+    g.add_argument("--policy-fit", default=None, metavar="JSON",
+                   help="--policy: decide from these network figures instead of probing (a run's summary.json or a NetworkFit)")
     g.add_argument("--powersgd-rank", type=int, default=4, help="powersgd: matrix approximation rank")
     g.add_argument("--powersgd-start-iter", type=int, default=10, help="powersgd: plain all-reduce steps first (>= 2)")
     g.add_argument("--bucket-cap-mb", type=float, default=None, help="DDP bucket size in MB (default: DDP's own, 25 MB with a 1 MB first bucket)")
 
     g = p.add_argument_group("FSDP2 (instead of DDP)")
     g.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard per block and the root) instead of DDP")
-    g.add_argument("--grad-bits", type=int, choices=(32, 8, 4), default=32, help="--fsdp: gradient reduce-scatter width (32: FSDP2's own)")
-    g.add_argument("--weight-bits", type=int, choices=(32, 8), default=32, help="--fsdp: parameter all-gather width (32: FSDP2's own)")
+    g.add_argument("--grad-bits", type=_fsdp_width, default=32,
+                   help="--fsdp: gradient reduce-scatter format, 8/4/2 or a format name such as mxfp8 or int4r (32: FSDP2's own)")
+    g.add_argument("--weight-bits", type=_fsdp_width, default=32,
+                   help="--fsdp: parameter all-gather format, 8 or an 8-bit format name such as fp8_e4m3 (32: FSDP2's own)")
     g.add_argument("--reduce-dtype", choices=("fp32", "bf16"), default="fp32", help="--fsdp: MixedPrecisionPolicy reduce_dtype")
     g.add_argument("--quantize-1d-weights", action="store_true",
                    help="--fsdp --weight-bits 8: quantize 1-D parameters (norms, biases) too (default: sent unquantized)")
@@ -201,6 +225,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--grad-bits, --weight-bits and --reduce-dtype need --fsdp (with DDP use --hook int8/int4)")
     if args.backend == "nccl" and not torch.cuda.is_available():
         raise ValueError("--backend nccl needs CUDA, which is not available here; use gloo or auto")
+    if not args.policy and (args.error_budget is not None or args.policy_fit is not None):
+        raise ValueError("--error-budget and --policy-fit need --policy (they narrow or inform the policy's choice)")
+    if args.weight_bits != 32:
+        from gradcomp.comm.fsdp import WEIGHT_FORMATS  # the 8-bit formats
+
+        if (f"int{args.weight_bits}" if isinstance(args.weight_bits, int) else args.weight_bits) not in WEIGHT_FORMATS:
+            raise ValueError(f"--weight-bits must be 32 or an 8-bit format ({', '.join(WEIGHT_FORMATS)}), got {args.weight_bits}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,7 +327,7 @@ class HookSetup:
 
     def state_dict(self) -> Any:
         """Return this rank's hook state for a checkpoint (None for stateless hooks)."""
-        if self.name in ("int8", "int4", "fsdp"):
+        if self.name in FORMATS or self.name == "fsdp":
             return self.state.state_dict()
         if self.name == "powersgd":
             sd = dict(self.state.__getstate__())
@@ -308,7 +339,7 @@ class HookSetup:
 
     def load_state_dict(self, sd: Any) -> None:
         """Restore what ``state_dict`` returned on this rank."""
-        if self.name in ("int8", "int4", "fsdp"):
+        if self.name in FORMATS or self.name == "fsdp":
             self.state.load_state_dict(sd)
         elif self.name == "powersgd":
             import numpy as np
@@ -415,21 +446,32 @@ def setup_hook(args: argparse.Namespace, ddp: DDP, world_size: int, tracer: Opti
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
     wrap = tracer.wrap if tracer is not None else (lambda h: h)
-    if args.hook in ("int8", "int4"):
+    if args.hook in FORMATS:
         import gradcomp
         from gradcomp.comm import PolicyConfig, Topology
 
         topology = Topology.from_env(os.environ) if args.hierarchical else None
         policy = None
         if args.policy:
+            candidates = tuple(int(c) if c.strip().isdigit() else c.strip() for c in args.policy_candidates.split(","))
+            fit = None
+            if args.policy_fit is not None:
+                from gradcomp.comm import NetworkFit
+
+                try:
+                    saved = json.loads(Path(args.policy_fit).read_text())
+                    fit = NetworkFit.from_dict(saved.get("policy_fit", saved))  # a run's summary.json, or the fit itself
+                except (OSError, ValueError, TypeError, KeyError) as exc:
+                    raise SystemExit(f"--policy-fit {args.policy_fit}: expected a NetworkFit as JSON (or a summary.json "
+                                     f"holding policy_fit): {exc}") from None
             try:
-                candidates = tuple(int(c) for c in args.policy_candidates.split(","))
-            except ValueError:
-                raise SystemExit(f"--policy-candidates must be comma-separated widths such as 32,8,4, got {args.policy_candidates!r}")
-            policy = PolicyConfig(candidates=candidates, min_bits=args.policy_min_bits)
+                policy = PolicyConfig(candidates=candidates, min_bits=args.policy_min_bits, error_budget=args.error_budget,
+                                      measure_every=args.measure_every, fit=fit)
+            except ValueError as exc:
+                raise SystemExit(f"--policy-candidates / --error-budget: {exc}") from None
         state = gradcomp.QuantizedAllReduceState(
             None,
-            bits=8 if args.hook == "int8" else 4,
+            format=args.hook,
             block_size=args.quant_block,
             error_feedback=not args.no_error_feedback,
             warmup_steps=args.warmup_steps,
@@ -492,6 +534,15 @@ def setup_hook(args: argparse.Namespace, ddp: DDP, world_size: int, tracer: Opti
 
     ddp.register_comm_hook(None, wrap(counted_default))
     return HookSetup(args.hook, None, counter.stats)
+
+
+def _policy_view(hook: "HookSetup", what: str) -> Any:
+    """A gradcomp policy's network figures (``fit``) or error-budget verdicts (``budget``), as plain data; None without."""
+    state = getattr(hook, "state", None)
+    policy = getattr(state, "policy", None)
+    if policy is None:
+        return None
+    return policy.fit.to_dict() if what == "fit" else state.budget
 
 
 def run_label(args: argparse.Namespace) -> str:
@@ -822,7 +873,7 @@ class Job:
         self._prepare_metrics()
         time_after = args.time_after
         if time_after is None:
-            warm = {"int8": args.warmup_steps, "int4": args.warmup_steps, "powersgd": args.powersgd_start_iter}.get(args.hook, 0)
+            warm = args.warmup_steps if args.hook in FORMATS else {"powersgd": args.powersgd_start_iter}.get(args.hook, 0)
             if args.fsdp and (args.grad_bits != 32 or args.weight_bits != 32):
                 warm = args.warmup_steps
             time_after = warm + 3
@@ -834,11 +885,11 @@ class Job:
                 args.model, self.n_params / 1e6, self.world_size, dist.get_backend(), self.label,
                 args.steps, args.batch_size, self.cfg.block_size,
             )
-            if args.hook in ("int8", "int4"):
+            if args.hook in FORMATS:
                 logger.info(
-                    "gradients travel as %s codes (one fp32 scale per %d values, error feedback %s); "
+                    "gradients travel as %s (blocks of %d values, error feedback %s); "
                     "the first %d steps use plain fp32 all-reduce while DDP settles its buckets",
-                    args.hook, args.quant_block, "off" if args.no_error_feedback else "on", args.warmup_steps,
+                    FORMATS[args.hook].describe(), args.quant_block, "off" if args.no_error_feedback else "on", args.warmup_steps,
                 )
         step_times: List[float] = []
         sent_hook: List[int] = []
@@ -964,6 +1015,9 @@ class Job:
             "hook_stats": {k: v for k, v in self.hook.stats().items() if isinstance(v, (int, float))},
             # the kernels gradcomp's exchange ran: "native (avx512)", "compiled" or "eager"
             "kernels": getattr(getattr(self.hook, "state", None), "kernels", None),
+            # the policy's network figures (reuse them with --policy-fit) and the error budget's verdicts
+            "policy_fit": _policy_view(self.hook, "fit"),
+            "budget": _policy_view(self.hook, "budget"),
             "hook_setup_s": self.hook_setup_s,
             "wire_per_step": gathered,
             "wall_s": wall,

@@ -7,7 +7,9 @@ import math
 import os
 import textwrap
 
-from gradcomp.cli._common import EXIT_OK, CliError, add_json_flag, arg_type, format_table, hook_block_size, int_in, out_file, print_json
+from gradcomp.cli._common import (
+    EXIT_OK, CliError, add_json_flag, arg_type, existing_file, float_in, format_table, hook_block_size, int_in, out_file, print_json,
+)
 
 _EPILOG = """\
 examples:
@@ -15,6 +17,13 @@ examples:
   gradcomp cost --params 7e9 --workers 32 --nodes 4 --bandwidth 100gbit --intra-bandwidth 300GB/s
   gradcomp cost --params 350M --workers 16 --bandwidth 25GB/s --codec-throughput 200GB/s --json
   gradcomp cost --params 7e9 --workers 8 --bandwidth 10gbit --plot cost.png --sweep workers
+  gradcomp cost --params 7e9 --workers 8 --bandwidth 1gbit --error-budget 0.2
+  gradcomp cost --params 20M --workers 2 --bandwidth 1gbit --error-budget 0.2 --grads g.safetensors
+
+--error-budget E: the fastest scheme whose wire format's relative error ||Q(g) - g|| / ||g|| is at
+most E, measured on --grads (a trace saved by gradcomp grads --save-trace) or, without it, on
+Gaussian values (real gradients are heavier-tailed: rotated formats lose less on them than the
+others do); the hook's policy does the same per bucket with PolicyConfig(error_budget=E).
 
 units: bandwidth in bits (10gbit, 100mbit, 10Gb/s, 10gbps) or bytes (25GB/s, 1GiB/s);
 latency in ns, us, ms or s (5us); counts as 7e9, 7B, 350M.
@@ -72,6 +81,10 @@ def register(subparsers) -> None:
                        help="measure the codec here with the hook's kernels (fused: native on CPU, compiled on CUDA; "
                             "the default) or the eager reference ones")
     codec.add_argument("--no-codec", action="store_true", help="leave the codec's compute time out")
+    p.add_argument("--error-budget", type=float_in(0, 10, lo_open=True), default=None, metavar="E",
+                   help="advise the fastest scheme whose format's relative error is at most E (e.g. 0.2)")
+    p.add_argument("--grads", default=None, metavar="TRACE", type=existing_file,
+                   help="--error-budget: measure the formats' errors on these gradients (gradcomp grads --save-trace)")
     p.add_argument("--plot", default=None, metavar="PNG", type=out_file(".png"), help="write a plot of time against --sweep to this PNG")
     p.add_argument("--sweep", choices=("bandwidth", "workers"), default="bandwidth",
                    help="x axis of --plot (default bandwidth)")
@@ -146,6 +159,7 @@ def run(args) -> int:
 
     chunk = _chunk_numel(args)
     estimates = cm.compare(args.params, cluster, schemes, tp, args.block_size, chunk)
+    errors, sample_from = _format_errors(args, estimates) if args.error_budget is not None else ({}, None)
     base = cm.estimate(cm.Scheme.plain(), args.params, cluster, tp, args.block_size)
     rows = []
     for e in estimates:
@@ -191,9 +205,14 @@ def run(args) -> int:
             },
             "schemes": [
                 dict(e.to_dict(), speedup_vs_ring_fp32=(base.total_s / e.total_s if e.total_s > 0 else None),
-                     break_even_bandwidth_bytes_per_s=None if e.scheme == "ring-fp32" else be)
+                     break_even_bandwidth_bytes_per_s=None if e.scheme == "ring-fp32" else be,
+                     **({"rel_error": _scheme_error(cm, e.scheme, errors)} if args.error_budget is not None else {}))
                 for e, be in rows
             ],
+            "error_budget": None if args.error_budget is None else {
+                "budget": args.error_budget, "errors_on": sample_from,
+                "fastest_within": getattr(cm.fastest_within(estimates, errors, args.error_budget), "scheme", None),
+            },
             "plot": args.plot,
         })
         return EXIT_OK
@@ -212,6 +231,9 @@ def run(args) -> int:
             "vs ring-fp32": f"{base.total_s / e.total_s:.2f}x" if e.total_s > 0 else "-",
             "pays below": "-" if e.scheme == "ring-fp32" else format_bandwidth(be),
         })
+        if args.error_budget is not None:
+            err = _scheme_error(cm, e.scheme, errors)
+            table[-1]["rel. error"] = "0 (exact)" if err == 0 else f"{err:.3g}" + ("" if err <= args.error_budget else " (over)")
     nodes = "" if args.nodes is None else f" on {cluster.num_nodes} nodes ({cluster.per_node} per node)"
     print(f"{args.params:.4g} parameters, {cluster.workers} workers{nodes}, "
           f"{format_bandwidth(cluster.bandwidth)}, {format_duration(cluster.latency)} latency")
@@ -223,11 +245,46 @@ def run(args) -> int:
     best = min(estimates, key=lambda e: e.total_s)
     print(f"fastest here: {best.scheme} ({format_duration(best.total_s)} per step, "
           f"{base.total_s / best.total_s if best.total_s > 0 else float('inf'):.2f}x ring-fp32)")
+    if args.error_budget is not None:
+        ok = cm.fastest_within(estimates, errors, args.error_budget)
+        print(f"fastest within the error budget {args.error_budget:g} (relative error on {sample_from}): {ok.scheme} "
+              f"({format_duration(ok.total_s)} per step, {base.total_s / ok.total_s if ok.total_s > 0 else float('inf'):.2f}x ring-fp32)")
     print("'pays below': the main-link bandwidth under which the scheme beats ring-fp32 "
           "('any' = at every bandwidth, 'never' = at none).")
     if args.plot is not None:
         print(f"plot: {args.plot}")
     return EXIT_OK
+
+
+def _format_errors(args, estimates):
+    """``({format name: relative error}, what they were measured on)`` for the quantized schemes of ``estimates``."""
+    from gradcomp.analysis import costmodel as cm
+
+    formats = {}
+    for e in estimates:
+        scheme = cm.parse_scheme(e.scheme)
+        if scheme.quantized:
+            formats[scheme.format.name] = scheme.format
+    sample, origin = None, "2**20 Gaussian values"
+    if args.grads is not None:
+        from gradcomp.analysis.capture import GradientTrace
+
+        try:
+            trace = GradientTrace.load(args.grads)
+        except (OSError, ValueError, KeyError) as exc:
+            raise CliError(f"--grads {args.grads}: expected a gradient trace saved by gradcomp grads --save-trace: {exc}") from None
+        sample, origin = trace.grads.reshape(trace.steps * trace.workers, -1), f"the gradients of {args.grads}"
+        sample = sample[:, : sample.shape[1] // args.block_size * args.block_size]
+    try:
+        return cm.format_errors(formats.values(), sample, args.block_size), origin
+    except ValueError as exc:
+        raise CliError(f"--grads: {exc}") from None
+
+
+def _scheme_error(cm, scheme: str, errors) -> float:
+    """The relative error a scheme's format makes (0 for a float scheme)."""
+    s = cm.parse_scheme(scheme)
+    return errors[s.format.name] if s.quantized else 0.0
 
 
 def codec_provenance(args, tp, device):

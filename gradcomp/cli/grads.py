@@ -38,7 +38,7 @@ def register(subparsers) -> None:
     """Add the ``grads`` subcommand."""
     p = subparsers.add_parser(
         "grads",
-        help="replay real gradients through the int8/int4/int2 exchange: error per layer and bucket, drift",
+        help="replay real gradients through the quantized exchange in any wire format: error per layer and bucket, drift",
         description=textwrap.fill(
             "Capture real gradients of a model on several emulated ranks and replay them through the "
             "quantized two-phase exchange offline, comparing bit widths, block sizes, rounding and error "

@@ -145,7 +145,7 @@ def _parse_specs(specs, default) -> List[Any]:
 
 
 def _analyze(args) -> int:
-    from gradcomp.quant import analyze_weights, load_tensor_file
+    from gradcomp.quant import analyze_weights
 
     configs = _parse_specs(args.config, DEFAULT_ANALYZE)
     sd = _load(args)
@@ -225,7 +225,7 @@ def _quantize(args) -> int:
     from pathlib import Path
 
     from gradcomp.codec import sqnr_db
-    from gradcomp.quant import config_name, load_tensor_file, quantize_state_dict, save_quantized_state_dict
+    from gradcomp.quant import config_name, quantize_state_dict, save_quantized_state_dict
 
     out = Path(args.output)
     if out.suffix != ".safetensors":
@@ -415,7 +415,7 @@ def _measure_file_sizes(args, configs) -> List[Dict[str, Any]]:
     import tempfile
 
     from gradcomp.batches import progress_bar
-    from gradcomp.quant import config_name, load_tensor_file, quantize_state_dict, save_quantized_state_dict, weight_nbytes
+    from gradcomp.quant import config_name, quantize_state_dict, save_quantized_state_dict, weight_nbytes
 
     sd = _load(args)
     weights = {k: v for k, v in sd.items() if v.is_floating_point() and v.dim() >= 2 and (k == "weight" or k.endswith(".weight"))}

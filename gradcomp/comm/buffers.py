@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from gradcomp.codec.formats import HEADER_BYTES
+from gradcomp.codec.kernels import scale_shape
 from gradcomp.comm.plan import Chunk, ExchangePlan
 
 __all__ = [
@@ -36,14 +37,20 @@ ROUTE_GATHER_RECV = ("gathered",)
 def message_views(plan: ExchangePlan, c: Chunk, buf: torch.Tensor, rows: int):
     """Views of ``rows`` messages laid side by side (0: as many as ``buf`` holds).
 
-    Returns codes ``(rows, s, code bytes per block)``, scales ``(rows, s)`` and headers ``(rows, 4)``,
-    at the offsets the format's message layout gives (:class:`Chunk`).
+    Returns codes ``(rows, s, code bytes per block)``, scales ``(rows, s)`` (fp32) or ``(rows, s,
+    block / group)`` (e8m0 bytes) and headers ``(rows, 4)``, at the offsets the format's message
+    layout gives (:class:`Chunk`).
     """
+    fmt, B = plan.format, plan.block_size
     m = c.message_bytes
     v = buf.view(-1, m) if rows == 0 else buf.view(rows, m)
-    codes = v[:, : c.code_bytes].view(v.shape[0], c.shard_blocks, plan.format.code_bytes(plan.block_size))
+    codes = v[:, : c.code_bytes].view(v.shape[0], c.shard_blocks, fmt.code_bytes(B))
     # message_bytes, scale_offset and header_offset are multiples of 4: the fp32 and int32 views need no copy
-    scales = v[:, c.scale_offset : c.scale_offset + plan.format.scale_bytes * c.shard_blocks].view(torch.float32)
+    scales = v[:, c.scale_offset : c.scale_offset + fmt.scale_bytes_per_block(B) * c.shard_blocks]
+    if fmt.scale == "fp32":
+        scales = scales.view(torch.float32)
+    else:
+        scales = scales.view(v.shape[0], c.shard_blocks, fmt.scales_per_block(B))
     header = v[:, c.header_offset : c.header_offset + HEADER_BYTES].view(torch.int32)
     return codes, scales, header
 
@@ -80,7 +87,7 @@ class ShardPick:
     src: torch.Tensor  # bucket indices of their values
     dst: torch.Tensor  # indices into out (rows * B)
     codes: torch.Tensor  # (P, max(m, 2), bytes): the P received copies of those blocks
-    scale: torch.Tensor  # (P, max(m, 2))
+    scale: torch.Tensor  # (P, max(m, 2)) fp32, or (P, max(m, 2), B / group) e8m0 bytes
     out: torch.Tensor  # fp32 (max(m, 2), B)
 
 
@@ -110,7 +117,8 @@ class ExchangeBuffers:
         four, a reduce-scatter (:data:`ROUTE_REDUCE_SCATTER`: encode, all-to-all, ``decode_sum``)
         ``send`` and ``recv``, an all-gather's sending side ``send`` and its receiving side
         (``decode``) ``gathered``. The staging of ragged blocks (a few blocks) is always there.
-        Padding blocks of ``send`` are written once: the format's zero code, scale 0.
+        Padding blocks of ``send`` are written once: the format's zero code, scale bytes 0 (fp32 0.0;
+        e8m0 ``2**-127``, times zero codes): they decode to zero.
         """
         unknown = set(need) - set(ROUTE_ALLREDUCE)
         if unknown or isinstance(need, str):
@@ -156,7 +164,7 @@ class ExchangeBuffers:
                     src=torch.cat([torch.arange(sr, sr + n) for sr, _, n in mine]).to(device),
                     dst=torch.cat([torch.arange(i * B, i * B + n) for i, (_, _, n) in enumerate(mine)]).to(device),
                     codes=torch.zeros(P, m, plan.format.code_bytes(B), dtype=torch.uint8, device=device),
-                    scale=torch.zeros(P, m, dtype=torch.float32, device=device),
+                    scale=torch.zeros((P,) + scale_shape(plan.format, m, B), dtype=getattr(torch, plan.format.scale_dtype), device=device),
                     out=torch.zeros(m, B, dtype=torch.float32, device=device),
                 )
             st.picks[k] = pick
@@ -187,6 +195,6 @@ def _make_staging(plan: ExchangePlan, c: Chunk, device) -> Optional[Staging]:
         res_out=torch.zeros(rows, B, **f32),
         noise=torch.zeros(rows, B, **f32),
         codes=torch.zeros(rows, plan.format.code_bytes(B), dtype=torch.uint8, device=device),
-        scale=torch.zeros(rows, **f32),
+        scale=torch.zeros(scale_shape(plan.format, rows, B), dtype=getattr(torch, plan.format.scale_dtype), device=device),
         out=torch.zeros(rows, B, **f32),
     )

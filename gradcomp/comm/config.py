@@ -28,10 +28,14 @@ class HookConfig:
         bits: code width of the gradients on the wire, one of (2, 4, 8): shorthand for ``format``
             (``bits=8`` is ``format="int8"``).
         format: the wire format by name (:data:`gradcomp.codec.FORMATS`: ``"int8"``, ``"int4"``,
-            ``"int2"``); None: the one ``bits`` names. Filled in on construction, so that
-            ``config.format`` always names the format and ``config.bits`` its width.
-        block_size: elements sharing one fp32 scale; a positive multiple of 8. Smaller blocks track
-            outliers better and cost ``32 / block_size`` extra bits per element.
+            ``"int2"``, ``"fp8_e4m3"``, ``"fp8_e5m2"``, ``"mxint8"``, ``"mxfp8"``, ``"mxfp4"``, and each
+            with an ``r`` for its rotated variant, e.g. ``"int2r"``); None: the one ``bits`` names.
+            Filled in on construction, so that ``config.format`` always names the format and
+            ``config.bits`` its width.
+        block_size: elements per block: one fp32 scale per block (int and fp8 formats), the span of
+            the rotation (rotated formats: a power of two >= 16), whole groups of 32 for the MX
+            formats; a positive multiple of 8. Smaller blocks track outliers better and cost
+            ``32 / block_size`` extra bits per element (fp32 scales).
         error_feedback: keep what quantization left behind and add it to the next step (both at the
             worker and at the shard owner). Strongly recommended below 8 bits.
         warmup_steps: steps of plain all-reduce first. DDP rebuilds its buckets after the first
@@ -93,6 +97,7 @@ class HookConfig:
         check_is_int("block_size", self.block_size)
         if self.block_size < 8 or self.block_size % 8:
             raise ValueError(f"block_size must be a positive multiple of 8 (e.g. 64, 128, 256), got {self.block_size}")
+        fmt.check_block_size(self.block_size)
         if self.chunk_numel is not None:  # None: the hook picks P * 2**20
             check_is_int("chunk_numel", self.chunk_numel)
             if self.chunk_numel < self.block_size:
@@ -108,6 +113,9 @@ class HookConfig:
             raise TypeError(f"topology must be a gradcomp Topology or None, got {type(self.topology).__name__} {self.topology!r}")
         if self.policy is not None and not isinstance(self.policy, PolicyConfig):
             raise TypeError(f"policy must be a gradcomp PolicyConfig or None, got {type(self.policy).__name__} {self.policy!r}")
+        if self.policy is not None:
+            for c in self.policy.formats:
+                c.check_block_size(self.block_size, f"block_size (policy candidate {c.name})")
         if self.error_feedback and self.warmup_steps < 1:
             raise ValueError(
                 "warmup_steps must be >= 1 when error_feedback is on (DDP rebuilds its buckets after the "

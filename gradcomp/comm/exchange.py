@@ -6,7 +6,9 @@ the blocking :func:`allreduce`, the offline replay of captured gradients (:func:
 FSDP2's collectives (:mod:`gradcomp.comm.fsdp`: a reduce-scatter is encode, all-to-all,
 :func:`decode_sum`; a weight all-gather is encode of the rank's shard, all-gather, decode).
 
-How a bucket travels (``P`` ranks, blocks of ``B`` values, one fp32 scale per block):
+How a bucket travels (``P`` ranks, blocks of ``B`` values, the scales the wire format says: one fp32
+per block, or one e8m0 byte per 32 values; a rotating format rotates each block before encoding and
+after decoding, so the residuals and the owner's sum live in the rotated space):
 
 1. **Plan** (:class:`ExchangePlan`, once per bucket layout): every parameter starts on a block boundary
    (so a block's arithmetic never depends on how DDP grouped the parameters); the aligned blocks are cut
@@ -24,7 +26,7 @@ How a bucket travels (``P`` ranks, blocks of ``B`` values, one fp32 scale per bl
 5. all-gather of the reduced shards.
 6. **decode**: the gathered codes are dequantized straight into the bucket.
 
-A message (one shard of one chunk) is ``codes | pad to 4 bytes | fp32 scales | 16-byte header``; the
+A message (one shard of one chunk) is ``codes | pad to 4 bytes | scales | pad | 16-byte header``; the
 header (step, bucket index, chunk and the format's header id, bucket numel as int32) lets each receiver check that every
 peer is at the same step and bucket (:func:`check_header`). Bytes each rank sends per chunk:
 ``2 (P - 1) * message_bytes``; over a bucket that is ``2 (P-1)/P * N * (bits/8 + 4/B)`` plus 32 (P-1)
@@ -66,6 +68,7 @@ import torch
 import torch.distributed as dist
 
 from gradcomp import codec
+from gradcomp.codec import kernels
 from gradcomp.codec.formats import format_of_header
 from gradcomp.comm.buffers import ExchangeBuffers, message_views
 from gradcomp.comm.plan import ExchangePlan, header_of
@@ -292,7 +295,7 @@ def decode_sum(
         pick.scale[:, :m] = scales[:, pick.rows]
         codec.decode_sum_blocks(pick.codes, pick.scale, fmt, out=pick.out, divide=divide, factor=f, fused=fused)
         out[pick.src - offset] = pick.out.view(-1)[pick.dst].to(out.dtype)
-    return torch.isfinite(scales).all()
+    return kernels.scales_finite(scales, fmt)
 
 
 def decode(
@@ -326,7 +329,7 @@ def decode(
         st.scale[:nt] = scales[st.shard, st.row]
         codec.decode_blocks(st.codes, st.scale, fmt, out=st.out, fused=fused)
         bucket[st.src] = st.out.view(-1)[st.dst].to(bucket.dtype)
-    return torch.isfinite(scales).all()
+    return kernels.scales_finite(scales, fmt)
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,7 +374,7 @@ def allreduce(
         if not keep_messages:
             finite &= decode(plan, bufs, c, bucket if out is None else out, fused=fused)
         else:
-            finite &= torch.isfinite(message_views(plan, plan.chunks[c], bufs.gathered[c], plan.world_size)[1]).all()
+            finite &= kernels.scales_finite(message_views(plan, plan.chunks[c], bufs.gathered[c], plan.world_size)[1], plan.format)
     return bool(finite)
 
 

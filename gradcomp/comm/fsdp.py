@@ -103,7 +103,7 @@ import torch.distributed as dist
 
 from gradcomp.checks import check_is_int
 from gradcomp.codec import kernels
-from gradcomp.codec.formats import WireFormat, wire_format
+from gradcomp.codec.formats import FORMATS, WireFormat, wire_format
 from gradcomp.comm import guard
 from gradcomp.comm.fsdp_collectives import QuantizedAllGather, QuantizedReduceScatter
 from gradcomp.comm.fsdp_plan import FLOAT_DTYPES, Ledger, ModuleComm
@@ -113,9 +113,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["FSDPCompressConfig", "FSDPCompressState", "register_fsdp", "WEIGHT_FORMATS"]
 
-#: The formats the weight all-gather may use: int8 only (a weight quantized to 4 bits every step
-#: moves by whole 4-bit steps; the gradient reduce-scatter takes every registered format).
-WEIGHT_FORMATS = ("int8",)
+#: The formats the weight all-gather may use: the 8-bit ones (int8, fp8_e4m3, fp8_e5m2, mxint8,
+#: mxfp8 and their rotations). A weight requantized every step at 4 or 2 bits moves by whole coarse
+#: steps and has no error feedback to recover what they lose; the gradient reduce-scatter takes
+#: every registered format.
+WEIGHT_FORMATS = tuple(name for name, f in FORMATS.items() if f.bits == 8)
 
 Width = Union[int, str, None]
 
@@ -136,11 +138,13 @@ class FSDPCompressConfig:
 
     Attributes:
         grad_bits: wire format of the gradients in the reduce-scatter: a registered format name
-            (``"int8"``, ``"int4"``, ``"int2"``) or its bits (8, 4, 2), kept in the shorter spelling
+            (``"int8"``, ``"int4"``, ``"int2"``, ``"fp8_e4m3"``, ``"mxfp4"``, ``"int4r"``, ...) or its
+            bits (8, 4, 2), kept in the shorter spelling
             (:attr:`~gradcomp.codec.formats.WireFormat.short`); None for FSDP's own reduce-scatter.
-        weight_bits: wire format of the parameters in the all-gather, ``"int8"`` (or 8) or None for
-            FSDP's own (:data:`WEIGHT_FORMATS`).
-        block_size: elements sharing one fp32 scale; a positive multiple of 8.
+        weight_bits: wire format of the parameters in the all-gather, an 8-bit one (``"int8"`` or
+            8, ``"fp8_e4m3"``, ``"mxfp8"``, ...; :data:`WEIGHT_FORMATS`) or None for FSDP's own.
+        block_size: elements per block (one fp32 scale, the rotation's span, whole MX groups of 32);
+            a positive multiple of 8 that both formats can cut.
         error_feedback: keep what gradient quantization left behind and add it the next step.
         warmup_steps: steps of plain collectives first, for gradients and weights alike (per module;
             a step is one reduce-scatter of the module).
@@ -177,6 +181,9 @@ class FSDPCompressConfig:
         check_is_int("block_size", self.block_size)
         if self.block_size < 8 or self.block_size % 8:
             raise ValueError(f"block_size must be a positive multiple of 8 (e.g. 64, 128, 256), got {self.block_size}")
+        for fmt, what in ((self.grad_format, "grad_bits"), (self.weight_format, "weight_bits")):
+            if fmt is not None:
+                fmt.check_block_size(self.block_size, f"block_size ({what}={fmt.name})")
         for name in ("warmup_steps", "min_compress_numel"):
             check_is_int(name, getattr(self, name))
             if getattr(self, name) < 0:
@@ -429,9 +436,10 @@ def register_fsdp(
 
     Args:
         model: a model wrapped with ``torch.distributed.fsdp.fully_shard`` (the root or any FSDP module).
-        grad_bits: the gradient reduce-scatter's wire format: ``"int8"``/8, ``"int4"``/4 or
-            ``"int2"``/2 (any registered format); None leaves FSDP's own.
-        weight_bits: ``"int8"``/8 for the parameter all-gather; None (default) leaves FSDP's own.
+        grad_bits: the gradient reduce-scatter's wire format: ``"int8"``/8, ``"int4"``/4,
+            ``"int2"``/2 or any registered format (``"mxfp4"``, ``"int4r"``, ...); None leaves FSDP's own.
+        weight_bits: an 8-bit format for the parameter all-gather (``"int8"``/8, ``"fp8_e4m3"``,
+            ``"mxfp8"``, ...); None (default) leaves FSDP's own.
         replicate_group: HSDP with a quantized all-reduce across replicas: the model is sharded with
             ``fully_shard`` on the shard dimension only (a 1-D mesh) and this is the group of the
             replicas of this rank's shard (:mod:`gradcomp.comm.fsdp_replicate`). ``grad_bits`` is

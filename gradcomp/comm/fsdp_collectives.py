@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from gradcomp.codec import kernels
 from gradcomp.comm import exchange
 from gradcomp.comm.exchange import HeaderMismatch, all_gather_into
 from gradcomp.comm.fsdp_plan import FLOAT_DTYPES, Ledger, ModuleComm, op_scale
@@ -129,7 +130,7 @@ class QuantizedReduceScatter:
         # a non-finite value anywhere poisons every scale this rank sends, so every rank sees it
         # (the plan has no padding blocks: every scale is rewritten by the next encode)
         _, scales, _ = bufs.to_views(0, send, P)
-        scales.add_(torch.where(torch.isfinite(scales).all(), 0.0, float("nan")))
+        kernels.poison_scales_(scales, fmt)
         # 2. all-to-all: row k to rank k
         dist.all_to_all_single(bufs.recv[0], send, group=group)
         if inp.device.type == "cpu":  # on an accelerator the check would stall the backward pass

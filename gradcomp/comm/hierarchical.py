@@ -43,6 +43,7 @@ from typing import Callable, List, Optional, Union
 import torch
 import torch.distributed as dist
 
+from gradcomp.codec import kernels
 from gradcomp.codec.formats import WireFormat, wire_format
 from gradcomp.comm import exchange
 from gradcomp.comm.collectives import ExchangeResult
@@ -200,7 +201,7 @@ class HierarchicalGroups:
         made = [dist.new_group(ranks=g, backend=backend, timeout=timeout) for g in groups]
         return made[mine]
 
-    def layout(self, numel: int, bits: int, block_size: int) -> HierarchicalLayout:
+    def layout(self, numel: int, bits, block_size: int) -> HierarchicalLayout:
         """Return the :class:`HierarchicalLayout` of ``numel`` elements on these groups."""
         return HierarchicalLayout(numel, self.nodes, self.local_size, bits, block_size)
 
@@ -273,7 +274,8 @@ def hierarchical_allreduce(
         )
         rel = None
         if measure_error and error_feedback:
-            denom = float((mine + w_in).norm())
+            x = kernels.rotate_blocks(mine.view(-1, layout.block_size)).view(-1) if layout.format.rotate else mine
+            denom = float((x + w_in).norm())  # the residual lives in the rotated space of a rotated format
             rel = float(wres.norm()) / denom if denom > 0 else 0.0
         # 3. share the reduced chunks inside the node as messages; chunk l's M shards land at l*M..l*M+M-1,
         # i.e. in the padded order, and every rank dequantizes the same bytes with the same kernel

@@ -44,7 +44,9 @@ import torch
 import torch.distributed as dist
 
 from gradcomp.codec import kernels
-from gradcomp.comm import guard
+from gradcomp.codec.formats import wire_format
+from gradcomp.comm import budget, guard
+from gradcomp.comm.budget import BudgetVerdict
 from gradcomp.comm.config import HookConfig
 from gradcomp.comm.hook_checkpoint import HookCheckpointing
 from gradcomp.comm.plan import ExchangePlan, chunk_numel_for
@@ -122,6 +124,7 @@ class QuantizedAllReduceState(HookCheckpointing):
         self._param_numels: Optional[List[int]] = None  # numel of each tracked parameter, by index
         self._layout = LayoutRecorder()
         self._policy: Optional[CommPolicy] = None
+        self._budget: Dict[int, BudgetVerdict] = {}  # the error budget's verdict per bucket index
         if self.world_size > 1:
             self._make_groups()
             if self.config.policy is not None:
@@ -160,21 +163,26 @@ class QuantizedAllReduceState(HookCheckpointing):
         return types.MappingProxyType(self._plans)
 
     @property
-    def policy_choices(self) -> Dict[int, int]:
-        """The policy's decision for every bucket size met so far: ``{numel: bits}`` (0 for plain all-reduce)."""
+    def policy_choices(self) -> Dict[int, Any]:
+        """The network policy's choice per bucket size met so far: ``{numel: format}`` (short spelling; 32: plain; with an error budget see :attr:`budget`)."""
         return {n: self._policy.choose(n) for n in sorted(self._seen_sizes)} if self._policy is not None else {}
+
+    @property
+    def budget(self) -> Dict[int, Dict[str, Any]]:
+        """The error budget's verdict per bucket index (``PolicyConfig(error_budget=...)``): step, errors, allowed, choice."""
+        return {i: v.to_dict() for i, v in sorted(self._budget.items())}
 
     @property
     def verifies_next_step(self) -> bool:
         """Whether the next step first compares step and layout across the ranks (after construction or a load)."""
         return self._verify_pending
 
-    def plan_for(self, keys: Tuple[int, ...], numels: Tuple[int, ...], bits: int) -> ExchangePlan:
-        """The exchange plan a bucket of these parameters (keys and sizes, in bucket order) gets at ``bits``."""
+    def plan_for(self, keys: Tuple[int, ...], numels: Tuple[int, ...], bits: Any) -> ExchangePlan:
+        """The exchange plan a bucket of these parameters (keys and sizes, in bucket order) gets in format ``bits`` (a name or 8/4/2)."""
         return self._plan(keys, numels, bits)
 
-    def probe_exchange(self, bits: int, x: torch.Tensor) -> None:
-        """Run the whole exchange of one bucket ``x`` at ``bits`` as a step runs it (the policy's probe; collective).
+    def probe_exchange(self, bits: Any, x: torch.Tensor) -> None:
+        """Run the whole exchange of one bucket ``x`` in format ``bits`` as a step runs it (the policy's probe; collective).
 
         For timing what a bucket costs (``benchmarks/chunk_size.py``): persistent buffers across calls,
         error feedback, the hook's chunks and pipeline, decoded into ``x``'s copy.
@@ -213,10 +221,10 @@ class QuantizedAllReduceState(HookCheckpointing):
         now, on this thread, before any exchange. Sets and returns :attr:`kernels`."""
         if self.kernels is None:
             cfg = self.config
-            widths = {cfg.bits}
+            formats = [cfg.wire]
             if cfg.policy is not None:
-                widths = {b for b in cfg.policy.candidates if b != PLAIN} or widths
-            self.kernels = kernels.prepare(device, {torch.float32, dtype}, sorted(widths), cfg.block_size, fused=cfg.fused)
+                formats = list(cfg.policy.formats) or formats
+            self.kernels = kernels.prepare(device, {torch.float32, dtype}, formats, cfg.block_size, fused=cfg.fused)
         return self.kernels
 
     def _make_policy(self, fit: Optional[NetworkFit]) -> CommPolicy:
@@ -374,20 +382,25 @@ class QuantizedAllReduceState(HookCheckpointing):
         """Exchange one bucket (DDP's, or a recorded one of a split): plain, or compressed on the thread."""
         cfg = self.config
         compress = step >= cfg.warmup_steps and buf.numel() >= cfg.min_compress_numel and buf.dtype in _FLOATING
-        bits = cfg.bits
+        fmt = cfg.wire
         if compress and self._policy is not None:
-            # a function of the bucket's size and of figures every rank agreed on: the same everywhere
-            bits = self._policy.choose(buf.numel())
-            if buf.numel() not in self._seen_sizes:
-                self._seen_sizes.add(buf.numel())
-                if self.rank == 0:
-                    logger.info("gradcomp policy: bucket %d: %s", index, self._policy.describe_choice(buf.numel()))
-            compress = bits != PLAIN
+            if cfg.policy.error_budget is not None:
+                # measured on this bucket's gradient and agreed over the ranks: the same everywhere
+                choice = self._budget_verdict(buf, index, keys, numels, step).choice
+            else:
+                # a function of the bucket's size and of figures every rank agreed on: the same everywhere
+                choice = self._policy.choose(buf.numel())
+                if buf.numel() not in self._seen_sizes:
+                    self._seen_sizes.add(buf.numel())
+                    if self.rank == 0:
+                        logger.info("gradcomp policy: bucket %d: %s", index, self._policy.describe_choice(buf.numel()))
+            compress = choice != PLAIN
+            fmt = wire_format(choice) if compress else None
         if not compress:
             return self._plain(buf, step, last, index)
         plan = self._plans.get(index)
-        if plan is None or plan.keys != keys or plan.bits != bits:
-            plan = self._plans[index] = self._plan(keys, numels, bits)
+        if plan is None or plan.keys != keys or plan.format is not fmt:
+            plan = self._plans[index] = self._plan(keys, numels, fmt)
         if self._thread is None:
             self._thread = CommThread(self._on_thread_error)
             # stop and join it when the state goes away, and at interpreter exit at the latest
@@ -409,6 +422,15 @@ class QuantizedAllReduceState(HookCheckpointing):
                             step=step, bucket=index, what=self._route.what)
         self._thread.submit(run, fut)
         return guard.for_ddp(fut)
+
+    def _budget_verdict(self, buf: torch.Tensor, index: int, keys, numels, step: int) -> BudgetVerdict:
+        """The error budget's verdict for bucket ``index`` at ``step``: measured anew when due (a collective on DDP's group)."""
+        verdict = self._budget.get(index)
+        if budget.due(verdict, step, tuple(keys), self.config.policy.measure_every):
+            group = self.process_group if self.process_group is not None else dist.group.WORLD
+            verdict = self._budget[index] = budget.measure(self._policy, buf, index, tuple(keys), numels, step, group, self.rank,
+                                                           self.config.block_size, self.config.fused)
+        return verdict
 
     def _plan(self, keys, numels, bits) -> ExchangePlan:
         if self._route is None:  # one rank: what the flat route would plan
@@ -498,7 +520,7 @@ class QuantizedAllReduceState(HookCheckpointing):
         """Residuals of other bucket layouts go into the store's pool, by parameter (collective on the hook's group)."""
 
         def gather(index, keys, numels, wres, sres):
-            plan = self._plan(keys, numels, self.config.bits)
+            plan = self._plan(keys, numels, self.config.format)
             return (plan,) + self._route.gather_residuals(plan, wres, sres)
 
         self.residuals.relocate(device, gather)
@@ -536,7 +558,7 @@ class QuantizedAllReduceState(HookCheckpointing):
 
 
 def quantized_allreduce_hook(state: QuantizedAllReduceState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """Average a gradient bucket over the ranks with int8/int4/int2 codes and error feedback.
+    """Average a gradient bucket over the ranks in a quantized wire format (int8 by default) with error feedback.
 
     The DDP communication hook; register it with
     ``ddp.register_comm_hook(QuantizedAllReduceState(...), quantized_allreduce_hook)`` or use

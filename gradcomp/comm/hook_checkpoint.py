@@ -1,9 +1,10 @@
 """Saving and restoring the DDP hook's state: ``state_dict``, ``load_state_dict``, pickling.
 
 A mixin of :class:`~gradcomp.comm.hook.QuantizedAllReduceState` (its methods are the state's own): a
-checkpoint holds this rank's residuals with their bucket layout and CRC-32 checksums, the step, the
-config, DDP's last bucket layout (:mod:`gradcomp.comm.layout`), the policy's network figures and the
-statistics. Loading checks everything before it changes anything (:mod:`gradcomp.comm.guard`).
+checkpoint holds this rank's residuals with their bucket layout, space (rotated or not) and CRC-32
+checksums, the step, the config (the wire format among it), DDP's last bucket layout
+(:mod:`gradcomp.comm.layout`), the policy's network figures, the error budget's verdicts per bucket
+and the statistics. Loading checks everything before it changes anything (:mod:`gradcomp.comm.guard`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class HookCheckpointing:
             "worker_residuals": res["worker"],
             "server_residuals": res["server"],
             "checksums": state_checks.checksums_of(res["worker"], res["server"]),
+            "residuals_rotated": res["rotated"],
+            "budget": {i: v.to_dict() for i, v in self._budget.items()},
             "layout": self._layout.to_list() if self._param_keys is not None else None,
             "network_fit": self._policy.fit.to_dict() if self._policy is not None else None,
             "stats": self.statistics.snapshot(),
@@ -105,8 +108,9 @@ class HookCheckpointing:
         self._plans = {}
         if self._route is not None:
             self._route.reset()
+        self._budget = dict(parsed["budget"]) if keep else {}
         if keep:
-            self.residuals.load(parsed["worker"], parsed["server"], parsed["bucket_keys"], parsed["bucket_numels"])
+            self.residuals.load(parsed["worker"], parsed["server"], parsed["bucket_keys"], parsed["bucket_numels"], parsed["rotated"])
             self._layout = LayoutRecorder(parsed["layout"])
         else:
             self.residuals.clear()
@@ -115,7 +119,7 @@ class HookCheckpointing:
 
     def residual_sizes(self, keys: Tuple[int, ...], numels: Tuple[int, ...]) -> Tuple[int, int]:
         """Lengths of this rank's worker and server residuals for a bucket of these parameters."""
-        plan = self._plan(keys, numels, self.config.bits)
+        plan = self._plan(keys, numels, self.config.format)
         sl = self._route.slices(plan) if self._route is not None else None
         if sl is None or sl.server is None:
             return plan.padded_numel, plan.server_numel

@@ -67,10 +67,10 @@ def chunk_numel_for(world_size: int) -> int:
     return SHARD_NUMEL * max(2, world_size)
 
 
-def _check_block_size(block_size: int) -> int:
+def _check_block_size(block_size: int, fmt: Optional[WireFormat] = None) -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 8 or block_size % 8:
         raise ValueError(f"block_size must be a positive multiple of 8, got {block_size!r}")
-    return block_size
+    return block_size if fmt is None else fmt.check_block_size(block_size)
 
 
 def _check_world_size(world_size: int) -> int:
@@ -152,7 +152,7 @@ class ShardLayout:
     @property
     def message_bytes(self) -> int:
         """Bytes of one shard's codes and scales (the payload; :attr:`framed_message_bytes` adds the rest)."""
-        return self.code_bytes + self.format.scale_bytes * self.blocks_per_shard
+        return self.code_bytes + self.format.scale_bytes_per_block(self.block_size) * self.blocks_per_shard
 
     @property
     def framed_message_bytes(self) -> int:
@@ -290,7 +290,7 @@ class ExchangePlan:
         280 bytes (256 of codes, 8 of scales, 16 of header), so ``bytes_sent = 2 * 2 * 280 = 1120``.
         """
         fmt = wire_format(format, "format")
-        P, B = _check_world_size(world_size), _check_block_size(block_size)
+        P, B = _check_world_size(world_size), _check_block_size(block_size, fmt)
         if isinstance(numel, bool) or not isinstance(numel, int) or numel < 1:
             raise ValueError(f"numel must be a positive int, got {numel!r}")
         total = -(-numel // B)
@@ -324,7 +324,7 @@ class ExchangePlan:
             raise ValueError(f"numels must be a non-empty sequence of positive sizes, got {numels}")
         P = _check_world_size(world_size)
         fmt = wire_format(format, "format")
-        B = _check_block_size(block_size)
+        B = _check_block_size(block_size, fmt)
         keys = tuple(range(len(numels))) if keys is None else tuple(keys)
         if len(keys) != len(numels):
             raise ValueError(f"keys and numels must have the same length, got {len(keys)} and {len(numels)}")

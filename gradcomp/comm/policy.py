@@ -46,7 +46,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from gradcomp.codec.formats import FORMATS
+from gradcomp.codec.formats import FORMATS, WireFormat, wire_format
 from gradcomp.comm.cost import Cluster, CodecThroughput, Scheme, estimate
 from gradcomp.comm.fit import (
     PLAIN,
@@ -100,6 +100,13 @@ class PolicyConfig:
             by up to about 25% on some buckets (docs/costmodel.md); without a margin a near tie
             (no rate limit: plain 78 ms, int4 predicted 67 ms, measured 86 ms on 2 emulated hosts)
             went to the lossy route and made the step slower.
+        error_budget: widths chosen by error as well: a bucket may only use a quantized candidate
+            whose relative quantization error on the bucket's own gradient,
+            ``sqrt(sum_ranks ||Q(g) - g||^2 / sum_ranks ||g||^2)``, is at most this (0.1: 10%),
+            measured at the bucket's first compressed step and every ``measure_every`` steps
+            after (:mod:`gradcomp.comm.budget`); among those the network decides as above. None
+            (default): the network alone decides.
+        measure_every: steps between two measurements of the error budget (0: measure once).
     """
 
     candidates: Tuple[Candidate, ...] = (PLAIN, 8, 4)
@@ -109,6 +116,8 @@ class PolicyConfig:
     codec_numel: Optional[int] = None
     fit: Optional[NetworkFit] = None
     min_gain: float = 0.2
+    error_budget: Optional[float] = None
+    measure_every: int = 100
 
     def __post_init__(self) -> None:
         if not isinstance(self.candidates, tuple) or not self.candidates:
@@ -136,11 +145,22 @@ class PolicyConfig:
             raise ValueError(f"min_gain must be a number in [0, 1), got {self.min_gain!r}")
         if self.fit is not None and not isinstance(self.fit, NetworkFit):
             raise TypeError(f"fit must be a NetworkFit or None, got {type(self.fit).__name__}")
+        if self.error_budget is not None and (
+            isinstance(self.error_budget, bool) or not isinstance(self.error_budget, (int, float)) or not 0 < self.error_budget < 10
+        ):
+            raise ValueError(f"error_budget must be a relative error in (0, 10) such as 0.1, or None, got {self.error_budget!r}")
+        if isinstance(self.measure_every, bool) or not isinstance(self.measure_every, int) or self.measure_every < 0:
+            raise ValueError(f"measure_every must be an int >= 0 (0: measure once), got {self.measure_every!r}")
 
     @property
     def allowed(self) -> Tuple[Candidate, ...]:
-        """The candidates the accuracy floor lets through, widest first."""
+        """The candidates the accuracy floor lets through, widest first (then in the given order)."""
         return tuple(sorted((c for c in self.candidates if candidate_width(c) >= self.min_bits), key=candidate_width, reverse=True))
+
+    @property
+    def formats(self) -> Tuple[WireFormat, ...]:
+        """The quantized candidates the accuracy floor lets through, as :class:`~gradcomp.codec.formats.WireFormat` s."""
+        return tuple(wire_format(c) for c in self.allowed if c != PLAIN)
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,7 +386,7 @@ class CommPolicy:
             self.cluster = Cluster(workers, fit.link.bandwidth, fit.link.latency, nodes, intra.bandwidth, intra.latency)
         else:
             self.cluster = Cluster(workers, fit.link.bandwidth, fit.link.latency)
-        self._cache: Dict[int, Tuple[int, Dict[str, float]]] = {}
+        self._cache: Dict[Tuple[int, Optional[Tuple[Candidate, ...]]], Tuple[Candidate, Dict[Candidate, float]]] = {}
 
     def scheme(self, candidate: Candidate) -> Scheme:
         """Return the cost model's :class:`~gradcomp.comm.cost.Scheme` of a candidate (``.name``: ``twophase-int8``...)."""
@@ -374,31 +394,38 @@ class CommPolicy:
             return _RING_FP32
         return Scheme.exchange(candidate, self.hierarchical)
 
-    def predict(self, numel: int) -> Dict[Candidate, float]:
-        """Return the predicted seconds of every allowed candidate for a bucket of ``numel`` elements."""
+    def predict(self, numel: int, allowed: Optional[Sequence[Candidate]] = None) -> Dict[Candidate, float]:
+        """Return the predicted seconds of every allowed candidate (or of those in ``allowed``) for ``numel`` elements."""
         out = {}
         for b in self.config.allowed:
+            if allowed is not None and b not in allowed:
+                continue
             tp = None if b == PLAIN else self.fit.codec_for(b)
             out[b] = estimate(self.scheme(b), max(1, int(numel)), self.cluster, tp, self.block_size, self.chunk_numel).total_s
             if b != PLAIN:
                 out[b] += self.fit.overhead_for(b)
         return out
 
-    def choose(self, numel: int) -> Candidate:
+    def choose(self, numel: int, allowed: Optional[Sequence[Candidate]] = None) -> Candidate:
         """Return the fastest allowed candidate for ``numel`` elements (32: plain all-reduce); ties go to the wider.
 
-        A quantized candidate comes back in its short spelling (``8`` for int8).
+        A quantized candidate comes back in its short spelling (``8`` for int8). ``allowed``
+        narrows the candidates further (the error budget's verdict for a bucket); it must keep
+        at least one of them.
 
         Plain all-reduce, when allowed, is kept unless the fastest quantized width is predicted at
         least ``config.min_gain`` faster.
         """
-        hit = self._cache.get(numel)
+        key = (numel, None if allowed is None else tuple(allowed))
+        hit = self._cache.get(key)
         if hit is None:
-            pred = self.predict(numel)
+            pred = self.predict(numel, allowed)
+            if not pred:
+                raise ValueError(f"allowed={tuple(allowed)!r} keeps none of the policy's candidates {self.config.allowed}")
             best = min(pred, key=lambda b: (pred[b], -candidate_width(b)))
             if best != PLAIN and PLAIN in pred and pred[best] > (1.0 - self.config.min_gain) * pred[PLAIN]:
                 best = PLAIN
-            hit = self._cache[numel] = (best, pred)
+            hit = self._cache[key] = (best, pred)
         return hit[0]
 
     def describe(self) -> str:
@@ -412,9 +439,9 @@ class CommPolicy:
             parts.append(f"{candidate_label(b)} codec {tp.quantize_eps / 1e6:.0f}/{tp.dequantize_eps / 1e6:.0f} Melem/s (quantize/dequantize){extra}")
         return "; ".join(parts) + f" [{f.source}]"
 
-    def describe_choice(self, numel: int) -> str:
-        """One line with the decision for ``numel`` elements and the predicted times."""
-        best = self.choose(numel)
-        pred = self._cache[numel][1]
+    def describe_choice(self, numel: int, allowed: Optional[Sequence[Candidate]] = None) -> str:
+        """One line with the decision for ``numel`` elements (among ``allowed``) and the predicted times."""
+        best = self.choose(numel, allowed)
+        pred = self._cache[(numel, None if allowed is None else tuple(allowed))][1]
         times = ", ".join(f"{self.scheme(b).name} {pred[b] * 1e3:.3f} ms" for b in sorted(pred, key=candidate_width, reverse=True))
         return f"{numel} elements -> {self.scheme(best).name} ({times})"

@@ -19,6 +19,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from gradcomp.codec import kernels
 from gradcomp.comm import exchange
 from gradcomp.comm.buffers import ExchangeBuffers
 from gradcomp.comm.exchange import all_gather_into
@@ -152,7 +153,10 @@ class FlatRoute:
 
         def before_encode(c: int) -> None:
             if measure and c == 0:  # before any chunk of this bucket is decoded into it
-                denom[0] = float((plan.to_aligned(buf) + w_in).norm())
+                x = plan.to_aligned(buf)
+                if plan.format.rotate:  # the residual lives in the rotated space
+                    x = kernels.rotate_blocks(x.view(-1, plan.block_size)).view(-1)
+                denom[0] = float((x + w_in).norm())
 
         def decoded(chunk_finite: torch.Tensor) -> None:
             finite[0] &= chunk_finite
@@ -248,7 +252,7 @@ class HierarchicalRoute:
         w_in, s_in, w_out, s_out = residuals
         n0, n1 = noise
         layout = plan.layout
-        hlayout = self.groups.layout(layout.numel, layout.bits, layout.block_size)
+        hlayout = self.groups.layout(layout.numel, plan.format, layout.block_size)
         nz = None if n0 is None else (lambda phase, shape: (n0 if phase == 0 else n1).view(shape))
         result = hierarchical_allreduce(
             plan.to_aligned(buf), hlayout, self.groups, worker_residual=w_in, server_residual=s_in,
@@ -272,6 +276,6 @@ class HierarchicalRoute:
     def probe(self, fmt, x: torch.Tensor, fused: bool, held: Dict) -> None:
         """Do what a bucket ``x`` costs the hook with ``fmt``: the blocking hierarchical exchange it runs."""
         plan = ExchangePlan.build((x.numel(),), self.world_size, fmt, self.block_size, chunk_numel=None)
-        res = hierarchical_allreduce(plan.to_aligned(x), self.groups.layout(x.numel(), plan.bits, self.block_size), self.groups, fused=fused)
+        res = hierarchical_allreduce(plan.to_aligned(x), self.groups.layout(x.numel(), plan.format, self.block_size), self.groups, fused=fused)
         torch.empty_like(x).copy_(res.out[: x.numel()])
 

@@ -14,6 +14,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from gradcomp.comm.budget import BudgetVerdict
+
 __all__ = ["check_checkpoint_config", "checksums_of", "residual_checksum", "validate_state_dict"]
 
 
@@ -25,7 +27,7 @@ def residual_checksum(t: torch.Tensor) -> str:
 
 _REQUIRED = ("config", "world_size", "rank", "step", "param_keys", "bucket_keys", "bucket_numels",
              "worker_residuals", "server_residuals", "network_fit")
-_OPTIONAL = ("checksums", "stats", "format", "layout")
+_OPTIONAL = ("checksums", "stats", "format", "layout", "residuals_rotated", "budget")
 
 
 def _int(value: Any, what: str, minimum: Optional[int] = None) -> int:
@@ -168,7 +170,21 @@ def validate_state_dict(sd: Any, *, world_size: int, rank: int, residual_sizes: 
                     f"{sums[b]!r}): the file was corrupted or edited"
                 )
     layout = _layout(sd.get("layout"), sd["param_keys"], num_params)
-    return {"step": step, "bucket_keys": keys, "bucket_numels": numels, "worker": worker, "server": server, "layout": layout}
+    rotated = {}
+    if sd.get("residuals_rotated") is not None:
+        rotated = _index_dict(sd["residuals_rotated"], "residuals_rotated")
+        if set(rotated) != set(keys) or any(not isinstance(v, bool) for v in rotated.values()):
+            raise ValueError(f"checkpoint residuals_rotated must map each residual's bucket {sorted(keys)} to a bool, got {sd['residuals_rotated']!r}")
+    budget = {}
+    if sd.get("budget") is not None:
+        budget = {k: BudgetVerdict.from_dict(v) if isinstance(v, dict) else _bad_verdict(k, v)
+                  for k, v in _index_dict(sd["budget"], "budget").items()}
+    return {"step": step, "bucket_keys": keys, "bucket_numels": numels, "worker": worker, "server": server, "layout": layout,
+            "rotated": rotated, "budget": budget}
+
+
+def _bad_verdict(index: int, value: Any):
+    raise TypeError(f"checkpoint budget[{index}] must be a dict (an error-budget verdict), got {type(value).__name__} {value!r}")
 
 
 def _layout(value: Any, param_keys: str, num_params: Optional[Sequence[int]]) -> Optional[Tuple[Tuple[int, Tuple[int, ...], Tuple[int, ...]], ...]]:

@@ -246,7 +246,7 @@ def test_bad_scheme_and_params():
         cm.parse_scheme("butterfly-fp32")
     with pytest.raises(ValueError, match="ring runs on fp32, bf16 or fp16"):
         cm.parse_scheme("ring-int8")
-    with pytest.raises(ValueError, match="int8, int4 or int2"):
+    with pytest.raises(ValueError, match="int8, int4, int2, fp8_e4m3, .* or mxfp4r"):
         cm.Scheme("twophase", 3, "int")
     with pytest.raises(ValueError, match="params must be a positive int"):
         cm.estimate("ring-fp32", 0, cm.Cluster(2, 1e9))

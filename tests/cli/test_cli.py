@@ -151,6 +151,39 @@ def test_cost_bad_input_names_the_argument(capsys, args, needle):
     assert needle in err
 
 
+def test_cost_advises_the_fastest_scheme_within_an_error_budget(capsys, tmp_path):
+    from gradcomp.analysis import gradexp as gx
+
+    schemes = "ring-fp32,twophase-int8,twophase-int4,twophase-int4r,twophase-int2r,twophase-mxfp4"
+    base = ("cost", "--params", "20M", "--workers", "2", "--bandwidth", "1gbit", "--codec-throughput", "200GB/s", "--schemes", schemes)
+    code, out, err = run(capsys, *base, "--error-budget", "0.2", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    errors = {s["scheme"]: s["rel_error"] for s in data["schemes"]}
+    assert errors["ring-fp32"] == 0 and errors["twophase-int8"] < 0.01 < errors["twophase-int4r"] < 0.2 < errors["twophase-int2r"]
+    assert data["error_budget"]["errors_on"] == "2**20 Gaussian values"
+    # int2r is the fastest at 1 Gbit/s but over the budget: the advice is the next one within it
+    within = data["error_budget"]["fastest_within"]
+    assert within != "twophase-int2r" and errors[within] <= 0.2
+    assert min(data["schemes"], key=lambda s: s["total_s"])["scheme"] == "twophase-int2r"
+    code, out, _ = run(capsys, *base, "--error-budget", "0.2")
+    assert f"fastest within the error budget 0.2 (relative error on 2**20 Gaussian values): {within}" in out and "(over)" in out
+    # on a gradient trace: its own errors
+    g = torch.Generator().manual_seed(0)
+    trace = gx.GradientTrace(["w"], [(64, 64)], torch.randn(2, 2, 4096, generator=g) * torch.rand(4096, generator=g) ** 4)
+    trace.save(tmp_path / "t.safetensors")
+    code, out, err = run(capsys, *base, "--error-budget", "0.2", "--grads", str(tmp_path / "t.safetensors"), "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["error_budget"]["errors_on"].startswith("the gradients of")
+    heavy = {s["scheme"]: s["rel_error"] for s in data["schemes"]}
+    assert heavy["twophase-int4r"] < heavy["twophase-int4"]  # heavy-tailed values: the rotation pays
+    for bad, needle in ((("--error-budget", "0"), "argument --error-budget"),
+                        (("--error-budget", "0.2", "--grads", str(tmp_path / "missing.safetensors")), "argument --grads")):
+        code, _, err = run(capsys, *base, *bad)
+        assert code == 2 and needle in err, err
+
+
 def test_cost_requires_its_arguments(capsys):
     code, _, err = run(capsys, "cost", "--params", "7e9")
     assert code == 2 and "--workers" in err and "--bandwidth" in err
@@ -218,7 +251,7 @@ def test_grads_trace_roundtrip_json_and_plots(capsys, tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (("--bits", "3"), "--bits must be a comma-separated list of (8, 4, 2)"),
     (("--bits", "eight"), "--bits"),
-    (("--format", "int5"), "--format must be a comma-separated list of ('int8', 'int4', 'int2')"),
+    (("--format", "int5"), "--format must be a comma-separated list of ('int8', 'int4', 'int2', 'fp8_e4m3', 'fp8_e5m2'"),
     (("--format", "int8", "--bits", "8"), "give --bits or --format, not both"),
     (("--rounding", "up"), "--rounding"),
     (("--error-feedback", "maybe"), "--error-feedback"),
@@ -236,6 +269,24 @@ def test_grads_bad_input_names_the_argument(capsys, args, needle):
     code, _, err = run(capsys, "grads", "--init", "random", "--no-progress", *args)
     assert code == 2
     assert needle in err
+
+
+def test_grads_replays_the_rotated_fp8_and_mx_formats(capsys, tmp_path):
+    from gradcomp.analysis import gradexp as gx
+
+    g = torch.Generator().manual_seed(1)
+    trace = gx.GradientTrace(["a.weight", "a.bias"], [(64, 16), (16,)], torch.randn(3, 2, 64 * 16 + 16, generator=g))
+    trace.save(tmp_path / "t.safetensors")
+    names = "int4,int4r,int2r,fp8_e4m3,mxfp4,mxfp4r"
+    code, out, err = run(capsys, "grads", "--load-trace", str(tmp_path / "t.safetensors"), "--format", names,
+                         "--block-sizes", "64", "--rounding", "nearest", "--error-feedback", "off", "--json", "--no-progress")
+    assert code == 0, err
+    rows = {r["format"]: r for r in json.loads(out)["summary"]}
+    assert set(rows) == set(names.split(","))
+    assert rows["fp8_e4m3"]["sqnr_db"] > rows["int4"]["sqnr_db"] > rows["int2r"]["sqnr_db"] > 5
+    code, _, err = run(capsys, "grads", "--load-trace", str(tmp_path / "t.safetensors"), "--format", "int4r", "--block-sizes", "96",
+                       "--no-progress")
+    assert code == 2 and "power of two" in err, err
 
 
 def test_grads_bad_trace_file(capsys, tmp_path):

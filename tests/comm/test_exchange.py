@@ -10,7 +10,8 @@ import torch
 from gradcomp import codec
 from gradcomp.codec import compiling, kernels
 from gradcomp.comm.plan import ShardLayout
-from gradcomp.codec.formats import HEADER_BYTES
+from gradcomp.codec.formats import HEADER_BYTES, format_names, wire_format
+from gradcomp.codec.kernels import reference as ref
 from gradcomp.comm.exchange import HeaderMismatch, check_header, decode, decode_sum, encode, exchange_local
 from gradcomp.comm.buffers import ROUTE_REDUCE_SCATTER, ExchangeBuffers
 from gradcomp.comm.plan import ExchangePlan
@@ -81,7 +82,7 @@ def test_decode_sum_is_the_rank_order_sum_of_the_decoded_copies(dtype):
 
 @pytest.mark.parametrize("P", [2, 3])
 def test_plan_chunks_shards_and_bytes(P):
-    for bits in (8, 4, 2):
+    for bits in format_names():
         whole = ExchangePlan.build(NUMELS, P, bits, B, chunk_numel=None)
         assert len(whole.chunks) == 1
         assert whole.layout == ShardLayout(sum(-(-n // B) * B for n in NUMELS), P, bits, B)
@@ -111,16 +112,22 @@ def test_plan_chunks_shards_and_bytes(P):
 def test_error_feedback_invariant_and_chunking_changes_no_bit(P):
     torch.manual_seed(P)
     xs = [torch.randn(sum(NUMELS)) for _ in range(P)]
-    for bits in (8, 4, 2):
+    for bits in format_names():
         results = []
+        rotate = wire_format(bits).rotate
         for chunk in (None, B, 5 * B):
             plan = ExchangePlan.build(NUMELS, P, bits, B, chunk_numel=chunk)
             out, finite, res_in, res, sres = _run(plan, xs)
             assert finite
-            # mean of (x + r_in) == out + mean of r_out + server residuals, in the aligned layout
-            want = sum(plan.to_aligned(x) + r for x, r in zip(xs, res_in)) / P
-            got = plan.to_aligned(out) + sum(res) / P + plan.server_to_aligned(torch.stack(sres))
-            assert torch.allclose(got, want, atol=1e-5, rtol=0)
+            # mean of (x + r_in) == out + mean of r_out + server residuals, in the aligned layout, at every
+            # value of the bucket. A rotated format's residuals live in the rotated space (rotated back here):
+            # there a ragged block's padding carries part of the error too, which nobody receives, so the
+            # invariant holds at the bucket's values, not at the padding
+            back = (lambda v: kernels.rotate_blocks(v.view(-1, B), inverse=True).view(-1)) if rotate else (lambda v: v)
+            valid = plan.to_aligned(torch.ones(plan.numel)).bool()
+            want = sum(plan.to_aligned(x) + back(r) for x, r in zip(xs, res_in)) / P
+            got = plan.to_aligned(out) + back(sum(res) / P + plan.server_to_aligned(torch.stack(sres)))
+            assert torch.allclose(got[valid], want[valid], atol=1e-5, rtol=0), bits
             results.append((out, res, sres, plan))
         # a block's arithmetic does not depend on the chunks: same outputs and residuals, bit for bit
         for out, res, sres, plan in results[1:]:
@@ -153,22 +160,45 @@ def test_header_names_the_step_and_bucket_of_a_rank_out_of_step():
         check_header(plan, 1, mixed, 7, 3)
 
 
+def test_a_peer_in_a_format_of_the_same_size_is_caught_by_the_header():
+    """int4 and int4r messages have the same bytes; only the header id tells them apart (and mxfp4's differ in size)."""
+    x = torch.randn(sum(NUMELS))
+    plain = ExchangePlan.build(NUMELS, 2, "int4", B, chunk_numel=4 * B)
+    rotated = ExchangePlan.build(NUMELS, 2, "int4r", B, chunk_numel=4 * B)
+    assert [c.message_bytes for c in plain.chunks] == [c.message_bytes for c in rotated.chunks]
+    mine = encode(plain, ExchangeBuffers.allocate(plain), 0, x, header=(3, 1))
+    theirs = encode(rotated, ExchangeBuffers.allocate(rotated), 0, x, header=(3, 1))
+    m = plain.chunks[0].message_bytes
+    mixed = torch.cat([mine.view(2, m)[0], theirs.view(2, m)[1]])
+    with pytest.raises(HeaderMismatch, match=r"rank 1 sent step 3, bucket 1, chunk 0, format int4r.*expected .* format int4,"):
+        check_header(plain, 0, mixed, 3, 1)
+
+
 # ---------------------------------------------------------------------------------------------
 # every backend == eager, bit for bit, for every kernel the hook runs
 
 
-def _edge_rows(rows: int, block: int, qmax: int) -> torch.Tensor:
+def _edge_rows(rows: int, block: int, fmt) -> torch.Tensor:
     g = torch.Generator().manual_seed(5)
     x = torch.randn(rows, block, generator=g)
     x[0] = 0.0  # an all-zero block
-    s = 2.0**-7  # exact scale: x / scale lands on halves, ties to even
-    x[1] = (torch.randint(-qmax, qmax, (block,), generator=g) + 0.5) * s
-    x[1, 0] = qmax * s
-    x[2] *= 1e37  # huge values
+    if fmt.is_float:  # values landing on exact ties of the element grid (scale 1: the block's absmax is the max)
+        vals = ref.element_values(fmt)
+        grid = vals[torch.isfinite(vals) & (vals >= 0)].sort().values
+        mids = (grid[1:] + grid[:-1]) / 2
+        x[1] = mids[torch.randint(0, mids.numel(), (block,), generator=g)] * torch.where(torch.rand(block, generator=g) < 0.5, -1.0, 1.0)
+        x[1, 0] = fmt.max_code
+    else:
+        qmax = fmt.qmax
+        s = 2.0**-7  # exact scale: x / scale lands on halves, ties to even
+        x[1] = (torch.randint(-qmax, qmax, (block,), generator=g) + 0.5) * s
+        x[1, 0] = qmax * s
+    x[2] *= 1e33  # huge values (a rotated block sums them: below fp32's limit)
     x[3] *= 1e-38  # tiny: subnormal scales
     x[4, 3] = float("inf")
     x[5, 7] = float("nan")
     x[6, :] = -x[6, 0].abs()  # a constant block
+    x[7, :: 2] = 0.0  # half zeros, half Gaussian
     return x
 
 
@@ -203,63 +233,95 @@ def on_backend(request):
             native.use_isa(native.isas()[0])
 
 
-def _check_backend_matches_eager(name, bits, dtype=torch.float32):
-    qmax = codec.qrange(bits, True)[1]
+def _check_backend_matches_eager(name, fmt, dtype=torch.float32):
+    fmt = wire_format(fmt)
     rows = 9
-    x = _edge_rows(rows, B, qmax).to(dtype)
+    x = _edge_rows(rows, B, fmt).to(dtype)
     res = torch.randn(rows, B) * 1e-3
     res[4:6] = 0
-    nbytes = B * bits // 8
+    nbytes = B * fmt.bits // 8
 
     def enc(backend, noise=None, in_place=False):
         r_in = res.clone()
         r_out = r_in if in_place else torch.full_like(res, 12345.0)  # every value must be written
         with kernels.force(backend):
-            codes, scale = codec.encode_blocks(x, bits, residual=r_in, residual_out=r_out, noise=noise)
+            codes, scale = codec.encode_blocks(x, fmt, residual=r_in, residual_out=r_out, noise=noise)
         return codes, scale, r_out
 
     for noise in (None, torch.rand(rows, B, generator=torch.Generator().manual_seed(1))):
         for in_place in (False, True):
             e, c = enc("eager", noise, in_place), enc(name, noise, in_place)
-            assert all(_same_bits(a, b) for a, b in zip(e, c)), f"encode differs ({bits} bits, {dtype}, in place {in_place})"
+            assert all(_same_bits(a, b) for a, b in zip(e, c)), f"encode differs ({fmt.name}, {dtype}, in place {in_place})"
     codes, scale, _ = enc("eager")
     for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
         outs = []
         for backend in ("eager", name):
             with kernels.force(backend):
-                outs.append(codec.decode_blocks(codes, scale, bits, out=torch.empty(rows, B, dtype=out_dtype)))
-        assert _same_bits(*outs), f"decode differs ({bits} bits, {out_dtype})"
+                outs.append(codec.decode_blocks(codes, scale, fmt, out=torch.empty(rows, B, dtype=out_dtype)))
+        assert _same_bits(*outs), f"decode differs ({fmt.name}, {out_dtype})"
     P = 3
     many = torch.stack([codes, torch.roll(codes, 1, 0), torch.flip(codes, (0,))])  # (P, rows, bytes)
-    scales = torch.stack([scale, torch.roll(scale, 1), torch.flip(scale, (0,))])
+    scales = torch.stack([scale, torch.roll(scale, 1, 0), torch.flip(scale, (0,))])
     # received messages are strided views of a byte buffer
-    buf = torch.zeros(P, rows * nbytes + 4 * rows + 8, dtype=torch.uint8)
+    sb = scales[0].numel() * scales.element_size()
+    buf = torch.zeros(P, rows * nbytes + sb + 8, dtype=torch.uint8)
     buf[:, : rows * nbytes] = many.view(P, -1)
-    buf[:, rows * nbytes : rows * nbytes + 4 * rows] = scales.view(torch.uint8).view(P, -1)
+    buf[:, rows * nbytes : rows * nbytes + sb] = scales.reshape(P, -1).view(torch.uint8)
     codes_v = buf[:, : rows * nbytes].view(P, rows, nbytes)
-    scales_v = buf[:, rows * nbytes : rows * nbytes + 4 * rows].view(torch.float32)
+    scales_v = buf[:, rows * nbytes : rows * nbytes + sb].view(scales.dtype).view(scales.shape)
     outs = []
     for backend in ("eager", name):
         r_out = torch.empty(rows, B)
         with kernels.force(backend):
-            outs.append(codec.reduce_blocks(codes_v, scales_v, bits, residual=res, residual_out=r_out) + (r_out,))
-    assert all(_same_bits(a, b) for a, b in zip(*outs)), f"reduce differs ({bits} bits)"
-    bad = ~torch.isfinite(scales).all(0)  # a row with a non-finite copy reduces to a non-finite scale
-    assert torch.equal(~torch.isfinite(outs[0][1]), bad)
+            outs.append(codec.reduce_blocks(codes_v, scales_v, fmt, residual=res, residual_out=r_out) + (r_out,))
+    assert all(_same_bits(a, b) for a, b in zip(*outs)), f"reduce differs ({fmt.name})"
+    finite_rows = torch.tensor([bool(kernels.scales_finite(scales[:, r], fmt)) for r in range(rows)]) if fmt.scale == "fp32" else None
+    if finite_rows is not None:  # a row with a non-finite copy reduces to a non-finite scale
+        assert torch.equal(~torch.isfinite(outs[0][1]), ~finite_rows)
     for out, divide, factor in ((torch.empty(rows, B), 3, None), (torch.empty(rows, B, dtype=torch.bfloat16), 1, torch.tensor(0.3))):
         sums = []
         for backend in ("eager", name):
             with kernels.force(backend):
-                sums.append(codec.decode_sum_blocks(codes_v, scales_v, bits, out=out.clone(), divide=divide, factor=factor))
-        assert _same_bits(*sums), f"decode_sum differs ({bits} bits, {out.dtype})"
+                sums.append(codec.decode_sum_blocks(codes_v, scales_v, fmt, out=out.clone(), divide=divide, factor=factor))
+        assert _same_bits(*sums), f"decode_sum differs ({fmt.name}, {out.dtype})"
+
+
+# torch.compile builds graphs per format (minutes each on 2 cores): one format of every code path
+# (int; rotated with a fitted mid-rise step; rotated MX: e8m0 scales and float codes)
+COMPILED_FORMATS = ("int8", "int4", "int2", "int2r", "mxfp8r")
+KERNEL_CASES = [pytest.param(b, f, id=f"{f}-{'-'.join(x for x in b if x)}") for b in BACKENDS[:-1] for f in format_names()] + [
+    pytest.param(("compiled", None), f, marks=pytest.mark.slow, id=f"{f}-compiled") for f in COMPILED_FORMATS
+]
 
 
 @pytest.mark.usefixtures("one_thread")  # as under torchrun (OMP_NUM_THREADS=1), where a miscompile showed once
-@pytest.mark.parametrize("on_backend", BACKENDS, indirect=True, ids=lambda b: "-".join(x for x in b if x))
-@pytest.mark.parametrize("bits", [8, 4, 2])
-def test_fused_kernels_match_eager_bitwise(on_backend, bits):
+@pytest.mark.parametrize("on_backend,fmt", KERNEL_CASES, indirect=["on_backend"])
+def test_fused_kernels_match_eager_bitwise(on_backend, fmt):
     for dtype in (torch.float32, torch.bfloat16, torch.float16) if on_backend == "native" else (torch.float32,):
-        _check_backend_matches_eager(on_backend, bits, dtype)
+        _check_backend_matches_eager(on_backend, fmt, dtype)
+
+
+@pytest.mark.parametrize("on_backend", BACKENDS[:-1], indirect=True, ids=lambda b: "-".join(x for x in b if x))
+def test_every_float_code_decodes_as_the_reference(on_backend):
+    """Every code of every float element format, the OCP nan and inf patterns included (the encoder never makes them)."""
+    from gradcomp.codec.packing import pack_codes
+
+    for fmt in (wire_format(n) for n in format_names()):
+        if not fmt.is_float:
+            continue
+        n = 1 << fmt.bits
+        codes8 = torch.arange(n, dtype=torch.uint8).repeat(2 * B // n).view(-1, B)
+        codes = pack_codes(codes8.reshape(-1), fmt.bits).view(codes8.shape[0], -1)
+        rows = codes.shape[0]
+        scale = torch.full((rows,), 0.75) if fmt.scale == "fp32" else torch.full(kernels.scale_shape(fmt, rows, B), 127, dtype=torch.uint8)
+        outs = []
+        for backend in ("eager", on_backend):
+            with kernels.force(backend):
+                outs.append(codec.decode_blocks(codes, scale, fmt, out=torch.empty(rows, B)))
+        assert _same_bits(*outs), fmt.name
+        if not fmt.rotate:  # the values themselves: torch's float8 tables (E2M1: the OCP table), times the scale
+            want = ref.element_values(fmt)[codes8.long()] * (0.75 if fmt.scale == "fp32" else 1.0)
+            assert _same_bits(outs[1], want), fmt.name
 
 
 @pytest.mark.parametrize("on_backend", BACKENDS[:-1], indirect=True, ids=lambda b: "-".join(x for x in b if x))
@@ -267,12 +329,12 @@ def test_fused_kernels_match_eager_bitwise(on_backend, bits):
 def test_whole_exchange_is_bit_identical_on_every_native_instruction_set(on_backend, P):
     g = torch.Generator().manual_seed(P)
     xs = [torch.randn(sum(NUMELS), generator=g) for _ in range(P)]
-    for bits in (8, 4, 2):
-        plan = ExchangePlan.build(NUMELS, P, bits, B, chunk_numel=5 * B)
+    for fmt in format_names():
+        plan = ExchangePlan.build(NUMELS, P, fmt, B, chunk_numel=5 * B)
         for noise in (False, True):
             want = _run(plan, xs, noise=noise, fused=False)
             got = _run(plan, xs, noise=noise)
-            assert all(_same_bits(a, b) for a, b in zip((want[0], *want[3], *want[4]), (got[0], *got[3], *got[4])))
+            assert all(_same_bits(a, b) for a, b in zip((want[0], *want[3], *want[4]), (got[0], *got[3], *got[4]))), fmt
 
 
 @pytest.mark.slow

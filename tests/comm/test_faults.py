@@ -80,6 +80,9 @@ def _disagree_worker(rank, world_size, tmp):
     cases = [
         ("block_size", dict(block_size=128) if rank == 1 else dict(block_size=256)),  # message sizes may coincide: silent before
         ("bits", dict(bits=4) if rank == 1 else {}),
+        # the same bits, other codes: only the format names them apart (int4r's messages are int4's size)
+        ("format", dict(format="int4r") if rank == 1 else dict(format="int4")),
+        ("format", dict(format="mxfp4") if rank == 1 else dict(format="int4")),
         ("warmup_steps", dict(warmup_steps=3) if rank == 1 else {}),
         ("min_compress_numel", dict(min_compress_numel=0) if rank == 1 else dict(min_compress_numel=16384)),
         ("error_feedback", dict(error_feedback=False) if rank == 1 else {}),

@@ -330,6 +330,13 @@ def test_state_dict_refuses_other_config(world1):
     b = gradcomp.QuantizedAllReduceState(bits=4)
     with pytest.raises(ValueError, match="checkpoint has bits=8, this state has bits=4"):
         b.load_state_dict(a.state_dict())
+    # the same bits, other codes: the format is part of the checkpoint's config
+    c, d = gradcomp.QuantizedAllReduceState(format="int4"), gradcomp.QuantizedAllReduceState(format="int4r")
+    with pytest.raises(ValueError, match="checkpoint has format='int4', this state has format='int4r'"):
+        d.load_state_dict(c.state_dict())
+    e = gradcomp.QuantizedAllReduceState(format="mxfp4")
+    with pytest.raises(ValueError, match="checkpoint has format='int4', this state has format='mxfp4'"):
+        e.load_state_dict(c.state_dict())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,8 +13,10 @@ def _resume_worker(rank, world_size, opts):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world_size, opts", [(2, {}), (2, {"bits": 4}), (3, {"bits": 4}), (3, {"bits": 8, "stochastic_rounding": True})],
-                         ids=["defaults-P2", "int4-P2", "int4-P3", "int8-stochastic-P3"])
+@pytest.mark.parametrize("world_size, opts", [
+    (2, {}), (2, {"bits": 4}), (3, {"bits": 4}), (3, {"bits": 8, "stochastic_rounding": True}),
+    (2, {"format": "int2r"}), (3, {"format": "mxfp4"}), (2, {"format": "fp8_e4m3", "stochastic_rounding": True}),
+], ids=["defaults-P2", "int4-P2", "int4-P3", "int8-stochastic-P3", "int2r-P2", "mxfp4-P3", "fp8_e4m3-stochastic-P2"])
 def test_resume_with_default_options_is_bit_exact(tmp_path, world_size, opts):
     spawn(_resume_worker, world_size, tmp_path, opts, timeout=300)
 

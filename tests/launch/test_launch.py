@@ -81,6 +81,15 @@ def test_bad_arguments_exit_2_without_side_effects(tmp_path, capsys):
     assert "--schedule-steps must be >= 1, got 0" in capsys.readouterr().err
     assert train.main(["--target-val-loss", "nan", "--out-dir", str(tmp_path / "run")]) == 2
     assert "--target-val-loss must be a positive finite loss" in capsys.readouterr().err
+    # every wire format is a hook; the budget belongs to the policy; weights take 8-bit formats only
+    assert train.main(["--hook", "int2r", "--error-budget", "0.2", "--out-dir", str(tmp_path / "run")]) == 2
+    assert "--error-budget and --policy-fit need --policy" in capsys.readouterr().err
+    assert train.main(["--fsdp", "--weight-bits", "mxfp4", "--out-dir", str(tmp_path / "run")]) == 2
+    assert "--weight-bits must be 32 or an 8-bit format" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["--hook", "int3", "--out-dir", str(tmp_path / "run")])
+    assert "invalid choice: 'int3'" in capsys.readouterr().err
+    assert {"int2r", "mxfp4", "fp8_e4m3", "int8"} <= set(train.HOOKS)
     assert not (tmp_path / "run").exists()
 
 
@@ -122,7 +131,7 @@ def test_default_run_directory_is_never_silently_reused(tmp_path):
 
 def test_run_sh_checks_arguments_before_starting_torchrun(tmp_path):
     for argv, needle in [
-        (["--hook", "int3"], "train.py: error: argument --hook: invalid choice: 'int3' (choose from 'allreduce', 'fp16', 'powersgd', 'int8', 'int4', 'local')"),
+        (["--hook", "int3"], "train.py: error: argument --hook: invalid choice: 'int3' (choose from 'allreduce', 'fp16', 'powersgd', 'int8', 'int4', 'int2', 'fp8_e4m3',"),
         (["--steps", "0"], "train.py: error: --steps must be >= 1, got 0"),
         (["--resume", "--overwrite"], "train.py: error: --overwrite and --resume contradict each other"),
     ]:

@@ -10,8 +10,9 @@ The exchange (:mod:`gradcomp.comm.exchange`) calls only the four functions here;
 * **eager** (:mod:`~gradcomp.codec.kernels.reference`): plain torch ops, the definition of every
   result (``fused=False``, and wherever the others cannot run).
 
-All three give bit-identical results (tested). Rows are blocks: ``x`` is ``(rows, block)``, one
-scale per row; codes are packed by the format's width. Where the native kernels should run but are
+All three give bit-identical results (tested), for every registered format. Rows are blocks: ``x``
+is ``(rows, block)``, with one fp32 scale per row (``(rows,)``) or one e8m0 byte per 32 values
+(``(rows, block / 32)``, :func:`scale_shape`); codes are packed by the format's width. Where the native kernels should run but are
 not built (no C++ compiler at install), one warning says so and the eager reference runs.
 """
 
@@ -43,6 +44,11 @@ __all__ = [
     "prepare",
     "force",
     "compile_available",
+    "scale_shape",
+    "empty_scales",
+    "scales_finite",
+    "poison_scales_",
+    "rotate_blocks",
 ]
 
 Format = Union[WireFormat, str, int]
@@ -132,6 +138,51 @@ def _format(bits) -> WireFormat:
     return wire_format(bits, "bits")
 
 
+def scale_shape(fmt: Format, rows: int, block: int) -> Tuple[int, ...]:
+    """The shape of ``rows`` blocks' scales: ``(rows,)`` fp32, or ``(rows, block / group)`` uint8 (e8m0)."""
+    fmt = _format(fmt)
+    return (rows,) if fmt.scale == "fp32" else (rows, fmt.scales_per_block(block))
+
+
+def empty_scales(fmt: Format, rows: int, block: int, device=None) -> torch.Tensor:
+    """Uninitialised scales of ``rows`` blocks in ``fmt``'s layout (:func:`scale_shape`, fp32 or uint8)."""
+    fmt = _format(fmt)
+    return torch.empty(scale_shape(fmt, rows, block), dtype=getattr(torch, fmt.scale_dtype), device=device)
+
+
+def scales_finite(scale: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """A 0-dim bool tensor: whether every scale is finite (fp32: not nan/inf; e8m0: no byte 255, the NaN scale).
+
+    A block holding a nan or an inf always gets a non-finite scale (every format), so this is the
+    exchange's finiteness check of everything the scales cover.
+    """
+    return ref.scales_finite(scale, _format(fmt))
+
+
+def poison_scales_(scale: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Make every scale non-finite if any is (in place): a non-finite value anywhere then reaches every receiver."""
+    fmt = _format(fmt)
+    if fmt.scale == "fp32":
+        return scale.add_(torch.where(torch.isfinite(scale).all(), 0.0, float("nan")))
+    return scale.masked_fill_((scale == 255).any(), 255)
+
+
+def rotate_blocks(x: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
+    """Rotate rows ``(rows, block)`` as every rotating format does before quantizing (``inverse``: back), in fp32, eagerly.
+
+    A new tensor. For what the exchange's kernels do not need per step: the error measurements
+    (the residuals of a rotated format live in the rotated space) and moving residuals between a
+    rotated and a plain format. ``block`` must be a power of two >= 16.
+    """
+    t = ref.tables(wire_format("int8r"), x.shape[1], x.device)  # the rotation depends on the block alone
+    return ref.unrotate(x.float(), t) if inverse else ref.rotate(x.float(), t)
+
+
+def _packed(codes8: torch.Tensor, codes_out: torch.Tensor, bits: int) -> None:
+    if bits != 8:
+        pack_rows_into(codes8, codes_out, bits)
+
+
 def encode_blocks(
     x: torch.Tensor,
     bits: Format,
@@ -143,46 +194,49 @@ def encode_blocks(
     scale_out: Optional[torch.Tensor] = None,
     fused: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Quantize rows of blocks (with error feedback) into packed codes and fp32 scales, in place.
+    """Quantize rows of blocks (with error feedback) into packed codes and scales, in place.
 
-    Steps, per row (one block): ``c = x + residual``; ``scale = max|c| / qmax``; ``q = round(c / scale)``
-    (or ``floor(c / scale + noise)``) clamped to ``[-qmax, qmax]``; codes ``q + 2**(bits-1)`` packed
-    first code lowest; ``residual_out = c - q * scale``. A row holding a nan gets a nan scale and code 0.
+    Steps, per row (one block), as :mod:`~gradcomp.codec.kernels.reference` defines them: ``c = x``
+    (rotated first by a rotating format) ``+ residual``; the scale of each scale group (fp32
+    ``max|c| / max_code``, or an e8m0 power of two per 32 values); codes rounded to nearest, ties to
+    even (or ``floor(c / scale + noise)``), saturated; packed first code lowest;
+    ``residual_out = c - dequantized``. A group holding a nan or an inf gets a non-finite scale
+    and zero codes.
 
-    Example (8 bits): a row ``[1.27, -0.5]`` has scale ``0.01``, codes ``[255, 78]``, residual ``[0, 0]``.
+    Example (int8): a row ``[1.27, -0.5]`` has scale ``0.01``, codes ``[255, 78]``, residual ``[0, 0]``.
 
     Args:
         x: ``(rows, block)`` fp32/fp16/bf16 (a view of a bucket is fine).
-        bits: 2, 4 or 8.
+        bits: the wire format: a :class:`WireFormat`, its name, or 2, 4, 8 for the int formats.
         residual: fp32 ``(rows, block)`` added before quantizing (error feedback), or None.
         residual_out: fp32 ``(rows, block)`` receiving ``c - dequantized``; may be ``residual`` itself.
         noise: ``U[0, 1)`` ``(rows, block)`` for stochastic rounding, or None (to nearest, ties to even).
         codes_out: uint8 ``(rows, block * bits / 8)``, e.g. a view of a send buffer (allocated if None).
-        scale_out: fp32 ``(rows,)`` (allocated if None).
+        scale_out: the scales, :func:`scale_shape` (fp32 ``(rows,)``; e8m0 uint8 ``(rows, block/32)``; allocated if None).
         fused: run the fused kernels (native on CPU, compiled on CUDA; bit-identical to the eager ones).
 
     Returns:
         ``(codes_out, scale_out)``.
     """
     fmt = _format(bits)
-    bits, qmax = fmt.bits, fmt.qmax
+    bits = fmt.bits
     rows, block = x.shape
     if codes_out is None:
         codes_out = torch.empty(rows, block * bits // 8, dtype=torch.uint8, device=x.device)
     if scale_out is None:
-        scale_out = torch.empty(rows, dtype=torch.float32, device=x.device)
+        scale_out = empty_scales(fmt, rows, block, x.device)
     mode = _mode(x, fused)
-    if mode == "native" and native.encode(x, residual, residual_out, noise, codes_out, scale_out, bits):
+    if mode == "native" and native.encode(x, residual, residual_out, noise, codes_out, scale_out, fmt):
         return codes_out, scale_out
     compiled = mode == "compiled"
+    t = ref.tables(fmt, block, x.device)
     codes8 = codes_out if bits == 8 else scratch(0, (rows, block), torch.uint8, x.device)
     route = _residual_route(residual, residual_out)
     if route == "inplace":
-        scale = _run(ref.encode_kernel_inplace, compiled, x, residual, codes8, noise, qmax)
+        scale = _run(ref.encode_kernel_inplace, compiled, x, residual, codes8, noise, fmt, t)
     else:
-        scale = _run(ref.encode_kernel, compiled and route != "overlap", x, residual, residual_out, codes8, noise, qmax)
-    if bits != 8:
-        pack_rows_into(codes8, codes_out, bits)
+        scale = _run(ref.encode_kernel, compiled and route != "overlap", x, residual, residual_out, codes8, noise, fmt, t)
+    _packed(codes8, codes_out, bits)
     scale_out.copy_(scale)
     return codes_out, scale_out
 
@@ -201,43 +255,44 @@ def reduce_blocks(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Average P quantized copies of the same blocks and requantize the mean, in one pass.
 
-    Steps: dequantize copy ``p`` (``(code - 2**(bits-1)) * scale``), sum the copies in the order
-    ``p = 0..P-1``, divide by ``P``, add ``residual``, quantize as :func:`encode_blocks` does.
+    Steps: dequantize copy ``p`` (``value(code) * scale``), sum the copies in the order
+    ``p = 0..P-1``, divide by ``P``, add ``residual``, quantize as :func:`encode_blocks` does (a
+    rotating format stays in the rotated space: nothing is rotated here).
 
     Args:
         codes: uint8 ``(P, rows, block * bits / 8)``; rows of a received buffer (strided views are fine).
-        scale: fp32 ``(P, rows)``.
-        bits: 2, 4 or 8.
+        scale: ``(P,) + scale_shape``: fp32 ``(P, rows)`` or e8m0 uint8 ``(P, rows, block/32)``.
+        bits: the wire format (as in :func:`encode_blocks`).
         residual, residual_out, noise, codes_out, scale_out, fused: as in :func:`encode_blocks`.
 
     Returns:
         ``(codes_out, scale_out)`` of the mean.
     """
     fmt = _format(bits)
-    bits, qmax = fmt.bits, fmt.qmax
+    bits = fmt.bits
     p, rows, nbytes = codes.shape
+    block = nbytes * 8 // bits
     if codes_out is None:
         codes_out = torch.empty(rows, nbytes, dtype=torch.uint8, device=codes.device)
     if scale_out is None:
-        scale_out = torch.empty(rows, dtype=torch.float32, device=codes.device)
+        scale_out = empty_scales(fmt, rows, block, codes.device)
     mode = _mode(codes, fused)
-    if mode == "native" and native.reduce(codes, scale, residual, residual_out, noise, codes_out, scale_out, bits):
+    if mode == "native" and native.reduce(codes, scale, residual, residual_out, noise, codes_out, scale_out, fmt):
         return codes_out, scale_out
     compiled = mode == "compiled"
+    t = ref.tables(fmt, block, codes.device)
     if bits == 8:
         copies, codes8 = codes, codes_out
     else:
-        block = nbytes * 8 // bits
         copies = scratch(3, (p, rows, block), torch.uint8, codes.device)
         unpack_rows_into(codes, copies, bits)
         codes8 = scratch(0, (rows, block), torch.uint8, codes.device)
     route = _residual_route(residual, residual_out)
     if route == "inplace":
-        mean_scale = _run(ref.reduce_kernel_inplace, compiled, copies, scale, residual, codes8, noise, qmax)
+        mean_scale = _run(ref.reduce_kernel_inplace, compiled, copies, scale, residual, codes8, noise, fmt, t)
     else:
-        mean_scale = _run(ref.reduce_kernel, compiled and route != "overlap", copies, scale, residual, residual_out, codes8, noise, qmax)
-    if bits != 8:
-        pack_rows_into(codes8, codes_out, bits)
+        mean_scale = _run(ref.reduce_kernel, compiled and route != "overlap", copies, scale, residual, residual_out, codes8, noise, fmt, t)
+    _packed(codes8, codes_out, bits)
     scale_out.copy_(mean_scale)
     return codes_out, scale_out
 
@@ -245,24 +300,25 @@ def reduce_blocks(
 def decode_blocks(
     codes: torch.Tensor, scale: torch.Tensor, bits: Format, *, out: Optional[torch.Tensor] = None, fused: bool = True
 ) -> torch.Tensor:
-    """Dequantize packed rows ``(rows, block * bits / 8)`` with fp32 scales ``(rows,)`` into ``out``.
+    """Dequantize packed rows ``(rows, block * bits / 8)`` with their scales (:func:`scale_shape`) into ``out``.
 
-    ``out`` is ``(rows, block)`` of any float dtype (e.g. a view of the gradient bucket; fp32 if None).
-    Rows with a non-finite scale come back non-finite.
+    ``out`` is ``(rows, block)`` of any float dtype (e.g. a view of the gradient bucket; fp32 if None);
+    a rotating format's values are rotated back first. Rows with a non-finite scale come back non-finite.
     """
     fmt = _format(bits)
-    bits, qmax = fmt.bits, fmt.qmax
+    bits = fmt.bits
+    block = codes.shape[1] * 8 // bits
     if out is None:
-        out = torch.empty(codes.shape[0], codes.shape[1] * 8 // bits, dtype=torch.float32, device=codes.device)
+        out = torch.empty(codes.shape[0], block, dtype=torch.float32, device=codes.device)
     mode = _mode(codes, fused)
-    if mode == "native" and native.decode(codes, scale, out, bits):
+    if mode == "native" and native.decode(codes, scale, out, fmt):
         return out
     compiled = mode == "compiled"
     if bits != 8:
-        unpacked = scratch(0, (codes.shape[0], codes.shape[1] * 8 // bits), torch.uint8, codes.device)
+        unpacked = scratch(0, (codes.shape[0], block), torch.uint8, codes.device)
         unpack_rows_into(codes, unpacked, bits)
         codes = unpacked
-    _run(ref.decode_kernel, compiled, codes, scale, out, qmax)
+    _run(ref.decode_kernel, compiled, codes, scale, out, fmt, ref.tables(fmt, block, codes.device))
     return out
 
 
@@ -278,17 +334,18 @@ def decode_sum_blocks(
 ) -> torch.Tensor:
     """Dequantize P quantized copies of the same blocks and sum them in rank order, without requantizing.
 
-    Steps: dequantize copy ``p`` (``(code - 2**(bits-1)) * scale``) in fp32, sum the copies in the
+    Steps: dequantize copy ``p`` (``value(code) * scale``) in fp32, sum the copies in the
     order ``p = 0..P-1`` (the order :func:`reduce_blocks` sums them in), divide by ``divide``,
-    multiply by ``factor``, write into ``out`` (cast to its dtype once, at the end).
+    multiply by ``factor``, rotate back (a rotating format), write into ``out`` (cast to its dtype
+    once, at the end).
 
-    Example (8 bits, P = 2, ``divide=2``): codes ``[[138], [118]]`` with scales ``[[0.5], [0.25]]``
+    Example (int8, P = 2, ``divide=2``): codes ``[[138], [118]]`` with scales ``[[0.5], [0.25]]``
     are ``5.0`` and ``-2.5``; their mean ``1.25`` is written.
 
     Args:
         codes: uint8 ``(P, rows, block * bits / 8)``; rows of a received buffer (strided views are fine).
-        scale: fp32 ``(P, rows)``.
-        bits: 2, 4 or 8.
+        scale: ``(P,) + scale_shape``: fp32 ``(P, rows)`` or e8m0 uint8 ``(P, rows, block/32)``.
+        bits: the wire format (as in :func:`encode_blocks`).
         out: ``(rows, block)`` of any float dtype (e.g. a view of an output shard; fp32 if None).
         divide: a positive int the sum is divided by (``P`` for a mean).
         factor: an fp32 0-dim tensor the result is multiplied by (FSDP's pre-multiplied sum), or None.
@@ -298,25 +355,25 @@ def decode_sum_blocks(
         ``out``. Rows with a non-finite scale in any copy come back non-finite.
     """
     fmt = _format(bits)
-    bits, qmax = fmt.bits, fmt.qmax
+    bits = fmt.bits
     if isinstance(divide, bool) or not isinstance(divide, int) or divide < 1:
         raise ValueError(f"divide must be a positive int, got {divide!r}")
     if factor is not None and (not isinstance(factor, torch.Tensor) or factor.dim() != 0 or factor.dtype != torch.float32):
         raise TypeError(f"factor must be a 0-dim float32 tensor or None, got {factor!r}")
     p, rows, nbytes = codes.shape
+    block = nbytes * 8 // bits
     if out is None:
-        out = torch.empty(rows, nbytes * 8 // bits, dtype=torch.float32, device=codes.device)
+        out = torch.empty(rows, block, dtype=torch.float32, device=codes.device)
     mode = _mode(codes, fused)
-    if mode == "native" and native.decode_sum(codes, scale, out, divide, factor, bits):
+    if mode == "native" and native.decode_sum(codes, scale, out, divide, factor, fmt):
         return out
     compiled = mode == "compiled"
     if bits != 8:
-        copies = scratch(3, (p, rows, nbytes * 8 // bits), torch.uint8, codes.device)
+        copies = scratch(3, (p, rows, block), torch.uint8, codes.device)
         unpack_rows_into(codes, copies, bits)
         codes = copies
-    _run(ref.decode_sum_kernel, compiled, codes, scale, out, divide, factor, qmax)
+    _run(ref.decode_sum_kernel, compiled, codes, scale, out, divide, factor, fmt, ref.tables(fmt, block, codes.device))
     return out
-
 
 
 def _residual_route(residual: Optional[torch.Tensor], residual_out: Optional[torch.Tensor]) -> str:

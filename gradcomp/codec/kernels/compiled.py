@@ -45,33 +45,42 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _check(device: torch.device, dtype: torch.dtype, fmt: WireFormat, block: int) -> None:
     """Run every kernel compiled and eagerly on the same sample blocks; raise if any output differs."""
-    g = torch.Generator().manual_seed(fmt.bits)
-    qmax, P = fmt.qmax, 3
+    g = torch.Generator().manual_seed(fmt.header_id)
+    P = 3
+    t = ref.tables(fmt, block, device)
+    ncodes = 1 << fmt.bits
     for rows in (2, 7):
         x = torch.randn(rows, block, generator=g).to(device=device, dtype=dtype)
         res = (torch.randn(rows, block, generator=g) * 1e-2).to(device)
         noise = torch.rand(rows, block, generator=g).to(device)
-        copies = torch.randint(0, 2 * qmax + 1, (P, rows, block), generator=g, dtype=torch.uint8).to(device)
-        scales = torch.rand(P, rows, generator=g).to(device)
+        # received copies: codes the encoder makes (no nan or inf code), scales of the format's kind
+        copies = torch.randint(0, ncodes, (P, rows, block), generator=g, dtype=torch.uint8)
+        if fmt.is_float:
+            copies = torch.where(torch.isfinite(ref.element_values(fmt)[copies.long()]), copies, torch.zeros_like(copies))
+        copies = copies.to(device)
+        if fmt.scale == "fp32":
+            scales = torch.rand(P, rows, generator=g).to(device)
+        else:
+            scales = torch.randint(100, 140, (P, rows, block // fmt.group), generator=g, dtype=torch.uint8).to(device)
         for nz in (None, noise):
             outs = []
             for compiled in (False, True):
                 r_in, r_out = res.clone(), torch.full_like(res, float("nan"))
                 c8 = torch.empty(rows, block, dtype=torch.uint8, device=device)
-                s = run(ref.encode_kernel, compiled, x, r_in, r_out, c8, nz, qmax)
+                s = run(ref.encode_kernel, compiled, x, r_in, r_out, c8, nz, fmt, t)
                 r_ip = res.clone()
                 c8i = torch.empty_like(c8)
-                si = run(ref.encode_kernel_inplace, compiled, x, r_ip, c8i, nz, qmax)
+                si = run(ref.encode_kernel_inplace, compiled, x, r_ip, c8i, nz, fmt, t)
                 m_out = torch.full_like(res, float("nan"))
                 m8 = torch.empty_like(c8)
-                ms = run(ref.reduce_kernel, compiled, copies, scales, res, m_out, m8, nz, qmax)
+                ms = run(ref.reduce_kernel, compiled, copies, scales, res, m_out, m8, nz, fmt, t)
                 m_ip = res.clone()
                 m8i = torch.empty_like(c8)
-                msi = run(ref.reduce_kernel_inplace, compiled, copies, scales, m_ip, m8i, nz, qmax)
+                msi = run(ref.reduce_kernel_inplace, compiled, copies, scales, m_ip, m8i, nz, fmt, t)
                 dec = torch.empty(rows, block, dtype=dtype, device=device)
-                run(ref.decode_kernel, compiled, c8, s, dec, qmax)
+                run(ref.decode_kernel, compiled, c8, s, dec, fmt, t)
                 dsum = torch.empty(rows, block, dtype=dtype, device=device)
-                run(ref.decode_sum_kernel, compiled, copies, scales, dsum, P, None, qmax)
+                run(ref.decode_sum_kernel, compiled, copies, scales, dsum, P, None, fmt, t)
                 outs.append((s, r_out, c8, si, r_ip, c8i, ms, m_out, m8, msi, m_ip, m8i, dec, dsum))
             for a, b in zip(*outs):
                 if not _same(a, b):

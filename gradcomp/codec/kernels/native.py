@@ -10,16 +10,23 @@ picked at import (AVX-512, AVX2, or portable C++); results are bit-identical to 
 
 Each function here returns False, touching nothing, when it cannot take the call (the module is not
 built, a tensor is not on the CPU, a layout it does not handle); the dispatch then runs the eager
-reference. The layouts it takes: rows of ``block`` values (``block % 16 == 0``) whose rows are
-contiguous, fp32 / fp16 / bf16 values, fp32 residuals, noise and scales.
+reference. The layouts it takes: rows of ``block`` values (``block % 16 == 0``; a power of two for a
+rotating format) whose rows are contiguous, fp32 / fp16 / bf16 values, fp32 residuals and noise, the
+format's scales (fp32 per row, or e8m0 bytes per group, each row's contiguous). Every registered
+format runs here: its description (code kind, widths, scale kind, lookup tables, rotation signs)
+travels to the kernels as one tuple per call.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Optional
 
 import torch
+
+from gradcomp.codec.formats import WireFormat
+from gradcomp.codec.kernels.reference import element_values, tables
 
 logger = logging.getLogger(__name__)
 
@@ -87,23 +94,55 @@ def _vec_ok(t: Optional[torch.Tensor], n: int) -> bool:
     return t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 1 and t.shape[0] == n and t.stride(0) == 1)
 
 
-def _copies_ok(codes: torch.Tensor, scale: torch.Tensor) -> bool:
-    """``codes`` ``(P, rows, bytes)`` uint8 with contiguous rows, ``scale`` ``(P, rows)`` fp32 with contiguous rows."""
+def _scales_ok(t: torch.Tensor, fmt: WireFormat, rows: int, block: int, copies: Optional[int] = None) -> bool:
+    """``t`` holds ``rows`` blocks' scales of ``fmt`` on the CPU (``copies`` of them), each row's scales contiguous."""
+    want = (rows,) if fmt.scale == "fp32" else (rows, block // fmt.group)
+    if copies is not None:
+        want = (copies,) + want
+    if t.device.type != "cpu" or t.dtype != (torch.float32 if fmt.scale == "fp32" else torch.uint8) or tuple(t.shape) != want:
+        return False
+    lead = 0 if copies is None else 1
+    if fmt.scale == "fp32":
+        return t.stride(lead) == 1 or rows == 1
+    return t.stride(lead + 1) == 1 and (t.stride(lead) == want[-1] or rows == 1)
+
+
+def _copies_ok(codes: torch.Tensor) -> bool:
+    """``codes`` ``(P, rows, bytes)`` uint8 with contiguous rows."""
     if codes.device.type != "cpu" or codes.dtype != torch.uint8 or codes.dim() != 3:
         return False
-    if scale.device.type != "cpu" or scale.dtype != torch.float32 or scale.dim() != 2:
-        return False
     p, rows, nbytes = codes.shape
-    if tuple(scale.shape) != (p, rows) or rows == 0:
-        return False
-    return codes.stride(2) == 1 and (codes.stride(1) == nbytes or rows == 1) and (scale.stride(1) == 1 or rows == 1)
+    return rows > 0 and codes.stride(2) == 1 and (codes.stride(1) == nbytes or rows == 1)
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def encode(x, residual, residual_out, noise, codes_out, scale_out, bits: int) -> bool:
+def _specials(fmt: WireFormat) -> tuple:
+    """``(first special magnitude code, whether it is inf)`` of a float element format (256, 0: none), from its value table."""
+    if not fmt.is_float:
+        return 256.0, 0
+    values = element_values(fmt)[: 1 << (fmt.bits - 1)]  # the positive half
+    bad = (~torch.isfinite(values)).nonzero()
+    if bad.numel() == 0:
+        return 256.0, 0
+    first = int(bad[0])
+    return float(first), int(bool(torch.isinf(values[first])))
+
+
+@functools.lru_cache(maxsize=None)
+def _fmt(fmt: WireFormat, block: int) -> Optional[tuple]:
+    """The format tuple the module parses (module.cpp ``parse_fmt``), or None for a block the kernels cannot rotate."""
+    if fmt.rotate and (block < 16 or block & (block - 1)):
+        return None
+    t = tables(fmt, block, "cpu")  # cached: the pointers stay valid
+    return (fmt.bits, int(fmt.is_float), fmt.mantissa_bits if fmt.is_float else 0, fmt.min_exponent if fmt.is_float else 0,
+            fmt.max_code, fmt.rms_step, int(fmt.midrise), 0.0 if fmt.is_float else float(fmt.qmax), fmt.group or block,
+            int(fmt.scale == "e8m0"), fmt.emax_elem, *_specials(fmt), _ptr(t.values), _ptr(t.scales), _ptr(t.signs), _ptr(t.signed_norm), float(t.norm) if t.norm is not None else 0.0)
+
+
+def encode(x, residual, residual_out, noise, codes_out, scale_out, fmt: WireFormat) -> bool:
     """Quantize rows ``x`` (+ ``residual``) into packed ``codes_out`` and ``scale_out``; ``residual_out`` gets the rest.
 
     ``residual_out`` may be ``residual`` itself (the same view); any other overlap is refused.
@@ -112,66 +151,79 @@ def encode(x, residual, residual_out, noise, codes_out, scale_out, bits: int) ->
     if _native is None or x.dim() != 2:
         return False
     rows, block = x.shape
-    if rows == 0 or block % 16 or x.dtype not in _KINDS:
+    bits = fmt.bits
+    if rows == 0 or block % 16 or x.dtype not in _KINDS or (fmt.group and block % fmt.group):
         return False
     if not (_rows_ok(x, rows, block, None) and _rows_ok(residual, rows, block) and _rows_ok(residual_out, rows, block)
-            and _rows_ok(noise, rows, block) and _rows_ok(codes_out, rows, block * bits // 8, torch.uint8) and _vec_ok(scale_out, rows)):
+            and _rows_ok(noise, rows, block) and _rows_ok(codes_out, rows, block * bits // 8, torch.uint8)
+            and _scales_ok(scale_out, fmt, rows, block)):
         return False
     if residual is not None and residual_out is not None and not _same_or_apart(residual, residual_out):
         return False
+    f = _fmt(fmt, block)
+    if f is None:
+        return False
     _native.encode(x.data_ptr(), _KINDS[x.dtype], rows, block, _ptr(residual), _ptr(residual_out), _ptr(noise),
-                   codes_out.data_ptr(), scale_out.data_ptr(), bits, threads())
+                   codes_out.data_ptr(), scale_out.data_ptr(), f, threads())
     return True
 
 
-def reduce(codes, scale, residual, residual_out, noise, codes_out, scale_out, bits: int) -> bool:
-    """Average ``P`` copies ``codes`` ``(P, rows, bytes)`` / ``scale`` ``(P, rows)``, add ``residual``, requantize.
+def reduce(codes, scale, residual, residual_out, noise, codes_out, scale_out, fmt: WireFormat) -> bool:
+    """Average ``P`` copies ``codes`` ``(P, rows, bytes)`` / ``scale`` ``(P, rows[, groups])``, add ``residual``, requantize.
 
     Returns whether it ran.
     """
-    if _native is None or not _copies_ok(codes, scale):
+    if _native is None or not _copies_ok(codes):
         return False
     p, rows, nbytes = codes.shape
-    block = nbytes * 8 // bits
-    if block % 16:
+    block = nbytes * 8 // fmt.bits
+    if block % 16 or (fmt.group and block % fmt.group) or not _scales_ok(scale, fmt, rows, block, p):
         return False
     if not (_rows_ok(residual, rows, block) and _rows_ok(residual_out, rows, block) and _rows_ok(noise, rows, block)
-            and _rows_ok(codes_out, rows, nbytes, torch.uint8) and _vec_ok(scale_out, rows)):
+            and _rows_ok(codes_out, rows, nbytes, torch.uint8) and _scales_ok(scale_out, fmt, rows, block)):
         return False
     if residual is not None and residual_out is not None and not _same_or_apart(residual, residual_out):
         return False
+    f = _fmt(fmt, block)
+    if f is None:
+        return False
     _native.reduce(codes.data_ptr(), codes.stride(0), scale.data_ptr(), scale.stride(0), p, rows, block, _ptr(residual),
-                   _ptr(residual_out), _ptr(noise), codes_out.data_ptr(), scale_out.data_ptr(), bits, threads())
+                   _ptr(residual_out), _ptr(noise), codes_out.data_ptr(), scale_out.data_ptr(), f, threads())
     return True
 
 
-def decode(codes, scale, out, bits: int) -> bool:
+def decode(codes, scale, out, fmt: WireFormat) -> bool:
     """Dequantize packed rows ``codes`` with ``scale`` into ``out`` (fp32 / fp16 / bf16 rows). Returns whether it ran."""
     if _native is None or codes.dim() != 2 or out.dim() != 2:
         return False
     rows, nbytes = codes.shape
-    block = nbytes * 8 // bits
-    if rows == 0 or block % 16 or out.dtype not in _KINDS:
+    block = nbytes * 8 // fmt.bits
+    if rows == 0 or block % 16 or out.dtype not in _KINDS or (fmt.group and block % fmt.group):
         return False
-    if not (_rows_ok(codes, rows, nbytes, torch.uint8) and _rows_ok(out, rows, block, None) and scale.dim() == 1
-            and scale.shape[0] == rows and scale.dtype == torch.float32 and scale.device.type == "cpu" and (scale.stride(0) == 1 or rows == 1)):
+    if not (_rows_ok(codes, rows, nbytes, torch.uint8) and _rows_ok(out, rows, block, None) and _scales_ok(scale, fmt, rows, block)):
         return False
-    _native.decode(codes.data_ptr(), scale.data_ptr(), rows, block, out.data_ptr(), _KINDS[out.dtype], bits, threads())
+    f = _fmt(fmt, block)
+    if f is None:
+        return False
+    _native.decode(codes.data_ptr(), scale.data_ptr(), rows, block, out.data_ptr(), _KINDS[out.dtype], f, threads())
     return True
 
 
-def decode_sum(codes, scale, out, divide: int, factor: Optional[torch.Tensor], bits: int) -> bool:
-    """Sum ``P`` copies in rank order, divide by ``divide``, times ``factor``, into ``out``. Returns whether it ran."""
-    if _native is None or not _copies_ok(codes, scale) or out.dim() != 2 or out.dtype not in _KINDS:
+def decode_sum(codes, scale, out, divide: int, factor: Optional[torch.Tensor], fmt: WireFormat) -> bool:
+    """Sum ``P`` copies in rank order, divide by ``divide``, times ``factor``, rotate back, into ``out``. Returns whether it ran."""
+    if _native is None or not _copies_ok(codes) or out.dim() != 2 or out.dtype not in _KINDS:
         return False
     p, rows, nbytes = codes.shape
-    block = nbytes * 8 // bits
-    if block % 16 or not _rows_ok(out, rows, block, None):
+    block = nbytes * 8 // fmt.bits
+    if block % 16 or (fmt.group and block % fmt.group) or not _rows_ok(out, rows, block, None) or not _scales_ok(scale, fmt, rows, block, p):
         return False
     if factor is not None and (factor.device.type != "cpu" or factor.dtype != torch.float32 or factor.numel() != 1):
         return False
+    f = _fmt(fmt, block)
+    if f is None:
+        return False
     _native.decode_sum(codes.data_ptr(), codes.stride(0), scale.data_ptr(), scale.stride(0), p, rows, block, out.data_ptr(),
-                       _KINDS[out.dtype], int(divide), _ptr(factor), bits, threads())
+                       _KINDS[out.dtype], int(divide), _ptr(factor), f, threads())
     return True
 
 

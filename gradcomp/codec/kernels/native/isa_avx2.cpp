@@ -79,6 +79,13 @@ inline float hmax(V v) {
   h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
   return _mm_cvtss_f32(h);
 }
+// lanes folded in halves: i + (i + 8), then + 4, + 2, + 1 (the reference's order)
+inline float hsum_tree(V v) {
+  const __m256 s8 = _mm256_add_ps(v.a, v.b);
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
 inline void store_codes(uint8_t* dst, V q, int bits) {
   __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(_mm256_cvtps_epi32(q.a), _mm256_cvtps_epi32(q.b)), 0xD8);
   store_code_bytes(dst, _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)), bits);
@@ -86,6 +93,39 @@ inline void store_codes(uint8_t* dst, V q, int bits) {
 inline V load_codes(const uint8_t* src, int bits) {
   __m128i b = load_code_bytes(src, bits);
   return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)))};
+}
+// float elements: the biased exponent of a >= 0 as a float, 2**(eb - 127) from a biased exponent, the sign bit
+inline __m256 bexp8(__m256 a) { return _mm256_cvtepi32_ps(_mm256_srli_epi32(_mm256_castps_si256(a), 23)); }
+inline V biased_exp(V v) { return {bexp8(v.a), bexp8(v.b)}; }
+inline __m256 pow2b8(__m256 e) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtps_epi32(e), 23)); }
+inline V pow2_biased(V v) { return {pow2b8(v.a), pow2b8(v.b)}; }
+inline __m256 sign8(__m256 y) { return _mm256_cvtepi32_ps(_mm256_srli_epi32(_mm256_castps_si256(y), 31)); }
+inline V signbit01(V v) { return {sign8(v.a), sign8(v.b)}; }
+inline __m256 copysign8(__m256 mag, __m256 s) {
+  const __m256 m = _mm256_castsi256_ps(_mm256_set1_epi32(int(0x80000000u)));
+  return _mm256_or_ps(_mm256_andnot_ps(m, mag), _mm256_and_ps(m, s));
+}
+inline V copysign_(V mag, V s) { return {copysign8(mag.a, s.a), copysign8(mag.b, s.b)}; }
+inline V min_(V x, V y) { return {_mm256_min_ps(x.a, y.a), _mm256_min_ps(x.b, y.b)}; }
+inline V select_ge(V x, V t, V yes, V no) {
+  return {_mm256_blendv_ps(no.a, yes.a, _mm256_cmp_ps(x.a, t.a, _CMP_GE_OQ)), _mm256_blendv_ps(no.b, yes.b, _mm256_cmp_ps(x.b, t.b, _CMP_GE_OQ))};
+}
+// the Hadamard transform's stages h = 1, 2, 4 inside each 8 lanes, then h = 8 across the two halves. Each
+// lane adds its partner t to itself, the upper lane with its sign flipped: t + (-b) is a - b exactly.
+inline __m256 sign_mask8(int upper) {
+  return _mm256_castsi256_ps(_mm256_set_epi32(upper & 0x80 ? int(0x80000000u) : 0, upper & 0x40 ? int(0x80000000u) : 0,
+                                              upper & 0x20 ? int(0x80000000u) : 0, upper & 0x10 ? int(0x80000000u) : 0,
+                                              upper & 0x08 ? int(0x80000000u) : 0, upper & 0x04 ? int(0x80000000u) : 0,
+                                              upper & 0x02 ? int(0x80000000u) : 0, upper & 0x01 ? int(0x80000000u) : 0));
+}
+inline __m256 hadamard8(__m256 v) {
+  v = _mm256_add_ps(_mm256_permute_ps(v, 0xB1), _mm256_xor_ps(v, sign_mask8(0xAA)));  // partners 1 apart
+  v = _mm256_add_ps(_mm256_permute_ps(v, 0x4E), _mm256_xor_ps(v, sign_mask8(0xCC)));  // 2 apart
+  return _mm256_add_ps(_mm256_permute2f128_ps(v, v, 0x01), _mm256_xor_ps(v, sign_mask8(0xF0)));  // 4 apart
+}
+inline V hadamard16(V x) {
+  const __m256 a = hadamard8(x.a), b = hadamard8(x.b);
+  return {_mm256_add_ps(a, b), _mm256_sub_ps(a, b)};
 }
 
 #define NAME "avx2"

@@ -62,6 +62,12 @@ inline M is_nan(V a) { bool n = false; for (int i = 0; i < 16; ++i) n |= std::is
 inline M mask_none() { return false; }
 inline M mask_or(M a, M b) { return a || b; }
 inline bool mask_any(M a) { return a; }
+// lanes folded in halves: i + (i + 8), then + 4, + 2, + 1 (the reference's order)
+inline float hsum_tree(V a) {
+  for (int h = 8; h >= 1; h /= 2)
+    for (int i = 0; i < h; ++i) a.f[i] = a.f[i] + a.f[i + h];
+  return a.f[0];
+}
 inline float hmax(V a) { float m = a.f[0]; for (int i = 1; i < 16; ++i) m = a.f[i] > m ? a.f[i] : m; return m; }
 
 inline void store_codes(uint8_t* dst, V q, int bits) {  // q holds integral values in [0, 2**bits)
@@ -78,6 +84,27 @@ inline V load_codes(const uint8_t* src, int bits) {
   const int per = 8 / bits, mask = (1 << bits) - 1;
   for (int i = 0; i < 16; ++i) r.f[i] = float((src[i / per] >> (bits * (i % per))) & mask);
   return r;
+}
+
+// float elements: the biased exponent of a >= 0 as a float, 2**(eb - 127) from a biased exponent, the sign bit
+inline V biased_exp(V a) { V r; for (int i = 0; i < 16; ++i) r.f[i] = float(bits_of(a.f[i]) >> 23); return r; }
+inline V pow2_biased(V e) { V r; for (int i = 0; i < 16; ++i) r.f[i] = float_of(uint32_t(int32_t(e.f[i])) << 23); return r; }
+inline V signbit01(V y) { V r; for (int i = 0; i < 16; ++i) r.f[i] = float(bits_of(y.f[i]) >> 31); return r; }
+inline V copysign_(V mag, V s) {
+  V r;
+  for (int i = 0; i < 16; ++i) r.f[i] = float_of((bits_of(mag.f[i]) & 0x7FFFFFFFu) | (bits_of(s.f[i]) & 0x80000000u));
+  return r;
+}
+inline V min_(V a, V b) { V r; for (int i = 0; i < 16; ++i) r.f[i] = a.f[i] < b.f[i] ? a.f[i] : b.f[i]; return r; }
+inline V select_ge(V a, V t, V yes, V no) { V r; for (int i = 0; i < 16; ++i) r.f[i] = a.f[i] >= t.f[i] ? yes.f[i] : no.f[i]; return r; }
+// the Hadamard transform's stages h = 1, 2, 4, 8 on the 16 values: (a, b) -> (a + b, a - b)
+inline V hadamard16(V x) {
+  for (int h = 1; h < 16; h *= 2) {
+    V r;
+    for (int i = 0; i < 16; ++i) r.f[i] = (i & h) ? x.f[i - h] - x.f[i] : x.f[i] + x.f[i + h];
+    x = r;
+  }
+  return x;
 }
 
 #define NAME "generic"

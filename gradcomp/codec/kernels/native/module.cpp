@@ -60,18 +60,36 @@ void parallel_rows(int64_t rows, int64_t block, int64_t threads, F fn) {
 template <typename T>
 T* ptr(unsigned long long p) { return reinterpret_cast<T*>(static_cast<uintptr_t>(p)); }
 
+// The format tuple native.py passes: (bits, is_float, mbits, emin, max_code, rms_step, midrise, qmax,
+// group, e8m0, emax, special, has_inf, values, scale_values, signs, signed_norm, norm), the pointers as
+// integers (0: none).
+bool parse_fmt(PyObject* t, Fmt* f) {
+  unsigned long long values, scale_values, signs, signed_norm;
+  if (!PyArg_ParseTuple(t, "iiiiffifiiifiKKKKf", &f->bits, &f->is_float, &f->mbits, &f->emin, &f->max_code, &f->rms_step,
+                        &f->midrise, &f->qmax, &f->group, &f->e8m0, &f->emax, &f->special, &f->has_inf, &values, &scale_values,
+                        &signs, &signed_norm, &f->norm))
+    return false;
+  f->values = ptr<const float>(values);
+  f->scale_values = ptr<const float>(scale_values);
+  f->signs = ptr<const float>(signs);
+  f->signed_norm = ptr<const float>(signed_norm);
+  return true;
+}
+
 PyObject* py_encode(PyObject*, PyObject* args) {
   unsigned long long x, rin, rout, noise, codes, scales;
-  int kind, bits;
+  int kind;
   long long rows, block, threads;
-  if (!PyArg_ParseTuple(args, "KiLLKKKKKiL", &x, &kind, &rows, &block, &rin, &rout, &noise, &codes, &scales, &bits,
-                        &threads))
+  PyObject* fmt;
+  Fmt f;
+  if (!PyArg_ParseTuple(args, "KiLLKKKKKOL", &x, &kind, &rows, &block, &rin, &rout, &noise, &codes, &scales, &fmt, &threads) ||
+      !parse_fmt(fmt, &f))
     return nullptr;
   const Kernels* k = g_kernels;
   Py_BEGIN_ALLOW_THREADS
   parallel_rows(rows, block, threads, [&](int64_t r0, int64_t r1) {
     k->encode(ptr<const void>(x), kind, r0, r1, block, ptr<const float>(rin), ptr<float>(rout), ptr<const float>(noise),
-              ptr<uint8_t>(codes), ptr<float>(scales), bits, block_buffer(block));
+              ptr<uint8_t>(codes), ptr<void>(scales), f, block_buffer(block));
   });
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
@@ -80,16 +98,18 @@ PyObject* py_encode(PyObject*, PyObject* args) {
 PyObject* py_reduce(PyObject*, PyObject* args) {
   unsigned long long codes, scales, rin, rout, noise, out_codes, out_scales;
   long long cstride, sstride, p, rows, block, threads;
-  int bits;
-  if (!PyArg_ParseTuple(args, "KLKLLLLKKKKKiL", &codes, &cstride, &scales, &sstride, &p, &rows, &block, &rin, &rout,
-                        &noise, &out_codes, &out_scales, &bits, &threads))
+  PyObject* fmt;
+  Fmt f;
+  if (!PyArg_ParseTuple(args, "KLKLLLLKKKKKOL", &codes, &cstride, &scales, &sstride, &p, &rows, &block, &rin, &rout,
+                        &noise, &out_codes, &out_scales, &fmt, &threads) ||
+      !parse_fmt(fmt, &f))
     return nullptr;
   const Kernels* k = g_kernels;
   Py_BEGIN_ALLOW_THREADS
   parallel_rows(rows, block, threads, [&](int64_t r0, int64_t r1) {
-    k->reduce(ptr<const uint8_t>(codes), cstride, ptr<const float>(scales), sstride, p, r0, r1, block,
+    k->reduce(ptr<const uint8_t>(codes), cstride, ptr<const void>(scales), sstride, p, r0, r1, block,
               ptr<const float>(rin), ptr<float>(rout), ptr<const float>(noise), ptr<uint8_t>(out_codes),
-              ptr<float>(out_scales), bits, block_buffer(block));
+              ptr<void>(out_scales), f, block_buffer(block));
   });
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
@@ -98,12 +118,15 @@ PyObject* py_reduce(PyObject*, PyObject* args) {
 PyObject* py_decode(PyObject*, PyObject* args) {
   unsigned long long codes, scales, out;
   long long rows, block, threads;
-  int kind, bits;
-  if (!PyArg_ParseTuple(args, "KKLLKiiL", &codes, &scales, &rows, &block, &out, &kind, &bits, &threads)) return nullptr;
+  int kind;
+  PyObject* fmt;
+  Fmt f;
+  if (!PyArg_ParseTuple(args, "KKLLKiOL", &codes, &scales, &rows, &block, &out, &kind, &fmt, &threads) || !parse_fmt(fmt, &f))
+    return nullptr;
   const Kernels* k = g_kernels;
   Py_BEGIN_ALLOW_THREADS
   parallel_rows(rows, block, threads, [&](int64_t r0, int64_t r1) {
-    k->decode(ptr<const uint8_t>(codes), ptr<const float>(scales), r0, r1, block, ptr<void>(out), kind, bits);
+    k->decode(ptr<const uint8_t>(codes), ptr<const void>(scales), r0, r1, block, ptr<void>(out), kind, f, block_buffer(block));
   });
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
@@ -112,15 +135,18 @@ PyObject* py_decode(PyObject*, PyObject* args) {
 PyObject* py_decode_sum(PyObject*, PyObject* args) {
   unsigned long long codes, scales, out, factor;
   long long cstride, sstride, p, rows, block, divide, threads;
-  int kind, bits;
-  if (!PyArg_ParseTuple(args, "KLKLLLLKiLKiL", &codes, &cstride, &scales, &sstride, &p, &rows, &block, &out, &kind,
-                        &divide, &factor, &bits, &threads))
+  int kind;
+  PyObject* fmt;
+  Fmt f;
+  if (!PyArg_ParseTuple(args, "KLKLLLLKiLKOL", &codes, &cstride, &scales, &sstride, &p, &rows, &block, &out, &kind,
+                        &divide, &factor, &fmt, &threads) ||
+      !parse_fmt(fmt, &f))
     return nullptr;
   const Kernels* k = g_kernels;
   Py_BEGIN_ALLOW_THREADS
   parallel_rows(rows, block, threads, [&](int64_t r0, int64_t r1) {
-    k->decode_sum(ptr<const uint8_t>(codes), cstride, ptr<const float>(scales), sstride, p, r0, r1, block, ptr<void>(out),
-                  kind, divide, ptr<const float>(factor), bits, block_buffer(block));
+    k->decode_sum(ptr<const uint8_t>(codes), cstride, ptr<const void>(scales), sstride, p, r0, r1, block, ptr<void>(out),
+                  kind, divide, ptr<const float>(factor), f, block_buffer(block));
   });
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
@@ -162,12 +188,12 @@ PyObject* py_set_isa(PyObject*, PyObject* args) {
 }
 
 PyMethodDef methods[] = {
-    {"encode", py_encode, METH_VARARGS, "encode(x, kind, rows, block, rin, rout, noise, codes, scales, bits, threads)"},
+    {"encode", py_encode, METH_VARARGS, "encode(x, kind, rows, block, rin, rout, noise, codes, scales, fmt, threads)"},
     {"reduce", py_reduce, METH_VARARGS,
-     "reduce(codes, cstride, scales, sstride, p, rows, block, rin, rout, noise, out_codes, out_scales, bits, threads)"},
-    {"decode", py_decode, METH_VARARGS, "decode(codes, scales, rows, block, out, kind, bits, threads)"},
+     "reduce(codes, cstride, scales, sstride, p, rows, block, rin, rout, noise, out_codes, out_scales, fmt, threads)"},
+    {"decode", py_decode, METH_VARARGS, "decode(codes, scales, rows, block, out, kind, fmt, threads)"},
     {"decode_sum", py_decode_sum, METH_VARARGS,
-     "decode_sum(codes, cstride, scales, sstride, p, rows, block, out, kind, divide, factor, bits, threads)"},
+     "decode_sum(codes, cstride, scales, sstride, p, rows, block, out, kind, divide, factor, fmt, threads)"},
     {"isa", py_isa, METH_NOARGS, "The instruction set the kernels use now."},
     {"isas", py_isas, METH_NOARGS, "The instruction sets this CPU can run, fastest first."},
     {"set_isa", py_set_isa, METH_VARARGS, "Use the kernels of another supported instruction set (for tests)."},
