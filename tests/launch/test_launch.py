@@ -369,14 +369,17 @@ def test_netsim_exit_codes_and_interrupt_cleanup(tmp_path):
     assert res.returncode == 7, res.stderr
     assert _ours(res.stderr) == set()
     # Ctrl-C while the hosts run: the script stops them and removes its namespaces
-    proc = subprocess.Popen(["bash", str(LAUNCH / "netsim.sh"), "--hosts", "2", "--", "sleep", "60"], stderr=subprocess.PIPE, text=True)
+    # as a terminal's Ctrl-C does, the signal goes to the script's whole foreground process group (bash
+    # acts on a SIGINT that arrives while it waits for a foreground command only if that command got it too)
+    proc = subprocess.Popen(["bash", str(LAUNCH / "netsim.sh"), "--hosts", "2", "--", "sleep", "60"], stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         banner = proc.stderr.readline()  # printed once the network is up, just before the hosts start
         m = re.search(r"\(run ([0-9a-f]+)\)", banner)
         assert m, banner
         assert len({ns for ns in _namespaces() if ns.endswith("-" + m.group(1))}) == 3  # 2 hosts + switch
         time.sleep(0.3)
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=20)
     finally:
         if proc.poll() is None:
