@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _launch import LAUNCH, ROOT, train
+from _launch import LAUNCH, train
 
 PYTHON = sys.executable
 
